@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench-quality bench-latency clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m app
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check app ui scripts bench tests
+	$(PY) -m ruff format --check app ui scripts bench tests
+
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py --api http://localhost:$${PORT:-8000} --dataset ../shared/datasets/instance_small
+
+bench-latency: $(STAMP)
+	$(PY) bench/latency.py --api http://localhost:$${PORT:-8000}
+
+clean:
+	rm -rf $(VENV) .pytest_cache

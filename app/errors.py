@@ -1,0 +1,53 @@
+"""Domain errors of the service.
+
+Each error maps to one HTTP status in ``app/api/errors.py``; the modules that raise them know nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of every error the service reports to a client."""
+
+
+class ImageDecodeError(ServiceError):
+    """The uploaded bytes are not an image the service can index (base class)."""
+
+
+class UnsupportedFormatError(ImageDecodeError):
+    """The bytes are in a format no installed decoder reads (HTTP 415)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image (pixel count from its header) or the upload (bytes) is over the configured limit (HTTP 413)."""
+
+
+class CorruptImageError(ImageDecodeError):
+    """The format is recognised but the data is corrupt or truncated (HTTP 422)."""
+
+
+class NoTextTowerError(ServiceError):
+    """Text search was asked of a model that has no text encoder (HTTP 400)."""
+
+
+class ImageNotFoundError(ServiceError):
+    """No image with this id is stored (HTTP 404)."""
+
+
+class CollectionMismatchError(ServiceError):
+    """The stored collection was built with another model or dimension than the one loaded (startup error)."""
+
+    def __init__(self, stored_model: str, stored_dim: int, loaded_model: str, loaded_dim: int) -> None:
+        self.stored_model, self.stored_dim = stored_model, stored_dim
+        self.loaded_model, self.loaded_dim = loaded_model, loaded_dim
+        super().__init__(
+            f"The collection holds embeddings from model '{stored_model}' (dim {stored_dim}), "
+            f"but the service loaded model '{loaded_model}' (dim {loaded_dim}). Vectors from two models "
+            "cannot be compared. Either configure the original model again (EMBEDDER / CLIP_MODEL / "
+            "CLIP_PRETRAINED), or re-index with the new one: point DATA_DIR or DATABASE_URL at an empty "
+            "database (or drop the 'images' and 'collection_meta' tables) and run scripts/bulk_index.py again."
+        )
+
+
+class DatabaseUnavailableError(ServiceError):
+    """The vector database cannot be reached or failed the request (HTTP 503)."""

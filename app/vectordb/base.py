@@ -1,0 +1,122 @@
+"""The one interface every vector database backend implements.
+
+Vectors are ``(D,)`` float32 and L2-normalised by the embedder; scores returned by :meth:`VectorDBHandler.search`
+are cosine similarity (``1 - cosine distance``), in ``[-1, 1]``, higher is better, on every backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class ImageMetadata:
+    """What is stored beside each vector.
+
+    ``filename`` is the uploaded name (for bulk indexing: the path relative to the indexed folder);
+    ``format`` is the decoder's format name (``JPEG``, ``PNG``, ``HEIF``...); ``width``/``height`` in pixels after
+    EXIF orientation; ``bytes`` is the size of the original file; ``indexed_at`` is timezone-aware UTC.
+    """
+
+    filename: str
+    format: str
+    width: int
+    height: int
+    bytes: int
+    indexed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One stored image: ``id`` (SHA-256 of the file bytes, 64 lower-case hex), its embedding and metadata.
+
+    ``vector`` is ``(D,)`` float32, L2-normalised; it may be ``None`` where a backend's ``get`` does not return it.
+    """
+
+    id: str
+    vector: np.ndarray | None
+    metadata: ImageMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """One search result: ``score`` is cosine similarity, higher is better."""
+
+    id: str
+    score: float
+    metadata: ImageMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    """Which model filled the collection: its id (e.g. ``open_clip:ViT-B-32/laion2b_s34b_b79k``) and dimension."""
+
+    model_id: str
+    dim: int
+
+
+class VectorDBHandler(ABC):
+    """Abstract vector store of image embeddings with metadata, searched by cosine similarity.
+
+    Implementations: :class:`app.vectordb.pgvector.PgVectorHandler`. Every method may raise
+    :class:`app.errors.DatabaseUnavailableError` when the server cannot be reached.
+    """
+
+    #: short backend name shown in ``/stats`` (``pgvector``, ``milvus``, ``manticore``)
+    backend_name: str = ""
+
+    @abstractmethod
+    def ensure_collection(self, model_id: str, dim: int) -> CollectionInfo:
+        """Create the collection for ``model_id``/``dim`` if missing, else check it matches.
+
+        Raises :class:`app.errors.CollectionMismatchError` when the stored collection was built with another
+        model id or dimension. Idempotent.
+        """
+
+    @abstractmethod
+    def collection_info(self) -> CollectionInfo | None:
+        """The stored model id and dimension, or ``None`` before :meth:`ensure_collection` ran."""
+
+    @abstractmethod
+    def upsert(self, records: Sequence[ImageRecord]) -> None:
+        """Insert or replace a batch of records in one round trip where the backend allows.
+
+        Every ``record.vector`` must be ``(D,)`` float32 with the collection's ``D``; raises ``ValueError``
+        otherwise. Upserting the same id twice leaves one row (idempotent).
+        """
+
+    @abstractmethod
+    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+        """The ``top_k`` nearest stored vectors to ``vector`` (``(D,)`` float32), best first.
+
+        Approximate (HNSW) where the backend has an index; scores are cosine similarity.
+        """
+
+    @abstractmethod
+    def get(self, image_id: str) -> ImageRecord | None:
+        """The record with this id (vector included), or ``None``."""
+
+    @abstractmethod
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        """The subset of ``ids`` that are stored (one query for the whole batch)."""
+
+    @abstractmethod
+    def delete(self, image_id: str) -> bool:
+        """Delete one record; ``True`` if it existed."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of stored records."""
+
+    @abstractmethod
+    def health(self) -> bool:
+        """``True`` when the database answers a trivial query; never raises."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections (and stop an embedded server this handler started). Idempotent."""

@@ -1,0 +1,27 @@
+-- Schema of the pgvector backend. The service applies this file itself at startup (every statement is
+-- idempotent); docker-compose.yml also mounts it into the database container's initdb directory.
+--
+-- The embedding column is created without a dimension: the service fixes it to vector(D) the first time a
+-- model fills the collection (ALTER on the still-empty table), records the model in collection_meta, and then
+-- builds the HNSW index, which needs a fixed dimension.
+
+CREATE EXTENSION IF NOT EXISTS vector;
+
+-- One row: which model (and so which embedding space and dimension) the images table holds.
+CREATE TABLE IF NOT EXISTS collection_meta (
+    name        text        PRIMARY KEY,
+    model_id    text        NOT NULL,
+    dim         integer     NOT NULL CHECK (dim > 0),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS images (
+    id          char(64)    PRIMARY KEY CHECK (id ~ '^[0-9a-f]{64}$'),  -- SHA-256 of the file bytes
+    embedding   vector      NOT NULL,                                     -- L2-normalised
+    filename    text        NOT NULL,
+    format      text        NOT NULL,
+    width       integer     NOT NULL CHECK (width > 0),
+    height      integer     NOT NULL CHECK (height > 0),
+    bytes       bigint      NOT NULL CHECK (bytes >= 0),
+    indexed_at  timestamptz NOT NULL DEFAULT now()
+);
