@@ -1,0 +1,1 @@
+"""REST API: request/response models, routes and the error-to-HTTP mapping."""

@@ -1,0 +1,197 @@
+"""The REST endpoints. Sync handlers on purpose: FastAPI runs them in its thread pool, where the model and the
+database driver may block without stalling the event loop."""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+
+from app.api.schemas import (
+    DeleteResponse,
+    ErrorResponse,
+    ExistsRequest,
+    ExistsResponse,
+    HealthResponse,
+    IndexResponse,
+    ModelHealth,
+    SearchResponse,
+    SearchResult,
+    StatsResponse,
+    TextSearchRequest,
+)
+from app.errors import ImageTooLargeError
+from app.service import SearchService
+from app.vectordb.base import SearchHit
+
+router = APIRouter()
+
+# Types the stdlib's table may lack on slim images.
+for _ext, _type in {".heic": "image/heic", ".heif": "image/heif", ".avif": "image/avif", ".webp": "image/webp",
+                    ".jxl": "image/jxl", ".qoi": "image/qoi"}.items():
+    mimetypes.add_type(_type, _ext)
+
+_ERRORS = {
+    400: {"model": ErrorResponse, "description": "Bad request (e.g. text search without a text model)."},
+    404: {"model": ErrorResponse, "description": "Unknown image id."},
+    413: {"model": ErrorResponse, "description": "Upload or image dimensions over the limit."},
+    415: {"model": ErrorResponse, "description": "Not an image format the service decodes."},
+    422: {"model": ErrorResponse, "description": "Corrupt or truncated image, or invalid parameters."},
+    503: {"model": ErrorResponse, "description": "Vector database unavailable."},
+}
+
+
+def get_service(request: Request) -> SearchService:
+    """The service the lifespan created (FastAPI dependency)."""
+    return request.app.state.service
+
+
+Service = Annotated[SearchService, Depends(get_service)]
+
+
+def _read_upload(file: UploadFile, service: SearchService) -> bytes:
+    limit = service.settings.max_upload_bytes
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise ImageTooLargeError(f"The upload is over the limit of {service.settings.max_upload_mb:g} MB (MAX_UPLOAD_MB).")
+    return data
+
+
+def _top_k(top_k: int | None, service: SearchService) -> int:
+    settings = service.settings
+    k = settings.default_top_k if top_k is None else top_k
+    if not 1 <= k <= settings.max_top_k:
+        raise HTTPException(422, f"top_k must be between 1 and {settings.max_top_k} (MAX_TOP_K), got {k}.")
+    return k
+
+
+def _results(request: Request, hits: list[SearchHit]) -> SearchResponse:
+    return SearchResponse(
+        results=[
+            SearchResult(
+                id=h.id,
+                score=round(h.score, 6),
+                filename=h.metadata.filename,
+                image_url=str(request.url_for("get_image", image_id=h.id)),
+            )
+            for h in hits
+        ]
+    )
+
+
+@router.post(
+    "/index_image",
+    response_model=IndexResponse,
+    status_code=201,
+    responses={200: {"model": IndexResponse, "description": "The same bytes were already indexed."}, **_ERRORS},
+    summary="Index one image",
+)
+def index_image(
+    service: Service,
+    response: Response,
+    file: Annotated[UploadFile, File(description="The image file (JPEG, PNG, HEIC, AVIF, WebP, GIF, TIFF...).")],
+    filename: Annotated[str | None, Form(description="Name to store instead of the upload's file name.")] = None,
+) -> IndexResponse:
+    """Decode, embed and store an image. Idempotent: re-uploading the same bytes answers ``status: exists``."""
+    result = service.index_image(_read_upload(file, service), filename or file.filename)
+    if result.status == "exists":
+        response.status_code = 200
+    return IndexResponse(id=result.id, status=result.status)
+
+
+@router.post("/images/exists", response_model=ExistsResponse, responses=_ERRORS, summary="Which ids are indexed")
+def images_exist(service: Service, body: ExistsRequest) -> ExistsResponse:
+    """Look up a batch of image ids (SHA-256 of the file bytes); used by ``bulk_index.py`` to resume."""
+    return ExistsResponse(existing=sorted(service.existing_ids(body.ids)))
+
+
+@router.post("/search_image", response_model=SearchResponse, responses=_ERRORS, summary="Search by example image")
+def search_image(
+    request: Request,
+    service: Service,
+    file: Annotated[UploadFile, File(description="The query image.")],
+    top_k: Annotated[int | None, Form(description="Number of results (default DEFAULT_TOP_K).")] = None,
+) -> SearchResponse:
+    """The indexed images most similar to the uploaded one, best first, scored by cosine similarity."""
+    k = _top_k(top_k, service)
+    return _results(request, service.search_image(_read_upload(file, service), k))
+
+
+@router.post("/search_text", response_model=SearchResponse, responses=_ERRORS, summary="Search by description")
+def search_text(request: Request, service: Service, body: TextSearchRequest) -> SearchResponse:
+    """The indexed images that best match a text description. Needs a CLIP model (400 otherwise)."""
+    return _results(request, service.search_text(body.query, _top_k(body.top_k, service)))
+
+
+@router.get(
+    "/image/{image_id}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}}, "description": "The original file."}, 404: _ERRORS[404]},
+    summary="Download an original",
+)
+def get_image(service: Service, image_id: str) -> FileResponse:
+    """The original file as uploaded, with its content type."""
+    path = service.image_file(image_id)
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+
+@router.get(
+    "/image/{image_id}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}, 404: _ERRORS[404]},
+    summary="JPEG thumbnail of an image",
+)
+def get_thumbnail(
+    service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256
+) -> Response:
+    """A JPEG at most ``size`` pixels on its longer side: any stored format, viewable in every browser."""
+    return Response(
+        service.thumbnail(image_id, size), media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
+    )
+
+
+@router.delete("/image/{image_id}", response_model=DeleteResponse, responses=_ERRORS, summary="Delete an image")
+def delete_image(service: Service, image_id: str) -> DeleteResponse:
+    """Remove the image's vector and its stored original."""
+    service.delete_image(image_id)
+    return DeleteResponse(id=image_id, status="deleted")
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "The database is unavailable."}},
+    summary="Liveness and dependencies",
+)
+def health(service: Service) -> JSONResponse:
+    """``200`` when the database answers, ``503`` otherwise; always reports the loaded model."""
+    db_ok = service.db.health()
+    body = HealthResponse(
+        status="ok" if db_ok else "unavailable",
+        database="ok" if db_ok else "unavailable",
+        backend=service.db.backend_name,
+        model=ModelHealth(
+            id=service.embedder.model_id,
+            dimension=service.embedder.dim,
+            device=service.embedder.device,
+            supports_text=service.embedder.supports_text,
+        ),
+    )
+    return JSONResponse(status_code=200 if db_ok else 503, content=body.model_dump())
+
+
+@router.get("/stats", response_model=StatsResponse, responses={503: _ERRORS[503]}, summary="Collection statistics")
+def stats(service: Service) -> StatsResponse:
+    """Number of indexed images, the model and its dimension, and the backend."""
+    s = service.stats()
+    return StatsResponse(
+        count=s.count,
+        model=s.model,
+        dimension=s.dimension,
+        backend=s.backend,
+        device=s.device,
+        supports_text=s.supports_text,
+    )

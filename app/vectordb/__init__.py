@@ -1,0 +1,37 @@
+"""Vector database backends behind one interface, :class:`VectorDBHandler`; :func:`create_handler` picks one."""
+
+from __future__ import annotations
+
+from app.config import Settings
+from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
+
+__all__ = ["CollectionInfo", "ImageMetadata", "ImageRecord", "SearchHit", "VectorDBHandler", "create_handler"]
+
+
+def create_handler(settings: Settings) -> VectorDBHandler:
+    """Build the backend named by ``settings.vector_db``.
+
+    pgvector: ``DATABASE_URL`` if set, otherwise the embedded PostgreSQL under ``DATA_DIR/pgdata`` (started here,
+    stopped by the handler's ``close``). Raises :class:`app.errors.DatabaseUnavailableError` when the database
+    cannot be reached.
+    """
+    if settings.vector_db == "pgvector":
+        from app.vectordb.pgvector import PgVectorHandler
+
+        url, on_close = settings.database_url, None
+        if url is None:
+            from app.vectordb.embedded_pg import start_embedded_postgres
+
+            embedded = start_embedded_postgres(settings.data_dir / "pgdata")
+            url, on_close = embedded.url, embedded.stop
+        return PgVectorHandler(
+            url,
+            pool_min=settings.db_pool_min,
+            pool_max=settings.db_pool_max,
+            timeout_s=settings.db_connect_timeout_s,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            ef_search=settings.hnsw_ef_search,
+            on_close=on_close,
+        )
+    raise ValueError(f"unknown VECTOR_DB {settings.vector_db!r}")

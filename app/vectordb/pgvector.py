@@ -1,0 +1,269 @@
+"""PostgreSQL + pgvector backend of :class:`~app.vectordb.base.VectorDBHandler`.
+
+Follows pgvector-python's psycopg 3 examples: numpy vectors through ``register_vector``, cosine distance ``<=>``
+with an HNSW index on ``vector_cosine_ops``. Schema: ``sql/init.sql``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import psycopg_pool
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
+
+log = logging.getLogger(__name__)
+
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "sql" / "init.sql"
+COLLECTION = "images"
+INDEX_NAME = "images_embedding_hnsw"
+# Any constant works as long as every process uses the same one: it serialises schema changes across workers.
+_SCHEMA_LOCK_KEY = 0x1A6E5EA4C4
+
+_META_COLUMNS = "filename, format, width, height, bytes, indexed_at"
+
+
+def _metadata(row: Sequence) -> ImageMetadata:
+    filename, fmt, width, height, nbytes, indexed_at = row
+    return ImageMetadata(filename, fmt, width, height, nbytes, indexed_at)
+
+
+def _to_numpy(value) -> np.ndarray:
+    # pgvector-python returns its own Vector type for vector columns; older versions returned numpy arrays.
+    return np.asarray(value.to_numpy() if hasattr(value, "to_numpy") else value, dtype=np.float32)
+
+
+class PgVectorHandler(VectorDBHandler):
+    """Images table in PostgreSQL with a pgvector ``vector(D)`` column and an HNSW cosine index.
+
+    Args:
+        url: libpq connection URL.
+        pool_min, pool_max: connection pool bounds.
+        timeout_s: seconds to wait for a pooled connection before :class:`DatabaseUnavailableError`.
+        hnsw_m, hnsw_ef_construction: HNSW build parameters (pgvector defaults 16 and 64).
+        ef_search: HNSW query beam width (pgvector default 40); raised per query to ``top_k`` when smaller,
+            because HNSW returns at most ``ef_search`` rows.
+        on_close: called once by :meth:`close`, e.g. to stop an embedded server.
+
+    Raises :class:`DatabaseUnavailableError` if the database cannot be reached to apply the schema.
+    """
+
+    backend_name = "pgvector"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_min: int = 1,
+        pool_max: int = 10,
+        timeout_s: float = 10.0,
+        hnsw_m: int = 16,
+        hnsw_ef_construction: int = 64,
+        ef_search: int = 40,
+        on_close=None,
+    ) -> None:
+        self._hnsw_m = int(hnsw_m)
+        self._hnsw_ef_construction = int(hnsw_ef_construction)
+        self._ef_search = int(ef_search)
+        self._on_close = on_close
+        self._dim: int | None = None
+        self._closed = False
+        # The extension must exist before register_vector can look its types up on pooled connections.
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
+                conn.execute(SCHEMA_FILE.read_text())
+        except psycopg.Error as exc:
+            raise DatabaseUnavailableError(f"Cannot reach PostgreSQL to apply {SCHEMA_FILE.name}: {exc}") from exc
+        self._pool = psycopg_pool.ConnectionPool(
+            url,
+            min_size=pool_min,
+            max_size=max(pool_min, pool_max),
+            timeout=timeout_s,
+            configure=self._configure,
+            check=psycopg_pool.ConnectionPool.check_connection,  # replaces connections broken by a server restart
+            open=True,
+            name="pgvector",
+        )
+        info = self.collection_info()
+        self._dim = info.dim if info else None
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        register_vector(conn)
+        conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(self._ef_search)))
+        conn.commit()
+
+    def _conn(self):
+        if self._closed:
+            raise DatabaseUnavailableError("The database handler is closed.")
+        return self._pool.connection()
+
+    def _run(self, fn):
+        """Run ``fn(conn)`` in a pooled connection's transaction, mapping connection failures to 503s."""
+        try:
+            with self._conn() as conn:
+                return fn(conn)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
+            raise DatabaseUnavailableError(f"PostgreSQL is unavailable: {exc}") from exc
+
+    # --- collection ---------------------------------------------------------------------------------------
+    def collection_info(self) -> CollectionInfo | None:
+        row = self._run(
+            lambda c: c.execute("SELECT model_id, dim FROM collection_meta WHERE name = %s", (COLLECTION,)).fetchone()
+        )
+        return CollectionInfo(row[0], row[1]) if row else None
+
+    def ensure_collection(self, model_id: str, dim: int) -> CollectionInfo:
+        dim = int(dim)
+        if not 0 < dim <= 16000:  # pgvector's maximum dimension for vector
+            raise ValueError(f"dimension must be in 1..16000, got {dim}")
+
+        def _ensure(conn: psycopg.Connection) -> CollectionInfo:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                row = conn.execute(
+                    "SELECT model_id, dim FROM collection_meta WHERE name = %s", (COLLECTION,)
+                ).fetchone()
+                if row is not None:
+                    if (row[0], row[1]) != (model_id, dim):
+                        raise CollectionMismatchError(row[0], row[1], model_id, dim)
+                else:
+                    log.info("Creating collection for %s (dim %d)", model_id, dim)
+                    conn.execute(
+                        sql.SQL("ALTER TABLE images ALTER COLUMN embedding TYPE vector({})").format(
+                            sql.Literal(dim)
+                        )
+                    )
+                    conn.execute(
+                        "INSERT INTO collection_meta (name, model_id, dim) VALUES (%s, %s, %s)",
+                        (COLLECTION, model_id, dim),
+                    )
+                conn.execute(
+                    sql.SQL(
+                        "CREATE INDEX IF NOT EXISTS {} ON images USING hnsw (embedding vector_cosine_ops) "
+                        "WITH (m = {}, ef_construction = {})"
+                    ).format(
+                        sql.Identifier(INDEX_NAME),
+                        sql.Literal(self._hnsw_m),
+                        sql.Literal(self._hnsw_ef_construction),
+                    )
+                )
+            return CollectionInfo(model_id, dim)
+
+        info = self._run(_ensure)
+        self._dim = info.dim
+        return info
+
+    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
+        if self._dim is None:
+            raise RuntimeError("ensure_collection() must run before vectors are written or searched")
+        v = np.asarray(vector, dtype=np.float32)
+        if v.shape != (self._dim,):
+            raise ValueError(f"vector must have shape ({self._dim},), got {v.shape}")
+        return v
+
+    # --- writes -------------------------------------------------------------------------------------------
+    def upsert(self, records: Sequence[ImageRecord]) -> None:
+        if not records:
+            return
+        rows = [
+            (
+                r.id,
+                self._check_vector(r.vector),
+                r.metadata.filename,
+                r.metadata.format,
+                r.metadata.width,
+                r.metadata.height,
+                r.metadata.bytes,
+                r.metadata.indexed_at,
+            )
+            for r in records
+        ]
+
+        def _write(conn: psycopg.Connection) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO images (id, embedding, {_META_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, filename = EXCLUDED.filename, "
+                    "format = EXCLUDED.format, width = EXCLUDED.width, height = EXCLUDED.height, "
+                    "bytes = EXCLUDED.bytes, indexed_at = EXCLUDED.indexed_at",
+                    rows,
+                )
+
+        self._run(_write)
+
+    def delete(self, image_id: str) -> bool:
+        def _delete(conn: psycopg.Connection) -> bool:
+            with conn.transaction():
+                return conn.execute("DELETE FROM images WHERE id = %s RETURNING id", (image_id,)).fetchone() is not None
+
+        return self._run(_delete)
+
+    # --- reads --------------------------------------------------------------------------------------------
+    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+        v = self._check_vector(vector)
+        top_k = int(top_k)
+
+        def _search(conn: psycopg.Connection) -> list[SearchHit]:
+            with conn.transaction():
+                if top_k > self._ef_search:
+                    conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(top_k)))
+                rows = conn.execute(
+                    f"SELECT id, 1 - (embedding <=> %s) AS score, {_META_COLUMNS} FROM images "
+                    "ORDER BY embedding <=> %s LIMIT %s",
+                    (v, v, top_k),
+                ).fetchall()
+            return [SearchHit(r[0], float(r[1]), _metadata(r[2:])) for r in rows]
+
+        return self._run(_search)
+
+    def get(self, image_id: str) -> ImageRecord | None:
+        def _get(conn: psycopg.Connection):
+            with conn.transaction():
+                return conn.execute(
+                    f"SELECT id, embedding, {_META_COLUMNS} FROM images WHERE id = %s", (image_id,)
+                ).fetchone()
+
+        row = self._run(_get)
+        if row is None:
+            return None
+        return ImageRecord(row[0], _to_numpy(row[1]), _metadata(row[2:]))
+
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        ids = list(ids)
+        if not ids:
+            return set()
+
+        def _existing(conn: psycopg.Connection) -> set[str]:
+            with conn.transaction():
+                return {r[0] for r in conn.execute("SELECT id FROM images WHERE id = ANY(%s)", (ids,))}
+
+        return self._run(_existing)
+
+    def count(self) -> int:
+        def _count(conn: psycopg.Connection) -> int:
+            with conn.transaction():
+                return conn.execute("SELECT count(*) FROM images").fetchone()[0]
+
+        return self._run(_count)
+
+    def health(self) -> bool:
+        try:
+            self._run(lambda c: c.execute("SELECT 1").fetchone())
+            return True
+        except Exception:  # health must report, never raise
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
+        if self._on_close is not None:
+            self._on_close()

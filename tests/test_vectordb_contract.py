@@ -1,0 +1,145 @@
+"""The contract every VectorDBHandler backend must meet, run against real databases.
+
+Parametrised over backends: each one added to ``BACKENDS`` must pass every test here unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from app.errors import CollectionMismatchError
+from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
+from app.vectordb.pgvector import PgVectorHandler
+
+DIM = 64
+BACKENDS = ["pgvector"]
+
+
+@pytest.fixture(params=BACKENDS)
+def make_handler(request, pg_server):
+    """A factory of handlers on one fresh, empty database of the parametrised backend."""
+    from tests.conftest import create_database
+
+    url = create_database(pg_server)
+    made: list[VectorDBHandler] = []
+
+    def factory(**kwargs) -> VectorDBHandler:
+        handler = PgVectorHandler(url, **kwargs)
+        made.append(handler)
+        return handler
+
+    yield factory
+    for h in made:
+        h.close()
+
+
+@pytest.fixture
+def handler(make_handler) -> VectorDBHandler:
+    h = make_handler()
+    h.ensure_collection("test-model:v1", DIM)
+    return h
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _records(vectors: np.ndarray, start: int = 0) -> list[ImageRecord]:
+    now = datetime.now(UTC).replace(microsecond=0)
+    return [
+        ImageRecord(
+            f"{start + i:064x}",
+            v,
+            ImageMetadata(f"dir/img_{start + i}.jpg", "JPEG", 640 + i, 480, 10_000 + i, now),
+        )
+        for i, v in enumerate(vectors)
+    ]
+
+
+def test_ensure_collection_is_idempotent_and_recorded(make_handler):
+    h = make_handler()
+    assert h.collection_info() is None
+    info = h.ensure_collection("test-model:v1", DIM)
+    assert (info.model_id, info.dim) == ("test-model:v1", DIM)
+    assert h.ensure_collection("test-model:v1", DIM) == info
+    # A second handler (another process) sees the same collection.
+    assert make_handler().collection_info() == info
+
+
+@pytest.mark.parametrize(("model", "dim"), [("other-model:v2", DIM), ("test-model:v1", DIM * 2)])
+def test_mismatched_model_or_dimension_is_refused(handler, model, dim):
+    with pytest.raises(CollectionMismatchError) as err:
+        handler.ensure_collection(model, dim)
+    assert "test-model:v1" in str(err.value) and model in str(err.value)
+
+
+def test_upsert_count_get_and_metadata_round_trip(handler):
+    rng = np.random.default_rng(1)
+    records = _records(_unit(rng, 20))
+    handler.upsert(records)
+    assert handler.count() == 20
+    got = handler.get(records[3].id)
+    assert got is not None and got.id == records[3].id
+    assert got.metadata == records[3].metadata
+    assert got.vector.dtype == np.float32 and got.vector.shape == (DIM,)
+    np.testing.assert_allclose(got.vector, records[3].vector, rtol=0, atol=1e-6)
+    assert handler.get("f" * 64) is None
+
+
+def test_upsert_is_idempotent(handler):
+    records = _records(_unit(np.random.default_rng(2), 5))
+    handler.upsert(records)
+    handler.upsert(records)
+    handler.upsert(records[:2])
+    assert handler.count() == 5
+
+
+def test_search_order_and_scores(handler):
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng, 200)
+    handler.upsert(_records(vectors))
+    query = vectors[17] + 0.05 * _unit(rng, 1)[0]
+    query /= np.linalg.norm(query)
+    hits = handler.search(query, 10)
+    exact = np.argsort(-(vectors @ query))[:10]
+    assert [h.id for h in hits] == [f"{i:064x}" for i in exact]
+    np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[exact], atol=1e-5)
+    assert hits[0].metadata.filename == "dir/img_17.jpg"
+
+
+def test_search_returns_top_k_larger_than_ef_search(make_handler):
+    h = make_handler(ef_search=10)
+    h.ensure_collection("test-model:v1", DIM)
+    h.upsert(_records(_unit(np.random.default_rng(4), 300)))
+    assert len(h.search(_unit(np.random.default_rng(5), 1)[0], 50)) == 50
+
+
+def test_existing_ids_and_delete(handler):
+    records = _records(_unit(np.random.default_rng(6), 4))
+    handler.upsert(records)
+    ids = [r.id for r in records]
+    assert handler.existing_ids(ids + ["e" * 64]) == set(ids)
+    assert handler.existing_ids([]) == set()
+    assert handler.delete(ids[0]) is True
+    assert handler.delete(ids[0]) is False
+    assert handler.count() == 3
+    assert ids[0] not in {h.id for h in handler.search(records[0].vector, 4)}
+
+
+def test_wrong_vector_shape_is_refused(handler):
+    bad = _records(_unit(np.random.default_rng(7), 1, dim=DIM + 1))
+    with pytest.raises(ValueError):
+        handler.upsert(bad)
+    assert handler.count() == 0
+
+
+def test_health_and_close(make_handler):
+    h = make_handler()
+    assert h.health() is True
+    h.close()
+    h.close()  # idempotent
+    assert h.health() is False

@@ -1,0 +1,1 @@
+"""Gradio UI mounted at ``/ui`` of the API server."""
