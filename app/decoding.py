@@ -1,0 +1,350 @@
+"""Turning uploaded bytes into one RGB image: format sniffing, size limits, EXIF orientation, mode conversion.
+
+Every failure on bad input surfaces as an :class:`~app.errors.ImageDecodeError` subclass; nothing else escapes for
+untrusted bytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError, features
+
+from app.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DecodedImage", "decode_image", "register_plugins", "sniff_format"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """One decoded upload, ready to embed and to store.
+
+    Attributes:
+        image: fully loaded ``PIL.Image.Image`` in mode ``"RGB"`` (8 bits per channel), first frame only, EXIF
+            orientation applied, transparency composited on white. Independent of the input bytes.
+        format: Pillow's format name, sniffed from the bytes: ``"JPEG"``, ``"MPO"``, ``"PNG"``, ``"GIF"``,
+            ``"WEBP"``, ``"HEIF"``, ``"AVIF"``, ``"TIFF"``, ``"BMP"``...
+        mime_type: MIME type of the original bytes, e.g. ``"image/jpeg"``; ``"application/octet-stream"`` when
+            Pillow knows none.
+        extension: lower-case file extension to store the original under, without the dot: ``"jpg"``, ``"png"``,
+            ``"heic"``, ``"avif"``...
+        width: width of ``image`` in pixels (after EXIF transpose).
+        height: height of ``image`` in pixels (after EXIF transpose).
+    """
+
+    image: Image.Image
+    format: str
+    mime_type: str
+    extension: str
+    width: int
+    height: int
+
+
+# Formats Pillow could open that we refuse on purpose, with the reason given to the client.
+_DENIED = {
+    "EPS": "PostScript/EPS files are not accepted: rendering them runs Ghostscript on untrusted input",
+    "MPEG": "MPEG video is not an image format this service indexes",
+}
+
+# Exceptions Pillow and its plugins raise for malformed data while opening or decoding. Pillow documents none of
+# this, so the tuple comes from reading the plugins and fuzzing them: ZeroDivisionError and IndexError come from bogus
+# header fields, RuntimeError from the libavif/libheif bindings.
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    ZeroDivisionError,
+    RuntimeError,
+)
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "TIFF": "tif", "PPM": "pnm", "SGI": "sgi"}
+# MPO is a JPEG with more pictures appended; every JPEG reader shows the first, so browsers can display it as one.
+_MIME_TYPES = {"MPO": "image/jpeg"}
+_HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis"}
+
+_JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
+_WHITE = (255, 255, 255)
+
+_plugins_lock = threading.Lock()
+_plugins_registered = False
+
+
+def register_plugins() -> None:
+    """Register the optional Pillow decoders once per process; later calls return at once (thread-safe).
+
+    Registers HEIF/HEIC (``pillow_heif``), AVIF (Pillow's own plugin when this Pillow was built with libavif, else
+    ``pillow_avif`` if installed) and JPEG XL (``pillow_jxl`` or ``jxlpy`` if installed). A missing optional
+    package only means its format is reported as unsupported; this function raises nothing for it.
+    """
+    global _plugins_registered
+    if _plugins_registered:
+        return
+    with _plugins_lock:
+        if _plugins_registered:
+            return
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+        except ImportError:
+            log.warning("pillow-heif is not installed: HEIC/HEIF uploads will be refused")
+        # pillow_avif registers its own "AVIF" opener on import, which would replace Pillow's native one.
+        if not features.check_module("avif"):
+            _import_first("pillow_avif")
+        _import_first("pillow_jxl", "jxlpy.JXLImagePlugin")
+        # Image.open only falls back to init() when given no format list; we always pass one (see _allowed_formats).
+        Image.init()
+        _plugins_registered = True
+
+
+def _import_first(*modules: str) -> bool:
+    # These plugins register their openers as an import side effect.
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+def _allowed_formats() -> list[str]:
+    return [fmt for fmt in Image.ID if fmt not in _DENIED]
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Name the format of ``data`` from its magic bytes alone (the first 16 bytes; no header parsing, no decoding).
+
+    Args:
+        data: the raw upload.
+
+    Returns:
+        Pillow's format name of the first registered, accepted plugin whose signature matches (``"JPEG"`` also for
+        MPO files, ``"PNG"``, ``"HEIF"``...), or ``None`` when no such plugin recognises the bytes. Formats whose
+        plugins have no signature check (e.g. TGA) are never named. Raises nothing.
+    """
+    register_plugins()
+    prefix = data[:16]  # the same prefix Image.open hands to the plugins' signature checks
+    return next((fmt for fmt in _allowed_formats() if _signature_matches(fmt, prefix)), None)
+
+
+def _signature_matches(fmt: str, prefix: bytes) -> bool:
+    accept = Image.OPEN.get(fmt, (None, None))[1]
+    if accept is None:
+        return False
+    try:
+        result = accept(prefix)
+    except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open tolerates from these checks
+        return False
+    # A str result is Pillow's way of saying "no, and here is a warning"; only a true non-str is a match.
+    return bool(result) and not isinstance(result, str)
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
+    """Decode an uploaded image into one 8-bit RGB picture.
+
+    The format is sniffed from the bytes. Width x height is checked against ``max_pixels`` from the header before
+    any pixel is decoded. Only the first frame of animations and multi-page files is decoded. The EXIF orientation
+    is applied (a broken EXIF block is ignored). Alpha and transparency keys are composited on white; CMYK,
+    palette and grayscale images are converted to RGB; 16/32-bit integer and float images are scaled into 0..255
+    (by a power of two matching the bits the data uses, so 16-bit data is divided by 256) rather than clipped.
+
+    Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``, refusing above twice its value, about 179 MP by default) still
+    applies, so a ``max_pixels`` above that is capped by it unless the process raises ``Image.MAX_IMAGE_PIXELS``.
+
+    Args:
+        data: the raw upload.
+        max_pixels: largest accepted ``width * height`` in pixels, >= 1.
+
+    Returns:
+        The decoded image with its format, MIME type, storage extension and size.
+
+    Raises:
+        UnsupportedFormatError: empty input, or bytes no installed decoder reads (unknown data, text, SVG, JPEG XL
+            without a plugin...); the message names the detected format when there is one.
+        ImageTooLargeError: the header declares more than ``max_pixels`` pixels (or Pillow's bomb guard fired).
+        CorruptImageError: the format is recognised but the header or the pixel data is corrupt or truncated.
+        ValueError: ``max_pixels`` < 1 (a programming error, not bad input).
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    register_plugins()
+    if not data:
+        raise UnsupportedFormatError("The upload is empty: no image data")
+    if data[:4] == b"\x00\x00\x01\x00":
+        _check_ico_frames(data, max_pixels)
+
+    fmt: str | None = None
+    try:
+        with Image.open(BytesIO(data), formats=_allowed_formats()) as im:
+            fmt = im.format or "image"
+            if isinstance(im, ImageFile.StubImageFile):
+                raise UnsupportedFormatError(f"{fmt} files are not supported: they are not raster photos")
+            _check_pixels(im.size, max_pixels)
+            im.load()
+            # Some containers only learn the real size while loading; keep the promise made to callers anyway.
+            _check_pixels(im.size, max_pixels)
+            transpose = _orientation_transpose(im)
+            rgb = _to_rgb(im, fmt)
+            if transpose is not None:
+                rgb = rgb.transpose(transpose)
+            if rgb is im:
+                # Detach from the file object (and from any later frames) so the result stands alone.
+                rgb = im.copy()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"The image is too large to decode safely: {exc}") from exc
+    except UnidentifiedImageError:
+        raise _unidentified_error(data) from None
+    except _DECODE_ERRORS as exc:
+        name = fmt or sniff_format(data) or "image"
+        raise CorruptImageError(f"The {name} data is corrupt or truncated: {exc}") from exc
+
+    extension, mime_type = _storage_type(fmt, data)
+    return DecodedImage(rgb, fmt, mime_type, extension, rgb.width, rgb.height)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise CorruptImageError(f"The image header declares an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"The image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels"
+        )
+
+
+def _check_ico_frames(data: bytes, max_pixels: int) -> None:
+    # Pillow's ICO plugin decodes the biggest entry inside Image.open, and the directory's one-byte sizes (<= 256)
+    # say nothing about the PNG or DIB actually embedded, so read each entry's own header first.
+    count = int.from_bytes(data[4:6], "little")
+    for i in range(count):
+        entry = data[6 + 16 * i : 22 + 16 * i]
+        if len(entry) < 16:
+            return  # a truncated directory is Pillow's to report as corrupt
+        offset = int.from_bytes(entry[12:16], "little")
+        frame = data[offset : offset + 24]
+        if frame[:8] == b"\x89PNG\r\n\x1a\n" and len(frame) == 24:
+            width, height = struct.unpack(">II", frame[16:24])
+        elif len(frame) >= 12:
+            width, height = struct.unpack("<ii", frame[4:12])
+            width, height = abs(width), abs(height) // 2  # a DIB icon's height counts the colour and the AND mask
+        else:
+            continue
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"The ICO file holds a {width}x{height} = {width * height:,} pixel image, "
+                f"over the limit of {max_pixels:,} pixels"
+            )
+
+
+def _orientation_transpose(im: Image.Image) -> Image.Transpose | None:
+    # Our own lookup rather than ImageOps.exif_transpose: that one re-serialises the EXIF block afterwards, which can
+    # fail on exactly the broken blocks we want to survive, and it copies the image when there is nothing to do.
+    try:
+        return _ORIENTATION_TRANSPOSE.get(im.getexif().get(ExifTags.Base.Orientation))
+    except Exception as exc:  # noqa: BLE001 - metadata parsing fails in undocumented ways; orientation is optional
+        log.debug("ignoring unreadable EXIF orientation: %r", exc)
+        return None
+
+
+def _to_rgb(im: Image.Image, fmt: str) -> Image.Image:
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _high_depth_to_l(im)
+    if im.mode == "RGB" and "transparency" not in im.info:
+        return im
+    try:
+        if im.has_transparency_data:
+            rgba = im.convert("RGBA")
+            flat = Image.new("RGB", im.size, _WHITE)
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            return flat
+        return im.convert("RGB")
+    except ValueError as exc:  # Pillow has no conversion for a few exotic modes (e.g. LAB)
+        raise UnsupportedFormatError(f"{fmt} images in colour mode {im.mode} are not supported: {exc}") from exc
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    # Image.convert("L") clips 16/32-bit values at 255, which turns a 16-bit photo almost white. Scale by a power of
+    # two instead, sized to the bits the data actually uses: full-range 16-bit data is divided by 256, while 10/12/14-
+    # bit sensor data or 8-bit values stored in a 16-bit container (both common in TIFF) stay visible, not black.
+    arr = np.asarray(im)
+    if im.mode != "F" and arr.min() >= 0:
+        shift = max(0, int(arr.max()).bit_length() - 8)
+        out = (arr >> shift).astype(np.uint8)
+    elif im.mode == "F" and np.nanmin(arr) >= 0.0 and np.nanmax(arr) <= 1.0:
+        out = np.nan_to_num(arr * 255.0 + 0.5).astype(np.uint8)
+    else:
+        out = _stretch(arr)
+    key = im.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):
+        out[arr == key] = 255  # a tRNS colour key on 16-bit gray: transparent pixels become the white background
+    return Image.fromarray(out)
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    # Values of unknown range (negative integers, float HDR): map the image's own min..max onto 0..255.
+    values = arr.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(arr.shape, np.uint8)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.nan_to_num((values - lo) * scale + 0.5, nan=0.0, posinf=255.0, neginf=0.0).astype(np.uint8)
+
+
+def _unidentified_error(data: bytes) -> UnsupportedFormatError | CorruptImageError:
+    fmt = sniff_format(data)
+    if fmt is not None:
+        return CorruptImageError(f"The data starts like a {fmt} file, but its header is corrupt or unsupported")
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if data.startswith(_JXL_SIGNATURES):
+        return UnsupportedFormatError(
+            "JPEG XL is not supported: no JPEG XL decoder is installed (install the pillow-jxl-plugin package)"
+        )
+    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in head:
+        return UnsupportedFormatError("SVG (vector graphics) is not supported: upload a raster image")
+    if data.startswith(b"%PDF"):
+        return UnsupportedFormatError("PDF documents are not supported: upload a raster image")
+    for denied, reason in _DENIED.items():
+        if _signature_matches(denied, data[:16]):
+            return UnsupportedFormatError(reason)
+    if data[4:8] == b"ftyp":
+        brand = data[8:12].decode("ascii", "replace")
+        return UnsupportedFormatError(
+            f"ISO media file with brand '{brand}' is not a supported image (HEIF/AVIF need pillow-heif / AVIF support)"
+        )
+    return UnsupportedFormatError("Unrecognised image format: the data matches no supported image type")
+
+
+def _storage_type(fmt: str, data: bytes) -> tuple[str, str]:
+    if fmt == "HEIF":
+        # One Pillow format covers both; .heic/image/heic is the HEVC-coded still image that phones write.
+        return ("heic", "image/heic") if data[8:12] in _HEIC_BRANDS else ("heif", "image/heif")
+    extension = _EXTENSIONS.get(fmt)
+    if extension is None:
+        registered = [ext for ext, name in Image.registered_extensions().items() if name == fmt]
+        extension = registered[0].lstrip(".") if registered else fmt.lower()
+    mime_type = _MIME_TYPES.get(fmt) or Image.MIME.get(fmt) or "application/octet-stream"
+    return extension.lower(), mime_type
