@@ -1,0 +1,96 @@
+# syntax=docker/dockerfile:1
+#
+# Image of the image similarity search service (`python -m app` on port 8000).
+#
+#   docker build -t image-similarity-search .                       # CPU-only torch (default)
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 \
+#                -t image-similarity-search:cuda .                  # a CUDA build of the same torch version
+#
+# Usually built and run through docker-compose.yml, which also starts PostgreSQL + pgvector.
+# Needs BuildKit (the default builder since Docker Engine 23) for the pip cache mounts.
+
+# ---------------------------------------------------------------------------------------------------------
+# builder: a virtual environment in /opt/venv with torch, the project and its pinned dependencies.
+# Every dependency ships manylinux wheels for CPython 3.12, so no compiler or -dev package is needed.
+# ---------------------------------------------------------------------------------------------------------
+FROM python:3.12-slim AS builder
+
+# Which PyTorch wheel index torch/torchvision come from: .../whl/cpu (default, no CUDA libraries, far
+# smaller image) or a CUDA variant such as .../whl/cu130 (see https://pytorch.org/get-started/locally/).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_DEFAULT_TIMEOUT=120 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+ENV PATH="/opt/venv/bin:${PATH}"
+
+# 1. torch + torchvision alone from the PyTorch index (same versions as constraints.txt). --no-deps keeps
+#    the index to these two packages; their own dependencies are resolved from PyPI in step 2. The index
+#    names its builds 2.14.1+cpu / 2.14.1+cu130, which satisfy the constraint torch==2.14.1 (PEP 440 ignores
+#    the local label), so step 2 keeps them instead of pulling the CUDA build from PyPI.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
+
+WORKDIR /src
+
+# 2. Every other dependency, pinned by constraints.txt. Only the metadata is copied here, so this layer
+#    is rebuilt when pyproject.toml or constraints.txt change, not on every source edit.
+COPY pyproject.toml constraints.txt README.md ./
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install -c constraints.txt .
+
+# 3. The project itself, non-editable (dependencies are already in place); then drop the in-tree build
+#    leftovers so /src is a clean copy of the sources for the runtime stage.
+COPY . .
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps --force-reinstall . \
+    && pip check \
+    && rm -rf build ./*.egg-info
+
+# ---------------------------------------------------------------------------------------------------------
+# runtime: the venv, the sources (app/, ui/, sql/, scripts/) and a non-root user.
+# ---------------------------------------------------------------------------------------------------------
+FROM python:3.12-slim AS runtime
+
+# The wheels bundle their native libraries (Pillow, pillow-heif's libheif/libde265/x265, pillow-avif-plugin's
+# libavif, psycopg's libpq, torch's libgomp); what they link from the system (glibc, libstdc++, zlib) is in
+# the slim base image, so no apt packages are installed.
+
+# Unprivileged user with a fixed uid/gid (10001), so host-side volume permissions are predictable.
+# /data/images and /models are created here, owned by that user: Docker copies a path's ownership into a new
+# named volume mounted on it, so the compose volumes start out writable by the service.
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
+    && mkdir -p /data/images /models/hf /models/torch \
+    && chown -R app:app /data /models
+
+COPY --from=builder /opt/venv /opt/venv
+
+# Sources stay root-owned (read-only to the service). `python -m app` runs from /app, so paths relative to
+# the project root (sql/init.sql, ui/ assets) resolve exactly as in a checkout.
+WORKDIR /app
+COPY --from=builder /src /app
+
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    DATA_DIR=/data \
+    MODEL_CACHE_DIR=/models \
+    HF_HOME=/models/hf \
+    TORCH_HOME=/models/torch \
+    GRADIO_ANALYTICS_ENABLED=False
+
+USER 10001:10001
+
+EXPOSE 8000
+
+# slim has no curl: probe /health with the standard library. Exec form, so PORT is read by Python from the
+# environment (no shell expansion). A long start period: the first start downloads the CLIP weights (~600 MB).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=5)"]
+
+CMD ["python", "-m", "app"]

