@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
         from ui.app import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(lambda: app.state.service), path="/ui")
+        app = gr.mount_gradio_app(app, build_ui(lambda: app.state.service, settings=settings), path="/ui")
     return app
 
 

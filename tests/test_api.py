@@ -136,8 +136,9 @@ def test_image_ids_cannot_escape_the_store(client, datasets, image_id):
 @pytest.mark.parametrize(
     ("relpath", "status"),
     [
-        ("formats/broken/ukbench09268_corrupt.jpg", 422),
+        ("formats/broken/ukbench09268_corrupt.jpg", 415),  # no identifiable header at all
         ("formats/broken/broken_data_stream.png", 422),
+        ("formats/broken/CVE-2017-2862.jpg", 422),
         ("formats/hostile/bomb_749MP.jpg", 413),
         ("formats/hostile/bomb_839MP.png", 413),
         ("formats/broken/empty-file.tga", 415),
@@ -217,17 +218,19 @@ def test_model_mismatch_fails_startup_with_both_names(tmp_path, database_url, of
     assert "re-index" in message
 
 
-def test_failed_database_write_leaves_no_file(client, settings, datasets, database_url):
+def test_failed_database_write_leaves_no_file(settings, offline_embedder, datasets, database_url):
     # A real server-side failure on INSERT: the saved original must be removed again.
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
-        )
-        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON images FOR EACH ROW EXECUTE FUNCTION refuse()")
-    r = _index(client, _files(datasets, HOPPER)[0])
-    assert r.status_code == 500 and "detail" in r.json()
-    assert _stored_files(settings) == []
-    assert client.get("/stats").json()["count"] == 0
+    with TestClient(create_app(settings, embedder=offline_embedder), raise_server_exceptions=False) as client:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$"
+            )
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON images FOR EACH ROW EXECUTE FUNCTION refuse()")
+        r = _index(client, _files(datasets, HOPPER)[0])
+        assert r.status_code == 500 and r.json() == {"detail": "Internal server error; see the server log."}
+        assert _stored_files(settings) == []
+        assert client.get("/stats").json()["count"] == 0
 
 
 def test_database_down_is_503(tmp_path, offline_embedder, datasets):
