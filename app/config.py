@@ -58,7 +58,11 @@ class Settings(BaseSettings):
     # --- limits ---------------------------------------------------------------------------------------------
     max_upload_mb: float = Field(50.0, gt=0, description="Largest accepted upload, MB (10^6 bytes).")
     max_image_pixels: int = Field(
-        100_000_000, ge=1, description="Largest accepted width*height, read from the header before decoding."
+        100_000_000,
+        ge=1,
+        # Pillow refuses more than 2 * Image.MAX_IMAGE_PIXELS (178,956,970) whatever we allow; say so up front.
+        le=178_956_970,
+        description="Largest accepted width*height, read from the header before decoding (at most 178956970).",
     )
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)

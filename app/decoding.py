@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -172,7 +173,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     (by a power of two matching the bits the data uses, so 16-bit data is divided by 256) rather than clipped.
 
     Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``, refusing above twice its value, about 179 MP by default) still
-    applies, so a ``max_pixels`` above that is capped by it unless the process raises ``Image.MAX_IMAGE_PIXELS``.
+    applies as a backstop; ``Settings.max_image_pixels`` is capped at that value so the configured limit is real.
 
     Args:
         data: the raw upload.
@@ -214,7 +215,11 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
                 # Detach from the file object (and from any later frames) so the result stands alone.
                 rgb = im.copy()
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"The image is too large to decode safely: {exc}") from exc
+        # Pillow's message quotes its own guard, not the limit the user configured.
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"declares {int(declared.group(1)):,} pixels" if declared else "is too large to decode safely"
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0) or max_pixels)
+        raise ImageTooLargeError(f"The image {size}, over the limit of {limit:,} pixels") from exc
     except UnidentifiedImageError:
         raise _unidentified_error(data) from None
     except _DECODE_ERRORS as exc:
