@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""Index every image under a folder through the running service's REST API.
+
+    python scripts/bulk_index.py ~/Pictures --api http://localhost:8000
+
+Resumable: each file is hashed (SHA-256, the image id) and the server is asked which ids it already has before
+anything is uploaded, so a second run, or a run after an interruption, only sends what is missing. The stored
+filename is the path relative to FOLDER, so search results say where each match lives.
+
+Exit status: 0 when every file was indexed or already there, 1 when some failed (their reasons go to the failures
+log), 2 for usage errors or an API that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = frozenset(
+    "jpg jpeg jpe jfif png apng gif webp bmp dib tif tiff heic heif avif jxl jp2 j2k "
+    "ppm pgm pbm pnm psd ico qoi mpo tga".split()
+)
+EXISTS_BATCH = 1000  # the most ids POST /images/exists accepts at once
+RETRY_STATUSES = frozenset({502, 503, 504})  # the database or a proxy in front is briefly unavailable
+DEFAULT_API = os.environ.get("IMAGE_SEARCH_API", "http://localhost:8000")
+
+
+class ApiUnreachable(Exception):
+    """The API did not answer (or answered like something else) even after the retries."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One file to index: where it is, the name to store (relative POSIX path) and its content hash."""
+
+    path: Path
+    name: str
+    image_id: str
+
+
+# --- files -------------------------------------------------------------------------------------------------
+def iter_files(folder: Path, all_files: bool = False) -> Iterator[tuple[Path, str]]:
+    """Yield ``(path, relative POSIX name)`` for the files to index, in a stable sorted order.
+
+    Hidden files and directories (leading dot) are skipped; without ``all_files`` only known image extensions are
+    kept. Symlinked directories are followed, each real directory at most once so that a link loop terminates.
+    """
+    seen_dirs: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # in place: prunes and orders the walk
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if not all_files and Path(name).suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
+                continue
+            path = Path(root, name)
+            if path.is_file():  # follows symlinks; drops dangling links, sockets, FIFOs
+                yield path, path.relative_to(folder).as_posix()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex of a file, read in chunks so that large files never sit in memory whole."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of at most ``size`` items (itertools.batched is Python 3.12+)."""
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+# --- HTTP --------------------------------------------------------------------------------------------------
+def request(client: httpx.Client, method: str, url: str, retries: int, **kwargs) -> httpx.Response:
+    """Send a request, retrying transport errors and 502/503/504 with exponential backoff.
+
+    Indexing is idempotent (content-addressed), so repeating a request whose answer was lost is harmless.
+    The last transport error is re-raised; the last response is returned whatever its status.
+    """
+    for attempt in range(retries + 1):
+        try:
+            response = client.request(method, url, **kwargs)
+        except httpx.TransportError:
+            if attempt == retries:
+                raise
+        else:
+            if response.status_code not in RETRY_STATUSES or attempt == retries:
+                return response
+        time.sleep(min(0.5 * 2**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The ``detail`` of the API's JSON errors, or the start of whatever else came back (e.g. from a proxy)."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if detail is None:
+        detail = response.text.strip()[:200] or response.reason_phrase
+    return detail if isinstance(detail, str) else str(detail)  # FastAPI's 422 validation detail is a list
+
+
+def check_api(client: httpx.Client, api: str, retries: int) -> None:
+    """Fail fast with :class:`ApiUnreachable` before scanning a large folder against a wrong or dead URL."""
+    try:
+        response = request(client, "GET", "/health", retries)
+    except httpx.TransportError as exc:
+        raise ApiUnreachable(f"cannot reach the API at {api} ({type(exc).__name__}: {exc})") from exc
+    if response.status_code != 200:
+        raise ApiUnreachable(f"the API at {api} is not ready: GET /health answered {response.status_code}")
+
+
+def existing_ids(client: httpx.Client, ids: list[str], retries: int) -> set[str]:
+    """Which of these ids (at most 1000) the server already has."""
+    try:
+        response = request(client, "POST", "/images/exists", retries, json={"ids": ids})
+    except httpx.TransportError as exc:
+        raise ApiUnreachable(f"lost the API ({type(exc).__name__}: {exc})") from exc
+    if response.status_code != 200:
+        raise ApiUnreachable(f"POST /images/exists answered {response.status_code} {error_detail(response)}")
+    return set(response.json()["existing"])
+
+
+def upload(client: httpx.Client, candidate: Candidate, retries: int) -> tuple[str, str | None]:
+    """Index one file; returns ``(status, None)`` with status ``indexed``/``exists``, or ``("failed", reason)``."""
+    try:
+        data = candidate.path.read_bytes()  # one file at a time: memory is bounded by --concurrency
+        response = request(
+            client,
+            "POST",
+            "/index_image",
+            retries,
+            files={"file": (candidate.path.name, data)},
+            data={"filename": candidate.name},
+        )
+    except (httpx.HTTPError, OSError) as exc:
+        return "failed", f"{type(exc).__name__}: {exc}"
+    if response.status_code in (200, 201):
+        try:
+            return response.json()["status"], None
+        except (ValueError, KeyError, TypeError):  # e.g. a proxy's page instead of the API's answer
+            return "failed", f"HTTP {response.status_code}: unexpected answer {response.text[:200]!r}"
+    return "failed", f"HTTP {response.status_code}: {error_detail(response)}"
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+class Run:
+    """Counts, progress bar and failures log of one bulk-index run."""
+
+    def __init__(self, failures_log: Path, show_progress: bool) -> None:
+        self.scanned = self.already = self.indexed = self.failed = 0
+        self.uploaded = 0  # uploads answered, for the rate (a disabled tqdm bar does not count)
+        self.failures_log = failures_log
+        self._log_file = None
+        self.started = time.monotonic()
+        # The total grows as batches are hashed, so uploads start before the whole tree has been read.
+        self.bar = tqdm(total=0, unit="img", desc="indexing", dynamic_ncols=True, disable=not show_progress)
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failed += 1
+        if self._log_file is None:  # created on the first failure only: a clean run leaves no log behind
+            self._log_file = self.failures_log.open("w", encoding="utf-8")
+        self._log_file.write(f"{name}\t{reason}\n")
+        self._log_file.flush()  # keep what is known if the run is interrupted
+        self.bar.write(f"failed: {name}: {reason}", file=sys.stderr)
+
+    def finish(self) -> None:
+        self.bar.close()
+        if self._log_file is not None:
+            self._log_file.close()
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.uploaded / elapsed
+        print(
+            f"scanned {self.scanned} files: {self.already} already indexed, {self.indexed} indexed, "
+            f"{self.failed} failed ({rate:.1f} img/s)"
+        )
+        if self._log_file is not None:
+            print(f"failures written to {self.failures_log}")
+
+
+def index_folder(
+    client: httpx.Client, folder: Path, run: Run, *, all_files: bool, concurrency: int, retries: int
+) -> None:
+    """Hash the folder batch by batch, skip what the server has, and upload the rest concurrently."""
+    seen: set[bytes] = set()  # ids met earlier in this run: a duplicate file counts as already indexed
+    pending: dict[Future, Candidate] = {}
+
+    def collect(block: bool) -> None:
+        done, _ = wait(pending, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            candidate = pending.pop(future)
+            status, reason = future.result()
+            if status == "indexed":
+                run.indexed += 1
+            elif status == "exists":  # same bytes indexed meanwhile (another client, or a duplicate)
+                run.already += 1
+            else:
+                run.fail(candidate.name, reason or "unknown error")
+            run.uploaded += 1
+            run.bar.update()
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="upload") as pool:
+        try:
+            for batch in batched(iter_files(folder, all_files), EXISTS_BATCH):
+                candidates = []
+                for path, name in batch:
+                    run.scanned += 1
+                    try:
+                        image_id = sha256_file(path)
+                    except OSError as exc:
+                        run.fail(name, f"{type(exc).__name__}: {exc}")
+                        continue
+                    digest = bytes.fromhex(image_id)  # 32 bytes instead of a 64-character str per file
+                    if digest in seen:
+                        run.already += 1
+                        continue
+                    seen.add(digest)
+                    candidates.append(Candidate(path, name, image_id))
+                have = existing_ids(client, [c.image_id for c in candidates], retries) if candidates else set()
+                todo = [c for c in candidates if c.image_id not in have]
+                run.already += len(candidates) - len(todo)
+                run.bar.total += len(todo)
+                run.bar.refresh()
+                for candidate in todo:
+                    pending[pool.submit(upload, client, candidate, retries)] = candidate
+                # Hash the next batch while these upload, but keep the queue (and memory) bounded.
+                while len(pending) > EXISTS_BATCH:
+                    collect(block=True)
+                collect(block=False)
+            while pending:
+                collect(block=True)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # let in-flight uploads finish, drop the queue
+            raise
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Index all images under FOLDER through the image search API (resumable).",
+        epilog="Exit status: 0 all indexed, 1 some files failed, 2 usage error or API unreachable.",
+    )
+    parser.add_argument("folder", type=Path, metavar="FOLDER", help="folder to index, recursively")
+    parser.add_argument(
+        "--api",
+        default=DEFAULT_API,
+        help="base URL of the service (default: $IMAGE_SEARCH_API or http://localhost:8000)",
+    )
+    parser.add_argument("--concurrency", type=int, default=4, help="parallel uploads (default: 4)")
+    parser.add_argument(
+        "--all-files",
+        action="store_true",
+        help="send every non-hidden file, not only image extensions; the server decides",
+    )
+    parser.add_argument(
+        "--failures-log",
+        type=Path,
+        default=Path("bulk_index_failures.log"),
+        help="where failed files and their reasons go, if any (default: ./bulk_index_failures.log)",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=3, help="retries per request on connection errors and 502/503/504 (default: 3)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for each answer; the first may load the model (default: 120)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"not a folder: {args.folder}")
+    if not args.failures_log.parent.is_dir():
+        parser.error(f"no folder for the failures log: {args.failures_log.parent}")
+    if args.concurrency < 1 or args.retries < 0 or args.timeout <= 0:
+        parser.error("--concurrency must be >= 1, --retries >= 0 and --timeout > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    api = args.api.rstrip("/")
+    limits = httpx.Limits(max_connections=args.concurrency + 1)  # the uploads plus the exists look-ups
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    with httpx.Client(base_url=api, timeout=timeout, limits=limits) as client:
+        try:
+            check_api(client, api, args.retries)
+        except ApiUnreachable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        run = Run(args.failures_log, show_progress=not args.no_progress)
+        try:
+            index_folder(
+                client, args.folder, run, all_files=args.all_files, concurrency=args.concurrency, retries=args.retries
+            )
+        except ApiUnreachable as exc:
+            run.finish()
+            print(f"error: {exc}; run the same command again to resume", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            run.finish()
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return 130
+    run.finish()
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The command-line tools end to end: ``scripts/bulk_index.py`` and ``scripts/find_similar.py`` run as subprocesses
+against a real uvicorn server (``live_api``), with real images from ``../shared/datasets`` linked into a temp folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import PROJECT_ROOT, free_port
+
+SCRIPTS = PROJECT_ROOT / "scripts"
+IMAGES = "instance_small/images"
+# Small real subsets (the model runs on CPU): whole groups, a few formats of one photo, and other containers.
+GROUPS = ["ukbench00120", "gdk_bench_photo", "ocv_aero_viewpoint", "plasma_Grey"]
+# No two of these embed identically (the three gdk_bench_photo files do), so rankings have no ties.
+SEARCH_GROUPS = ["ukbench00120", "ocv_aero_viewpoint", "plasma_Grey"]
+HOPPER = [f"pillow_hopper.{ext}" for ext in ("avif", "heif", "webp", "png", "tif", "gif")]
+FORMATS = {  # stored name -> dataset file; the upper-case extension checks that the filter ignores case
+    "more formats/Autumn.HEIC": "formats/heic/nokia_autumn_1440x960.heic",
+    "more formats/rot1mir0.avif": "formats/avif/rot1mir0.avif",
+    "more formats/flower.webp": "formats/webp/flower.webp",
+    "more formats/deeper/bridge_L.png": "formats/png/bridge_L.png",
+}
+CORRUPT = "formats/broken/ukbench09268_corrupt.jpg"
+SUMMARY = re.compile(r"scanned (\d+) files: (\d+) already indexed, (\d+) indexed, (\d+) failed \(([\d.]+) img/s\)")
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def photos(tmp_path, datasets) -> tuple[Path, dict[str, Path]]:
+    """A folder of symlinks to real images (23 files, 3 levels deep, some hidden or non-image files to skip).
+
+    Returns the folder and ``{relative POSIX name: dataset file}`` of the files that must be indexed.
+    """
+    root = tmp_path / "photos"
+    expected: dict[str, Path] = {}
+    for group in GROUPS:
+        for src in sorted((datasets / IMAGES / group).iterdir()):
+            expected[f"{group}/{src.name}"] = src
+    for name in HOPPER:
+        expected[f"hopper/{name}"] = datasets / IMAGES / "grace_hopper" / name
+    expected.update({name: datasets / src for name, src in FORMATS.items()})
+    for name, src in expected.items():
+        _link(src, root / name)
+    # Skipped without --all-files: hidden files and folders, and names without an image extension.
+    some_image = datasets / IMAGES / "ukbench00120/ukbench00120.jpg"
+    _link(some_image, root / ".hidden.jpg")
+    _link(some_image, root / ".cache/thumb.jpg")
+    (root / "notes.txt").write_text("not an image\n")
+    return root, expected
+
+
+def run_cli(
+    script: str,
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check_rc: int | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a script with this interpreter, as a user would; ``check_rc`` asserts the exit status."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API", "BROWSER")}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *map(str, args)],
+        cwd=cwd or PROJECT_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check_rc is not None:
+        assert proc.returncode == check_rc, (proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def bulk_index(api: str, folder: Path, *args: str | Path, cwd: Path, rc: int = 0) -> tuple[int, int, int, int]:
+    """Run bulk_index.py and return its summary counts ``(scanned, already indexed, indexed, failed)``."""
+    proc = run_cli("bulk_index.py", folder, "--api", api, "--no-progress", *args, cwd=cwd, check_rc=rc)
+    match = SUMMARY.search(proc.stdout)
+    assert match, proc.stdout
+    return tuple(int(n) for n in match.groups()[:4])
+
+
+def search_json(api: str, query: Path, top_k: int) -> list[dict]:
+    proc = run_cli("find_similar.py", query, "--api", api, "--top-k", str(top_k), "--json", check_rc=0)
+    return json.loads(proc.stdout)["results"]
+
+
+def test_bulk_index_full_run_then_nothing_new(live_api, photos, tmp_path):
+    folder, expected = photos
+    assert bulk_index(live_api, folder, cwd=tmp_path) == (len(expected), 0, len(expected), 0)
+    assert not (tmp_path / "bulk_index_failures.log").exists()  # written only when something failed
+    assert httpx.get(f"{live_api}/stats").json()["count"] == len(expected)
+
+    # A second run uploads nothing: every file is found by its hash.
+    assert bulk_index(live_api, folder, "--concurrency", "2", cwd=tmp_path) == (len(expected), len(expected), 0, 0)
+
+    # The stored filename is the path relative to the folder, in POSIX form, for every file.
+    query = "ukbench00120/ukbench00120.jpg"
+    results = search_json(live_api, expected[query], top_k=50)
+    assert {r["filename"]: r["id"] for r in results} == {name: _sha256(src) for name, src in expected.items()}
+    assert results[0]["filename"] == query and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bulk_index_resumes_where_it_stopped(live_api, photos, tmp_path):
+    folder, expected = photos
+    first = [name for name in expected if name.startswith("ukbench00120/")]
+    assert bulk_index(live_api, folder / "ukbench00120", cwd=tmp_path) == (len(first), 0, len(first), 0)
+    # The whole folder: only the files not indexed yet are uploaded.
+    rest = len(expected) - len(first)
+    assert bulk_index(live_api, folder, cwd=tmp_path) == (len(expected), len(first), rest, 0)
+    assert httpx.get(f"{live_api}/stats").json()["count"] == len(expected)
+
+
+def test_bulk_index_reports_failures(live_api, datasets, tmp_path):
+    folder = tmp_path / "mixed"
+    _link(datasets / IMAGES / "plasma_Grey/Grey_screenshot.jpg", folder / "good.jpg")
+    _link(datasets / CORRUPT, folder / "bad/corrupt.jpg")
+    (folder / "bad/notes.png").write_text("a text file with an image extension\n")
+    (folder / "README").write_text("no extension: only sent with --all-files\n")
+    log = tmp_path / "logs/failed.log"
+    log.parent.mkdir()
+
+    proc = run_cli("bulk_index.py", folder, "--api", live_api, "--failures-log", log, cwd=tmp_path, check_rc=1)
+    assert "scanned 3 files: 0 already indexed, 1 indexed, 2 failed" in proc.stdout
+    assert str(log) in proc.stdout
+    assert "Traceback" not in proc.stderr
+    reasons = dict(line.split("\t", 1) for line in log.read_text().splitlines())
+    assert set(reasons) == {"bad/corrupt.jpg", "bad/notes.png"}
+    for reason in reasons.values():  # "HTTP <status>: <the API's detail>"
+        assert re.fullmatch(r"HTTP 4\d\d: \S.*", reason), reason
+
+    # Failed files are retried on the next run; --all-files also sends the file without an extension, and the
+    # log goes to ./bulk_index_failures.log by default.
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    assert bulk_index(live_api, folder, "--all-files", cwd=workdir, rc=1) == (4, 1, 0, 3)
+    default_log = (workdir / "bulk_index_failures.log").read_text()
+    assert {line.split("\t")[0] for line in default_log.splitlines()} == {"README", "bad/corrupt.jpg", "bad/notes.png"}
+
+
+@pytest.fixture
+def indexed(live_api, photos, tmp_path) -> dict[str, Path]:
+    """``SEARCH_GROUPS`` of ``photos`` (9 files) indexed with bulk_index.py; returns ``{stored name: file}``."""
+    folder, expected = photos
+    subset = tmp_path / "subset"
+    chosen = {name: src for name, src in expected.items() if name.split("/")[0] in SEARCH_GROUPS}
+    for name, src in chosen.items():
+        _link(src, subset / name)
+    bulk_index(live_api, subset, cwd=tmp_path)
+    return chosen
+
+
+def test_find_similar_table_and_json(live_api, indexed):
+    query_name = "ocv_aero_viewpoint/aero1.jpg"
+    query = indexed[query_name]
+    plain = run_cli("find_similar.py", query, "--api", live_api, "--top-k", "3", check_rc=0).stdout.splitlines()
+    assert plain[0].split() == ["rank", "score", "id", "filename"]
+    rows = [line.split(None, 3) for line in plain[1:]]
+    assert len(rows) == 3  # --top-k respected
+    assert rows[0] == ["1", "1.0000", _sha256(query)[:12], query_name]  # itself, first, scored 4 decimals
+
+    results = search_json(live_api, query, top_k=3)
+    assert [(str(i), f"{r['score']:.4f}", r["id"][:12], r["filename"]) for i, r in enumerate(results, 1)] == [
+        tuple(row) for row in rows
+    ]
+    for r in results:
+        assert set(r) == {"id", "score", "filename", "image_url"} and re.fullmatch(r"[0-9a-f]{64}", r["id"])
+        assert r["image_url"] == f"{live_api}/image/{r['id']}"
+        assert r["filename"] in indexed
+    assert len(search_json(live_api, query, top_k=5)) == 5
+
+    # The default API comes from $IMAGE_SEARCH_API; without --top-k the server's default (5) applies.
+    proc = run_cli("find_similar.py", query, "--json", env={"IMAGE_SEARCH_API": live_api}, check_rc=0)
+    assert len(json.loads(proc.stdout)["results"]) == 5
+
+
+def test_find_similar_server_errors(live_api, indexed, datasets):
+    proc = run_cli("find_similar.py", datasets / CORRUPT, "--api", live_api, check_rc=1)
+    assert re.match(r"error: 4\d\d \S", proc.stderr), proc.stderr  # 415 or 422: the decoder decides
+    proc = run_cli("find_similar.py", next(iter(indexed.values())), "--api", live_api, "--top-k", "100000", check_rc=1)
+    assert proc.stderr.startswith("error: 422 top_k must be between 1 and"), proc.stderr
+
+
+def test_find_similar_opens_matches_in_the_browser(live_api, indexed, tmp_path):
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "fake-browser"
+    browser.write_text(f'#!/bin/sh\nprintf "%s\\n" "$1" >> "{opened}"\n')
+    browser.chmod(0o755)
+    query = indexed["plasma_Grey/Grey_2560x1600.jpg"]
+
+    run_cli(
+        "find_similar.py", query, "--api", live_api, "--top-k", "2", "--open", env={"BROWSER": str(browser)}, check_rc=0
+    )
+    urls = [r["image_url"] for r in search_json(live_api, query, top_k=2)]
+    assert opened.read_text().splitlines() == urls
+    assert httpx.get(urls[0]).content == query.read_bytes()  # the URL serves the original
+
+
+def test_usage_errors_and_unreachable_api(tmp_path, datasets):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    image = datasets / IMAGES / "plasma_Grey/Grey_screenshot.jpg"
+    folder = tmp_path / "photos"
+    _link(image, folder / "a.jpg")
+
+    for proc in (
+        run_cli("bulk_index.py", folder, "--api", dead, "--retries", "1", cwd=tmp_path, check_rc=2),
+        run_cli("find_similar.py", image, "--api", dead, check_rc=2),
+    ):
+        assert f"cannot reach the API at {dead}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bulk_index_failures.log").exists()
+
+    proc = run_cli("bulk_index.py", tmp_path / "missing", "--api", dead, cwd=tmp_path, check_rc=2)
+    assert "not a folder" in proc.stderr
+    proc = run_cli("find_similar.py", tmp_path / "missing.jpg", "--api", dead, check_rc=2)
+    assert "no such file" in proc.stderr
+    run_cli("bulk_index.py", folder, "--concurrency", "0", cwd=tmp_path, check_rc=2)
