@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Retrieval quality through the API on ``instance_small``: mAP, recall@1/5/10 and top-1, as one JSON line.
+
+Indexes every image of the dataset (skipping what the server already has), then runs each of the 190 queries of
+``queries.json`` through ``POST /search_image`` and scores the ranking with the query itself excluded. Results are
+matched to dataset files by content hash, so it does not matter under which filename they were indexed.
+
+Definitions (per query, then averaged over queries):
+- AP: average precision over the ranking returned (top_k results, the query removed); relevant images missing
+  from it count as not retrieved (AP@top_k).
+- recall@k: |relevant in the first k| / |relevant|.
+- top-1: 1 if the first result is relevant, else 0.
+
+Usage: python bench/quality.py --api http://localhost:8000 --dataset ../shared/datasets/instance_small
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def average_precision(ranked_relevance: list[bool], n_relevant: int) -> float:
+    """AP of one ranking: mean of precision@i at each relevant position i, divided by all relevant items."""
+    hits, total = 0, 0.0
+    for i, rel in enumerate(ranked_relevance, start=1):
+        if rel:
+            hits += 1
+            total += hits / i
+    return total / n_relevant if n_relevant else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--api", default="http://localhost:8000")
+    parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/instance_small"))
+    parser.add_argument("--top-k", type=int, default=100, help="results per query (the server's MAX_TOP_K at most)")
+    args = parser.parse_args()
+
+    root = args.dataset.resolve()
+    queries: dict[str, list[str]] = json.loads((root / "queries.json").read_text())
+    files = sorted(p for p in (root / "images").rglob("*") if p.is_file())
+    rel_of = {p: p.relative_to(root).as_posix() for p in files}
+    paths_by_id: dict[str, set[str]] = {}
+    id_of: dict[str, str] = {}
+    for p in files:
+        image_id = hashlib.sha256(p.read_bytes()).hexdigest()
+        id_of[rel_of[p]] = image_id
+        paths_by_id.setdefault(image_id, set()).add(rel_of[p])
+
+    with httpx.Client(base_url=args.api, timeout=120) as client:
+        existing = set(client.post("/images/exists", json={"ids": sorted(paths_by_id)}).raise_for_status().json()["existing"])
+        t0 = time.perf_counter()
+        failed = []
+        for p in files:
+            if id_of[rel_of[p]] in existing:
+                continue
+            r = client.post("/index_image", files={"file": (p.name, p.read_bytes())}, data={"filename": rel_of[p]})
+            if r.status_code >= 400:
+                failed.append((rel_of[p], r.status_code, r.json().get("detail")))
+            existing.add(id_of[rel_of[p]])
+        index_s = time.perf_counter() - t0
+
+        aps, top1, recall = [], [], {1: [], 5: [], 10: []}
+        t0 = time.perf_counter()
+        for query, relevant in queries.items():
+            data = (root / query).read_bytes()
+            r = client.post("/search_image", files={"file": (Path(query).name, data)}, data={"top_k": str(args.top_k)})
+            r.raise_for_status()
+            ranked = [hit["id"] for hit in r.json()["results"] if hit["id"] != id_of[query]]
+            relevant_ids = {id_of[rel] for rel in relevant} - {id_of[query]}
+            flags = [i in relevant_ids for i in ranked]
+            aps.append(average_precision(flags, len(relevant_ids)))
+            top1.append(1.0 if flags[:1] == [True] else 0.0)
+            for k in recall:
+                recall[k].append(sum(flags[:k]) / len(relevant_ids))
+        search_s = time.perf_counter() - t0
+        stats = client.get("/stats").json()
+
+    mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
+    result = {
+        "benchmark": "quality",
+        "dataset": root.name,
+        "model": stats["model"],
+        "backend": stats["backend"],
+        "n_images": len(files),
+        "n_queries": len(queries),
+        "mAP": mean(aps),
+        "recall_at_1": mean(recall[1]),
+        "recall_at_5": mean(recall[5]),
+        "recall_at_10": mean(recall[10]),
+        "top1": mean(top1),
+        "index_failures": len(failed),
+        "index_s": round(index_s, 1),
+        "search_s": round(search_s, 1),
+    }
+    for f in failed:
+        print(f"index failure: {f}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
