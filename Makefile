@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(PY) -m app
 
 test: $(STAMP)
+	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -39,7 +39,11 @@ def _build_service(settings: Settings, embedder: Embedder | None):
     service = SearchService(settings, embedder, db, ImageStore(settings.resolved_image_dir))
     log.info(
         "Ready: model %s (dim %d, %s), backend %s, %d images",
-        embedder.model_id, embedder.dim, embedder.device, db.backend_name, db.count(),
+        embedder.model_id,
+        embedder.dim,
+        embedder.device,
+        db.backend_name,
+        db.count(),
     )
     return service
 

@@ -66,8 +66,14 @@ def main() -> int:
             for image_id in indexed_ids:
                 client.delete(f"/image/{image_id}")
 
-    result = {"benchmark": "latency", "model": stats["model"], "backend": stats["backend"],
-              "collection_size": stats["count"], "n": args.n, "top_k": args.top_k}
+    result = {
+        "benchmark": "latency",
+        "model": stats["model"],
+        "backend": stats["backend"],
+        "collection_size": stats["count"],
+        "n": args.n,
+        "top_k": args.top_k,
+    }
     for name, samples in timings.items():
         result.update({f"{name}_{k}": v for k, v in percentiles(samples).items()})
     print(json.dumps(result))

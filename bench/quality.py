@@ -55,7 +55,9 @@ def main() -> int:
         paths_by_id.setdefault(image_id, set()).add(rel_of[p])
 
     with httpx.Client(base_url=args.api, timeout=120) as client:
-        existing = set(client.post("/images/exists", json={"ids": sorted(paths_by_id)}).raise_for_status().json()["existing"])
+        existing = set(
+            client.post("/images/exists", json={"ids": sorted(paths_by_id)}).raise_for_status().json()["existing"]
+        )
         t0 = time.perf_counter()
         failed = []
         for p in files:

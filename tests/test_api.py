@@ -152,7 +152,9 @@ def test_bad_uploads_get_clear_errors_and_store_nothing(client, settings, datase
     assert client.get("/stats").json()["count"] == 0
     assert _stored_files(settings) == []
     # The same bytes as a search query get the same answer.
-    assert client.post("/search_image", files={"file": ("x.jpg", (datasets / relpath).read_bytes())}).status_code == status
+    assert (
+        client.post("/search_image", files={"file": ("x.jpg", (datasets / relpath).read_bytes())}).status_code == status
+    )
 
 
 def test_upload_over_size_limit_is_413(tmp_path, database_url, offline_embedder, datasets):
@@ -200,7 +202,9 @@ def test_stored_metadata_applies_exif_orientation(client, settings, datasets):
     image_id = _index(client, path).json()["id"]
     app_service = client.app.state.service
     record = app_service.db.get(image_id)
-    upright = app_service.db.get(_index(client, datasets / "instance_small/images/exif_landscape/Landscape_1.jpg").json()["id"])
+    upright = app_service.db.get(
+        _index(client, datasets / "instance_small/images/exif_landscape/Landscape_1.jpg").json()["id"]
+    )
     assert (record.metadata.width, record.metadata.height) == (upright.metadata.width, upright.metadata.height)
     assert record.metadata.format == "JPEG" and record.metadata.filename == "Landscape_6.jpg"
     assert record.metadata.bytes == path.stat().st_size

@@ -29,8 +29,14 @@ from app.vectordb.base import SearchHit
 router = APIRouter()
 
 # Types the stdlib's table may lack on slim images.
-for _ext, _type in {".heic": "image/heic", ".heif": "image/heif", ".avif": "image/avif", ".webp": "image/webp",
-                    ".jxl": "image/jxl", ".qoi": "image/qoi"}.items():
+for _ext, _type in {
+    ".heic": "image/heic",
+    ".heif": "image/heif",
+    ".avif": "image/avif",
+    ".webp": "image/webp",
+    ".jxl": "image/jxl",
+    ".qoi": "image/qoi",
+}.items():
     mimetypes.add_type(_type, _ext)
 
 _ERRORS = {
@@ -55,7 +61,9 @@ def _read_upload(file: UploadFile, service: SearchService) -> bytes:
     limit = service.settings.max_upload_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
-        raise ImageTooLargeError(f"The upload is over the limit of {service.settings.max_upload_mb:g} MB (MAX_UPLOAD_MB).")
+        raise ImageTooLargeError(
+            f"The upload is over the limit of {service.settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)."
+        )
     return data
 
 
@@ -144,9 +152,7 @@ def get_image(service: Service, image_id: str) -> FileResponse:
     responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}, 404: _ERRORS[404]},
     summary="JPEG thumbnail of an image",
 )
-def get_thumbnail(
-    service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256
-) -> Response:
+def get_thumbnail(service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256) -> Response:
     """A JPEG at most ``size`` pixels on its longer side: any stored format, viewable in every browser."""
     return Response(
         service.thumbnail(image_id, size), media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}

@@ -136,9 +136,7 @@ class PgVectorHandler(VectorDBHandler):
                 else:
                     log.info("Creating collection for %s (dim %d)", model_id, dim)
                     conn.execute(
-                        sql.SQL("ALTER TABLE images ALTER COLUMN embedding TYPE vector({})").format(
-                            sql.Literal(dim)
-                        )
+                        sql.SQL("ALTER TABLE images ALTER COLUMN embedding TYPE vector({})").format(sql.Literal(dim))
                     )
                     conn.execute(
                         "INSERT INTO collection_meta (name, model_id, dim) VALUES (%s, %s, %s)",
