@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(None, description="Downloaded model weights. Default: DATA_DIR/models.")
 
     # --- vector database ------------------------------------------------------------------------------------
-    vector_db: Literal["pgvector"] = Field("pgvector", description="Vector database backend.")
+    vector_db: Literal["pgvector", "milvus", "manticore"] = Field(
+        "pgvector", description="Vector database backend: pgvector, milvus or manticore."
+    )
     database_url: str | None = Field(
         None,
         description="PostgreSQL URL (postgresql://user:pass@host:5432/db). Unset: start the embedded "
@@ -39,6 +41,14 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(1, ge=1)
     db_pool_max: int = Field(10, ge=1)
     db_connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    milvus_uri: str = Field(
+        "",
+        description="A file path runs embedded Milvus Lite (default DATA_DIR/milvus.db, one process per file); "
+        "http://host:19530 uses Milvus standalone or distributed.",
+    )
+    milvus_token: str | None = Field(None, description="Milvus credentials, 'user:password' or an API key.")
+    manticore_host: str = Field("127.0.0.1", description="Manticore Search host (MySQL protocol).")
+    manticore_port: int = Field(9306, ge=1, le=65535, description="Manticore Search MySQL-protocol port.")
     hnsw_m: int = Field(16, ge=2, le=100, description="HNSW graph degree (pgvector default 16).")
     hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW build beam width (pgvector default 64).")
     hnsw_ef_search: int = Field(100, ge=1, le=1000, description="HNSW query beam width; must be >= top_k.")
@@ -67,10 +77,15 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "milvus_token")
     @classmethod
-    def _empty_url_is_none(cls, v: str | None) -> str | None:
+    def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @cached_property
+    def resolved_milvus_uri(self) -> str:
+        """MILVUS_URI, or the Milvus Lite file DATA_DIR/milvus.db when unset."""
+        return self.milvus_uri or str((self.data_dir / "milvus.db").resolve())
 
     @cached_property
     def resolved_image_dir(self) -> Path:

@@ -5,6 +5,9 @@ Parametrised over backends: each one added to ``BACKENDS`` must pass every test 
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from datetime import UTC, datetime
 
 import numpy as np
@@ -12,22 +15,57 @@ import pytest
 
 from app.errors import CollectionMismatchError
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
-from app.vectordb.pgvector import PgVectorHandler
 
 DIM = 64
-BACKENDS = ["pgvector"]
+BACKENDS = ["pgvector", "milvus", "manticore"]
+
+
+def manticore_address() -> tuple[str, int] | None:
+    """MANTICORE_HOST/MANTICORE_PORT when set and accepting connections, else None (no engine installs here)."""
+    host = os.environ.get("MANTICORE_HOST")
+    if not host:
+        return None
+    port = int(os.environ.get("MANTICORE_PORT", "9306"))
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return None
+    return host, port
+
+
+def _factory(backend: str, pg_server, tmp_path):
+    """A function building handlers that all share one fresh, empty collection of ``backend``."""
+    if backend == "pgvector":
+        from app.vectordb.pgvector import PgVectorHandler
+        from tests.conftest import create_database
+
+        url = create_database(pg_server)
+        return lambda **kw: PgVectorHandler(url, **kw)
+    if backend == "milvus":
+        from app.vectordb.milvus import MilvusHandler
+
+        uri = str(tmp_path / "milvus.db")  # Milvus Lite: a fresh database file per test
+        return lambda **kw: MilvusHandler(uri, **kw)
+    if backend == "manticore":
+        address = manticore_address()
+        if address is None:
+            pytest.skip("Manticore Search is not reachable: set MANTICORE_HOST (and MANTICORE_PORT) to a real engine")
+        from app.vectordb.manticore import ManticoreHandler
+
+        table = f"t_{uuid.uuid4().hex[:12]}"  # one engine for all tests: a fresh table each
+        return lambda **kw: ManticoreHandler(*address, table=table, **kw)
+    raise ValueError(backend)
 
 
 @pytest.fixture(params=BACKENDS)
-def make_handler(request, pg_server):
-    """A factory of handlers on one fresh, empty database of the parametrised backend."""
-    from tests.conftest import create_database
-
-    url = create_database(pg_server)
+def make_handler(request, tmp_path):
+    """A factory of handlers on one fresh, empty collection of the parametrised backend."""
+    pg_server = request.getfixturevalue("pg_server") if request.param == "pgvector" else None
+    build = _factory(request.param, pg_server, tmp_path)
     made: list[VectorDBHandler] = []
 
     def factory(**kwargs) -> VectorDBHandler:
-        handler = PgVectorHandler(url, **kwargs)
+        handler = build(**kwargs)
         made.append(handler)
         return handler
 
@@ -143,3 +181,16 @@ def test_health_and_close(make_handler):
     h.close()
     h.close()  # idempotent
     assert h.health() is False
+
+
+def test_scan_returns_every_record_in_id_order(handler):
+    records = _records(_unit(np.random.default_rng(8), 25))
+    handler.upsert(records)
+    batches = list(handler.scan(batch_size=10))
+    assert [len(b) for b in batches] == [10, 10, 5]
+    scanned = [r for b in batches for r in b]
+    assert [r.id for r in scanned] == sorted(r.id for r in records)
+    by_id = {r.id: r for r in records}
+    for r in scanned:
+        assert r.metadata == by_id[r.id].metadata
+        np.testing.assert_allclose(r.vector, by_id[r.id].vector, atol=1e-6)

@@ -9,10 +9,11 @@ __all__ = ["CollectionInfo", "ImageMetadata", "ImageRecord", "SearchHit", "Vecto
 
 
 def create_handler(settings: Settings) -> VectorDBHandler:
-    """Build the backend named by ``settings.vector_db``.
+    """Build the backend named by ``settings.vector_db`` (``VECTOR_DB``).
 
     pgvector: ``DATABASE_URL`` if set, otherwise the embedded PostgreSQL under ``DATA_DIR/pgdata`` (started here,
-    stopped by the handler's ``close``). Raises :class:`app.errors.DatabaseUnavailableError` when the database
+    stopped by the handler's ``close``). milvus: ``MILVUS_URI`` (a file path runs Milvus Lite). manticore:
+    ``MANTICORE_HOST``/``MANTICORE_PORT``. Raises :class:`app.errors.DatabaseUnavailableError` when the database
     cannot be reached.
     """
     if settings.vector_db == "pgvector":
@@ -34,4 +35,12 @@ def create_handler(settings: Settings) -> VectorDBHandler:
             ef_search=settings.hnsw_ef_search,
             on_close=on_close,
         )
+    if settings.vector_db == "milvus":
+        from app.vectordb.milvus import MilvusHandler
+
+        return MilvusHandler.from_settings(settings)
+    if settings.vector_db == "manticore":
+        from app.vectordb.manticore import ManticoreHandler
+
+        return ManticoreHandler.from_settings(settings)
     raise ValueError(f"unknown VECTOR_DB {settings.vector_db!r}")

@@ -7,7 +7,7 @@ are cosine similarity (``1 - cosine distance``), in ``[-1, 1]``, higher is bette
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -63,7 +63,8 @@ class CollectionInfo:
 class VectorDBHandler(ABC):
     """Abstract vector store of image embeddings with metadata, searched by cosine similarity.
 
-    Implementations: :class:`app.vectordb.pgvector.PgVectorHandler`. Every method may raise
+    Implementations: :class:`app.vectordb.pgvector.PgVectorHandler`, :class:`app.vectordb.milvus.MilvusHandler`,
+    :class:`app.vectordb.manticore.ManticoreHandler`. Every method may raise
     :class:`app.errors.DatabaseUnavailableError` when the server cannot be reached.
     """
 
@@ -104,6 +105,13 @@ class VectorDBHandler(ABC):
     @abstractmethod
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
         """The subset of ``ids`` that are stored (one query for the whole batch)."""
+
+    @abstractmethod
+    def scan(self, batch_size: int = 1000) -> Iterator[list[ImageRecord]]:
+        """Every stored record, vectors included, in batches of at most ``batch_size``, ordered by id.
+
+        Pages by id (keyset), so it is safe on collections of any size; used to migrate between backends.
+        """
 
     @abstractmethod
     def delete(self, image_id: str) -> bool:

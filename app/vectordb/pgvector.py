@@ -7,7 +7,7 @@ with an HNSW index on ``vector_cosine_ops``. Schema: ``sql/init.sql``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +232,23 @@ class PgVectorHandler(VectorDBHandler):
         if row is None:
             return None
         return ImageRecord(row[0], _to_numpy(row[1]), _metadata(row[2:]))
+
+    def scan(self, batch_size: int = 1000) -> Iterator[list[ImageRecord]]:
+        last = ""
+        while True:
+
+            def _page(conn: psycopg.Connection, after: str = last):
+                with conn.transaction():
+                    return conn.execute(
+                        f"SELECT id, embedding, {_META_COLUMNS} FROM images WHERE id > %s ORDER BY id LIMIT %s",
+                        (after, int(batch_size)),
+                    ).fetchall()
+
+            rows = self._run(_page)
+            if not rows:
+                return
+            yield [ImageRecord(r[0], _to_numpy(r[1]), _metadata(r[2:])) for r in rows]
+            last = rows[-1][0]
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
         ids = list(ids)
