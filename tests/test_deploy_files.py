@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 import threading
+import typing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -31,6 +33,10 @@ CONSTRAINTS = ROOT / "constraints.txt"
 SETTINGS_HEADER = "[settings]"
 COMPOSE_ONLY_HEADER = "[compose-only]"
 TORCH_INDEX_CPU = "https://download.pytorch.org/whl/cpu"
+
+# Compose profiles of docker-compose.yml -> the services each one adds. A profile is named after the VECTOR_DB
+# value it provides, because the app's VECTOR_DB defaults to COMPOSE_PROFILES.
+BACKEND_PROFILES = {"milvus": {"milvus", "milvus-etcd", "milvus-minio"}, "manticore": {"manticore"}}
 
 # `NAME=value` or `# NAME=value` at the start of a line; prose comments never start with an upper-case NAME=.
 _ASSIGNMENT = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
@@ -115,6 +121,63 @@ def _healthcheck_text(service: dict) -> str:
     return " ".join(test) if isinstance(test, list) else test
 
 
+def _profiles(service: dict) -> set[str]:
+    return set(service.get("profiles") or [])
+
+
+def _depends_on(service: dict) -> dict[str, dict]:
+    """depends_on in long form: dependency -> {"condition", "required"} with Compose's defaults filled in."""
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        deps = {name: {} for name in deps}
+    defaults = {"condition": "service_started", "required": True}
+    return {name: {**defaults, **(cfg or {})} for name, cfg in deps.items()}
+
+
+def _enabled_services(compose: dict, active_profiles: set[str]) -> set[str]:
+    """Services Compose enables for `up` with these profiles: those without profiles and those with an active one."""
+    return {
+        name
+        for name, service in compose["services"].items()
+        if not _profiles(service) or _profiles(service) & active_profiles
+    }
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose interpolation of ``${VAR}``, ``${VAR:-default}`` (defaults may nest) and ``$$``; enough for this file."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        if value.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif value.startswith("${", i):
+            depth, j = 1, i + 2
+            while depth:
+                if value.startswith("${", j):
+                    depth, j = depth + 1, j + 2
+                    continue
+                depth -= value[j] == "}"
+                j += 1
+            name, sep, default = value[i + 2 : j - 1].partition(":-")
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name), f"unsupported interpolation in {value!r}"
+            resolved = env.get(name, "")
+            out.append(resolved if resolved or not sep else _interpolate(default, env))
+            i = j
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def _image_tag(image: str) -> str:
+    """The tag of an image reference ('' when it has none); a digest pin counts as a tag."""
+    if "@" in image:
+        return image.split("@", 1)[1]
+    last = image.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else ""
+
+
 def _constraint_pin(package: str) -> str:
     for line in CONSTRAINTS.read_text(encoding="utf-8").splitlines():
         match = re.match(rf"^{re.escape(package)}==(\S+)", line.strip())
@@ -161,13 +224,27 @@ def test_env_example_every_variable_has_a_comment() -> None:
 def test_env_example_compose_only_section_matches_compose_and_dockerfile() -> None:
     settings_vars, compose_only = _env_example_sections()
     assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "APP_PORT", "TORCH_INDEX_URL"} <= compose_only.keys()
-    compose_text = COMPOSE_FILE.read_text(encoding="utf-8")
+    # Comment lines do not count: the header explains variables that the services may no longer use.
+    compose_lines = COMPOSE_FILE.read_text(encoding="utf-8").splitlines()
+    compose_text = "\n".join(line for line in compose_lines if not line.lstrip().startswith("#"))
     used = set(re.findall(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)", compose_text))
     undocumented = sorted(used - compose_only.keys() - settings_vars.keys())
     assert not undocumented, f"docker-compose.yml substitutes variables missing from .env.example: {undocumented}"
     unused = sorted(compose_only.keys() - used)
     assert not unused, f".env.example [compose-only] variables not used by docker-compose.yml: {unused}"
     assert compose_only["TORCH_INDEX_URL"] == TORCH_INDEX_CPU
+
+
+def test_env_example_documents_how_to_pick_a_backend_with_compose() -> None:
+    _, compose_only = _env_example_sections()
+    assert compose_only.get("COMPOSE_PROFILES") == "", "COMPOSE_PROFILES (default: none) picks the backend in Compose"
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    compose_section = text[text.index(COMPOSE_ONLY_HEADER) :]
+    for profile in BACKEND_PROFILES:
+        assert profile in compose_section, f".env.example [compose-only] does not mention the {profile} profile"
+    assert "--profile" in compose_section and "VECTOR_DB=" in compose_section, (
+        "explain that `--profile` on the command line needs VECTOR_DB as well"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -256,6 +333,142 @@ def test_compose_app_service() -> None:
     assert "$" not in _healthcheck_text(app), "a `$` would be substituted by compose"
     minutes = re.fullmatch(r"(\d+)m", health["start_period"])
     assert minutes and int(minutes.group(1)) >= 5, "first start downloads the CLIP weights: allow minutes"
+
+
+def test_compose_core_services_have_no_profile() -> None:
+    services = _compose()["services"]
+    for name in ("db", "app"):
+        assert not _profiles(services[name]), f"plain `docker compose up` must start {name}: it takes no profiles"
+
+
+def test_compose_profiles_are_the_vector_db_backends() -> None:
+    services = _compose()["services"]
+    backends = set(typing.get_args(Settings.model_fields["vector_db"].annotation))
+    used = set().union(*(_profiles(service) for service in services.values()))
+    assert used == set(BACKEND_PROFILES), f"profiles in docker-compose.yml: {sorted(used)}"
+    assert used <= backends - {"pgvector"}, "each profile must be named after the VECTOR_DB value it provides"
+    for profile, members in BACKEND_PROFILES.items():
+        for name in members:
+            assert name in services, f"profile {profile}: service {name} missing"
+            assert _profiles(services[name]) == {profile}, f"{name} belongs to exactly the {profile} profile"
+
+
+def test_compose_services_are_pinned_healthy_and_persistent() -> None:
+    compose = _compose()
+    declared = set((compose.get("volumes") or {}).keys())
+    for name, service in compose["services"].items():
+        mounts = _named_volume_mounts(service)
+        used = set(mounts)
+        assert used <= declared, f"{name}: named volumes not declared at top level: {sorted(used - declared)}"
+        if "build" in service:
+            continue  # the app image is built here; its tag only names the local build
+        tag = _image_tag(service["image"])
+        assert tag and tag != "latest", f"{name}: pin the image to a release tag, not {service['image']!r}"
+        health = service.get("healthcheck") or {}
+        assert health.get("test") and not health.get("disable"), f"{name}: needs a healthcheck (the app waits on it)"
+        unescaped = _healthcheck_text(service).replace("$$", "")
+        assert "$" not in unescaped, f"{name}: write `$$` for a `$` the healthcheck's shell should see"
+        if _profiles(service):
+            assert mounts, f"{name}: its data must live in a named volume"
+            assert service.get("restart") == "unless-stopped", name
+        for port in service.get("ports", []):
+            published = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published', '')}"
+            assert published.startswith("127.0.0.1:"), f"{name}: publish {port!r} on 127.0.0.1 only"
+
+
+def test_compose_milvus_follows_the_official_standalone_file() -> None:
+    services = _compose()["services"]
+    milvus = services["milvus"]
+    assert re.fullmatch(r"milvusdb/milvus:v2\.\d+\.\d+", milvus["image"]), milvus["image"]
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    assert "seccomp:unconfined" in milvus.get("security_opt", [])
+    assert set(_named_volume_mounts(milvus).values()) == {"/var/lib/milvus"}
+    check = _healthcheck_text(milvus)
+    assert "curl" in check and "http://localhost:9091/healthz" in check
+    assert re.fullmatch(r"\d+s", milvus["healthcheck"]["start_period"]), "Milvus needs a start period"
+
+    env = _environment(milvus)
+    etcd_host, _, etcd_port = env["ETCD_ENDPOINTS"].partition(":")
+    minio_host, _, minio_port = env["MINIO_ADDRESS"].partition(":")
+    assert (etcd_port, minio_port) == ("2379", "9000")
+    assert {etcd_host, minio_host} <= BACKEND_PROFILES["milvus"], "ETCD_ENDPOINTS/MINIO_ADDRESS must name the services"
+    assert set(_depends_on(milvus)) == {etcd_host, minio_host}
+
+    etcd, minio = services[etcd_host], services[minio_host]
+    assert re.fullmatch(r"quay\.io/coreos/etcd:v3\.\d+\.\d+", etcd["image"]), etcd["image"]
+    assert f"-advertise-client-urls=http://{etcd_host}:2379" in etcd["command"], "etcd must advertise its service name"
+    assert "--data-dir /etcd" in etcd["command"] and set(_named_volume_mounts(etcd).values()) == {"/etcd"}
+    assert "etcdctl endpoint health" in _healthcheck_text(etcd)
+    assert re.fullmatch(r"minio/minio:RELEASE\.[0-9TZ-]+", minio["image"]), minio["image"]
+    assert minio["command"].startswith("minio server /minio_data")
+    assert set(_named_volume_mounts(minio).values()) == {"/minio_data"}
+    assert "/minio/health/live" in _healthcheck_text(minio)
+
+
+def test_compose_manticore_service() -> None:
+    manticore = _compose()["services"]["manticore"]
+    assert re.fullmatch(r"manticoresearch/manticore:\d+\.\d+\.\d+", manticore["image"]), manticore["image"]
+    assert set(_named_volume_mounts(manticore).values()) == {"/var/lib/manticore"}
+    check = _healthcheck_text(manticore)
+    assert "mysql" in check and "9306" in check
+
+
+def test_compose_app_waits_for_the_backend_of_an_active_profile_only() -> None:
+    services = _compose()["services"]
+    deps = _depends_on(services["app"])
+    assert {"db", *BACKEND_PROFILES} <= deps.keys()
+    for name, cfg in deps.items():
+        assert cfg["condition"] == "service_healthy", f"app must wait until {name} is healthy"
+        # required: false makes Compose drop a dependency disabled by profiles instead of refusing to start.
+        optional = bool(_profiles(services[name]))
+        assert cfg["required"] is not optional, f"app -> {name}: `required: {str(not optional).lower()}` expected"
+
+
+def test_compose_every_profile_combination_is_a_valid_project() -> None:
+    compose = _compose()
+    services = compose["services"]
+    vector_db = _environment(services["app"])["VECTOR_DB"]
+    combinations = [set(), *({profile} for profile in BACKEND_PROFILES), set(BACKEND_PROFILES)]
+    for active in combinations:
+        enabled = _enabled_services(compose, active)
+        assert {"db", "app"} <= enabled
+        assert set().union(*(BACKEND_PROFILES[p] for p in active)) <= enabled
+        for name in enabled:
+            for dep, cfg in _depends_on(services[name]).items():
+                assert dep in services, f"{name} depends on unknown service {dep}"
+                if cfg["required"]:  # Compose: "service dep is required by name but is disabled"
+                    assert dep in enabled, f"profiles {sorted(active)}: {dep} is required by {name} but is disabled"
+        if len(active) <= 1:
+            # COMPOSE_PROFILES alone (shell or .env) picks the backend the profile starts.
+            backend = _interpolate(vector_db, {"COMPOSE_PROFILES": ",".join(active)})
+            assert backend == (next(iter(active)) if active else "pgvector"), (active, backend)
+            assert backend == "pgvector" or backend in enabled
+
+
+def test_compose_app_points_at_the_backend_services() -> None:
+    services = _compose()["services"]
+    env = _environment(services["app"])
+    adapter = TypeAdapter(Settings.model_fields["vector_db"].annotation)
+
+    cases = [
+        ({}, "pgvector"),
+        ({"COMPOSE_PROFILES": ""}, "pgvector"),
+        ({"COMPOSE_PROFILES": "milvus"}, "milvus"),
+        ({"COMPOSE_PROFILES": "manticore"}, "manticore"),
+        ({"VECTOR_DB": "milvus"}, "milvus"),  # with `--profile milvus` on the command line
+        ({"VECTOR_DB": "pgvector", "COMPOSE_PROFILES": "manticore"}, "pgvector"),  # an explicit VECTOR_DB wins
+    ]
+    for variables, expected in cases:
+        resolved = _interpolate(env["VECTOR_DB"], variables)
+        assert resolved == expected, f"VECTOR_DB with {variables}: {resolved!r}"
+        adapter.validate_python(resolved)
+
+    milvus_uri = urlsplit(env["MILVUS_URI"])
+    assert (milvus_uri.scheme, milvus_uri.hostname, milvus_uri.port) == ("http", "milvus", 19530), env["MILVUS_URI"]
+    assert milvus_uri.hostname in BACKEND_PROFILES["milvus"]
+    assert env["MANTICORE_HOST"] == "manticore" and env["MANTICORE_HOST"] in BACKEND_PROFILES["manticore"]
+    assert env["MANTICORE_PORT"] == "9306"
+    assert Settings(manticore_port=env["MANTICORE_PORT"]).manticore_port == 9306
 
 
 # ------------------------------------------------------------------------------------------------------------
