@@ -1,0 +1,440 @@
+"""The SQL the Manticore backend emits, checked against Manticore's documented syntax without an engine.
+
+Statements are rendered with pymysql's own literal escaping (what ``cursor.execute`` sends). String literals are
+then read back the way Manticore's SQL lexer does (``src/sphinxql.l``: ``'([^'\\\\]|\\\\.|\\\\\\\\)*'``) and unescaped
+with its ``SqlUnescape`` rules, so the injection tests show what the server would see. The real round trip against
+an engine is in ``tests/test_vectordb_contract.py`` (skipped unless MANTICORE_HOST is reachable).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from datetime import UTC, datetime, timedelta, timezone
+
+import numpy as np
+import pymysql
+import pytest
+
+from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.vectordb import manticore as mc
+from app.vectordb.base import ImageMetadata, ImageRecord
+
+DIM = 8
+HOSTILE = ["'; DROP TABLE x; --", "a\\'b", "back\\slash", 'dq"uote', "new\nline\r\ttab", "x\\", "\\'", "日本語.jpg"]
+
+# Manticore's lexer: a quoted string, and a float constant (optionally after a unary minus handled by the grammar).
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.|\\\\)*'", re.S)
+_FLOAT = re.compile(r"-?(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d*\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)")
+
+
+def manticore_unescape(literal: str) -> str:
+    """Manticore's SqlUnescape: drop the quotes; ``\\b \\n \\r \\t`` are control characters, ``\\0`` a space,
+    any other ``\\x`` is ``x``."""
+    body, out, i = literal[1:-1], [], 0
+    special = {"b": "\b", "n": "\n", "r": "\r", "t": "\t", "0": " "}
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            out.append(special.get(body[i + 1], body[i + 1]))
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+def literals(statement: str) -> list[str]:
+    """The string values Manticore would parse out of ``statement``, in order."""
+    return [manticore_unescape(m.group(0)) for m in _QUOTED.finditer(statement)]
+
+
+def outside_literals(statement: str) -> str:
+    return _QUOTED.sub("''", statement)
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _record(i: int, vector: np.ndarray, filename: str = "a.jpg", fmt: str = "JPEG") -> ImageRecord:
+    when = datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC)
+    return ImageRecord(f"{i:064x}", vector, ImageMetadata(filename, fmt, 640 + i, 480, 10_000 + i, when))
+
+
+# --- names and ids ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["images", "t_0123456789ab", "_x", "a" * 63])
+def test_valid_table_names(name):
+    assert mc.validate_table_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Images", "1abc", "a-b", "a b", "a" * 64, "select", "table", "x; DROP TABLE y", "t`x", "é", None]
+)
+def test_bad_table_names_are_rejected(name):
+    with pytest.raises(ValueError):
+        mc.validate_table_name(name)
+    with pytest.raises(ValueError):
+        mc.ManticoreHandler("127.0.0.1", 9306, table=name)
+
+
+@pytest.mark.parametrize("image_id", ["", "f" * 63, "f" * 65, "F" * 64, "g" * 64, " " + "a" * 63, "'" + "a" * 63, 5])
+def test_invalid_image_ids_are_rejected(image_id):
+    with pytest.raises(ValueError):
+        mc.validate_image_id(image_id)
+    with pytest.raises(ValueError):
+        mc.doc_id_for(image_id)
+    with pytest.raises(ValueError):
+        mc.delete_sql("images", image_id)
+
+
+def test_doc_ids_are_63_bit_nonzero_deterministic_and_spread():
+    ids = [f"{i:064x}" for i in range(5000)]  # the contract suite's ids: identical first 16 hex digits
+    ids += ["a" * 64, "e" * 64, "f" * 64, "1" * 64]
+    doc_ids = [mc.doc_id_for(i) for i in ids]
+    assert all(0 < d < 2**63 for d in doc_ids)
+    assert len(set(doc_ids)) == len(ids)
+    assert doc_ids == [mc.doc_id_for(i) for i in ids]  # deterministic (no per-process hash seed)
+    assert mc.doc_id_for("0" * 64) == 2_394_430_296_773_573_620  # pinned: changing it would orphan stored rows
+
+
+# --- table definitions --------------------------------------------------------------------------------------------
+def test_create_table_uses_documented_float_vector_options_and_attribute_types():
+    sql = mc.create_table_sql("images", 512, 16, 64)
+    assert sql.startswith("CREATE TABLE IF NOT EXISTS images (")
+    assert (
+        "embedding float_vector knn_type='hnsw' knn_dims='512' hnsw_similarity='COSINE' "
+        "hnsw_m='16' hnsw_ef_construction='64')" in sql
+    )
+    for column in [
+        "image_id string",
+        "filename string",
+        "img_format string",
+        "width int",
+        "height int",
+        "size_bytes bigint",
+        "indexed_us bigint",
+    ]:
+        assert column in sql
+    assert " text" not in sql and "timestamp" not in sql  # no full-text field needed; no 32-bit seconds timestamp
+    assert literals(sql) == ["hnsw", "512", "COSINE", "16", "64"]
+
+
+@pytest.mark.parametrize(
+    ("dim", "m", "ef"), [(0, 16, 64), (-1, 16, 64), (True, 16, 64), (8.0, 16, 64), (8, 1, 64), (8, 16, 0)]
+)
+def test_create_table_rejects_out_of_range_parameters(dim, m, ef):
+    with pytest.raises(ValueError):
+        mc.create_table_sql("images", dim, m, ef)
+
+
+def test_meta_table_statements():
+    assert mc.meta_table_name("images") == "images_meta"
+    assert mc.create_meta_table_sql("images") == "CREATE TABLE IF NOT EXISTS images_meta (model_id string, dim int)"
+    assert mc.select_meta_sql("images") == "SELECT model_id, dim FROM images_meta WHERE id = 1"
+    sql, params = mc.insert_meta_sql("images", "open_clip:ViT-B-32/laion2b_s34b_b79k", 512)
+    rendered = mc.render_sql(sql, params)
+    assert rendered == (
+        "INSERT INTO images_meta (id, model_id, dim) VALUES (1, 'open_clip:ViT-B-32/laion2b_s34b_b79k', 512)"
+    )
+    hostile_sql = mc.render_sql(*mc.insert_meta_sql("images", "m'); DROP TABLE images; --", 4))
+    assert literals(hostile_sql) == ["m'); DROP TABLE images; --"]
+    assert "DROP" not in outside_literals(hostile_sql)
+    with pytest.raises(ValueError):
+        mc.insert_meta_sql("images", "", 4)
+
+
+def test_show_describe_and_count_statements():
+    sql, params = mc.show_tables_sql("images_meta")
+    assert mc.render_sql(sql, params) == "SHOW TABLES LIKE 'images_meta'"
+    assert mc.describe_sql("images") == "DESCRIBE images"
+    assert mc.show_create_table_sql("images") == "SHOW CREATE TABLE images"
+    assert mc.count_sql("images") == "SELECT COUNT(*) FROM images"
+
+
+# --- writes -------------------------------------------------------------------------------------------------------
+def test_replace_renders_one_multi_row_statement():
+    vectors = _unit(np.random.default_rng(0), 2)
+    records = [_record(1, vectors[0]), _record(2, vectors[1], "b.png", "PNG")]
+    sql, params = mc.replace_sql("images", records, DIM)
+    rendered = mc.render_sql(sql, params)
+    assert rendered.startswith(
+        "REPLACE INTO images (id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding) "
+        "VALUES ("
+    )
+    assert rendered.count("), (") == 1  # two rows in one statement
+    expected_us = (datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(
+        microseconds=1
+    )
+    first = f"({mc.doc_id_for(records[0].id)}, '{records[0].id}', 'a.jpg', 'JPEG', 641, 480, 10001, {expected_us}, ("
+    assert first in rendered
+    assert literals(rendered) == [records[0].id, "a.jpg", "JPEG", records[1].id, "b.png", "PNG"]
+    # The vector literal is the float32 values with 9 significant digits: they parse back exactly.
+    vec_text = re.search(r", (\([^()']*\))\), \(", rendered).group(1)
+    parsed = np.array([float(x) for x in vec_text.strip("()").split(",")], dtype=np.float32)
+    np.testing.assert_array_equal(parsed, vectors[0])
+
+
+def test_same_render_as_a_pymysql_cursor():
+    conn = pymysql.connections.Connection(defer_connect=True, charset="utf8mb4")
+    conn.server_status = 0  # what a server reports without NO_BACKSLASH_ESCAPES (Manticore does not set it)
+    records = [_record(3, _unit(np.random.default_rng(1), 1)[0], filename=HOSTILE[0])]
+    sql, params = mc.replace_sql("images", records, DIM)
+    assert conn.cursor().mogrify(sql, params) == mc.render_sql(sql, params)
+
+
+@pytest.mark.parametrize("filename", HOSTILE)
+def test_hostile_file_names_stay_one_escaped_literal(filename):
+    record = _record(4, _unit(np.random.default_rng(2), 1)[0], filename=filename, fmt="JP'EG")
+    rendered = mc.render_sql(*mc.replace_sql("images", [record], DIM))
+    assert literals(rendered) == [record.id, filename, "JP'EG"]
+    outside = outside_literals(rendered)
+    assert "DROP" not in outside and "--" not in outside and ";" not in outside
+    if "'" in filename:
+        assert "\\'" in rendered  # the quote is backslash-escaped, not doubled
+
+
+def test_text_that_manticore_cannot_unescape_is_replaced_not_corrupted():
+    # pymysql sends NUL as \\0 and 0x1A as \\Z; Manticore would store a space and a 'Z'.
+    assert mc.clean_text("a\x00b\x1ac") == "a\ufffdb\ufffdc"
+    assert mc.clean_text("bad\udcffname") == "bad\ufffdname"
+    everything = "".join(chr(c) for c in range(1, 128) if c != 0x1A) + "é日本\U0001f600"
+    for text in [everything, "a\x00b\x1ac"]:
+        cleaned = mc.clean_text(text)
+        assert literals(mc.render_sql("SELECT %s", (cleaned,))) == [cleaned]
+    assert literals(mc.render_sql("SELECT %s", ("a\x00b\x1ac",))) == ["a bZc"]  # why: uncleaned text is altered
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.full(DIM, np.nan, dtype=np.float32),
+        np.array([np.inf] + [0.1] * (DIM - 1), dtype=np.float32),
+        np.array([1e39] + [0.1] * (DIM - 1)),  # finite float64, inf as float32
+        np.zeros(DIM, dtype=np.float32),
+        np.ones(DIM + 1, dtype=np.float32),
+        np.ones((1, DIM), dtype=np.float32),
+    ],
+)
+def test_bad_vectors_are_rejected(bad):
+    with pytest.raises(ValueError):
+        mc.format_vector(bad, DIM)
+    with pytest.raises(ValueError):
+        mc.replace_sql("images", [_record(5, bad)], DIM)
+    with pytest.raises(ValueError):
+        mc.knn_search_sql("images", bad, 5, 40, DIM)
+
+
+def test_vector_components_match_the_float_grammar():
+    v = np.array([1e-5, -1e-5, 1.0, -0.5, 3.4e38, 1.17549435e-38, 0.1, -0.0], dtype=np.float32)
+    text = mc.format_vector(v, DIM)
+    parts = text.strip("()").split(",")
+    assert all(_FLOAT.fullmatch(p) for p in parts), parts
+    np.testing.assert_array_equal(np.array([float(p) for p in parts], dtype=np.float32), v)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("width", -1), ("height", 2**32), ("bytes", -5), ("bytes", 2**63), ("width", 1.5)]
+)
+def test_metadata_out_of_attribute_range_is_rejected(field, value):
+    md = dict(filename="a", format="PNG", width=1, height=1, bytes=1, indexed_at=datetime.now(UTC))
+    md[field] = value
+    record = ImageRecord("a" * 64, _unit(np.random.default_rng(3), 1)[0], ImageMetadata(**md))
+    with pytest.raises(ValueError):
+        mc.replace_sql("images", [record], DIM)
+
+
+def test_timestamps_round_trip_to_the_microsecond_and_naive_ones_are_refused():
+    when = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert mc.from_epoch_us(mc.to_epoch_us(when)) == when
+    other_zone = when.astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert mc.from_epoch_us(mc.to_epoch_us(other_zone)) == when
+    assert mc.from_epoch_us(mc.to_epoch_us(when)).tzinfo is UTC
+    with pytest.raises(ValueError):
+        mc.to_epoch_us(datetime(2026, 1, 2))
+
+
+def test_delete_and_get_statements_check_the_image_id():
+    image_id = "ab" * 32
+    assert mc.render_sql(*mc.delete_sql("images", image_id)) == (
+        f"DELETE FROM images WHERE id = {mc.doc_id_for(image_id)} AND image_id = '{image_id}'"
+    )
+    assert mc.render_sql(*mc.get_sql("images", image_id)) == (
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
+        f"WHERE id = {mc.doc_id_for(image_id)} AND image_id = '{image_id}'"
+    )
+
+
+# --- reads --------------------------------------------------------------------------------------------------------
+def test_knn_query_shape():
+    v = _unit(np.random.default_rng(4), 1)[0]
+    sql = mc.knn_search_sql("images", v, 5, 40, DIM)
+    assert sql.startswith(
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, knn_dist() AS distance "
+        "FROM images WHERE knn(embedding, 5, ("
+    )
+    assert sql.endswith(", {ef=40}) LIMIT 5")
+    assert mc.format_vector(v, DIM) in sql
+    assert "%" not in sql and "'" not in sql  # nothing but validated numbers
+
+
+def test_knn_query_above_the_default_max_matches_raises_it():
+    v = _unit(np.random.default_rng(5), 1)[0]
+    assert mc.knn_search_sql("images", v, 1500, 1500, DIM).endswith("{ef=1500}) LIMIT 1500 OPTION max_matches=1500")
+    with pytest.raises(ValueError):
+        mc.knn_search_sql("images", v, 0, 40, DIM)
+
+
+def test_scan_pages_by_image_id():
+    first, params = mc.scan_sql("images", None, 10)
+    assert params == ()
+    assert first == (
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
+        "ORDER BY image_id ASC LIMIT 10"
+    )
+    after = "0" * 63 + "9"
+    assert mc.render_sql(*mc.scan_sql("images", after, 5000)) == (
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
+        f"WHERE image_id > '{after}' ORDER BY image_id ASC LIMIT 5000 OPTION max_matches=5000"
+    )
+    with pytest.raises(ValueError):
+        mc.scan_sql("images", "x' OR 1=1 --", 10)
+
+
+def test_lookup_by_document_ids():
+    ids = [mc.doc_id_for(f"{i:064x}") for i in range(3)]
+    assert mc.lookup_doc_ids_sql("images", ids) == (
+        f"SELECT id, image_id FROM images WHERE id IN ({ids[0]}, {ids[1]}, {ids[2]}) LIMIT 3"
+    )
+    with pytest.raises(ValueError):
+        mc.lookup_doc_ids_sql("images", [0])
+
+
+def test_vectors_are_parsed_from_manticores_text_form():
+    v = mc.parse_vector("0.100000,-0.200000,0.300000", 3)
+    assert v.dtype == np.float32 and v.shape == (3,)
+    np.testing.assert_allclose(v, [0.1, -0.2, 0.3])
+    np.testing.assert_allclose(mc.parse_vector(b"(0.5, 0.25)", 2), [0.5, 0.25])
+    with pytest.raises(DatabaseUnavailableError):
+        mc.parse_vector("0.1,0.2", 3)
+
+
+# --- the handler without an engine --------------------------------------------------------------------------------
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_engine_raises_database_unavailable_quickly():
+    port = _closed_port()
+    start = time.monotonic()
+    with pytest.raises(DatabaseUnavailableError) as err:
+        mc.ManticoreHandler("127.0.0.1", port, timeout_s=2)
+    assert time.monotonic() - start < 5
+    assert f"127.0.0.1:{port}" in str(err.value)
+
+
+class _FakeCursor:
+    """Replays canned results; records the statements (the handler's logic, not Manticore's, is under test)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._rows: list = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def execute(self, sql, params=()):
+        self.conn.sent.append(mc.render_sql(sql, params))
+        outcome = self.conn.script.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        self._rows = list(outcome)
+        return len(self._rows)
+
+    def fetchall(self):
+        return self._rows
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+
+class _FakeConnection:
+    def __init__(self, script, sent):
+        self.script, self.sent, self.closed = script, sent, False
+
+    def cursor(self):
+        return _FakeCursor(self)
+
+    def close(self):
+        self.closed = True
+
+
+def _handler(monkeypatch, script) -> tuple[mc.ManticoreHandler, list[str], list[_FakeConnection]]:
+    sent: list[str] = []
+    made: list[_FakeConnection] = []
+
+    def connect(self):
+        made.append(_FakeConnection(script, sent))
+        return made[-1]
+
+    monkeypatch.setattr(mc.ManticoreHandler, "_connect", connect)
+    return mc.ManticoreHandler("127.0.0.1", 9306, table="images", ef_search=10), sent, made
+
+
+def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(monkeypatch):
+    meta = [("images_meta", "rt")]
+    h, sent, made = _handler(monkeypatch, [meta, [("m", DIM)]])
+    assert h._dim == DIM and len(made) == 1  # the constructor read the meta; its connection is now pooled
+    made[0].script[:] = [pymysql.err.OperationalError(2006, "MySQL server has gone away"), meta, [("m", DIM)]]
+    info = h.collection_info()
+    assert (info.model_id, info.dim) == ("m", DIM)
+    assert made[0].closed and len(made) == 2
+
+
+def test_rejected_statement_is_reported_and_the_connection_kept(monkeypatch):
+    h, sent, made = _handler(monkeypatch, [[]])  # constructor: no meta table
+    made[0].script[:] = [pymysql.err.ProgrammingError(1064, "P01: syntax error")]
+    with pytest.raises(DatabaseUnavailableError, match="syntax error"):
+        h.collection_info()
+    assert not made[0].closed and len(made) == 1
+
+
+def test_mismatched_model_is_refused(monkeypatch):
+    h, sent, made = _handler(monkeypatch, [[]])
+    made[0].script[:] = [[], [("images_meta", "rt")], [("other:v2", DIM)]]
+    with pytest.raises(CollectionMismatchError):
+        h.ensure_collection("test:v1", DIM)
+    assert sent[1] == "CREATE TABLE IF NOT EXISTS images_meta (model_id string, dim int)"
+
+
+def test_search_scores_are_one_minus_knn_dist_and_ef_is_raised_to_top_k(monkeypatch):
+    h, sent, made = _handler(monkeypatch, [[("images_meta", "rt")], [("m", DIM)]])
+    when = mc.to_epoch_us(datetime(2026, 1, 1, tzinfo=UTC))
+    rows = [
+        (2, "b" * 64, "b.jpg", "JPEG", 3, 4, 5, when, 0.25),
+        (1, "a" * 64, "a.jpg", "PNG", 1, 2, 3, when, 0.125),
+    ]
+    made[0].script[:] = [rows]
+    hits = h.search(_unit(np.random.default_rng(6), 1)[0], 20)
+    assert [x.id for x in hits] == ["a" * 64, "b" * 64]
+    assert [x.score for x in hits] == [0.875, 0.75]
+    assert hits[0].metadata == ImageMetadata("a.jpg", "PNG", 1, 2, 3, datetime(2026, 1, 1, tzinfo=UTC))
+    assert ", {ef=20}) LIMIT 20" in sent[-1]
+
+
+def test_health_never_raises_and_close_is_idempotent(monkeypatch):
+    h, sent, made = _handler(monkeypatch, [[]])
+    made[0].script[:] = [pymysql.err.OperationalError(2013, "Lost connection")]
+    monkeypatch.setattr(
+        mc.ManticoreHandler, "_connect", lambda self: (_ for _ in ()).throw(DatabaseUnavailableError("down"))
+    )
+    assert h.health() is False
+    h.close()
+    h.close()
+    assert h.health() is False
