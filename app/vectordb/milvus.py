@@ -1,0 +1,635 @@
+"""Milvus backend of :class:`~app.vectordb.base.VectorDBHandler`, through ``pymilvus.MilvusClient``.
+
+Two deployments behind one class, chosen by the URI:
+
+* ``http://host:19530`` (or ``https://``, ``tcp://``, ``unix:``): Milvus standalone or distributed (or Zilliz
+  Cloud, with ``token``). The collection gets an HNSW index (metric ``COSINE``, ``M``/``efConstruction`` from the
+  settings) and queries pass ``ef = max(ef_search, top_k)``.
+* anything else is a local path: embedded **Milvus Lite** (``milvus-lite`` 3.x, pure Python, no server to run).
+  The "file" is in fact a directory (WAL, Parquet segments, FAISS index files, a ``LOCK`` file); its parent
+  directory is created if missing. Databases written by the older C++ milvus-lite 2.x are not readable by 3.x.
+
+Schema of the collection (``images`` by default): ``id`` VARCHAR(64) primary key (the image's SHA-256 hex),
+``embedding`` FLOAT_VECTOR(D), ``filename`` VARCHAR(4096) (Milvus counts ``max_length`` in UTF-8 bytes: the
+service's 1024-character names need up to 4096), ``format`` VARCHAR(64), ``width``/``height`` INT32 (pixels),
+``bytes`` INT64, ``indexed_at`` INT64 (microseconds since the Unix epoch, UTC; returned as a timezone-aware UTC
+``datetime``). No dynamic fields. Which model filled the collection is stored in the collection's properties
+(``image_search.model_id``; also in its description as JSON, for servers that drop unknown properties); the
+dimension is read from the vector field itself, so it cannot disagree with the data.
+
+Scores: Milvus' ``COSINE`` metric returns the cosine similarity itself in ``distance`` (higher is better), which
+is what :class:`~app.vectordb.base.SearchHit` wants, unchanged.
+
+Consistency: the collection is created with consistency level ``Strong`` and every read asks for ``Strong`` too,
+so a read sees every write acknowledged before it (the service upserts and immediately counts, searches, gets).
+
+What Milvus Lite (3.2) does differently, checked against the installed code:
+
+* **Index**: Lite accepts ``HNSW`` (also ``HNSW_SQ``, ``IVF_FLAT``, ``IVF_SQ8``, ``FLAT``, ``AUTOINDEX``) and builds
+  it with FAISS (``IndexHNSWFlat`` on L2-normalised vectors, inner product = cosine) **per sealed segment**, in a
+  background thread after a memtable flush. Rows still in the in-memory memtable, and segments whose index is
+  not built yet, are searched exactly (brute force); results are merged globally. So on Lite, small collections
+  are searched exactly and large ones approximately with the same HNSW as on a server. ``ef`` is honoured.
+* Lite reads index build parameters only from a JSON ``params`` entry, while pymilvus 3 sends them flattened (as
+  Milvus servers expect): sent the server way, Lite silently builds with its own defaults (M=16,
+  efConstruction=200). This handler therefore nests them for Lite (detected from the server version string).
+  If a server refuses HNSW, the handler falls back to ``AUTOINDEX`` (COSINE) and logs at INFO what it uses.
+* **One process per database**: Lite holds an exclusive ``flock`` on ``<db>/LOCK`` while open; a second process
+  (a second uvicorn worker, a CLI run beside the service) gets :class:`DatabaseUnavailableError`. Use a Milvus
+  server for more than one process.
+* Inside one process, pymilvus runs one embedded Lite gRPC server per database path (in threads) and shares it
+  between clients. This module counts the handlers open on each path (the module-level ``_LITE_SERVERS``
+  registry, the only global state here: it is a connection cache) so that the last :meth:`MilvusHandler.close`
+  stops that server, which releases the lock and lets the same process, or another one, reopen the database.
+  It also serialises writes per database, because Lite does not support concurrent writers to one collection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import numpy as np
+
+from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
+
+
+@contextlib.contextmanager
+def _milvus_uri_hidden() -> Iterator[None]:
+    """Hide this service's ``MILVUS_URI`` from pymilvus while it is imported.
+
+    pymilvus reads ``MILVUS_URI`` at import time for the default connection of its legacy ORM and raises
+    ``ConnectionConfigException`` unless it is an ``http(s)://`` URL, but here it may be a Milvus Lite path. An
+    empty value is skipped by pymilvus, and also stops the ``load_dotenv()`` it runs on import from reading the
+    variable out of a ``.env`` file. The previous value is restored afterwards; the handler never uses the ORM.
+    """
+    saved = os.environ.get("MILVUS_URI")
+    os.environ["MILVUS_URI"] = ""
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MILVUS_URI", None)
+        else:
+            os.environ["MILVUS_URI"] = saved
+
+
+with _milvus_uri_hidden():
+    from pymilvus import DataType, MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+if TYPE_CHECKING:
+    from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+VECTOR_FIELD = "embedding"
+_META_FIELDS = ["filename", "format", "width", "height", "bytes", "indexed_at"]
+_PROP_MODEL = "image_search.model_id"
+_PROP_DIM = "image_search.dim"
+_ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+_FILENAME_MAX_BYTES = 4096
+_FORMAT_MAX_BYTES = 64
+_MAX_DIM = 32768  # Milvus' maximum FLOAT_VECTOR dimension
+# Rows per `id in [...]` query: the API asks about at most 1000 ids at once, so that is one query per call.
+_IDS_PER_QUERY = 1000
+# Loading a large collection (reading its index into memory) can take much longer than an ordinary request.
+_LOAD_TIMEOUT_S = 600.0
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def is_valid_id(image_id: object) -> bool:
+    """``True`` for a 64-character lower-case hex string, the only ids stored (and put into filter strings)."""
+    return isinstance(image_id, str) and _ID_PATTERN.fullmatch(image_id) is not None
+
+
+def _ids_filter(ids: Sequence[str]) -> str:
+    """``id in ["…", …]`` for ids that passed :func:`is_valid_id`: hex digits need no quoting or escaping."""
+    if not all(is_valid_id(i) for i in ids):  # a programming error: callers drop invalid ids first
+        raise ValueError("only validated ids may be put into a filter expression")
+    return "id in [" + ", ".join(f'"{i}"' for i in ids) + "]"
+
+
+def _to_micros(ts: datetime) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC. Integer arithmetic: exact."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_micros(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=int(micros))
+
+
+def _metadata(entity: dict) -> ImageMetadata:
+    return ImageMetadata(
+        filename=entity["filename"],
+        format=entity["format"],
+        width=int(entity["width"]),
+        height=int(entity["height"]),
+        bytes=int(entity["bytes"]),
+        indexed_at=_from_micros(entity["indexed_at"]),
+    )
+
+
+def _record(row: dict) -> ImageRecord:
+    return ImageRecord(row["id"], np.asarray(row[VECTOR_FIELD], dtype=np.float32), _metadata(row))
+
+
+# --- embedded Milvus Lite servers, shared by the handlers of one process --------------------------------------
+@dataclass(eq=False)
+class _LiteServer:
+    """One embedded Milvus Lite gRPC server (started through pymilvus' own registry) and its users."""
+
+    path: str
+    uri: str
+    refs: int = 0
+    # Milvus Lite does not support concurrent writers to one collection: every handler on this path writes under it.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_LITE_LOCK = threading.Lock()
+_LITE_SERVERS: dict[str, _LiteServer] = {}
+
+
+def _lite_failure_reason(path: str) -> str:
+    """Best guess at why Milvus Lite could not open ``path`` (pymilvus only logs the exception)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return (
+            "it is a file, not a Milvus Lite 3 database directory (databases written by milvus-lite 2.x cannot be "
+            "read by milvus-lite 3: re-index into a new path)"
+        )
+    lock_path = os.path.join(path, "LOCK")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cheap probe
+        return "see the log above for the cause; another process may hold the database"
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except OSError:
+        return "see the log above for the cause"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError:
+        return (
+            "another process holds it (Milvus Lite allows one process per database: stop the other process, "
+            "or run a Milvus server and set MILVUS_URI=http://host:19530)"
+        )
+    finally:
+        os.close(fd)
+    return "see the log above for the cause"
+
+
+def _acquire_lite(path: str) -> _LiteServer:
+    """Start (or reuse) the embedded Milvus Lite server of ``path`` and count one more user."""
+    with _LITE_LOCK:
+        server = _LITE_SERVERS.get(path)
+        if server is None:
+            try:
+                from milvus_lite.server_manager import server_manager_instance
+            except ImportError as exc:
+                raise DatabaseUnavailableError(
+                    "MILVUS_URI is a local path, which needs Milvus Lite: pip install milvus-lite"
+                ) from exc
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as exc:
+                raise DatabaseUnavailableError(
+                    f"Cannot create the directory of Milvus Lite database {path}: {exc}"
+                ) from exc
+            # pymilvus' own registry: a MilvusClient("….db") elsewhere in this process shares the same server.
+            uri = server_manager_instance.start_and_get_uri(path)
+            if uri is None:
+                raise DatabaseUnavailableError(
+                    f"Cannot open the Milvus Lite database {path}: {_lite_failure_reason(path)}."
+                )
+            server = _LITE_SERVERS[path] = _LiteServer(path, uri)
+        server.refs += 1
+        return server
+
+
+def _release_lite(server: _LiteServer) -> None:
+    """One user fewer; the last one stops the server, which flushes and unlocks the database."""
+    with _LITE_LOCK:
+        server.refs -= 1
+        if server.refs > 0 or _LITE_SERVERS.get(server.path) is not server:
+            return
+        del _LITE_SERVERS[server.path]
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(server.path)
+
+
+# --- the handler -----------------------------------------------------------------------------------------------
+class MilvusHandler(VectorDBHandler):
+    """Images in one Milvus collection with an HNSW cosine index (see the module docstring for Milvus Lite).
+
+    Args:
+        uri: ``http://host:19530`` for a Milvus server, or a local path for embedded Milvus Lite.
+        token: Milvus credentials (``user:password`` or an API key); ignored by Milvus Lite.
+        collection: collection name.
+        hnsw_m, hnsw_ef_construction: HNSW build parameters (graph degree and build beam width).
+        ef_search: HNSW query beam width; each query uses ``max(ef_search, top_k)`` because HNSW returns at most
+            ``ef`` results.
+        timeout_s: seconds per request (and to connect) before :class:`DatabaseUnavailableError`.
+
+    Raises :class:`DatabaseUnavailableError` when the server cannot be reached or the Lite database cannot be
+    opened (e.g. another process holds it).
+    """
+
+    backend_name = "milvus"
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        token: str | None = None,
+        collection: str = "images",
+        hnsw_m: int = 16,
+        hnsw_ef_construction: int = 64,
+        ef_search: int = 40,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self._collection = collection
+        self._hnsw_m = int(hnsw_m)
+        self._hnsw_ef_construction = int(hnsw_ef_construction)
+        self._ef_search = int(ef_search)
+        self._timeout_s = float(timeout_s)
+        self._dim: int | None = None
+        self._closed = False
+        self._lite: _LiteServer | None = None
+        self._schema_lock = threading.Lock()
+        self._client: MilvusClient | None = None
+
+        if not uri.strip():
+            raise ValueError("uri must be a Milvus URL or a Milvus Lite database path, got an empty string")
+        if "://" in uri or uri.startswith("unix:"):  # a URL (pymilvus rejects schemes it does not know)
+            client_uri, where = uri, uri
+        else:
+            path = os.path.abspath(os.path.expanduser(uri))
+            self._lite = _acquire_lite(path)
+            client_uri, where, token = self._lite.uri, f"Milvus Lite database {path}", None
+        self._where = where
+        try:
+            # dedicated: a channel of its own, closed by close(). pymilvus' shared connections are never closed and
+            # are keyed by address, and a later Lite server may get the same port with other collections behind it.
+            self._client = MilvusClient(uri=client_uri, token=token or "", timeout=self._timeout_s, dedicated=True)
+            version = str(self._client.get_server_version(timeout=self._timeout_s))
+        except BaseException as exc:
+            if self._client is not None:
+                with contextlib.suppress(Exception):
+                    self._client.close()
+            self._release_lite()
+            if isinstance(exc, MilvusException):
+                raise DatabaseUnavailableError(f"Cannot connect to Milvus at {where}: {exc.message}") from exc
+            raise
+        # A Lite server may also be reached over http (`milvus-lite server`): it matters for the index parameters.
+        self._is_lite = self._lite is not None or version.startswith("milvus_lite")
+        # Writes are serialised per Lite database (no concurrent writers there); a Milvus server needs no lock.
+        self._write_lock = self._lite.write_lock if self._lite is not None else contextlib.nullcontext()
+        log.info("Connected to %s (server version %s)", where, version)
+
+        # An existing collection is loaded now, so that a handler used without ensure_collection (the source of
+        # scripts/migrate.py) can read it. Milvus cannot load a collection without a vector index: that one waits
+        # for ensure_collection, which creates the index.
+        try:
+            info = self.collection_info()
+            if info is not None:
+                self._dim = info.dim
+                self._run("load the collection", self._load_if_indexed)
+        except BaseException:
+            self.close()  # do not leave the client open, nor the Lite database locked
+            raise
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MilvusHandler:
+        """Build from :class:`app.config.Settings`: ``MILVUS_URI`` (default ``DATA_DIR/milvus.db``, Milvus Lite),
+        ``MILVUS_TOKEN``, the ``HNSW_*`` settings and ``DB_CONNECT_TIMEOUT_S``."""
+        return cls(
+            settings.resolved_milvus_uri,
+            token=settings.milvus_token,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+            ef_search=settings.hnsw_ef_search,
+            timeout_s=settings.db_connect_timeout_s,
+        )
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+    def _run(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn()``, mapping Milvus and gRPC failures to :class:`DatabaseUnavailableError` (HTTP 503)."""
+        if self._closed:
+            raise DatabaseUnavailableError("The Milvus handler is closed.")
+        try:
+            return fn()
+        except MilvusException as exc:
+            raise DatabaseUnavailableError(f"Milvus could not {what} ({self._where}): {exc.message}") from exc
+        except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
+            # pymilvus does not wrap every gRPC failure (e.g. a deadline hit while the channel reconnects).
+            raise DatabaseUnavailableError(f"Milvus could not {what} ({self._where}): {exc}") from exc
+
+    def _release_lite(self) -> None:
+        if self._lite is not None:
+            lite, self._lite = self._lite, None
+            _release_lite(lite)
+
+    def _query(self, filter_: str, output_fields: list[str], **kwargs) -> list[dict]:
+        return self._client.query(
+            self._collection,
+            filter=filter_,
+            output_fields=output_fields,
+            consistency_level="Strong",
+            timeout=self._timeout_s,
+            **kwargs,
+        )
+
+    def _load(self) -> None:
+        self._client.load_collection(self._collection, timeout=max(self._timeout_s, _LOAD_TIMEOUT_S))
+
+    def _load_if_indexed(self) -> None:
+        if self._client.list_indexes(self._collection, field_name=VECTOR_FIELD, timeout=self._timeout_s):
+            self._load()
+
+    # --- collection -----------------------------------------------------------------------------------------
+    def _describe(self) -> dict | None:
+        if not self._client.has_collection(self._collection, timeout=self._timeout_s):
+            return None
+        return self._client.describe_collection(self._collection, timeout=self._timeout_s)
+
+    @staticmethod
+    def _info_from_description(desc: dict) -> CollectionInfo:
+        dim = next(
+            (int(f["params"]["dim"]) for f in desc.get("fields", []) if f.get("name") == VECTOR_FIELD),
+            None,
+        )
+        props = desc.get("properties") or {}
+        model_id = props.get(_PROP_MODEL)
+        if model_id is None:  # servers that keep the description but not custom properties
+            try:
+                model_id = json.loads(desc.get("description") or "{}").get("model_id")
+            except (ValueError, AttributeError):
+                model_id = None
+        if dim is None:
+            dim = int(props.get(_PROP_DIM, 0))
+        # A collection of this name that this service did not create: report it so ensure_collection refuses it.
+        return CollectionInfo(model_id if model_id is not None else "<unknown: not created by this service>", dim)
+
+    def collection_info(self) -> CollectionInfo | None:
+        desc = self._run("describe the collection", self._describe)
+        return None if desc is None else self._info_from_description(desc)
+
+    def ensure_collection(self, model_id: str, dim: int) -> CollectionInfo:
+        dim = int(dim)
+        if not 0 < dim <= _MAX_DIM:
+            raise ValueError(f"dimension must be in 1..{_MAX_DIM}, got {dim}")
+        with self._schema_lock:
+            stored = self.collection_info()
+            if stored is None:
+                log.info("Creating Milvus collection %r for %s (dim %d)", self._collection, model_id, dim)
+                try:
+                    self._run("create the collection", lambda: self._create_collection(model_id, dim))
+                except DatabaseUnavailableError:
+                    # Another process may have created it between our check and our create: compare with that.
+                    stored = self.collection_info()
+                    if stored is None:
+                        raise
+            if stored is not None and (stored.model_id, stored.dim) != (model_id, dim):
+                raise CollectionMismatchError(stored.model_id, stored.dim, model_id, dim)
+            self._run("create the vector index", self._ensure_index)
+            self._run("load the collection", self._load)
+            self._dim = dim
+        return CollectionInfo(model_id, dim)
+
+    def _create_collection(self, model_id: str, dim: int) -> None:
+        schema = MilvusClient.create_schema(
+            auto_id=False,
+            enable_dynamic_field=False,
+            description=json.dumps({"model_id": model_id, "dim": dim}),
+        )
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("filename", DataType.VARCHAR, max_length=_FILENAME_MAX_BYTES)
+        schema.add_field("format", DataType.VARCHAR, max_length=_FORMAT_MAX_BYTES)
+        schema.add_field("width", DataType.INT32)
+        schema.add_field("height", DataType.INT32)
+        schema.add_field("bytes", DataType.INT64)
+        schema.add_field("indexed_at", DataType.INT64)
+        # The index is created separately (see _ensure_index) so that a refused HNSW can fall back.
+        self._client.create_collection(
+            self._collection,
+            schema=schema,
+            consistency_level="Strong",
+            properties={_PROP_MODEL: model_id, _PROP_DIM: str(dim)},
+            timeout=self._timeout_s,
+        )
+
+    def _index_params(self, index_type: str):
+        params: dict[str, Any] = {}
+        if index_type == "HNSW":
+            params = {"M": self._hnsw_m, "efConstruction": self._hnsw_ef_construction}
+            if self._is_lite:
+                params = {"params": params}  # see the module docstring: Lite ignores flattened build params
+        index_params = self._client.prepare_index_params()
+        index_params.add_index(
+            field_name=VECTOR_FIELD, index_name=VECTOR_FIELD, index_type=index_type, metric_type="COSINE", params=params
+        )
+        return index_params
+
+    def _ensure_index(self) -> None:
+        """Create the HNSW cosine index if the vector field has none (falling back to AUTOINDEX if refused)."""
+        if self._client.list_indexes(self._collection, field_name=VECTOR_FIELD, timeout=self._timeout_s):
+            return
+        # sync=False: pymilvus would poll the build state with 0.5 s sleeps; the collection is new (empty) here, and
+        # load_collection, which follows, waits for whatever loading needs.
+        try:
+            self._client.create_index(self._collection, self._index_params("HNSW"), timeout=self._timeout_s, sync=False)
+        except MilvusException as exc:
+            log.info("Milvus refused an HNSW index (%s); using AUTOINDEX with metric COSINE instead", exc.message)
+            self._client.create_index(
+                self._collection, self._index_params("AUTOINDEX"), timeout=self._timeout_s, sync=False
+            )
+        desc = self._client.describe_index(self._collection, VECTOR_FIELD, timeout=self._timeout_s)
+        log.info(
+            "Milvus index on %s.%s: %s, metric %s, params %s%s",
+            self._collection,
+            VECTOR_FIELD,
+            desc.get("index_type"),
+            desc.get("metric_type"),
+            desc.get("params", {k: v for k, v in desc.items() if k in ("M", "efConstruction")}),
+            " (Milvus Lite: FAISS index per sealed segment, unflushed rows searched exactly)" if self._is_lite else "",
+        )
+
+    def index_description(self) -> dict:
+        """What the server reports for the vector index: ``index_type``, ``metric_type``, build params."""
+        return self._run(
+            "describe the index",
+            lambda: self._client.describe_index(self._collection, VECTOR_FIELD, timeout=self._timeout_s),
+        )
+
+    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
+        if self._dim is None:
+            raise RuntimeError("ensure_collection() must run before vectors are written or searched")
+        v = np.asarray(vector, dtype=np.float32)
+        if v.shape != (self._dim,):
+            raise ValueError(f"vector must have shape ({self._dim},), got {v.shape}")
+        return v
+
+    # --- writes ---------------------------------------------------------------------------------------------
+    def upsert(self, records: Sequence[ImageRecord]) -> None:
+        if not records:
+            return
+        rows = []
+        # Validate the whole batch before writing anything, so a bad record leaves the collection unchanged.
+        for r in records:
+            if not is_valid_id(r.id):
+                raise ValueError(f"image id must be 64 lower-case hex characters, got {r.id!r}")
+            m = r.metadata
+            if len(m.filename.encode()) > _FILENAME_MAX_BYTES:
+                raise ValueError(f"filename longer than {_FILENAME_MAX_BYTES} UTF-8 bytes")
+            if len(m.format.encode()) > _FORMAT_MAX_BYTES:
+                raise ValueError(f"format longer than {_FORMAT_MAX_BYTES} UTF-8 bytes")
+            rows.append(
+                {
+                    "id": r.id,
+                    VECTOR_FIELD: self._check_vector(r.vector),
+                    "filename": m.filename,
+                    "format": m.format,
+                    "width": int(m.width),
+                    "height": int(m.height),
+                    "bytes": int(m.bytes),
+                    "indexed_at": _to_micros(m.indexed_at),
+                }
+            )
+
+        def _write() -> None:
+            with self._write_lock:
+                self._client.upsert(self._collection, rows, timeout=self._timeout_s)
+
+        self._run("upsert", _write)
+
+    def delete(self, image_id: str) -> bool:
+        if not is_valid_id(image_id):
+            return False  # never stored (upsert refuses such ids), and never put into a filter expression
+        expr = _ids_filter([image_id])
+
+        def _delete() -> bool:
+            # Milvus' delete reports the keys it was given, not the rows it removed: look first, under the lock.
+            with self._write_lock:
+                if not self._query(expr, ["id"]):
+                    return False
+                self._client.delete(self._collection, filter=expr, timeout=self._timeout_s)
+                return True
+
+        return self._run("delete", _delete)
+
+    # --- reads ----------------------------------------------------------------------------------------------
+    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+        v = self._check_vector(vector)
+        top_k = int(top_k)
+        if top_k <= 0:
+            return []
+        results = self._run(
+            "search",
+            lambda: self._client.search(
+                self._collection,
+                data=[v],
+                anns_field=VECTOR_FIELD,
+                limit=top_k,
+                output_fields=_META_FIELDS,
+                search_params={"metric_type": "COSINE", "params": {"ef": max(self._ef_search, top_k)}},
+                consistency_level="Strong",
+                timeout=self._timeout_s,
+            ),
+        )
+        return [SearchHit(hit["id"], float(hit["distance"]), _metadata(hit["entity"])) for hit in results[0]]
+
+    def get(self, image_id: str) -> ImageRecord | None:
+        if not is_valid_id(image_id):
+            return None
+        rows = self._run("get", lambda: self._query(_ids_filter([image_id]), ["id", VECTOR_FIELD, *_META_FIELDS]))
+        return _record(rows[0]) if rows else None
+
+    def existing_ids(self, ids: Iterable[str]) -> set[str]:
+        wanted = sorted({i for i in ids if is_valid_id(i)})
+        found: set[str] = set()
+        for start in range(0, len(wanted), _IDS_PER_QUERY):
+            chunk = wanted[start : start + _IDS_PER_QUERY]
+            rows = self._run("look ids up", lambda chunk=chunk: self._query(_ids_filter(chunk), ["id"]))
+            found.update(r["id"] for r in rows)
+        return found
+
+    def scan(self, batch_size: int = 1000) -> Iterator[list[ImageRecord]]:
+        """Every record in batches of ``batch_size``, ordered by id.
+
+        Milvus' query has no ORDER BY, but its query iterator pages with a primary-key cursor (``id > last``) and
+        the server returns iterator pages in primary-key order (Milvus Lite since 3.2.x, milvus-lite#367). The
+        order is checked here anyway: a violation raises :class:`DatabaseUnavailableError` rather than silently
+        skipping rows.
+        """
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        iterator = self._run(
+            "scan",
+            lambda: self._client.query_iterator(
+                self._collection,
+                batch_size=batch_size,
+                filter="",
+                output_fields=["id", VECTOR_FIELD, *_META_FIELDS],
+                consistency_level="Strong",
+                timeout=self._timeout_s,
+            ),
+        )
+        last = ""
+        try:
+            while True:
+                rows = self._run("scan", iterator.next)
+                if not rows:
+                    return
+                batch = [_record(r) for r in rows]
+                ids = [r.id for r in batch]
+                if ids[0] <= last or any(a >= b for a, b in zip(ids, ids[1:], strict=False)):
+                    raise DatabaseUnavailableError("Milvus returned scan pages out of primary-key order")
+                last = ids[-1]
+                yield batch
+        finally:
+            with contextlib.suppress(Exception):
+                iterator.close()
+
+    def count(self) -> int:
+        # count(*) under Strong consistency is exact; the collection statistics' row count is lazy.
+        rows = self._run("count", lambda: self._query("", ["count(*)"]))
+        return int(rows[0]["count(*)"])
+
+    def health(self) -> bool:
+        if self._closed:
+            return False
+        try:
+            self._client.has_collection(self._collection, timeout=self._timeout_s)
+            return True
+        except Exception:  # health must report, never raise
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._client is not None:
+                self._client.close()
+        except Exception:  # closing must not fail: the server may already be gone
+            log.debug("Closing the Milvus client failed", exc_info=True)
+        finally:
+            self._release_lite()
