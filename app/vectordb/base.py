@@ -60,6 +60,17 @@ class CollectionInfo:
     dim: int
 
 
+def canonical_top_ids(hits: Sequence[SearchHit], k: int, decimals: int = 4) -> list[str]:
+    """Ids of the best ``k`` hits, with scores equal to ``decimals`` places ordered by id.
+
+    Identical images (the same photo re-encoded) tie to about 1e-6, and backends order ties differently; compare
+    rankings across backends with this, on a search that asked for more than ``k`` results so a tie at rank ``k``
+    is resolved the same way on both sides.
+    """
+    ranked = sorted(hits, key=lambda h: (-round(h.score, decimals), h.id))
+    return [h.id for h in ranked[:k]]
+
+
 class VectorDBHandler(ABC):
     """Abstract vector store of image embeddings with metadata, searched by cosine similarity.
 
