@@ -329,3 +329,21 @@ def test_http_uri_reaches_a_milvus_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_lite_flushes_after_many_rows_and_before_a_search_once_writes_pause(open_handler, monkeypatch):
+    import app.vectordb.milvus as milvus_module
+
+    monkeypatch.setattr(milvus_module, "LITE_FLUSH_ROWS", 50)
+    h = open_handler()
+    h.ensure_collection("m", DIM)
+    vectors = _unit(np.random.default_rng(11), 90)
+    h.upsert(_records(vectors[:60]))  # crosses the threshold: sealed at once
+    assert h._lite.unflushed_rows == 0
+    h.upsert(_records(vectors[60:], start=60))
+    assert h._lite.unflushed_rows == 30
+    # Writes "paused" long ago: the next search seals the memtable first, and still sees every row.
+    monkeypatch.setattr(milvus_module, "LITE_IDLE_FLUSH_S", 0.0)
+    hits = h.search(vectors[80], 3)
+    assert h._lite.unflushed_rows == 0
+    assert hits[0].id == f"{80:064x}" and h.count() == 90
