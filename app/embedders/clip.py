@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app.embedders.base import Embedder
+from app.embedders.cpu_encoder import ImageEncoder, build_encoder
 from app.embedders.device import resolve_device, use_fp16
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class OpenClipEmbedder(Embedder):
         model: the open_clip ``CLIP`` module, in eval mode on :attr:`device`.
         preprocess: the model's validation transform (PIL -> ``(3, H, W)`` float tensor).
         batch_size: images or texts per forward pass.
+        encoder: how the image tower runs (:mod:`app.embedders.cpu_encoder`); ``encoder.name`` is the path in use.
+            The text tower always runs in torch (fp32 on CPU, fp16 autocast on CUDA).
     """
 
     supports_text = True
@@ -64,6 +67,8 @@ class OpenClipEmbedder(Embedder):
         device: str = "auto",
         batch_size: int = 32,
         cache_dir: str | os.PathLike[str] | None = None,
+        cpu_encoder: str = "torch",
+        threads: int = 0,
     ) -> None:
         """Build the model and load its weights.
 
@@ -75,7 +80,13 @@ class OpenClipEmbedder(Embedder):
             device: ``auto``/``cpu``/``cuda``/``mps``; on CUDA the forward passes run under fp16 autocast.
             batch_size: images or texts per forward pass (>= 1).
             cache_dir: where tag weights are downloaded to and looked up (Hugging Face cache layout);
-                default: huggingface_hub's own default cache.
+                default: huggingface_hub's own default cache. ``cpu_encoder=onnx`` keeps its exported graph under
+                ``<cache_dir>/onnx`` (default: the system temp directory).
+            cpu_encoder: ``torch``, ``bf16``, ``int8`` or ``onnx`` for the image tower on CPU (see
+                :func:`app.embedders.cpu_encoder.build_encoder`); ignored on CUDA/MPS. ``int8`` quantizes the
+                ViT's Linear layers and moves its embeddings more than the other paths: check its cosine vs fp32
+                (bench/encoder.py) before using it with real weights.
+            threads: ONNX Runtime intra-op threads; 0 = ``torch.get_num_threads()``.
 
         Raises:
             ValueError: unknown architecture, or ``pretrained`` is neither a known tag nor an existing file,
@@ -138,19 +149,33 @@ class OpenClipEmbedder(Embedder):
         self.preprocess = preprocess
         self._tokenizer = tokenizer
         self.dim = self._output_dim()
+        size = getattr(self.model.visual, "image_size", 224)
+        self.encoder: ImageEncoder = build_encoder(
+            # encode_image(x) is visual(x) in every open_clip model class; the tower alone keeps the text weights
+            # out of the int8 copy, the ONNX graph and the weights fingerprint.
+            self.model.visual,
+            cpu_encoder=cpu_encoder,
+            device=self.device,
+            input_size=tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size)),
+            model_id=self.model_id,
+            cache_dir=cache,
+            threads=threads,
+        )
 
     # --- public API -------------------------------------------------------------------------------------------
 
     @classmethod
     def from_settings(cls, settings) -> OpenClipEmbedder:  # noqa: ANN001 - avoid importing Settings here
         """Build from :class:`app.config.Settings` (clip_model, clip_pretrained, device, embed_batch_size,
-        resolved_model_cache_dir)."""
+        resolved_model_cache_dir, cpu_encoder, torch_threads)."""
         return cls(
             model_name=settings.clip_model,
             pretrained=settings.clip_pretrained,
             device=settings.device,
             batch_size=settings.embed_batch_size,
             cache_dir=settings.resolved_model_cache_dir,
+            cpu_encoder=settings.cpu_encoder,
+            threads=settings.torch_threads,
         )
 
     @torch.inference_mode()
@@ -164,9 +189,7 @@ class OpenClipEmbedder(Embedder):
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             batch = torch.stack([self.preprocess(im if im.mode == "RGB" else im.convert("RGB")) for im in chunk])
-            with self._autocast():
-                emb = self.model.encode_image(batch.to(self.device))
-            out[start : start + len(chunk)] = F.normalize(emb.float(), dim=-1).cpu().numpy()
+            out[start : start + len(chunk)] = F.normalize(self.encoder(batch), dim=-1).cpu().numpy()
         return out
 
     @torch.inference_mode()
