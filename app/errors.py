@@ -30,6 +30,14 @@ class NoTextTowerError(ServiceError):
     """Text search was asked of a model that has no text encoder (HTTP 400)."""
 
 
+class NoModelError(ServiceError):
+    """Embedding was asked of a server started with ``EMBEDDER=none``, which loads no model (HTTP 400)."""
+
+
+class InvalidVectorError(ServiceError):
+    """A query vector (``POST /search_vector``) has the wrong length, non-finite values or zero norm (HTTP 422)."""
+
+
 class ImageNotFoundError(ServiceError):
     """No image with this id is stored (HTTP 404)."""
 
@@ -46,6 +54,22 @@ class CollectionMismatchError(ServiceError):
             "cannot be compared. Either configure the original model again (EMBEDDER / CLIP_MODEL / "
             "CLIP_PRETRAINED), or re-index with the new one: point DATA_DIR or DATABASE_URL at an empty "
             "database (or drop the 'images' and 'collection_meta' tables) and run scripts/bulk_index.py again."
+        )
+
+
+class VectorTypeMismatchError(CollectionMismatchError):
+    """The stored collection uses another vector storage type (``VECTOR_TYPE``) than configured (startup error).
+
+    A subclass of :class:`CollectionMismatchError`, so code that stops on a model mismatch stops on this too.
+    """
+
+    def __init__(self, stored_type: str, configured_type: str) -> None:
+        self.stored_type, self.configured_type = stored_type, configured_type
+        ServiceError.__init__(
+            self,
+            f"The collection stores its vectors as '{stored_type}', but VECTOR_TYPE is '{configured_type}'. "
+            f"Set VECTOR_TYPE={stored_type} again, or move the collection into an empty database created with "
+            f"VECTOR_TYPE={configured_type} (scripts/migrate.py copies vectors without re-embedding).",
         )
 
 

@@ -14,6 +14,10 @@ CREATE TABLE IF NOT EXISTS collection_meta (
     dim         integer     NOT NULL CHECK (dim > 0),
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+-- Storage type of images.embedding: vector (float32) or halfvec (float16), VECTOR_TYPE. Added after the first
+-- release, hence ALTER ... IF NOT EXISTS; collections created before it hold vector.
+ALTER TABLE collection_meta ADD COLUMN IF NOT EXISTS vector_type text NOT NULL DEFAULT 'vector'
+    CHECK (vector_type IN ('vector', 'halfvec'));
 
 CREATE TABLE IF NOT EXISTS images (
     id          char(64)    PRIMARY KEY CHECK (id ~ '^[0-9a-f]{64}$'),  -- SHA-256 of the file bytes

@@ -17,7 +17,9 @@ from app.errors import CollectionMismatchError
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
 
 DIM = 64
-BACKENDS = ["pgvector", "milvus", "manticore"]
+# pgvector-halfvec: the pgvector backend with VECTOR_TYPE=halfvec (float16 storage) meets the same contract, with
+# comparisons made against the float16-rounded vectors it stores (see _as_stored).
+BACKENDS = ["pgvector", "pgvector-halfvec", "milvus", "manticore"]
 
 
 def manticore_address() -> tuple[str, int] | None:
@@ -35,12 +37,13 @@ def manticore_address() -> tuple[str, int] | None:
 
 def _factory(backend: str, pg_server, tmp_path):
     """A function building handlers that all share one fresh, empty collection of ``backend``."""
-    if backend == "pgvector":
+    if backend in ("pgvector", "pgvector-halfvec"):
         from app.vectordb.pgvector import PgVectorHandler
         from tests.conftest import create_database
 
         url = create_database(pg_server)
-        return lambda **kw: PgVectorHandler(url, **kw)
+        vector_type = "halfvec" if backend == "pgvector-halfvec" else "vector"
+        return lambda **kw: PgVectorHandler(url, vector_type=vector_type, **kw)
     if backend == "milvus":
         from app.vectordb.milvus import MilvusHandler
 
@@ -60,7 +63,7 @@ def _factory(backend: str, pg_server, tmp_path):
 @pytest.fixture(params=BACKENDS)
 def make_handler(request, tmp_path):
     """A factory of handlers on one fresh, empty collection of the parametrised backend."""
-    pg_server = request.getfixturevalue("pg_server") if request.param == "pgvector" else None
+    pg_server = request.getfixturevalue("pg_server") if request.param.startswith("pgvector") else None
     build = _factory(request.param, pg_server, tmp_path)
     made: list[VectorDBHandler] = []
 
@@ -84,6 +87,14 @@ def handler(make_handler) -> VectorDBHandler:
 def _unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     v = rng.normal(size=(n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _as_stored(handler: VectorDBHandler, vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` as ``handler`` stores them: rounded to float16 (exactly representable back in float32) for
+    pgvector's halfvec, unchanged elsewhere."""
+    if getattr(handler, "vector_type", "vector") == "halfvec":
+        return np.asarray(vectors, dtype=np.float32).astype(np.float16).astype(np.float32)
+    return vectors
 
 
 def _records(vectors: np.ndarray, start: int = 0) -> list[ImageRecord]:
@@ -124,7 +135,7 @@ def test_upsert_count_get_and_metadata_round_trip(handler):
     assert got is not None and got.id == records[3].id
     assert got.metadata == records[3].metadata
     assert got.vector.dtype == np.float32 and got.vector.shape == (DIM,)
-    np.testing.assert_allclose(got.vector, records[3].vector, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.vector, _as_stored(handler, records[3].vector), rtol=0, atol=1e-6)
     assert handler.get("f" * 64) is None
 
 
@@ -143,9 +154,12 @@ def test_search_order_and_scores(handler):
     query = vectors[17] + 0.05 * _unit(rng, 1)[0]
     query /= np.linalg.norm(query)
     hits = handler.search(query, 10)
-    exact = np.argsort(-(vectors @ query))[:10]
+    # Exact cosine over what is stored (halfvec also rounds the query, which the server casts to halfvec).
+    stored, q = _as_stored(handler, vectors), _as_stored(handler, query)
+    cosine = (stored @ q) / (np.linalg.norm(stored, axis=1) * np.linalg.norm(q))
+    exact = np.argsort(-cosine)[:10]
     assert [h.id for h in hits] == [f"{i:064x}" for i in exact]
-    np.testing.assert_allclose([h.score for h in hits], (vectors @ query)[exact], atol=1e-5)
+    np.testing.assert_allclose([h.score for h in hits], cosine[exact], atol=1e-5)
     assert hits[0].metadata.filename == "dir/img_17.jpg"
 
 
@@ -193,4 +207,4 @@ def test_scan_returns_every_record_in_id_order(handler):
     by_id = {r.id: r for r in records}
     for r in scanned:
         assert r.metadata == by_id[r.id].metadata
-        np.testing.assert_allclose(r.vector, by_id[r.id].vector, atol=1e-6)
+        np.testing.assert_allclose(r.vector, _as_stored(handler, by_id[r.id].vector), atol=1e-6)

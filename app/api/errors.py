@@ -12,6 +12,8 @@ from app.errors import (
     DatabaseUnavailableError,
     ImageNotFoundError,
     ImageTooLargeError,
+    InvalidVectorError,
+    NoModelError,
     NoTextTowerError,
     ServiceError,
     UnsupportedFormatError,
@@ -24,6 +26,8 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     ImageTooLargeError: 413,
     CorruptImageError: 422,
     NoTextTowerError: 400,
+    NoModelError: 400,
+    InvalidVectorError: 422,
     ImageNotFoundError: 404,
     DatabaseUnavailableError: 503,
 }

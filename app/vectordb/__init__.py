@@ -33,6 +33,7 @@ def create_handler(settings: Settings) -> VectorDBHandler:
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
             ef_search=settings.hnsw_ef_search,
+            vector_type=settings.vector_type,
             on_close=on_close,
         )
     if settings.vector_db == "milvus":
