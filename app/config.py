@@ -49,13 +49,30 @@ class Settings(BaseSettings):
     milvus_token: str | None = Field(None, description="Milvus credentials, 'user:password' or an API key.")
     manticore_host: str = Field("127.0.0.1", description="Manticore Search host (MySQL protocol).")
     manticore_port: int = Field(9306, ge=1, le=65535, description="Manticore Search MySQL-protocol port.")
+    # Defaults measured with bench/search_scale.py (docs/benchmarks.md, "Search at scale"): with m=16 and
+    # ef_construction=64, 1M 512-d vectors need ef_search 120-160 for recall@10 >= 0.95 (0.951 at 120, 0.971 at
+    # 160), at a p50 under 10 ms on 2 cores; smaller collections reach it with less and pay little for 160.
     hnsw_m: int = Field(16, ge=2, le=100, description="HNSW graph degree (pgvector default 16).")
     hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW build beam width (pgvector default 64).")
-    hnsw_ef_search: int = Field(100, ge=1, le=1000, description="HNSW query beam width; must be >= top_k.")
+    hnsw_ef_search: int = Field(
+        160,
+        ge=1,
+        le=1000,
+        description="HNSW query beam width (raised to top_k per query when smaller); 160 keeps recall@10 >= 0.95 "
+        "up to 1M vectors (bench/search_scale.py).",
+    )
+    vector_type: Literal["vector", "halfvec"] = Field(
+        "vector",
+        description="pgvector storage of embeddings: vector (float32) or halfvec (float16: half the table and "
+        "index size). Fixed when the collection is created; a different value later is a startup error. "
+        "pgvector only (Milvus and Manticore store float32).",
+    )
 
     # --- model ----------------------------------------------------------------------------------------------
-    embedder: Literal["auto", "clip", "efficientnet"] = Field(
-        "auto", description="auto: CLIP when its weights load, otherwise the offline EfficientNet-Lite2."
+    embedder: Literal["auto", "clip", "efficientnet", "none"] = Field(
+        "auto",
+        description="auto: CLIP when its weights load, otherwise the offline EfficientNet-Lite2. none: load no "
+        "model and serve an existing collection by vector only (POST /search_vector); indexing answers 400.",
     )
     clip_model: str = Field("ViT-B-32", description="open_clip architecture name.")
     clip_pretrained: str = Field(
@@ -64,9 +81,33 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda > mps > cpu.")
     embed_batch_size: int = Field(32, ge=1, le=1024, description="Images per model call.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default.")
+    cpu_encoder: Literal["torch", "bf16", "int8", "onnx"] = Field(
+        "onnx",
+        description="How the image model runs on CPU (ignored on CUDA/MPS): onnx (ONNX Runtime on a graph exported "
+        "once into MODEL_CACHE_DIR/onnx), torch (fp32), bf16 (autocast; fast only with AVX512-BF16/AMX), int8 "
+        "(dynamic quantization of Linear layers; nothing to quantize in EfficientNet). See docs/benchmarks.md.",
+    )
+    query_cache_size: int = Field(
+        1024,
+        ge=0,
+        description="Embeddings of un-indexed query images kept in memory (LRU, by SHA-256 of the bytes), so a "
+        "repeated search skips decoding and the model; 0 disables. 1024 x 1280-d float32 is about 5 MB.",
+    )
+    batch_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Dynamic batching: how long, in ms, the first embed request waits for concurrent ones "
+        "(/index_image, /index_images, /search_image) to share one model call of up to EMBED_BATCH_SIZE images; "
+        "0 = no waiting (requests already queued are still combined).",
+    )
 
     # --- limits ---------------------------------------------------------------------------------------------
     max_upload_mb: float = Field(50.0, gt=0, description="Largest accepted upload, MB (10^6 bytes).")
+    max_batch_files: int = Field(64, ge=1, le=1024, description="Most files in one POST /index_images request.")
+    max_batch_mb: float = Field(
+        200.0, gt=0, description="Largest POST /index_images request body, MB (10^6 bytes), all files together."
+    )
     max_image_pixels: int = Field(
         100_000_000,
         ge=1,
@@ -96,6 +137,11 @@ class Settings(BaseSettings):
     def resolved_model_cache_dir(self) -> Path:
         """Directory of downloaded model weights (MODEL_CACHE_DIR, or DATA_DIR/models)."""
         return (self.model_cache_dir or self.data_dir / "models").resolve()
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """MAX_BATCH_MB in bytes."""
+        return int(self.max_batch_mb * 1_000_000)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -24,19 +24,34 @@ log = logging.getLogger("app")
 
 def _build_service(settings: Settings, embedder: Embedder | None):
     """Load the model, connect the database and check they match; blocking, so run off the event loop."""
+    from app.batching import DynamicBatcher
     from app.embedders import load_embedder
     from app.service import SearchService
     from app.storage import ImageStore
     from app.vectordb import create_handler
 
-    embedder = embedder or load_embedder(settings)
+    if embedder is None and settings.embedder != "none":
+        embedder = load_embedder(settings)
     db = create_handler(settings)
     try:
+        if embedder is None:  # EMBEDDER=none: stand in for whichever model filled the collection
+            from app.embedders.none import VectorOnlyEmbedder
+
+            info = db.collection_info()
+            if info is None:
+                raise RuntimeError(
+                    "EMBEDDER=none serves an existing collection, but the database has none yet: index images "
+                    "first with a model (EMBEDDER=auto, clip or efficientnet)."
+                )
+            embedder = VectorOnlyEmbedder(info.model_id, info.dim)
         db.ensure_collection(embedder.model_id, embedder.dim)
     except BaseException:
         db.close()
         raise
-    service = SearchService(settings, embedder, db, ImageStore(settings.resolved_image_dir))
+    batcher = DynamicBatcher(
+        embedder.embed_images, max_batch=settings.embed_batch_size, max_wait_s=settings.batch_wait_ms / 1000
+    )
+    service = SearchService(settings, embedder, db, ImageStore(settings.resolved_image_dir), batcher)
     log.info(
         "Ready: model %s (dim %d, %s), backend %s, %d images",
         embedder.model_id,
@@ -64,6 +79,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         try:
             yield
         finally:
+            if service.batcher is not None:
+                service.batcher.close()  # finishes the embed calls already queued
             service.db.close()
 
     app = FastAPI(
@@ -76,13 +93,15 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     @app.middleware("http")
     async def _reject_oversized_uploads(request: Request, call_next):
-        # Refuse before the body is read; multipart overhead gets 1 MB of slack over the image limit.
+        # Refuse before the body is read; multipart overhead gets 1 MB of slack over the image limit. A batch
+        # upload has its own, larger limit for all its files together (each file is still held to MAX_UPLOAD_MB).
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes + 1_000_000:
-            return JSONResponse(
-                status_code=413,
-                content={"detail": f"The upload is over the limit of {settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)."},
-            )
+        if request.url.path == "/index_images":
+            limit, what = settings.max_batch_bytes, f"{settings.max_batch_mb:g} MB (MAX_BATCH_MB)"
+        else:
+            limit, what = settings.max_upload_bytes, f"{settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)"
+        if length and length.isdigit() and int(length) > limit + 1_000_000:
+            return JSONResponse(status_code=413, content={"detail": f"The upload is over the limit of {what}."})
         return await call_next(request)
 
     install_error_handlers(app)

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from PIL import Image
+
+from app.batching import DynamicBatcher
 from app.config import Settings
 from app.decoding import decode_image
 from app.embedders.base import Embedder
-from app.errors import ImageNotFoundError, ImageTooLargeError
+from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidVectorError
+from app.ingest import PreparedImage, draft_size_for, fit_size_for, prepare_bytes, write_batch
+from app.query_cache import QueryCacheStats, QueryEmbeddingCache
 from app.storage import ImageStore, image_id_for, is_valid_image_id
 from app.vectordb.base import ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
 
@@ -36,6 +42,20 @@ class IndexResult:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchItemResult:
+    """Outcome of one file of a batch upload.
+
+    ``status`` is ``indexed``, ``exists`` or ``error``; ``id`` is the SHA-256 of the bytes (also for errors);
+    ``error`` is the domain error that refused the file (``None`` unless ``status == "error"``).
+    """
+
+    filename: str
+    id: str
+    status: Literal["indexed", "exists", "error"]
+    error: ImageDecodeError | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceStats:
     """Collection size and the model and backend serving it."""
 
@@ -45,6 +65,7 @@ class ServiceStats:
     backend: str
     device: str
     supports_text: bool
+    query_cache: QueryCacheStats
 
 
 def clean_filename(name: str | None) -> str:
@@ -62,11 +83,34 @@ class SearchService:
     The collection must already be ensured for ``embedder.model_id``/``embedder.dim`` (the lifespan does it).
     """
 
-    def __init__(self, settings: Settings, embedder: Embedder, db: VectorDBHandler, store: ImageStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        embedder: Embedder,
+        db: VectorDBHandler,
+        store: ImageStore,
+        batcher: DynamicBatcher | None = None,
+    ) -> None:
+        """``batcher``: gathers concurrent embed calls into one model call (the lifespan passes one and closes
+        it); ``None`` calls the embedder directly."""
         self.settings = settings
         self.embedder = embedder
         self.db = db
         self.store = store
+        self.batcher = batcher
+        # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
+        self.draft_size = draft_size_for(embedder)
+        # Batch uploads are also fitted to the model's input in the request threads, off the batcher's thread.
+        self.fit_size = fit_size_for(embedder)
+        # Embeddings of un-indexed query uploads by content hash. One service = one model for its lifetime, so the
+        # cached vectors can never belong to another model and need no invalidation.
+        self.query_cache = QueryEmbeddingCache(settings.query_cache_size)
+
+    def _embed(self, images: list[Image.Image]) -> np.ndarray:
+        """``(N, D)`` float32 embeddings, through the dynamic batcher when there is one."""
+        if self.batcher is not None:
+            return self.batcher.embed(images)
+        return self.embedder.embed_images(images)
 
     @property
     def supports_text(self) -> bool:
@@ -91,8 +135,8 @@ class SearchService:
         image_id = image_id_for(data)
         if self.db.existing_ids([image_id]):
             return IndexResult(image_id, "exists")
-        decoded = decode_image(data, max_pixels=self.settings.max_image_pixels)
-        vector = self.embedder.embed_images([decoded.image])[0]
+        decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=self.draft_size)
+        vector = self._embed([decoded.image])[0]
         metadata = ImageMetadata(
             filename=clean_filename(filename),
             format=decoded.format,
@@ -110,6 +154,45 @@ class SearchService:
             raise
         return IndexResult(image_id, "indexed")
 
+    def index_images(self, uploads: list[tuple[bytes, str | None]]) -> list[BatchItemResult]:
+        """Index several uploads with one model call and one database write; one result per upload, in order.
+
+        Each upload is ``(bytes, filename)``. A file the decoder refuses (or over MAX_UPLOAD_MB) gets ``error`` and
+        does not affect the others; the same bytes twice in one batch are stored once (the later ones ``exists``).
+        Raises :class:`app.errors.DatabaseUnavailableError` (or another store/database error) for the whole batch,
+        after removing the originals it had saved: nothing is half-written.
+        """
+        results: list[BatchItemResult | None] = [None] * len(uploads)
+        ids = [image_id_for(data) for data, _ in uploads]
+        have = self.db.existing_ids(set(ids))
+        todo: list[tuple[int, PreparedImage]] = []
+        first_in_batch: set[str] = set()
+        for i, ((data, filename), image_id) in enumerate(zip(uploads, ids, strict=True)):
+            name = clean_filename(filename)
+            if image_id in have or image_id in first_in_batch:
+                results[i] = BatchItemResult(name, image_id, "exists")
+                continue
+            try:
+                prepared = prepare_bytes(
+                    data,
+                    name,
+                    max_pixels=self.settings.max_image_pixels,
+                    max_bytes=self.settings.max_upload_bytes,
+                    draft_size=self.draft_size,
+                    fit_size=self.fit_size,
+                )
+            except ImageDecodeError as exc:
+                results[i] = BatchItemResult(name, image_id, "error", exc)
+                continue
+            first_in_batch.add(image_id)
+            todo.append((i, prepared))
+        if todo:
+            vectors = self._embed([p.image for _, p in todo])
+            write_batch(self.db, self.store, [p for _, p in todo], vectors)
+            for i, prepared in todo:
+                results[i] = BatchItemResult(prepared.name, prepared.image_id, "indexed")
+        return [r for r in results if r is not None]
+
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
         """Which of these ids are indexed (invalid ids are never indexed)."""
         return self.db.existing_ids([i for i in ids if is_valid_image_id(i)])
@@ -118,16 +201,21 @@ class SearchService:
     def search_image(self, data: bytes, top_k: int) -> list[SearchHit]:
         """The ``top_k`` most similar indexed images to the uploaded one, best first (cosine similarity).
 
-        An upload whose bytes are already indexed reuses its stored embedding instead of running the model.
-        Raises the decoding errors for bad input.
+        An upload whose bytes are already indexed reuses its stored embedding instead of running the model; other
+        uploads go through :attr:`query_cache` (QUERY_CACHE_SIZE), so repeating a search skips decode + model.
+        Raises the decoding errors for bad input (nothing is cached then).
         """
         self._check_size(data)
-        stored = self.db.get(image_id_for(data))
+        image_id = image_id_for(data)
+        stored = self.db.get(image_id)
         if stored is not None and stored.vector is not None:
             vector = stored.vector
         else:
-            decoded = decode_image(data, max_pixels=self.settings.max_image_pixels)
-            vector = self.embedder.embed_images([decoded.image])[0]
+            vector = self.query_cache.get(image_id)
+            if vector is None:
+                decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=self.draft_size)
+                vector = self._embed([decoded.image])[0]
+                self.query_cache.put(image_id, vector)
         return self.db.search(vector, top_k)
 
     def search_text(self, query: str, top_k: int) -> list[SearchHit]:
@@ -137,6 +225,27 @@ class SearchService:
         """
         vector = self.embedder.embed_texts([query])[0]
         return self.db.search(vector, top_k)
+
+    def search_vector(self, values: Sequence[float], top_k: int) -> list[SearchHit]:
+        """The ``top_k`` images nearest to an embedding computed elsewhere (same model as the collection).
+
+        ``values`` must have ``D`` (the collection's dimension) finite values, not all zero; they are L2-normalised
+        here (as float32), so any scale works. Raises :class:`app.errors.InvalidVectorError` otherwise.
+        """
+        vector = np.asarray(values, dtype=np.float64)
+        dim = self.embedder.dim
+        if vector.shape != (dim,):
+            raise InvalidVectorError(
+                f"The vector must have {dim} values (the dimension of model '{self.embedder.model_id}'), "
+                f"got {vector.size}."
+            )
+        # float32 is what is stored: values beyond its range would turn into inf there.
+        if not np.all(np.isfinite(vector)) or np.abs(vector).max() > np.finfo(np.float32).max:
+            raise InvalidVectorError("The vector must contain finite float32 values only (no NaN or infinity).")
+        norm = float(np.linalg.norm(vector))
+        if norm == 0.0 or not np.isfinite(norm):
+            raise InvalidVectorError("The vector must not be all zeros: cosine similarity is undefined for it.")
+        return self.db.search((vector / norm).astype(np.float32), top_k)
 
     # --- stored images ------------------------------------------------------------------------------------
     def image_file(self, image_id: str) -> Path:
@@ -176,4 +285,5 @@ class SearchService:
             backend=self.db.backend_name,
             device=self.embedder.device,
             supports_text=self.embedder.supports_text,
+            query_cache=self.query_cache.stats(),
         )

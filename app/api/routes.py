@@ -4,12 +4,16 @@ database driver may block without stalling the event loop."""
 from __future__ import annotations
 
 import mimetypes
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
+from app.api.errors import status_for
 from app.api.schemas import (
+    BatchIndexItem,
+    BatchIndexResponse,
     DeleteResponse,
     ErrorResponse,
     ExistsRequest,
@@ -21,6 +25,7 @@ from app.api.schemas import (
     SearchResult,
     StatsResponse,
     TextSearchRequest,
+    VectorSearchRequest,
 )
 from app.errors import ImageTooLargeError
 from app.service import SearchService
@@ -109,6 +114,54 @@ def index_image(
     return IndexResponse(id=result.id, status=result.status)
 
 
+@router.post(
+    "/index_images",
+    response_model=BatchIndexResponse,
+    responses={
+        413: {"model": ErrorResponse, "description": "More than MAX_BATCH_FILES files, or over MAX_BATCH_MB."},
+        422: _ERRORS[422],
+        503: _ERRORS[503],
+    },
+    summary="Index several images in one request",
+)
+def index_images(
+    service: Service,
+    files: Annotated[list[UploadFile], File(description="The image files, at most MAX_BATCH_FILES.")],
+    filenames: Annotated[
+        list[str] | None,
+        Form(description="Names to store instead of the parts' file names: none, or one per file, in order."),
+    ] = None,
+) -> BatchIndexResponse:
+    """Decode, embed (one model call) and store several images (one database write); per-file results.
+
+    A file that cannot be indexed gets ``status: error`` with its reason, without failing the others. A database
+    failure fails the whole request (``503``) and stores none of its files.
+    """
+    settings = service.settings
+    if len(files) > settings.max_batch_files:
+        raise HTTPException(
+            413, f"{len(files)} files in one request; the limit is {settings.max_batch_files} (MAX_BATCH_FILES)."
+        )
+    if filenames and len(filenames) != len(files):
+        raise HTTPException(422, f"{len(filenames)} filenames for {len(files)} files: give one per file, or none.")
+    names = filenames or [f.filename for f in files]
+    # Each file is bounded by the request's limit (checked by the middleware); one over MAX_UPLOAD_MB is refused
+    # on its own by the service, with its real SHA-256.
+    uploads = [(f.file.read(settings.max_batch_bytes + 1), name) for f, name in zip(files, names, strict=True)]
+    return BatchIndexResponse(
+        results=[
+            BatchIndexItem(
+                filename=r.filename,
+                id=r.id,
+                status=r.status,
+                detail=None if r.error is None else str(r.error),
+                code=None if r.error is None else status_for(r.error),
+            )
+            for r in service.index_images(uploads)
+        ]
+    )
+
+
 @router.post("/images/exists", response_model=ExistsResponse, responses=_ERRORS, summary="Which ids are indexed")
 def images_exist(service: Service, body: ExistsRequest) -> ExistsResponse:
     """Look up a batch of image ids (SHA-256 of the file bytes); used by ``bulk_index.py`` to resume."""
@@ -131,6 +184,13 @@ def search_image(
 def search_text(request: Request, service: Service, body: TextSearchRequest) -> SearchResponse:
     """The indexed images that best match a text description. Needs a CLIP model (400 otherwise)."""
     return _results(request, service.search_text(body.query, _top_k(body.top_k, service)))
+
+
+@router.post("/search_vector", response_model=SearchResponse, responses=_ERRORS, summary="Search by embedding")
+def search_vector(request: Request, service: Service, body: VectorSearchRequest) -> SearchResponse:
+    """The indexed images nearest to an embedding you computed yourself with the collection's model (same model
+    id and dimension as ``GET /stats``). 422 for a wrong length, NaN/infinite values or an all-zero vector."""
+    return _results(request, service.search_vector(body.vector, _top_k(body.top_k, service)))
 
 
 @router.get(
@@ -191,7 +251,7 @@ def health(service: Service) -> JSONResponse:
 
 @router.get("/stats", response_model=StatsResponse, responses={503: _ERRORS[503]}, summary="Collection statistics")
 def stats(service: Service) -> StatsResponse:
-    """Number of indexed images, the model and its dimension, and the backend."""
+    """Number of indexed images, the model and its dimension, the backend, and the query-embedding cache."""
     s = service.stats()
     return StatsResponse(
         count=s.count,
@@ -200,4 +260,5 @@ def stats(service: Service) -> StatsResponse:
         backend=s.backend,
         device=s.device,
         supports_text=s.supports_text,
+        query_cache=asdict(s.query_cache),
     )

@@ -17,6 +17,43 @@ class IndexResponse(BaseModel):
     status: Literal["indexed", "exists"]
 
 
+class BatchIndexItem(BaseModel):
+    """Outcome of one file of ``POST /index_images``."""
+
+    filename: str = Field(description="The stored name (the form field `filenames`, else the part's file name).")
+    id: str = Field(description="SHA-256 of the file bytes (64 hex characters), also for files that failed.")
+    status: Literal["indexed", "exists", "error"] = Field(
+        description="indexed: new; exists: the same bytes were already indexed (or earlier in this batch); "
+        "error: this file was refused, the others were not affected."
+    )
+    detail: str | None = Field(None, description="Why the file was refused (status error only).")
+    code: int | None = Field(
+        None, description="The HTTP status POST /index_image would answer for this file (413, 415, 422; error only)."
+    )
+
+
+class BatchIndexResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "results": [
+                        {"filename": "a.jpg", "id": _EXAMPLE_ID, "status": "indexed", "detail": None, "code": None},
+                        {
+                            "filename": "notes.png",
+                            "id": "0" * 64,
+                            "status": "error",
+                            "detail": "Unrecognised image format: the data matches no supported image type",
+                            "code": 415,
+                        },
+                    ]
+                }
+            ]
+        }
+    )
+    results: list[BatchIndexItem] = Field(description="One entry per uploaded file, in upload order.")
+
+
 class SearchResult(BaseModel):
     id: str
     score: float = Field(description="Cosine similarity to the query, higher is more similar (at most 1).")
@@ -47,6 +84,19 @@ class SearchResponse(BaseModel):
 class TextSearchRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"query": "a dog on a beach", "top_k": 5}]})
     query: str = Field(min_length=1, max_length=1000, description="What to look for, in words.")
+    top_k: int | None = Field(None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K).")
+
+
+class VectorSearchRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"vector": [0.12, -0.03, 0.5], "top_k": 5}]})
+    # NaN/Infinity (Python's JSON parser accepts those literals) pass here on purpose: the service refuses them with
+    # its own 422, since a validation error would echo the value back and NaN cannot be written as JSON.
+    vector: list[float] = Field(
+        min_length=1,
+        max_length=16000,
+        description="An embedding from the collection's model: exactly D values (GET /stats: dimension), any "
+        "scale (it is L2-normalised), not all zero.",
+    )
     top_k: int | None = Field(None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K).")
 
 
@@ -95,6 +145,16 @@ class HealthResponse(BaseModel):
     model: ModelHealth
 
 
+class QueryCacheStatsResponse(BaseModel):
+    """The in-memory cache of query-image embeddings (QUERY_CACHE_SIZE; capacity 0 = disabled)."""
+
+    size: int = Field(description="Embeddings held now.")
+    capacity: int = Field(description="Most embeddings held (QUERY_CACHE_SIZE).")
+    hits: int = Field(description="Searches with an un-indexed image answered from the cache since start.")
+    misses: int = Field(description="Searches with an un-indexed image that ran decode + model since start.")
+    hit_rate: float = Field(description="hits / (hits + misses), 0.0 before the first lookup.")
+
+
 class StatsResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -106,6 +166,7 @@ class StatsResponse(BaseModel):
                     "backend": "pgvector",
                     "device": "cpu",
                     "supports_text": False,
+                    "query_cache": {"size": 12, "capacity": 1024, "hits": 30, "misses": 12, "hit_rate": 0.7143},
                 }
             ]
         }
@@ -116,6 +177,7 @@ class StatsResponse(BaseModel):
     backend: str
     device: str
     supports_text: bool
+    query_cache: QueryCacheStatsResponse
 
 
 class ErrorResponse(BaseModel):
