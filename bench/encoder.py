@@ -44,19 +44,10 @@ from app.decoding import decode_image  # noqa: E402
 from app.embedders.cpu_encoder import CPU_ENCODERS  # noqa: E402
 from app.embedders.efficientnet import EfficientNetLiteEmbedder  # noqa: E402
 from app.ingest import draft_size_for  # noqa: E402
+from bench.quality import average_precision  # noqa: E402
 
 TOP_K = 100  # as bench/quality.py's default, so the mAP here compares with the API figure
 MAX_MAP_LOSS = 0.01
-
-
-def average_precision(ranked_relevance: list[bool], n_relevant: int) -> float:
-    """AP of one ranking (bench/quality.py's definition): mean precision@i at each relevant i over all relevant."""
-    hits, total = 0, 0.0
-    for i, rel in enumerate(ranked_relevance, start=1):
-        if rel:
-            hits += 1
-            total += hits / i
-    return total / n_relevant if n_relevant else 0.0
 
 
 def retrieval(emb: np.ndarray, rels: list[str], queries: dict[str, list[str]]) -> tuple[float, float]:

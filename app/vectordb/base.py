@@ -60,6 +60,20 @@ class CollectionInfo:
     dim: int
 
 
+def checked_vector(vector: np.ndarray, dim: int | None) -> np.ndarray:
+    """``vector`` as ``(dim,)`` float32, for a handler whose collection has dimension ``dim``.
+
+    Raises ``RuntimeError`` before :meth:`VectorDBHandler.ensure_collection` ran (``dim`` is ``None``) and
+    ``ValueError`` for any other shape.
+    """
+    if dim is None:
+        raise RuntimeError("ensure_collection() must run before vectors are written or searched")
+    v = np.asarray(vector, dtype=np.float32)
+    if v.shape != (dim,):
+        raise ValueError(f"vector must have shape ({dim},), got {v.shape}")
+    return v
+
+
 def canonical_top_ids(hits: Sequence[SearchHit], k: int, decimals: int = 4) -> list[str]:
     """Ids of the best ``k`` hits, with scores equal to ``decimals`` places ordered by id.
 

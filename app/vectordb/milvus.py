@@ -62,7 +62,7 @@ import grpc
 import numpy as np
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
-from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
+from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
 
 # Milvus Lite flush policy. Lite searches its in-memory memtable by brute force, slowly (a 2,020-row memtable of
 # 1280-d vectors: 146 ms per search, against 2-4 ms once flushed; bench/backends.py), and on its own flushes only
@@ -489,14 +489,6 @@ class MilvusHandler(VectorDBHandler):
             lambda: self._client.describe_index(self._collection, VECTOR_FIELD, timeout=self._timeout_s),
         )
 
-    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
-        if self._dim is None:
-            raise RuntimeError("ensure_collection() must run before vectors are written or searched")
-        v = np.asarray(vector, dtype=np.float32)
-        if v.shape != (self._dim,):
-            raise ValueError(f"vector must have shape ({self._dim},), got {v.shape}")
-        return v
-
     # --- writes ---------------------------------------------------------------------------------------------
     def upsert(self, records: Sequence[ImageRecord]) -> None:
         if not records:
@@ -514,7 +506,7 @@ class MilvusHandler(VectorDBHandler):
             rows.append(
                 {
                     "id": r.id,
-                    VECTOR_FIELD: self._check_vector(r.vector),
+                    VECTOR_FIELD: checked_vector(r.vector, self._dim),
                     "filename": m.filename,
                     "format": m.format,
                     "width": int(m.width),
@@ -557,7 +549,7 @@ class MilvusHandler(VectorDBHandler):
 
     # --- reads ----------------------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
-        v = self._check_vector(vector)
+        v = checked_vector(vector, self._dim)
         top_k = int(top_k)
         if top_k <= 0:
             return []

@@ -18,7 +18,7 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError, VectorTypeMismatchError
-from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
+from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,6 @@ class PgVectorHandler(VectorDBHandler):
 
         self._run(_build)
 
-    def _check_vector(self, vector: np.ndarray) -> np.ndarray:
-        if self._dim is None:
-            raise RuntimeError("ensure_collection() must run before vectors are written or searched")
-        v = np.asarray(vector, dtype=np.float32)
-        if v.shape != (self._dim,):
-            raise ValueError(f"vector must have shape ({self._dim},), got {v.shape}")
-        return v
-
     # --- writes -------------------------------------------------------------------------------------------
     def upsert(self, records: Sequence[ImageRecord]) -> None:
         if not records:
@@ -252,7 +244,7 @@ class PgVectorHandler(VectorDBHandler):
         rows = [
             (
                 r.id,
-                self._check_vector(r.vector),
+                checked_vector(r.vector, self._dim),
                 r.metadata.filename,
                 r.metadata.format,
                 r.metadata.width,
@@ -284,7 +276,7 @@ class PgVectorHandler(VectorDBHandler):
 
     # --- reads --------------------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
-        v = self._check_vector(vector)
+        v = checked_vector(vector, self._dim)
         top_k = int(top_k)
 
         def _search(conn: psycopg.Connection) -> list[SearchHit]:
