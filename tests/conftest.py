@@ -58,11 +58,11 @@ def database_url(pg_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def offline_embedder():
-    """The EfficientNet-Lite2 embedder, loaded once per session."""
+def offline_embedder(tmp_path_factory):
+    """The EfficientNet-Lite2 embedder, loaded once per session (its ONNX export goes to a temporary cache)."""
     from app.embedders import load_embedder
 
-    return load_embedder(Settings(_env_file=None, embedder="efficientnet"))
+    return load_embedder(Settings(_env_file=None, embedder="efficientnet", data_dir=tmp_path_factory.mktemp("model")))
 
 
 def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
