@@ -342,7 +342,15 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=50_000, help="rows per COPY")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-api", dest="api", action="store_false", help="skip the POST /search_vector pass")
+    parser.add_argument(
+        "--compare-halfvec",
+        action="store_true",
+        help="after the --vector-type vector pass, run again with halfvec on the same vectors and queries, and add "
+        "its sizes and recall (against the same exact float32 top-10) to the JSON line under 'halfvec'",
+    )
     args = parser.parse_args()
+    if args.compare_halfvec and args.vector_type != "vector":
+        parser.error("--compare-halfvec compares against --vector-type vector")
     clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
 
     t0 = time.perf_counter()
@@ -376,6 +384,11 @@ def main() -> int:
         **{k: out[k] for k in ("load_s", "build_s", "index_mb", "table_mb", "server_pss_mb")},
         "results": out["results"],
     }
+    if args.compare_halfvec:
+        args.vector_type = "halfvec"
+        with tempfile.TemporaryDirectory(prefix="bench-search-scale-") as tmp:
+            half = run_pgvector(args, data, queries, exact, Path(tmp))
+        line["halfvec"] = {k: half[k] for k in ("load_s", "build_s", "index_mb", "table_mb", "results")}
     print(json.dumps(line), flush=True)
     return 0
 
