@@ -95,6 +95,7 @@ def prepare_bytes(
     max_bytes: int,
     draft_size: int | None,
     fit_size: int | None = None,
+    image_id: str | None = None,
 ) -> PreparedImage:
     """Hash and decode one upload.
 
@@ -107,6 +108,7 @@ def prepare_bytes(
         UnsupportedFormatError, CorruptImageError: as :func:`app.decoding.decode_image`.
 
     ``fit_size``: also apply :func:`fit_to_model` with this size (``None``: keep the decoded image).
+    ``image_id``: the SHA-256 hex of ``data`` when the caller already computed it (saves hashing it again).
     """
     if len(data) > max_bytes:
         raise ImageTooLargeError(
@@ -114,7 +116,7 @@ def prepare_bytes(
         )
     decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     return PreparedImage(
-        image_id=hashlib.sha256(data).hexdigest(),
+        image_id=image_id or hashlib.sha256(data).hexdigest(),
         name=name,
         data=data,
         image=decoded.image if fit_size is None else fit_to_model(decoded.image, fit_size),

@@ -11,7 +11,6 @@ import io
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +25,7 @@ from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError,
 from app.ingest import PreparedImage, draft_size_for, fit_size_for, prepare_bytes, write_batch
 from app.query_cache import QueryCacheStats, QueryEmbeddingCache
 from app.storage import ImageStore, image_id_for, is_valid_image_id
-from app.vectordb.base import ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
+from app.vectordb.base import SearchHit, VectorDBHandler
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +134,21 @@ class SearchService:
         image_id = image_id_for(data)
         if self.db.existing_ids([image_id]):
             return IndexResult(image_id, "exists")
-        decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=self.draft_size)
-        vector = self._embed([decoded.image])[0]
-        metadata = ImageMetadata(
-            filename=clean_filename(filename),
-            format=decoded.format,
-            width=decoded.width,
-            height=decoded.height,
-            bytes=len(data),
-            indexed_at=datetime.now(UTC),
-        )
-        created = self.store.save(image_id, data, decoded.extension)
-        try:
-            self.db.upsert([ImageRecord(image_id, vector, metadata)])
-        except BaseException:
-            if created:  # leave nothing half-written: no file without its row
-                self.store.delete(image_id)
-            raise
+        prepared = self._prepare(data, filename, image_id, fit_size=None)
+        # write_batch saves the original, then the row, and removes the file again if the row fails.
+        write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
         return IndexResult(image_id, "indexed")
+
+    def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
+        return prepare_bytes(
+            data,
+            clean_filename(filename),
+            max_pixels=self.settings.max_image_pixels,
+            max_bytes=self.settings.max_upload_bytes,
+            draft_size=self.draft_size,
+            fit_size=fit_size,
+            image_id=image_id,
+        )
 
     def index_images(self, uploads: list[tuple[bytes, str | None]]) -> list[BatchItemResult]:
         """Index several uploads with one model call and one database write; one result per upload, in order.
@@ -173,14 +169,7 @@ class SearchService:
                 results[i] = BatchItemResult(name, image_id, "exists")
                 continue
             try:
-                prepared = prepare_bytes(
-                    data,
-                    name,
-                    max_pixels=self.settings.max_image_pixels,
-                    max_bytes=self.settings.max_upload_bytes,
-                    draft_size=self.draft_size,
-                    fit_size=self.fit_size,
-                )
+                prepared = self._prepare(data, filename, image_id, fit_size=self.fit_size)
             except ImageDecodeError as exc:
                 results[i] = BatchItemResult(name, image_id, "error", exc)
                 continue
@@ -260,7 +249,10 @@ class SearchService:
 
         Raises :class:`ImageNotFoundError`.
         """
-        decoded = decode_image(self.image_file(image_id).read_bytes(), max_pixels=self.settings.max_image_pixels)
+        # Draft mode decodes a large JPEG straight to about the thumbnail's size instead of its full resolution.
+        decoded = decode_image(
+            self.image_file(image_id).read_bytes(), max_pixels=self.settings.max_image_pixels, draft_size=size
+        )
         image = decoded.image
         image.thumbnail((size, size))
         out = io.BytesIO()
