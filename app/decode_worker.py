@@ -6,7 +6,6 @@ torch (about 700 MB per process) nor the database drivers.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -17,6 +16,7 @@ from PIL import Image
 
 from app.decoding import decode_image
 from app.errors import ImageDecodeError, ImageTooLargeError
+from app.ids import image_id_for
 
 __all__ = ["FailedItem", "PreparedImage", "fit_to_model", "prepare_bytes", "prepare_file", "worker_init"]
 
@@ -116,7 +116,7 @@ def prepare_bytes(
         )
     decoded = decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
     return PreparedImage(
-        image_id=image_id or hashlib.sha256(data).hexdigest(),
+        image_id=image_id or image_id_for(data),
         name=name,
         data=data,
         image=decoded.image if fit_size is None else fit_to_model(decoded.image, fit_size),
@@ -150,4 +150,4 @@ def prepare_file(
             data, name, max_pixels=max_pixels, max_bytes=max_bytes, draft_size=draft_size, fit_size=fit_size
         )
     except ImageDecodeError as exc:
-        return FailedItem(name, hashlib.sha256(data).hexdigest(), f"{type(exc).__name__}: {exc}", exc)
+        return FailedItem(name, image_id_for(data), f"{type(exc).__name__}: {exc}", exc)

@@ -22,9 +22,10 @@ from app.config import Settings
 from app.decoding import decode_image
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidVectorError
+from app.ids import image_id_for, is_valid_image_id
 from app.ingest import PreparedImage, draft_size_for, fit_size_for, prepare_bytes, write_batch
 from app.query_cache import QueryCacheStats, QueryEmbeddingCache
-from app.storage import ImageStore, image_id_for, is_valid_image_id
+from app.storage import ImageStore
 from app.vectordb.base import SearchHit, VectorDBHandler
 
 log = logging.getLogger(__name__)

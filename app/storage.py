@@ -1,28 +1,17 @@
 """Originals on disk, addressed by content hash: ``IMAGE_DIR/ab/cd/<sha256>.<ext>``.
 
 Two levels of 256 fan-out keep directories small at a million files. Ids are validated against
-:data:`IMAGE_ID_RE` before any path is built, so no id can name a file outside the store.
+:func:`app.ids.is_valid_image_id` before any path is built, so no id can name a file outside the store.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
 
-IMAGE_ID_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def image_id_for(data: bytes) -> str:
-    """The image id: SHA-256 of the file bytes as 64 lower-case hex characters."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def is_valid_image_id(image_id: str) -> bool:
-    """True for exactly 64 lower-case hex characters."""
-    return bool(IMAGE_ID_RE.fullmatch(image_id))
+from app.ids import is_valid_image_id
 
 
 class ImageStore:

@@ -87,7 +87,6 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pymysql
@@ -95,12 +94,12 @@ import pymysql.converters
 import pymysql.err
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
 from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler
 
 log = logging.getLogger(__name__)
 
 TABLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-IMAGE_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 #: Words Manticore's SQL lexer treats as keywords (src/sphinxql.l); a table may not be called one of these.
 RESERVED_WORDS = frozenset(
@@ -122,7 +121,6 @@ DEFAULT_MAX_MATCHES = 1000  # Manticore's default per-query match buffer (Search
 UPSERT_BATCH = 128  # rows per multi-row REPLACE: a 512-d row is ~6 KB of SQL text, far under max_packet_size
 IN_BATCH = 1000  # document ids per IN (...) lookup, which also keeps it within the default max_matches
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MASK63 = (1 << 63) - 1
 _UINT32_MAX = (1 << 32) - 1
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -150,7 +148,7 @@ def validate_table_name(name: str) -> str:
 
 def validate_image_id(image_id: str) -> str:
     """``image_id`` if it is 64 lower-case hex digits (a SHA-256), else ValueError."""
-    if not isinstance(image_id, str) or not IMAGE_ID_RE.match(image_id):
+    if not is_valid_image_id(image_id):
         raise ValueError(f"invalid image id {image_id!r}: need 64 lower-case hex digits")
     return image_id
 
@@ -260,7 +258,7 @@ def replace_sql(table: str, records: Sequence[ImageRecord], dim: int) -> tuple[s
     """One multi-row ``REPLACE INTO`` for ``records`` (idempotent upsert by document id) and its string params.
 
     Raises ValueError for an empty batch, an invalid id, a vector that is not ``(dim,)`` finite non-zero, metadata
-    out of the attribute types' range, or a naive ``indexed_at``.
+    out of the attribute types' range.
     """
     table = validate_table_name(table)
     if not records:
@@ -352,18 +350,6 @@ def render_sql(sql: str, params: Sequence[str] = ()) -> str:
 
 
 # --- row decoding -------------------------------------------------------------------------------------------------
-def to_epoch_us(value: datetime) -> int:
-    """Microseconds since the Unix epoch of a timezone-aware datetime (ValueError if naive)."""
-    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"indexed_at must be a timezone-aware datetime, got {value!r}")
-    return (value - _EPOCH) // timedelta(microseconds=1)
-
-
-def from_epoch_us(value) -> datetime:
-    """The UTC datetime of a microseconds-since-epoch integer."""
-    return _EPOCH + timedelta(microseconds=int(value))
-
-
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
 

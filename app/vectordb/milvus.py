@@ -50,18 +50,17 @@ import contextlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
 from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
 
 # Milvus Lite flush policy. Lite searches its in-memory memtable by brute force, slowly (a 2,020-row memtable of
@@ -107,7 +106,6 @@ VECTOR_FIELD = "embedding"
 _META_FIELDS = ["filename", "format", "width", "height", "bytes", "indexed_at"]
 _PROP_MODEL = "image_search.model_id"
 _PROP_DIM = "image_search.dim"
-_ID_PATTERN = re.compile(r"[0-9a-f]{64}")
 _FILENAME_MAX_BYTES = 4096
 _FORMAT_MAX_BYTES = 64
 _MAX_DIM = 32768  # Milvus' maximum FLOAT_VECTOR dimension
@@ -115,30 +113,13 @@ _MAX_DIM = 32768  # Milvus' maximum FLOAT_VECTOR dimension
 _IDS_PER_QUERY = 1000
 # Loading a large collection (reading its index into memory) can take much longer than an ordinary request.
 _LOAD_TIMEOUT_S = 600.0
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def is_valid_id(image_id: object) -> bool:
-    """``True`` for a 64-character lower-case hex string, the only ids stored (and put into filter strings)."""
-    return isinstance(image_id, str) and _ID_PATTERN.fullmatch(image_id) is not None
 
 
 def _ids_filter(ids: Sequence[str]) -> str:
-    """``id in ["…", …]`` for ids that passed :func:`is_valid_id`: hex digits need no quoting or escaping."""
-    if not all(is_valid_id(i) for i in ids):  # a programming error: callers drop invalid ids first
+    """``id in ["…", …]`` for ids that passed :func:`app.ids.is_valid_image_id` (hex digits need no escaping)."""
+    if not all(is_valid_image_id(i) for i in ids):  # a programming error: callers drop invalid ids first
         raise ValueError("only validated ids may be put into a filter expression")
     return "id in [" + ", ".join(f'"{i}"' for i in ids) + "]"
-
-
-def _to_micros(ts: datetime) -> int:
-    """Microseconds since the Unix epoch; a naive datetime is taken as UTC. Integer arithmetic: exact."""
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return (ts - _EPOCH) // timedelta(microseconds=1)
-
-
-def _from_micros(micros: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=int(micros))
 
 
 def _metadata(entity: dict) -> ImageMetadata:
@@ -148,7 +129,7 @@ def _metadata(entity: dict) -> ImageMetadata:
         width=int(entity["width"]),
         height=int(entity["height"]),
         bytes=int(entity["bytes"]),
-        indexed_at=_from_micros(entity["indexed_at"]),
+        indexed_at=from_epoch_us(entity["indexed_at"]),
     )
 
 
@@ -496,7 +477,7 @@ class MilvusHandler(VectorDBHandler):
         rows = []
         # Validate the whole batch before writing anything, so a bad record leaves the collection unchanged.
         for r in records:
-            if not is_valid_id(r.id):
+            if not is_valid_image_id(r.id):
                 raise ValueError(f"image id must be 64 lower-case hex characters, got {r.id!r}")
             m = r.metadata
             if len(m.filename.encode()) > _FILENAME_MAX_BYTES:
@@ -512,7 +493,7 @@ class MilvusHandler(VectorDBHandler):
                     "width": int(m.width),
                     "height": int(m.height),
                     "bytes": int(m.bytes),
-                    "indexed_at": _to_micros(m.indexed_at),
+                    "indexed_at": to_epoch_us(m.indexed_at),
                 }
             )
 
@@ -533,7 +514,7 @@ class MilvusHandler(VectorDBHandler):
         self._lite.unflushed_rows = 0
 
     def delete(self, image_id: str) -> bool:
-        if not is_valid_id(image_id):
+        if not is_valid_image_id(image_id):
             return False  # never stored (upsert refuses such ids), and never put into a filter expression
         expr = _ids_filter([image_id])
 
@@ -576,13 +557,13 @@ class MilvusHandler(VectorDBHandler):
         return [SearchHit(hit["id"], float(hit["distance"]), _metadata(hit["entity"])) for hit in results[0]]
 
     def get(self, image_id: str) -> ImageRecord | None:
-        if not is_valid_id(image_id):
+        if not is_valid_image_id(image_id):
             return None
         rows = self._run("get", lambda: self._query(_ids_filter([image_id]), ["id", VECTOR_FIELD, *_META_FIELDS]))
         return _record(rows[0]) if rows else None
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        wanted = sorted({i for i in ids if is_valid_id(i)})
+        wanted = sorted({i for i in ids if is_valid_image_id(i)})
         found: set[str] = set()
         for start in range(0, len(wanted), _IDS_PER_QUERY):
             chunk = wanted[start : start + _IDS_PER_QUERY]
