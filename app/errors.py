@@ -38,6 +38,10 @@ class InvalidVectorError(ServiceError):
     """A query vector (``POST /search_vector``) has the wrong length, non-finite values or zero norm (HTTP 422)."""
 
 
+class InvalidParameterError(ServiceError):
+    """A request parameter is out of its allowed range, e.g. ``top_k`` over ``MAX_TOP_K`` (HTTP 422)."""
+
+
 class ImageNotFoundError(ServiceError):
     """No image with this id is stored (HTTP 404)."""
 

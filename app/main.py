@@ -1,6 +1,9 @@
 """The ASGI application ``app.main:app``: REST API, OpenAPI docs at ``/docs`` and the Gradio UI at ``/ui``.
 
-Everything stateful (model, database pool, image store) is created in :func:`lifespan` and kept on ``app.state``.
+:func:`create_app` is the application factory; tests and embedders of the service call it. ``app`` itself is built
+on first access (PEP 562 module ``__getattr__``), so importing this module for the factory builds nothing. Everything
+stateful (model, database pool, image store) is created by the lifespan, as one
+:class:`app.service.SearchService` on ``app.state.service``.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -17,50 +21,11 @@ import app as app_package
 from app.api.errors import install_error_handlers
 from app.api.routes import router
 from app.config import Settings
-from app.embedders.base import Embedder
+
+if TYPE_CHECKING:
+    from app.embedders.base import Embedder
 
 log = logging.getLogger("app")
-
-
-def _build_service(settings: Settings, embedder: Embedder | None):
-    """Load the model, connect the database and check they match; blocking, so run off the event loop."""
-    from app.batching import DynamicBatcher
-    from app.embedders import load_embedder
-    from app.service import SearchService
-    from app.storage import ImageStore
-    from app.vectordb import create_handler
-
-    if embedder is None and settings.embedder != "none":
-        embedder = load_embedder(settings)
-    db = create_handler(settings)
-    try:
-        if embedder is None:  # EMBEDDER=none: stand in for whichever model filled the collection
-            from app.embedders.none import VectorOnlyEmbedder
-
-            info = db.collection_info()
-            if info is None:
-                raise RuntimeError(
-                    "EMBEDDER=none serves an existing collection, but the database has none yet: index images "
-                    "first with a model (EMBEDDER=auto, clip or efficientnet)."
-                )
-            embedder = VectorOnlyEmbedder(info.model_id, info.dim)
-        db.ensure_collection(embedder.model_id, embedder.dim)
-    except BaseException:
-        db.close()
-        raise
-    batcher = DynamicBatcher(
-        embedder.embed_images, max_batch=settings.embed_batch_size, max_wait_s=settings.batch_wait_ms / 1000
-    )
-    service = SearchService(settings, embedder, db, ImageStore(settings.resolved_image_dir), batcher)
-    log.info(
-        "Ready: model %s (dim %d, %s), backend %s, %d images",
-        embedder.model_id,
-        embedder.dim,
-        embedder.device,
-        db.backend_name,
-        db.count(),
-    )
-    return service
 
 
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
@@ -74,14 +39,14 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await run_in_threadpool(_build_service, settings, embedder)
+        from app.service import SearchService
+
+        service = await run_in_threadpool(SearchService.open, settings, embedder)
         app.state.service = service
         try:
             yield
         finally:
-            if service.batcher is not None:
-                service.batcher.close()  # finishes the embed calls already queued
-            service.db.close()
+            service.close()
 
     app = FastAPI(
         title="Image similarity search",
@@ -116,10 +81,17 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     return app
 
 
-def _configure_logging() -> None:
+def configure_logging(settings: Settings) -> None:
+    """Log to stderr at ``LOG_LEVEL`` unless the host process (uvicorn, a test runner) configured logging already."""
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=Settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-_configure_logging()
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """``app.main:app``, built from the environment on first access and kept (what uvicorn and Docker import)."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    settings = Settings()
+    configure_logging(settings)
+    application = globals()["app"] = create_app(settings)
+    return application

@@ -1,7 +1,8 @@
 """The data path in one place: upload -> decode -> embed -> store -> search.
 
-:class:`SearchService` is created by the FastAPI lifespan and shared by the REST API and the Gradio UI, so both
-behave the same. It is thread-safe: FastAPI runs the sync endpoints in a thread pool, torch inference and the
+:class:`SearchService` is the one front door of the service: the FastAPI lifespan opens it
+(:meth:`SearchService.open`) and closes it, and the REST API and the Gradio UI call only its methods, so both behave
+the same. It is thread-safe: FastAPI runs the sync endpoints in a thread pool, and the model runtime and the
 connection pool both allow concurrent callers.
 """
 
@@ -16,21 +17,21 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.batching import DynamicBatcher
 from app.config import Settings
-from app.decoding import decode_image
 from app.embedders.base import Embedder
-from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidVectorError
+from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError, InvalidVectorError
 from app.ids import image_id_for, is_valid_image_id
-from app.ingest import PreparedImage, draft_size_for, fit_size_for, prepare_bytes, write_batch
+from app.imaging.decode import decode_image
+from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
+from app.indexing.store import ImageStore
+from app.indexing.write import write_batch
 from app.query_cache import QueryCacheStats, QueryEmbeddingCache
-from app.storage import ImageStore
 from app.vectordb.base import SearchHit, VectorDBHandler
 
 log = logging.getLogger(__name__)
-
-MAX_FILENAME_CHARS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,32 +56,76 @@ class BatchItemResult:
     error: ImageDecodeError | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ServiceStats:
-    """Collection size and the model and backend serving it."""
+class ModelInfo(BaseModel):
+    """The loaded model, as ``/health`` reports it."""
 
-    count: int
-    model: str
-    dimension: int
+    id: str = Field(description="Model and weights, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k.")
+    dimension: int = Field(description="Embedding dimension D.")
+    device: str = Field(description="Where the model runs: cpu, cuda, mps (none with EMBEDDER=none).")
+    supports_text: bool = Field(description="Whether text search works.")
+
+
+class HealthReport(BaseModel):
+    """What ``GET /health`` answers: ``status`` is ``ok`` only when every dependency is."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ok",
+                    "database": "ok",
+                    "backend": "pgvector",
+                    "model": {
+                        "id": "efficientnet-lite2:imagenet",
+                        "dimension": 1280,
+                        "device": "cpu",
+                        "supports_text": False,
+                    },
+                }
+            ]
+        }
+    )
+    status: Literal["ok", "unavailable"]
+    database: Literal["ok", "unavailable"]
     backend: str
-    device: str
-    supports_text: bool
-    query_cache: QueryCacheStats
+    model: ModelInfo
 
 
-def clean_filename(name: str | None) -> str:
-    """The client's file name made safe to store: NUL and control characters dropped, at most 1024 characters.
+class ServiceStats(BaseModel):
+    """What ``GET /stats`` answers: collection size, the model and backend serving it, the query-embedding cache."""
 
-    It is metadata only and never used as a path.
-    """
-    name = "".join(ch for ch in (name or "") if ch.isprintable())
-    return name[:MAX_FILENAME_CHARS] or "upload"
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "count": 273,
+                    "model": "efficientnet-lite2:imagenet",
+                    "dimension": 1280,
+                    "backend": "pgvector",
+                    "device": "cpu",
+                    "supports_text": False,
+                    "query_cache": {"size": 12, "capacity": 1024, "hits": 30, "misses": 12, "hit_rate": 0.7143},
+                }
+            ]
+        }
+    )
+    count: int = Field(description="Images indexed.")
+    model: str = Field(description="Model id that filled the collection.")
+    dimension: int = Field(description="Embedding dimension D.")
+    backend: str = Field(description="VECTOR_DB: pgvector, milvus or manticore.")
+    device: str = Field(description="Where the model runs.")
+    supports_text: bool = Field(description="Whether text search works.")
+    query_cache: QueryCacheStats = Field(
+        description="The in-memory cache of query-image embeddings (QUERY_CACHE_SIZE; capacity 0 = disabled)."
+    )
 
 
 class SearchService:
     """Index and search images with one embedder, one vector database and one image store.
 
-    The collection must already be ensured for ``embedder.model_id``/``embedder.dim`` (the lifespan does it).
+    Build it with :meth:`open` (loads the model, connects the database, checks they match), or from parts whose
+    collection is already ensured for ``embedder.model_id`` / ``embedder.dim``. :meth:`close` releases everything
+    it was given.
     """
 
     def __init__(
@@ -91,20 +136,70 @@ class SearchService:
         store: ImageStore,
         batcher: DynamicBatcher | None = None,
     ) -> None:
-        """``batcher``: gathers concurrent embed calls into one model call (the lifespan passes one and closes
-        it); ``None`` calls the embedder directly."""
+        """``batcher``: gathers concurrent embed calls into one model call (closed by :meth:`close`); ``None``
+        calls the embedder directly."""
         self.settings = settings
         self.embedder = embedder
         self.db = db
         self.store = store
         self.batcher = batcher
-        # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
-        self.draft_size = draft_size_for(embedder)
-        # Batch uploads are also fitted to the model's input in the request threads, off the batcher's thread.
-        self.fit_size = fit_size_for(embedder)
         # Embeddings of un-indexed query uploads by content hash. One service = one model for its lifetime, so the
         # cached vectors can never belong to another model and need no invalidation.
         self.query_cache = QueryEmbeddingCache(settings.query_cache_size)
+
+    @classmethod
+    def open(cls, settings: Settings, embedder: Embedder | None = None) -> SearchService:
+        """Load the model, connect the database, ensure the collection, start the dynamic batcher. Blocking.
+
+        Args:
+            settings: the service's settings.
+            embedder: an already loaded model to use instead of the one the settings name (tests share one).
+
+        Raises:
+            app.errors.CollectionMismatchError: the collection was filled by another model or dimension.
+            app.errors.DatabaseUnavailableError: the database cannot be reached.
+            RuntimeError: ``EMBEDDER=none`` with no collection yet, or the model cannot be loaded.
+        """
+        from app.embedders import load_embedder
+        from app.vectordb import create_handler
+
+        db = create_handler(settings)
+        try:
+            if embedder is None:
+                info = db.collection_info()
+                embedder = load_embedder(settings, collection_model=None if info is None else info.model_id)
+                if embedder is None:  # EMBEDDER=none: stand in for whichever model filled the collection
+                    from app.embedders.none import VectorOnlyEmbedder
+
+                    if info is None:
+                        raise RuntimeError(
+                            "EMBEDDER=none serves an existing collection, but the database has none yet: index "
+                            "images first with a model (EMBEDDER=auto, clip or efficientnet)."
+                        )
+                    embedder = VectorOnlyEmbedder(info.model_id, info.dim)
+            db.ensure_collection(embedder.model_id, embedder.dim)
+        except BaseException:
+            db.close()
+            raise
+        batcher = DynamicBatcher(
+            embedder.embed_images, max_batch=settings.embed_batch_size, max_wait_s=settings.batch_wait_ms / 1000
+        )
+        service = cls(settings, embedder, db, ImageStore(settings.resolved_image_dir), batcher)
+        log.info(
+            "Ready: model %s (dim %d, %s), backend %s, %d images",
+            embedder.model_id,
+            embedder.dim,
+            embedder.device,
+            db.backend_name,
+            db.count(),
+        )
+        return service
+
+    def close(self) -> None:
+        """Finish the embed calls already queued, then close the database (and its embedded server, if any)."""
+        if self.batcher is not None:
+            self.batcher.close()
+        self.db.close()
 
     def _embed(self, images: list[Image.Image]) -> np.ndarray:
         """``(N, D)`` float32 embeddings, through the dynamic batcher when there is one."""
@@ -117,12 +212,16 @@ class SearchService:
         """Whether :meth:`search_text` works with the loaded model."""
         return self.embedder.supports_text
 
+    def resolve_top_k(self, top_k: int | None) -> int:
+        """``top_k``, or ``DEFAULT_TOP_K`` when ``None``; raises :class:`InvalidParameterError` outside
+        ``1..MAX_TOP_K``."""
+        k = self.settings.default_top_k if top_k is None else top_k
+        if not 1 <= k <= self.settings.max_top_k:
+            raise InvalidParameterError(f"top_k must be between 1 and {self.settings.max_top_k} (MAX_TOP_K), got {k}.")
+        return k
+
     def _check_size(self, data: bytes) -> None:
-        if len(data) > self.settings.max_upload_bytes:
-            raise ImageTooLargeError(
-                f"The upload is {len(data) / 1e6:.1f} MB; the limit is {self.settings.max_upload_mb:g} MB "
-                "(MAX_UPLOAD_MB)."
-            )
+        check_upload_size(len(data), self.settings.max_upload_bytes)
 
     # --- index --------------------------------------------------------------------------------------------
     def index_image(self, data: bytes, filename: str | None) -> IndexResult:
@@ -141,12 +240,13 @@ class SearchService:
         return IndexResult(image_id, "indexed")
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
+        # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
         return prepare_bytes(
             data,
-            clean_filename(filename),
+            filename,
             max_pixels=self.settings.max_image_pixels,
             max_bytes=self.settings.max_upload_bytes,
-            draft_size=self.draft_size,
+            draft_size=self.embedder.draft_size,
             fit_size=fit_size,
             image_id=image_id,
         )
@@ -170,7 +270,7 @@ class SearchService:
                 results[i] = BatchItemResult(name, image_id, "exists")
                 continue
             try:
-                prepared = self._prepare(data, filename, image_id, fit_size=self.fit_size)
+                prepared = self._prepare(data, filename, image_id, fit_size=self.embedder.fit_size)
             except ImageDecodeError as exc:
                 results[i] = BatchItemResult(name, image_id, "error", exc)
                 continue
@@ -203,7 +303,9 @@ class SearchService:
         else:
             vector = self.query_cache.get(image_id)
             if vector is None:
-                decoded = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=self.draft_size)
+                decoded = decode_image(
+                    data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
+                )
                 vector = self._embed([decoded.image])[0]
                 self.query_cache.put(image_id, vector)
         return self.db.search(vector, top_k)
@@ -269,8 +371,23 @@ class SearchService:
         if not (removed_row or removed_file):
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
+    def health(self) -> HealthReport:
+        """Whether the database answers, and the loaded model; never raises."""
+        db_ok = self.db.health()
+        return HealthReport(
+            status="ok" if db_ok else "unavailable",
+            database="ok" if db_ok else "unavailable",
+            backend=self.db.backend_name,
+            model=ModelInfo(
+                id=self.embedder.model_id,
+                dimension=self.embedder.dim,
+                device=self.embedder.device,
+                supports_text=self.embedder.supports_text,
+            ),
+        )
+
     def stats(self) -> ServiceStats:
-        """Counts and model facts for ``/stats``."""
+        """Counts and model facts for ``/stats``; raises :class:`app.errors.DatabaseUnavailableError`."""
         return ServiceStats(
             count=self.db.count(),
             model=self.embedder.model_id,

@@ -40,8 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def load_embeddings(dataset: Path) -> tuple[list[Path], np.ndarray, float]:
     """Embeddings of every image of ``dataset`` (``(N, 1280)`` float32), cached; returns files, vectors, images/s."""
-    from app.decoding import decode_image
     from app.embedders import load_embedder
+    from app.imaging.decode import decode_image
 
     files = sorted((dataset / "images").rglob("*.jpg"))
     cache = RESULTS / f"{dataset.name}_efficientnet-lite2.npz"

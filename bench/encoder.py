@@ -10,8 +10,9 @@ For each path the offline EfficientNet-Lite2 embedder is built on CPU and measur
   and end).
 - ``model_images_per_s`` / ``best_model_images_per_s``: the same batch already preprocessed, through the network
   alone (``embed_batch``).
-- ``mAP`` / ``top1`` on ``instance_small``: every image embedded in-process (decoded with ``app.decoding.decode_image``
-  at the service's JPEG draft size), each of the 190 queries of ``queries.json`` ranked by exact cosine similarity
+- ``mAP`` / ``top1`` on ``instance_small``: every image embedded in-process (decoded with
+  ``app.imaging.decode.decode_image`` at the service's JPEG draft size), each of the 190 queries of
+  ``queries.json`` ranked by exact cosine similarity
   against all other images (the query itself excluded), top 100 kept, AP as in ``bench/quality.py`` (AP@100).
 - ``mean_cosine_vs_fp32`` / ``min_cosine_vs_fp32``: row-wise cosine between the path's and the fp32 (``torch``)
   embeddings of all dataset images.
@@ -40,10 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.config import Settings  # noqa: E402
-from app.decoding import decode_image  # noqa: E402
 from app.embedders.cpu_encoder import CPU_ENCODERS  # noqa: E402
 from app.embedders.efficientnet import EfficientNetLiteEmbedder  # noqa: E402
-from app.ingest import draft_size_for  # noqa: E402
+from app.imaging.decode import decode_image  # noqa: E402
 from bench.quality import average_precision  # noqa: E402
 
 TOP_K = 100  # as bench/quality.py's default, so the mAP here compares with the API figure
@@ -108,7 +108,7 @@ def main() -> int:
         for name in paths
     }
     # Decoded once, as the service decodes (JPEG draft size included), and shared by every path.
-    draft = draft_size_for(embedders["torch"])
+    draft = embedders["torch"].draft_size
     images = [decode_image(p.read_bytes(), max_pixels=settings.max_image_pixels, draft_size=draft).image for p in files]
     batch_images = images[: settings.embed_batch_size]
     batch_tensor = embedders["torch"].preprocess(batch_images)

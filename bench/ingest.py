@@ -7,7 +7,7 @@ Measures, on the same files, model and batch size (EMBED_BATCH_SIZE), each into 
 PostgreSQL this script starts in a temporary folder (deleted at the end):
 
 - ``model_only_ips``: the model alone on pre-decoded, pre-transformed ``(N, 3, H, W)`` tensors (the ceiling);
-- ``direct_ips``: ``bulk_index.py --direct``'s code path in-process (``app.ingest.IngestPipeline``): hashing,
+- ``direct_ips``: ``bulk_index.py --direct``'s code path in-process (``app.indexing.pipeline.IngestPipeline``): hashing,
   resume check, decode in ``--workers`` processes, batched embedding, batched writes of rows and originals;
 - ``api_ips``: ``bulk_index.py`` against a server it starts (``python -m app``, UI off), uploading batches of
   ``--batch-size`` files to ``POST /index_images`` with ``--concurrency`` requests in flight;
@@ -59,8 +59,8 @@ def model_only(files: list[Path], settings) -> tuple[float, str, dict[str, float
     """
     import torch
 
-    from app.decoding import decode_image
     from app.embedders import load_embedder
+    from app.imaging.decode import decode_image
 
     embedder = load_embedder(settings)
     t0 = time.perf_counter()

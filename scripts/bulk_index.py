@@ -11,8 +11,8 @@ where each match lives.
 
 ``--direct`` runs next to the database with the service's own settings (environment / ``.env``: DATABASE_URL or
 DATA_DIR's embedded PostgreSQL, VECTOR_DB, IMAGE_DIR, EMBEDDER, EMBED_BATCH_SIZE...) and the same ingest code as the
-server (:mod:`app.ingest`): decoding in ``--workers`` processes, embedding in batches, batched database writes, all
-overlapped. With pgvector it may run while the service runs (also on the embedded PostgreSQL, which the two
+server (:mod:`app.indexing.pipeline`): decoding in ``--workers`` processes, embedding in batches, batched database
+writes, all overlapped. With pgvector it may run while the service runs (also on the embedded PostgreSQL, which the two
 processes share); Milvus Lite allows one process per database file, so stop the service first there.
 
 Exit status: 0 when every file was indexed or already there, 1 when some failed (their reasons go to the failures
@@ -325,7 +325,7 @@ def index_direct(
     batch_size: int | None,
     settings=None,  # noqa: ANN001
 ) -> None:
-    """Index into the service's database and image store from this process, with :class:`app.ingest.IngestPipeline`.
+    """Index into the service's database and image store from this process (``IngestPipeline``).
 
     ``settings``: an :class:`app.config.Settings`; default: the service's, from the environment and ``.env``.
     Raises :class:`app.errors.DatabaseUnavailableError` when the database cannot be reached.
@@ -334,8 +334,8 @@ def index_direct(
         sys.path.insert(0, str(PROJECT_ROOT))
     from app.config import Settings
     from app.embedders import load_embedder
-    from app.ingest import IngestItem, IngestPipeline
-    from app.storage import ImageStore
+    from app.indexing.pipeline import IngestItem, IngestPipeline
+    from app.indexing.store import ImageStore
     from app.vectordb import create_handler
 
     settings = settings or Settings()

@@ -58,11 +58,20 @@ def database_url(pg_server) -> str:
 
 
 @pytest.fixture(scope="session")
-def offline_embedder(tmp_path_factory):
-    """The EfficientNet-Lite2 embedder, loaded once per session (its ONNX export goes to a temporary cache)."""
+def model_cache_dir(tmp_path_factory) -> Path:
+    """A model cache (MODEL_CACHE_DIR) for the whole session, holding the offline model's ONNX export once made."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def offline_embedder(model_cache_dir):
+    """The offline model as the server loads it (ONNX Runtime, no torch), loaded once per session; its export is
+    made once, in a child process, into :func:`model_cache_dir`."""
     from app.embedders import load_embedder
 
-    return load_embedder(Settings(_env_file=None, embedder="efficientnet", data_dir=tmp_path_factory.mktemp("model")))
+    return load_embedder(
+        Settings(_env_file=None, embedder="efficientnet", data_dir=model_cache_dir, model_cache_dir=model_cache_dir)
+    )
 
 
 def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:

@@ -9,8 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.errors import CollectionMismatchError
+from app.ids import image_id_for
 from app.main import create_app
-from app.storage import image_id_for
 from app.vectordb.pgvector import PgVectorHandler
 from tests.conftest import make_settings
 

@@ -113,7 +113,7 @@ def test_onnx_unreadable_cache_file_is_re_exported(tmp_path, caplog):
 
 
 def test_setting_selects_the_path(tmp_path, model_cache):
-    for path in ("torch", "bf16", "onnx"):
+    for path in ("torch", "bf16"):
         settings = Settings(
             _env_file=None,
             data_dir=tmp_path,
@@ -124,8 +124,6 @@ def test_setting_selects_the_path(tmp_path, model_cache):
         )
         embedder = load_embedder(settings)
         assert embedder.encoder.name == path
-        if path == "onnx":  # the graph lives in MODEL_CACHE_DIR/onnx
-            assert embedder.encoder.path.parent == model_cache.resolve() / "onnx"
     with pytest.raises(ValueError):
         Settings(_env_file=None, cpu_encoder="fp8")
     with pytest.raises(ValueError, match="CPU_ENCODER"):

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from app.decoding import decode_image
-from app.storage import image_id_for
+from app.ids import image_id_for
+from app.imaging.decode import decode_image
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler, canonical_top_ids
 from app.vectordb.milvus import MilvusHandler
 from app.vectordb.pgvector import PgVectorHandler

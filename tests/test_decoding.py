@@ -1,4 +1,4 @@
-"""Tests of app.decoding against the real files in ../shared/datasets/formats (see its manifest.csv)."""
+"""Tests of app.imaging.decode against the real files in ../shared/datasets/formats (see its manifest.csv)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from app.decoding import DecodedImage, decode_image, register_plugins, sniff_format
 from app.errors import CorruptImageError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
+from app.imaging.decode import DecodedImage, decode_image, register_plugins, sniff_format
 
 FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "formats"
 MAX_PIXELS = 100_000_000  # the Settings.max_image_pixels default

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from app.batching import BatcherClosedError, DynamicBatcher
-from app.decoding import decode_image
-from app.storage import ImageStore
+from app.imaging.decode import decode_image
+from app.indexing.store import ImageStore
 from tests.conftest import PROJECT_ROOT, run_live_server
 from tests.test_cli import SUMMARY, _link
 
@@ -228,7 +228,7 @@ def test_fitting_in_the_worker_gives_the_embedders_own_pixels(datasets, offline_
     import torch
     from torchvision import transforms
 
-    from app.decode_worker import fit_to_model
+    from app.imaging.prepare import fit_to_model
 
     size = offline_embedder.input_size
     reference = transforms.Compose(

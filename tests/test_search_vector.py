@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.decoding import decode_image
+from app.ids import image_id_for
+from app.imaging.decode import decode_image
 from app.main import create_app
-from app.storage import image_id_for
 from tests.conftest import make_settings
 
 HOPPER = "instance_small/images/grace_hopper/pillow_hopper.png"

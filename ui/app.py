@@ -32,7 +32,8 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from app.config import Settings
-from app.errors import ImageTooLargeError, ServiceError
+from app.errors import ServiceError
+from app.imaging.prepare import check_upload_size
 
 if TYPE_CHECKING:  # imported for annotations only: importing app.service pulls in the decoders and the model code
     from app.service import SearchService, ServiceStats
@@ -90,16 +91,15 @@ def _user_errors() -> Iterator[None]:
         raise gr.Error(_escape(str(exc)), print_exception=False) from exc
 
 
-def _check_top_k(top_k: Any, settings: Settings) -> int:
+def _check_top_k(top_k: Any, service: SearchService) -> int:
     # The slider bounds the UI, but API callers can send anything (and the image events skip Gradio's own
-    # preprocessing, see _uploaded_image); same rule and wording as the REST API.
+    # preprocessing, see _uploaded_image); the range rule is the service's, as for the REST API.
     try:
-        k = settings.default_top_k if top_k is None else int(round(float(top_k)))
+        k = None if top_k is None else int(round(float(top_k)))
     except (TypeError, ValueError):
-        raise gr.Error(f"top_k must be a whole number between 1 and {settings.max_top_k}, got {top_k!r}.") from None
-    if not 1 <= k <= settings.max_top_k:
-        raise gr.Error(f"top_k must be between 1 and {settings.max_top_k} (MAX_TOP_K), got {k}.")
-    return k
+        raise gr.Error(f"top_k must be a whole number, got {_escape(repr(top_k))[:80]}.") from None
+    with _user_errors():
+        return service.resolve_top_k(k)
 
 
 def _read_upload(upload: str | bytes, settings: Settings) -> bytes:
@@ -107,11 +107,7 @@ def _read_upload(upload: str | bytes, settings: Settings) -> bytes:
     if isinstance(upload, bytes):
         data = upload
     else:
-        size = os.path.getsize(upload)
-        if size > settings.max_upload_bytes:
-            raise ImageTooLargeError(
-                f"The upload is {size / 1e6:.1f} MB; the limit is {settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)."
-            )
+        check_upload_size(os.path.getsize(upload), settings.max_upload_bytes)
         data = Path(upload).read_bytes()
     return data
 
@@ -211,7 +207,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings | None
         Gets Gradio's raw input (``preprocess=False``, see :func:`_uploaded_image`).
         """
         service = get_service()
-        k = _check_top_k(top_k, service.settings)
+        k = _check_top_k(top_k, service)
         image = _uploaded_image(payload)
         if image is None:
             raise gr.Error("Upload or paste an image to search with.")
@@ -224,7 +220,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings | None
     def search_text(query: str | None, top_k: float) -> list[tuple[str, str]]:
         """The indexed images that best match a description (CLIP models only)."""
         service = get_service()
-        k = _check_top_k(top_k, service.settings)
+        k = _check_top_k(top_k, service)
         if not service.supports_text:
             # The box is disabled in the page, but API clients can still call this.
             raise gr.Error(_escape(text_search_note(service.embedder.model_id, False)), print_exception=False)

@@ -12,6 +12,7 @@ from app.errors import (
     DatabaseUnavailableError,
     ImageNotFoundError,
     ImageTooLargeError,
+    InvalidParameterError,
     InvalidVectorError,
     NoModelError,
     NoTextTowerError,
@@ -28,6 +29,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     NoTextTowerError: 400,
     NoModelError: 400,
     InvalidVectorError: 422,
+    InvalidParameterError: 422,
     ImageNotFoundError: 404,
     DatabaseUnavailableError: 503,
 }

@@ -4,7 +4,6 @@ database driver may block without stalling the event loop."""
 from __future__ import annotations
 
 import mimetypes
-from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
@@ -18,17 +17,14 @@ from app.api.schemas import (
     ErrorResponse,
     ExistsRequest,
     ExistsResponse,
-    HealthResponse,
     IndexResponse,
-    ModelHealth,
     SearchResponse,
     SearchResult,
-    StatsResponse,
     TextSearchRequest,
     VectorSearchRequest,
 )
-from app.errors import ImageTooLargeError
-from app.service import SearchService
+from app.imaging.prepare import check_upload_size
+from app.service import HealthReport, SearchService, ServiceStats
 from app.vectordb.base import SearchHit
 
 router = APIRouter()
@@ -63,21 +59,15 @@ Service = Annotated[SearchService, Depends(get_service)]
 
 
 def _read_upload(file: UploadFile, service: SearchService) -> bytes:
+    # One byte over the limit is enough to refuse; the rest of a huge upload is never held in memory.
     limit = service.settings.max_upload_bytes
     data = file.file.read(limit + 1)
-    if len(data) > limit:
-        raise ImageTooLargeError(
-            f"The upload is over the limit of {service.settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)."
-        )
+    check_upload_size(len(data), limit)
     return data
 
 
 def _top_k(top_k: int | None, service: SearchService) -> int:
-    settings = service.settings
-    k = settings.default_top_k if top_k is None else top_k
-    if not 1 <= k <= settings.max_top_k:
-        raise HTTPException(422, f"top_k must be between 1 and {settings.max_top_k} (MAX_TOP_K), got {k}.")
-    return k
+    return service.resolve_top_k(top_k)
 
 
 def _results(request: Request, hits: list[SearchHit]) -> SearchResponse:
@@ -228,37 +218,17 @@ def delete_image(service: Service, image_id: str) -> DeleteResponse:
 
 @router.get(
     "/health",
-    response_model=HealthResponse,
-    responses={503: {"model": HealthResponse, "description": "The database is unavailable."}},
+    response_model=HealthReport,
+    responses={503: {"model": HealthReport, "description": "The database is unavailable."}},
     summary="Liveness and dependencies",
 )
 def health(service: Service) -> JSONResponse:
     """``200`` when the database answers, ``503`` otherwise; always reports the loaded model."""
-    db_ok = service.db.health()
-    body = HealthResponse(
-        status="ok" if db_ok else "unavailable",
-        database="ok" if db_ok else "unavailable",
-        backend=service.db.backend_name,
-        model=ModelHealth(
-            id=service.embedder.model_id,
-            dimension=service.embedder.dim,
-            device=service.embedder.device,
-            supports_text=service.embedder.supports_text,
-        ),
-    )
-    return JSONResponse(status_code=200 if db_ok else 503, content=body.model_dump())
+    report = service.health()
+    return JSONResponse(status_code=200 if report.status == "ok" else 503, content=report.model_dump())
 
 
-@router.get("/stats", response_model=StatsResponse, responses={503: _ERRORS[503]}, summary="Collection statistics")
-def stats(service: Service) -> StatsResponse:
+@router.get("/stats", response_model=ServiceStats, responses={503: _ERRORS[503]}, summary="Collection statistics")
+def stats(service: Service) -> ServiceStats:
     """Number of indexed images, the model and its dimension, the backend, and the query-embedding cache."""
-    s = service.stats()
-    return StatsResponse(
-        count=s.count,
-        model=s.model,
-        dimension=s.dimension,
-        backend=s.backend,
-        device=s.device,
-        supports_text=s.supports_text,
-        query_cache=asdict(s.query_cache),
-    )
+    return service.stats()

@@ -1,111 +1,159 @@
-"""Image (and text) embedders, and the one function that picks one from the settings.
+"""Image (and text) embedders, and the one model lifecycle: :func:`load_embedder` picks, exports and loads.
 
-``EMBEDDER=clip``: OpenCLIP (:class:`OpenClipEmbedder`), text search included; errors loading it propagate.
-``EMBEDDER=efficientnet``: the offline ImageNet EfficientNet-Lite2 (:class:`EfficientNetLiteEmbedder`), image-only.
-``EMBEDDER=auto`` (default): CLIP when its weights load, otherwise the offline model with one WARNING line.
+On a CPU with ``CPU_ENCODER=onnx`` (the default) the server runs the model from its ONNX export with ONNX Runtime
+(:class:`app.embedders.onnx_model.OnnxEmbedder`) and never imports torch or open_clip: the export is made once, in
+a child process (:mod:`app.embedders.export`), and found again by name in ``MODEL_CACHE_DIR/onnx``. On a GPU, or with
+another ``CPU_ENCODER``, the torch embedders run in process (:mod:`app.embedders.torch_loader`; fp16 on CUDA).
+
+Importing this package imports neither torch nor open_clip; ``EfficientNetLiteEmbedder`` and ``OpenClipEmbedder``
+are importable from it and load torch when first named.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
 from app.embedders.base import Embedder
-from app.embedders.clip import OpenClipEmbedder
-from app.embedders.efficientnet import MODEL_ID as EFFICIENTNET_MODEL_ID
-from app.embedders.efficientnet import EfficientNetLiteEmbedder
+from app.embedders.onnx_model import (
+    EFFICIENTNET_MODEL_ID,
+    Manifest,
+    OnnxEmbedder,
+    clip_model_id,
+    export_key,
+    find_export,
+)
 
-__all__ = ["Embedder", "EfficientNetLiteEmbedder", "OpenClipEmbedder", "load_embedder"]
+if TYPE_CHECKING:
+    from app.embedders.clip import OpenClipEmbedder
+    from app.embedders.efficientnet import EfficientNetLiteEmbedder
+
+__all__ = ["EfficientNetLiteEmbedder", "Embedder", "OnnxEmbedder", "OpenClipEmbedder", "load_embedder"]
 
 logger = logging.getLogger(__name__)
 
+# Settings the export child needs; it gets them explicitly, so that settings built in code (tests, scripts) and
+# settings from the environment behave the same.
+_CHILD_FIELDS = {"embedder", "clip_model", "clip_pretrained", "data_dir", "model_cache_dir", "embed_batch_size"}
 
-def load_embedder(settings: Settings) -> Embedder:
-    """Load the embedder the settings ask for.
 
-    Applies ``settings.torch_threads`` (``torch.set_num_threads``) first when it is > 0.
+def __getattr__(name: str) -> Any:
+    """The torch embedder classes, imported (with torch) only when named."""
+    if name == "EfficientNetLiteEmbedder":
+        from app.embedders.efficientnet import EfficientNetLiteEmbedder
+
+        return EfficientNetLiteEmbedder
+    if name == "OpenClipEmbedder":
+        from app.embedders.clip import OpenClipEmbedder
+
+        return OpenClipEmbedder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _accelerator_possible() -> bool:
+    """Whether this machine might have a GPU torch could use; ``False`` is certain (no driver device nodes, not a
+    Mac), so ``DEVICE=auto`` can pick the CPU without importing torch."""
+    dev = Path("/dev")
+    return (
+        sys.platform == "darwin"
+        or (dev / "nvidiactl").exists()
+        or any(dev.glob("nvidia[0-9]*"))
+        or (dev / "kfd").exists()  # ROCm
+        or (dev / "dxg").exists()  # WSL's GPU paravirtualisation
+    )
+
+
+def serves_with_onnx(settings: Settings) -> bool:
+    """Whether the model runs from its ONNX export (CPU, ``CPU_ENCODER=onnx``), decided without importing torch
+    when the device is certain to be the CPU."""
+    if settings.cpu_encoder != "onnx":
+        return False
+    if settings.device == "cpu" or (settings.device == "auto" and not _accelerator_possible()):
+        return True
+    from app.embedders.device import resolve_device
+
+    return resolve_device(settings.device) == "cpu"
+
+
+def load_embedder(settings: Settings, collection_model: str | None = None) -> Embedder | None:
+    """Load the model the settings ask for; ``None`` for ``EMBEDDER=none``.
+
+    ``EMBEDDER=auto`` tries CLIP and falls back to the offline model with one WARNING naming the reason; when the
+    existing collection was filled by the offline model (``collection_model``), that model is loaded directly, since
+    a CLIP collection could not be searched with it anyway.
 
     Args:
-        settings: uses ``embedder``, ``clip_model``, ``clip_pretrained``, ``device``, ``embed_batch_size``,
-            ``torch_threads`` and ``resolved_model_cache_dir``.
+        settings: uses ``embedder``, ``clip_model``, ``clip_pretrained``, ``device``, ``cpu_encoder``,
+            ``embed_batch_size``, ``torch_threads`` and ``resolved_model_cache_dir``.
+        collection_model: the ``model_id`` the existing collection records, ``None`` when there is none yet.
 
     Returns:
-        ``EMBEDDER=clip``: an :class:`OpenClipEmbedder`. ``EMBEDDER=efficientnet``: an
-        :class:`EfficientNetLiteEmbedder`. ``EMBEDDER=auto``: the CLIP model if it loads, otherwise the
-        EfficientNet one, after logging a single WARNING that names the reason and that text search is off.
+        An :class:`OnnxEmbedder` when :func:`serves_with_onnx` (the export is made first if it is not cached, in a
+        child process), else the torch embedder.
 
     Raises:
-        RuntimeError / ValueError: ``EMBEDDER=clip`` and the CLIP weights cannot be loaded (message names the model,
-            the weights and the cause), or the requested DEVICE is unavailable.
+        RuntimeError / ValueError: ``EMBEDDER=clip`` and the CLIP weights cannot be loaded (the message names the
+            model, the weights and the cause), or the requested DEVICE is unavailable.
     """
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
+    if settings.embedder == "none":
+        return None
+    family = settings.embedder
+    if family == "auto" and collection_model == EFFICIENTNET_MODEL_ID:
+        family = "efficientnet"
+    if not serves_with_onnx(settings):
+        from app.embedders.torch_loader import load_torch_embedder
 
-    if settings.embedder == "efficientnet":
-        return EfficientNetLiteEmbedder.from_settings(settings)
+        return load_torch_embedder(settings.model_copy(update={"embedder": family}), collection_model)
 
-    weights = f"{settings.clip_model}/{settings.clip_pretrained}"
-    if settings.embedder == "clip":
-        try:
-            return OpenClipEmbedder.from_settings(settings)
-        except Exception as exc:
-            raise RuntimeError(
-                f"EMBEDDER=clip, but the CLIP weights {weights} could not be loaded: {exc}. "
-                "Check CLIP_MODEL / CLIP_PRETRAINED and network access (or MODEL_CACHE_DIR), "
-                "or set EMBEDDER=efficientnet to use the offline image-only model."
-            ) from exc
+    wanted = EFFICIENTNET_MODEL_ID if family == "efficientnet" else clip_model_id(*_clip(settings))
+    manifest = find_export(settings.resolved_model_cache_dir, export_key(wanted))
+    if manifest is None:
+        manifest = _export_in_child(settings, family)
+        if manifest is None:  # a model with no torch-free form: serve it with torch after all
+            from app.embedders.torch_loader import load_torch_embedder
 
-    # auto
-    capture = _CaptureLibraryLogs()
-    root = logging.getLogger()
-    root.addFilter(capture)
-    try:
-        embedder: Embedder = OpenClipEmbedder.from_settings(settings)
-    except Exception as exc:
-        # The reason is in our WARNING below; open_clip's own root-logger error line would only repeat it.
-        root.removeFilter(capture)
-        logger.warning(
-            "CLIP weights %s could not be loaded (%s); using the offline image-only model %s - text search is "
-            "disabled. Set EMBEDDER=efficientnet to skip this attempt.",
-            weights,
-            _one_line(exc),
-            EFFICIENTNET_MODEL_ID,
-        )
-        return EfficientNetLiteEmbedder.from_settings(settings)
-    root.removeFilter(capture)
-    capture.replay(root)  # loaded fine: open_clip's warnings (e.g. QuickGELU mismatch) still deserve to be seen
-    return embedder
+            return load_torch_embedder(settings.model_copy(update={"embedder": family}), collection_model)
+    return OnnxEmbedder(manifest, batch_size=settings.embed_batch_size, threads=settings.torch_threads)
 
 
-class _CaptureLibraryLogs(logging.Filter):
-    """Holds back WARNING+ records that open_clip logs through the *root* logger while CLIP loads.
+def _clip(settings: Settings) -> tuple[str, str]:
+    return settings.clip_model, settings.clip_pretrained
 
-    open_clip calls ``logging.error(...)`` directly, so it cannot be silenced by logger name; its records are
-    recognised by the source file instead.
+
+def _export_in_child(settings: Settings, family: str) -> Manifest | None:
+    """Run :mod:`app.embedders.export` in a child process; the manifest it made, or ``None`` (no torch-free form).
+
+    The child's log goes to this process's stderr; the auto fallback's WARNING is logged here, once.
+    Raises RuntimeError with the child's message when it fails.
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        import open_clip
-
-        self._prefix = str(Path(open_clip.__file__).resolve().parent)
-        self.held: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and str(Path(record.pathname).resolve()).startswith(self._prefix):
-            self.held.append(record)
-            return False
-        return True
-
-    def replay(self, target: logging.Logger) -> None:
-        for record in self.held:
-            target.handle(record)
-        self.held.clear()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
+    fields = settings.model_dump(mode="json", include=_CHILD_FIELDS)
+    fields["model_cache_dir"] = str(settings.resolved_model_cache_dir)
+    fields["embedder"] = family
+    logger.info("Preparing the ONNX export of the %s model in a child process (once per model)", family)
+    # The child must import this same source tree, wherever the current directory is.
+    project = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.embedders.export", "--settings", json.dumps(fields)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"error": f"the export child exited with status {proc.returncode}"}
+    if "unsupported" in result:
+        logger.info("No ONNX form for this model (%s); it runs with torch", result["unsupported"])
+        return None
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    if result.get("warning"):
+        logger.warning("%s", result["warning"])
+    return Manifest.read(Path(result["export"]))

@@ -150,6 +150,10 @@ class OpenClipEmbedder(Embedder):
         self._tokenizer = tokenizer
         self.dim = self._output_dim()
         size = getattr(self.model.visual, "image_size", 224)
+        square = size if isinstance(size, int) else (size[0] if len(set(size)) == 1 else None)
+        # open_clip's eval transform resizes with its own rules (resize_mode, squash): JPEG drafts at the input size
+        # are safe, pre-fitting is not declared.
+        self.input_size = int(square) if square else None
         self.encoder: ImageEncoder = build_encoder(
             # encode_image(x) is visual(x) in every open_clip model class; the tower alone keeps the text weights
             # out of the int8 copy, the ONNX graph and the weights fingerprint.

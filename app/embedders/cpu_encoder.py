@@ -106,17 +106,9 @@ class OnnxEncoder(ImageEncoder):
     name = "onnx"
 
     def __init__(self, path: Path, exported: bool, threads: int) -> None:
-        import onnxruntime as ort
+        from app.embedders.onnx_model import ort_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1  # one sequential graph: parallelism comes from intra-op threads
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's workers busy-wait between runs by default; in a server they would steal the cores that decode the
-        # next uploads (2 vCPUs here), so they sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path, threads)
         self._input = self.session.get_inputs()[0].name
         self.path = path
         self.exported = exported
@@ -220,7 +212,7 @@ def _onnx(
     with _EXPORT_LOCK:
         exported = False
         if not path.is_file():
-            _export(tower, probe, path)
+            export_graph(tower, probe, path)
             exported = True
         try:
             encoder = OnnxEncoder(path, exported, threads)
@@ -228,7 +220,7 @@ def _onnx(
             if exported:
                 raise
             logger.warning("Re-exporting the unreadable ONNX file %s (%s)", path, exc)
-            _export(tower, probe, path)
+            export_graph(tower, probe, path)
             encoder = OnnxEncoder(path, True, threads)
     with torch.inference_mode():
         expected = F.normalize(tower(probe).float(), dim=1)
@@ -240,7 +232,9 @@ def _onnx(
     return encoder
 
 
-def _export(tower: nn.Module, probe: torch.Tensor, path: Path) -> None:
+def export_graph(
+    tower: nn.Module, probe: torch.Tensor, path: Path, input_name: str = "pixels", output_name: str = "embedding"
+) -> None:
     """Export to a temporary file next to ``path`` and rename it: readers never see a half-written graph."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
@@ -255,9 +249,9 @@ def _export(tower: nn.Module, probe: torch.Tensor, path: Path) -> None:
                 tower,
                 (probe,),
                 tmp,
-                input_names=["pixels"],
-                output_names=["embedding"],
-                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )
@@ -265,7 +259,7 @@ def _export(tower: nn.Module, probe: torch.Tensor, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("Exported the image tower to %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    logger.info("Exported %s to %s (%.1f MB)", type(tower).__name__, path, path.stat().st_size / 1e6)
 
 
 def _weights_fingerprint(tower: nn.Module) -> str:

@@ -91,9 +91,10 @@ class EfficientNetLiteEmbedder(Embedder):
     model_id = MODEL_ID
     dim = EMBED_DIM
     supports_text = False
-    # Declares that preprocessing is "shorter side to input_size (bicubic), centre crop": app.ingest decodes JPEGs
-    # in draft mode and fits images to this size in its worker processes, which this transform then passes through.
+    # build_transform() is exactly "shorter side to input_size (bicubic), centre crop": ingest workers decode JPEGs
+    # in draft mode and fit images to this size, which the transform then passes through unchanged.
     input_size = INPUT_SIZE
+    fits_by_centre_crop = True
 
     def __init__(
         self,

@@ -5,14 +5,13 @@
     files --> [ProcessPoolExecutor: read + SHA-256 + decode (JPEG draft mode)] --> main thread: embed batches of
     EMBED_BATCH_SIZE --> [writer thread: save originals + one upsert per batch] --> on_result callback
 
-The pieces are shared with the server: :func:`prepare_bytes` is the decode step of ``POST /index_images`` and
-:func:`write_batch` its write step, so ``scripts/bulk_index.py --direct`` and the API store exactly the same thing.
+The pieces are shared with the server: :func:`app.imaging.prepare.prepare_bytes` is the decode step of
+``POST /index_images`` (run here inside :func:`app.indexing.worker.prepare_file`) and
+:func:`app.indexing.write.write_batch` its write step, so ``scripts/bulk_index.py --direct`` and the API store
+exactly the same thing.
 
-Crash safety (``kill -9`` at any moment): an original is written (atomically, temp file + rename) BEFORE its row,
-and a failed upsert deletes the originals it had just created. So the only thing a crash can leave is an original
-without a row, which is never visible (search and ``/images/exists`` go by rows); re-running the same ingest finds
-the id missing, re-embeds it, keeps the existing file and writes the row. Rows are idempotent upserts keyed by the
-SHA-256 of the bytes, so every image ends up exactly once.
+Crash safety (``kill -9`` at any moment) is :func:`app.indexing.write.write_batch`'s: originals before rows, rows
+as idempotent upserts keyed by the SHA-256 of the bytes, so a re-run resumes and every image ends up exactly once.
 """
 
 from __future__ import annotations
@@ -24,94 +23,21 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
-from app.decode_worker import FailedItem, PreparedImage, prepare_bytes, prepare_file, worker_init
 from app.embedders.base import Embedder
-from app.storage import ImageStore
-from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
+from app.imaging.prepare import PreparedImage
+from app.indexing.store import ImageStore
+from app.indexing.worker import FailedItem, prepare_file, worker_init
+from app.indexing.write import write_batch
+from app.vectordb.base import VectorDBHandler
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "FailedItem",
-    "IngestPipeline",
-    "PreparedImage",
-    "draft_size_for",
-    "prepare_bytes",
-    "prepare_file",
-    "write_batch",
-]
-
-DEFAULT_DRAFT_SIZE = 320
-"""JPEG draft target when the embedder does not say its input size: at least every common model input (224-288)."""
-
-
-def fit_size_for(embedder: Embedder) -> int | None:
-    """The size to pre-fit images to (:func:`app.decode_worker.fit_to_model`) for this embedder, or ``None``.
-
-    Only embedders with an ``input_size`` attribute, which declares that their preprocessing is exactly "shorter
-    side to input_size, bicubic, centre crop", so that a pre-fitted image gives the same embedding.
-    """
-    size = getattr(embedder, "input_size", None)
-    return int(size) if isinstance(size, int) and size > 0 else None
-
-
-def draft_size_for(embedder: Embedder) -> int:
-    """Pixels each side a JPEG must keep when decoded in draft mode for this embedder.
-
-    The embedder's ``input_size`` attribute when it has one, else :data:`DEFAULT_DRAFT_SIZE` (320 px). The model
-    resizes the shorter side to its input size anyway, and draft mode never goes below the requested size, so the
-    model sees (nearly) the same pixels.
-    """
-    size = getattr(embedder, "input_size", None)
-    return int(size) if isinstance(size, int) and size > 0 else DEFAULT_DRAFT_SIZE
-
-
-def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[PreparedImage], vectors: np.ndarray) -> None:
-    """Store a batch: every original first, then ONE upsert of all rows; all or nothing.
-
-    Args:
-        items: prepared images with distinct ids. vectors: ``(len(items), D)`` float32 embeddings, same order.
-
-    Raises whatever the store or the database raises (e.g. :class:`app.errors.DatabaseUnavailableError`), after
-    deleting the originals this call created, so no file is left without its row. Files that already existed (from
-    an earlier, interrupted run) are kept: their rows may be the ones being written now.
-    """
-    if not items:
-        return
-    now = datetime.now(UTC)
-    created: list[str] = []
-    try:
-        for item in items:
-            if store.save(item.image_id, item.data, item.extension):
-                created.append(item.image_id)
-        records = [
-            ImageRecord(
-                item.image_id,
-                np.asarray(vector, dtype=np.float32),
-                ImageMetadata(
-                    filename=item.name,
-                    format=item.format,
-                    width=item.width,
-                    height=item.height,
-                    bytes=len(item.data),
-                    indexed_at=now,
-                ),
-            )
-            for item, vector in zip(items, vectors, strict=True)
-        ]
-        db.upsert(records)
-    except BaseException:
-        for image_id in created:
-            store.delete(image_id)
-        raise
+__all__ = ["IngestItem", "IngestPipeline"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +85,8 @@ class IngestPipeline:
         self.embedder, self.db, self.store = embedder, db, store
         self.workers, self.batch_size = workers, batch_size
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
-        self.draft_size = draft_size_for(embedder)
-        self.fit_size = fit_size_for(embedder)
+        self.draft_size = embedder.draft_size
+        self.fit_size = embedder.fit_size
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._on_result = on_result

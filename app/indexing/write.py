@@ -1,0 +1,60 @@
+"""Writing a batch of prepared images: originals first, then one upsert of their rows; all or nothing.
+
+Crash safety (``kill -9`` at any moment): an original is written (atomically, temp file + rename) BEFORE its row,
+and a failed upsert deletes the originals it had just created. So the only thing a crash can leave is an original
+without a row, which is never visible (search and ``/images/exists`` go by rows); re-indexing the same bytes finds
+the id missing, re-embeds it, keeps the existing file and writes the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+
+from app.imaging.prepare import PreparedImage
+from app.indexing.store import ImageStore
+from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
+
+__all__ = ["write_batch"]
+
+
+def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[PreparedImage], vectors: np.ndarray) -> None:
+    """Store a batch: every original first, then ONE upsert of all rows; all or nothing.
+
+    Args:
+        items: prepared images with distinct ids. vectors: ``(len(items), D)`` float32 embeddings, same order.
+
+    Raises whatever the store or the database raises (e.g. :class:`app.errors.DatabaseUnavailableError`), after
+    deleting the originals this call created, so no file is left without its row. Files that already existed (from
+    an earlier, interrupted run) are kept: their rows may be the ones being written now.
+    """
+    if not items:
+        return
+    now = datetime.now(UTC)
+    created: list[str] = []
+    try:
+        for item in items:
+            if store.save(item.image_id, item.data, item.extension):
+                created.append(item.image_id)
+        records = [
+            ImageRecord(
+                item.image_id,
+                np.asarray(vector, dtype=np.float32),
+                ImageMetadata(
+                    filename=item.name,
+                    format=item.format,
+                    width=item.width,
+                    height=item.height,
+                    bytes=len(item.data),
+                    indexed_at=now,
+                ),
+            )
+            for item, vector in zip(items, vectors, strict=True)
+        ]
+        db.upsert(records)
+    except BaseException:
+        for image_id in created:
+            store.delete(image_id)
+        raise

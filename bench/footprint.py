@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Server footprint: start-up time and resident memory (RSS) of ``python -m app``, as one JSON line.
+
+Runs the real server as a child process (UI on, the settings' defaults otherwise) on a data folder of its own:
+
+1. a first start creates the embedded database and the model's ONNX export (not measured: a one-time cost);
+2. a warm start: seconds from process start to the first ``200`` of ``/health`` (``start_to_healthy_s``), and the
+   server's RSS 2 s later (``rss_after_start_mb``);
+3. indexes ``caltech101_subset`` and ``instance_small`` through the API with ``scripts/bulk_index.py``
+   (``rss_after_index_mb``);
+4. a second pass of the same uploads (every file again to ``POST /index_images``, answered ``exists``, and 200
+   ``POST /search_image``): ``rss_after_second_pass_mb``, which must not grow over step 3.
+
+RSS is VmRSS of the server process from ``/proc`` (Linux), in MB (10^6 bytes); the embedded PostgreSQL runs in
+processes of its own and is reported apart (``postgres_rss_mb``, all its processes). ``libtorch_mapped`` says whether
+the server process has torch's shared library mapped at the end (the goal: it never loads torch).
+
+Usage: python bench/footprint.py [--embedder efficientnet|auto] [--data-dir DIR] [--port 8765]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of ``pid`` in MB (10^6 bytes), from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) * 1024 / 1e6, 1)
+    return 0.0
+
+
+def postgres_rss_mb(data_dir: Path) -> float:
+    """Summed VmRSS of the processes whose command line names this data folder's PostgreSQL, in MB."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            exe = os.readlink(proc / "exe")
+        except OSError:
+            continue
+        if "postgres" in exe and (str(data_dir) in cmd or _is_child_of_postmaster(proc, data_dir)):
+            total += rss_mb(int(proc.name))
+    return round(total, 1)
+
+
+def _is_child_of_postmaster(proc: Path, data_dir: Path) -> bool:
+    try:
+        ppid = int((proc / "stat").read_text().split(") ")[1].split()[1])
+        parent_cmd = Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, IndexError, ValueError):
+        return False
+    return str(data_dir) in parent_cmd
+
+
+def libtorch_mapped(pid: int) -> bool:
+    """Whether torch's shared library is mapped into ``pid`` (torch was imported)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def start_server(env: dict[str, str], port: int) -> tuple[subprocess.Popen, float]:
+    """Start ``python -m app``; return it and the seconds until ``/health`` first answered 200."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = start + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the server did not become healthy")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def second_pass(api: str, folders: list[Path]) -> None:
+    """Every file again through ``POST /index_images`` (32 per request), then 200 searches by example."""
+    files = sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
+    with httpx.Client(base_url=api, timeout=300) as client:
+        for i in range(0, len(files), 32):
+            parts = [("files", (p.name, p.read_bytes())) for p in files[i : i + 32]]
+            client.post("/index_images", files=parts).raise_for_status()
+        for p in files[:: max(1, len(files) // 200)][:200]:
+            client.post("/search_image", files={"file": (p.name, p.read_bytes())}, data={"top_k": "10"})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--embedder", default="efficientnet", choices=["efficientnet", "auto"])
+    parser.add_argument("--data-dir", type=Path, help="the server's DATA_DIR (default: a new temporary folder)")
+    parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+
+    data_dir = (args.data_dir or Path(tempfile.mkdtemp(prefix="footprint-"))).resolve()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(data_dir),
+        "PORT": str(args.port),
+        "HOST": "127.0.0.1",
+        "EMBEDDER": args.embedder,
+        "LOG_LEVEL": "WARNING",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    }
+    env.pop("DATABASE_URL", None)
+    api = f"http://127.0.0.1:{args.port}"
+
+    first, first_s = start_server(env, args.port)  # creates the database and the model export
+    stop_server(first)
+
+    server, healthy_s = start_server(env, args.port)
+    try:
+        time.sleep(2)
+        after_start = rss_mb(server.pid)
+        folders = [args.datasets / "caltech101_subset" / "images", args.datasets / "instance_small" / "images"]
+        for folder in folders:
+            subprocess.run(
+                [sys.executable, "scripts/bulk_index.py", str(folder), "--api", api],
+                cwd=ROOT,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        time.sleep(2)
+        after_index = rss_mb(server.pid)
+        second_pass(api, folders)
+        time.sleep(2)
+        after_second = rss_mb(server.pid)
+        count = httpx.get(f"{api}/stats", timeout=30).json()["count"]
+        result = {
+            "bench": "footprint",
+            "embedder": args.embedder,
+            "first_start_s": round(first_s, 2),
+            "start_to_healthy_s": round(healthy_s, 2),
+            "rss_after_start_mb": after_start,
+            "rss_after_index_mb": after_index,
+            "rss_after_second_pass_mb": after_second,
+            "indexed": count,
+            "postgres_rss_mb": postgres_rss_mb(data_dir),
+            "libtorch_mapped": libtorch_mapped(server.pid),
+        }
+    finally:
+        stop_server(server)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
