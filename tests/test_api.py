@@ -12,7 +12,10 @@ from app.errors import CollectionMismatchError
 from app.ids import image_id_for
 from app.main import create_app
 from app.vectordb.pgvector import PgVectorHandler
-from tests.conftest import make_settings
+from tests.helpers import make_settings
+
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 HOPPER = "instance_small/images/grace_hopper"
 DISTRACTORS = [

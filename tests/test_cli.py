@@ -14,7 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT, free_port
+from tests.helpers import BULK_SUMMARY as SUMMARY
+from tests.helpers import PROJECT_ROOT, free_port
+from tests.helpers import symlink as _link
+
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 SCRIPTS = PROJECT_ROOT / "scripts"
 IMAGES = "instance_small/images"
@@ -30,12 +35,6 @@ FORMATS = {  # stored name -> dataset file; the upper-case extension checks that
     "more formats/deeper/bridge_L.png": "formats/png/bridge_L.png",
 }
 CORRUPT = "formats/broken/ukbench09268_corrupt.jpg"
-SUMMARY = re.compile(r"scanned (\d+) files: (\d+) already indexed, (\d+) indexed, (\d+) failed \(([\d.]+) img/s\)")
-
-
-def _link(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target)
 
 
 def _sha256(path: Path) -> str:

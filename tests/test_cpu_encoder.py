@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from app.config import Settings
 from app.embedders import EfficientNetLiteEmbedder, OpenClipEmbedder, load_embedder
 from app.embedders.cpu_encoder import OnnxEncoder, build_encoder, onnx_path
+from tests.helpers import INSTANCE, assert_unit_rows, cosines, load_rgb
 
-INSTANCE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "instance_small" / "images"
-pytestmark = pytest.mark.skipif(not INSTANCE.is_dir(), reason=f"real test images not found at {INSTANCE}")
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 FILES = [
     "pdq_bridge/aaa-orig.jpg",
@@ -34,21 +35,6 @@ EFFNET_MIN_COSINE = {"bf16": 0.995, "int8": 0.99999, "onnx": 0.9999}
 # Random-init ViT-S-32 (the test CLIP): int8 really quantizes its Linear layers, so it moves most.
 CLIP_ARCH = "ViT-S-32"
 CLIP_MIN_COSINE = {"bf16": 0.999, "int8": 0.995, "onnx": 0.9999}
-
-
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1)
-
-
-def assert_unit_rows(emb: np.ndarray, n: int, d: int) -> None:
-    assert emb.shape == (n, d) and emb.dtype == np.float32
-    assert np.all(np.isfinite(emb))
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

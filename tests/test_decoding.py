@@ -8,7 +8,6 @@ import io
 import struct
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,11 +15,9 @@ from PIL import Image, ImageFile, features
 
 from app.errors import CorruptImageError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
 from app.imaging.decode import DecodedImage, decode_image, register_plugins, sniff_format
+from tests.helpers import FORMATS
 
-FORMATS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "formats"
 MAX_PIXELS = 100_000_000  # the Settings.max_image_pixels default
-
-pytestmark = pytest.mark.skipif(not (FORMATS / "manifest.csv").is_file(), reason=f"{FORMATS} is not present")
 
 
 def _manifest() -> list[dict[str, str]]:

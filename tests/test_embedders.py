@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from app.config import Settings
 from app.embedders import EfficientNetLiteEmbedder, Embedder, OnnxEmbedder, OpenClipEmbedder, load_embedder
 from app.embedders.device import resolve_device
 from app.errors import NoTextTowerError
+from tests.helpers import INSTANCE, assert_unit_rows, load_rgb
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-INSTANCE = DATASETS / "instance_small" / "images"
-
-pytestmark = pytest.mark.skipif(not INSTANCE.is_dir(), reason=f"real test images not found at {INSTANCE}")
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 # A few instance_small groups whose members are edits / re-encodes / EXIF rotations / relighting of one scene,
 # plus unrelated distractor photos.
@@ -41,18 +40,6 @@ DISTRACTORS = [
 ]
 CLIP_ARCH = "ViT-S-32"  # smallest built-in ViT with the standard CLIP tokenizer: ~0.3 s to build on CPU
 UNDOWNLOADABLE = ("ViT-B-32", "laion2b_s34b_b79k")  # a real tag; its weights are never in the tests' cache dir
-
-
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def assert_unit_rows(emb: np.ndarray, n: int, d: int) -> None:
-    assert emb.shape == (n, d)
-    assert emb.dtype == np.float32
-    assert np.all(np.isfinite(emb))
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
 def make_settings(tmp_path: Path, **fields) -> Settings:

@@ -20,8 +20,12 @@ import pytest
 from app.batching import BatcherClosedError, DynamicBatcher
 from app.imaging.decode import decode_image
 from app.indexing.store import ImageStore
-from tests.conftest import PROJECT_ROOT, run_live_server
-from tests.test_cli import SUMMARY, _link
+from tests.helpers import BULK_SUMMARY as SUMMARY
+from tests.helpers import PROJECT_ROOT, run_live_server
+from tests.helpers import symlink as _link
+
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 PORTRAIT = "instance_small/images/exif_portrait/Portrait_5.jpg"  # 1200x1800 after EXIF orientation
 CORRUPT = "formats/broken/ukbench09268_corrupt.jpg"

@@ -11,17 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from app.config import Settings
 from app.embedders import OnnxEmbedder, OpenClipEmbedder, load_embedder
 from app.embedders.clip_tokenizer import ClipTokenizer
 from app.embedders.export import CHECK_TEXTS, MIN_COSINE, export_embedder
 from app.embedders.onnx_model import clip_model_id, export_key
+from tests.helpers import DATASETS, INSTANCE, PROJECT_ROOT, load_rgb
 
-PROJECT = Path(__file__).resolve().parents[1]
-INSTANCE = PROJECT.parent / "shared" / "datasets" / "instance_small" / "images"
-CAPTIONS = PROJECT.parent / "shared" / "datasets" / "caltech101_subset" / "labels.csv"
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
+PROJECT = PROJECT_ROOT
+CAPTIONS = DATASETS / "caltech101_subset" / "labels.csv"
 FILES = [
     "pdq_bridge/aaa-orig.jpg",
     "exif_landscape/Landscape_3.jpg",
@@ -31,11 +34,6 @@ FILES = [
     "single_coffee/skimage_coffee.png",
 ]
 CLIP_ARCH = "ViT-S-32"
-
-
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.query_cache import QueryEmbeddingCache
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 
 HOPPER = "formats/jpeg"  # indexed
 QUERIES = ["formats/tiff/hopper.tif", "formats/webp/hopper_orientation_6.webp", "formats/gif/hopper.gif"]
@@ -98,6 +98,7 @@ def _search(client: TestClient, data: bytes) -> list[dict]:
     return r.json()["results"]
 
 
+@pytest.mark.slow
 def test_repeated_unindexed_search_is_a_cache_hit(tmp_path, database_url, offline_embedder, datasets):
     with _app_client(tmp_path, database_url, offline_embedder) as client:
         _index_hopper(client, datasets)
@@ -129,6 +130,7 @@ def test_repeated_unindexed_search_is_a_cache_hit(tmp_path, database_url, offlin
         assert client.get("/stats").json()["query_cache"]["size"] == 1
 
 
+@pytest.mark.slow
 def test_capacity_eviction_through_the_api(tmp_path, database_url, offline_embedder, datasets):
     with _app_client(tmp_path, database_url, offline_embedder, query_cache_size=2) as client:
         _index_hopper(client, datasets)
@@ -141,6 +143,7 @@ def test_capacity_eviction_through_the_api(tmp_path, database_url, offline_embed
         assert stats == {"size": 2, "capacity": 2, "hits": 1, "misses": 4, "hit_rate": 0.2}
 
 
+@pytest.mark.slow
 def test_query_cache_size_zero_disables(tmp_path, database_url, offline_embedder, datasets):
     with _app_client(tmp_path, database_url, offline_embedder, query_cache_size=0) as client:
         _index_hopper(client, datasets)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import PROJECT_ROOT
+from tests.helpers import PROJECT_ROOT
 
 
 def test_search_scale_smoke_run_prints_the_json_line():

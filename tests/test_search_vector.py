@@ -13,7 +13,10 @@ from fastapi.testclient import TestClient
 from app.ids import image_id_for
 from app.imaging.decode import decode_image
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.helpers import make_settings
+
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 HOPPER = "instance_small/images/grace_hopper/pillow_hopper.png"
 QUERY = "formats/tiff/hopper.tif"  # another encoding of the Grace Hopper photo, never indexed

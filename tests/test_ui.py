@@ -14,8 +14,11 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from app.main import create_app
-from tests.conftest import create_database, make_settings, run_live_server
+from tests.helpers import create_database, make_settings, run_live_server
 from ui.app import THUMBNAIL_SIZE, _uploaded_image, format_stats
+
+# Loads a model, a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 HOPPER = "instance_small/images/grace_hopper"
 # Three variants of one portrait crop, indexed: a PNG, a JPEG with EXIF orientation 6 and a HEIF (which browsers
