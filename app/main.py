@@ -36,16 +36,35 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         embedder: an already loaded model to use instead of loading one from the settings (lets tests share one).
     """
     settings = settings or Settings()
+    ui = None
+    if settings.ui_enabled:
+        from ui.mount import DeferredUI
+
+        def build_ui() -> tuple[object, dict]:
+            from ui.app import build_ui
+
+            return build_ui(lambda: app.state.service, settings=settings), {}
+
+        ui = DeferredUI(build_ui)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from app.service import SearchService
 
-        service = await run_in_threadpool(SearchService.open, settings, embedder)
+        if ui is not None:
+            ui.start()  # built on a worker thread while the service opens: /health does not wait for it
+        try:
+            service = await run_in_threadpool(SearchService.open, settings, embedder)
+        except BaseException:
+            if ui is not None:
+                await ui.stop()
+            raise
         app.state.service = service
         try:
             yield
         finally:
+            if ui is not None:
+                await ui.stop()
             service.close()
 
     app = FastAPI(
@@ -72,12 +91,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     install_error_handlers(app)
     app.include_router(router)
 
-    if settings.ui_enabled:
-        import gradio as gr
-
-        from ui.app import build_ui
-
-        app = gr.mount_gradio_app(app, build_ui(lambda: app.state.service, settings=settings), path="/ui")
+    if ui is not None:
+        app.mount(ui.path, ui)
     return app
 
 

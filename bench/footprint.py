@@ -141,13 +141,15 @@ def main() -> int:
         after_start = rss_mb(server.pid)
         folders = [args.datasets / "caltech101_subset" / "images", args.datasets / "instance_small" / "images"]
         for folder in folders:
-            subprocess.run(
+            proc = subprocess.run(
                 [sys.executable, "scripts/bulk_index.py", str(folder), "--api", api],
                 cwd=ROOT,
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                check=False,
             )
+            if proc.returncode != 0:
+                raise RuntimeError(f"bulk_index.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
         time.sleep(2)
         after_index = rss_mb(server.pid)
         second_pass(api, folders)

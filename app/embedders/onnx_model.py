@@ -115,7 +115,8 @@ def find_export(cache_dir: Path, key: str) -> Manifest | None:
 
 
 def ort_session(path: Path, threads: int):  # noqa: ANN201 - onnxruntime.InferenceSession, imported lazily
-    """An ONNX Runtime CPU session for a server: ``threads`` intra-op threads (0 = one per core), no spinning.
+    """An ONNX Runtime CPU session for a server: ``threads`` intra-op threads (0 = one per core), no spinning, no
+    memory arena.
 
     ORT's workers busy-wait between runs by default; in a server they would steal the cores that decode the next
     uploads (2 vCPUs here), so they sleep instead. One sequential graph: parallelism comes from intra-op threads.
@@ -128,6 +129,10 @@ def ort_session(path: Path, threads: int):  # noqa: ANN201 - onnxruntime.Inferen
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's CPU arena keeps the largest batch's activations for the life of the session and never returns them:
+    # measured with EfficientNet-Lite2, resident memory after batches of 32 was 915 MB with the arena and 289 MB
+    # without (181 MB after malloc_trim), at the same speed within noise (bench/ort_arena.py, docs/benchmarks.md).
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
