@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import app as app_package
 from app.api.errors import install_error_handlers
+from app.api.limits import install_limits
 from app.api.routes import router
+from app.api.security import UI_LOGIN_MESSAGE, install_security
 from app.config import Settings
 
 if TYPE_CHECKING:
@@ -56,20 +57,9 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     )
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def _reject_oversized_uploads(request: Request, call_next):
-        # Refuse before the body is read; multipart overhead gets 1 MB of slack over the image limit. A batch
-        # upload has its own, larger limit for all its files together (each file is still held to MAX_UPLOAD_MB).
-        length = request.headers.get("content-length")
-        if request.url.path == "/index_images":
-            limit, what = settings.max_batch_bytes, f"{settings.max_batch_mb:g} MB (MAX_BATCH_MB)"
-        else:
-            limit, what = settings.max_upload_bytes, f"{settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)"
-        if length and length.isdigit() and int(length) > limit + 1_000_000:
-            return JSONResponse(status_code=413, content={"detail": f"The upload is over the limit of {what}."})
-        return await call_next(request)
-
     install_error_handlers(app)
+    install_limits(app, settings)
+    access = install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
     app.include_router(router)
 
     if settings.ui_enabled:
@@ -77,7 +67,14 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
         from ui.app import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(lambda: app.state.service, settings=settings), path="/ui")
+        app = gr.mount_gradio_app(
+            app,
+            build_ui(lambda: app.state.service, settings=settings),
+            path="/ui",
+            # With API_KEY set, the UI asks for it on Gradio's login form (any user name, the key as password).
+            auth=access.gradio_login if access.has_keys else None,
+            auth_message=UI_LOGIN_MESSAGE,
+        )
     return app
 
 

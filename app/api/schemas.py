@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 _EXAMPLE_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+#: Most values in a /search_vector vector (the largest model dimension here is 1280).
+MAX_VECTOR_VALUES = 16000
+
+
+def _at_most_max_vector_values(value: object) -> object:
+    # Checked before pydantic converts the items: it checks a list's length only after validating every item,
+    # which for a 40 MB body means millions of conversions just to refuse it.
+    if isinstance(value, list) and len(value) > MAX_VECTOR_VALUES:
+        raise ValueError(f"at most {MAX_VECTOR_VALUES} values, got {len(value)}")
+    return value
 
 
 class IndexResponse(BaseModel):
@@ -91,9 +102,10 @@ class VectorSearchRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"vector": [0.12, -0.03, 0.5], "top_k": 5}]})
     # NaN/Infinity (Python's JSON parser accepts those literals) pass here on purpose: the service refuses them with
     # its own 422, since a validation error would echo the value back and NaN cannot be written as JSON.
-    vector: list[float] = Field(
+    # Strict: numbers only (JSON true/false or "1.5" are refused instead of becoming 1.0 and 1.5).
+    vector: Annotated[list[Annotated[float, Strict()]], BeforeValidator(_at_most_max_vector_values)] = Field(
         min_length=1,
-        max_length=16000,
+        max_length=MAX_VECTOR_VALUES,
         description="An embedding from the collection's model: exactly D values (GET /stats: dimension), any "
         "scale (it is L2-normalised), not all zero.",
     )
