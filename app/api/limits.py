@@ -46,7 +46,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit, what = body_limit(self.settings, scope["path"])
-        too_large = JSONResponse({"detail": f"The upload is over the limit of {what}."}, status_code=413)
+        # Connection: close makes uvicorn drop the connection after the answer instead of draining the rest of the
+        # body to reuse it, so the client stops sending too.
+        too_large = JSONResponse(
+            {"detail": f"The upload is over the limit of {what}."}, status_code=413, headers={"Connection": "close"}
+        )
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await too_large(scope, receive, send)

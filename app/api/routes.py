@@ -25,14 +25,16 @@ from app.api.schemas import (
     VectorSearchRequest,
 )
 from app.api.security import require_write
+from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
 from app.service import HealthReport, SearchService, ServiceStats
 from app.vectordb.base import SearchHit
 
-router = APIRouter()
+router = APIRouter(route_class=UploadRoute)
 #: Every route that changes the collection. Its dependency checks the API key (app/api/security.py), so a write
 #: route added here cannot forget it; it is included into ``router`` at the end of this module.
 write_router = APIRouter(
+    route_class=UploadRoute,
     dependencies=[Depends(require_write)],
     responses={
         401: {"model": ErrorResponse, "description": "API_KEY is set and the request has no valid key."},

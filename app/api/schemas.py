@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictInt
 
 _EXAMPLE_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
@@ -95,7 +95,9 @@ class SearchResponse(BaseModel):
 class TextSearchRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"query": "a dog on a beach", "top_k": 5}]})
     query: str = Field(min_length=1, max_length=1000, description="What to look for, in words.")
-    top_k: int | None = Field(None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K).")
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K)."
+    )
 
 
 class VectorSearchRequest(BaseModel):
@@ -109,7 +111,9 @@ class VectorSearchRequest(BaseModel):
         description="An embedding from the collection's model: exactly D values (GET /stats: dimension), any "
         "scale (it is L2-normalised), not all zero.",
     )
-    top_k: int | None = Field(None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K).")
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K)."
+    )
 
 
 class ExistsRequest(BaseModel):
