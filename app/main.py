@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 import app as app_package
 from app.api.errors import install_error_handlers
 from app.api.limits import install_limits
+from app.api.metrics import install_metrics
 from app.api.routes import router
 from app.api.security import UI_LOGIN_MESSAGE, install_security
 from app.config import Settings
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     install_error_handlers(app)
     install_limits(app, settings)
     access = install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
+    install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
 
     if settings.ui_enabled:

@@ -82,7 +82,9 @@ def install_error_handlers(app: FastAPI) -> None:
     JSON ``{"detail": ...}`` responses."""
 
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, DatabaseUnavailableError) and (metrics := getattr(request.app.state, "metrics", None)):
+            metrics.count_database_error("request")
         return error_response(status_for(exc), exc)
 
     @app.exception_handler(StarletteHTTPException)

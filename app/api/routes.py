@@ -21,13 +21,14 @@ from app.api.schemas import (
     IndexResponse,
     SearchResponse,
     SearchResult,
+    StatsResponse,
     TextSearchRequest,
     VectorSearchRequest,
 )
 from app.api.security import require_write
 from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
-from app.service import HealthReport, SearchService, ServiceStats
+from app.service import HealthReport, SearchService
 from app.vectordb.base import SearchHit
 
 router = APIRouter(route_class=UploadRoute)
@@ -250,10 +251,12 @@ def health(service: Service) -> JSONResponse:
     return JSONResponse(status_code=200 if report.status == "ok" else 503, content=report.model_dump())
 
 
-@router.get("/stats", response_model=ServiceStats, responses={503: _ERRORS[503]}, summary="Collection statistics")
-def stats(service: Service) -> ServiceStats:
-    """Number of indexed images, the model and its dimension, the backend, and the query-embedding cache."""
-    return service.stats()
+@router.get("/stats", response_model=StatsResponse, responses={503: _ERRORS[503]}, summary="Collection statistics")
+def stats(request: Request, service: Service) -> StatsResponse:
+    """Number of indexed images, the model and its dimension, the backend, the query-embedding cache, and per route
+    its request count and p50/p95 latency over its last 1000 requests against SLA_P95_MS."""
+    metrics = request.app.state.metrics
+    return StatsResponse(**service.stats().model_dump(), sla_p95_ms=metrics.sla_p95_ms, routes=metrics.route_stats())
 
 
 router.include_router(write_router)

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictInt
 
+from app.service import ServiceStats
+
 _EXAMPLE_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 
 #: Most values in a /search_vector vector (the largest model dimension here is 1280).
@@ -128,6 +130,25 @@ class ExistsResponse(BaseModel):
 class DeleteResponse(BaseModel):
     id: str
     status: Literal["deleted"]
+
+
+class RouteLatencyResponse(BaseModel):
+    """Recent latency of one route (``"METHOD /path/template"``), from the app's request timing."""
+
+    count: int = Field(description="Requests answered since start.")
+    window: int = Field(description="How many of the most recent requests p50/p95 are over (at most 1000).")
+    p50_ms: float = Field(description="Median latency over the window, ms.")
+    p95_ms: float = Field(description="95th percentile latency over the window, ms.")
+    meets_sla: bool = Field(description="p95_ms <= SLA_P95_MS.")
+
+
+class StatsResponse(ServiceStats):
+    """``GET /stats``: the service's figures plus the recent latency of each route against SLA_P95_MS."""
+
+    sla_p95_ms: float = Field(description="The latency target routes are held to (SLA_P95_MS), ms.")
+    routes: dict[str, RouteLatencyResponse] = Field(
+        default_factory=dict, description="Per route, its request count and recent p50/p95 latency."
+    )
 
 
 class ErrorResponse(BaseModel):
