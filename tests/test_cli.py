@@ -73,7 +73,7 @@ def run_cli(
     check_rc: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a script with this interpreter, as a user would; ``check_rc`` asserts the exit status."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API", "BROWSER")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API", "IMAGE_SEARCH_API_KEY", "BROWSER")}
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *map(str, args)],
