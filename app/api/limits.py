@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import error_response
 from app.config import Settings
 
 #: Allowance over the image limit for multipart boundaries, part headers and form fields, in bytes.
@@ -48,9 +48,7 @@ class BodyLimitMiddleware:
         limit, what = body_limit(self.settings, scope["path"])
         # Connection: close makes uvicorn drop the connection after the answer instead of draining the rest of the
         # body to reuse it, so the client stops sending too.
-        too_large = JSONResponse(
-            {"detail": f"The upload is over the limit of {what}."}, status_code=413, headers={"Connection": "close"}
-        )
+        too_large = error_response(413, f"The upload is over the limit of {what}.", headers={"Connection": "close"})
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await too_large(scope, receive, send)

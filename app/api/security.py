@@ -25,9 +25,9 @@ from collections.abc import Mapping
 from fastapi import FastAPI, HTTPException, Request
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.errors import error_response
 from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class ReadKeyMiddleware:
             try:
                 self.policy.check(Headers(scope=scope), write=False)
             except HTTPException as exc:
-                response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+                response = error_response(exc.status_code, exc.detail, headers=exc.headers)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
