@@ -16,7 +16,9 @@ from fastapi.testclient import TestClient
 
 from app.ids import image_id_for
 from app.main import create_app
-from tests.conftest import make_settings, run_live_server
+from tests.helpers import make_settings, run_live_server
+
+pytestmark = pytest.mark.slow
 
 HOPPER = "instance_small/images/grace_hopper"
 MAX_ERROR_BYTES = 4096

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.api.metrics import RecentLatencies
 from app.main import create_app
 from app.observe import timed_embed
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 
 HOPPER = "instance_small/images/grace_hopper"
 
@@ -34,6 +34,7 @@ def _value(samples, name: str, **labels) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+@pytest.mark.slow
 def test_metrics_count_requests_model_calls_cache_and_collection(client, datasets):
     paths = sorted((datasets / HOPPER).iterdir())[:4]
     for path in paths:
@@ -78,6 +79,7 @@ def test_metrics_count_requests_model_calls_cache_and_collection(client, dataset
     assert not any(route.endswith("unmatched") for route in stats["routes"])
 
 
+@pytest.mark.slow
 def test_observer_hooks_feed_the_metrics(client, offline_embedder, datasets):
     from PIL import Image
 
@@ -98,11 +100,13 @@ def test_observer_hooks_feed_the_metrics(client, offline_embedder, datasets):
     assert _value(samples, "image_search_database_errors_total", operation="write") == 1
 
 
+@pytest.mark.slow
 def test_each_app_has_its_own_registry(tmp_path, database_url, offline_embedder):
     apps = [create_app(make_settings(tmp_path / f"d{i}", database_url), embedder=offline_embedder) for i in range(2)]
     assert apps[0].state.metrics.registry is not apps[1].state.metrics.registry
 
 
+@pytest.mark.slow
 def test_database_errors_and_sla(tmp_path, database_url, offline_embedder, datasets):
     settings = make_settings(tmp_path / "data", database_url, db_connect_timeout_s=1, sla_p95_ms=0.001)
     path = sorted((datasets / HOPPER).iterdir())[0]
@@ -136,6 +140,7 @@ def test_recent_latencies_window_and_percentiles():
     assert recent.summary(sla_p95_ms=194.9)["GET /x"]["meets_sla"] is False
 
 
+@pytest.mark.slow
 def test_metrics_obey_api_key_reads(tmp_path, database_url, offline_embedder):
     settings = make_settings(tmp_path / "data", database_url, api_key="k-1", api_key_reads=True)
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from app.api.security import is_loopback, presented_key
 from app.main import create_app
-from tests.conftest import make_settings, run_live_server
+from tests.helpers import make_settings, run_live_server
 
 HOPPER = "instance_small/images/grace_hopper"
 KEY_OLD = "old-key-5f1c2a"
@@ -69,6 +69,7 @@ def test_api_key_reads_needs_a_key(tmp_path):
         make_settings(tmp_path, "postgresql://unused", api_key_reads=True, api_key=" , ")
 
 
+@pytest.mark.slow
 def test_writes_need_a_key_and_both_rotated_keys_work(tmp_path, database_url, offline_embedder, datasets, caplog):
     caplog.set_level(logging.DEBUG)
     name, data = _image(datasets)
@@ -111,6 +112,7 @@ def test_writes_need_a_key_and_both_rotated_keys_work(tmp_path, database_url, of
         assert key not in caplog.text
 
 
+@pytest.mark.slow
 def test_api_key_reads_protects_everything_but_health(tmp_path, database_url, offline_embedder, datasets):
     name, data = _image(datasets)
     with _app_client(
@@ -144,6 +146,7 @@ def test_api_key_reads_protects_everything_but_health(tmp_path, database_url, of
         assert client.get("/ui/config").status_code == 401
 
 
+@pytest.mark.slow
 def test_non_loopback_host_without_key_refuses_writes(tmp_path, database_url, offline_embedder, datasets, caplog):
     name, data = _image(datasets)
     caplog.set_level(logging.WARNING, logger="app.api.security")
@@ -161,6 +164,7 @@ def test_non_loopback_host_without_key_refuses_writes(tmp_path, database_url, of
         assert client.get("/stats").json()["count"] == 0
 
 
+@pytest.mark.slow
 def test_allow_anonymous_writes_and_keys_on_non_loopback(tmp_path, database_url, offline_embedder, datasets, caplog):
     name, data = _image(datasets)
     caplog.set_level(logging.WARNING, logger="app.api.security")
@@ -172,6 +176,7 @@ def test_allow_anonymous_writes_and_keys_on_non_loopback(tmp_path, database_url,
     assert not [r for r in caplog.records if r.name == "app.api.security"]
 
 
+@pytest.mark.slow
 def test_cors_only_when_configured(tmp_path, database_url, offline_embedder):
     preflight = {
         "Origin": "https://photos.example",
@@ -202,6 +207,7 @@ def test_cors_only_when_configured(tmp_path, database_url, offline_embedder):
         assert "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.slow
 def test_ui_asks_for_the_key(tmp_path, database_url, offline_embedder, datasets):
     from gradio_client import Client
 
@@ -218,6 +224,7 @@ def test_ui_asks_for_the_key(tmp_path, database_url, offline_embedder, datasets)
         assert client.predict(api_name="/stats").startswith("0 images")
 
 
+@pytest.mark.slow
 def test_ui_refuses_anonymous_writes_on_non_loopback(tmp_path, database_url, offline_embedder, datasets):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
