@@ -87,6 +87,10 @@ class DynamicBatcher:
             return self._embed_fn([])
         return self.submit(images).result()
 
+    def queue_depth(self) -> int:
+        """Embed requests waiting for the model now (``/metrics``)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Stop the worker after the requests already queued; later :meth:`submit` calls raise. Idempotent."""
         with self._lock:

@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,25 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ui_enabled: bool = Field(True, description="Mount the Gradio UI at /ui.")
+
+    # --- access (app/api/security.py applies these) ---------------------------------------------------------
+    # SecretStr: the keys never show in a repr, a log line or a traceback of the settings.
+    api_key: SecretStr | None = Field(
+        None,
+        description="Key(s) that writes need (Authorization: Bearer KEY or X-API-Key: KEY); several separated by "
+        "commas, so a key can be rotated. Also the Gradio UI's password. Unset: no key.",
+    )
+    api_key_reads: bool = Field(False, description="Require the key for every endpoint except /health too.")
+    allow_anonymous_writes: bool = Field(
+        False,
+        description="Accept writes without a key although HOST is not a loopback address (otherwise they get 403).",
+    )
+    cors_origins: str = Field(
+        "", description="Origins allowed to call the API from a browser, comma-separated ('*' = any); empty: no CORS."
+    )
+    sla_p95_ms: float = Field(
+        500.0, gt=0, description="Latency target, ms: GET /stats reports per route whether its recent p95 meets it."
+    )
 
     # --- storage --------------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./data"), description="Root of everything the service writes by default.")
@@ -122,6 +141,24 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @model_validator(mode="after")
+    def _reads_need_a_key(self) -> Settings:
+        if self.api_key_reads and not self.api_keys:
+            raise ValueError("API_KEY_READS=true needs API_KEY: set one or more keys (comma-separated).")
+        return self
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys (API_KEY split at commas, blanks dropped); empty when no key is set."""
+        if self.api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip())
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """CORS_ORIGINS split at commas; empty: CORS stays off."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     @cached_property
     def resolved_milvus_uri(self) -> str:

@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 import app as app_package
 from app.api.errors import install_error_handlers
+from app.api.limits import install_limits
+from app.api.metrics import install_metrics
 from app.api.routes import router
+from app.api.security import UI_LOGIN_MESSAGE, install_security
 from app.config import Settings
 
 if TYPE_CHECKING:
@@ -43,7 +45,9 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         def build_ui() -> tuple[object, dict]:
             from ui.app import build_ui
 
-            return build_ui(lambda: app.state.service, settings=settings), {}
+            # With API_KEY set, the UI asks for it on Gradio's login form (any user name, the key as password).
+            login = {"auth": access.gradio_login, "auth_message": UI_LOGIN_MESSAGE} if access.has_keys else {}
+            return build_ui(lambda: app.state.service, settings=settings), login
 
         ui = DeferredUI(build_ui)
 
@@ -54,7 +58,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         if ui is not None:
             ui.start()  # built on a worker thread while the service opens: /health does not wait for it
         try:
-            service = await run_in_threadpool(SearchService.open, settings, embedder)
+            service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
         except BaseException:
             if ui is not None:
                 await ui.stop()
@@ -75,20 +79,10 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     )
     app.state.settings = settings
 
-    @app.middleware("http")
-    async def _reject_oversized_uploads(request: Request, call_next):
-        # Refuse before the body is read; multipart overhead gets 1 MB of slack over the image limit. A batch
-        # upload has its own, larger limit for all its files together (each file is still held to MAX_UPLOAD_MB).
-        length = request.headers.get("content-length")
-        if request.url.path == "/index_images":
-            limit, what = settings.max_batch_bytes, f"{settings.max_batch_mb:g} MB (MAX_BATCH_MB)"
-        else:
-            limit, what = settings.max_upload_bytes, f"{settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)"
-        if length and length.isdigit() and int(length) > limit + 1_000_000:
-            return JSONResponse(status_code=413, content={"detail": f"The upload is over the limit of {what}."})
-        return await call_next(request)
-
     install_error_handlers(app)
+    install_limits(app, settings)
+    access = install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
+    install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
 
     if ui is not None:

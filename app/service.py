@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from app.imaging.decode import decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
 from app.indexing.store import ImageStore
 from app.indexing.write import write_batch
+from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.query_cache import QueryCacheStats, QueryEmbeddingCache
 from app.vectordb.base import SearchHit, VectorDBHandler
 
@@ -135,10 +137,12 @@ class SearchService:
         db: VectorDBHandler,
         store: ImageStore,
         batcher: DynamicBatcher | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         """``batcher``: gathers concurrent embed calls into one model call (closed by :meth:`close`); ``None``
-        calls the embedder directly."""
+        calls the embedder directly. ``observer``: receives decode times (``/metrics``)."""
         self.settings = settings
+        self.observer = observer
         self.embedder = embedder
         self.db = db
         self.store = store
@@ -148,12 +152,15 @@ class SearchService:
         self.query_cache = QueryEmbeddingCache(settings.query_cache_size)
 
     @classmethod
-    def open(cls, settings: Settings, embedder: Embedder | None = None) -> SearchService:
+    def open(
+        cls, settings: Settings, embedder: Embedder | None = None, observer: Observer = NULL_OBSERVER
+    ) -> SearchService:
         """Load the model, connect the database, ensure the collection, start the dynamic batcher. Blocking.
 
         Args:
             settings: the service's settings.
             embedder: an already loaded model to use instead of the one the settings name (tests share one).
+            observer: receives decode times and each model call's batch size and time (``/metrics``).
 
         Raises:
             app.errors.CollectionMismatchError: the collection was filled by another model or dimension.
@@ -182,9 +189,11 @@ class SearchService:
             db.close()
             raise
         batcher = DynamicBatcher(
-            embedder.embed_images, max_batch=settings.embed_batch_size, max_wait_s=settings.batch_wait_ms / 1000
+            timed_embed(embedder.embed_images, observer),
+            max_batch=settings.embed_batch_size,
+            max_wait_s=settings.batch_wait_ms / 1000,
         )
-        service = cls(settings, embedder, db, ImageStore(settings.resolved_image_dir), batcher)
+        service = cls(settings, embedder, db, ImageStore(settings.resolved_image_dir), batcher, observer)
         log.info(
             "Ready: model %s (dim %d, %s), backend %s, %d images",
             embedder.model_id,
@@ -241,15 +250,19 @@ class SearchService:
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
         # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
-        return prepare_bytes(
-            data,
-            filename,
-            max_pixels=self.settings.max_image_pixels,
-            max_bytes=self.settings.max_upload_bytes,
-            draft_size=self.embedder.draft_size,
-            fit_size=fit_size,
-            image_id=image_id,
-        )
+        start = time.perf_counter()
+        try:
+            return prepare_bytes(
+                data,
+                filename,
+                max_pixels=self.settings.max_image_pixels,
+                max_bytes=self.settings.max_upload_bytes,
+                draft_size=self.embedder.draft_size,
+                fit_size=fit_size,
+                image_id=image_id,
+            )
+        finally:
+            self.observer.observe_decode(time.perf_counter() - start)
 
     def index_images(self, uploads: list[tuple[bytes, str | None]]) -> list[BatchItemResult]:
         """Index several uploads with one model call and one database write; one result per upload, in order.
@@ -303,9 +316,13 @@ class SearchService:
         else:
             vector = self.query_cache.get(image_id)
             if vector is None:
-                decoded = decode_image(
-                    data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
-                )
+                start = time.perf_counter()
+                try:
+                    decoded = decode_image(
+                        data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
+                    )
+                finally:
+                    self.observer.observe_decode(time.perf_counter() - start)
                 vector = self._embed([decoded.image])[0]
                 self.query_cache.put(image_id, vector)
         return self.db.search(vector, top_k)

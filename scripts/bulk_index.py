@@ -46,10 +46,15 @@ DEFAULT_BATCH_SIZE = 32  # files per POST /index_images (the server's MAX_BATCH_
 BATCH_BYTES = 100_000_000  # most bytes per POST /index_images (the server's MAX_BATCH_MB defaults to 200)
 RETRY_STATUSES = frozenset({502, 503, 504})  # the database or a proxy in front is briefly unavailable
 DEFAULT_API = os.environ.get("IMAGE_SEARCH_API", "http://localhost:8000")
+DEFAULT_API_KEY = os.environ.get("IMAGE_SEARCH_API_KEY") or None
 
 
 class ApiUnreachable(Exception):
     """The API did not answer (or answered like something else) even after the retries."""
+
+
+class ApiRefused(ApiUnreachable):
+    """The API refused the request for want of a (valid) API key: no other batch can succeed either."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,15 @@ def error_detail(response: httpx.Response) -> str:
     return detail if isinstance(detail, str) else str(detail)  # FastAPI's 422 validation detail is a list
 
 
+def check_refused(response: httpx.Response, what: str) -> None:
+    """Raise :class:`ApiRefused` when the server refused ``what`` for want of a valid key (401/403)."""
+    if response.status_code in (401, 403):
+        raise ApiRefused(
+            f"{what} answered {response.status_code} {error_detail(response)} "
+            "(pass the server's key with --api-key or IMAGE_SEARCH_API_KEY)"
+        )
+
+
 def check_api(client: httpx.Client, api: str, retries: int) -> None:
     """Fail fast with :class:`ApiUnreachable` before scanning a large folder against a wrong or dead URL."""
     try:
@@ -146,6 +160,7 @@ def existing_ids(client: httpx.Client, ids: list[str], retries: int) -> set[str]
         response = request(client, "POST", "/images/exists", retries, json={"ids": ids})
     except httpx.TransportError as exc:
         raise ApiUnreachable(f"lost the API ({type(exc).__name__}: {exc})") from exc
+    check_refused(response, "POST /images/exists")
     if response.status_code != 200:
         raise ApiUnreachable(f"POST /images/exists answered {response.status_code} {error_detail(response)}")
     return set(response.json()["existing"])
@@ -167,6 +182,7 @@ def upload_batch(
         )
     except (httpx.HTTPError, OSError) as exc:
         return [(c, "failed", f"{type(exc).__name__}: {exc}") for c in candidates]
+    check_refused(response, "POST /index_images")
     if response.status_code != 200:
         reason = f"HTTP {response.status_code}: {error_detail(response)}"
         return [(c, "failed", reason) for c in candidates]
@@ -387,6 +403,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_API,
         help="base URL of the service (default: $IMAGE_SEARCH_API or http://localhost:8000)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=DEFAULT_API_KEY,
+        help="the server's API_KEY, sent as Authorization: Bearer (default: $IMAGE_SEARCH_API_KEY)",
+    )
     parser.add_argument("--concurrency", type=int, default=4, help="parallel batch uploads (default: 4)")
     parser.add_argument(
         "--batch-size",
@@ -468,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     api = args.api.rstrip("/")
     limits = httpx.Limits(max_connections=args.concurrency + 1)  # the uploads plus the exists look-ups
     timeout = httpx.Timeout(args.timeout, connect=10.0)
-    with httpx.Client(base_url=api, timeout=timeout, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with httpx.Client(base_url=api, timeout=timeout, limits=limits, headers=headers) as client:
         try:
             check_api(client, api, args.retries)
         except ApiUnreachable as exc:
@@ -485,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                 retries=args.retries,
                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
             )
+        except ApiRefused as exc:
+            run.finish()
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         except ApiUnreachable as exc:
             run.finish()
             print(f"error: {exc}; run the same command again to resume", file=sys.stderr)

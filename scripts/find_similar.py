@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 DEFAULT_API = os.environ.get("IMAGE_SEARCH_API", "http://localhost:8000")
+DEFAULT_API_KEY = os.environ.get("IMAGE_SEARCH_API_KEY") or None
 SHORT_ID = 12  # like a short git hash: unique enough to tell results apart, short enough for a terminal
 
 
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_API,
         help="base URL of the service (default: $IMAGE_SEARCH_API or http://localhost:8000)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=DEFAULT_API_KEY,
+        help="the server's API_KEY, needed when it sets API_KEY_READS (default: $IMAGE_SEARCH_API_KEY)",
+    )
     parser.add_argument("--top-k", type=int, default=None, help="number of results (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON response")
     parser.add_argument("--open", action="store_true", help="open each match's image URL in the web browser")
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{api}/search_image",
             files={"file": (args.image.name, data)},
             data=form,
+            headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else None,
             timeout=httpx.Timeout(args.timeout, connect=10.0),
         )
     except httpx.TransportError as exc:

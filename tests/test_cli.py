@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.main import create_app
 from tests.helpers import BULK_SUMMARY as SUMMARY
-from tests.helpers import PROJECT_ROOT, free_port
+from tests.helpers import PROJECT_ROOT, free_port, make_settings, run_live_server
 from tests.helpers import symlink as _link
 
 # Loads a model, a database or a server: left out of `make test-fast`.
@@ -73,7 +74,7 @@ def run_cli(
     check_rc: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a script with this interpreter, as a user would; ``check_rc`` asserts the exit status."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API", "BROWSER")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API", "IMAGE_SEARCH_API_KEY", "BROWSER")}
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *map(str, args)],
@@ -230,3 +231,49 @@ def test_usage_errors_and_unreachable_api(tmp_path, datasets):
     proc = run_cli("find_similar.py", tmp_path / "missing.jpg", "--api", dead, check_rc=2)
     assert "no such file" in proc.stderr
     run_cli("bulk_index.py", folder, "--concurrency", "0", cwd=tmp_path, check_rc=2)
+
+
+# --- --api-key against a server that requires a key ------------------------------------------------------------
+CLI_KEY = "cli-key-3c9d"
+AUTH_GROUP = "instance_small/images/ukbench00120"
+
+
+def test_cli_send_the_api_key(tmp_path, database_url, offline_embedder, datasets):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sources = sorted((datasets / AUTH_GROUP).iterdir())
+    for src in sources:
+        (folder / src.name).symlink_to(src)
+    settings = make_settings(tmp_path / "data", database_url, api_key=f"other-key,{CLI_KEY}", api_key_reads=True)
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+        # Without a key: refused at the first request that needs one, with a hint, exit status 2.
+        proc = run_cli("bulk_index.py", folder, "--api", url, "--no-progress", cwd=tmp_path, check_rc=2)
+        assert "401" in proc.stderr and "--api-key" in proc.stderr
+        proc = run_cli("find_similar.py", sources[0], "--api", url, check_rc=1)
+        assert "401" in proc.stderr
+        proc = run_cli(
+            "bulk_index.py", folder, "--api", url, "--api-key", "wrong", "--no-progress", cwd=tmp_path, check_rc=2
+        )
+        assert "401" in proc.stderr
+
+        # --api-key, then the environment variable.
+        proc = run_cli("bulk_index.py", folder, "--api", url, "--api-key", CLI_KEY, "--no-progress", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert SUMMARY.search(proc.stdout).group(3) == str(len(sources))
+        assert CLI_KEY not in proc.stdout + proc.stderr
+        proc = run_cli("find_similar.py", sources[0], "--api", url, "--json", env={"IMAGE_SEARCH_API_KEY": CLI_KEY})
+        assert proc.returncode == 0, proc.stderr
+        assert '"results"' in proc.stdout
+        assert httpx.get(f"{url}/stats", headers={"X-API-Key": CLI_KEY}).json()["count"] == len(sources)
+
+
+def test_bulk_index_stops_at_403_on_non_loopback_host(tmp_path, database_url, offline_embedder, datasets):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for src in sorted((datasets / AUTH_GROUP).iterdir()):
+        (folder / src.name).symlink_to(src)
+    settings = make_settings(tmp_path / "data", database_url, host="0.0.0.0")  # served on loopback by the fixture
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+        proc = run_cli("bulk_index.py", folder, "--api", url, "--no-progress", "--batch-size", "1", cwd=tmp_path)
+        assert proc.returncode == 2, (proc.stdout, proc.stderr)
+        assert "403" in proc.stderr and "API_KEY" in proc.stderr

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from app.api.security import AccessPolicy
 from app.config import Settings
 from app.errors import ServiceError
 from app.imaging.prepare import check_upload_size
@@ -245,6 +246,9 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings | None
         stop the others.
         """
         service = get_service()
+        # The same secure default as the API's writes; with API_KEY set, the UI's login already asked for a key.
+        if refusal := AccessPolicy(service.settings).write_refusal():
+            raise gr.Error(refusal, print_exception=False)
         if not files:
             raise gr.Error("Choose one or more image files to add.")
         added = existing = 0

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.responses import FileResponse, JSONResponse
 
 from app.api.errors import status_for
+from app.api.params import TopKQuery, one_value, top_k_from_form
 from app.api.schemas import (
     BatchIndexItem,
     BatchIndexResponse,
@@ -20,14 +21,27 @@ from app.api.schemas import (
     IndexResponse,
     SearchResponse,
     SearchResult,
+    StatsResponse,
     TextSearchRequest,
     VectorSearchRequest,
 )
+from app.api.security import require_write
+from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
-from app.service import HealthReport, SearchService, ServiceStats
+from app.service import HealthReport, SearchService
 from app.vectordb.base import SearchHit
 
-router = APIRouter()
+router = APIRouter(route_class=UploadRoute)
+#: Every route that changes the collection. Its dependency checks the API key (app/api/security.py), so a write
+#: route added here cannot forget it; it is included into ``router`` at the end of this module.
+write_router = APIRouter(
+    route_class=UploadRoute,
+    dependencies=[Depends(require_write)],
+    responses={
+        401: {"model": ErrorResponse, "description": "API_KEY is set and the request has no valid key."},
+        403: {"model": ErrorResponse, "description": "No API_KEY on a non-loopback HOST: writes are disabled."},
+    },
+)
 
 # Types the stdlib's table may lack on slim images.
 for _ext, _type in {
@@ -84,7 +98,7 @@ def _results(request: Request, hits: list[SearchHit]) -> SearchResponse:
     )
 
 
-@router.post(
+@write_router.post(
     "/index_image",
     response_model=IndexResponse,
     status_code=201,
@@ -104,7 +118,7 @@ def index_image(
     return IndexResponse(id=result.id, status=result.status)
 
 
-@router.post(
+@write_router.post(
     "/index_images",
     response_model=BatchIndexResponse,
     responses={
@@ -163,7 +177,7 @@ def search_image(
     request: Request,
     service: Service,
     file: Annotated[UploadFile, File(description="The query image.")],
-    top_k: Annotated[int | None, Form(description="Number of results (default DEFAULT_TOP_K).")] = None,
+    top_k: Annotated[int | None, Depends(top_k_from_form)] = None,
 ) -> SearchResponse:
     """The indexed images most similar to the uploaded one, best first, scored by cosine similarity."""
     k = _top_k(top_k, service)
@@ -171,16 +185,20 @@ def search_image(
 
 
 @router.post("/search_text", response_model=SearchResponse, responses=_ERRORS, summary="Search by description")
-def search_text(request: Request, service: Service, body: TextSearchRequest) -> SearchResponse:
+def search_text(request: Request, service: Service, body: TextSearchRequest, top_k: TopKQuery = None) -> SearchResponse:
     """The indexed images that best match a text description. Needs a CLIP model (400 otherwise)."""
-    return _results(request, service.search_text(body.query, _top_k(body.top_k, service)))
+    k = _top_k(one_value("top_k", top_k, body.top_k), service)
+    return _results(request, service.search_text(body.query, k))
 
 
 @router.post("/search_vector", response_model=SearchResponse, responses=_ERRORS, summary="Search by embedding")
-def search_vector(request: Request, service: Service, body: VectorSearchRequest) -> SearchResponse:
+def search_vector(
+    request: Request, service: Service, body: VectorSearchRequest, top_k: TopKQuery = None
+) -> SearchResponse:
     """The indexed images nearest to an embedding you computed yourself with the collection's model (same model
     id and dimension as ``GET /stats``). 422 for a wrong length, NaN/infinite values or an all-zero vector."""
-    return _results(request, service.search_vector(body.vector, _top_k(body.top_k, service)))
+    k = _top_k(one_value("top_k", top_k, body.top_k), service)
+    return _results(request, service.search_vector(body.vector, k))
 
 
 @router.get(
@@ -196,6 +214,11 @@ def get_image(service: Service, image_id: str) -> FileResponse:
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
 
+# HEAD answers the same headers without the body (FileResponse skips it); a route of its own, since one route with
+# both methods would give the OpenAPI spec two operations with one id.
+router.add_api_route("/image/{image_id}", get_image, methods=["HEAD"], include_in_schema=False, name="head_image")
+
+
 @router.get(
     "/image/{image_id}/thumbnail",
     response_class=Response,
@@ -209,7 +232,7 @@ def get_thumbnail(service: Service, image_id: str, size: Annotated[int, Query(ge
     )
 
 
-@router.delete("/image/{image_id}", response_model=DeleteResponse, responses=_ERRORS, summary="Delete an image")
+@write_router.delete("/image/{image_id}", response_model=DeleteResponse, responses=_ERRORS, summary="Delete an image")
 def delete_image(service: Service, image_id: str) -> DeleteResponse:
     """Remove the image's vector and its stored original."""
     service.delete_image(image_id)
@@ -228,7 +251,12 @@ def health(service: Service) -> JSONResponse:
     return JSONResponse(status_code=200 if report.status == "ok" else 503, content=report.model_dump())
 
 
-@router.get("/stats", response_model=ServiceStats, responses={503: _ERRORS[503]}, summary="Collection statistics")
-def stats(service: Service) -> ServiceStats:
-    """Number of indexed images, the model and its dimension, the backend, and the query-embedding cache."""
-    return service.stats()
+@router.get("/stats", response_model=StatsResponse, responses={503: _ERRORS[503]}, summary="Collection statistics")
+def stats(request: Request, service: Service) -> StatsResponse:
+    """Number of indexed images, the model and its dimension, the backend, the query-embedding cache, and per route
+    its request count and p50/p95 latency over its last 1000 requests against SLA_P95_MS."""
+    metrics = request.app.state.metrics
+    return StatsResponse(**service.stats().model_dump(), sla_p95_ms=metrics.sla_p95_ms, routes=metrics.route_stats())
+
+
+router.include_router(write_router)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictInt
+
+from app.service import ServiceStats
 
 _EXAMPLE_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+#: Most values in a /search_vector vector (the largest model dimension here is 1280).
+MAX_VECTOR_VALUES = 16000
+
+
+def _at_most_max_vector_values(value: object) -> object:
+    # Checked before pydantic converts the items: it checks a list's length only after validating every item,
+    # which for a 40 MB body means millions of conversions just to refuse it.
+    if isinstance(value, list) and len(value) > MAX_VECTOR_VALUES:
+        raise ValueError(f"at most {MAX_VECTOR_VALUES} values, got {len(value)}")
+    return value
 
 
 class IndexResponse(BaseModel):
@@ -84,20 +97,25 @@ class SearchResponse(BaseModel):
 class TextSearchRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"query": "a dog on a beach", "top_k": 5}]})
     query: str = Field(min_length=1, max_length=1000, description="What to look for, in words.")
-    top_k: int | None = Field(None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K).")
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K)."
+    )
 
 
 class VectorSearchRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"vector": [0.12, -0.03, 0.5], "top_k": 5}]})
     # NaN/Infinity (Python's JSON parser accepts those literals) pass here on purpose: the service refuses them with
     # its own 422, since a validation error would echo the value back and NaN cannot be written as JSON.
-    vector: list[float] = Field(
+    # Strict: numbers only (JSON true/false or "1.5" are refused instead of becoming 1.0 and 1.5).
+    vector: Annotated[list[Annotated[float, Strict()]], BeforeValidator(_at_most_max_vector_values)] = Field(
         min_length=1,
-        max_length=16000,
+        max_length=MAX_VECTOR_VALUES,
         description="An embedding from the collection's model: exactly D values (GET /stats: dimension), any "
         "scale (it is L2-normalised), not all zero.",
     )
-    top_k: int | None = Field(None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K).")
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K)."
+    )
 
 
 class ExistsRequest(BaseModel):
@@ -112,6 +130,25 @@ class ExistsResponse(BaseModel):
 class DeleteResponse(BaseModel):
     id: str
     status: Literal["deleted"]
+
+
+class RouteLatencyResponse(BaseModel):
+    """Recent latency of one route (``"METHOD /path/template"``), from the app's request timing."""
+
+    count: int = Field(description="Requests answered since start.")
+    window: int = Field(description="How many of the most recent requests p50/p95 are over (at most 1000).")
+    p50_ms: float = Field(description="Median latency over the window, ms.")
+    p95_ms: float = Field(description="95th percentile latency over the window, ms.")
+    meets_sla: bool = Field(description="p95_ms <= SLA_P95_MS.")
+
+
+class StatsResponse(ServiceStats):
+    """``GET /stats``: the service's figures plus the recent latency of each route against SLA_P95_MS."""
+
+    sla_p95_ms: float = Field(description="The latency target routes are held to (SLA_P95_MS), ms.")
+    routes: dict[str, RouteLatencyResponse] = Field(
+        default_factory=dict, description="Per route, its request count and recent p50/p95 latency."
+    )
 
 
 class ErrorResponse(BaseModel):
