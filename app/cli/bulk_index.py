@@ -404,23 +404,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def finish(run: Run, work: Callable[[], None], errors: dict[type[BaseException], str]) -> int:
+    """Run ``work`` and close ``run``; the exit status: 0, or 1 when a file failed; 2 after printing the message of
+    the first class in ``errors`` that matches (``{exc}`` is the error); 130 when interrupted. The messages say
+    whether running the same command again resumes."""
+    try:
+        work()
+    except KeyboardInterrupt:
+        run.finish()
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except tuple(errors) as exc:
+        run.finish()
+        message = next(text for cls, text in errors.items() if isinstance(exc, cls))
+        print(f"error: {message.format(exc=exc)}", file=sys.stderr)
+        return 2
+    run.finish()
+    return 1 if run.failed else 0
+
+
 def main_direct(args: argparse.Namespace) -> int:
     """``--direct``: index into the database from this process; same summary, log and exit codes as the API mode."""
     from app.errors import DatabaseUnavailableError
 
     run = Run(args.failures_log, show_progress=not args.no_progress)
-    try:
-        index_direct(args.folder, run, all_files=args.all_files, workers=args.workers, batch_size=args.batch_size)
-    except DatabaseUnavailableError as exc:
-        run.finish()
-        print(f"error: the database is unavailable ({exc}); run the same command again to resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        run.finish()
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
-    run.finish()
-    return 1 if run.failed else 0
+    return finish(
+        run,
+        lambda: index_direct(
+            args.folder, run, all_files=args.all_files, workers=args.workers, batch_size=args.batch_size
+        ),
+        {DatabaseUnavailableError: "the database is unavailable ({exc}); run the same command again to resume"},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         run = Run(args.failures_log, show_progress=not args.no_progress)
-        try:
-            index_folder(
+        return finish(
+            run,
+            lambda: index_folder(
                 client,
                 args.folder,
                 run,
@@ -445,21 +460,10 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 retries=args.retries,
                 batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-            )
-        except ApiRefused as exc:
-            run.finish()
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        except ApiUnreachable as exc:
-            run.finish()
-            print(f"error: {exc}; run the same command again to resume", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            run.finish()
-            print("interrupted: run the same command again to resume", file=sys.stderr)
-            return 130
-    run.finish()
-    return 1 if run.failed else 0
+            ),
+            # ApiRefused first: it is an ApiUnreachable, but running again without a key will not help.
+            {ApiRefused: "{exc}", ApiUnreachable: "{exc}; run the same command again to resume"},
+        )
 
 
 if __name__ == "__main__":
