@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 import app as app_package
@@ -22,6 +23,7 @@ from app.api.limits import install_limits
 from app.api.metrics import install_metrics
 from app.api.routes import router
 from app.api.security import UI_LOGIN_MESSAGE, install_security
+from app.api.site import site_router
 from app.config import Settings
 
 if TYPE_CHECKING:
@@ -71,7 +73,10 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
                 await ui.stop()
             service.close()
 
-    app = FastAPI(
+    # fastapi-offline serves Swagger UI's and ReDoc's JavaScript and CSS from the installed package: /docs and
+    # /redoc work on machines with no internet access (FastAPI's own pages load them from a CDN).
+    app = FastAPIOffline(
+        favicon_url="/favicon.ico",
         title="Image similarity search",
         version=app_package.__version__,
         description="Index images and find similar ones by example image or, with a CLIP model, by text.",
@@ -84,6 +89,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     access = install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
+    app.include_router(site_router(ui_enabled=ui is not None))
 
     if ui is not None:
         app.mount(ui.path, ui)

@@ -33,7 +33,7 @@ from app.config import Settings
 log = logging.getLogger(__name__)
 
 #: Paths a client may always call, whatever API_KEY_READS says: load balancers and orchestrators probe it.
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # "/" only redirects
 #: The Gradio UI authenticates with its own login form (the key is the password), not with request headers.
 UI_PREFIX = "/ui"
 
