@@ -137,6 +137,14 @@ class Settings(BaseSettings):
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)
 
+    # --- search features ------------------------------------------------------------------------------------
+    # Query expansion (expand=true, app/search/expansion.py); defaults measured with bench/quality.py --expand on
+    # caltech101_subset (P@10) and instance_small (mAP): docs/benchmarks.md, "Query expansion".
+    expand_n: int = Field(2, ge=1, le=100, description="αQE: neighbours added to the query (expand=true).")
+    expand_alpha: float = Field(
+        1.0, ge=0, le=20, description="αQE: each neighbour weighs (cosine similarity)^EXPAND_ALPHA; 0 = plain average."
+    )
+
     @field_validator("database_url", "milvus_token")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:

@@ -12,7 +12,7 @@ import io
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.batching import DynamicBatcher
 from app.config import Settings
 from app.embedders.base import Embedder
-from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError, InvalidVectorError
+from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError
 from app.ids import image_id_for, is_valid_image_id
 from app.imaging.decode import decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
@@ -31,6 +31,8 @@ from app.indexing.store import ImageStore
 from app.indexing.write import write_batch
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.query_cache import QueryCacheStats, QueryEmbeddingCache
+from app.search.paging import SearchOptions, search_page
+from app.search.query import QueryTerm, combined_query, unit_vector
 from app.vectordb.base import SearchHit, VectorDBHandler
 
 log = logging.getLogger(__name__)
@@ -301,60 +303,90 @@ class SearchService:
         return self.db.existing_ids([i for i in ids if is_valid_image_id(i)])
 
     # --- search -------------------------------------------------------------------------------------------
-    def search_image(self, data: bytes, top_k: int) -> list[SearchHit]:
+    # Every search takes ``options`` (offset, min_score, exclude_self, expand: app/search/paging.py) and returns
+    # one page of hits, best first, scored by cosine similarity to the query searched.
+    def _page(
+        self, vector: np.ndarray, top_k: int, options: SearchOptions | None, query_ids: Iterable[str] = ()
+    ) -> list[SearchHit]:
+        return search_page(
+            self.db,
+            vector,
+            top_k,
+            options or SearchOptions(),
+            query_ids=frozenset(query_ids),
+            expand_n=self.settings.expand_n,
+            expand_alpha=self.settings.expand_alpha,
+        )
+
+    def search_image(self, data: bytes, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
         """The ``top_k`` most similar indexed images to the uploaded one, best first (cosine similarity).
 
-        An upload whose bytes are already indexed reuses its stored embedding instead of running the model; other
-        uploads go through :attr:`query_cache` (QUERY_CACHE_SIZE), so repeating a search skips decode + model.
-        Raises the decoding errors for bad input (nothing is cached then).
+        An upload whose bytes are already indexed reuses its stored embedding instead of running the model (and is
+        left out of the results unless ``options.exclude_self`` is false); other uploads go through
+        :attr:`query_cache` (QUERY_CACHE_SIZE), so repeating a search skips decode + model.
+        Raises the decoding errors for bad input (nothing is cached then) and :class:`InvalidParameterError`.
         """
         self._check_size(data)
         image_id = image_id_for(data)
         stored = self.db.get(image_id)
         if stored is not None and stored.vector is not None:
-            vector = stored.vector
-        else:
-            vector = self.query_cache.get(image_id)
-            if vector is None:
-                start = time.perf_counter()
-                try:
-                    decoded = decode_image(
-                        data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
-                    )
-                finally:
-                    self.observer.observe_decode(time.perf_counter() - start)
-                vector = self._embed([decoded.image])[0]
-                self.query_cache.put(image_id, vector)
-        return self.db.search(vector, top_k)
+            return self._page(stored.vector, top_k, options, query_ids=[image_id])
+        vector = self.query_cache.get(image_id)
+        if vector is None:
+            start = time.perf_counter()
+            try:
+                decoded = decode_image(
+                    data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
+                )
+            finally:
+                self.observer.observe_decode(time.perf_counter() - start)
+            vector = self._embed([decoded.image])[0]
+            self.query_cache.put(image_id, vector)
+        return self._page(vector, top_k, options)
 
-    def search_text(self, query: str, top_k: int) -> list[SearchHit]:
+    def search_text(self, query: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
         """The ``top_k`` images that best match a text description (CLIP models only).
 
         Raises :class:`app.errors.NoTextTowerError` when the model has no text encoder.
         """
-        vector = self.embedder.embed_texts([query])[0]
-        return self.db.search(vector, top_k)
+        return self._page(self.embedder.embed_texts([query])[0], top_k, options)
 
-    def search_vector(self, values: Sequence[float], top_k: int) -> list[SearchHit]:
+    def search_vector(
+        self, values: Sequence[float], top_k: int, options: SearchOptions | None = None
+    ) -> list[SearchHit]:
         """The ``top_k`` images nearest to an embedding computed elsewhere (same model as the collection).
 
         ``values`` must have ``D`` (the collection's dimension) finite values, not all zero; they are L2-normalised
         here (as float32), so any scale works. Raises :class:`app.errors.InvalidVectorError` otherwise.
         """
-        vector = np.asarray(values, dtype=np.float64)
-        dim = self.embedder.dim
-        if vector.shape != (dim,):
-            raise InvalidVectorError(
-                f"The vector must have {dim} values (the dimension of model '{self.embedder.model_id}'), "
-                f"got {vector.size}."
-            )
-        # float32 is what is stored: values beyond its range would turn into inf there.
-        if not np.all(np.isfinite(vector)) or np.abs(vector).max() > np.finfo(np.float32).max:
-            raise InvalidVectorError("The vector must contain finite float32 values only (no NaN or infinity).")
-        norm = float(np.linalg.norm(vector))
-        if norm == 0.0 or not np.isfinite(norm):
-            raise InvalidVectorError("The vector must not be all zeros: cosine similarity is undefined for it.")
-        return self.db.search((vector / norm).astype(np.float32), top_k)
+        return self._page(unit_vector(values, self.embedder.dim, self.embedder.model_id), top_k, options)
+
+    def similar(self, image_id: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
+        """More like this: the neighbours of a stored image by its stored vector, the image itself left out.
+
+        Raises :class:`ImageNotFoundError` for an unknown or malformed id.
+        """
+        stored = self.db.get(image_id) if is_valid_image_id(image_id) else None
+        if stored is None or stored.vector is None:
+            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+        options = replace(options or SearchOptions(), exclude_self=True)
+        return self._page(stored.vector, top_k, options, query_ids=[image_id])
+
+    def search_combined(
+        self,
+        positive: Sequence[QueryTerm],
+        negative: Sequence[QueryTerm],
+        top_k: int,
+        options: SearchOptions | None = None,
+    ) -> list[SearchHit]:
+        """Search by weighted images, texts and vectors minus weighted negative ones (:mod:`app.search.query`).
+
+        The positive ``image_id`` terms are the query images ``exclude_self`` leaves out. Raises
+        :class:`ImageNotFoundError`, :class:`app.errors.NoTextTowerError`, :class:`InvalidParameterError` and
+        :class:`app.errors.InvalidVectorError` (see :func:`app.search.query.combined_query`).
+        """
+        vector, query_ids = combined_query(positive, negative, self.db, self.embedder)
+        return self._page(vector, top_k, options, query_ids=query_ids)
 
     # --- stored images ------------------------------------------------------------------------------------
     def image_file(self, image_id: str) -> Path:
