@@ -58,7 +58,19 @@ def test_index_and_search_end_to_end(client, datasets):
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert len(results) == 10
-    assert set(results[0]) == {"id", "score", "filename", "image_url"}
+    assert set(results[0]) == {
+        "rank",
+        "id",
+        "score",
+        "filename",
+        "format",
+        "width",
+        "height",
+        "bytes",
+        "indexed_at",
+        "image_url",
+    }
+    assert [hit["rank"] for hit in results] == list(range(1, 11))
     hopper_names = {p.name for p in hopper}
     assert all(hit["filename"] in hopper_names for hit in results), results
     scores = [hit["score"] for hit in results]
@@ -82,7 +94,10 @@ def test_default_top_k_and_limits(client, datasets):
     query = _files(datasets, HOPPER)[0].read_bytes()
     r = client.post("/search_image", files={"file": ("q.jpg", query)})
     assert len(r.json()["results"]) == 5  # DEFAULT_TOP_K
-    assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # the indexed file itself
+    assert image_id_for(query) not in {hit["id"] for hit in r.json()["results"]}  # the indexed file itself: left out
+    r = client.post("/search_image", files={"file": ("q.jpg", query)}, data={"exclude_self": "false"})
+    assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert r.json()["results"][0]["id"] == image_id_for(query)
     for bad in ("0", "101", "abc"):
         r = client.post("/search_image", files={"file": ("q.jpg", query)}, data={"top_k": bad})
         assert r.status_code == 422, bad

@@ -113,7 +113,8 @@ def test_index_images_per_file_results(client, datasets, settings):
     store = ImageStore(settings.resolved_image_dir)
     assert all(store.find(x["id"]) for x in results[:3]) and not store.find(results[3]["id"])
     # Same search result as a one-by-one upload would give: the stored name is the one given.
-    hit = client.post("/search_image", files={"file": caltech[1].read_bytes()}, data={"top_k": "1"}).json()
+    form = {"top_k": "1", "exclude_self": "false"}
+    hit = client.post("/search_image", files={"file": caltech[1].read_bytes()}, data=form).json()
     assert hit["results"][0]["filename"] == "a/2.jpg"
 
     # Again: everything known is "exists"; the limits answer 413 / 422 for the whole request.

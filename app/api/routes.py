@@ -14,6 +14,7 @@ from app.api.params import TopKQuery, one_value, top_k_from_form
 from app.api.schemas import (
     BatchIndexItem,
     BatchIndexResponse,
+    CombinedSearchRequest,
     DeleteResponse,
     ErrorResponse,
     ExistsRequest,
@@ -25,9 +26,11 @@ from app.api.schemas import (
     TextSearchRequest,
     VectorSearchRequest,
 )
+from app.api.search_params import SearchParamsForm, SearchParamsQuery
 from app.api.security import require_write
 from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
+from app.search.query import QueryTerm
 from app.service import HealthReport, SearchService
 from app.vectordb.base import SearchHit
 
@@ -84,16 +87,22 @@ def _top_k(top_k: int | None, service: SearchService) -> int:
     return service.resolve_top_k(top_k)
 
 
-def _results(request: Request, hits: list[SearchHit]) -> SearchResponse:
+def _results(request: Request, hits: list[SearchHit], offset: int = 0) -> SearchResponse:
     return SearchResponse(
         results=[
             SearchResult(
+                rank=offset + rank,
                 id=h.id,
                 score=round(h.score, 6),
                 filename=h.metadata.filename,
+                format=h.metadata.format,
+                width=h.metadata.width,
+                height=h.metadata.height,
+                bytes=h.metadata.bytes,
+                indexed_at=h.metadata.indexed_at,
                 image_url=str(request.url_for("get_image", image_id=h.id)),
             )
-            for h in hits
+            for rank, h in enumerate(hits, start=1)
         ]
     )
 
@@ -177,28 +186,62 @@ def search_image(
     request: Request,
     service: Service,
     file: Annotated[UploadFile, File(description="The query image.")],
+    params: SearchParamsForm,
     top_k: Annotated[int | None, Depends(top_k_from_form)] = None,
 ) -> SearchResponse:
-    """The indexed images most similar to the uploaded one, best first, scored by cosine similarity."""
-    k = _top_k(top_k, service)
-    return _results(request, service.search_image(_read_upload(file, service), k))
+    """The indexed images most similar to the uploaded one, best first, scored by cosine similarity. An upload
+    whose bytes are indexed is left out of its own results unless ``exclude_self=false``."""
+    k, options = _top_k(top_k, service), params.options()
+    return _results(request, service.search_image(_read_upload(file, service), k, options), options.offset)
 
 
 @router.post("/search_text", response_model=SearchResponse, responses=_ERRORS, summary="Search by description")
-def search_text(request: Request, service: Service, body: TextSearchRequest, top_k: TopKQuery = None) -> SearchResponse:
+def search_text(
+    request: Request, service: Service, body: TextSearchRequest, params: SearchParamsQuery, top_k: TopKQuery = None
+) -> SearchResponse:
     """The indexed images that best match a text description. Needs a CLIP model (400 otherwise)."""
-    k = _top_k(one_value("top_k", top_k, body.top_k), service)
-    return _results(request, service.search_text(body.query, k))
+    k, options = _top_k(one_value("top_k", top_k, body.top_k), service), params.options(body)
+    return _results(request, service.search_text(body.query, k, options), options.offset)
 
 
 @router.post("/search_vector", response_model=SearchResponse, responses=_ERRORS, summary="Search by embedding")
 def search_vector(
-    request: Request, service: Service, body: VectorSearchRequest, top_k: TopKQuery = None
+    request: Request, service: Service, body: VectorSearchRequest, params: SearchParamsQuery, top_k: TopKQuery = None
 ) -> SearchResponse:
     """The indexed images nearest to an embedding you computed yourself with the collection's model (same model
     id and dimension as ``GET /stats``). 422 for a wrong length, NaN/infinite values or an all-zero vector."""
-    k = _top_k(one_value("top_k", top_k, body.top_k), service)
-    return _results(request, service.search_vector(body.vector, k))
+    k, options = _top_k(one_value("top_k", top_k, body.top_k), service), params.options(body)
+    return _results(request, service.search_vector(body.vector, k, options), options.offset)
+
+
+def _term(item) -> QueryTerm:
+    return QueryTerm(image_id=item.image_id, text=item.text, vector=item.vector, weight=item.weight)
+
+
+@router.post("/search", response_model=SearchResponse, responses=_ERRORS, summary="Combined and negative search")
+def search_combined(
+    request: Request, service: Service, body: CombinedSearchRequest, params: SearchParamsQuery, top_k: TopKQuery = None
+) -> SearchResponse:
+    """Search by several stored images, texts and vectors at once, each with a weight, minus negative terms: the
+    weighted sum of the L2-normalised positive embeddings minus the weighted negative ones, renormalised. 400 for a
+    text term without a text model, 404 for an unknown image id, 422 when the terms cancel out."""
+    k, options = _top_k(one_value("top_k", top_k, body.top_k), service), params.options(body)
+    positive, negative = [_term(i) for i in body.positive], [_term(i) for i in body.negative]
+    hits = service.search_combined(positive, negative, k, options)
+    return _results(request, hits, options.offset)
+
+
+@router.get("/image/{image_id}/similar", response_model=SearchResponse, responses=_ERRORS, summary="More like this")
+def similar_images(
+    request: Request,
+    service: Service,
+    image_id: str,
+    params: SearchParamsQuery,
+    top_k: TopKQuery = None,
+) -> SearchResponse:
+    """The indexed images most similar to a stored one, by its stored vector; the image itself is left out."""
+    options = params.options()
+    return _results(request, service.similar(image_id, _top_k(top_k, service), options), options.offset)
 
 
 @router.get(

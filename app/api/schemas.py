@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictInt, model_validator
 
+from app.api.search_params import SearchOptionsBody
+from app.search.query import MAX_TERMS
 from app.service import ServiceStats
 
 _EXAMPLE_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -68,9 +71,15 @@ class BatchIndexResponse(BaseModel):
 
 
 class SearchResult(BaseModel):
+    rank: int = Field(description="Position in the whole ranking, from 1 (offset + 1 for a page's first result).")
     id: str
     score: float = Field(description="Cosine similarity to the query, higher is more similar (at most 1).")
     filename: str = Field(description="Name given at upload; for bulk indexing, the path relative to the folder.")
+    format: str = Field(description="Decoded format: JPEG, PNG, HEIF, WEBP...")
+    width: int = Field(description="Width in pixels, after EXIF orientation.")
+    height: int = Field(description="Height in pixels, after EXIF orientation.")
+    bytes: int = Field(description="Size of the original file in bytes.")
+    indexed_at: datetime = Field(description="When the image was indexed (UTC).")
     image_url: str = Field(description="URL of the original image (GET /image/{id}).")
 
 
@@ -81,9 +90,15 @@ class SearchResponse(BaseModel):
                 {
                     "results": [
                         {
+                            "rank": 1,
                             "id": _EXAMPLE_ID,
                             "score": 0.93,
                             "filename": "holiday/IMG_0042.jpg",
+                            "format": "JPEG",
+                            "width": 4032,
+                            "height": 3024,
+                            "bytes": 2816512,
+                            "indexed_at": "2026-11-28T08:47:43.123456Z",
                             "image_url": f"http://localhost:8000/image/{_EXAMPLE_ID}",
                         }
                     ]
@@ -94,7 +109,7 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
 
 
-class TextSearchRequest(BaseModel):
+class TextSearchRequest(SearchOptionsBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"query": "a dog on a beach", "top_k": 5}]})
     query: str = Field(min_length=1, max_length=1000, description="What to look for, in words.")
     top_k: StrictInt | None = Field(
@@ -102,7 +117,7 @@ class TextSearchRequest(BaseModel):
     )
 
 
-class VectorSearchRequest(BaseModel):
+class VectorSearchRequest(SearchOptionsBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"vector": [0.12, -0.03, 0.5], "top_k": 5}]})
     # NaN/Infinity (Python's JSON parser accepts those literals) pass here on purpose: the service refuses them with
     # its own 422, since a validation error would echo the value back and NaN cannot be written as JSON.
@@ -113,6 +128,44 @@ class VectorSearchRequest(BaseModel):
         description="An embedding from the collection's model: exactly D values (GET /stats: dimension), any "
         "scale (it is L2-normalised), not all zero.",
     )
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K)."
+    )
+
+
+class QueryItem(BaseModel):
+    """One term of ``POST /search``: exactly one of ``image_id``, ``text``, ``vector``, with an optional weight."""
+
+    image_id: str | None = Field(None, max_length=200, description="A stored image (its SHA-256 id).")
+    text: str | None = Field(None, min_length=1, max_length=1000, description="A description (CLIP models only).")
+    vector: Annotated[list[Annotated[float, Strict()]], BeforeValidator(_at_most_max_vector_values)] | None = Field(
+        None, min_length=1, max_length=MAX_VECTOR_VALUES, description="An embedding of the model, any scale."
+    )
+    weight: float = Field(1.0, gt=0, le=100, description="How much this term counts (> 0; default 1).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> QueryItem:
+        if sum(v is not None for v in (self.image_id, self.text, self.vector)) != 1:
+            raise ValueError("each item needs exactly one of image_id, text or vector")
+        return self
+
+
+class CombinedSearchRequest(SearchOptionsBody):
+    """``POST /search``: the weighted sum of the L2-normalised positive terms minus the negative ones, normalised."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "positive": [{"image_id": _EXAMPLE_ID}, {"text": "golden retriever", "weight": 2}],
+                    "negative": [{"text": "fruit"}],
+                    "top_k": 10,
+                }
+            ]
+        }
+    )
+    positive: list[QueryItem] = Field(min_length=1, max_length=MAX_TERMS, description="Terms to look for.")
+    negative: list[QueryItem] = Field([], max_length=MAX_TERMS, description="Terms to look away from.")
     top_k: StrictInt | None = Field(
         None, ge=1, description="Number of results (default DEFAULT_TOP_K, at most MAX_TOP_K)."
     )
