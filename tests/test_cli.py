@@ -213,7 +213,8 @@ def test_find_similar_opens_matches_in_the_browser(live_api, indexed, tmp_path):
     )
     urls = [r["image_url"] for r in search_json(live_api, query, top_k=2)]
     assert opened.read_text().splitlines() == urls
-    assert httpx.get(urls[0]).content == query.read_bytes()  # the URL serves the original
+    # The URL serves the original (the query file itself is left out of its results).
+    assert httpx.get(urls[0]).content == indexed[search_json(live_api, query, top_k=1)[0]["filename"]].read_bytes()
 
 
 def test_usage_errors_and_unreachable_api(tmp_path, datasets):
