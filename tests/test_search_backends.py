@@ -22,6 +22,7 @@ from tests.test_vectordb_contract import (  # noqa: F401 - make_handler and hand
     make_handler,
 )
 
+pytestmark = pytest.mark.slow
 N = 40
 
 

@@ -19,7 +19,7 @@ from app.main import create_app
 from app.search.expansion import alpha_qe
 from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import combine
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 from tests.test_cli import run_cli
 
 FOLDERS = [
@@ -63,6 +63,7 @@ def assert_same_ranking(results: list[dict], expected: list[tuple[str, float]], 
 
 
 # --- more like this, rank and metadata --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_similar_leaves_the_image_out_and_carries_the_metadata(collection):
     client, ids, vectors, paths = collection
     me = ids["aero1.jpg"]
@@ -88,6 +89,7 @@ def test_similar_leaves_the_image_out_and_carries_the_metadata(collection):
     assert first["image_url"].endswith(f"/image/{first['id']}")
 
 
+@pytest.mark.slow
 def test_similar_unknown_id_is_404(collection):
     client, *_ = collection
     for unknown in ("0" * 64, "not-an-id"):
@@ -96,6 +98,7 @@ def test_similar_unknown_id_is_404(collection):
 
 
 # --- paging, thresholds, the query image left out ---------------------------------------------------------------
+@pytest.mark.slow
 def test_pages_continue_the_ranking_and_min_score_cuts_it(collection):
     client, ids, vectors, _ = collection
     me = ids["graf1.png"]
@@ -124,6 +127,7 @@ def test_pages_continue_the_ranking_and_min_score_cuts_it(collection):
     assert r.status_code == 422 and "offset is given twice" in r.json()["detail"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("params", "message"),
     [
@@ -141,6 +145,7 @@ def test_out_of_range_options_are_422(collection, params, message):
         assert message in str(r.json()["detail"])
 
 
+@pytest.mark.slow
 def test_search_image_leaves_out_its_own_indexed_bytes(collection):
     client, ids, vectors, paths = collection
     data = paths["Kite_2560x1600.jpg"].read_bytes()
@@ -163,6 +168,7 @@ def test_search_image_leaves_out_its_own_indexed_bytes(collection):
 
 
 # --- combined and negative queries ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_combined_query_is_the_weighted_sum_computed_by_hand(collection):
     client, ids, vectors, _ = collection
     a, b, c, d = (ids[n] for n in ("aero1.jpg", "graf1.png", "Kite_2560x1600.jpg", "Portrait_1.jpg"))
@@ -186,6 +192,7 @@ def test_combined_query_is_the_weighted_sum_computed_by_hand(collection):
     assert last["id"] == d and last["score"] < 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
@@ -231,6 +238,7 @@ def test_combine_and_alpha_qe_by_hand():
 
 
 # --- query expansion --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_expand_is_alpha_qe_computed_by_hand(collection):
     client, ids, vectors, paths = collection
     me = ids["leuvenA.jpg"]
@@ -252,6 +260,7 @@ def test_expand_is_alpha_qe_computed_by_hand(collection):
 
 
 # --- the CLI ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_find_similar_by_id_text_and_options(live_api, datasets):
     import httpx
 

@@ -20,6 +20,7 @@ from app.api.schemas import (
     ExistsRequest,
     ExistsResponse,
     IndexResponse,
+    QueryItem,
     SearchResponse,
     SearchResult,
     StatsResponse,
@@ -214,7 +215,7 @@ def search_vector(
     return _results(request, service.search_vector(body.vector, k, options), options.offset)
 
 
-def _term(item) -> QueryTerm:
+def _term(item: QueryItem) -> QueryTerm:
     return QueryTerm(image_id=item.image_id, text=item.text, vector=item.vector, weight=item.weight)
 
 
