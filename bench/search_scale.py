@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """HNSW search at scale: build time, size, latency and recall@10 of N synthetic embeddings, as one JSON line.
 
-    python bench/search_scale.py --backend pgvector --n 1000000 --dim 512 [--vector-type vector|halfvec]
-                                 [--ef 20,40,80,160] [--queries 300] [--no-api]
+    python bench/search_scale.py --backend pgvector|milvus|manticore --n 1000000 --dim 512
+                                 [--vector-type vector|halfvec] [--ef 20,40,80,160] [--queries 300] [--no-api]
+                                 [--check-scan]
 
 Data: ``N`` unit vectors from a seeded Gaussian mixture on the sphere, not uniform noise (on which HNSW behaves
 unlike on real embeddings). ``--clusters`` centres share a mean direction and vary along a power-law spectrum
@@ -23,6 +24,24 @@ time, through :meth:`PgVectorHandler.search` (after a warm-up pass), and, unless
 with ``EMBEDDER=none`` (serve an existing collection without a model: the collection's synthetic model id is then
 what the service reports) and ``HNSW_EF_SEARCH`` set to that value.
 
+Steps (milvus): a fresh Milvus Lite database in the temporary directory (or, when ``MILVUS_URI`` is an
+``http(s)://`` URL, a fresh collection on that server, dropped afterwards); rows go in through
+:meth:`MilvusHandler.upsert` in batches of ``--batch-size`` (the service's own write path, with its flush policy);
+``build_s`` is the time from the last write until the index is ready: closing the handler, which on Lite waits for
+the background compaction and per-segment HNSW builds, and opening a new one, which loads (or builds) the indexes.
+``index_mb`` is the size of Lite's index files, ``table_mb`` the whole database directory (``None`` on a server).
+
+Steps (manticore, where ``MANTICORE_HOST`` answers): a fresh table ``bench_<hex>`` (dropped afterwards), rows
+through :meth:`ManticoreHandler.upsert`, then ``FLUSH RAMCHUNK`` and ``OPTIMIZE TABLE ... OPTION sync=1`` (timed
+as ``build_s``: the engine builds HNSW per disk chunk); ``index_mb``/``table_mb`` from ``SHOW TABLE ... STATUS``
+(``disk_bytes``; ``index_mb`` is ``None``, the engine does not report the HNSW part separately).
+
+The handler pass is the same for every backend: for each ``ef_search`` a new handler with that ``ef_search``,
+a warm-up, then ``--queries`` top-10 searches; the API pass starts the server with ``VECTOR_DB`` set to the
+backend (all handlers are closed first: Milvus Lite allows one process per database). ``--check-scan`` then reads
+every row back through :meth:`VectorDBHandler.scan` and adds ``"scan": {"rows", "distinct", "complete",
+"seconds"}`` (``complete``: every stored id came back exactly once and nothing else did).
+
 Reported: ``build_s`` (index build wall time), ``load_s`` (COPY), ``index_mb``/``table_mb`` (``pg_relation_size``
 of the index, and of the table with its TOAST data), ``server_pss_mb`` (proportional set size of all server
 processes after the searches: shared buffers touched plus private memory; the OS page cache that holds the rest of
@@ -40,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -183,18 +203,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def api_p50_ms(url: str, data_dir: Path, ef: int, vector_type: str, queries: np.ndarray) -> float:
-    """Median client-side latency (ms) of top-10 ``POST /search_vector`` on a real uvicorn server."""
+def api_p50_ms(backend_env: dict[str, str], data_dir: Path, ef: int, queries: np.ndarray) -> float:
+    """Median client-side latency (ms) of top-10 ``POST /search_vector`` on a real uvicorn server.
+
+    ``backend_env`` selects and locates the database (``VECTOR_DB`` and its connection variables).
+    """
     import httpx
 
     port = free_port()
     env = {
         **os.environ,
-        "DATABASE_URL": url,
+        **backend_env,
         "DATA_DIR": str(data_dir),
         "EMBEDDER": "none",
-        "VECTOR_DB": "pgvector",
-        "VECTOR_TYPE": vector_type,
         "HNSW_EF_SEARCH": str(ef),
         "UI_ENABLED": "false",
         "LOG_LEVEL": "WARNING",
@@ -246,6 +267,80 @@ def api_p50_ms(url: str, data_dir: Path, ef: int, vector_type: str, queries: np.
         server.wait(timeout=30)
 
 
+def measure_searches(args, open_handler, queries: np.ndarray, exact: np.ndarray, api_env, tmp: Path) -> list[dict]:
+    """Per ``ef_search`` in ``args.ef``: recall@10 and latency of ``--queries`` top-10 searches.
+
+    ``open_handler(ef)`` returns a new handler searching with that ``ef_search``; it is closed before the API pass
+    (``api_env``: the server's backend variables, or ``None`` to skip it). Row ids are ``f"{i:064x}"``, so a hit's
+    row index is ``int(id, 16)``. Latencies in ms, client side, one search at a time after a warm-up pass.
+    """
+    results = []
+    for ef in args.ef:
+        h = open_handler(ef)
+        try:
+            for q in queries[: min(len(queries), 100)]:  # warm-up: pages into caches, connections opened
+                h.search(q, TOP_K)
+            ms, recalls = [], []
+            for qi, q in enumerate(queries):
+                t = time.perf_counter()
+                hits = h.search(q, TOP_K)
+                ms.append((time.perf_counter() - t) * 1000)
+                found = {int(hit.id, 16) for hit in hits}
+                recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
+        finally:
+            h.close()
+        p50, p95, p99 = percentiles(ms)
+        row = {
+            "ef_search": ef,
+            "recall_at_10": round(float(np.mean(recalls)), 4),
+            "p50_ms": p50,
+            "p95_ms": p95,
+            "p99_ms": p99,
+            "api_p50_ms": None,
+        }
+        if args.api and api_env is not None:
+            row["api_p50_ms"] = api_p50_ms(api_env, tmp / "app-data", ef, queries)
+        log(json.dumps(row))
+        results.append(row)
+    return results
+
+
+def check_scan(handler, n: int, batch_size: int = 1000) -> dict:
+    """Read every row through ``handler.scan`` (timed): ``rows`` read, ``distinct`` ids, ``complete`` (every id
+    ``f"{i:064x}"`` for ``i < n`` came back exactly once, and nothing else), ``seconds`` wall time."""
+    t0 = time.perf_counter()
+    rows, seen = 0, set()
+    for batch in handler.scan(batch_size=batch_size):
+        rows += len(batch)
+        seen.update(r.id for r in batch)
+    seconds = time.perf_counter() - t0
+    complete = rows == n and seen == {f"{i:064x}" for i in range(n)}
+    log(f"scan: {rows:,} rows, {len(seen):,} distinct, complete={complete}, {seconds:.1f} s")
+    return {"rows": rows, "distinct": len(seen), "complete": complete, "seconds": round(seconds, 1)}
+
+
+def synthetic_records(vectors: np.ndarray, start: int) -> list:
+    """Rows ``start..`` as :class:`ImageRecord` (ids ``f"{i:064x}"``, the same metadata COPY writes)."""
+    from app.vectordb.base import ImageMetadata, ImageRecord
+
+    now = datetime.now(UTC)
+    return [
+        ImageRecord(f"{i:064x}", v, ImageMetadata(f"synthetic/{i}", "SYNTHETIC", 1, 1, 0, now))
+        for i, v in enumerate(vectors, start)
+    ]
+
+
+def load_through_handler(handler, data: np.ndarray, batch_size: int) -> float:
+    """Upsert every row through the handler's own batched write path; returns the wall time in seconds."""
+    t0 = time.perf_counter()
+    for start in range(0, len(data), batch_size):
+        handler.upsert(synthetic_records(data[start : start + batch_size], start))
+        done = min(start + batch_size, len(data))
+        if done % 50_000 < batch_size or done == len(data):
+            log(f"loaded {done:,}/{len(data):,}")
+    return time.perf_counter() - t0
+
+
 def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, tmp: Path) -> dict:
     import psycopg
 
@@ -284,34 +379,22 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
                 "SELECT pg_relation_size('images_embedding_hnsw'), pg_table_size('images')"
             ).fetchone()
 
-        results = []
-        for ef in args.ef:
-            h = PgVectorHandler(url, pool_min=1, pool_max=1, ef_search=ef, **params)
+        api_env = {"VECTOR_DB": "pgvector", "DATABASE_URL": url, "VECTOR_TYPE": args.vector_type}
+        results = measure_searches(
+            args,
+            lambda ef: PgVectorHandler(url, pool_min=1, pool_max=1, ef_search=ef, **params),
+            queries,
+            exact,
+            api_env,
+            tmp,
+        )
+        scan = None
+        if args.check_scan:
+            h = PgVectorHandler(url, pool_min=1, pool_max=1, **params)
             try:
-                for q in queries[: min(len(queries), 100)]:  # warm-up: pages into shared buffers / page cache
-                    h.search(q, TOP_K)
-                ms, recalls = [], []
-                for qi, q in enumerate(queries):
-                    t = time.perf_counter()
-                    hits = h.search(q, TOP_K)
-                    ms.append((time.perf_counter() - t) * 1000)
-                    found = {int(hit.id, 16) for hit in hits}
-                    recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
+                scan = check_scan(h, len(data))
             finally:
                 h.close()
-            p50, p95, p99 = percentiles(ms)
-            row = {
-                "ef_search": ef,
-                "recall_at_10": round(float(np.mean(recalls)), 4),
-                "p50_ms": p50,
-                "p95_ms": p95,
-                "p99_ms": p99,
-                "api_p50_ms": None,
-            }
-            if args.api:
-                row["api_p50_ms"] = api_p50_ms(url, tmp / "app-data", ef, args.vector_type, queries)
-            log(json.dumps(row))
-            results.append(row)
         pss = server_pss_mb(pgdata)
     finally:
         if embedded is not None:
@@ -323,25 +406,138 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         "table_mb": round(table_b / 1e6, 1),
         "server_pss_mb": pss,
         "results": results,
+        "scan": scan,
     }
+
+
+def _dir_bytes(root: Path, only=lambda p: True) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and only(p))
+
+
+def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, tmp: Path) -> dict:
+    from app.vectordb.milvus import MilvusHandler
+
+    server_uri = os.environ.get("MILVUS_URI", "")
+    lite = not server_uri.startswith(("http://", "https://"))
+    uri = str(tmp / "milvus.db") if lite else server_uri
+    collection = "images" if lite else f"bench_{uuid.uuid4().hex[:12]}"
+    params = dict(collection=collection, hnsw_m=args.m, hnsw_ef_construction=args.ef_construction, timeout_s=600)
+    loader = MilvusHandler(uri, **params)
+    try:
+        loader.ensure_collection(MODEL_ID, args.dim)
+        load_s = load_through_handler(loader, data, args.batch_size)
+        log("waiting for Milvus to seal, compact and index every segment")
+        t0 = time.perf_counter()
+        loader.close()  # Lite: stopping the last client of a database waits for its background index builds
+        reopened = MilvusHandler(uri, **params)  # loads the collection: reads (or builds) every segment's index
+        reopened.close()
+        build_s = time.perf_counter() - t0
+        log(f"indexed in {build_s:.1f} s")
+        index_b = table_b = None
+        if lite:
+            index_b = _dir_bytes(Path(uri), lambda p: "index" in p.relative_to(uri).as_posix())
+            table_b = _dir_bytes(Path(uri))
+        api_env = {"VECTOR_DB": "milvus", "MILVUS_URI": uri} if lite else None  # a server collection: not "images"
+        results = measure_searches(
+            args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), queries, exact, api_env, tmp
+        )
+        scan = None
+        if args.check_scan:
+            h = MilvusHandler(uri, **params)
+            try:
+                scan = check_scan(h, len(data))
+            finally:
+                h.close()
+    finally:
+        loader.close()
+        if not lite:
+            from pymilvus import MilvusClient
+
+            client = MilvusClient(uri=uri, token=os.environ.get("MILVUS_TOKEN", ""))
+            client.drop_collection(collection)
+            client.close()
+    return {
+        "load_s": round(load_s, 1),
+        "build_s": round(build_s, 1),
+        "index_mb": None if index_b is None else round(index_b / 1e6, 1),
+        "table_mb": None if table_b is None else round(table_b / 1e6, 1),
+        "server_pss_mb": None,
+        "results": results,
+        "scan": scan,
+    }
+
+
+def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, tmp: Path) -> dict:
+    import pymysql
+
+    from app.vectordb.manticore import ManticoreHandler
+
+    host = os.environ.get("MANTICORE_HOST")
+    if not host:
+        raise SystemExit("--backend manticore needs MANTICORE_HOST (and MANTICORE_PORT) of a running engine")
+    port = int(os.environ.get("MANTICORE_PORT", "9306"))
+    table = f"bench_{uuid.uuid4().hex[:12]}"
+    params = dict(table=table, hnsw_m=args.m, hnsw_ef_construction=args.ef_construction, timeout_s=60)
+    loader = ManticoreHandler(host, port, **params)
+    try:
+        loader.ensure_collection(MODEL_ID, args.dim)
+        load_s = load_through_handler(loader, data, args.batch_size)
+        loader.close()
+        t0 = time.perf_counter()
+        with pymysql.connect(host=host, port=port, autocommit=True, read_timeout=3600) as conn, conn.cursor() as cur:
+            cur.execute(f"FLUSH RAMCHUNK {table}")  # into a disk chunk, where the HNSW graph is built
+            cur.execute(f"OPTIMIZE TABLE {table} OPTION sync=1")
+            build_s = time.perf_counter() - t0
+            cur.execute(f"SHOW TABLE {table} STATUS")
+            status = {str(k): v for k, v in cur.fetchall()}
+        table_b = int(status.get("disk_bytes", 0)) or None
+        results = measure_searches(
+            args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), queries, exact, None, tmp
+        )
+        scan = None
+        if args.check_scan:
+            h = ManticoreHandler(host, port, **params)
+            try:
+                scan = check_scan(h, len(data))
+            finally:
+                h.close()
+    finally:
+        loader.close()
+        with pymysql.connect(host=host, port=port, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS {table}")
+            cur.execute(f"DROP TABLE IF EXISTS {table}_meta")
+    return {
+        "load_s": round(load_s, 1),
+        "build_s": round(build_s, 1),
+        "index_mb": None,
+        "table_mb": None if table_b is None else round(table_b / 1e6, 1),
+        "server_pss_mb": None,
+        "results": results,
+        "scan": scan,
+    }
+
+
+RUNNERS = {"pgvector": run_pgvector, "milvus": run_milvus, "manticore": run_manticore}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["pgvector"], default="pgvector")
+    parser.add_argument("--backend", choices=sorted(RUNNERS), default="pgvector")
     parser.add_argument("--n", type=int, default=100_000, help="vectors stored")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--vector-type", choices=["vector", "halfvec"], default="vector")
+    parser.add_argument("--vector-type", choices=["vector", "halfvec"], default="vector", help="pgvector only")
     parser.add_argument("--queries", type=int, default=300, help="held-out queries, same mixture")
     parser.add_argument("--ef", type=lambda s: [int(x) for x in s.split(",")], default=[20, 40, 80, 160])
     parser.add_argument("--clusters", type=int, default=None, help="mixture centres (default: N/250, 50..5000)")
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=64)
-    parser.add_argument("--maintenance-work-mem", default="8GB")
-    parser.add_argument("--workers", type=int, default=2, help="max_parallel_maintenance_workers for the build")
-    parser.add_argument("--chunk", type=int, default=50_000, help="rows per COPY")
+    parser.add_argument("--maintenance-work-mem", default="8GB", help="pgvector index build only")
+    parser.add_argument("--workers", type=int, default=2, help="max_parallel_maintenance_workers (pgvector build)")
+    parser.add_argument("--chunk", type=int, default=50_000, help="rows per COPY (pgvector) and per generated block")
+    parser.add_argument("--batch-size", type=int, default=1000, help="rows per upsert (milvus, manticore)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-api", dest="api", action="store_false", help="skip the POST /search_vector pass")
+    parser.add_argument("--check-scan", action="store_true", help="read every row back through scan(), timed")
     parser.add_argument(
         "--compare-halfvec",
         action="store_true",
@@ -349,8 +545,8 @@ def main() -> int:
         "its sizes and recall (against the same exact float32 top-10) to the JSON line under 'halfvec'",
     )
     args = parser.parse_args()
-    if args.compare_halfvec and args.vector_type != "vector":
-        parser.error("--compare-halfvec compares against --vector-type vector")
+    if args.compare_halfvec and (args.vector_type != "vector" or args.backend != "pgvector"):
+        parser.error("--compare-halfvec compares against --backend pgvector --vector-type vector")
     clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
 
     t0 = time.perf_counter()
@@ -369,11 +565,11 @@ def main() -> int:
     )
 
     with tempfile.TemporaryDirectory(prefix="bench-search-scale-") as tmp:
-        out = run_pgvector(args, data, queries, exact, Path(tmp))
+        out = RUNNERS[args.backend](args, data, queries, exact, Path(tmp))
     line = {
         "benchmark": "search_scale",
         "backend": args.backend,
-        "vector_type": args.vector_type,
+        "vector_type": args.vector_type if args.backend == "pgvector" else "float32",
         "n": args.n,
         "dim": args.dim,
         "clusters": clusters,
@@ -384,6 +580,8 @@ def main() -> int:
         **{k: out[k] for k in ("load_s", "build_s", "index_mb", "table_mb", "server_pss_mb")},
         "results": out["results"],
     }
+    if out["scan"] is not None:
+        line["scan"] = out["scan"]
     if args.compare_halfvec:
         args.vector_type = "halfvec"
         with tempfile.TemporaryDirectory(prefix="bench-search-scale-") as tmp:
