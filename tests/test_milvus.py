@@ -332,7 +332,7 @@ def test_http_uri_reaches_a_milvus_server(tmp_path):
 
 
 def test_lite_flushes_after_many_rows_and_before_a_search_once_writes_pause(open_handler, monkeypatch):
-    import app.vectordb.milvus as milvus_module
+    import app.vectordb.milvus_lite_server as milvus_module
 
     monkeypatch.setattr(milvus_module, "LITE_FLUSH_ROWS", 50)
     h = open_handler()

@@ -37,11 +37,14 @@ What Milvus Lite (3.2) does differently, checked against the installed code:
 * **One process per database**: Lite holds an exclusive ``flock`` on ``<db>/LOCK`` while open; a second process
   (a second uvicorn worker, a CLI run beside the service) gets :class:`DatabaseUnavailableError`. Use a Milvus
   server for more than one process.
-* Inside one process, pymilvus runs one embedded Lite gRPC server per database path (in threads) and shares it
-  between clients. This module counts the handlers open on each path (the module-level ``_LITE_SERVERS``
-  registry, the only global state here: it is a connection cache) so that the last :meth:`MilvusHandler.close`
-  stops that server, which releases the lock and lets the same process, or another one, reopen the database.
-  It also serialises writes per database, because Lite does not support concurrent writers to one collection.
+* Inside one process, the handlers of one database path share one embedded Lite server; starting, sharing and
+  stopping it, the write lock per database and the flush policy live in :mod:`app.vectordb.milvus_lite_server`
+  (with the import-time ``MILVUS_URI`` workaround for pymilvus).
+* **Search cost grows with the collection** on Lite 3.2, whatever the index: for every query its search executor
+  (``milvus_lite/search/executor_indexed.py``) first loops in Python over every stored row twice (the newest copy
+  of each primary key across segments, then a per-segment validity mask), before FAISS searches each segment.
+  Measured with this handler (``bench/search_scale.py``): about 0.8 ms per 1,000 rows, independent of the
+  dimension and of ``ef`` (see the README for the figures and when to move to a Milvus server).
 """
 
 from __future__ import annotations
@@ -51,9 +54,7 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -62,38 +63,14 @@ import numpy as np
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
 from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
-
-# Milvus Lite flush policy. Lite searches its in-memory memtable by brute force, slowly (a 2,020-row memtable of
-# 1280-d vectors: 146 ms per search, against 2-4 ms once flushed; bench/backends.py), and on its own flushes only
-# at 128 MiB. So the handler flushes after every LITE_FLUSH_ROWS written rows, and before a search once writes have
-# paused for LITE_IDLE_FLUSH_S; Lite's size-tiered compaction merges the small segments this makes.
-LITE_FLUSH_ROWS = 1024
-LITE_IDLE_FLUSH_S = 1.0
-
-
-@contextlib.contextmanager
-def _milvus_uri_hidden() -> Iterator[None]:
-    """Hide this service's ``MILVUS_URI`` from pymilvus while it is imported.
-
-    pymilvus reads ``MILVUS_URI`` at import time for the default connection of its legacy ORM and raises
-    ``ConnectionConfigException`` unless it is an ``http(s)://`` URL, but here it may be a Milvus Lite path. An
-    empty value is skipped by pymilvus, and also stops the ``load_dotenv()`` it runs on import from reading the
-    variable out of a ``.env`` file. The previous value is restored afterwards; the handler never uses the ORM.
-    """
-    saved = os.environ.get("MILVUS_URI")
-    os.environ["MILVUS_URI"] = ""
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MILVUS_URI", None)
-        else:
-            os.environ["MILVUS_URI"] = saved
-
-
-with _milvus_uri_hidden():
-    from pymilvus import DataType, MilvusClient
-    from pymilvus.exceptions import MilvusException
+from app.vectordb.milvus_lite_server import (
+    DataType,
+    LiteServer,
+    MilvusClient,
+    MilvusException,
+    acquire_lite,
+    release_lite,
+)
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -137,94 +114,6 @@ def _record(row: dict) -> ImageRecord:
     return ImageRecord(row["id"], np.asarray(row[VECTOR_FIELD], dtype=np.float32), _metadata(row))
 
 
-# --- embedded Milvus Lite servers, shared by the handlers of one process --------------------------------------
-@dataclass(eq=False)
-class _LiteServer:
-    """One embedded Milvus Lite gRPC server (started through pymilvus' own registry) and its users."""
-
-    path: str
-    uri: str
-    refs: int = 0
-    # Milvus Lite does not support concurrent writers to one collection: every handler on this path writes under it.
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Rows written since the last flush, and when the last write happened (time.monotonic()).
-    unflushed_rows: int = 0
-    last_write: float = 0.0
-
-
-_LITE_LOCK = threading.Lock()
-_LITE_SERVERS: dict[str, _LiteServer] = {}
-
-
-def _lite_failure_reason(path: str) -> str:
-    """Best guess at why Milvus Lite could not open ``path`` (pymilvus only logs the exception)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        return (
-            "it is a file, not a Milvus Lite 3 database directory (databases written by milvus-lite 2.x cannot be "
-            "read by milvus-lite 3: re-index into a new path)"
-        )
-    lock_path = os.path.join(path, "LOCK")
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cheap probe
-        return "see the log above for the cause; another process may hold the database"
-    try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except OSError:
-        return "see the log above for the cause"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError:
-        return (
-            "another process holds it (Milvus Lite allows one process per database: stop the other process, "
-            "or run a Milvus server and set MILVUS_URI=http://host:19530)"
-        )
-    finally:
-        os.close(fd)
-    return "see the log above for the cause"
-
-
-def _acquire_lite(path: str) -> _LiteServer:
-    """Start (or reuse) the embedded Milvus Lite server of ``path`` and count one more user."""
-    with _LITE_LOCK:
-        server = _LITE_SERVERS.get(path)
-        if server is None:
-            try:
-                from milvus_lite.server_manager import server_manager_instance
-            except ImportError as exc:
-                raise DatabaseUnavailableError(
-                    "MILVUS_URI is a local path, which needs Milvus Lite: pip install milvus-lite"
-                ) from exc
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            except OSError as exc:
-                raise DatabaseUnavailableError(
-                    f"Cannot create the directory of Milvus Lite database {path}: {exc}"
-                ) from exc
-            # pymilvus' own registry: a MilvusClient("….db") elsewhere in this process shares the same server.
-            uri = server_manager_instance.start_and_get_uri(path)
-            if uri is None:
-                raise DatabaseUnavailableError(
-                    f"Cannot open the Milvus Lite database {path}: {_lite_failure_reason(path)}."
-                )
-            server = _LITE_SERVERS[path] = _LiteServer(path, uri)
-        server.refs += 1
-        return server
-
-
-def _release_lite(server: _LiteServer) -> None:
-    """One user fewer; the last one stops the server, which flushes and unlocks the database."""
-    with _LITE_LOCK:
-        server.refs -= 1
-        if server.refs > 0 or _LITE_SERVERS.get(server.path) is not server:
-            return
-        del _LITE_SERVERS[server.path]
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(server.path)
-
-
 # --- the handler -----------------------------------------------------------------------------------------------
 class MilvusHandler(VectorDBHandler):
     """Images in one Milvus collection with an HNSW cosine index (see the module docstring for Milvus Lite).
@@ -262,7 +151,7 @@ class MilvusHandler(VectorDBHandler):
         self._timeout_s = float(timeout_s)
         self._dim: int | None = None
         self._closed = False
-        self._lite: _LiteServer | None = None
+        self._lite: LiteServer | None = None
         self._schema_lock = threading.Lock()
         self._client: MilvusClient | None = None
 
@@ -272,7 +161,7 @@ class MilvusHandler(VectorDBHandler):
             client_uri, where = uri, uri
         else:
             path = os.path.abspath(os.path.expanduser(uri))
-            self._lite = _acquire_lite(path)
+            self._lite = acquire_lite(path)
             client_uri, where, token = self._lite.uri, f"Milvus Lite database {path}", None
         self._where = where
         try:
@@ -335,7 +224,7 @@ class MilvusHandler(VectorDBHandler):
     def _release_lite(self) -> None:
         if self._lite is not None:
             lite, self._lite = self._lite, None
-            _release_lite(lite)
+            release_lite(lite)
 
     def _query(self, filter_: str, output_fields: list[str], **kwargs) -> list[dict]:
         return self._client.query(
@@ -500,11 +389,8 @@ class MilvusHandler(VectorDBHandler):
         def _write() -> None:
             with self._write_lock:
                 self._client.upsert(self._collection, rows, timeout=self._timeout_s)
-                if self._lite is not None:
-                    self._lite.unflushed_rows += len(rows)
-                    self._lite.last_write = time.monotonic()
-                    if self._lite.unflushed_rows >= LITE_FLUSH_ROWS:
-                        self._flush_lite()
+                if self._lite is not None and self._lite.note_write(len(rows)):
+                    self._flush_lite()
 
         self._run("upsert", _write)
 
@@ -535,7 +421,7 @@ class MilvusHandler(VectorDBHandler):
         if top_k <= 0:
             return []
         lite = self._lite
-        if lite is not None and lite.unflushed_rows and time.monotonic() - lite.last_write >= LITE_IDLE_FLUSH_S:
+        if lite is not None and lite.idle_with_unflushed_rows():
             # Lite scans unflushed rows one by one (about 70 us per 1280-d row here) but searches sealed segments
             # through FAISS HNSW: once writes pause, seal them so searches stop paying for the scan.
             with lite.write_lock:
