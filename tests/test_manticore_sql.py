@@ -18,8 +18,10 @@ import pymysql
 import pytest
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
-from app.vectordb import manticore as mc
+from app.ids import to_epoch_us
+from app.vectordb import manticore_sql as mc
 from app.vectordb.base import ImageMetadata, ImageRecord
+from app.vectordb.manticore import ManticoreHandler
 
 DIM = 8
 HOSTILE = ["'; DROP TABLE x; --", "a\\'b", "back\\slash", 'dq"uote', "new\nline\r\ttab", "x\\", "\\'", "日本語.jpg"]
@@ -76,7 +78,7 @@ def test_bad_table_names_are_rejected(name):
     with pytest.raises(ValueError):
         mc.validate_table_name(name)
     with pytest.raises(ValueError):
-        mc.ManticoreHandler("127.0.0.1", 9306, table=name)
+        ManticoreHandler("127.0.0.1", 9306, table=name)
 
 
 @pytest.mark.parametrize("image_id", ["", "f" * 63, "f" * 65, "F" * 64, "g" * 64, " " + "a" * 63, "'" + "a" * 63, 5])
@@ -264,32 +266,34 @@ def test_knn_query_shape():
         "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, knn_dist() AS distance "
         "FROM images WHERE knn(embedding, 5, ("
     )
-    assert sql.endswith(", {ef=40}) LIMIT 5")
+    assert sql.endswith(", {ef=40, early_termination=0}) LIMIT 5")
     assert mc.format_vector(v, DIM) in sql
     assert "%" not in sql and "'" not in sql  # nothing but validated numbers
 
 
 def test_knn_query_above_the_default_max_matches_raises_it():
     v = _unit(np.random.default_rng(5), 1)[0]
-    assert mc.knn_search_sql("images", v, 1500, 1500, DIM).endswith("{ef=1500}) LIMIT 1500 OPTION max_matches=1500")
+    assert mc.knn_search_sql("images", v, 1500, 1500, DIM).endswith(
+        "{ef=1500, early_termination=0}) LIMIT 1500 OPTION max_matches=1500"
+    )
     with pytest.raises(ValueError):
         mc.knn_search_sql("images", v, 0, 40, DIM)
 
 
-def test_scan_pages_by_image_id():
-    first, params = mc.scan_sql("images", None, 10)
-    assert params == ()
-    assert first == (
+def test_scan_pages_by_document_id_never_by_a_string_range():
+    # A string range filter (image_id > '...') gave wrong results on a real engine's disk chunks (issue #12).
+    assert mc.scan_sql("images", 0, 10) == (
         "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
-        "ORDER BY image_id ASC LIMIT 10"
+        "WHERE id > 0 ORDER BY id ASC LIMIT 10"
     )
-    after = "0" * 63 + "9"
-    assert mc.render_sql(*mc.scan_sql("images", after, 5000)) == (
+    after = mc.doc_id_for("0" * 63 + "9")
+    assert mc.scan_sql("images", after, 5000) == (
         "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
-        f"WHERE image_id > '{after}' ORDER BY image_id ASC LIMIT 5000 OPTION max_matches=5000"
+        f"WHERE id > {after} ORDER BY id ASC LIMIT 5000 OPTION max_matches=5000"
     )
-    with pytest.raises(ValueError):
-        mc.scan_sql("images", "x' OR 1=1 --", 10)
+    for bad in ("x' OR 1=1 --", -1, 2**63, None):
+        with pytest.raises(ValueError):
+            mc.scan_sql("images", bad, 10)
 
 
 def test_lookup_by_document_ids():
@@ -321,7 +325,7 @@ def test_unreachable_engine_raises_database_unavailable_quickly():
     port = _closed_port()
     start = time.monotonic()
     with pytest.raises(DatabaseUnavailableError) as err:
-        mc.ManticoreHandler("127.0.0.1", port, timeout_s=2)
+        ManticoreHandler("127.0.0.1", port, timeout_s=2)
     assert time.monotonic() - start < 5
     assert f"127.0.0.1:{port}" in str(err.value)
 
@@ -365,7 +369,7 @@ class _FakeConnection:
         self.closed = True
 
 
-def _handler(monkeypatch, script) -> tuple[mc.ManticoreHandler, list[str], list[_FakeConnection]]:
+def _handler(monkeypatch, script) -> tuple[ManticoreHandler, list[str], list[_FakeConnection]]:
     sent: list[str] = []
     made: list[_FakeConnection] = []
 
@@ -373,8 +377,8 @@ def _handler(monkeypatch, script) -> tuple[mc.ManticoreHandler, list[str], list[
         made.append(_FakeConnection(script, sent))
         return made[-1]
 
-    monkeypatch.setattr(mc.ManticoreHandler, "_connect", connect)
-    return mc.ManticoreHandler("127.0.0.1", 9306, table="images", ef_search=10), sent, made
+    monkeypatch.setattr(ManticoreHandler, "_connect", connect)
+    return ManticoreHandler("127.0.0.1", 9306, table="images", ef_search=10), sent, made
 
 
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(monkeypatch):
@@ -405,7 +409,7 @@ def test_mismatched_model_is_refused(monkeypatch):
 
 def test_search_scores_are_one_minus_knn_dist_and_ef_is_raised_to_top_k(monkeypatch):
     h, sent, made = _handler(monkeypatch, [[("images_meta", "rt")], [("m", DIM)]])
-    when = mc.to_epoch_us(datetime(2026, 1, 1, tzinfo=UTC))
+    when = to_epoch_us(datetime(2026, 1, 1, tzinfo=UTC))
     rows = [
         (2, "b" * 64, "b.jpg", "JPEG", 3, 4, 5, when, 0.25),
         (1, "a" * 64, "a.jpg", "PNG", 1, 2, 3, when, 0.125),
@@ -415,14 +419,14 @@ def test_search_scores_are_one_minus_knn_dist_and_ef_is_raised_to_top_k(monkeypa
     assert [x.id for x in hits] == ["a" * 64, "b" * 64]
     assert [x.score for x in hits] == [0.875, 0.75]
     assert hits[0].metadata == ImageMetadata("a.jpg", "PNG", 1, 2, 3, datetime(2026, 1, 1, tzinfo=UTC))
-    assert ", {ef=20}) LIMIT 20" in sent[-1]
+    assert ", {ef=20, early_termination=0}) LIMIT 20" in sent[-1]
 
 
 def test_health_never_raises_and_close_is_idempotent(monkeypatch):
     h, sent, made = _handler(monkeypatch, [[]])
     made[0].script[:] = [pymysql.err.OperationalError(2013, "Lost connection")]
     monkeypatch.setattr(
-        mc.ManticoreHandler, "_connect", lambda self: (_ for _ in ()).throw(DatabaseUnavailableError("down"))
+        ManticoreHandler, "_connect", lambda self: (_ for _ in ()).throw(DatabaseUnavailableError("down"))
     )
     assert h.health() is False
     h.close()
