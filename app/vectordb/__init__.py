@@ -9,7 +9,7 @@ __all__ = ["CollectionInfo", "ImageMetadata", "ImageRecord", "SearchHit", "Vecto
 
 
 def create_handler(settings: Settings) -> VectorDBHandler:
-    """Build the backend named by ``settings.vector_db`` (``VECTOR_DB``).
+    """Build the backend named by ``settings.vector_db`` (``VECTOR_DB``) with its ``from_settings``.
 
     pgvector: ``DATABASE_URL`` if set, otherwise the embedded PostgreSQL under ``DATA_DIR/pgdata`` (started here,
     stopped by the handler's ``close``). milvus: ``MILVUS_URI`` (a file path runs Milvus Lite). manticore:
@@ -19,23 +19,7 @@ def create_handler(settings: Settings) -> VectorDBHandler:
     if settings.vector_db == "pgvector":
         from app.vectordb.pgvector import PgVectorHandler
 
-        url, on_close = settings.database_url, None
-        if url is None:
-            from app.vectordb.embedded_pg import start_embedded_postgres
-
-            embedded = start_embedded_postgres(settings.data_dir / "pgdata")
-            url, on_close = embedded.url, embedded.stop
-        return PgVectorHandler(
-            url,
-            pool_min=settings.db_pool_min,
-            pool_max=settings.db_pool_max,
-            timeout_s=settings.db_connect_timeout_s,
-            hnsw_m=settings.hnsw_m,
-            hnsw_ef_construction=settings.hnsw_ef_construction,
-            ef_search=settings.hnsw_ef_search,
-            vector_type=settings.vector_type,
-            on_close=on_close,
-        )
+        return PgVectorHandler.from_settings(settings)
     if settings.vector_db == "milvus":
         from app.vectordb.milvus import MilvusHandler
 

@@ -89,8 +89,13 @@ class VectorDBHandler(ABC):
     """Abstract vector store of image embeddings with metadata, searched by cosine similarity.
 
     Implementations: :class:`app.vectordb.pgvector.PgVectorHandler`, :class:`app.vectordb.milvus.MilvusHandler`,
-    :class:`app.vectordb.manticore.ManticoreHandler`. Every method may raise
+    :class:`app.vectordb.manticore.ManticoreHandler`, each built from the service's settings by its
+    ``from_settings(settings)`` classmethod (:func:`app.vectordb.create_handler` picks one). Every method may raise
     :class:`app.errors.DatabaseUnavailableError` when the server cannot be reached.
+
+    Malformed image ids (anything :func:`app.ids.is_valid_image_id` refuses) are never stored and never reach a
+    query: :meth:`upsert` raises ``ValueError`` (before writing any record of the batch), :meth:`get` returns
+    ``None``, :meth:`delete` returns ``False`` and :meth:`existing_ids` leaves them out of its answer.
     """
 
     #: short backend name shown in ``/stats`` (``pgvector``, ``milvus``, ``manticore``)
@@ -112,8 +117,9 @@ class VectorDBHandler(ABC):
     def upsert(self, records: Sequence[ImageRecord]) -> None:
         """Insert or replace a batch of records in one round trip where the backend allows.
 
-        Every ``record.vector`` must be ``(D,)`` float32 with the collection's ``D``; raises ``ValueError``
-        otherwise. Upserting the same id twice leaves one row (idempotent).
+        Every ``record.vector`` must be ``(D,)`` float32 with the collection's ``D`` and every ``record.id`` a valid
+        image id (:func:`app.ids.is_valid_image_id`); raises ``ValueError`` otherwise, before writing any record of
+        the batch. Upserting the same id twice leaves one row (idempotent).
         """
 
     @abstractmethod
@@ -125,22 +131,26 @@ class VectorDBHandler(ABC):
 
     @abstractmethod
     def get(self, image_id: str) -> ImageRecord | None:
-        """The record with this id (vector included), or ``None``."""
+        """The record with this id (vector included), or ``None`` (also for a malformed id)."""
 
     @abstractmethod
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        """The subset of ``ids`` that are stored (one query for the whole batch)."""
+        """The subset of ``ids`` that are stored (one query for the whole batch); malformed ids are left out."""
 
     @abstractmethod
     def scan(self, batch_size: int = 1000) -> Iterator[list[ImageRecord]]:
-        """Every stored record, vectors included, in batches of at most ``batch_size``, ordered by id.
+        """Every stored record exactly once, vectors included, in batches of at most ``batch_size``.
 
-        Pages by id (keyset), so it is safe on collections of any size; used to migrate between backends.
+        Keyset pages on a key the backend keeps ordered and exact at any size: the image id on pgvector and Milvus,
+        the numeric document id on Manticore (so the order of records differs between backends; callers must not
+        rely on it). Milvus and Manticore check that the engine returned their pages in key order and raise
+        :class:`app.errors.DatabaseUnavailableError` rather than skip rows. Used to migrate between backends; the contract suite checks completeness at 50,000 rows.
+        Raises ``ValueError`` for ``batch_size < 1``.
         """
 
     @abstractmethod
     def delete(self, image_id: str) -> bool:
-        """Delete one record; ``True`` if it existed."""
+        """Delete one record; ``True`` if it existed (``False`` for a malformed id)."""
 
     @abstractmethod
     def count(self) -> int:

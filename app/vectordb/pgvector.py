@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -18,7 +19,11 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError, VectorTypeMismatchError
+from app.ids import is_valid_image_id
 from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,37 @@ class PgVectorHandler(VectorDBHandler):
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PgVectorHandler:
+        """Build from :class:`app.config.Settings`: ``DATABASE_URL`` if set, otherwise the embedded PostgreSQL under
+        ``DATA_DIR/pgdata`` (started here, stopped by :meth:`close`); ``DB_POOL_MIN``/``DB_POOL_MAX``,
+        ``DB_CONNECT_TIMEOUT_S``, the ``HNSW_*`` settings and ``VECTOR_TYPE``.
+
+        Raises :class:`DatabaseUnavailableError` when the database cannot be reached or started.
+        """
+        url, on_close = settings.database_url, None
+        if url is None:
+            from app.vectordb.embedded_pg import start_embedded_postgres
+
+            embedded = start_embedded_postgres(settings.data_dir / "pgdata")
+            url, on_close = embedded.url, embedded.stop
+        try:
+            return cls(
+                url,
+                pool_min=settings.db_pool_min,
+                pool_max=settings.db_pool_max,
+                timeout_s=settings.db_connect_timeout_s,
+                hnsw_m=settings.hnsw_m,
+                hnsw_ef_construction=settings.hnsw_ef_construction,
+                ef_search=settings.hnsw_ef_search,
+                vector_type=settings.vector_type,
+                on_close=on_close,
+            )
+        except BaseException:
+            if on_close is not None:  # do not leave the embedded server running behind a failed start
+                on_close()
+            raise
 
     @property
     def vector_type(self) -> str:
@@ -241,6 +277,9 @@ class PgVectorHandler(VectorDBHandler):
     def upsert(self, records: Sequence[ImageRecord]) -> None:
         if not records:
             return
+        for r in records:  # the whole batch is checked before anything is written
+            if not is_valid_image_id(r.id):
+                raise ValueError(f"image id must be 64 lower-case hex characters, got {r.id!r}")
         rows = [
             (
                 r.id,
@@ -268,6 +307,9 @@ class PgVectorHandler(VectorDBHandler):
         self._run(_write)
 
     def delete(self, image_id: str) -> bool:
+        if not is_valid_image_id(image_id):
+            return False  # never stored: upsert refuses such ids
+
         def _delete(conn: psycopg.Connection) -> bool:
             with conn.transaction():
                 return conn.execute("DELETE FROM images WHERE id = %s RETURNING id", (image_id,)).fetchone() is not None
@@ -301,6 +343,9 @@ class PgVectorHandler(VectorDBHandler):
         return self._run(_search)
 
     def get(self, image_id: str) -> ImageRecord | None:
+        if not is_valid_image_id(image_id):
+            return None  # never stored: upsert refuses such ids
+
         def _get(conn: psycopg.Connection):
             with conn.transaction():
                 return conn.execute(
@@ -313,7 +358,10 @@ class PgVectorHandler(VectorDBHandler):
         return ImageRecord(row[0], _to_numpy(row[1]), _metadata(row[2:]))
 
     def scan(self, batch_size: int = 1000) -> Iterator[list[ImageRecord]]:
-        last = ""
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        last = ""  # keyset on the primary key: `id > last` and ORDER BY id use the same collation
         while True:
 
             def _page(conn: psycopg.Connection, after: str = last):
@@ -330,7 +378,7 @@ class PgVectorHandler(VectorDBHandler):
             last = rows[-1][0]
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        ids = list(ids)
+        ids = [i for i in ids if is_valid_image_id(i)]  # malformed ids are never stored: dropped
         if not ids:
             return set()
 
