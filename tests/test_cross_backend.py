@@ -125,3 +125,68 @@ def test_migrate_refuses_a_target_with_another_model(pg_server, tmp_path, instan
     result = _run_migrate("--from", "pgvector", "--to", "milvus", env=env)
     assert result.returncode == 2
     assert "open_clip:ViT-B-32/laion2b_s34b_b79k" in result.stderr and MODEL in result.stderr
+
+
+def test_migrate_moves_a_collection_from_vector_to_halfvec_in_another_database(pg_server, tmp_path, instance_records):
+    source_url, target_url = create_database(pg_server), create_database(pg_server)
+    _fill(PgVectorHandler(source_url), instance_records).close()
+    env = {"DATABASE_URL": source_url, "DATA_DIR": str(tmp_path), "VECTOR_TYPE": "vector"}
+    args = ("--from", "pgvector", "--to", "pgvector", "--to-database-url", target_url, "--to-vector-type", "halfvec")
+    result = _run_migrate(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    n = len(instance_records)
+    assert f"copied {n} records from pgvector to pgvector; counts {n} -> {n}" in result.stdout
+    assert "same vectors for 20/20 samples" in result.stdout and "same top-5 for 20/20" in result.stdout
+    copy = PgVectorHandler(target_url, vector_type="halfvec")
+    try:
+        assert copy.vector_type == "halfvec" and copy.count() == n
+        assert copy.ensure_collection(MODEL, instance_records[0].vector.shape[0])  # no VectorTypeMismatchError
+        got = copy.get(instance_records[7].id)
+        np.testing.assert_allclose(got.vector, instance_records[7].vector.astype(np.float16), atol=1e-7)
+    finally:
+        copy.close()
+
+
+def test_migrate_refuses_to_copy_a_database_onto_itself(pg_server, tmp_path):
+    url = create_database(pg_server)
+    env = {"DATABASE_URL": url, "DATA_DIR": str(tmp_path)}
+    result = _run_migrate("--from", "pgvector", "--to", "pgvector", env=env)
+    assert result.returncode == 2
+    assert "source and target are the same database" in result.stderr
+
+
+def test_migrate_fails_loudly_when_the_target_does_not_match(pg_server, tmp_path, instance_records):
+    source_url, target_url = create_database(pg_server), create_database(pg_server)
+    _fill(PgVectorHandler(source_url), instance_records[:40]).close()
+    # A target that already holds an image the source lacks: after the copy its count cannot match.
+    _fill(PgVectorHandler(target_url), instance_records[40:41]).close()
+    env = {"DATABASE_URL": source_url, "DATA_DIR": str(tmp_path)}
+    result = _run_migrate("--from", "pgvector", "--to", "pgvector", "--to-database-url", target_url, env=env)
+    assert result.returncode == 1
+    assert "error: the target does not match the source" in result.stderr
+    assert "counts differ: the source holds 40, 40 were read and copied, the target holds 41" in result.stderr
+
+
+def test_verify_reports_a_changed_vector_and_a_missing_record(pg_server, instance_records):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("migrate_script", PROJECT_ROOT / "scripts/migrate.py")
+    migrate_script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = migrate_script  # its dataclasses look their module up there
+    spec.loader.exec_module(migrate_script)
+    source = _fill(PgVectorHandler(create_database(pg_server)), instance_records[:30])
+    target = PgVectorHandler(create_database(pg_server))
+    try:
+        copied = migrate_script.migrate(source, target, batch_size=7, progress=False, samples=30)
+        assert copied.rows == 30 and sorted(copied.sample) == sorted(r.id for r in instance_records[:30])
+        assert migrate_script.verify(source, target, copied)["problems"] == []
+        changed, gone = instance_records[3], instance_records[4]
+        target.upsert([ImageRecord(changed.id, -changed.vector, changed.metadata)])
+        target.delete(gone.id)
+        problems = migrate_script.verify(source, target, copied)["problems"]
+        assert any(p.startswith("counts differ") for p in problems)
+        assert f"record {gone.id} is missing from the target" in problems
+        assert any(p.startswith(f"record {changed.id}: vectors differ by up to") for p in problems)
+    finally:
+        source.close()
+        target.close()
