@@ -305,15 +305,24 @@ def measure_searches(args, open_handler, queries: np.ndarray, exact: np.ndarray,
     return results
 
 
-def check_scan(handler, n: int, batch_size: int = 1000) -> dict:
-    """Read every row through ``handler.scan`` (timed): ``rows`` read, ``distinct`` ids, ``complete`` (every id
-    ``f"{i:064x}"`` for ``i < n`` came back exactly once, and nothing else), ``seconds`` wall time."""
-    t0 = time.perf_counter()
-    rows, seen = 0, set()
-    for batch in handler.scan(batch_size=batch_size):
-        rows += len(batch)
-        seen.update(r.id for r in batch)
-    seconds = time.perf_counter() - t0
+def check_scan(args, open_handler, n: int, batch_size: int = 1000) -> dict | None:
+    """With ``--check-scan``: read every row through ``scan`` of a new handler from ``open_handler()`` (timed).
+
+    Returns ``rows`` read, ``distinct`` ids, ``complete`` (every id ``f"{i:064x}"`` for ``i < n`` came back exactly
+    once, and nothing else), ``seconds`` wall time; ``None`` without ``--check-scan``.
+    """
+    if not args.check_scan:
+        return None
+    handler = open_handler()
+    try:
+        t0 = time.perf_counter()
+        rows, seen = 0, set()
+        for batch in handler.scan(batch_size=batch_size):
+            rows += len(batch)
+            seen.update(r.id for r in batch)
+        seconds = time.perf_counter() - t0
+    finally:
+        handler.close()
     complete = rows == n and seen == {f"{i:064x}" for i in range(n)}
     log(f"scan: {rows:,} rows, {len(seen):,} distinct, complete={complete}, {seconds:.1f} s")
     return {"rows": rows, "distinct": len(seen), "complete": complete, "seconds": round(seconds, 1)}
@@ -388,13 +397,7 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             api_env,
             tmp,
         )
-        scan = None
-        if args.check_scan:
-            h = PgVectorHandler(url, pool_min=1, pool_max=1, **params)
-            try:
-                scan = check_scan(h, len(data))
-            finally:
-                h.close()
+        scan = check_scan(args, lambda: PgVectorHandler(url, pool_min=1, pool_max=1, **params), len(data))
         pss = server_pss_mb(pgdata)
     finally:
         if embedded is not None:
@@ -441,13 +444,7 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
         results = measure_searches(
             args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), queries, exact, api_env, tmp
         )
-        scan = None
-        if args.check_scan:
-            h = MilvusHandler(uri, **params)
-            try:
-                scan = check_scan(h, len(data))
-            finally:
-                h.close()
+        scan = check_scan(args, lambda: MilvusHandler(uri, **params), len(data))
     finally:
         loader.close()
         if not lite:
@@ -494,13 +491,7 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
         results = measure_searches(
             args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), queries, exact, None, tmp
         )
-        scan = None
-        if args.check_scan:
-            h = ManticoreHandler(host, port, **params)
-            try:
-                scan = check_scan(h, len(data))
-            finally:
-                h.close()
+        scan = check_scan(args, lambda: ManticoreHandler(host, port, **params), len(data))
     finally:
         loader.close()
         with pymysql.connect(host=host, port=port, autocommit=True) as conn, conn.cursor() as cur:
