@@ -72,8 +72,10 @@ class VectorTypeMismatchError(CollectionMismatchError):
         ServiceError.__init__(
             self,
             f"The collection stores its vectors as '{stored_type}', but VECTOR_TYPE is '{configured_type}'. "
-            f"Set VECTOR_TYPE={stored_type} again, or move the collection into an empty database created with "
-            f"VECTOR_TYPE={configured_type} (scripts/migrate.py copies vectors without re-embedding).",
+            f"Set VECTOR_TYPE={stored_type} again, or copy the collection, without re-embedding, into an empty "
+            f"database with VECTOR_TYPE={configured_type}: scripts/migrate.py --from pgvector --to pgvector "
+            f"--to-database-url <empty database URL> --to-vector-type {configured_type}, then point DATABASE_URL "
+            "at it.",
         )
 
 
