@@ -144,8 +144,8 @@ class VectorDBHandler(ABC):
         Keyset pages on a key the backend keeps ordered and exact at any size: the image id on pgvector and Milvus,
         the numeric document id on Manticore (so the order of records differs between backends; callers must not
         rely on it). Milvus and Manticore check that the engine returned their pages in key order and raise
-        :class:`app.errors.DatabaseUnavailableError` rather than skip rows. Used to migrate between backends; the contract suite checks completeness at 50,000 rows.
-        Raises ``ValueError`` for ``batch_size < 1``.
+        :class:`app.errors.DatabaseUnavailableError` rather than skip rows. Used to migrate between backends; the
+        contract suite checks completeness at 50,000 rows. Raises ``ValueError`` for ``batch_size < 1``.
         """
 
     @abstractmethod

@@ -88,6 +88,11 @@ _FORMAT_MAX_BYTES = 64
 _MAX_DIM = 32768  # Milvus' maximum FLOAT_VECTOR dimension
 # Rows per `id in [...]` query: the API asks about at most 1000 ids at once, so that is one query per call.
 _IDS_PER_QUERY = 1000
+# Most rows per Milvus Lite scan page: past a few thousand rows a page costs more time, not fewer passes (see scan).
+LITE_SCAN_PAGE_ROWS = 8192
+# Vector components per Lite scan page: pymilvus returns each vector as a list of Python floats (about 32 bytes per
+# component), so 2**22 components keep a page near 130 MB: 8,192 rows of 512-d, 3,276 of 1280-d.
+LITE_SCAN_PAGE_FLOATS = 2**22
 # Loading a large collection (reading its index into memory) can take much longer than an ordinary request.
 _LOAD_TIMEOUT_S = 600.0
 
@@ -458,25 +463,36 @@ class MilvusHandler(VectorDBHandler):
         return found
 
     def scan(self, batch_size: int = 1000) -> Iterator[list[ImageRecord]]:
-        """Every record in batches of ``batch_size``, ordered by id.
+        """Every record in batches of at most ``batch_size``, ordered by id.
 
         Milvus' query has no ORDER BY, but its query iterator pages with a primary-key cursor (``id > last``) and
         the server returns iterator pages in primary-key order (Milvus Lite since 3.2.x, milvus-lite#367). The
         order is checked here anyway: a violation raises :class:`DatabaseUnavailableError` rather than silently
         skipping rows.
+
+        On Milvus Lite each page costs a pass over the whole collection (its query gathers every row, filters
+        ``id > last`` and sorts the survivors by primary key in Python: ``milvus_lite/engine/collection.py``,
+        ``query(order_by_pk=True)``), so a scan is quadratic in the number of pages: 200,000 rows in pages of 1,000
+        took 149 s (issue #12). Lite is therefore read in pages of up to ``LITE_SCAN_PAGE_FLOATS / D`` rows (at
+        most 8,192), cut into ``batch_size`` batches here, and each page may take up to ``_LOAD_TIMEOUT_S``: measured
+        with 50,000 8-d rows on a loaded 2-core machine, pages of 1,000 / 4,000 / 16,384 rows read everything in
+        37.7 / 14.9 / 13.4 s, but one 16,384-row page took over 10 s, the ordinary request timeout.
         """
         batch_size = int(batch_size)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        page_size = batch_size
+        if self._is_lite and self._dim:
+            page_size = max(batch_size, min(LITE_SCAN_PAGE_ROWS, LITE_SCAN_PAGE_FLOATS // self._dim))
         iterator = self._run(
             "scan",
             lambda: self._client.query_iterator(
                 self._collection,
-                batch_size=batch_size,
+                batch_size=page_size,
                 filter="",
                 output_fields=["id", VECTOR_FIELD, *_META_FIELDS],
                 consistency_level="Strong",
-                timeout=self._timeout_s,
+                timeout=max(self._timeout_s, _LOAD_TIMEOUT_S) if self._is_lite else self._timeout_s,
             ),
         )
         last = ""
@@ -485,12 +501,13 @@ class MilvusHandler(VectorDBHandler):
                 rows = self._run("scan", iterator.next)
                 if not rows:
                     return
-                batch = [_record(r) for r in rows]
-                ids = [r.id for r in batch]
+                page = [_record(r) for r in rows]
+                ids = [r.id for r in page]
                 if ids[0] <= last or any(a >= b for a, b in zip(ids, ids[1:], strict=False)):
                     raise DatabaseUnavailableError("Milvus returned scan pages out of primary-key order")
                 last = ids[-1]
-                yield batch
+                for start in range(0, len(page), batch_size):
+                    yield page[start : start + batch_size]
         finally:
             with contextlib.suppress(Exception):
                 iterator.close()
