@@ -20,7 +20,7 @@ from app.imaging.decode import decode_image
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler, canonical_top_ids
 from app.vectordb.milvus import MilvusHandler
 from app.vectordb.pgvector import PgVectorHandler
-from tests.conftest import PROJECT_ROOT, create_database
+from tests.helpers import PROJECT_ROOT, create_database
 
 MODEL = "efficientnet-lite2:imagenet"
 

@@ -63,7 +63,7 @@ def _factory(backend: str, pg_server, tmp_path):
     directory, tables) and checks it is gone."""
     if backend in ("pgvector", "pgvector-halfvec"):
         from app.vectordb.pgvector import PgVectorHandler
-        from tests.conftest import create_database
+        from tests.helpers import create_database
 
         url = create_database(pg_server)
         vector_type = "halfvec" if backend == "pgvector-halfvec" else "vector"
