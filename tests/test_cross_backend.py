@@ -1,4 +1,4 @@
-"""pgvector and Milvus Lite agree, and scripts/migrate.py copies between them both ways, on real embeddings.
+"""pgvector and Milvus Lite agree, and migrate.py copies between them both ways, on real embeddings.
 
 The 273 instance_small photos are decoded and embedded once per session with the offline model; both backends get
 exactly the same vectors, so any difference in the answers comes from the databases.
@@ -168,12 +168,8 @@ def test_migrate_fails_loudly_when_the_target_does_not_match(pg_server, tmp_path
 
 
 def test_verify_reports_a_changed_vector_and_a_missing_record(pg_server, instance_records):
-    import importlib.util
+    from app.cli import migrate as migrate_script
 
-    spec = importlib.util.spec_from_file_location("migrate_script", PROJECT_ROOT / "scripts/migrate.py")
-    migrate_script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = migrate_script  # its dataclasses look their module up there
-    spec.loader.exec_module(migrate_script)
     source = _fill(PgVectorHandler(create_database(pg_server)), instance_records[:30])
     target = PgVectorHandler(create_database(pg_server))
     try:
