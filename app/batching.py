@@ -128,9 +128,12 @@ class DynamicBatcher:
             except BaseException as exc:  # noqa: BLE001 - every waiting caller must learn of the failure
                 for request in batch:
                     request.future.set_exception(exc)
+                del first, batch, images
                 continue
             self.calls += 1
             start = 0
             for request in batch:
                 request.future.set_result(vectors[start : start + len(request.images)])
                 start += len(request.images)
+            # Drop this batch's images now, not when the next batch arrives: one may be a 100 MP raster.
+            del first, batch, images

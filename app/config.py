@@ -47,6 +47,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data"), description="Root of everything the service writes by default.")
     image_dir: Path | None = Field(None, description="Originals, by content hash. Default: DATA_DIR/images.")
     model_cache_dir: Path | None = Field(None, description="Downloaded model weights. Default: DATA_DIR/models.")
+    min_free_mb: float = Field(
+        500.0,
+        ge=0,
+        description="Free space under IMAGE_DIR, MB (10^6 bytes), below which writes answer 507 before they start "
+        "and /health reports storage: low; 0 disables the check (a write that hits a full disk still answers 507).",
+    )
+    orphan_grace_s: float = Field(
+        600.0,
+        ge=0,
+        description="Start-up sweep: temporary upload files and originals without a database row older than this "
+        "many seconds are removed (what a kill -9 during a write leaves).",
+    )
 
     # --- vector database ------------------------------------------------------------------------------------
     vector_db: Literal["pgvector", "milvus", "manticore"] = Field(
@@ -60,6 +72,13 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(1, ge=1)
     db_pool_max: int = Field(10, ge=1)
     db_connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    db_request_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        le=30,
+        description="Seconds a request waits for a pooled PostgreSQL connection before it answers 503 (start-up "
+        "waits DB_CONNECT_TIMEOUT_S instead). 0.5 keeps every 503 under 1 s while the database is down.",
+    )
     milvus_uri: str = Field(
         "",
         description="A file path runs embedded Milvus Lite (default DATA_DIR/milvus.db, one process per file); "
@@ -134,6 +153,20 @@ class Settings(BaseSettings):
         le=178_956_970,
         description="Largest accepted width*height, read from the header before decoding (at most 178956970).",
     )
+    max_decode_pixels_in_flight: int = Field(
+        100_000_000,
+        ge=1,
+        description="Decoded pixels (width*height, read from the header) held by requests at once; more waits in "
+        "line, first come first served. An image larger than this is decoded alone. 100 MP is one 100 MP image "
+        "(about 0.3-0.6 GB while it decodes) or about eight 12 MP photos.",
+    )
+    decode_wait_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="Longest wait, in seconds, for decode capacity (MAX_DECODE_PIXELS_IN_FLIGHT) before a request "
+        "answers 503 with Retry-After.",
+    )
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)
 
@@ -187,6 +220,11 @@ class Settings(BaseSettings):
     def max_batch_bytes(self) -> int:
         """MAX_BATCH_MB in bytes."""
         return int(self.max_batch_mb * 1_000_000)
+
+    @property
+    def min_free_bytes(self) -> int:
+        """MIN_FREE_MB in bytes."""
+        return int(self.min_free_mb * 1_000_000)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 
 class ServiceError(Exception):
-    """Base class of every error the service reports to a client."""
+    """Base class of every error the service reports to a client.
+
+    ``retry_after_s``: seconds a client should wait before retrying (sent as ``Retry-After``), or ``None``.
+    """
+
+    retry_after_s: float | None = None
 
 
 class ImageDecodeError(ServiceError):
@@ -80,4 +85,28 @@ class VectorTypeMismatchError(CollectionMismatchError):
 
 
 class DatabaseUnavailableError(ServiceError):
-    """The vector database cannot be reached or failed the request (HTTP 503)."""
+    """The vector database cannot be reached or failed the request (HTTP 503, ``Retry-After: 2``).
+
+    Two seconds: the embedded PostgreSQL's watchdog notices a dead server within 0.5 s and restarts it in about
+    1-2 s (app/vectordb/watchdog.py).
+    """
+
+    retry_after_s = 2.0
+
+
+class ServiceBusyError(ServiceError):
+    """The service is at capacity for this request, e.g. too many decoded pixels in flight (HTTP 503 + Retry-After).
+
+    ``retry_after_s`` is set per instance by the raiser.
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StorageFullError(ServiceError):
+    """The image store has no room for a write (disk full, or free space under ``MIN_FREE_MB``) (HTTP 507).
+
+    Nothing of the refused write is kept.
+    """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -25,8 +26,10 @@ from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError
 from app.ids import image_id_for, is_valid_image_id
-from app.imaging.decode import decode_image
+from app.imaging.admission import PixelAdmission
+from app.imaging.decode import decode_image, header_pixels
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
+from app.indexing.fsck import start_sweep
 from app.indexing.store import ImageStore
 from app.indexing.write import write_batch
 from app.observe import NULL_OBSERVER, Observer, timed_embed
@@ -34,6 +37,7 @@ from app.query_cache import QueryCacheStats, QueryEmbeddingCache
 from app.search.paging import SearchOptions, search_page
 from app.search.query import QueryTerm, combined_query, unit_vector
 from app.vectordb.base import SearchHit, VectorDBHandler
+from app.vectordb.guard import GuardedHandler
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ class HealthReport(BaseModel):
                 {
                     "status": "ok",
                     "database": "ok",
+                    "storage": "ok",
+                    "problems": [],
                     "backend": "pgvector",
                     "model": {
                         "id": "efficientnet-lite2:imagenet",
@@ -89,8 +95,15 @@ class HealthReport(BaseModel):
             ]
         }
     )
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="ok; degraded when storage is low (reads work, writes answer 507); unavailable when the "
+        "database is down (HTTP 503)."
+    )
     database: Literal["ok", "unavailable"]
+    storage: Literal["ok", "low"] = Field(
+        "ok", description="low when free space under IMAGE_DIR is below MIN_FREE_MB (writes answer 507)."
+    )
+    problems: list[str] = Field(default_factory=list, description="What is down or low, and why, in words.")
     backend: str
     model: ModelInfo
 
@@ -152,6 +165,10 @@ class SearchService:
         # Embeddings of un-indexed query uploads by content hash. One service = one model for its lifetime, so the
         # cached vectors can never belong to another model and need no invalidation.
         self.query_cache = QueryEmbeddingCache(settings.query_cache_size)
+        # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
+        self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
+        self._sweep_stop = threading.Event()
+        self.sweep_thread: threading.Thread | None = None
 
     @classmethod
     def open(
@@ -172,7 +189,7 @@ class SearchService:
         from app.embedders import load_embedder
         from app.vectordb import create_handler
 
-        db = create_handler(settings)
+        db = GuardedHandler(create_handler(settings))  # fail fast (503 + Retry-After) while the database is down
         try:
             if embedder is None:
                 info = db.collection_info()
@@ -195,7 +212,10 @@ class SearchService:
             max_batch=settings.embed_batch_size,
             max_wait_s=settings.batch_wait_ms / 1000,
         )
-        service = cls(settings, embedder, db, ImageStore(settings.resolved_image_dir), batcher, observer)
+        store = ImageStore(settings.resolved_image_dir, min_free_bytes=settings.min_free_bytes)
+        service = cls(settings, embedder, db, store, batcher, observer)
+        # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
+        service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
         log.info(
             "Ready: model %s (dim %d, %s), backend %s, %d images",
             embedder.model_id,
@@ -208,6 +228,9 @@ class SearchService:
 
     def close(self) -> None:
         """Finish the embed calls already queued, then close the database (and its embedded server, if any)."""
+        self._sweep_stop.set()
+        if self.sweep_thread is not None:
+            self.sweep_thread.join(timeout=30)
         if self.batcher is not None:
             self.batcher.close()
         self.db.close()
@@ -240,15 +263,32 @@ class SearchService:
 
         Raises the :class:`app.errors.ImageDecodeError` subclasses for bad input (nothing is stored then) and
         :class:`app.errors.DatabaseUnavailableError`; a failed database write removes the file it just saved.
+        :class:`app.errors.StorageFullError` (nothing stored) when the disk is full or under ``MIN_FREE_MB``;
+        :class:`app.errors.ServiceBusyError` when decode capacity stays taken for ``DECODE_WAIT_S``.
         """
         self._check_size(data)
+        self.store.ensure_space()
         image_id = image_id_for(data)
-        if self.db.existing_ids([image_id]):
+        if self._indexed({image_id}):
             return IndexResult(image_id, "exists")
+        with self.admission.admit(self._pixels(data)):
+            self._index_one(data, filename, image_id)  # the decoded image dies inside, before the admission ends
+        return IndexResult(image_id, "indexed")
+
+    def _index_one(self, data: bytes, filename: str | None, image_id: str) -> None:
         prepared = self._prepare(data, filename, image_id, fit_size=None)
         # write_batch saves the original, then the row, and removes the file again if the row fails.
         write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
-        return IndexResult(image_id, "indexed")
+
+    def _indexed(self, ids: set[str]) -> set[str]:
+        # A row counts only with its original: a row whose file is gone is indexed again, which restores the file.
+        return {i for i in self.db.existing_ids(ids) if self.store.find(i) is not None}
+
+    def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
+        """Decoded pixels to admit for ``data`` (from its header); JPEGs count at the embedder's draft scale."""
+        return header_pixels(
+            data, max_pixels=self.settings.max_image_pixels, draft_size=draft_size or self.embedder.draft_size
+        )
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
         # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
@@ -274,9 +314,10 @@ class SearchService:
         Raises :class:`app.errors.DatabaseUnavailableError` (or another store/database error) for the whole batch,
         after removing the originals it had saved: nothing is half-written.
         """
+        self.store.ensure_space()
         results: list[BatchItemResult | None] = [None] * len(uploads)
         ids = [image_id_for(data) for data, _ in uploads]
-        have = self.db.existing_ids(set(ids))
+        have = self._indexed(set(ids))
         todo: list[tuple[int, PreparedImage]] = []
         first_in_batch: set[str] = set()
         for i, ((data, filename), image_id) in enumerate(zip(uploads, ids, strict=True)):
@@ -285,7 +326,9 @@ class SearchService:
                 results[i] = BatchItemResult(name, image_id, "exists")
                 continue
             try:
-                prepared = self._prepare(data, filename, image_id, fit_size=self.embedder.fit_size)
+                # Fitted to the model right after decoding, so only one full-size raster exists at a time.
+                with self.admission.admit(self._pixels(data)):
+                    prepared = self._prepare(data, filename, image_id, fit_size=self.embedder.fit_size)
             except ImageDecodeError as exc:
                 results[i] = BatchItemResult(name, image_id, "error", exc)
                 continue
@@ -299,8 +342,8 @@ class SearchService:
         return [r for r in results if r is not None]
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
-        """Which of these ids are indexed (invalid ids are never indexed)."""
-        return self.db.existing_ids([i for i in ids if is_valid_image_id(i)])
+        """Which of these ids are indexed with their original (invalid ids are never indexed)."""
+        return self._indexed({i for i in ids if is_valid_image_id(i)})
 
     # --- search -------------------------------------------------------------------------------------------
     # Every search takes ``options`` (offset, min_score, exclude_self, expand: app/search/paging.py) and returns
@@ -333,16 +376,20 @@ class SearchService:
             return self._page(stored.vector, top_k, options, query_ids=[image_id])
         vector = self.query_cache.get(image_id)
         if vector is None:
-            start = time.perf_counter()
-            try:
-                decoded = decode_image(
-                    data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
-                )
-            finally:
-                self.observer.observe_decode(time.perf_counter() - start)
-            vector = self._embed([decoded.image])[0]
+            with self.admission.admit(self._pixels(data)):
+                vector = self._embed_upload(data)  # the decoded image dies inside, before the admission ends
             self.query_cache.put(image_id, vector)
         return self._page(vector, top_k, options)
+
+    def _embed_upload(self, data: bytes) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            image = decode_image(
+                data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
+            ).image
+        finally:
+            self.observer.observe_decode(time.perf_counter() - start)
+        return self._embed([image])[0]
 
     def search_text(self, query: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
         """The ``top_k`` images that best match a text description (CLIP models only).
@@ -401,11 +448,13 @@ class SearchService:
 
         Raises :class:`ImageNotFoundError`.
         """
+        data = self.image_file(image_id).read_bytes()
+        with self.admission.admit(self._pixels(data, draft_size=size)):
+            return self._thumbnail(data, size)
+
+    def _thumbnail(self, data: bytes, size: int) -> bytes:
         # Draft mode decodes a large JPEG straight to about the thumbnail's size instead of its full resolution.
-        decoded = decode_image(
-            self.image_file(image_id).read_bytes(), max_pixels=self.settings.max_image_pixels, draft_size=size
-        )
-        image = decoded.image
+        image = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=size).image
         image.thumbnail((size, size))
         out = io.BytesIO()
         image.save(out, format="JPEG", quality=85)
@@ -415,17 +464,36 @@ class SearchService:
         """Remove the vector and the original; raises :class:`ImageNotFoundError` if neither existed."""
         if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        removed_row = self.db.delete(image_id)
-        removed_file = self.store.delete(image_id)
+        with self.store.locks.hold([image_id]):  # never between another writer's original and its row
+            removed_row = self.db.delete(image_id)
+            removed_file = self.store.delete(image_id)
         if not (removed_row or removed_file):
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
     def health(self) -> HealthReport:
-        """Whether the database answers, and the loaded model; never raises."""
+        """Whether the database answers and the store has room, and the loaded model; never raises, never waits
+        on a database that is down (the guard's cached state, app/vectordb/guard.py)."""
         db_ok = self.db.health()
+        problems = []
+        if not db_ok:
+            reason = getattr(self.db, "down_reason", None) or "it does not answer"
+            problems.append(f"database ({self.db.backend_name}): {reason}")
+        try:
+            storage_low = self.store.space_low()
+        except OSError as exc:  # the volume itself is gone
+            storage_low = True
+            problems.append(f"storage: {exc}")
+        else:
+            if storage_low:
+                problems.append(
+                    f"storage: {self.store.free_bytes() / 1e6:.0f} MB free under IMAGE_DIR, below MIN_FREE_MB "
+                    f"({self.settings.min_free_mb:g} MB); writes answer 507"
+                )
         return HealthReport(
-            status="ok" if db_ok else "unavailable",
+            status="unavailable" if not db_ok else "degraded" if storage_low else "ok",
             database="ok" if db_ok else "unavailable",
+            storage="low" if storage_low else "ok",
+            problems=problems,
             backend=self.db.backend_name,
             model=ModelInfo(
                 id=self.embedder.model_id,

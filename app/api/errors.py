@@ -8,6 +8,7 @@ answer); :func:`error_response` builds every error body and caps its size, so no
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -24,7 +25,9 @@ from app.errors import (
     InvalidVectorError,
     NoModelError,
     NoTextTowerError,
+    ServiceBusyError,
     ServiceError,
+    StorageFullError,
     UnsupportedFormatError,
 )
 
@@ -46,6 +49,8 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     InvalidParameterError: 422,
     ImageNotFoundError: 404,
     DatabaseUnavailableError: 503,
+    ServiceBusyError: 503,
+    StorageFullError: 507,
 }
 
 
@@ -85,7 +90,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if isinstance(exc, DatabaseUnavailableError) and (metrics := getattr(request.app.state, "metrics", None)):
             metrics.count_database_error("request")
-        return error_response(status_for(exc), exc)
+        retry = exc.retry_after_s
+        headers = None if retry is None else {"Retry-After": str(max(1, math.ceil(retry)))}
+        return error_response(status_for(exc), exc, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

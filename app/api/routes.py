@@ -64,7 +64,8 @@ _ERRORS = {
     413: {"model": ErrorResponse, "description": "Upload or image dimensions over the limit."},
     415: {"model": ErrorResponse, "description": "Not an image format the service decodes."},
     422: {"model": ErrorResponse, "description": "Corrupt or truncated image, or invalid parameters."},
-    503: {"model": ErrorResponse, "description": "Vector database unavailable."},
+    503: {"model": ErrorResponse, "description": "Vector database unavailable, or busy decoding (Retry-After)."},
+    507: {"model": ErrorResponse, "description": "The image store is full (nothing was stored)."},
 }
 
 
@@ -290,9 +291,9 @@ def delete_image(service: Service, image_id: str) -> DeleteResponse:
     summary="Liveness and dependencies",
 )
 def health(service: Service) -> JSONResponse:
-    """``200`` when the database answers, ``503`` otherwise; always reports the loaded model."""
+    """``200`` when the database answers (also with ``storage: low``), ``503`` otherwise; names what is down."""
     report = service.health()
-    return JSONResponse(status_code=200 if report.status == "ok" else 503, content=report.model_dump())
+    return JSONResponse(status_code=503 if report.status == "unavailable" else 200, content=report.model_dump())
 
 
 @router.get("/stats", response_model=StatsResponse, responses={503: _ERRORS[503]}, summary="Collection statistics")

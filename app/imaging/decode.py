@@ -21,7 +21,7 @@ from app.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DecodedImage", "decode_image", "register_plugins", "sniff_format"]
+__all__ = ["DecodedImage", "decode_image", "header_pixels", "register_plugins", "sniff_format"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +167,30 @@ def _signature_matches(fmt: str, prefix: bytes) -> bool:
         return False
     # A str result is Pillow's way of saying "no, and here is a warning"; only a true non-str is a match.
     return bool(result) and not isinstance(result, str)
+
+
+def header_pixels(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> int:
+    """Pixels that :func:`decode_image` with the same arguments will decode, read from the header only.
+
+    For JPEG with ``draft_size``, the reduced scale libjpeg will decode at (1/2, 1/4 or 1/8, chosen as Pillow's
+    ``JpegImageFile.draft`` does). Returns 0 for input :func:`decode_image` refuses before decoding pixels (no
+    image, unreadable header, over ``max_pixels``), so the caller reserves nothing for it. Raises nothing.
+    """
+    register_plugins()
+    try:
+        with Image.open(BytesIO(data), formats=_allowed_formats()) as im:
+            width, height = im.size
+            fmt = im.format
+    except Exception:  # noqa: BLE001 - decode_image reports the real error; here it only means "nothing to hold"
+        return 0
+    pixels = width * height
+    if width <= 0 or height <= 0 or pixels > max_pixels:
+        return 0
+    if draft_size and fmt in ("JPEG", "MPO"):
+        scale = min(width // draft_size, height // draft_size)
+        scale = next((s for s in (8, 4, 2) if scale >= s), 1)
+        pixels = -(-width // scale) * -(-height // scale)
+    return pixels
 
 
 def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> DecodedImage:

@@ -4,6 +4,10 @@ Crash safety (``kill -9`` at any moment): an original is written (atomically, te
 and a failed upsert deletes the originals it had just created. So the only thing a crash can leave is an original
 without a row, which is never visible (search and ``/images/exists`` go by rows); re-indexing the same bytes finds
 the id missing, re-embeds it, keeps the existing file and writes the row.
+
+Races: the whole write holds the ids' locks (:class:`app.indexing.locks.IdLocks`, shared with ``DELETE`` and
+``fsck.py --repair``, across processes), so an index and a delete of one id never interleave: either the row and
+its original both exist afterwards, or neither does.
 """
 
 from __future__ import annotations
@@ -26,35 +30,39 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
     Args:
         items: prepared images with distinct ids. vectors: ``(len(items), D)`` float32 embeddings, same order.
 
-    Raises whatever the store or the database raises (e.g. :class:`app.errors.DatabaseUnavailableError`), after
-    deleting the originals this call created, so no file is left without its row. Files that already existed (from
-    an earlier, interrupted run) are kept: their rows may be the ones being written now.
+    Raises whatever the store or the database raises (e.g. :class:`app.errors.DatabaseUnavailableError`,
+    :class:`app.errors.StorageFullError` before anything is written when free space is under ``MIN_FREE_MB``, or
+    when the disk fills up), after deleting the originals this call created, so no file is left without its row.
+    Files that already existed (from an earlier, interrupted run) are kept: their rows may be the ones being written
+    now. Holds the ids' locks from the first file to the upsert.
     """
     if not items:
         return
+    store.ensure_space()
     now = datetime.now(UTC)
     created: list[str] = []
-    try:
-        for item in items:
-            if store.save(item.image_id, item.data, item.extension):
-                created.append(item.image_id)
-        records = [
-            ImageRecord(
-                item.image_id,
-                np.asarray(vector, dtype=np.float32),
-                ImageMetadata(
-                    filename=item.name,
-                    format=item.format,
-                    width=item.width,
-                    height=item.height,
-                    bytes=len(item.data),
-                    indexed_at=now,
-                ),
-            )
-            for item, vector in zip(items, vectors, strict=True)
-        ]
-        db.upsert(records)
-    except BaseException:
-        for image_id in created:
-            store.delete(image_id)
-        raise
+    with store.locks.hold(item.image_id for item in items):
+        try:
+            for item in items:
+                if store.save(item.image_id, item.data, item.extension):
+                    created.append(item.image_id)
+            records = [
+                ImageRecord(
+                    item.image_id,
+                    np.asarray(vector, dtype=np.float32),
+                    ImageMetadata(
+                        filename=item.name,
+                        format=item.format,
+                        width=item.width,
+                        height=item.height,
+                        bytes=len(item.data),
+                        indexed_at=now,
+                    ),
+                )
+                for item, vector in zip(items, vectors, strict=True)
+            ]
+            db.upsert(records)
+        except BaseException:
+            for image_id in created:
+                store.delete(image_id)
+            raise

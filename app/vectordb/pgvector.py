@@ -18,7 +18,12 @@ import psycopg_pool
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from app.errors import CollectionMismatchError, DatabaseUnavailableError, VectorTypeMismatchError
+from app.errors import (
+    CollectionMismatchError,
+    DatabaseUnavailableError,
+    StorageFullError,
+    VectorTypeMismatchError,
+)
 from app.ids import is_valid_image_id
 from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
 
@@ -65,6 +70,8 @@ class PgVectorHandler(VectorDBHandler):
         ef_search: HNSW query beam width (pgvector default 40); raised per query to ``top_k`` when smaller,
             because HNSW returns at most ``ef_search`` rows.
         on_close: called once by :meth:`close`, e.g. to stop an embedded server.
+        request_timeout_s: seconds a call waits for a pooled connection once the handler is built (``None``:
+            ``timeout_s``); short, so that requests fail fast while the server is down.
 
     Raises :class:`DatabaseUnavailableError` if the database cannot be reached to apply the schema.
     """
@@ -83,6 +90,7 @@ class PgVectorHandler(VectorDBHandler):
         ef_search: int = 40,
         vector_type: str = "vector",
         on_close=None,
+        request_timeout_s: float | None = None,
     ) -> None:
         if vector_type not in VECTOR_TYPES:
             raise ValueError(f"vector_type must be one of {sorted(VECTOR_TYPES)}, got {vector_type!r}")
@@ -94,6 +102,7 @@ class PgVectorHandler(VectorDBHandler):
         self._on_close = on_close
         self._dim: int | None = None
         self._closed = False
+        self._request_timeout_s: float | None = None  # the pool's timeout_s until the handler is ready
         # The extension must exist before register_vector can look its types up on pooled connections.
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
@@ -115,12 +124,13 @@ class PgVectorHandler(VectorDBHandler):
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
+        self._request_timeout_s = request_timeout_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PgVectorHandler:
         """Build from :class:`app.config.Settings`: ``DATABASE_URL`` if set, otherwise the embedded PostgreSQL under
         ``DATA_DIR/pgdata`` (started here, stopped by :meth:`close`); ``DB_POOL_MIN``/``DB_POOL_MAX``,
-        ``DB_CONNECT_TIMEOUT_S``, the ``HNSW_*`` settings and ``VECTOR_TYPE``.
+        ``DB_CONNECT_TIMEOUT_S``, ``DB_REQUEST_TIMEOUT_S``, the ``HNSW_*`` settings and ``VECTOR_TYPE``.
 
         Raises :class:`DatabaseUnavailableError` when the database cannot be reached or started.
         """
@@ -141,6 +151,7 @@ class PgVectorHandler(VectorDBHandler):
                 ef_search=settings.hnsw_ef_search,
                 vector_type=settings.vector_type,
                 on_close=on_close,
+                request_timeout_s=settings.db_request_timeout_s,
             )
         except BaseException:
             if on_close is not None:  # do not leave the embedded server running behind a failed start
@@ -166,13 +177,15 @@ class PgVectorHandler(VectorDBHandler):
     def _conn(self):
         if self._closed:
             raise DatabaseUnavailableError("The database handler is closed.")
-        return self._pool.connection()
+        return self._pool.connection(timeout=self._request_timeout_s)
 
     def _run(self, fn):
         """Run ``fn(conn)`` in a pooled connection's transaction, mapping connection failures to 503s."""
         try:
             with self._conn() as conn:
                 return fn(conn)
+        except psycopg.errors.DiskFull as exc:
+            raise StorageFullError(f"PostgreSQL's disk is full: {exc}") from exc
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
             raise DatabaseUnavailableError(f"PostgreSQL is unavailable: {exc}") from exc
 

@@ -1,0 +1,259 @@
+"""Consistency between the image store and the database: check, repair, and the start-up sweep.
+
+What can disagree, and how it is fixed:
+
+- a **row without its original** (searchable, but ``GET /image`` is 404): the row is deleted;
+- an **original without a row** (invisible, what a ``kill -9`` between the two writes leaves): ``fsck.py --repair``
+  indexes it again; the start-up :func:`sweep` removes it once older than ``ORPHAN_GRACE_S``;
+- a **temporary upload file** (``.upload-*``, what a ``kill -9`` during a file write leaves): removed.
+
+Every fix re-checks its finding under the id's lock (:class:`app.indexing.locks.IdLocks`), so a check or a repair
+may run next to a live server or ``bulk_index.py --direct``: a write in progress is never mistaken for a mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.errors import ImageDecodeError
+from app.ids import image_id_for
+from app.indexing.store import TEMP_PREFIX, ImageStore
+from app.vectordb.base import VectorDBHandler
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FsckReport", "StoreFile", "check", "repair", "start_sweep", "sweep", "walk_store"]
+
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+_ORIGINAL = re.compile(r"([0-9a-f]{64})\.[a-z0-9]{1,8}")
+_CHUNK = 1000  # ids per existing_ids() query
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFile:
+    """A file in the store: an original (``image_id`` set) or a temporary upload file (``image_id`` ``None``).
+
+    ``mtime`` is the modification time in seconds since the epoch.
+    """
+
+    path: Path
+    image_id: str | None
+    mtime: float
+
+
+def walk_store(store: ImageStore) -> Iterator[StoreFile]:
+    """Every original and temporary upload file under ``store.root/ab/cd/``; other files are not the store's."""
+    for d1 in sorted(store.root.iterdir()):
+        if not (_HEX2.fullmatch(d1.name) and d1.is_dir()):
+            continue
+        for d2 in sorted(d1.iterdir()):
+            if not (_HEX2.fullmatch(d2.name) and d2.is_dir()):
+                continue
+            for entry in os.scandir(d2):
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                if entry.name.startswith(TEMP_PREFIX):
+                    yield StoreFile(Path(entry.path), None, mtime)
+                elif (m := _ORIGINAL.fullmatch(entry.name)) and m.group(1).startswith(d1.name + d2.name):
+                    yield StoreFile(Path(entry.path), m.group(1), mtime)
+
+
+@dataclass
+class FsckReport:
+    """Mismatches found by :func:`check` (and, after :func:`repair`, what was done about them)."""
+
+    rows_without_original: list[str] = field(default_factory=list)
+    originals_without_row: list[StoreFile] = field(default_factory=list)
+    temp_files: list[StoreFile] = field(default_factory=list)
+    rows: int = 0
+    originals: int = 0
+
+    @property
+    def clean(self) -> bool:
+        """``True`` when store and database agree."""
+        return not (self.rows_without_original or self.originals_without_row or self.temp_files)
+
+    def lines(self) -> list[str]:
+        """One line per mismatch, for people."""
+        out = [f"row without original: {i}" for i in self.rows_without_original]
+        out += [f"original without row: {f.path}" for f in self.originals_without_row]
+        out += [f"temporary upload file: {f.path}" for f in self.temp_files]
+        return out
+
+
+def _missing_rows(db: VectorDBHandler, ids: Sequence[str]) -> set[str]:
+    missing: set[str] = set()
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start : start + _CHUNK]
+        missing |= set(chunk) - db.existing_ids(chunk)
+    return missing
+
+
+def check(db: VectorDBHandler, store: ImageStore) -> FsckReport:
+    """Compare every row with every file of the store; read-only.
+
+    Holds the store's ids in memory (about 100 bytes per original). With writers running, a write in progress
+    can show up as a mismatch; :func:`repair` re-checks each under the id's lock. Raises
+    :class:`app.errors.DatabaseUnavailableError` when the database cannot be read.
+    """
+    report = FsckReport()
+    originals: dict[str, StoreFile] = {}
+    for f in walk_store(store):
+        if f.image_id is None:
+            report.temp_files.append(f)
+        else:
+            originals[f.image_id] = f
+    report.originals = len(originals)
+    for batch in db.scan(batch_size=_CHUNK):
+        for record in batch:
+            report.rows += 1
+            if record.id not in originals and store.find(record.id) is None:
+                report.rows_without_original.append(record.id)
+    missing = _missing_rows(db, sorted(originals))
+    report.originals_without_row = [originals[i] for i in sorted(missing)]
+    return report
+
+
+def _remove_if_orphan(db: VectorDBHandler, store: ImageStore, f: StoreFile) -> bool:
+    assert f.image_id is not None
+    with store.locks.hold([f.image_id]):
+        if not f.path.exists() or db.existing_ids([f.image_id]):
+            return False  # a writer finished it meanwhile
+        f.path.unlink(missing_ok=True)
+        return True
+
+
+ReindexFn = Callable[[list[tuple[bytes, str]]], list[str | None]]
+"""``reindex([(bytes, filename), ...])`` indexes files again and returns, per file, ``None`` or why it failed."""
+
+
+def repair(db: VectorDBHandler, store: ImageStore, report: FsckReport, reindex: ReindexFn) -> list[str]:
+    """Fix what :func:`check` found; returns one line per action, for people.
+
+    Rows without an original are deleted; originals without a row are indexed again through ``reindex`` (their
+    bytes must still hash to their name; one that does not, or that no longer decodes, is removed); temporary
+    upload files are removed. Each finding is re-checked under its id's lock first.
+    """
+    actions: list[str] = []
+    for image_id in report.rows_without_original:
+        with store.locks.hold([image_id]):
+            if store.find(image_id) is None and db.delete(image_id):
+                actions.append(f"deleted row without original: {image_id}")
+    todo: list[tuple[StoreFile, bytes]] = []
+    for f in report.originals_without_row:
+        assert f.image_id is not None
+        try:
+            data = f.path.read_bytes()
+        except FileNotFoundError:
+            continue
+        if image_id_for(data) != f.image_id:
+            if _remove_if_orphan(db, store, f):
+                actions.append(f"removed original whose bytes do not match its name: {f.path}")
+            continue
+        todo.append((f, data))
+    for start in range(0, len(todo), 32):
+        chunk = todo[start : start + 32]
+        failures = reindex([(data, f.path.name) for f, data in chunk])
+        for (f, _), failure in zip(chunk, failures, strict=True):
+            if failure is None:
+                actions.append(f"indexed original without row again: {f.image_id}")
+            elif _remove_if_orphan(db, store, f):
+                actions.append(f"removed original that cannot be indexed ({failure}): {f.path}")
+    for f in report.temp_files:
+        f.path.unlink(missing_ok=True)
+        actions.append(f"removed temporary upload file: {f.path}")
+    return actions
+
+
+@dataclass
+class SweepResult:
+    """What :func:`sweep` removed."""
+
+    temp_files: int = 0
+    originals_without_row: int = 0
+
+
+def sweep(db: VectorDBHandler, store: ImageStore, grace_s: float, stop: threading.Event | None = None) -> SweepResult:
+    """Remove temporary upload files and originals without a row that are older than ``grace_s`` seconds.
+
+    What a ``kill -9`` during a write leaves behind. Each original is re-checked under its id's lock. Stops early
+    when ``stop`` is set. Raises :class:`app.errors.DatabaseUnavailableError` when the database cannot be read.
+    """
+    result = SweepResult()
+    cutoff = time.time() - grace_s
+    candidates: list[StoreFile] = []
+
+    def flush() -> None:
+        missing = _missing_rows(db, [f.image_id for f in candidates if f.image_id])
+        for f in candidates:
+            if f.image_id in missing and _remove_if_orphan(db, store, f):
+                result.originals_without_row += 1
+                log.warning("Removed original without a database row: %s", f.path)
+        candidates.clear()
+
+    for f in walk_store(store):
+        if stop is not None and stop.is_set():
+            break
+        if f.mtime > cutoff:
+            continue
+        if f.image_id is None:
+            f.path.unlink(missing_ok=True)
+            result.temp_files += 1
+            continue
+        candidates.append(f)
+        if len(candidates) >= _CHUNK:
+            flush()
+    flush()
+    return result
+
+
+def start_sweep(db: VectorDBHandler, store: ImageStore, grace_s: float, stop: threading.Event) -> threading.Thread:
+    """Run :func:`sweep` on a daemon thread (start-up must not wait for a walk of a million files); logs a summary
+    and never raises."""
+
+    def run() -> None:
+        try:
+            result = sweep(db, store, grace_s, stop)
+        except Exception as exc:  # noqa: BLE001 - a sweep that fails is retried at the next start
+            log.error("Start-up sweep of %s failed: %s", store.root, exc)
+            return
+        if result.temp_files or result.originals_without_row:
+            log.warning(
+                "Start-up sweep removed %d temporary upload files and %d originals without a row",
+                result.temp_files,
+                result.originals_without_row,
+            )
+
+    thread = threading.Thread(target=run, name="store-sweep", daemon=True)
+    thread.start()
+    return thread
+
+
+def reindex_with(embed: Callable, prepare: Callable[[bytes, str], object], db, store) -> ReindexFn:
+    """A :data:`ReindexFn` from an ``embed(images) -> vectors`` and a ``prepare(bytes, name) -> PreparedImage``
+    (which raises :class:`app.errors.ImageDecodeError` for files it refuses)."""
+    from app.indexing.write import write_batch
+
+    def reindex(files: list[tuple[bytes, str]]) -> list[str | None]:
+        failures: list[str | None] = []
+        prepared = []
+        for data, name in files:
+            try:
+                prepared.append(prepare(data, name))
+                failures.append(None)
+            except ImageDecodeError as exc:
+                failures.append(str(exc))
+        if prepared:
+            write_batch(db, store, prepared, embed([p.image for p in prepared]))
+        return failures
+
+    return reindex
