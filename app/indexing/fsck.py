@@ -162,6 +162,8 @@ def repair(db: VectorDBHandler, store: ImageStore, report: FsckReport, reindex: 
         todo.append((f, data))
     for start in range(0, len(todo), 32):
         chunk = todo[start : start + 32]
+        still = _missing_rows(db, [f.image_id for f, _ in chunk if f.image_id])
+        chunk = [(f, data) for f, data in chunk if f.image_id in still]  # a writer may have finished meanwhile
         failures = reindex([(data, f.path.name) for f, data in chunk])
         for (f, _), failure in zip(chunk, failures, strict=True):
             if failure is None:

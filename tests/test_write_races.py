@@ -1,0 +1,258 @@
+"""Race-free writes (issue #8, item 4): index, delete and re-index of one id from threads and from a second
+process leave the row and its original together, or neither; fsck finds and repairs every mismatch; the start-up
+sweep removes what a kill -9 during a write leaves. Real database, real files, real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.errors import ImageNotFoundError
+from app.ids import image_id_for
+from app.indexing.fsck import check, sweep
+from app.indexing.store import ImageStore
+from app.service import SearchService
+from tests.conftest import PROJECT_ROOT, make_settings
+
+ROUNDS = 200
+
+# The second process: the same service code on the same database and IMAGE_DIR, indexing and deleting the same
+# files at random until told to stop (a file appears).
+_OTHER_PROCESS = """
+import random, sys, time
+from pathlib import Path
+from app.config import Settings
+from app.errors import ImageNotFoundError
+from app.ids import image_id_for
+from app.service import SearchService
+
+files = [Path(p).read_bytes() for p in sys.argv[2:]]
+stop = Path(sys.argv[1])
+service = SearchService.open(Settings())
+print("ready", flush=True)
+ops = 0
+try:
+    while not stop.exists():
+        data = random.choice(files)
+        if random.random() < 0.5:
+            service.index_image(data, "other-process")
+        else:
+            try:
+                service.delete_image(image_id_for(data))
+            except ImageNotFoundError:
+                pass
+        ops += 1
+finally:
+    service.close()
+print("ops", ops, flush=True)
+"""
+
+
+def _env(settings, model_cache_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "IMAGE_", "DATA_", "EMBEDDER"))}
+    env.update(
+        PYTHONPATH=str(PROJECT_ROOT),
+        DATABASE_URL=settings.database_url,
+        DATA_DIR=str(settings.data_dir),
+        IMAGE_DIR=str(settings.resolved_image_dir),
+        MODEL_CACHE_DIR=str(model_cache_dir),
+        EMBEDDER="efficientnet",
+        UI_ENABLED="false",
+    )
+    return env
+
+
+@pytest.fixture
+def small_files(datasets) -> list[Path]:
+    return sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:3]
+
+
+@pytest.fixture
+def service(settings, offline_embedder):
+    service = SearchService.open(settings, embedder=offline_embedder)
+    yield service
+    service.close()
+
+
+def _assert_consistent(service: SearchService, ids: set[str]) -> None:
+    rows = service.db.db.existing_ids(ids)
+    for image_id in ids:
+        assert (image_id in rows) == (service.store.find(image_id) is not None), image_id
+
+
+def test_index_delete_race_threads_and_a_second_process(service, settings, small_files, model_cache_dir, tmp_path):
+    stop = tmp_path / "stop"
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_PROCESS, str(stop), *map(str, small_files)],
+        env=_env(settings, model_cache_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "ready", other.stderr.read()
+        datas = [p.read_bytes() for p in small_files]
+        ids = {image_id_for(d) for d in datas}
+        rng = random.Random(8)
+        broken: list[str] = []
+        for _ in range(ROUNDS):
+            data = rng.choice(datas)
+            image_id = image_id_for(data)
+            barrier = threading.Barrier(3)
+
+            def index(data=data, barrier=barrier) -> None:
+                barrier.wait()
+                service.index_image(data, "race")
+
+            delay = rng.uniform(0, 0.1)  # lands anywhere inside the index's decode-embed-save-upsert
+
+            def delete(image_id=image_id, barrier=barrier, delay=delay) -> None:
+                barrier.wait()
+                time.sleep(delay)
+                try:
+                    service.delete_image(image_id)
+                except ImageNotFoundError:
+                    pass
+
+            threads = [threading.Thread(target=f) for f in (index, delete, index)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+                assert not t.is_alive()
+            # A consistent snapshot: no lock-respecting writer (thread or process) is between file and row now.
+            with service.store.locks.hold([image_id]):
+                row = bool(service.db.db.existing_ids([image_id]))
+                if row != (service.store.find(image_id) is not None):
+                    broken.append(image_id)
+    finally:
+        stop.touch()
+        out, err = other.communicate(timeout=60)
+    assert other.returncode == 0, err
+    assert broken == [], f"{len(broken)} of {ROUNDS} rounds left a row without its original or the reverse"
+    other_ops = int(out.split()[-1])
+    assert other_ops > ROUNDS / 4, out  # the second process really raced along
+    _assert_consistent(service, ids)
+    report = check(service.db, service.store)
+    assert report.clean, report.lines()
+    fsck = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json"],
+        env=_env(settings, model_cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fsck.returncode == 0, fsck.stderr
+    assert json.loads(fsck.stdout.splitlines()[-1])["mismatches"] == []
+
+
+def test_exists_rechecks_the_original(service, small_files):
+    data = small_files[0].read_bytes()
+    image_id = service.index_image(data, "a.jpg").id
+    service.store.delete(image_id)  # what the old race left: a row whose original is gone
+    assert service.existing_ids([image_id]) == set()
+    assert service.index_image(data, "a.jpg").status == "indexed"  # indexed again, original restored
+    assert service.store.find(image_id) is not None and service.existing_ids([image_id]) == {image_id}
+
+
+def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files, model_cache_dir):
+    a, b, c = (p.read_bytes() for p in small_files)
+    id_a = service.index_image(a, "a.jpg").id
+    id_b = service.index_image(b, "b.jpg").id
+    service.store.delete(id_a)  # row without original
+    service.db.delete(id_b)  # original without row
+    id_c = image_id_for(c)
+    service.store.save(id_c, c, "jpg")  # another original without row (a kill -9 between file and row)
+    temp = service.store.root / id_c[:2] / id_c[2:4] / ".upload-deadbeef"
+    temp.write_bytes(b"half a file")  # a kill -9 during the file write
+    env = _env(settings, model_cache_dir)
+    cmd = [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json"]
+
+    found = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 1, found.stderr
+    mismatches = json.loads(found.stdout.splitlines()[-1])["mismatches"]
+    assert sorted(mismatches) == sorted(
+        [
+            f"row without original: {id_a}",
+            f"original without row: {service.store.find(id_b)}",
+            f"original without row: {service.store.find(id_c)}",
+            f"temporary upload file: {temp}",
+        ]
+    )
+
+    repaired = subprocess.run([*cmd, "--repair"], env=env, capture_output=True, text=True, timeout=300)
+    assert repaired.returncode == 0, repaired.stderr
+    result = json.loads(repaired.stdout.splitlines()[-1])
+    assert f"deleted row without original: {id_a}" in result["repaired"]
+    assert result["remaining"] == []
+    assert service.db.existing_ids([id_a, id_b, id_c]) == {id_b, id_c}  # indexed again, searchable
+    assert service.search_image(b, 1)[0].id == id_b
+    assert not temp.exists()
+    assert check(service.db, service.store).clean
+
+
+def test_startup_sweep_removes_old_leftovers_only(settings, offline_embedder, small_files, database_url):
+    store = ImageStore(settings.resolved_image_dir)
+    data_old, data_new = (p.read_bytes() for p in small_files[:2])
+    id_old, id_new = image_id_for(data_old), image_id_for(data_new)
+    store.save(id_old, data_old, "jpg")
+    store.save(id_new, data_new, "jpg")
+    old_temp = store.root / id_old[:2] / id_old[2:4] / ".upload-old"
+    new_temp = store.root / id_new[:2] / id_new[2:4] / ".upload-new"
+    old_temp.write_bytes(b"x")
+    new_temp.write_bytes(b"y")
+    an_hour_ago = time.time() - 3600
+    for path in (store.find(id_old), old_temp):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    service = SearchService.open(
+        make_settings(settings.data_dir, database_url, orphan_grace_s=600), embedder=offline_embedder
+    )
+    try:
+        service.sweep_thread.join(timeout=60)
+        assert store.find(id_old) is None and not old_temp.exists()  # older than ORPHAN_GRACE_S: removed
+        assert store.find(id_new) is not None and new_temp.exists()  # a write that may still be running: kept
+    finally:
+        service.close()
+
+
+def test_sweep_keeps_originals_with_rows(service, small_files):
+    data = small_files[0].read_bytes()
+    image_id = service.index_image(data, "a.jpg").id
+    an_hour_ago = time.time() - 3600
+    os.utime(service.store.find(image_id), (an_hour_ago, an_hour_ago))
+    result = sweep(service.db, service.store, grace_s=0)
+    assert (result.temp_files, result.originals_without_row) == (0, 0)
+    assert service.store.find(image_id) is not None
+
+
+def test_kill_9_mid_write_leaves_only_what_fsck_cleans(settings, small_files, model_cache_dir, tmp_path, service):
+    # A writer process killed at three different moments: whatever it leaves, the sweep cleans up (fsck agrees).
+    env = _env(settings, model_cache_dir)
+    datas = [p.read_bytes() for p in small_files]
+    for attempt in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / f"never-{attempt}"), *map(str, small_files)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(0.3 + 0.2 * attempt)
+        proc.kill()
+        proc.wait(timeout=30)
+    sweep(service.db, service.store, grace_s=0)
+    report = check(service.db, service.store)
+    assert report.clean, report.lines()
+    _assert_consistent(service, {image_id_for(d) for d in datas})
+    assert np.isfinite(service.stats().count)
