@@ -128,12 +128,13 @@ class DynamicBatcher:
             except BaseException as exc:  # noqa: BLE001 - every waiting caller must learn of the failure
                 for request in batch:
                     request.future.set_exception(exc)
-                del first, batch, images
+                del first, batch, images, request
                 continue
             self.calls += 1
             start = 0
             for request in batch:
                 request.future.set_result(vectors[start : start + len(request.images)])
                 start += len(request.images)
-            # Drop this batch's images now, not when the next batch arrives: one may be a 100 MP raster.
-            del first, batch, images
+            # Drop this batch's images (and the loop's last request) now, not when the next batch arrives: one may be a
+            # 100 MP raster that would stay in memory while the service idles.
+            del first, batch, images, request
