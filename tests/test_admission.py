@@ -15,7 +15,7 @@ from app.errors import ServiceBusyError
 from app.imaging.admission import PixelAdmission, release_memory
 from app.imaging.decode import decode_image, header_pixels
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.helpers import make_settings
 
 
 def _png(width: int, height: int, colour=(200, 30, 30)) -> bytes:
@@ -93,6 +93,7 @@ def test_release_memory_is_safe_to_call():
     assert release_memory() in (True, False)
 
 
+@pytest.mark.slow
 def test_large_images_queue_then_get_503_with_retry_after(tmp_path, database_url, offline_embedder):
     # Capacity for one 2000x2000 image at a time, and 0.2 s of patience: of several sent at once, some wait and
     # then answer 503 + Retry-After; the rest are indexed. Every request is answered.

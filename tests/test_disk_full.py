@@ -12,7 +12,9 @@ from fastapi.testclient import TestClient
 
 from app.indexing.locks import LOCK_DIR_NAME
 from app.main import create_app
-from tests.conftest import make_settings
+from tests.helpers import make_settings
+
+pytestmark = pytest.mark.slow
 
 SIZE_MB = 20
 BIG = "formats/jpeg_exif_orientation/Landscape_1.jpg"  # a few hundred KB

@@ -19,7 +19,9 @@ import pytest
 
 from app.main import create_app
 from app.vectordb.watchdog import postmaster_pid
-from tests.conftest import PROJECT_ROOT, free_port, make_settings, run_live_server
+from tests.helpers import PROJECT_ROOT, free_port, make_settings, run_live_server
+
+pytestmark = pytest.mark.slow
 
 RECOVERY_LIMIT_S = 15.0
 FAST_S = 1.0

@@ -21,7 +21,9 @@ from app.ids import image_id_for
 from app.indexing.fsck import check, sweep
 from app.indexing.store import ImageStore
 from app.service import SearchService
-from tests.conftest import PROJECT_ROOT, make_settings
+from tests.helpers import PROJECT_ROOT, make_settings
+
+pytestmark = pytest.mark.slow
 
 ROUNDS = 200
 

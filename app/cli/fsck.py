@@ -1,0 +1,116 @@
+"""Check that the image store (IMAGE_DIR) and the vector database agree; with --repair, make them agree.
+
+Usage: ``image-search-fsck [--repair] [--json]`` (or ``python scripts/fsck.py`` from a checkout), with the
+service's own settings (environment and ``.env``:
+``DATABASE_URL`` or ``DATA_DIR``'s embedded PostgreSQL, ``VECTOR_DB``, ``IMAGE_DIR``, ``EMBEDDER``...).
+
+Reports, one line each: rows whose original is gone, originals without a row, temporary upload files. With
+``--repair``: rows without an original are deleted (and listed), originals without a row are indexed again (the
+model is loaded only then), temporary files are removed. Safe next to a running server or ``bulk_index.py
+--direct`` (each fix is re-checked under the id's lock; app/indexing/fsck.py).
+
+Exit codes: 0 store and database agree (or everything found was repaired); 1 mismatches remain; 2 the database is
+unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: ``--repair``, ``--json``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repair", action="store_true", help="fix what is found (see the module docstring)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    return parser.parse_args(argv)
+
+
+def _reindexer(settings, db, store):
+    """A ReindexFn backed by the service's model (loaded on first use)."""
+    from app.embedders import load_embedder
+    from app.imaging.prepare import prepare_bytes
+    from app.indexing.fsck import reindex_with
+
+    state: dict = {}
+
+    def reindex(files):
+        if "fn" not in state:
+            info = db.collection_info()
+            embedder = load_embedder(settings, collection_model=None if info is None else info.model_id)
+            if embedder is None:
+                raise SystemExit("error: EMBEDDER=none cannot index originals again; set EMBEDDER and rerun")
+
+            def prepare(data: bytes, name: str):
+                return prepare_bytes(
+                    data,
+                    name,
+                    max_pixels=settings.max_image_pixels,
+                    max_bytes=settings.max_upload_bytes,
+                    draft_size=embedder.draft_size,
+                    fit_size=embedder.fit_size,
+                )
+
+            state["fn"] = reindex_with(embedder.embed_images, prepare, db, store)
+        return state["fn"](files)
+
+    return reindex
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check (and with ``--repair`` fix) the store against the database; returns the exit code (0, 1 or 2)."""
+    args = parse_args(argv)
+    from app.config import Settings
+    from app.errors import DatabaseUnavailableError
+    from app.indexing.fsck import check, repair
+    from app.indexing.store import ImageStore
+    from app.vectordb import create_handler
+
+    settings = Settings()
+    try:
+        db = create_handler(settings)
+    except DatabaseUnavailableError as exc:
+        print(f"error: the database is unavailable: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = ImageStore(settings.resolved_image_dir)
+        report = check(db, store)
+        found = report.lines()
+        actions: list[str] = []
+        remaining = found
+        if args.repair and not report.clean:
+            actions = repair(db, store, report, _reindexer(settings, db, store))
+            remaining = check(db, store).lines()
+    except DatabaseUnavailableError as exc:
+        print(f"error: the database is unavailable: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "rows": report.rows,
+                    "originals": report.originals,
+                    "mismatches": found,
+                    "repaired": actions,
+                    "remaining": remaining,
+                }
+            )
+        )
+    else:
+        for line in found:
+            print(line)
+        for line in actions:
+            print(f"repaired: {line}")
+        summary = f"checked {report.rows} rows and {report.originals} originals: {len(found)} mismatches"
+        if args.repair:
+            summary += f", {len(actions)} repaired, {len(remaining)} remaining"
+        print(summary)
+    return 1 if remaining else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
