@@ -258,3 +258,39 @@ def test_kill_9_mid_write_leaves_only_what_fsck_cleans(settings, small_files, mo
     assert report.clean, report.lines()
     _assert_consistent(service, {image_id_for(d) for d in datas})
     assert np.isfinite(service.stats().count)
+
+
+def test_bulk_index_direct_next_to_a_running_server_racing_deletes(
+    settings, offline_embedder, datasets, model_cache_dir, tmp_path
+):
+    import httpx
+
+    from app.main import create_app
+    from tests.helpers import run_live_server, symlink
+
+    files = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
+    folder = tmp_path / "folder"
+    for src in files:
+        symlink(src, folder / src.parent.name / src.name)
+    ids = sorted({image_id_for(p.read_bytes()) for p in files})
+    cmd = [sys.executable, str(PROJECT_ROOT / "scripts/bulk_index.py"), str(folder), "--direct", "--no-progress"]
+    cmd += ["--workers", "1", "--batch-size", "4"]
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url, httpx.Client(timeout=60) as http:
+        proc = subprocess.Popen(
+            cmd, env=_env(settings, model_cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        deleted = 0
+        while proc.poll() is None:
+            for image_id in ids:
+                r = http.delete(f"{url}/image/{image_id}")
+                assert r.status_code in (200, 404), r.text
+                deleted += r.status_code == 200
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        service = SearchService.open(settings, embedder=offline_embedder)
+        try:
+            _assert_consistent(service, set(ids))
+            assert check(service.db, service.store).clean
+        finally:
+            service.close()
+    assert deleted > 0  # the deletes really raced the bulk writes
