@@ -20,6 +20,7 @@ from app.errors import ImageNotFoundError
 from app.ids import image_id_for
 from app.indexing.fsck import check, sweep
 from app.indexing.store import ImageStore
+from app.search.paging import SearchOptions
 from app.service import SearchService
 from tests.helpers import PROJECT_ROOT, make_settings
 
@@ -197,7 +198,7 @@ def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files,
     assert f"deleted row without original: {id_a}" in result["repaired"]
     assert result["remaining"] == []
     assert service.db.existing_ids([id_a, id_b, id_c]) == {id_b, id_c}  # indexed again, searchable
-    assert service.search_image(b, 1)[0].id == id_b
+    assert service.search_image(b, 1, SearchOptions(exclude_self=False))[0].id == id_b
     assert not temp.exists()
     assert check(service.db, service.store).clean
 
