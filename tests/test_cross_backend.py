@@ -22,6 +22,9 @@ from app.vectordb.milvus import MilvusHandler
 from app.vectordb.pgvector import PgVectorHandler
 from tests.helpers import PROJECT_ROOT, create_database
 
+# Runs a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 MODEL = "efficientnet-lite2:imagenet"
 
 

@@ -23,6 +23,9 @@ from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.vectordb.base import ImageMetadata, ImageRecord
 from app.vectordb.milvus import MilvusHandler
 
+# Runs a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 DIM = 64
 MODEL = "test-model:v1"
 

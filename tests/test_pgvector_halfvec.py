@@ -10,6 +10,9 @@ from app.errors import CollectionMismatchError, VectorTypeMismatchError
 from app.vectordb.pgvector import PgVectorHandler
 from tests.test_vectordb_contract import _records, _unit
 
+# Runs a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 DIM = 64
 
 

@@ -13,6 +13,9 @@ import pytest
 from tests.helpers import PROJECT_ROOT
 from tests.test_vectordb_contract import manticore_address
 
+# Runs a database or a server: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _run(backend: str, n: int, *extra: str) -> dict:
     cmd = [sys.executable, "bench/search_scale.py", "--backend", backend, "--n", str(n), "--dim", "32"]
