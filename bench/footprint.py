@@ -15,7 +15,8 @@ RSS is VmRSS of the server process from ``/proc`` (Linux), in MB (10^6 bytes); t
 processes of its own and is reported apart (``postgres_rss_mb``, all its processes). ``libtorch_mapped`` says whether
 the server process has torch's shared library mapped at the end (the goal: it never loads torch).
 
-Usage: python bench/footprint.py [--embedder efficientnet|auto] [--data-dir DIR] [--port 8765]
+Usage: python bench/footprint.py [--embedder efficientnet|auto] [--data-dir DIR] [--port 18765]
+       [--start-only [--starts N]]
 """
 
 from __future__ import annotations
@@ -116,7 +117,11 @@ def main() -> int:
     parser.add_argument("--embedder", default="efficientnet", choices=["efficientnet", "auto"])
     parser.add_argument("--data-dir", type=Path, help="the server's DATA_DIR (default: a new temporary folder)")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=18765)
+    parser.add_argument(
+        "--start-only", action="store_true", help="only the warm start (time to healthy, RSS): no indexing"
+    )
+    parser.add_argument("--starts", type=int, default=1, help="warm starts to time; the median is reported")
     args = parser.parse_args()
 
     data_dir = (args.data_dir or Path(tempfile.mkdtemp(prefix="footprint-"))).resolve()
@@ -134,6 +139,24 @@ def main() -> int:
 
     first, first_s = start_server(env, args.port)  # creates the database and the model export
     stop_server(first)
+
+    if args.start_only:
+        times, rss = [], []
+        for _ in range(args.starts):
+            server, healthy_s = start_server(env, args.port)
+            time.sleep(2)
+            times.append(healthy_s)
+            rss.append(rss_mb(server.pid))
+            stop_server(server)
+        result = {
+            "bench": "footprint",
+            "embedder": args.embedder,
+            "start_to_healthy_s": round(sorted(times)[len(times) // 2], 2),
+            "start_to_healthy_all_s": [round(t, 2) for t in times],
+            "rss_after_start_mb": sorted(rss)[len(rss) // 2],
+        }
+        print(json.dumps(result))
+        return 0
 
     server, healthy_s = start_server(env, args.port)
     try:
