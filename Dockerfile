@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Image of the image similarity search service (`python -m app` on port 8000).
 #
 #   docker build -t image-similarity-search .                       # CPU-only torch (default)
@@ -7,7 +5,12 @@
 #                -t image-similarity-search:cuda .                  # a CUDA build of the same torch version
 #
 # Usually built and run through docker-compose.yml, which also starts PostgreSQL + pgvector.
-# Needs BuildKit (the default builder since Docker Engine 23) for the pip cache mounts.
+# Needs BuildKit for the pip cache mounts: the default builder of `docker compose` and of Docker Engine 23+;
+# with an older `docker build` set DOCKER_BUILDKIT=1. There is deliberately no `# syntax=docker/dockerfile:1`
+# line: it makes BuildKit pull a frontend image from Docker Hub, so the image could not be built where no
+# container registry is reachable (air-gapped sites, PyPI-only mirrors). The engine's built-in frontend reads
+# everything used here (RUN --mount needs Dockerfile syntax 1.2, built in since Engine 20.10); keep to that
+# syntax, e.g. no heredocs or COPY --link.
 
 # ---------------------------------------------------------------------------------------------------------
 # builder: a virtual environment in /opt/venv with torch, the project and its pinned dependencies.
@@ -58,11 +61,13 @@ FROM python:3.12-slim AS runtime
 # libavif, psycopg's libpq, torch's libgomp); what they link from the system (glibc, libstdc++, zlib) is in
 # the slim base image, so no apt packages are installed.
 
-# Unprivileged user with a fixed uid/gid (10001), so host-side volume permissions are predictable.
+# Unprivileged user with a fixed uid/gid (10001), so host-side volume permissions are predictable. Not
+# --system: system accounts live below SYS_UID_MAX (999), and useradd warns about 10001. --no-log-init keeps
+# /var/log/lastlog and faillog from growing a sparse entry for a high uid (hadolint DL3046).
 # /data/images and /models are created here, owned by that user: Docker copies a path's ownership into a new
 # named volume mounted on it, so the compose volumes start out writable by the service.
-RUN groupadd --system --gid 10001 app \
-    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
+RUN groupadd --gid 10001 app \
+    && useradd --no-log-init --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
     && mkdir -p /data/images /models/hf /models/torch \
     && chown -R app:app /data /models
 
