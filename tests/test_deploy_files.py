@@ -29,10 +29,14 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 CONSTRAINTS = ROOT / "constraints.txt"
+PYPROJECT = ROOT / "pyproject.toml"
+MAKEFILE = ROOT / "Makefile"
+CI_RUN = ROOT / ".ci" / "run"
 
 SETTINGS_HEADER = "[settings]"
 COMPOSE_ONLY_HEADER = "[compose-only]"
 TORCH_INDEX_CPU = "https://download.pytorch.org/whl/cpu"
+APP_UID = 10001
 
 # Compose profiles of docker-compose.yml -> the services each one adds. A profile is named after the VECTOR_DB
 # value it provides, because the app's VECTOR_DB defaults to COMPOSE_PROFILES.
@@ -223,7 +227,9 @@ def test_env_example_every_variable_has_a_comment() -> None:
 
 def test_env_example_compose_only_section_matches_compose_and_dockerfile() -> None:
     settings_vars, compose_only = _env_example_sections()
-    assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "APP_PORT", "TORCH_INDEX_URL"} <= compose_only.keys()
+    expected = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "APP_PORT", "APP_BIND", "TORCH_INDEX_URL"}
+    assert expected <= compose_only.keys()
+    assert compose_only["APP_BIND"] == "127.0.0.1", "show APP_BIND's default: this host only"
     # Comment lines do not count: the header explains variables that the services may no longer use.
     compose_lines = COMPOSE_FILE.read_text(encoding="utf-8").splitlines()
     compose_text = "\n".join(line for line in compose_lines if not line.lstrip().startswith("#"))
@@ -319,7 +325,7 @@ def test_compose_app_service() -> None:
     assert app.get("image")
     assert app["restart"] == "unless-stopped"
     assert {"path": ".env", "required": False} in app["env_file"]
-    assert "${APP_PORT:-8000}:8000" in app["ports"]
+    assert app["ports"] == ["${APP_BIND:-127.0.0.1}:${APP_PORT:-8000}:8000"]
 
     env = _environment(app)
     assert env["HOST"] == "0.0.0.0" and env["PORT"] == "8000"
@@ -333,6 +339,28 @@ def test_compose_app_service() -> None:
     assert "$" not in _healthcheck_text(app), "a `$` would be substituted by compose"
     minutes = re.fullmatch(r"(\d+)m", health["start_period"])
     assert minutes and int(minutes.group(1)) >= 5, "first start downloads the CLIP weights: allow minutes"
+
+
+def test_compose_app_port_is_on_loopback_unless_app_bind_says_otherwise() -> None:
+    (port,) = _compose()["services"]["app"]["ports"]
+    assert _interpolate(port, {}) == "127.0.0.1:8000:8000", "by default only this host reaches the service"
+    assert _interpolate(port, {"APP_BIND": "0.0.0.0", "APP_PORT": "8080"}) == "0.0.0.0:8080:8000"
+    assert _interpolate(port, {"APP_BIND": "192.0.2.10"}) == "192.0.2.10:8000:8000"
+
+
+def test_compose_app_receives_api_key_from_the_shell_or_env_file() -> None:
+    env = _environment(_compose()["services"]["app"])
+    assert env["API_KEY"] == "${API_KEY:-}", "API_KEY must pass through, empty (no key) when unset"
+    assert _interpolate(env["API_KEY"], {"API_KEY": "k1,k2"}) == "k1,k2"
+
+
+def test_compose_healthchecks_work_on_docker_engine_20_10() -> None:
+    # Compose refuses to create a container whose healthcheck has start_interval on Engine < 25 ("can't set
+    # healthcheck.start_interval as feature require Docker Engine v25 or later"); Debian 12 ships 20.10.
+    for name, service in _compose()["services"].items():
+        assert "start_interval" not in (service.get("healthcheck") or {}), f"{name}: start_interval needs Engine 25+"
+    interval = re.fullmatch(r"(\d+)s", _compose()["services"]["app"]["healthcheck"]["interval"])
+    assert interval and int(interval.group(1)) <= 5, "app: probe often, so the first healthy mark comes quickly"
 
 
 def test_compose_core_services_have_no_profile() -> None:
@@ -509,12 +537,31 @@ def test_dockerfile_is_multi_stage_on_python_312_slim() -> None:
     assert any(re.search(r"--from=builder\s+/opt/venv\s+/opt/venv", args) for k, args in _dockerfile_instructions())
 
 
+def test_dockerfile_builds_without_a_container_registry() -> None:
+    # A `# syntax=` parser directive makes BuildKit pull the named frontend image from a registry; without it the
+    # engine's built-in frontend parses the file, so only syntax it has (Engine 20.10: RUN --mount) may be used.
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "no `# syntax=` line: it pulls a frontend image"
+    for keyword, args in _dockerfile_instructions():
+        assert "<<" not in args, f"{keyword}: heredocs need a newer frontend than Engine 20.10's built-in one"
+        for flag in ("--link", "--parents", "--exclude", "--start-interval"):
+            assert flag not in args.split(), f"{keyword} {flag} needs a newer frontend than Engine 20.10's"
+
+
 def test_dockerfile_runs_as_non_root() -> None:
     instructions = _dockerfile_instructions()
     users = [args for keyword, args in instructions if keyword == "USER"]
     assert users, "the runtime stage must switch to an unprivileged user"
     user = users[-1].split(":")[0]
     assert user not in {"root", "0"}
+    assert users[-1] == f"{APP_UID}:{APP_UID}", "a numeric uid:gid, so Kubernetes' runAsNonRoot can verify it"
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    assert re.search(rf"groupadd\b[^&]*--gid {APP_UID}\b", runs) and re.search(
+        rf"useradd\b[^&]*--uid {APP_UID}\b", runs
+    )
+    # A system account's uid must be <= SYS_UID_MAX (999): `useradd --system --uid 10001` warns about it.
+    for command in re.findall(r"\b(?:useradd|groupadd)\b[^&;]*", runs):
+        assert "--system" not in command.split() and " -r " not in f" {command} ", f"not a system account: {command}"
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     assert any(keyword == "USER" for keyword, _ in instructions[last_from:]), "USER must be in the final stage"
     cmd = [args for keyword, args in instructions if keyword == "CMD"][-1]
@@ -584,3 +631,22 @@ def test_dockerignore_keeps_what_the_build_needs_and_drops_secrets() -> None:
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert {"pyproject.toml", "constraints.txt", "README.md", "app", "ui", "sql", "scripts"} <= allowed
     assert not any(name.startswith((".env", ".git", ".venv", "data")) for name in allowed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# make test-docker: the Compose stack end to end, outside the default run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_docker_stack_test_runs_in_make_test_docker_only() -> None:
+    import tomllib
+
+    pytest_ini = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["pytest"]["ini_options"]
+    assert any(marker.startswith("docker:") for marker in pytest_ini["markers"]), "register the docker marker"
+    assert "-m 'not docker'" in pytest_ini["addopts"], "`make test` and .ci/run must deselect the docker tests"
+    makefile = MAKEFILE.read_text(encoding="utf-8")
+    target = re.search(r"^test-docker:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert target and "pytest -m docker tests/docker" in target.group(1), "make test-docker runs tests/docker"
+    assert "test-docker" not in CI_RUN.read_text(encoding="utf-8"), "make test-docker is not part of .ci/run"
+    module = ROOT / "tests" / "docker" / "test_compose_stack.py"
+    assert "pytest.mark.docker" in module.read_text(encoding="utf-8")
