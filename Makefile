@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench-quality bench-latency clean venv
+.PHONY: run test test-fast test-docker lint bench-quality bench-latency clean venv
 
 venv: $(STAMP)
 
@@ -25,6 +25,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m pytest -m "not slow"
+
+# The Compose stack end to end (tests/docker): builds the image, runs app + db, indexes, searches, restarts, and
+# prints one JSON line of timings. Not part of `make test` / .ci/run: it downloads several GB and takes many
+# minutes. Where ../shared/tools/docker exists (machines with no container registry), its scripts first install
+# and start a Docker engine and build local stand-ins for the base images; elsewhere a running engine is used.
+DOCKER_TOOLS ?= ../shared/tools/docker
+
+test-docker: $(STAMP)
+	if [ -x $(DOCKER_TOOLS)/setup-engine.sh ]; then $(DOCKER_TOOLS)/setup-engine.sh && $(DOCKER_TOOLS)/build-standins.sh; fi
+	$(PY) -m pytest -m docker tests/docker
 
 lint: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
