@@ -649,4 +649,7 @@ def test_docker_stack_test_runs_in_make_test_docker_only() -> None:
     assert target and "pytest -m docker tests/docker" in target.group(1), "make test-docker runs tests/docker"
     assert "test-docker" not in CI_RUN.read_text(encoding="utf-8"), "make test-docker is not part of .ci/run"
     module = ROOT / "tests" / "docker" / "test_compose_stack.py"
-    assert "pytest.mark.docker" in module.read_text(encoding="utf-8")
+    text = module.read_text(encoding="utf-8")
+    assert "pytest.mark.docker" in text
+    # `make test-fast` passes -m "not slow", which replaces addopts' -m: the slow marker keeps the stack out there.
+    assert "pytest.mark.slow" in text
