@@ -29,12 +29,16 @@ test-fast: $(STAMP)
 # The Compose stack end to end (tests/docker): builds the image, runs app + db, indexes, searches, restarts, and
 # prints one JSON line of timings. Not part of `make test` / .ci/run: it downloads several GB and takes many
 # minutes. Where ../shared/tools/docker exists (machines with no container registry), its scripts first install
-# and start a Docker engine and build local stand-ins for the base images; elsewhere a running engine is used.
+# and start a Docker engine and build local stand-ins for the base images, and afterwards the build cache of that
+# engine is pruned (each --no-cache build adds over 10 GB; the disk is shared); elsewhere a running engine is used
+# and its build cache is left alone.
 DOCKER_TOOLS ?= ../shared/tools/docker
 
 test-docker: $(STAMP)
 	if [ -x $(DOCKER_TOOLS)/setup-engine.sh ]; then $(DOCKER_TOOLS)/setup-engine.sh && $(DOCKER_TOOLS)/build-standins.sh; fi
-	$(PY) -m pytest -m docker tests/docker
+	status=0; $(PY) -m pytest -m docker tests/docker || status=$$?; \
+	if [ -x $(DOCKER_TOOLS)/setup-engine.sh ]; then docker builder prune --all --force > /dev/null; fi; \
+	exit $$status
 
 lint: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests

@@ -16,7 +16,8 @@ What it proves, in order, on the default stack (``docker-compose.yml`` with no p
 4. ``scripts/bulk_index.py`` indexes 50 real images from ``../shared/datasets`` through the published port, and
    searching finds them;
 5. after ``docker compose down`` and ``up`` the count and an original survive (named volumes);
-6. ``docker compose down -v`` removes everything the project made (containers, network, volumes).
+6. ``docker compose down -v`` removes everything the project made (containers, network, volumes); then the test
+   removes its image too.
 
 At the end it prints one JSON line: image size, build times (cold and cached), time to healthy and restart time,
 with the load average when the builds and the first start began (the machine may be shared).
@@ -124,6 +125,12 @@ def _torch_index() -> tuple[str, str]:
     from pip._internal.models.index import PyPI  # pip's own default index, so no host is written down here
 
     return PyPI.simple_url, "PyPI (CUDA torch build; the PyTorch index is unreachable)"
+
+
+def _remove_image() -> None:
+    """Remove this test's image. Each build re-tags it, so a kept one would turn into a dangling 6-7 GB image on the
+    next run; the layer cache that the cached build needs lives in the build cache, not in the image."""
+    subprocess.run(["docker", "image", "rm", "--force", IMAGE], capture_output=True, text=True, timeout=300)
 
 
 def _sha256(path: Path) -> str:
@@ -265,6 +272,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
     # Leftovers of an interrupted earlier run of this same project (never anything else).
     s.compose("down", "--volumes", "--remove-orphans", timeout=300)
+    _remove_image()
     try:
         s.report["loadavg_1m_at_build"] = round(os.getloadavg()[0], 1)  # the machine may be shared: say how busy
         _say(request, f"[test-docker] building {IMAGE} with --no-cache (torch from: {torch_label}) ...")
@@ -296,6 +304,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             timeout=60,
         ).stdout.split()
         s.report["down_v_ok"] = down.returncode == 0 and not left
+        _remove_image()
         _say(request, "\n" + json.dumps(s.report))
     assert s.report["down_v_ok"], f"docker compose down -v left volumes {left}: {down.stdout}{down.stderr}"
 
