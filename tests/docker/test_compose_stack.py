@@ -396,7 +396,7 @@ def test_bulk_index_50_real_images_through_the_published_port_and_search(stack: 
                 stack.base_url + "/search_image",
                 headers=stack.headers,
                 files={"file": (src.name, fh)},
-                data={"top_k": "5"},
+                data={"top_k": "5", "exclude_self": "false"},  # the query is indexed: keep it in its results
                 timeout=120,
             )
         assert answer.status_code == 200, answer.text
@@ -422,6 +422,10 @@ def test_count_and_originals_survive_down_and_up(stack: Stack) -> None:
     image_id, src = next(iter(stack.indexed.items()))
     with src.open("rb") as fh:
         answer = httpx.post(
-            stack.base_url + "/search_image", headers=stack.headers, files={"file": (src.name, fh)}, timeout=120
+            stack.base_url + "/search_image",
+            headers=stack.headers,
+            files={"file": (src.name, fh)},
+            data={"exclude_self": "false"},
+            timeout=120,
         )
     assert answer.status_code == 200 and image_id in {r["id"] for r in answer.json()["results"]}, answer.text
