@@ -8,11 +8,12 @@ connection pool both allow concurrent callers.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -292,8 +293,7 @@ class SearchService:
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
         # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
-        start = time.perf_counter()
-        try:
+        with self._timed_decode():
             return prepare_bytes(
                 data,
                 filename,
@@ -303,6 +303,13 @@ class SearchService:
                 fit_size=fit_size,
                 image_id=image_id,
             )
+
+    @contextlib.contextmanager
+    def _timed_decode(self) -> Iterator[None]:
+        """Report the wall time of the decode inside to the observer (``/metrics``), whether it succeeds or not."""
+        start = time.perf_counter()
+        try:
+            yield
         finally:
             self.observer.observe_decode(time.perf_counter() - start)
 
@@ -382,13 +389,10 @@ class SearchService:
         return self._page(vector, top_k, options)
 
     def _embed_upload(self, data: bytes) -> np.ndarray:
-        start = time.perf_counter()
-        try:
+        with self._timed_decode():
             image = decode_image(
                 data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
             ).image
-        finally:
-            self.observer.observe_decode(time.perf_counter() - start)
         return self._embed([image])[0]
 
     def search_text(self, query: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
