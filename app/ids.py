@@ -39,11 +39,16 @@ def is_valid_image_id(image_id: object) -> bool:
     return isinstance(image_id, str) and IMAGE_ID_RE.fullmatch(image_id) is not None
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` as a timezone-aware UTC datetime; a naive one is taken to be UTC already."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
 def to_epoch_us(value: datetime) -> int:
     """Microseconds since the Unix epoch (integer arithmetic, exact); a naive datetime is taken as UTC."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // timedelta(microseconds=1)
+    return (as_utc(value) - _EPOCH) // timedelta(microseconds=1)
 
 
 def from_epoch_us(value: int) -> datetime:

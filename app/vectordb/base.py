@@ -13,6 +13,8 @@ from datetime import datetime
 
 import numpy as np
 
+from app.ids import as_utc
+
 
 @dataclass(frozen=True, slots=True)
 class ImageMetadata:
@@ -20,7 +22,9 @@ class ImageMetadata:
 
     ``filename`` is the uploaded name (for bulk indexing: the path relative to the indexed folder);
     ``format`` is the decoder's format name (``JPEG``, ``PNG``, ``HEIF``...); ``width``/``height`` in pixels after
-    EXIF orientation; ``bytes`` is the size of the original file; ``indexed_at`` is timezone-aware UTC.
+    EXIF orientation; ``bytes`` is the size of the original file; ``indexed_at`` is timezone-aware UTC;
+    ``taken_at`` is the EXIF ``DateTimeOriginal`` (timezone-aware: its ``OffsetTimeOriginal`` when the file has
+    one, UTC otherwise), ``None`` when the file has none.
     """
 
     filename: str
@@ -29,6 +33,111 @@ class ImageMetadata:
     height: int
     bytes: int
     indexed_at: datetime
+    taken_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    """Which stored images a search may return (issue #9); every field given must hold (AND), ``None`` = any.
+
+    This class owns the meaning of each filter; every backend translates it into its own query language (pgvector
+    ``WHERE`` with iterative index scans, Milvus boolean expressions, Manticore ``WHERE`` beside ``knn``) and the
+    contract suite checks each against :meth:`matches`. Build it with :meth:`create`, which normalises and checks.
+
+    Attributes:
+        path_prefix: a folder of the stored relative ``filename``, normalised to end in ``/`` (``"trips/2024/"``
+            matches ``trips/2024/a.jpg`` and ``trips/2024/x/b.jpg``, not ``trips/2024b/c.jpg``); case-sensitive.
+        formats: decoder format names, upper-case (``("JPEG", "HEIF")``); an image matches one of them.
+        indexed_after, indexed_before: ``indexed_after <= indexed_at < indexed_before``, timezone-aware.
+        taken_after, taken_before: the same for ``taken_at``; an image without ``taken_at`` never matches a
+            ``taken_*`` filter.
+        min_width, min_height: pixels, ``width >= min_width`` / ``height >= min_height``.
+    """
+
+    path_prefix: str | None = None
+    formats: tuple[str, ...] | None = None
+    indexed_after: datetime | None = None
+    indexed_before: datetime | None = None
+    taken_after: datetime | None = None
+    taken_before: datetime | None = None
+    min_width: int | None = None
+    min_height: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        path_prefix: str | None = None,
+        formats: Iterable[str] | str | None = None,
+        indexed_after: datetime | None = None,
+        indexed_before: datetime | None = None,
+        taken_after: datetime | None = None,
+        taken_before: datetime | None = None,
+        min_width: int | None = None,
+        min_height: int | None = None,
+    ) -> SearchFilter:
+        """The normalised filter: ``path_prefix`` with leading ``./``//`` removed and one trailing ``/`` (an
+        empty folder is no filter), ``formats`` from a list or a comma-separated string, upper-cased, empty
+        entries dropped; naive datetimes read as UTC (:func:`app.ids.as_utc`).
+
+        Raises ``ValueError`` (the API answers 422) for a negative minimum size, a range whose start is not
+        before its end, or a format list with nothing in it.
+        """
+
+        if path_prefix is not None:
+            folder = path_prefix.strip()
+            while folder.startswith("./"):
+                folder = folder[2:]
+            folder = folder.strip("/")
+            path_prefix = f"{folder}/" if folder else None
+        if formats is not None:
+            items = formats.split(",") if isinstance(formats, str) else list(formats)
+            formats = tuple(sorted({f.strip().upper() for f in items if f.strip()}))
+            if not formats:
+                raise ValueError("formats must name at least one format, e.g. formats=JPEG,PNG")
+        dates = {
+            name: None if value is None else as_utc(value)
+            for name, value in {
+                "indexed_after": indexed_after,
+                "indexed_before": indexed_before,
+                "taken_after": taken_after,
+                "taken_before": taken_before,
+            }.items()
+        }
+        for kind in ("indexed", "taken"):
+            start, end = dates[f"{kind}_after"], dates[f"{kind}_before"]
+            if start is not None and end is not None and not start < end:
+                raise ValueError(f"{kind}_after must be before {kind}_before")
+        for name, value in (("min_width", min_width), ("min_height", min_height)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        return cls(path_prefix, formats, **dates, min_width=min_width, min_height=min_height)
+
+    @property
+    def empty(self) -> bool:
+        """``True`` when the filter lets every image through."""
+        return self == SearchFilter()
+
+    def matches(self, m: ImageMetadata) -> bool:
+        """Whether an image with metadata ``m`` passes: the reference meaning every backend must reproduce."""
+
+        indexed_at = as_utc(m.indexed_at)
+        taken_at = None if m.taken_at is None else as_utc(m.taken_at)
+        if self.path_prefix is not None and not m.filename.startswith(self.path_prefix):
+            return False
+        if self.formats is not None and m.format.upper() not in self.formats:
+            return False
+        if self.indexed_after is not None and not indexed_at >= self.indexed_after:
+            return False
+        if self.indexed_before is not None and not indexed_at < self.indexed_before:
+            return False
+        if self.taken_after is not None and (taken_at is None or not taken_at >= self.taken_after):
+            return False
+        if self.taken_before is not None and (taken_at is None or not taken_at < self.taken_before):
+            return False
+        if self.min_width is not None and not m.width >= self.min_width:
+            return False
+        return self.min_height is None or m.height >= self.min_height
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +232,12 @@ class VectorDBHandler(ABC):
         """
 
     @abstractmethod
-    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
         """The ``top_k`` nearest stored vectors to ``vector`` (``(D,)`` float32), best first.
 
-        Approximate (HNSW) where the backend has an index; scores are cosine similarity.
+        Approximate (HNSW) where the backend has an index; scores are cosine similarity. With ``filters`` (not
+        empty), only images that :meth:`SearchFilter.matches` are returned, and still ``top_k`` of them whenever
+        at least ``top_k`` match (the filter is applied inside the index scan, not to a fixed candidate list).
         """
 
     @abstractmethod
