@@ -102,6 +102,7 @@ def _results(request: Request, hits: list[SearchHit], offset: int = 0) -> Search
                 height=h.metadata.height,
                 bytes=h.metadata.bytes,
                 indexed_at=h.metadata.indexed_at,
+                taken_at=h.metadata.taken_at,
                 image_url=str(request.url_for("get_image", image_id=h.id)),
             )
             for rank, h in enumerate(hits, start=1)

@@ -80,6 +80,10 @@ class SearchResult(BaseModel):
     height: int = Field(description="Height in pixels, after EXIF orientation.")
     bytes: int = Field(description="Size of the original file in bytes.")
     indexed_at: datetime = Field(description="When the image was indexed (UTC).")
+    taken_at: datetime | None = Field(
+        description="When the photo was taken (EXIF DateTimeOriginal, in UTC; UTC assumed when the file records no "
+        "offset); null when the file has no such date."
+    )
     image_url: str = Field(description="URL of the original image (GET /image/{id}).")
 
 
@@ -99,6 +103,7 @@ class SearchResponse(BaseModel):
                             "height": 3024,
                             "bytes": 2816512,
                             "indexed_at": "2026-11-28T08:47:43.123456Z",
+                            "taken_at": "2024-07-14T16:02:11Z",
                             "image_url": f"http://localhost:8000/image/{_EXAMPLE_ID}",
                         }
                     ]

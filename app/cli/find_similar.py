@@ -8,7 +8,9 @@
 
 One query term alone uses ``POST /search_image``, ``GET /image/{id}/similar`` or ``POST /search_text``; several
 terms, or any ``--negative-text``, use ``POST /search`` (an IMAGE file then counts by its id, so it must be
-indexed). ``--offset``, ``--min-score`` and ``--expand`` go along as query parameters.
+indexed). ``--offset``, ``--min-score``, ``--expand`` and the filters (``--folder``, ``--formats``,
+``--taken-after``/``--taken-before``, ``--indexed-after``/``--indexed-before``, ``--min-width``/``--min-height``) go
+along as query parameters.
 Ids are shown as their first 12 hex characters (``--json`` gives the full ids and the image URLs).
 Exit status: 0 on success, 1 when the server reports an error, 2 for usage errors or an unreachable API.
 """
@@ -38,6 +40,19 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# (flag, API parameter, help): passed through unchanged; the server checks and explains bad values.
+_FILTER_FLAGS = [
+    ("--folder", "path_prefix", "only images stored under this folder (the relative path given at indexing)"),
+    ("--formats", "formats", "only these formats, comma-separated (e.g. JPEG,HEIF)"),
+    ("--taken-after", "taken_after", "only photos taken at or after this date/time (ISO 8601, EXIF date)"),
+    ("--taken-before", "taken_before", "only photos taken before this date/time (ISO 8601, EXIF date)"),
+    ("--indexed-after", "indexed_after", "only images indexed at or after this date/time (ISO 8601)"),
+    ("--indexed-before", "indexed_before", "only images indexed before this date/time (ISO 8601)"),
+    ("--min-width", "min_width", "only images at least this many pixels wide"),
+    ("--min-height", "min_height", "only images at least this many pixels high"),
+]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Search the image index with an example image, a stored image, or a description.",
@@ -52,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--offset", type=int, default=None, help="results to skip first (paging, 0-1000)")
     parser.add_argument("--min-score", type=float, default=None, help="leave out results below this cosine score")
     parser.add_argument("--expand", action="store_true", help="query expansion (αQE) before ranking")
+    filters = parser.add_argument_group("filters (only images that pass all given filters are returned)")
+    for flag, param, help_text in _FILTER_FLAGS:
+        metavar = {"path_prefix": "FOLDER", "formats": "LIST"}.get(param, "PX" if param.startswith("min") else "WHEN")
+        filters.add_argument(flag, dest=param, default=None, metavar=metavar, help=help_text)
     add_api_arguments(parser, key_help="needed when the server sets API_KEY_READS")
     parser.add_argument("--top-k", type=int, default=None, help="number of results (default: the server's, 5)")
     parser.add_argument("--json", action="store_true", help="print the server's JSON response")
@@ -75,6 +94,9 @@ def build_request(args: argparse.Namespace, image_bytes: bytes | None) -> dict:
         params["min_score"] = str(args.min_score)
     if args.expand:
         params["expand"] = "true"
+    for _, param, _ in _FILTER_FLAGS:
+        if getattr(args, param) is not None:
+            params[param] = getattr(args, param)
     n_terms = (image_bytes is not None) + len(args.id) + len(args.text)
     if n_terms == 1 and not args.negative_text:
         if image_bytes is not None:

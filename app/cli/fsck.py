@@ -9,6 +9,9 @@ Reports, one line each: rows whose original is gone, originals without a row, te
 model is loaded only then), temporary files are removed. Safe next to a running server or ``bulk_index.py
 --direct`` (each fix is re-checked under the id's lock; app/indexing/fsck.py).
 
+With ``--backfill``: rows indexed before ``taken_at`` was stored get it from their original's EXIF
+``DateTimeOriginal`` (vectors unchanged, no model loaded), so the ``taken_after``/``taken_before`` filters see them.
+
 Exit codes: 0 store and database agree (or everything found was repaired); 1 mismatches remain; 2 the database is
 unreachable.
 """
@@ -21,9 +24,12 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: ``--repair``, ``--json``."""
+    """The command line: ``--repair``, ``--backfill``, ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repair", action="store_true", help="fix what is found (see the module docstring)")
+    parser.add_argument(
+        "--backfill", action="store_true", help="fill taken_at (EXIF date) into rows indexed before it was stored"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     return parser.parse_args(argv)
 
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from app.config import Settings
     from app.errors import DatabaseUnavailableError
-    from app.indexing.fsck import check, repair
+    from app.indexing.fsck import backfill_taken_at, check, repair
     from app.indexing.store import ImageStore
     from app.vectordb import create_handler
 
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.repair and not report.clean:
             actions = repair(db, store, report, _reindexer(settings, db, store))
             remaining = check(db, store).lines()
+        backfilled = backfill_taken_at(db, store) if args.backfill else None
     except DatabaseUnavailableError as exc:
         print(f"error: the database is unavailable: {exc}", file=sys.stderr)
         return 2
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                     "mismatches": found,
                     "repaired": actions,
                     "remaining": remaining,
+                    **({} if backfilled is None else {"backfill": vars(backfilled)}),
                 }
             )
         )
@@ -109,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.repair:
             summary += f", {len(actions)} repaired, {len(remaining)} remaining"
         print(summary)
+        if backfilled is not None:
+            print(
+                f"backfill: {backfilled.filled} rows given taken_at, {backfilled.without_date} originals without an "
+                f"EXIF date, {backfilled.rows} rows read"
+            )
     return 1 if remaining else 0
 
 

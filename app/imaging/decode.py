@@ -12,12 +12,14 @@ import re
 import struct
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from io import BytesIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError, features
 
 from app.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
+from app.imaging.exif import taken_at_of
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class DecodedImage:
         width: width of the ORIGINAL picture in pixels (after EXIF transpose); equal to ``image.width`` unless
             ``decode_image(..., draft_size=...)`` decoded a JPEG at a reduced scale.
         height: height of the original picture in pixels (after EXIF transpose), as for ``width``.
+        taken_at: EXIF ``DateTimeOriginal`` as timezone-aware UTC (:mod:`app.imaging.exif`), ``None`` without one.
     """
 
     image: Image.Image
@@ -48,6 +51,7 @@ class DecodedImage:
     extension: str
     width: int
     height: int
+    taken_at: datetime | None = None
 
 
 # Formats Pillow could open that we refuse on purpose, with the reason given to the client.
@@ -252,6 +256,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
             if not drafted:
                 original_size = im.size
             transpose = _orientation_transpose(im)
+            taken_at = taken_at_of(im)
             rgb = _to_rgb(im, fmt)
             if transpose is not None:
                 rgb = rgb.transpose(transpose)
@@ -274,7 +279,7 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     width, height = original_size
     if transpose in _SWAPS_AXES:
         width, height = height, width
-    return DecodedImage(rgb, fmt, mime_type, extension, width, height)
+    return DecodedImage(rgb, fmt, mime_type, extension, width, height, taken_at)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

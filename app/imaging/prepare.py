@@ -8,6 +8,7 @@ spawned ingest worker stays small.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from PIL import Image
 
@@ -51,6 +52,7 @@ class PreparedImage:
             when a fit size was given, already fitted to the model (:func:`fit_to_model`).
         format: decoder format name (``JPEG``, ``PNG``...); extension: storage extension without dot (``jpg``).
         width, height: size of the ORIGINAL picture in pixels, after EXIF orientation.
+        taken_at: EXIF ``DateTimeOriginal`` (timezone-aware UTC), ``None`` without one.
     """
 
     image_id: str
@@ -61,6 +63,7 @@ class PreparedImage:
     extension: str
     width: int
     height: int
+    taken_at: datetime | None = None
 
 
 def fit_to_model(image: Image.Image, size: int) -> Image.Image:
@@ -115,4 +118,5 @@ def prepare_bytes(
         extension=decoded.extension,
         width=decoded.width,
         height=decoded.height,
+        taken_at=decoded.taken_at,
     )

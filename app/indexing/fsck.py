@@ -7,6 +7,9 @@ What can disagree, and how it is fixed:
   indexes it again; the start-up :func:`sweep` removes it once older than ``ORPHAN_GRACE_S``;
 - a **temporary upload file** (``.upload-*``, what a ``kill -9`` during a file write leaves): removed.
 
+:func:`backfill_taken_at` (``fsck.py --backfill``) fills ``taken_at`` into rows indexed before it was stored, from
+the EXIF of their originals, without re-embedding.
+
 Every fix re-checks its finding under the id's lock (:class:`app.indexing.locks.IdLocks`), so a check or a repair
 may run next to a live server or ``bulk_index.py --direct``: a write in progress is never mistaken for a mismatch.
 """
@@ -19,17 +22,28 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from app.errors import ImageDecodeError
 from app.ids import image_id_for
+from app.imaging.exif import read_taken_at
 from app.indexing.store import TEMP_PREFIX, ImageStore
-from app.vectordb.base import VectorDBHandler
+from app.vectordb.base import ImageRecord, VectorDBHandler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FsckReport", "StoreFile", "check", "repair", "start_sweep", "sweep", "walk_store"]
+__all__ = [
+    "BackfillResult",
+    "FsckReport",
+    "StoreFile",
+    "backfill_taken_at",
+    "check",
+    "repair",
+    "start_sweep",
+    "sweep",
+    "walk_store",
+]
 
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 _ORIGINAL = re.compile(r"([0-9a-f]{64})\.[a-z0-9]{1,8}")
@@ -259,3 +273,44 @@ def reindex_with(embed: Callable, prepare: Callable[[bytes, str], object], db, s
         return failures
 
     return reindex
+
+
+@dataclass
+class BackfillResult:
+    """What :func:`backfill_taken_at` did: rows read, rows given a ``taken_at``, rows whose original has no EXIF
+    date (or is gone)."""
+
+    rows: int = 0
+    filled: int = 0
+    without_date: int = 0
+
+
+def backfill_taken_at(db: VectorDBHandler, store: ImageStore, batch_size: int = 500) -> BackfillResult:
+    """Give ``taken_at`` (EXIF ``DateTimeOriginal``, :mod:`app.imaging.exif`) to every row that has none yet and
+    whose original carries one; the vectors are written back unchanged (no model is loaded).
+
+    Each row is re-read and rewritten under its id's lock, so it may run next to a live server: a row deleted or
+    re-indexed meanwhile is left as it is. Only the originals' headers are read. Raises
+    :class:`app.errors.DatabaseUnavailableError` from ``db``; safe to interrupt and run again.
+    """
+    result = BackfillResult()
+    for batch in db.scan(batch_size):
+        result.rows += len(batch)
+        updates: list[ImageRecord] = []
+        for record in batch:
+            if record.metadata.taken_at is not None:
+                continue
+            path = store.find(record.id)
+            taken_at = read_taken_at(path.read_bytes()) if path is not None else None
+            if taken_at is None:
+                result.without_date += 1
+                continue
+            updates.append(replace(record, metadata=replace(record.metadata, taken_at=taken_at)))
+        if not updates:
+            continue
+        with store.locks.hold(r.id for r in updates):
+            current = {r.id for r in updates if (row := db.get(r.id)) is not None and row.metadata.taken_at is None}
+            fresh = [r for r in updates if r.id in current]
+            db.upsert(fresh)
+        result.filled += len(fresh)
+    return result

@@ -57,6 +57,7 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
                         height=item.height,
                         bytes=len(item.data),
                         indexed_at=now,
+                        taken_at=item.taken_at,
                     ),
                 )
                 for item, vector in zip(items, vectors, strict=True)

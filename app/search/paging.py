@@ -15,7 +15,7 @@ import numpy as np
 
 from app.errors import InvalidParameterError
 from app.search.expansion import expand_query
-from app.vectordb.base import SearchHit, VectorDBHandler
+from app.vectordb.base import SearchFilter, SearchHit, VectorDBHandler
 
 MAX_OFFSET = 1000
 """Largest ``offset`` (issue #9): a page starts at most 1000 results down the ranking."""
@@ -39,13 +39,17 @@ class SearchOptions:
             ``[-1, 1]``; ``None`` keeps all.
         exclude_self: leave the query images out of the results (an uploaded image whose bytes are indexed, the
             ``image_id`` items of a combined query, the image of ``/image/{id}/similar``, which always leaves it out).
-        expand: re-query with αQE (:mod:`app.search.expansion`) before cutting the page.
+        expand: re-query with αQE (:mod:`app.search.expansion`) before cutting the page; the expansion
+            neighbours come from the whole collection (they describe the query, not the results).
+        filters: only images that pass (:class:`app.vectordb.base.SearchFilter`), applied inside the backend's
+            index search; ``None`` or an empty filter keeps all.
     """
 
     offset: int = 0
     min_score: float | None = None
     exclude_self: bool = True
     expand: bool = False
+    filters: SearchFilter | None = None
 
     def checked(self) -> SearchOptions:
         """``self`` when every field is in range; raises :class:`InvalidParameterError` otherwise."""
@@ -97,7 +101,9 @@ def search_page(
         )
     if options.expand:
         vector = expand_query(db, vector, expand_n, expand_alpha, exclude=query_ids)
-    hits = [h for h in db.search(vector, window) if h.id not in excluded]
+    filters = None if options.filters is None or options.filters.empty else options.filters
+    hits = db.search(vector, window) if filters is None else db.search(vector, window, filters)
+    hits = [h for h in hits if h.id not in excluded]
     hits = hits[options.offset : options.offset + top_k]
     if options.min_score is not None:
         hits = [h for h in hits if h.score >= options.min_score]
