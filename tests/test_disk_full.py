@@ -98,3 +98,20 @@ def test_under_min_free_mb_health_says_low_and_writes_are_refused(
         filler.unlink()
         assert client.get("/health").json()["storage"] == "ok"
         assert client.post("/index_image", files={"file": ("a.jpg", data)}).status_code == 201
+
+
+def test_bulk_index_direct_refuses_at_once_without_a_traceback(tmp_path, database_url, datasets):
+    # No tmpfs needed: MIN_FREE_MB above any real disk's free space. The refusal comes before the model loads.
+    from tests.test_cli import run_cli
+
+    folder = datasets / "formats/jpeg_exif_orientation"
+    env = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": database_url,
+        "EMBEDDER": "efficientnet",
+        "MIN_FREE_MB": str(10**12),
+    }
+    proc = run_cli("bulk_index.py", folder, "--direct", "--no-progress", env=env, check_rc=2)
+    assert "MIN_FREE_MB" in proc.stderr and "run the same command again" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(p.is_file() for p in (tmp_path / "data").rglob("*.jpg"))

@@ -304,7 +304,9 @@ def index_direct(
     """Index into the service's database and image store from this process (``IngestPipeline``).
 
     ``settings``: an :class:`app.config.Settings`; default: the service's, from the environment and ``.env``.
-    Raises :class:`app.errors.DatabaseUnavailableError` when the database cannot be reached.
+    Raises :class:`app.errors.DatabaseUnavailableError` when the database cannot be reached and
+    :class:`app.errors.StorageFullError` when free space under ``IMAGE_DIR`` is below ``MIN_FREE_MB`` (checked
+    before the model is loaded, and again before each batch is written).
     """
     from app.config import Settings
     from app.embedders import load_embedder
@@ -313,6 +315,8 @@ def index_direct(
     from app.vectordb import create_handler
 
     settings = settings or Settings()
+    store = ImageStore(settings.resolved_image_dir, min_free_bytes=settings.min_free_bytes)
+    store.ensure_space()  # refuse at once, not after loading the model and decoding the first batch
     embedder = load_embedder(settings)
     db = create_handler(settings)
     try:
@@ -331,7 +335,7 @@ def index_direct(
         pipeline = IngestPipeline(
             embedder,
             db,
-            ImageStore(settings.resolved_image_dir),
+            store,
             workers=workers,
             batch_size=batch_size or settings.embed_batch_size,
             max_pixels=settings.max_image_pixels,
@@ -425,7 +429,7 @@ def finish(run: Run, work: Callable[[], None], errors: dict[type[BaseException],
 
 def main_direct(args: argparse.Namespace) -> int:
     """``--direct``: index into the database from this process; same summary, log and exit codes as the API mode."""
-    from app.errors import DatabaseUnavailableError
+    from app.errors import DatabaseUnavailableError, StorageFullError
 
     run = Run(args.failures_log, show_progress=not args.no_progress)
     return finish(
@@ -433,7 +437,10 @@ def main_direct(args: argparse.Namespace) -> int:
         lambda: index_direct(
             args.folder, run, all_files=args.all_files, workers=args.workers, batch_size=args.batch_size
         ),
-        {DatabaseUnavailableError: "the database is unavailable ({exc}); run the same command again to resume"},
+        {
+            DatabaseUnavailableError: "the database is unavailable ({exc}); run the same command again to resume",
+            StorageFullError: "{exc} Then run the same command again to resume.",
+        },
     )
 
 
