@@ -29,3 +29,16 @@ CREATE TABLE IF NOT EXISTS images (
     bytes       bigint      NOT NULL CHECK (bytes >= 0),
     indexed_at  timestamptz NOT NULL DEFAULT now()
 );
+-- EXIF DateTimeOriginal of the image (issue #9), NULL when the file has none. Added after the first release, hence
+-- ALTER ... IF NOT EXISTS: tables created before it get the column (NULL for every existing row) on the next start.
+ALTER TABLE images ADD COLUMN IF NOT EXISTS taken_at timestamptz;
+
+-- B-tree indexes on the search filter columns (issue #9). They give the planner statistics (upper(format) only has
+-- them through its expression index) and, for a selective filter, a cheap way to read the few matching rows, which
+-- the service then searches exactly instead of walking the HNSW graph (app/vectordb/pgvector.py, search).
+-- text_pattern_ops: a path prefix is a LIKE 'folder/%' pattern, which a B-tree can serve only with this operator
+-- class (or the C collation).
+CREATE INDEX IF NOT EXISTS images_filename_prefix ON images (filename text_pattern_ops);
+CREATE INDEX IF NOT EXISTS images_format_upper ON images (upper(format));
+CREATE INDEX IF NOT EXISTS images_indexed_at ON images (indexed_at);
+CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);

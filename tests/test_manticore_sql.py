@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.ids import to_epoch_us
 from app.vectordb import manticore_sql as mc
-from app.vectordb.base import ImageMetadata, ImageRecord
+from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
 from app.vectordb.manticore import ManticoreHandler
 
 DIM = 8
@@ -117,6 +118,8 @@ def test_create_table_uses_documented_float_vector_options_and_attribute_types()
         "height int",
         "size_bytes bigint",
         "indexed_us bigint",
+        "taken_us bigint",
+        "has_taken bool",
     ]:
         assert column in sql
     assert " text" not in sql and "timestamp" not in sql  # no full-text field needed; no 32-bit seconds timestamp
@@ -162,14 +165,17 @@ def test_replace_renders_one_multi_row_statement():
     sql, params = mc.replace_sql("images", records, DIM)
     rendered = mc.render_sql(sql, params)
     assert rendered.startswith(
-        "REPLACE INTO images (id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding) "
-        "VALUES ("
+        "REPLACE INTO images (id, image_id, filename, img_format, width, height, size_bytes, indexed_us, taken_us, "
+        "has_taken, embedding) VALUES ("
     )
     assert rendered.count("), (") == 1  # two rows in one statement
     expected_us = (datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(
         microseconds=1
     )
-    first = f"({mc.doc_id_for(records[0].id)}, '{records[0].id}', 'a.jpg', 'JPEG', 641, 480, 10001, {expected_us}, ("
+    # No taken_at: 0 with has_taken 0 (a real 1970-01-01T00:00:00Z would be 0 with has_taken 1).
+    first = (
+        f"({mc.doc_id_for(records[0].id)}, '{records[0].id}', 'a.jpg', 'JPEG', 641, 480, 10001, {expected_us}, 0, 0, ("
+    )
     assert first in rendered
     assert literals(rendered) == [records[0].id, "a.jpg", "JPEG", records[1].id, "b.png", "PNG"]
     # The vector literal is the float32 values with 9 significant digits: they parse back exactly.
@@ -253,27 +259,33 @@ def test_delete_and_get_statements_check_the_image_id():
         f"DELETE FROM images WHERE id = {mc.doc_id_for(image_id)} AND image_id = '{image_id}'"
     )
     assert mc.render_sql(*mc.get_sql("images", image_id)) == (
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, taken_us, has_taken, "
+        f"embedding FROM images WHERE id = {mc.doc_id_for(image_id)} AND image_id = '{image_id}'"
+    )
+    assert mc.render_sql(*mc.get_sql("images", image_id, taken=False)).startswith(
         "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
-        f"WHERE id = {mc.doc_id_for(image_id)} AND image_id = '{image_id}'"
     )
 
 
 # --- reads --------------------------------------------------------------------------------------------------------
 def test_knn_query_shape():
     v = _unit(np.random.default_rng(4), 1)[0]
-    sql = mc.knn_search_sql("images", v, 5, 40, DIM)
+    sql, params = mc.knn_search_sql("images", v, 5, 40, DIM)
+    assert params == ()
     assert sql.startswith(
-        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, knn_dist() AS distance "
-        "FROM images WHERE knn(embedding, 5, ("
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, taken_us, has_taken, "
+        "knn_dist() AS distance FROM images WHERE knn(embedding, 5, ("
     )
     assert sql.endswith(", {ef=40, early_termination=0}) LIMIT 5")
     assert mc.format_vector(v, DIM) in sql
     assert "%" not in sql and "'" not in sql  # nothing but validated numbers
+    legacy, _ = mc.knn_search_sql("images", v, 5, 40, DIM, taken=False)
+    assert legacy.startswith("SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, knn")
 
 
 def test_knn_query_above_the_default_max_matches_raises_it():
     v = _unit(np.random.default_rng(5), 1)[0]
-    assert mc.knn_search_sql("images", v, 1500, 1500, DIM).endswith(
+    assert mc.knn_search_sql("images", v, 1500, 1500, DIM)[0].endswith(
         "{ef=1500, early_termination=0}) LIMIT 1500 OPTION max_matches=1500"
     )
     with pytest.raises(ValueError):
@@ -283,11 +295,11 @@ def test_knn_query_above_the_default_max_matches_raises_it():
 def test_scan_pages_by_document_id_never_by_a_string_range():
     # A string range filter (image_id > '...') gave wrong results on a real engine's disk chunks (issue #12).
     assert mc.scan_sql("images", 0, 10) == (
-        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
-        "WHERE id > 0 ORDER BY id ASC LIMIT 10"
+        "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, taken_us, has_taken, "
+        "embedding FROM images WHERE id > 0 ORDER BY id ASC LIMIT 10"
     )
     after = mc.doc_id_for("0" * 63 + "9")
-    assert mc.scan_sql("images", after, 5000) == (
+    assert mc.scan_sql("images", after, 5000, taken=False) == (
         "SELECT id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding FROM images "
         f"WHERE id > {after} ORDER BY id ASC LIMIT 5000 OPTION max_matches=5000"
     )
@@ -407,18 +419,23 @@ def test_mismatched_model_is_refused(monkeypatch):
     assert sent[1] == "CREATE TABLE IF NOT EXISTS images_meta (model_id string, dim int)"
 
 
+_COLUMNS = [(c,) for c in mc.REQUIRED_COLUMNS + ("taken_us", "has_taken")]  # DESCRIBE of an up-to-date table
+
+
 def test_search_scores_are_one_minus_knn_dist_and_ef_is_raised_to_top_k(monkeypatch):
     h, sent, made = _handler(monkeypatch, [[("images_meta", "rt")], [("m", DIM)]])
     when = to_epoch_us(datetime(2026, 1, 1, tzinfo=UTC))
     rows = [
-        (2, "b" * 64, "b.jpg", "JPEG", 3, 4, 5, when, 0.25),
-        (1, "a" * 64, "a.jpg", "PNG", 1, 2, 3, when, 0.125),
+        (2, "b" * 64, "b.jpg", "JPEG", 3, 4, 5, when, when - 1, 1, 0.25),
+        (1, "a" * 64, "a.jpg", "PNG", 1, 2, 3, when, 0, 0, 0.125),
     ]
-    made[0].script[:] = [rows]
+    made[0].script[:] = [_COLUMNS, rows]  # first use: DESCRIBE finds the taken columns; then the search
     hits = h.search(_unit(np.random.default_rng(6), 1)[0], 20)
     assert [x.id for x in hits] == ["a" * 64, "b" * 64]
     assert [x.score for x in hits] == [0.875, 0.75]
     assert hits[0].metadata == ImageMetadata("a.jpg", "PNG", 1, 2, 3, datetime(2026, 1, 1, tzinfo=UTC))
+    assert hits[1].metadata.taken_at == datetime(2025, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert sent[-2] == "DESCRIBE images"
     assert ", {ef=20, early_termination=0}) LIMIT 20" in sent[-1]
 
 
@@ -432,3 +449,124 @@ def test_health_never_raises_and_close_is_idempotent(monkeypatch):
     h.close()
     h.close()
     assert h.health() is False
+
+
+# --- filters and taken_at (issue #9) -------------------------------------------------------------------------------
+HOSTILE_FOLDERS = [
+    "trips/2024",
+    "odd/50%_off",
+    'q/it\'s "quoted"',
+    "q/back\\slash",
+    "a.b*c+d?(e)[f]{g}|h^i$",
+    "x\ny",
+    "日本",
+]
+
+
+@pytest.mark.parametrize("folder", HOSTILE_FOLDERS)
+def test_path_prefix_is_one_literal_regex_anchored_at_the_start(folder):
+    """The folder reaches REGEX() as one string literal whose RE2 pattern matches exactly the names under it.
+
+    Python's ``re`` stands in for RE2 here: both read a backslash before an ASCII punctuation character (or a space
+    or newline) as that character, and ``^`` as the start of the text.
+    """
+    f = SearchFilter.create(path_prefix=folder)
+    sql, params = mc.knn_search_sql("images", _unit(np.random.default_rng(7), 1)[0], 10, 40, DIM, f)
+    rendered = mc.render_sql(sql, params)
+    assert ", REGEX(filename, '" in rendered and " AND path_ok = 1 LIMIT 10" in rendered
+    [pattern] = literals(rendered)
+    assert pattern == "^" + mc.re2_literal(f"{folder}/")
+    outside = outside_literals(rendered)
+    assert "DROP" not in outside and "quoted" not in outside
+    regex = re.compile(pattern, re.S)
+    names = [f"{folder}/a.jpg", f"{folder}/sub/b.jpg", f"{folder}x/c.jpg", f"{folder}", f"z{folder}/d.jpg"]
+    names += [f"{folder.replace('%', 'Q').replace('_', 'Q').replace('.', 'Q')}/e.jpg"]
+    assert [bool(regex.match(n)) for n in names] == [n.startswith(f"{folder}/") for n in names]
+
+
+def test_each_filter_becomes_a_condition_beside_knn():
+    f = SearchFilter.create(
+        formats="jpeg,png",
+        indexed_after=datetime(2024, 1, 1, tzinfo=UTC),
+        indexed_before=datetime(2024, 2, 1, tzinfo=UTC),
+        taken_after=datetime(1970, 1, 1, tzinfo=UTC),
+        taken_before=datetime(2000, 1, 1),
+        min_width=640,
+        min_height=0,
+    )
+    sql, params = mc.knn_search_sql("images", _unit(np.random.default_rng(8), 1)[0], 10, 40, DIM, f)
+    assert "REGEX" not in sql and params == ("JPEG", "PNG")
+    assert sql.endswith(
+        "{ef=40, early_termination=0}) AND img_format IN (%s, %s) AND indexed_us >= 1704067200000000 "
+        "AND indexed_us < 1706745600000000 AND has_taken = 1 AND taken_us >= 0 AND taken_us < 946684800000000 "
+        "AND width >= 640 AND height >= 0 LIMIT 10"
+    )
+    assert mc.render_sql(sql, params).count("'JPEG', 'PNG'") == 1
+    # A taken_* filter on a table without the taken columns can match nothing: no statement at all.
+    assert mc.knn_search_sql("images", _unit(np.random.default_rng(8), 1)[0], 10, 40, DIM, f, taken=False) is None
+    assert mc.filter_sql(SearchFilter()) == ("", "", ())
+    with pytest.raises(ValueError):
+        mc.filter_sql(SearchFilter(min_width=2**32))
+
+
+def test_taken_at_is_written_with_its_flag_and_read_back():
+    taken = datetime(1970, 1, 1, tzinfo=UTC)  # a reset camera clock: 0 microseconds, still a time
+    record = _record(5, _unit(np.random.default_rng(9), 1)[0])
+    record = ImageRecord(record.id, record.vector, replace(record.metadata, taken_at=taken))
+    rendered = mc.render_sql(*mc.replace_sql("images", [record], DIM))
+    assert f", {to_epoch_us(record.metadata.indexed_at)}, 0, 1, (" in rendered
+    legacy = mc.render_sql(*mc.replace_sql("images", [record], DIM, taken=False))
+    assert "taken_us" not in legacy and f", {to_epoch_us(record.metadata.indexed_at)}, (" in legacy
+    row = ("a.jpg", "JPEG", 1, 2, 3, 10, 0, 1)
+    assert mc.metadata_from_row(row).taken_at == taken
+    assert mc.metadata_from_row(row[:6] + (0, 0)).taken_at is None
+    assert mc.metadata_from_row(row[:6]).taken_at is None
+    assert mc.add_column_sql("images", "taken_us") == "ALTER TABLE images ADD COLUMN taken_us bigint"
+    assert mc.add_column_sql("images", "has_taken") == "ALTER TABLE images ADD COLUMN has_taken bool"
+    with pytest.raises(ValueError):
+        mc.add_column_sql("images", "x; DROP TABLE images")
+
+
+def test_table_from_before_taken_at_gets_the_columns_on_first_use(monkeypatch):
+    h, sent, made = _handler(monkeypatch, [[("images_meta", "rt")], [("m", DIM)]])
+    old_columns = [(c,) for c in mc.REQUIRED_COLUMNS]
+    made[0].script[:] = [old_columns, [], [], [(0,)]]
+    assert h.count() == 0
+    assert sent[-4:] == [
+        "DESCRIBE images",
+        "ALTER TABLE images ADD COLUMN taken_us bigint",
+        "ALTER TABLE images ADD COLUMN has_taken bool",
+        "SELECT COUNT(*) FROM images",
+    ]
+    assert h._taken is True
+
+
+def test_engine_refusing_the_new_columns_leaves_the_handler_working_without_them(monkeypatch):
+    h, sent, made = _handler(monkeypatch, [[("images_meta", "rt")], [("m", DIM)]])
+    old_columns = [(c,) for c in mc.REQUIRED_COLUMNS]
+    refused = pymysql.err.ProgrammingError(1064, "alter not supported")
+    made[0].script[:] = [old_columns, refused, old_columns, []]
+    q = _unit(np.random.default_rng(10), 1)[0]
+    assert h.search(q, 5, SearchFilter.create(taken_after=datetime(2020, 1, 1))) == []  # no query: nothing matches
+    assert h._taken is False and sent[-1] == "DESCRIBE images"
+    when = to_epoch_us(datetime(2026, 1, 1, tzinfo=UTC))
+    made[0].script[:] = [[(1, "a" * 64, "a.jpg", "PNG", 1, 2, 3, when, 0.5)]]
+    [hit] = h.search(q, 5)
+    assert hit.metadata.taken_at is None and "taken_us" not in sent[-1]
+
+
+def test_filtered_search_with_too_few_rows_asks_once_more_with_a_larger_k(monkeypatch):
+    """An engine before 19.0.1 filters the k candidates after the KNN step: fewer than top_k rows come back."""
+    h, sent, made = _handler(monkeypatch, [[("images_meta", "rt")], [("m", DIM)]])
+    when = to_epoch_us(datetime(2026, 1, 1, tzinfo=UTC))
+
+    def row(i, dist):  # HIT_COLUMNS, path_ok, distance
+        return (i, f"{i:064x}", f"trips/{i}.jpg", "JPEG", 1, 2, 3, when, 0, 0, 1, dist)
+
+    made[0].script[:] = [_COLUMNS, [row(1, 0.5)], [row(2, 0.25), row(1, 0.5), row(3, 0.75)]]
+    hits = h.search(_unit(np.random.default_rng(11), 1)[0], 2, SearchFilter.create(path_prefix="trips"))
+    assert [x.id for x in hits] == [f"{2:064x}", f"{1:064x}"]
+    assert hits[0].metadata.filename == "trips/2.jpg" and hits[0].score == 0.75
+    assert "knn(embedding, 2, (" in sent[-2] and "{ef=10, early_termination=0}) AND path_ok = 1 LIMIT 2" in sent[-2]
+    assert f"knn(embedding, {2 * mc.FILTER_RETRY_FACTOR}, (" in sent[-1]
+    assert f"{{ef={2 * mc.FILTER_RETRY_FACTOR}, early_termination=0}}) AND path_ok = 1 LIMIT 2" in sent[-1]

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -350,3 +351,99 @@ def test_lite_flushes_after_many_rows_and_before_a_search_once_writes_pause(open
     hits = h.search(vectors[80], 3)
     assert h._lite.unflushed_rows == 0
     assert hits[0].id == f"{80:064x}" and h.count() == 90
+
+
+# --- filters and taken_at (issue #9) -------------------------------------------------------------------------------
+def test_filter_expressions_quote_every_string_and_use_a_range_for_the_folder():
+    from app.vectordb.base import SearchFilter
+    from app.vectordb.milvus import filter_expr, quote
+
+    assert quote('a"b\\c\nd\re\tf') == '"a\\"b\\\\c\\nd\\re\\tf"'
+    f = SearchFilter.create(
+        path_prefix='x"] or id != "',
+        formats=["jpeg"],
+        indexed_after=datetime(2024, 1, 1, tzinfo=UTC),
+        taken_before=datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC),
+        min_width=5,
+        min_height=0,
+    )
+    assert filter_expr(f) == (
+        '(filename >= "x\\"] or id != \\"/" and filename < "x\\"] or id != \\"0") and (format in ["JPEG"]) '
+        "and (indexed_at >= 1704067200000000) and (taken_at < 1000000) and (width >= 5) and (height >= 0)"
+    )
+    assert filter_expr(SearchFilter()) == ""
+    assert filter_expr(SearchFilter.create(taken_after=datetime(2024, 1, 1)), has_taken_at=False) is None
+    assert filter_expr(SearchFilter.create(min_width=1), has_taken_at=False) == "(width >= 1)"
+
+
+def test_hostile_folder_names_are_matched_literally_on_lite(open_handler):
+    """What Milvus Lite's expression parser makes of the quoting: a folder made of quotes, backslashes and
+    wildcards matches only itself (and an expression that tries to break out of its literal does not parse into
+    ``or``)."""
+    from app.vectordb.base import SearchFilter
+
+    h = open_handler()
+    h.ensure_collection(MODEL, DIM)
+    folders = ['a"] or id != "', "b\\", "b\\\\", "c%", "c_", "cx", "d\nnl", "e'q", "日本/"]
+    records = []
+    for i, folder in enumerate(folders):
+        for j in range(2):
+            records += _records(_unit(np.random.default_rng(40 + i), 1), start=10 * i + j, filename=f"{folder}/{j}.jpg")
+    h.upsert(records)
+    for folder in folders:
+        hits = h.search(records[0].vector, 50, SearchFilter.create(path_prefix=folder))
+        assert sorted(x.metadata.filename for x in hits) == [f"{folder}/0.jpg", f"{folder}/1.jpg"], folder
+
+
+def test_collection_from_before_taken_at_still_opens_reads_and_writes(open_handler, db_path):
+    """Milvus Lite cannot add a field to an existing collection: one created without ``taken_at`` keeps working
+    without it (``taken_at`` comes back None, a ``taken_*`` filter matches nothing, other filters work)."""
+    from app.vectordb.base import SearchFilter
+    from app.vectordb.milvus_lite_server import DataType, MilvusClient, acquire_lite, release_lite
+
+    lite = acquire_lite(db_path)
+    client = MilvusClient(uri=lite.uri, dedicated=True)
+    try:  # the schema as the previous release created it
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=DIM)
+        schema.add_field("filename", DataType.VARCHAR, max_length=4096)
+        schema.add_field("format", DataType.VARCHAR, max_length=64)
+        schema.add_field("width", DataType.INT32)
+        schema.add_field("height", DataType.INT32)
+        schema.add_field("bytes", DataType.INT64)
+        schema.add_field("indexed_at", DataType.INT64)
+        client.create_collection(
+            "images", schema=schema, consistency_level="Strong", properties={"image_search.model_id": MODEL}
+        )
+        old = _records(_unit(np.random.default_rng(30), 1))[0]
+        client.insert(
+            "images",
+            [
+                {
+                    "id": old.id,
+                    "embedding": old.vector,
+                    "filename": old.metadata.filename,
+                    "format": "JPEG",
+                    "width": old.metadata.width,
+                    "height": old.metadata.height,
+                    "bytes": old.metadata.bytes,
+                    "indexed_at": 1_700_000_000_000_000,
+                }
+            ],
+        )
+    finally:
+        client.close()
+        release_lite(lite)
+
+    h = open_handler()
+    assert h.get(old.id).metadata.taken_at is None  # readable before ensure_collection (a migration source)
+    h.ensure_collection(MODEL, DIM)
+    new = _records(_unit(np.random.default_rng(31), 1), start=1)[0]
+    taken = ImageRecord(new.id, new.vector, replace(new.metadata, taken_at=datetime(2020, 1, 1, tzinfo=UTC)))
+    h.upsert([taken])
+    assert h.count() == 2
+    assert h.get(new.id).metadata.taken_at is None  # not stored: the collection has no such field
+    assert {r.id for batch in h.scan() for r in batch} == {old.id, new.id}
+    assert h.search(new.vector, 5, SearchFilter.create(taken_after=datetime(1900, 1, 1))) == []
+    assert [x.id for x in h.search(new.vector, 5, SearchFilter.create(indexed_after=datetime(2024, 1, 1)))] == [new.id]

@@ -9,14 +9,15 @@ import os
 import shutil
 import socket
 import uuid
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
 from app.errors import CollectionMismatchError
-from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
+from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter, VectorDBHandler
 
 DIM = 64
 # pgvector-halfvec: the pgvector backend with VECTOR_TYPE=halfvec (float16 storage) meets the same contract, with
@@ -312,3 +313,244 @@ def test_malformed_ids_are_never_stored_nor_queried(handler):
             handler.upsert([records[2], ImageRecord(bad, records[2].vector, records[2].metadata)])
     assert handler.count() == 2
     assert handler.get(records[2].id) is None
+
+
+# --- taken_at and search filters (issue #9) ------------------------------------------------------------------------
+_TZ_PLUS2 = timezone(timedelta(hours=2))
+_BASE = datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+# Folders chosen to catch a prefix match that is not literal: a wildcard `%`/`_`, a quote ending a literal early, a
+# backslash eaten as an escape, or a folder that only starts with the same characters (`trips/2024b/`).
+FOLDERS = [
+    "trips/2024/",
+    "trips/2024/x/",
+    "trips/2024b/",
+    "odd/50%_off/",
+    "odd/50xx_off/",
+    "odd/50%Xoff/",
+    'q/it\'s "quoted"/',
+    "q/back\\slash/",
+    "q/backXslash/",
+    "",
+]
+FORMATS = ["JPEG", "PNG", "HEIF", "WEBP"]
+
+
+def _filter_records(vectors: np.ndarray) -> list[ImageRecord]:
+    """Records with varied metadata: every folder of ``FOLDERS``, four formats, sizes, microsecond times, and a
+    ``taken_at`` that is missing for every fourth image and otherwise in a +02:00 zone."""
+    records = []
+    for i, v in enumerate(vectors):
+        taken = None if i % 4 == 0 else (_BASE - timedelta(days=i, microseconds=i)).astimezone(_TZ_PLUS2)
+        metadata = ImageMetadata(
+            f"{FOLDERS[i % len(FOLDERS)]}img_{i}.jpg",
+            FORMATS[(i // 3) % len(FORMATS)],
+            100 + (i * 37) % 900,
+            100 + (i * 53) % 700,
+            1000 + i,
+            _BASE + timedelta(hours=i, microseconds=i),
+            taken,
+        )
+        records.append(ImageRecord(f"{i:064x}", v, metadata))
+    return records
+
+
+def _exact_filtered(handler, records, query, filters: SearchFilter | None, k: int) -> list[str]:
+    """Brute-force (numpy) top-``k`` ids among the records that ``filters.matches``, over the stored vectors."""
+    keep = [r for r in records if filters is None or filters.matches(r.metadata)]
+    if not keep:
+        return []
+    stored = _as_stored(handler, np.stack([r.vector for r in keep]))
+    q = _as_stored(handler, query)
+    cosine = (stored @ q) / (np.linalg.norm(stored, axis=1) * np.linalg.norm(q))
+    return [keep[i].id for i in np.argsort(-cosine)[:k]]
+
+
+def test_taken_at_round_trips_through_get_scan_and_search(handler):
+    records = _filter_records(_unit(np.random.default_rng(20), 12))
+    handler.upsert(records)
+    by_id = {r.id: r for r in records}
+    assert by_id[f"{0:064x}"].metadata.taken_at is None and by_id[f"{1:064x}"].metadata.taken_at is not None
+    for r in records:
+        got = handler.get(r.id)
+        assert got is not None and got.metadata == r.metadata  # equal instants, also across zones; None stays None
+        assert (got.metadata.taken_at is None) == (r.metadata.taken_at is None)
+    scanned = [x for batch in handler.scan(batch_size=5) for x in batch]
+    assert len(scanned) == len(records)
+    assert all(x.metadata == by_id[x.id].metadata for x in scanned)
+    for hit in handler.search(records[1].vector, len(records)):
+        assert hit.metadata == by_id[hit.id].metadata
+    # Upserting again without taken_at clears it.
+    cleared = ImageRecord(records[1].id, records[1].vector, replace(records[1].metadata, taken_at=None))
+    handler.upsert([cleared])
+    assert handler.get(records[1].id).metadata.taken_at is None
+
+
+FILTER_CASES = {
+    "path": dict(path_prefix="trips/2024"),
+    "path-nested": dict(path_prefix="./trips/2024/x/"),
+    "path-percent-underscore": dict(path_prefix="odd/50%_off"),
+    "path-quotes": dict(path_prefix='q/it\'s "quoted"'),
+    "path-backslash": dict(path_prefix="q/back\\slash"),
+    "path-none-match": dict(path_prefix="nowhere"),
+    "formats": dict(formats="jpeg,heif"),
+    "indexed-after": dict(indexed_after=_BASE + timedelta(hours=40, microseconds=40)),  # boundary row included
+    "indexed-before": dict(indexed_before=_BASE + timedelta(hours=40, microseconds=40)),  # boundary row excluded
+    "indexed-range-naive": dict(indexed_after=datetime(2024, 3, 2), indexed_before=datetime(2024, 3, 4)),
+    "taken-after": dict(taken_after=_BASE - timedelta(days=30, microseconds=30)),
+    "taken-before": dict(taken_before=_BASE - timedelta(days=30, microseconds=30)),
+    "taken-range": dict(taken_after=_BASE - timedelta(days=90), taken_before=datetime(2024, 2, 1, tzinfo=_TZ_PLUS2)),
+    "min-width": dict(min_width=600),
+    "min-height": dict(min_height=500),
+    "combined": dict(
+        path_prefix="trips", formats=["JPEG", "PNG"], taken_after=_BASE - timedelta(days=100), min_width=300
+    ),
+    "combined-sizes-dates": dict(min_width=200, min_height=200, indexed_before=_BASE + timedelta(days=5)),
+}
+
+
+@pytest.mark.parametrize("case", list(FILTER_CASES))
+def test_filtered_search_matches_the_reference_meaning(handler, case):
+    """Each filter alone and combined: the hits are exactly the brute-force filtered top-k, and asking for more than
+    exist returns every matching image and nothing else (``SearchFilter.matches`` over the same data)."""
+    rng = np.random.default_rng(21)
+    records = _filter_records(_unit(rng, 160))
+    handler.upsert(records)
+    filters = SearchFilter.create(**FILTER_CASES[case])
+    matching = {r.id for r in records if filters.matches(r.metadata)}
+    assert case == "path-none-match" or 0 < len(matching) < len(records)
+    for query in _unit(rng, 3):
+        hits = handler.search(query, 10, filters)
+        assert [h.id for h in hits] == _exact_filtered(handler, records, query, filters, 10)
+        assert all(filters.matches(h.metadata) for h in hits)
+        everything = handler.search(query, 200, filters)
+        assert {h.id for h in everything} == matching and len(everything) == len(matching)
+    # An empty filter is no filter.
+    assert [h.id for h in handler.search(records[5].vector, 10, SearchFilter())] == [
+        h.id for h in handler.search(records[5].vector, 10)
+    ]
+
+
+def test_selective_filter_still_returns_top_k_after_the_index_is_built(make_handler, monkeypatch):
+    """2 % of 1,000 rows match: HNSW's ef candidates hold about one match, yet top_k come back (searched from a
+    reopened handler, so Milvus Lite's rows sit in an indexed segment; pgvector forced onto its iterative scan)."""
+    import app.vectordb.pgvector as pgvector_module
+
+    monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 0)
+    h = make_handler(ef_search=10)
+    h.ensure_collection("test-model:v1", DIM)
+    rng = np.random.default_rng(22)
+    records = _records(_unit(rng, 1000))
+    rare = set(range(7, 1000, 50))  # 20 rows
+    records = [
+        ImageRecord(r.id, r.vector, replace(r.metadata, filename=f"rare/{i}.jpg")) if i in rare else r
+        for i, r in enumerate(records)
+    ]
+    h.upsert(records)
+    h.close()  # Milvus Lite: seals the rows into a segment with a FAISS HNSW index
+    h = make_handler(ef_search=10)
+    filters = SearchFilter.create(path_prefix="rare")
+    recalls = []
+    for query in _unit(rng, 5):
+        hits = h.search(query, 10, filters)
+        assert len(hits) == 10 and all(h_.metadata.filename.startswith("rare/") for h_ in hits)
+        exact = _exact_filtered(h, records, query, filters, 10)
+        recalls.append(len({x.id for x in hits} & set(exact)) / 10)
+    assert np.mean(recalls) >= 0.9
+    assert len(h.search(records[0].vector, 50, filters)) == 20  # all 20 when fewer than top_k match
+
+
+def test_pgvector_iterative_scan_that_stops_early_falls_back_to_an_exact_search(pg_server, monkeypatch):
+    """``hnsw.max_scan_tuples`` reached before top_k rows passed the filter: the exact search answers instead.
+
+    pgvector checks the limit once per batch of ``ef_search`` candidates, so with a limit of 1 the scan stops after
+    its first batch of 10, which holds about one of the 8 matching rows in 800.
+    """
+    import psycopg
+    from psycopg import sql
+
+    import app.vectordb.pgvector as pgvector_module
+    from tests.helpers import create_database
+
+    monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 0)
+    exact_searches = []
+    exact_search = pgvector_module.PgVectorHandler._exact_search
+
+    def counted(self, *args):
+        exact_searches.append(args[2])  # (conn, vector, top_k, where, params)
+        return exact_search(self, *args)
+
+    monkeypatch.setattr(pgvector_module.PgVectorHandler, "_exact_search", counted)
+    url = create_database(pg_server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        name = conn.execute("SELECT current_database()").fetchone()[0]
+        conn.execute(sql.SQL("ALTER DATABASE {} SET hnsw.max_scan_tuples = 1").format(sql.Identifier(name)))
+    h = pgvector_module.PgVectorHandler(url, ef_search=10)
+    try:
+        h.ensure_collection("test-model:v1", DIM)
+        rng = np.random.default_rng(23)
+        records = [
+            ImageRecord(r.id, r.vector, replace(r.metadata, filename=f"rare/{i}.jpg")) if i % 100 == 3 else r
+            for i, r in enumerate(_records(_unit(rng, 800)))
+        ]
+        h.upsert(records)
+        filters = SearchFilter.create(path_prefix="rare")
+        for query in _unit(rng, 3):
+            assert [x.id for x in h.search(query, 5, filters)] == _exact_filtered(h, records, query, filters, 5)
+        assert exact_searches == [5, 5, 5]  # every search fell back
+    finally:
+        h.close()
+        _drop_pg_database(pg_server, url)
+
+
+_OLD_PGVECTOR_SCHEMA = """
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE collection_meta (name text PRIMARY KEY, model_id text NOT NULL, dim integer NOT NULL CHECK (dim > 0),
+    created_at timestamptz NOT NULL DEFAULT now());
+ALTER TABLE collection_meta ADD COLUMN vector_type text NOT NULL DEFAULT 'vector';
+CREATE TABLE images (
+    id char(64) PRIMARY KEY CHECK (id ~ '^[0-9a-f]{64}$'), embedding vector NOT NULL, filename text NOT NULL,
+    format text NOT NULL, width integer NOT NULL CHECK (width > 0), height integer NOT NULL CHECK (height > 0),
+    bytes bigint NOT NULL CHECK (bytes >= 0), indexed_at timestamptz NOT NULL DEFAULT now());
+"""
+
+
+def test_pgvector_table_from_before_taken_at_gets_the_column_on_start(pg_server):
+    """A database written by the previous release (no ``taken_at``, no filter indexes) opens, keeps its rows (with
+    ``taken_at`` None), and stores and filters ``taken_at`` from then on."""
+    import psycopg
+
+    from app.vectordb.pgvector import PgVectorHandler
+    from tests.helpers import create_database
+
+    url = create_database(pg_server)
+    old = _filter_records(_unit(np.random.default_rng(24), 2))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_OLD_PGVECTOR_SCHEMA)
+        conn.execute(f"ALTER TABLE images ALTER COLUMN embedding TYPE vector({DIM})")
+        conn.execute("INSERT INTO collection_meta (name, model_id, dim) VALUES ('images', 'test-model:v1', %s)", (DIM,))
+        m = old[0].metadata
+        conn.execute(
+            "INSERT INTO images (id, embedding, filename, format, width, height, bytes, indexed_at) "
+            "VALUES (%s, %s::vector, %s, %s, %s, %s, %s, %s)",
+            (old[0].id, str(old[0].vector.tolist()), m.filename, m.format, m.width, m.height, m.bytes, m.indexed_at),
+        )
+    h = PgVectorHandler(url)
+    try:
+        h.ensure_collection("test-model:v1", DIM)
+        with psycopg.connect(url) as conn:
+            columns = {
+                r[0]
+                for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'images'")
+            }
+            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'images'")}
+        assert "taken_at" in columns
+        assert {"images_filename_prefix", "images_format_upper", "images_taken_at"} <= indexes
+        got = h.get(old[0].id)
+        assert got is not None and got.metadata.taken_at is None and got.metadata == replace(m, taken_at=None)
+        h.upsert([old[1]])
+        assert h.get(old[1].id).metadata == old[1].metadata and old[1].metadata.taken_at is not None
+        hits = h.search(old[0].vector, 10, SearchFilter.create(taken_after=datetime(1900, 1, 1)))
+        assert [x.id for x in hits] == [old[1].id]
+    finally:
+        h.close()
+        _drop_pg_database(pg_server, url)

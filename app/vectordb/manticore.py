@@ -17,14 +17,17 @@ import pymysql.err
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.ids import is_valid_image_id
-from app.vectordb.base import CollectionInfo, ImageRecord, SearchHit, VectorDBHandler
+from app.vectordb.base import CollectionInfo, ImageRecord, SearchFilter, SearchHit, VectorDBHandler
 from app.vectordb.manticore_sql import (
+    FILTER_RETRY_FACTOR,
     IN_BATCH,
     MAX_DIM,
     MAX_TOP_K,
     REQUIRED_COLUMNS,
+    TAKEN_COLUMNS,
     UPSERT_BATCH,
     DocumentIdCollisionError,
+    add_column_sql,
     checked_int,
     clean_text,
     count_sql,
@@ -111,6 +114,8 @@ class ManticoreHandler(VectorDBHandler):
         self._lock = threading.Lock()
         self._closed = False
         self._dim: int | None = None
+        # Whether the table has the taken_at columns (see manticore_sql): None until checked, on first use.
+        self._taken: bool | None = None
         info = self.collection_info()
         self._dim = info.dim if info else None
 
@@ -236,6 +241,7 @@ class ManticoreHandler(VectorDBHandler):
                 raise CollectionMismatchError(stored.model_id, stored.dim, wanted.model_id, dim)
             cur.execute(create_table_sql(self._table, dim, self._hnsw_m, self._hnsw_ef_construction))
             self._check_table(cur, wanted)
+            self._taken = self._add_taken_columns(cur)
             return wanted
 
         info = self._run(_ensure)
@@ -255,11 +261,47 @@ class ManticoreHandler(VectorDBHandler):
         if found and int(found.group(1)) != wanted.dim:
             raise CollectionMismatchError(wanted.model_id, int(found.group(1)), wanted.model_id, wanted.dim)
 
+    def _add_taken_columns(self, cur) -> bool:
+        """Add the ``taken_at`` columns to a table created before them; ``True`` when the table has them.
+
+        Another process may add them at the same time: a refused ALTER is followed by a second look. If the engine
+        refuses them for good, the handler keeps working without (``taken_at`` not stored) and says so once.
+        """
+
+        def columns() -> set[str]:
+            cur.execute(describe_sql(self._table))
+            return {text(row[0]) for row in cur.fetchall()}
+
+        present = columns()
+        for column, _type in TAKEN_COLUMNS:
+            if column in present:
+                continue
+            try:
+                cur.execute(add_column_sql(self._table, column))
+                log.info("Added column %s to Manticore table %s (taken_at, issue #9)", column, self._table)
+            except pymysql.err.Error as exc:
+                if _is_connection_error(exc):
+                    raise
+                present = columns()
+                if column not in present:
+                    log.warning(
+                        "Manticore refused to add column %s to table %s (%s): taken_at is not stored there and "
+                        "taken_after/taken_before filters match nothing",
+                        column,
+                        self._table,
+                        exc,
+                    )
+                    return False
+        return True
+
     def _ready(self) -> bool:
-        """True once the collection exists (another process may have created it since this handler started)."""
+        """True once the collection exists (another process may have created it since this handler started); on
+        first use also brings an older table up to date (:meth:`_add_taken_columns`)."""
         if self._dim is None:
             info = self.collection_info()
             self._dim = info.dim if info else None
+        if self._dim is not None and self._taken is None:
+            self._taken = self._run(self._add_taken_columns)
         return self._dim is not None
 
     def _require_dim(self) -> int:
@@ -278,7 +320,7 @@ class ManticoreHandler(VectorDBHandler):
         batch = list(latest.values())
         for start in range(0, len(batch), UPSERT_BATCH):
             chunk = batch[start : start + UPSERT_BATCH]
-            batches.append((chunk, replace_sql(self._table, chunk, dim)))
+            batches.append((chunk, replace_sql(self._table, chunk, dim, taken=self._taken)))
         by_doc: dict[int, str] = {}
         for image_id in latest:
             other = by_doc.setdefault(doc_id_for(image_id), image_id)
@@ -313,24 +355,38 @@ class ManticoreHandler(VectorDBHandler):
         return self._run(_delete, retry=False)
 
     # --- reads ----------------------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+        """See :meth:`VectorDBHandler.search`; filters in the same ``WHERE`` as ``knn()`` (module docstring of
+        :mod:`app.vectordb.manticore_sql`): with fewer than ``top_k`` rows back, once more with a larger ``k``/``ef``
+        for engines that filter after the KNN step."""
         dim = self._require_dim()
         top_k = checked_int(top_k, "top_k", 1, MAX_TOP_K)
-        sql = knn_search_sql(self._table, vector, top_k, max(self._ef_search, top_k), dim)
+        filters = None if filters is None or filters.empty else filters
+        ef = max(self._ef_search, top_k)
+        query = knn_search_sql(self._table, vector, top_k, ef, dim, filters, taken=self._taken)
+        if query is None:
+            return []  # nothing can match (a taken_* filter on a table without the taken columns)
+        rows = self._run(lambda cur: self._fetch(cur, query))
+        if filters is not None and len(rows) < top_k:
+            k = min(MAX_TOP_K, top_k * FILTER_RETRY_FACTOR)
+            retry = knn_search_sql(self._table, vector, k, max(ef, k), dim, filters, limit=top_k, taken=self._taken)
+            rows = self._run(lambda cur: self._fetch(cur, retry))
+        rows = sorted(rows, key=lambda r: float(r[-1]))  # by distance (the last column); the engine already does
+        # Columns: id, image_id, the metadata columns, [path_ok with a path filter], distance.
+        end = -2 if filters is not None and filters.path_prefix is not None else -1
+        return [SearchHit(text(r[1]), 1.0 - float(r[-1]), metadata_from_row(r[2:end])) for r in rows[:top_k]]
 
-        def _search(cur):
-            cur.execute(sql)
-            return cur.fetchall()
-
-        rows = sorted(self._run(_search), key=lambda r: float(r[8]))  # by distance; the engine already does
-        return [SearchHit(text(r[1]), 1.0 - float(r[8]), metadata_from_row(r[2:8])) for r in rows[:top_k]]
+    @staticmethod
+    def _fetch(cur, query: tuple[str, tuple]) -> list:
+        cur.execute(*query)
+        return cur.fetchall()
 
     def get(self, image_id: str) -> ImageRecord | None:
         if not is_valid_image_id(image_id) or not self._ready():  # malformed: never stored, never put into SQL
             return None
 
         def _get(cur):
-            cur.execute(*get_sql(self._table, image_id))
+            cur.execute(*get_sql(self._table, image_id, taken=self._taken))
             return cur.fetchall()
 
         rows = [r for r in self._run(_get) if text(r[1]) == image_id]
@@ -369,7 +425,7 @@ class ManticoreHandler(VectorDBHandler):
         while True:
 
             def _page(cur, after: int = last):
-                cur.execute(scan_sql(self._table, after, batch_size))
+                cur.execute(scan_sql(self._table, after, batch_size, taken=self._taken))
                 return cur.fetchall()
 
             rows = self._run(_page)

@@ -12,7 +12,9 @@ Layout (two real-time tables per collection):
       width       int          |  (int = 32-bit unsigned in Manticore)
       height      int          |
       size_bytes  bigint       |
-      indexed_us  bigint      /   indexed_at as microseconds since the Unix epoch, UTC
+      indexed_us  bigint       |  indexed_at as microseconds since the Unix epoch, UTC
+      taken_us    bigint       |  taken_at, the same unit (0 when has_taken is 0)
+      has_taken   bool        /   1 when the image has a taken_at (Manticore attributes cannot be NULL)
       embedding   float_vector knn_type='hnsw' knn_dims='D' hnsw_similarity='COSINE' hnsw_m='M'
                                hnsw_ef_construction='EF'
 
@@ -21,6 +23,13 @@ Layout (two real-time tables per collection):
   attribute-only tables (``create table t(id_text string)``). ``indexed_at`` is a ``bigint`` of microseconds
   rather than a ``timestamp`` because Manticore's timestamp is a 32-bit count of *seconds* (Data types,
   "Timestamps"), which would drop the microseconds the service stores and overflow in 2038 or 2106.
+
+  ``taken_us``/``has_taken`` came with issue #9. A table created before them gets them on first use
+  (:func:`add_column_sql`, ``ALTER TABLE ... ADD COLUMN``, which Manticore supports on real-time tables and which
+  fills existing documents with 0, i.e. "no taken_at"); a separate flag rather than a sentinel time because an
+  added column reads 0, and 0 is also a real time (1970-01-01T00:00:00Z, what cameras with a reset clock write).
+  Should the engine refuse the ALTER, the handler keeps working without them (``taken_at`` not stored, a
+  ``taken_*`` filter matches nothing) and logs a warning.
 
 * ``<table>_meta`` - one document (id 1) holding ``model_id string, dim int``: which model filled the collection,
   the analogue of pgvector's ``collection_meta`` row.
@@ -72,6 +81,23 @@ Scores are unaffected.
 
 Scans page by the numeric document id (:func:`scan_sql`), never by a string range: see there.
 
+Filters (issue #9, :func:`filter_sql`): attribute conditions beside ``knn(...)`` in the same ``WHERE``. Since
+Manticore 19.0.1 such filters are applied *during* the HNSW traversal ("KNN prefiltering", on by default; the
+engine picks filtered HNSW, ACORN-1 or a brute-force scan of the matching documents by the filter's selectivity,
+per chunk), so ``k = top_k`` matching documents come back whenever that many match (manticoresearch.com/blog/
+knn-prefiltering). Older engines apply them to the ``k`` candidates of each chunk (the KNN page: "the final
+document count might be less than k if ... some are filtered out"); for those the handler searches once more with
+``k`` and ``ef`` multiplied by ``FILTER_RETRY_FACTOR`` when fewer than ``top_k`` rows came back. Conditions:
+``img_format IN (...)`` (exact: the service stores the decoder's upper-case names, which is what
+:meth:`SearchFilter.create` normalises to), integer comparisons on ``indexed_us``/``taken_us``/``width``/``height``
+(``has_taken = 1`` first), and the path prefix as ``REGEX(filename, '^...')`` computed in the select list and
+tested as ``path_ok = 1`` (an expression alias, Searching/Filters), with every character of the folder outside
+``[A-Za-z0-9_]`` and below U+0080 backslash-escaped (:func:`re2_literal`, what RE2's ``QuoteMeta`` does; REGEX uses
+RE2 syntax, Functions/String_functions#REGEX()): not a string range (``filename >= 'a/' AND filename < 'a0'``)
+because string range filters gave wrong results on disk chunks of a real 29.1.1 engine (issue #12, see
+:func:`scan_sql`), and not ``LIKE``, which Manticore's SQL has only for ``SHOW`` statements. The pattern is a ``%s``
+parameter like every other string.
+
 Sources (read, not copied):
 https://manual.manticoresearch.com/Searching/KNN,
 https://manual.manticoresearch.com/Creating_a_table/Data_types (Document ID, String, Integer, Big Integer,
@@ -100,7 +126,7 @@ import pymysql.converters
 
 from app.errors import DatabaseUnavailableError
 from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
-from app.vectordb.base import ImageMetadata, ImageRecord
+from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
 
 TABLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -129,9 +155,19 @@ _UINT32_MAX = (1 << 32) - 1
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 #: Columns read back for a record (vector included) and for a search hit (no vector), in this order.
-RECORD_COLUMNS = "id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding"
-HIT_COLUMNS = "id, image_id, filename, img_format, width, height, size_bytes, indexed_us"
+RECORD_COLUMNS = (
+    "id, image_id, filename, img_format, width, height, size_bytes, indexed_us, taken_us, has_taken, embedding"
+)
+HIT_COLUMNS = "id, image_id, filename, img_format, width, height, size_bytes, indexed_us, taken_us, has_taken"
+#: The same for a table without the taken_at columns (created before issue #9, where ALTER TABLE was refused).
+LEGACY_RECORD_COLUMNS = "id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding"
+LEGACY_HIT_COLUMNS = "id, image_id, filename, img_format, width, height, size_bytes, indexed_us"
 REQUIRED_COLUMNS = ("image_id", "filename", "img_format", "width", "height", "size_bytes", "indexed_us", "embedding")
+#: Columns added by issue #9, with their types: added to older tables by :func:`add_column_sql`.
+TAKEN_COLUMNS = (("taken_us", "bigint"), ("has_taken", "bool"))
+#: With a filter, when fewer than top_k rows come back (an engine before 19.0.1 filters after the KNN step), the
+#: search runs once more with k and ef multiplied by this.
+FILTER_RETRY_FACTOR = 16
 
 
 class DocumentIdCollisionError(RuntimeError):
@@ -215,9 +251,19 @@ def create_table_sql(table: str, dim: int, m: int, ef_construction: int) -> str:
     return (
         f"CREATE TABLE IF NOT EXISTS {table} ("
         "image_id string, filename string, img_format string, width int, height int, size_bytes bigint, "
-        f"indexed_us bigint, embedding float_vector knn_type='hnsw' knn_dims='{dim}' hnsw_similarity='COSINE' "
+        "indexed_us bigint, taken_us bigint, has_taken bool, "
+        f"embedding float_vector knn_type='hnsw' knn_dims='{dim}' hnsw_similarity='COSINE' "
         f"hnsw_m='{m}' hnsw_ef_construction='{ef_construction}')"
     )
+
+
+def add_column_sql(table: str, column: str) -> str:
+    """``ALTER TABLE <table> ADD COLUMN <column> <type>`` for one of :data:`TAKEN_COLUMNS` (existing documents read
+    0 in it: no ``taken_at``)."""
+    types = dict(TAKEN_COLUMNS)
+    if column not in types:
+        raise ValueError(f"unknown column {column!r}")
+    return f"ALTER TABLE {validate_table_name(table)} ADD COLUMN {column} {types[column]}"
 
 
 def create_meta_table_sql(table: str) -> str:
@@ -254,9 +300,12 @@ def show_create_table_sql(table: str) -> str:
     return f"SHOW CREATE TABLE {validate_table_name(table)}"
 
 
-def replace_sql(table: str, records: Sequence[ImageRecord], dim: int) -> tuple[str, tuple[str, ...]]:
+def replace_sql(
+    table: str, records: Sequence[ImageRecord], dim: int, *, taken: bool = True
+) -> tuple[str, tuple[str, ...]]:
     """One multi-row ``REPLACE INTO`` for ``records`` (idempotent upsert by document id) and its string params.
 
+    ``taken=False`` for a table without the ``taken_us``/``has_taken`` columns (``taken_at`` is then not stored).
     Raises ValueError for an empty batch, an invalid id, a vector that is not ``(dim,)`` finite non-zero, metadata
     out of the attribute types' range.
     """
@@ -271,39 +320,100 @@ def replace_sql(table: str, records: Sequence[ImageRecord], dim: int) -> tuple[s
         width = checked_int(md.width, "width", 0, _UINT32_MAX)
         height = checked_int(md.height, "height", 0, _UINT32_MAX)
         size = checked_int(md.bytes, "bytes", 0, _MASK63)
+        times = f"{to_epoch_us(md.indexed_at)}, "
+        if taken:
+            times += "0, 0, " if md.taken_at is None else f"{to_epoch_us(md.taken_at)}, 1, "
         rows.append(
-            f"({doc_id_for(image_id)}, %s, %s, %s, {width}, {height}, {size}, {to_epoch_us(md.indexed_at)}, "
-            f"{format_vector(r.vector, dim)})"
+            f"({doc_id_for(image_id)}, %s, %s, %s, {width}, {height}, {size}, {times}{format_vector(r.vector, dim)})"
         )
         params += [image_id, clean_text(md.filename), clean_text(md.format)]
-    sql = (
-        f"REPLACE INTO {table} (id, image_id, filename, img_format, width, height, size_bytes, indexed_us, embedding) "
-        "VALUES " + ", ".join(rows)
-    )
+    columns = RECORD_COLUMNS if taken else LEGACY_RECORD_COLUMNS
+    sql = f"REPLACE INTO {table} ({columns}) VALUES " + ", ".join(rows)
     return sql, tuple(params)
 
 
-def knn_search_sql(table: str, vector, k: int, ef: int, dim: int) -> str:
-    """The KNN query: ``SELECT ..., knn_dist() AS distance FROM t WHERE knn(embedding, K, (...),
-    {ef=E, early_termination=0}) LIMIT K`` (see the module docstring for why ``early_termination=0``).
+def re2_literal(text: str) -> str:
+    """``text`` as an RE2 pattern matching exactly itself: every character below U+0080 outside ``[A-Za-z0-9_]``
+    gets a backslash (RE2's ``QuoteMeta`` rule; RE2 reads a backslash before such a character as that character),
+    other characters stay as they are (RE2 works on UTF-8)."""
+    return "".join(c if (c.isascii() and (c.isalnum() or c == "_")) or not c.isascii() else "\\" + c for c in text)
 
-    Only numbers validated here go into it, so it takes no parameters. Raises ValueError for a ``k`` outside
-    ``1..MAX_TOP_K``, an ``ef`` below 1 or a vector :func:`format_vector` refuses.
+
+def filter_sql(filters: SearchFilter, *, taken: bool = True) -> tuple[str, str, tuple[str, ...]] | None:
+    """``(select_extra, where_extra, params)`` for ``filters`` (see the module docstring): text to append to the
+    select list and to the ``WHERE`` after ``knn(...)``, and the string parameters in the order they appear.
+
+    ``("", "", ())`` for an empty filter; ``None`` when nothing can match (a ``taken_*`` filter on a table without
+    the taken columns, ``taken=False``). Numbers are formatted here from validated integers; strings are params.
+    Raises ValueError for a size outside Manticore's 32-bit unsigned ``int``.
+    """
+    select, where, params = "", [], []
+    if filters.path_prefix is not None:
+        select = ", REGEX(filename, %s) AS path_ok"
+        params.append("^" + re2_literal(clean_text(filters.path_prefix)))
+        where.append("path_ok = 1")
+    if filters.formats is not None:
+        where.append("img_format IN (" + ", ".join("%s" for _ in filters.formats) + ")")
+        params += [clean_text(f) for f in filters.formats]
+    if filters.indexed_after is not None:
+        where.append(f"indexed_us >= {to_epoch_us(filters.indexed_after)}")
+    if filters.indexed_before is not None:
+        where.append(f"indexed_us < {to_epoch_us(filters.indexed_before)}")
+    if filters.taken_after is not None or filters.taken_before is not None:
+        if not taken:
+            return None
+        where.append("has_taken = 1")
+        if filters.taken_after is not None:
+            where.append(f"taken_us >= {to_epoch_us(filters.taken_after)}")
+        if filters.taken_before is not None:
+            where.append(f"taken_us < {to_epoch_us(filters.taken_before)}")
+    if filters.min_width is not None:
+        where.append(f"width >= {checked_int(filters.min_width, 'min_width', 0, _UINT32_MAX)}")
+    if filters.min_height is not None:
+        where.append(f"height >= {checked_int(filters.min_height, 'min_height', 0, _UINT32_MAX)}")
+    return select, "".join(f" AND {w}" for w in where), tuple(params)
+
+
+def knn_search_sql(
+    table: str,
+    vector,
+    k: int,
+    ef: int,
+    dim: int,
+    filters: SearchFilter | None = None,
+    *,
+    limit: int | None = None,
+    taken: bool = True,
+) -> tuple[str, tuple[str, ...]] | None:
+    """The KNN query and its params: ``SELECT ..., knn_dist() AS distance FROM t WHERE knn(embedding, K, (...),
+    {ef=E, early_termination=0}) [AND filters] LIMIT L`` (see the module docstring for ``early_termination=0`` and
+    the filters), ``L`` = ``limit`` or ``k``; ``None`` when ``filters`` can match nothing (see :func:`filter_sql`).
+
+    Only numbers validated here go into the text; filter strings are params. Raises ValueError for a ``k`` or
+    ``limit`` outside ``1..MAX_TOP_K``, an ``ef`` below 1 or a vector :func:`format_vector` refuses.
     """
     table = validate_table_name(table)
     k = checked_int(k, "top_k", 1, MAX_TOP_K)
+    limit = k if limit is None else checked_int(limit, "limit", 1, MAX_TOP_K)
     ef = checked_int(ef, "ef", 1, 10_000_000)
-    return (
-        f"SELECT {HIT_COLUMNS}, knn_dist() AS distance FROM {table} "
-        f"WHERE knn(embedding, {k}, {format_vector(vector, dim)}, {{ef={ef}, early_termination=0}}) {_limit_clause(k)}"
+    parts = ("", "", ()) if filters is None else filter_sql(filters, taken=taken)
+    if parts is None:
+        return None
+    select, where, params = parts
+    columns = HIT_COLUMNS if taken else LEGACY_HIT_COLUMNS
+    sql = (
+        f"SELECT {columns}{select}, knn_dist() AS distance FROM {table} "
+        f"WHERE knn(embedding, {k}, {format_vector(vector, dim)}, {{ef={ef}, early_termination=0}}){where} "
+        f"{_limit_clause(limit)}"
     )
+    return sql, params
 
 
-def get_sql(table: str, image_id: str) -> tuple[str, tuple[str, ...]]:
+def get_sql(table: str, image_id: str, *, taken: bool = True) -> tuple[str, tuple[str, ...]]:
     """One record by document id *and* image id (so a document-id collision cannot return another image)."""
+    columns = RECORD_COLUMNS if taken else LEGACY_RECORD_COLUMNS
     return (
-        f"SELECT {RECORD_COLUMNS} FROM {validate_table_name(table)} WHERE id = {doc_id_for(image_id)} "
-        "AND image_id = %s",
+        f"SELECT {columns} FROM {validate_table_name(table)} WHERE id = {doc_id_for(image_id)} AND image_id = %s",
         (image_id,),
     )
 
@@ -316,7 +426,7 @@ def lookup_doc_ids_sql(table: str, doc_ids: Sequence[int]) -> str:
     return f"SELECT id, image_id FROM {validate_table_name(table)} WHERE id IN ({ids}) {_limit_clause(len(doc_ids))}"
 
 
-def scan_sql(table: str, after: int, limit: int) -> str:
+def scan_sql(table: str, after: int, limit: int, *, taken: bool = True) -> str:
     """A keyset page ordered by document id: rows with ``id > after`` (``after=0`` for the first page).
 
     Pages by the numeric document id, not by ``image_id``: with a real Manticore 29.1.1 engine, string range
@@ -325,7 +435,8 @@ def scan_sql(table: str, after: int, limit: int) -> str:
     """
     after = checked_int(after, "after", 0, _MASK63)
     table = validate_table_name(table)
-    return f"SELECT {RECORD_COLUMNS} FROM {table} WHERE id > {after} ORDER BY id ASC {_limit_clause(limit)}"
+    columns = RECORD_COLUMNS if taken else LEGACY_RECORD_COLUMNS
+    return f"SELECT {columns} FROM {table} WHERE id > {after} ORDER BY id ASC {_limit_clause(limit)}"
 
 
 def delete_sql(table: str, image_id: str) -> tuple[str, tuple[str, ...]]:
@@ -365,10 +476,14 @@ def parse_vector(value, dim: int) -> np.ndarray:
 
 
 def metadata_from_row(row: Sequence) -> ImageMetadata:
-    filename, fmt, width, height, size, indexed_us = row
-    return ImageMetadata(text(filename), text(fmt), int(width), int(height), int(size), from_epoch_us(indexed_us))
+    """Metadata from the columns ``filename .. indexed_us`` (6 values) or ``filename .. has_taken`` (8 values)."""
+    filename, fmt, width, height, size, indexed_us, *taken = row
+    taken_at = from_epoch_us(taken[0]) if taken and int(taken[1]) else None
+    return ImageMetadata(
+        text(filename), text(fmt), int(width), int(height), int(size), from_epoch_us(indexed_us), taken_at
+    )
 
 
 def record_from_row(row: Sequence, dim: int) -> ImageRecord:
-    # row: RECORD_COLUMNS = id, image_id, 6 metadata columns, embedding
-    return ImageRecord(text(row[1]), parse_vector(row[8], dim), metadata_from_row(row[2:8]))
+    # row: RECORD_COLUMNS (or LEGACY_RECORD_COLUMNS) = id, image_id, metadata columns, embedding
+    return ImageRecord(text(row[1]), parse_vector(row[-1], dim), metadata_from_row(row[2:-1]))

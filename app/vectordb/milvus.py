@@ -13,9 +13,30 @@ Schema of the collection (``images`` by default): ``id`` VARCHAR(64) primary key
 ``embedding`` FLOAT_VECTOR(D), ``filename`` VARCHAR(4096) (Milvus counts ``max_length`` in UTF-8 bytes: the
 service's 1024-character names need up to 4096), ``format`` VARCHAR(64), ``width``/``height`` INT32 (pixels),
 ``bytes`` INT64, ``indexed_at`` INT64 (microseconds since the Unix epoch, UTC; returned as a timezone-aware UTC
-``datetime``). No dynamic fields. Which model filled the collection is stored in the collection's properties
-(``image_search.model_id``; also in its description as JSON, for servers that drop unknown properties); the
-dimension is read from the vector field itself, so it cannot disagree with the data.
+``datetime``), ``taken_at`` INT64 **nullable** (the same unit; null when the image has no EXIF time). No dynamic
+fields. Which model filled the collection is stored in the collection's properties (``image_search.model_id``; also
+in its description as JSON, for servers that drop unknown properties); the dimension is read from the vector field
+itself, so it cannot disagree with the data.
+
+``taken_at`` and collections created before it (issue #9): Milvus Lite 3.2 has nullable scalar fields (null fails
+every comparison, as SQL's NULL) but cannot add a field to an existing collection (its gRPC server has no
+``AddCollectionField``), and older Milvus servers cannot either. So a collection created before ``taken_at`` keeps
+its schema: it opens, reads and writes as before, ``taken_at`` is not stored there (``get``/``scan``/``search``
+return ``None``, a ``taken_after``/``taken_before`` filter matches nothing), and the handler logs a warning once.
+To get ``taken_at`` into such a collection, copy it into a new one (``scripts/migrate.py``) and re-read the EXIF
+times (reindex). New collections get the nullable field.
+
+Filters (:class:`~app.vectordb.base.SearchFilter`) become a boolean expression (:func:`filter_expr`) passed as
+``filter=`` to the search, which Milvus applies inside the index search (Lite: a FAISS ``IDSelector`` over the rows
+that pass). The path prefix is a string *range*, ``filename >= "p" and filename < "p0"`` for a folder ``p/``
+(every string that starts with ``p/`` sorts in it, and nothing else: ``/`` + 1 is ``0``), not ``like "p/%"``:
+Milvus Lite's row-wise evaluator treats ``\\%`` in a ``like`` pattern as a wildcard (escapes are "deferred" in
+``milvus_lite/search/filter/eval/python_backend.py``) while its Arrow evaluator honours it, so a folder named
+``50%_off`` could not be matched literally everywhere; a range has no wildcards to escape. String literals are
+double-quoted with ``\\``, ``"``, newline, carriage return and tab escaped (:func:`quote`), the only escapes
+Milvus Lite's lexer knows, so a value can never end its literal early. A selective filter leaves the HNSW walk
+(``ef`` candidates) with fewer than ``top_k`` matching rows: then the handler counts the matching rows and ranks
+them exactly when there are at most ``EXACT_SEARCH_MAX_ROWS``, else searches again with a wider ``ef``.
 
 Scores: Milvus' ``COSINE`` metric returns the cosine similarity itself in ``distance`` (higher is better), which
 is what :class:`~app.vectordb.base.SearchHit` wants, unchanged.
@@ -62,7 +83,15 @@ import numpy as np
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
-from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
+from app.vectordb.base import (
+    CollectionInfo,
+    ImageMetadata,
+    ImageRecord,
+    SearchFilter,
+    SearchHit,
+    VectorDBHandler,
+    checked_vector,
+)
 from app.vectordb.milvus_lite_server import (
     DataType,
     LiteServer,
@@ -81,6 +110,13 @@ T = TypeVar("T")
 
 VECTOR_FIELD = "embedding"
 _META_FIELDS = ["filename", "format", "width", "height", "bytes", "indexed_at"]
+TAKEN_FIELD = "taken_at"  # nullable INT64; absent from collections created before issue #9
+# A filtered search that found fewer than top_k rows with the ordinary ef ranks every matching row exactly when
+# there are at most this many (read with one query, well under Milvus' 16,384-row query window)...
+EXACT_SEARCH_MAX_ROWS = 10_000
+# ... else searches again with ef multiplied by this (at most _MAX_EF, Milvus' largest HNSW ef).
+_RETRY_EF_FACTOR = 16
+_MAX_EF = 32_768
 _PROP_MODEL = "image_search.model_id"
 _PROP_DIM = "image_search.dim"
 _FILENAME_MAX_BYTES = 4096
@@ -104,7 +140,50 @@ def _ids_filter(ids: Sequence[str]) -> str:
     return "id in [" + ", ".join(f'"{i}"' for i in ids) + "]"
 
 
+def quote(value: str) -> str:
+    """``value`` as a double-quoted Milvus expression string literal.
+
+    Escapes ``\\``, ``"``, newline, carriage return and tab (Milvus Lite's lexer rejects a raw newline and knows
+    no other escapes; a Milvus server reads the same escapes), so the literal always ends where it should.
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return '"' + escaped.replace("\t", "\\t") + '"'
+
+
+def filter_expr(filters: SearchFilter, *, has_taken_at: bool = True) -> str | None:
+    """The Milvus boolean expression meaning :meth:`SearchFilter.matches`; ``""`` for an empty filter.
+
+    ``None`` when nothing can match: a ``taken_*`` filter on a collection without the ``taken_at`` field
+    (``has_taken_at=False``, see the module docstring). Strings go through :func:`quote`, numbers are ``int``.
+    Formats compare exactly with ``format in [...]`` (Milvus expressions have no ``upper()``): the service stores the
+    decoder's upper-case names, which is what :meth:`SearchFilter.create` normalises the filter to.
+    """
+    parts: list[str] = []
+    if filters.path_prefix is not None:
+        prefix = filters.path_prefix  # ends in "/" (SearchFilter.create): its successor ends in "0"
+        parts.append(f"filename >= {quote(prefix)} and filename < {quote(prefix[:-1] + chr(ord(prefix[-1]) + 1))}")
+    if filters.formats is not None:
+        parts.append("format in [" + ", ".join(quote(f) for f in filters.formats) + "]")
+    if filters.indexed_after is not None:
+        parts.append(f"indexed_at >= {to_epoch_us(filters.indexed_after)}")
+    if filters.indexed_before is not None:
+        parts.append(f"indexed_at < {to_epoch_us(filters.indexed_before)}")
+    if filters.taken_after is not None or filters.taken_before is not None:
+        if not has_taken_at:
+            return None
+        if filters.taken_after is not None:
+            parts.append(f"{TAKEN_FIELD} >= {to_epoch_us(filters.taken_after)}")
+        if filters.taken_before is not None:
+            parts.append(f"{TAKEN_FIELD} < {to_epoch_us(filters.taken_before)}")
+    if filters.min_width is not None:
+        parts.append(f"width >= {int(filters.min_width)}")
+    if filters.min_height is not None:
+        parts.append(f"height >= {int(filters.min_height)}")
+    return " and ".join(f"({p})" for p in parts)
+
+
 def _metadata(entity: dict) -> ImageMetadata:
+    taken = entity.get(TAKEN_FIELD)
     return ImageMetadata(
         filename=entity["filename"],
         format=entity["format"],
@@ -112,6 +191,7 @@ def _metadata(entity: dict) -> ImageMetadata:
         height=int(entity["height"]),
         bytes=int(entity["bytes"]),
         indexed_at=from_epoch_us(entity["indexed_at"]),
+        taken_at=None if taken is None else from_epoch_us(taken),
     )
 
 
@@ -155,6 +235,7 @@ class MilvusHandler(VectorDBHandler):
         self._ef_search = int(ef_search)
         self._timeout_s = float(timeout_s)
         self._dim: int | None = None
+        self._has_taken_at = True  # False for a collection created before taken_at (see the module docstring)
         self._closed = False
         self._lite: LiteServer | None = None
         self._schema_lock = threading.Lock()
@@ -274,7 +355,22 @@ class MilvusHandler(VectorDBHandler):
 
     def collection_info(self) -> CollectionInfo | None:
         desc = self._run("describe the collection", self._describe)
-        return None if desc is None else self._info_from_description(desc)
+        if desc is None:
+            return None
+        has_taken_at = any(f.get("name") == TAKEN_FIELD for f in desc.get("fields", []))
+        if not has_taken_at and self._has_taken_at:
+            log.warning(
+                "Milvus collection %r was created before taken_at: it keeps working, but EXIF times are not stored "
+                "there and taken_after/taken_before filters match nothing; copy it into a new collection "
+                "(scripts/migrate.py) and reindex to add them",
+                self._collection,
+            )
+        self._has_taken_at = has_taken_at
+        return self._info_from_description(desc)
+
+    @property
+    def _meta_fields(self) -> list[str]:
+        return [*_META_FIELDS, TAKEN_FIELD] if self._has_taken_at else _META_FIELDS
 
     def ensure_collection(self, model_id: str, dim: int) -> CollectionInfo:
         dim = int(dim)
@@ -312,6 +408,7 @@ class MilvusHandler(VectorDBHandler):
         schema.add_field("height", DataType.INT32)
         schema.add_field("bytes", DataType.INT64)
         schema.add_field("indexed_at", DataType.INT64)
+        schema.add_field(TAKEN_FIELD, DataType.INT64, nullable=True)
         # The index is created separately (see _ensure_index) so that a refused HNSW can fall back.
         self._client.create_collection(
             self._collection,
@@ -320,6 +417,7 @@ class MilvusHandler(VectorDBHandler):
             properties={_PROP_MODEL: model_id, _PROP_DIM: str(dim)},
             timeout=self._timeout_s,
         )
+        self._has_taken_at = True
 
     def _index_params(self, index_type: str):
         params: dict[str, Any] = {}
@@ -378,18 +476,19 @@ class MilvusHandler(VectorDBHandler):
                 raise ValueError(f"filename longer than {_FILENAME_MAX_BYTES} UTF-8 bytes")
             if len(m.format.encode()) > _FORMAT_MAX_BYTES:
                 raise ValueError(f"format longer than {_FORMAT_MAX_BYTES} UTF-8 bytes")
-            rows.append(
-                {
-                    "id": r.id,
-                    VECTOR_FIELD: checked_vector(r.vector, self._dim),
-                    "filename": m.filename,
-                    "format": m.format,
-                    "width": int(m.width),
-                    "height": int(m.height),
-                    "bytes": int(m.bytes),
-                    "indexed_at": to_epoch_us(m.indexed_at),
-                }
-            )
+            row = {
+                "id": r.id,
+                VECTOR_FIELD: checked_vector(r.vector, self._dim),
+                "filename": m.filename,
+                "format": m.format,
+                "width": int(m.width),
+                "height": int(m.height),
+                "bytes": int(m.bytes),
+                "indexed_at": to_epoch_us(m.indexed_at),
+            }
+            if self._has_taken_at:  # an older collection has no such field (see the module docstring)
+                row[TAKEN_FIELD] = None if m.taken_at is None else to_epoch_us(m.taken_at)
+            rows.append(row)
 
         def _write() -> None:
             with self._write_lock:
@@ -420,11 +519,15 @@ class MilvusHandler(VectorDBHandler):
         return self._run("delete", _delete)
 
     # --- reads ----------------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+        """See :meth:`VectorDBHandler.search`; filters as in the module docstring."""
         v = checked_vector(vector, self._dim)
         top_k = int(top_k)
         if top_k <= 0:
             return []
+        expr = "" if filters is None else filter_expr(filters, has_taken_at=self._has_taken_at)
+        if expr is None:
+            return []  # nothing can match (a taken_* filter on a collection without taken_at)
         lite = self._lite
         if lite is not None and lite.idle_with_unflushed_rows():
             # Lite scans unflushed rows one by one (about 70 us per 1280-d row here) but searches sealed segments
@@ -432,25 +535,56 @@ class MilvusHandler(VectorDBHandler):
             with lite.write_lock:
                 if lite.unflushed_rows:
                     self._run("flush", self._flush_lite)
+        ef = max(self._ef_search, top_k)
+        hits = self._ann(v, top_k, ef, expr)
+        if not expr or len(hits) == top_k:
+            return hits
+        # The HNSW walk visits about ef candidates before the filter: a selective filter leaves fewer than top_k.
+        matching = int(self._run("count", lambda: self._query(expr, ["count(*)"]))[0]["count(*)"])
+        if matching <= len(hits):
+            return hits  # every matching row was found
+        if matching <= EXACT_SEARCH_MAX_ROWS:
+            return self._exact(v, top_k, expr, matching)
+        return self._ann(v, top_k, min(_MAX_EF, max(ef * _RETRY_EF_FACTOR, top_k)), expr)
+
+    def _ann(self, v: np.ndarray, top_k: int, ef: int, expr: str) -> list[SearchHit]:
+        """One HNSW search with ``ef`` candidates, ``expr`` applied inside it (``""``: no filter)."""
         results = self._run(
             "search",
             lambda: self._client.search(
                 self._collection,
                 data=[v],
                 anns_field=VECTOR_FIELD,
+                filter=expr,
                 limit=top_k,
-                output_fields=_META_FIELDS,
-                search_params={"metric_type": "COSINE", "params": {"ef": max(self._ef_search, top_k)}},
+                output_fields=self._meta_fields,
+                search_params={"metric_type": "COSINE", "params": {"ef": ef}},
                 consistency_level="Strong",
                 timeout=self._timeout_s,
             ),
         )
         return [SearchHit(hit["id"], float(hit["distance"]), _metadata(hit["entity"])) for hit in results[0]]
 
+    def _exact(self, v: np.ndarray, top_k: int, expr: str, matching: int) -> list[SearchHit]:
+        """The ``top_k`` of the (at most ``EXACT_SEARCH_MAX_ROWS``) rows matching ``expr``, ranked exactly here by
+        cosine similarity (float64 over the stored float32 vectors), ties by id."""
+        rows = self._run(
+            "read the matching rows",
+            lambda: self._query(expr, ["id", VECTOR_FIELD, *self._meta_fields], limit=max(matching, 1)),
+        )
+        if not rows:
+            return []
+        vectors = np.asarray([r[VECTOR_FIELD] for r in rows], dtype=np.float64)
+        q = np.asarray(v, dtype=np.float64)
+        norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(q)
+        scores = (vectors @ q) / np.where(norms > 0, norms, 1.0)
+        order = sorted(range(len(rows)), key=lambda i: (-scores[i], rows[i]["id"]))[:top_k]
+        return [SearchHit(rows[i]["id"], float(scores[i]), _metadata(rows[i])) for i in order]
+
     def get(self, image_id: str) -> ImageRecord | None:
         if not is_valid_image_id(image_id):
             return None
-        rows = self._run("get", lambda: self._query(_ids_filter([image_id]), ["id", VECTOR_FIELD, *_META_FIELDS]))
+        rows = self._run("get", lambda: self._query(_ids_filter([image_id]), ["id", VECTOR_FIELD, *self._meta_fields]))
         return _record(rows[0]) if rows else None
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
@@ -490,7 +624,7 @@ class MilvusHandler(VectorDBHandler):
                 self._collection,
                 batch_size=page_size,
                 filter="",
-                output_fields=["id", VECTOR_FIELD, *_META_FIELDS],
+                output_fields=["id", VECTOR_FIELD, *self._meta_fields],
                 consistency_level="Strong",
                 timeout=max(self._timeout_s, _LOAD_TIMEOUT_S) if self._is_lite else self._timeout_s,
             ),

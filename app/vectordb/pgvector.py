@@ -2,11 +2,26 @@
 
 Follows pgvector-python's psycopg 3 examples: numpy vectors through ``register_vector``, cosine distance ``<=>``
 with an HNSW index on ``vector_cosine_ops`` (or ``halfvec_cosine_ops`` with ``VECTOR_TYPE=halfvec``).
-Schema: ``sql/init.sql``.
+Schema: ``sql/init.sql`` (``taken_at timestamptz``, NULL when unknown, is added to older tables on start).
+
+Filtered search (issue #9; pgvector's README, "Filtering" and "Iterative Index Scans", 0.8.0+): a
+:class:`~app.vectordb.base.SearchFilter` becomes a ``WHERE`` built with :mod:`psycopg.sql` and bound parameters
+(:func:`filter_sql`). HNSW alone returns at most ``ef_search`` candidates *before* the filter, so a selective filter
+would return fewer than ``top_k`` rows; two plans avoid that:
+
+* **iterative index scan** (``SET LOCAL hnsw.iterative_scan = strict_order``): the HNSW scan keeps going, in
+  distance order, until ``top_k`` rows passed the filter or ``hnsw.max_scan_tuples`` (20,000 by default) were
+  visited. Used when the planner estimates that more than ``EXACT_SEARCH_MAX_ROWS`` rows match.
+* **exact search** over the matching rows (index scans off for the query, so the HNSW index is not used and the
+  B-tree indexes of ``sql/init.sql`` or a sequential scan find the rows): used when the planner's estimate
+  (``EXPLAIN`` of the filter, no execution) is at most ``EXACT_SEARCH_MAX_ROWS``, and whenever the iterative scan
+  came back with fewer than ``top_k`` rows (it stopped at ``max_scan_tuples``, or the estimate was wrong), so a
+  filtered search always returns ``min(top_k, matching rows)`` rows.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,7 +40,15 @@ from app.errors import (
     VectorTypeMismatchError,
 )
 from app.ids import is_valid_image_id
-from app.vectordb.base import CollectionInfo, ImageMetadata, ImageRecord, SearchHit, VectorDBHandler, checked_vector
+from app.vectordb.base import (
+    CollectionInfo,
+    ImageMetadata,
+    ImageRecord,
+    SearchFilter,
+    SearchHit,
+    VectorDBHandler,
+    checked_vector,
+)
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -38,16 +61,67 @@ INDEX_NAME = "images_embedding_hnsw"
 # Any constant works as long as every process uses the same one: it serialises schema changes across workers.
 _SCHEMA_LOCK_KEY = 0x1A6E5EA4C4
 
-_META_COLUMNS = "filename, format, width, height, bytes, indexed_at"
+_META_COLUMNS = "filename, format, width, height, bytes, indexed_at, taken_at"
 # Storage type -> (largest dimension pgvector allows for it, HNSW operator class for cosine distance).
 VECTOR_TYPES = {"vector": (16000, "vector_cosine_ops"), "halfvec": (16000, "halfvec_cosine_ops")}
 # pgvector's HNSW index accepts at most 2,000 dimensions for vector and 4,000 for halfvec.
 _HNSW_MAX_DIM = {"vector": 2000, "halfvec": 4000}
 
 
+# A filtered search whose filter the planner estimates to keep at most this many rows reads those rows and ranks
+# them exactly instead of walking the HNSW graph: reading a few thousand vectors costs a few milliseconds, while an
+# iterative scan would visit about top_k / selectivity graph nodes to find top_k matches. See docs/benchmarks.md
+# ("Filtered search") for the measurements behind the figure.
+EXACT_SEARCH_MAX_ROWS = 5000
+
+
 def _metadata(row: Sequence) -> ImageMetadata:
-    filename, fmt, width, height, nbytes, indexed_at = row
-    return ImageMetadata(filename, fmt, width, height, nbytes, indexed_at)
+    filename, fmt, width, height, nbytes, indexed_at, taken_at = row
+    return ImageMetadata(filename, fmt, width, height, nbytes, indexed_at, taken_at)
+
+
+def like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern matching every string that starts with ``prefix``, taken literally.
+
+    ``\\``, ``%`` and ``_`` are escaped with a backslash, PostgreSQL's default ``LIKE`` escape character (so
+    ``a_b/`` does not match ``axb/``); a B-tree with ``text_pattern_ops`` serves such a prefix pattern.
+    """
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def filter_sql(filters: SearchFilter) -> tuple[sql.Composable, list]:
+    """``(condition, params)``: the ``WHERE`` condition of ``filters`` (``TRUE`` for an empty filter) and its bound
+    parameters, in order. Values never enter the SQL text; the condition means :meth:`SearchFilter.matches`:
+
+    ``path_prefix`` is ``filename LIKE`` :func:`like_prefix`, ``formats`` compares ``upper(format)`` (indexed),
+    times compare ``timestamptz`` values (``taken_at IS NULL`` never passes a comparison), sizes are ``>=``.
+    """
+    clauses: list[sql.Composable] = []
+    params: list = []
+
+    def add(text: str, value) -> None:
+        clauses.append(sql.SQL(text))
+        params.append(value)
+
+    if filters.path_prefix is not None:
+        add("filename LIKE %s", like_prefix(filters.path_prefix))
+    if filters.formats is not None:
+        add("upper(format) = ANY(%s)", list(filters.formats))
+    if filters.indexed_after is not None:
+        add("indexed_at >= %s", filters.indexed_after)
+    if filters.indexed_before is not None:
+        add("indexed_at < %s", filters.indexed_before)
+    if filters.taken_after is not None:
+        add("taken_at >= %s", filters.taken_after)
+    if filters.taken_before is not None:
+        add("taken_at < %s", filters.taken_before)
+    if filters.min_width is not None:
+        add("width >= %s", int(filters.min_width))
+    if filters.min_height is not None:
+        add("height >= %s", int(filters.min_height))
+    if not clauses:
+        return sql.SQL("TRUE"), []
+    return sql.SQL(" AND ").join(clauses), params
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -303,6 +377,7 @@ class PgVectorHandler(VectorDBHandler):
                 r.metadata.height,
                 r.metadata.bytes,
                 r.metadata.indexed_at,
+                r.metadata.taken_at,
             )
             for r in records
         ]
@@ -310,10 +385,11 @@ class PgVectorHandler(VectorDBHandler):
         def _write(conn: psycopg.Connection) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(
-                    f"INSERT INTO images (id, embedding, {_META_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                    f"INSERT INTO images (id, embedding, {_META_COLUMNS}) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding, filename = EXCLUDED.filename, "
                     "format = EXCLUDED.format, width = EXCLUDED.width, height = EXCLUDED.height, "
-                    "bytes = EXCLUDED.bytes, indexed_at = EXCLUDED.indexed_at",
+                    "bytes = EXCLUDED.bytes, indexed_at = EXCLUDED.indexed_at, taken_at = EXCLUDED.taken_at",
                     rows,
                 )
 
@@ -330,30 +406,76 @@ class PgVectorHandler(VectorDBHandler):
         return self._run(_delete)
 
     # --- reads --------------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, top_k: int) -> list[SearchHit]:
+    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+        """See :meth:`VectorDBHandler.search`; with ``filters``, the plans of the module docstring."""
         v = checked_vector(vector, self._dim)
         top_k = int(top_k)
+        if top_k <= 0:
+            return []
+        where, params = filter_sql(filters) if filters is not None and not filters.empty else (None, [])
 
-        def _search(conn: psycopg.Connection) -> list[SearchHit]:
+        def _search(conn: psycopg.Connection) -> list:
             with conn.transaction():
-                # PostgreSQL's planner picks a sequential scan over the HNSW index when it estimates the graph walk
-                # (which grows with ef_search) as dearer than reading the table: measured with 20,000 512-d rows
-                # and ef_search=100, that was 61 ms (every TOASTed vector read) instead of under 1 ms. The index
-                # is always the right plan for this query, so forbid the scan; without an index it still runs.
-                conn.execute("SET LOCAL enable_seqscan = off")
-                if top_k > self._ef_search:
-                    conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(top_k)))
-                # The explicit cast makes the operator (and so the index's operator class) match the column type.
-                rows = conn.execute(
-                    sql.SQL(
-                        "SELECT id, 1 - (embedding <=> %s::{t}) AS score, {meta} FROM images "
-                        "ORDER BY embedding <=> %s::{t} LIMIT %s"
-                    ).format(t=sql.SQL(self._vector_type), meta=sql.SQL(_META_COLUMNS)),
-                    (v, v, top_k),
-                ).fetchall()
-            return [SearchHit(r[0], float(r[1]), _metadata(r[2:])) for r in rows]
+                if where is None:
+                    return self._index_search(conn, v, top_k)
+                if self._estimated_rows(conn, where, params) > EXACT_SEARCH_MAX_ROWS:
+                    # pgvector 0.8: keep scanning the graph until top_k rows pass the filter (or max_scan_tuples).
+                    conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+                    rows = self._index_search(conn, v, top_k, where, params)
+                    if len(rows) == top_k:
+                        return rows
+                return self._exact_search(conn, v, top_k, where, params)
 
-        return self._run(_search)
+        return [SearchHit(r[0], float(r[1]), _metadata(r[2:])) for r in self._run(_search)]
+
+    def _ranked_sql(self, where: sql.Composable | None) -> sql.Composed:
+        # The explicit cast makes the operator (and so the index's operator class) match the column type.
+        return sql.SQL(
+            "SELECT id, 1 - (embedding <=> %s::{t}) AS score, {meta} FROM images {where} "
+            "ORDER BY embedding <=> %s::{t} LIMIT %s"
+        ).format(
+            t=sql.SQL(self._vector_type),
+            meta=sql.SQL(_META_COLUMNS),
+            where=sql.SQL("") if where is None else sql.SQL("WHERE {}").format(where),
+        )
+
+    def _index_search(
+        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where=None, params: Sequence = ()
+    ) -> list:
+        """Rows of the HNSW index scan (in the caller's transaction), best first."""
+        # PostgreSQL's planner picks a sequential scan over the HNSW index when it estimates the graph walk (which
+        # grows with ef_search) as dearer than reading the table: measured with 20,000 512-d rows and ef_search=100,
+        # that was 61 ms (every TOASTed vector read) instead of under 1 ms. The index is always the right plan for
+        # this query, so forbid the scan; without an index it still runs. With a filter, the B-tree indexes could
+        # also tempt it into a bitmap scan and a sort: forbidden too, the caller chose the graph walk.
+        conn.execute("SET LOCAL enable_seqscan = off")
+        if where is not None:
+            conn.execute("SET LOCAL enable_bitmapscan = off")
+            conn.execute("SET LOCAL enable_sort = off")
+        if top_k > self._ef_search:
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(top_k)))
+        return conn.execute(self._ranked_sql(where), (v, *params, v, top_k)).fetchall()
+
+    def _exact_search(self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where, params: Sequence) -> list:
+        """Rows of an exact search over the rows matching ``where``: every one ranked, no HNSW."""
+        # Index scans off: the HNSW index is only reachable through one (it has no bitmap scan), while the B-tree
+        # indexes still serve the filter through bitmap scans. The settings before this are SET LOCAL of the same
+        # transaction: undo them.
+        conn.execute("SET LOCAL enable_indexscan = off")
+        conn.execute("SET LOCAL enable_seqscan = on")
+        conn.execute("SET LOCAL enable_bitmapscan = on")
+        conn.execute("SET LOCAL enable_sort = on")
+        return conn.execute(self._ranked_sql(where), (v, *params, v, top_k)).fetchall()
+
+    @staticmethod
+    def _estimated_rows(conn: psycopg.Connection, where: sql.Composable, params: Sequence) -> float:
+        """The planner's estimate of the rows matching ``where`` (``EXPLAIN``: planned, not executed)."""
+        plan = conn.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM images WHERE {}").format(where), params
+        ).fetchone()[0]
+        if isinstance(plan, str):  # EXPLAIN's column is text
+            plan = json.loads(plan)
+        return float(plan[0]["Plan"]["Plan Rows"])
 
     def get(self, image_id: str) -> ImageRecord | None:
         if not is_valid_image_id(image_id):
