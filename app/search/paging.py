@@ -102,8 +102,7 @@ def search_page(
     if options.expand:
         vector = expand_query(db, vector, expand_n, expand_alpha, exclude=query_ids)
     filters = None if options.filters is None or options.filters.empty else options.filters
-    hits = db.search(vector, window) if filters is None else db.search(vector, window, filters)
-    hits = [h for h in hits if h.id not in excluded]
+    hits = [h for h in db.search(vector, window, filters) if h.id not in excluded]
     hits = hits[options.offset : options.offset + top_k]
     if options.min_score is not None:
         hits = [h for h in hits if h.score >= options.min_score]
