@@ -6,6 +6,8 @@ are cosine similarity (``1 - cosine distance``), in ``[-1, 1]``, higher is bette
 
 from __future__ import annotations
 
+import hashlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +16,40 @@ from datetime import datetime
 import numpy as np
 
 from app.ids import as_utc
+
+DEFAULT_COLLECTION = "images"
+"""Name of the collection a database holds before any re-index (pgvector: the ``public`` schema's tables)."""
+# Lower-case letters, digits and "_", a letter first, at most 48 characters: a valid PostgreSQL schema, Milvus
+# collection and Manticore table name on every backend (Manticore's ``<name>_meta`` stays under its 63).
+_COLLECTION_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+def validate_collection_name(name: str) -> str:
+    """``name`` if it can name a collection on every backend (``^[a-z][a-z0-9_]{0,47}$``, not ``pg_*``, ``public``
+    or ``information_schema``, which PostgreSQL reserves); raises ``ValueError`` otherwise."""
+    if not isinstance(name, str) or not _COLLECTION_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"a collection name is 1-48 lower-case letters, digits or '_', starting with a letter; got {name!r}"
+        )
+    if name.startswith("pg_") or name in ("public", "information_schema"):
+        raise ValueError(f"{name!r} is reserved by PostgreSQL; choose another collection name")
+    return name
+
+
+def collection_name_for(model_id: str) -> str:
+    """The collection name :mod:`app.indexing.reindex` derives from a model id when no ``--target`` is given.
+
+    ``efficientnet-lite2:imagenet`` -> ``efficientnet_lite2_imagenet``, ``open_clip:ViT-B-32/laion2b_s34b_b79k``
+    -> ``open_clip_vit_b_32_laion2b_s34b_b79k``: lower-cased, every run of other characters one ``_``; longer
+    than 48 characters, it is cut to 39 and ends in ``_`` + 8 hex digits of the id's SHA-256, so that two long
+    ids stay apart. Always a valid name (:func:`validate_collection_name`), never :data:`DEFAULT_COLLECTION`.
+    """
+    name = re.sub(r"[^a-z0-9]+", "_", model_id.lower()).strip("_")
+    if not name or not name[0].isalpha() or name.startswith("pg_") or name in ("public", DEFAULT_COLLECTION):
+        name = f"m_{name}".rstrip("_")
+    if len(name) > 48:
+        name = f"{name[:39].rstrip('_')}_{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
+    return validate_collection_name(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +245,8 @@ class VectorDBHandler(ABC):
 
     #: short backend name shown in ``/stats`` (``pgvector``, ``milvus``, ``manticore``)
     backend_name: str = ""
+    #: the collection this handler reads and writes (:data:`DEFAULT_COLLECTION` unless re-indexed)
+    collection_name: str = DEFAULT_COLLECTION
 
     @abstractmethod
     def ensure_collection(self, model_id: str, dim: int) -> CollectionInfo:
@@ -274,3 +312,34 @@ class VectorDBHandler(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections (and stop an embedded server this handler started). Idempotent."""
+
+    # --- several collections in one database (scripts/reindex.py) -----------------------------------------------
+    # A database may hold several collections (one per model); one of them is the *active* one, which a handler
+    # built without a collection name opens (the service, every CLI). The pointer to it is switched in one atomic
+    # write, so a reader sees either the old or the new collection, never a mixture.
+
+    def active_collection(self) -> str:
+        """Name of the database's active collection (:data:`DEFAULT_COLLECTION` while no switch was made)."""
+        raise NotImplementedError(f"{type(self).__name__} holds one collection only")
+
+    def open_collection(self, name: str) -> VectorDBHandler:
+        """Another handler on the same database for collection ``name`` (``ensure_collection`` creates it).
+
+        It shares this handler's server (an embedded PostgreSQL or Milvus Lite stays owned by this handler): close
+        it before this one. Raises ``ValueError`` for an invalid name (:func:`validate_collection_name`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} holds one collection only")
+
+    def activate_collection(self, name: str) -> None:
+        """Make ``name`` the active collection in one atomic step; handlers built afterwards open it, handlers
+        already open keep theirs. Raises ``ValueError`` when ``name`` holds no collection (never ensured)."""
+        raise NotImplementedError(f"{type(self).__name__} holds one collection only")
+
+    def list_collections(self) -> dict[str, CollectionInfo]:
+        """Every collection of the database that this service created, by name, with its model and dimension."""
+        raise NotImplementedError(f"{type(self).__name__} holds one collection only")
+
+    def drop_collection(self, name: str) -> bool:
+        """Delete collection ``name`` and everything in it; ``False`` if there was none. The originals in the image
+        store are shared by every collection and stay. Raises ``ValueError`` for the active collection."""
+        raise NotImplementedError(f"{type(self).__name__} holds one collection only")

@@ -17,12 +17,22 @@ import pymysql.err
 
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.ids import is_valid_image_id
-from app.vectordb.base import CollectionInfo, ImageRecord, SearchFilter, SearchHit, VectorDBHandler
+from app.vectordb.base import (
+    DEFAULT_COLLECTION,
+    CollectionInfo,
+    ImageRecord,
+    SearchFilter,
+    SearchHit,
+    VectorDBHandler,
+    validate_collection_name,
+)
 from app.vectordb.manticore_sql import (
+    ACTIVE_TABLE,
     FILTER_RETRY_FACTOR,
     IN_BATCH,
     MAX_DIM,
     MAX_TOP_K,
+    META_SUFFIX,
     REQUIRED_COLUMNS,
     TAKEN_COLUMNS,
     UPSERT_BATCH,
@@ -31,11 +41,13 @@ from app.vectordb.manticore_sql import (
     checked_int,
     clean_text,
     count_sql,
+    create_active_table_sql,
     create_meta_table_sql,
     create_table_sql,
     delete_sql,
     describe_sql,
     doc_id_for,
+    drop_table_sql,
     get_sql,
     insert_meta_sql,
     knn_search_sql,
@@ -43,10 +55,13 @@ from app.vectordb.manticore_sql import (
     meta_table_name,
     metadata_from_row,
     record_from_row,
+    replace_active_sql,
     replace_sql,
     scan_sql,
+    select_active_sql,
     select_meta_sql,
     show_create_table_sql,
+    show_meta_tables_sql,
     show_tables_sql,
     text,
     validate_image_id,
@@ -73,6 +88,7 @@ class ManticoreHandler(VectorDBHandler):
     Args:
         host, port: Manticore's MySQL-protocol listener (``searchd`` default 9306).
         table: images table name (``^[a-z_][a-z0-9_]{0,62}$``); ``<table>_meta`` holds the model id and dimension.
+            ``None``: the active collection's (``image_search_active``, else ``images``), read once, here.
         hnsw_m, hnsw_ef_construction: HNSW build parameters written into the table definition (pgvector-like
             defaults 16 and 64; Manticore's own default ef_construction is 200).
         ef_search: HNSW query beam width; each query uses ``max(ef_search, top_k)``.
@@ -91,7 +107,7 @@ class ManticoreHandler(VectorDBHandler):
         host: str,
         port: int = 9306,
         *,
-        table: str = "images",
+        table: str | None = None,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
         ef_search: int = 40,
@@ -100,9 +116,7 @@ class ManticoreHandler(VectorDBHandler):
     ) -> None:
         self._host = str(host)
         self._port = checked_int(port, "port", 1, 65535)
-        self._table = validate_table_name(table)
-        self._meta = meta_table_name(table)
-        validate_table_name(self._meta)
+        self._table = validate_table_name(table or DEFAULT_COLLECTION)
         self._hnsw_m = checked_int(hnsw_m, "hnsw_m", 2, 1000)
         self._hnsw_ef_construction = checked_int(hnsw_ef_construction, "hnsw_ef_construction", 1, 100_000)
         self._ef_search = checked_int(ef_search, "ef_search", 1, 10_000_000)
@@ -116,6 +130,11 @@ class ManticoreHandler(VectorDBHandler):
         self._dim: int | None = None
         # Whether the table has the taken_at columns (see manticore_sql): None until checked, on first use.
         self._taken: bool | None = None
+        if table is None:
+            self._table = self._run(self._read_active)
+        self._meta = meta_table_name(self._table)
+        validate_table_name(self._meta)
+        self.collection_name = self._table
         info = self.collection_info()
         self._dim = info.dim if info else None
 
@@ -465,3 +484,73 @@ class ManticoreHandler(VectorDBHandler):
             idle, self._idle = self._idle, []
         for conn in idle:
             self._discard(conn)
+
+    # --- several collections (see manticore_sql: image_search_active) ------------------------------------------
+    def _read_active(self, cur) -> str:
+        if not self._table_exists(cur, ACTIVE_TABLE):
+            return DEFAULT_COLLECTION
+        cur.execute(select_active_sql())
+        row = cur.fetchone()
+        return text(row[0]) if row else DEFAULT_COLLECTION
+
+    def active_collection(self) -> str:
+        return self._run(self._read_active)
+
+    def open_collection(self, name: str) -> ManticoreHandler:
+        return ManticoreHandler(
+            self._host,
+            self._port,
+            table=validate_collection_name(name),
+            hnsw_m=self._hnsw_m,
+            hnsw_ef_construction=self._hnsw_ef_construction,
+            ef_search=self._ef_search,
+            timeout_s=self._timeout_s,
+            max_idle=self._max_idle,
+        )
+
+    def _info_of(self, cur, table: str) -> CollectionInfo | None:
+        if not self._table_exists(cur, meta_table_name(table)):
+            return None
+        cur.execute(select_meta_sql(table))
+        row = cur.fetchone()
+        return CollectionInfo(text(row[0]), int(row[1])) if row else None
+
+    def activate_collection(self, name: str) -> None:
+        validate_collection_name(name)
+
+        def _switch(cur) -> None:
+            if self._info_of(cur, name) is None:
+                raise ValueError(f"there is no collection {name!r} to switch to")
+            cur.execute(create_active_table_sql())
+            cur.execute(*replace_active_sql(name))
+
+        self._run(_switch)
+
+    def list_collections(self) -> dict[str, CollectionInfo]:
+        def _list(cur) -> dict[str, CollectionInfo]:
+            cur.execute(*show_meta_tables_sql())
+            names = {text(r[0]) for r in cur.fetchall()}
+            found = {}
+            for meta in sorted(names):
+                table = meta[: -len(META_SUFFIX)]
+                if not meta.endswith(META_SUFFIX) or not self._table_exists(cur, table):
+                    continue
+                info = self._info_of(cur, table)
+                if info is not None:
+                    found[table] = info
+            return found
+
+        return self._run(_list)
+
+    def drop_collection(self, name: str) -> bool:
+        validate_collection_name(name)
+
+        def _drop(cur) -> bool:
+            if self._read_active(cur) == name:
+                raise ValueError(f"{name!r} is the active collection; switch to another one before dropping it")
+            existed = self._info_of(cur, name) is not None
+            cur.execute(drop_table_sql(name))
+            cur.execute(drop_table_sql(meta_table_name(name)))
+            return existed
+
+        return self._run(_drop)

@@ -34,6 +34,10 @@ Layout (two real-time tables per collection):
 * ``<table>_meta`` - one document (id 1) holding ``model_id string, dim int``: which model filled the collection,
   the analogue of pgvector's ``collection_meta`` row.
 
+* ``image_search_active`` - one document (id 1) holding ``collection string``: which images table the service
+  and the CLIs open (``scripts/reindex.py`` switches it with one single-document ``REPLACE``, which Manticore
+  applies atomically); no such table or document: ``images``.
+
 Document ids. Manticore needs a non-zero 64-bit document id (shown signed over SQL, so this module keeps them in
 ``1 .. 2**63-1``). The id is derived from the image id: the first 8 bytes of BLAKE2b(image id bytes, person
 ``imgsim-docid``), masked to 63 bits, 0 mapped to 1. It is *hashed* rather than a slice of the SHA-256 itself so
@@ -285,6 +289,35 @@ def insert_meta_sql(table: str, model_id: str, dim: int) -> tuple[str, tuple[str
         f"INSERT INTO {meta_table_name(table)} (id, model_id, dim) VALUES ({META_DOC_ID}, %s, {dim})",
         (clean_text(model_id),),
     )
+
+
+ACTIVE_TABLE = "image_search_active"
+
+
+def create_active_table_sql() -> str:
+    """``CREATE TABLE IF NOT EXISTS image_search_active (collection string)``: the active-collection pointer."""
+    return f"CREATE TABLE IF NOT EXISTS {ACTIVE_TABLE} (collection string)"
+
+
+def select_active_sql() -> str:
+    """The active collection's table name (document 1 of the pointer table)."""
+    return f"SELECT collection FROM {ACTIVE_TABLE} WHERE id = {META_DOC_ID}"
+
+
+def replace_active_sql(table: str) -> tuple[str, tuple[str, ...]]:
+    """``REPLACE`` of document 1 of the pointer table: one document, so readers see the old or the new name."""
+    return f"REPLACE INTO {ACTIVE_TABLE} (id, collection) VALUES ({META_DOC_ID}, %s)", (validate_table_name(table),)
+
+
+def drop_table_sql(table: str) -> str:
+    """``DROP TABLE IF EXISTS <table>`` (a validated name)."""
+    return f"DROP TABLE IF EXISTS {validate_table_name(table)}"
+
+
+def show_meta_tables_sql() -> tuple[str, tuple[str, ...]]:
+    """``SHOW TABLES LIKE '%_meta'``: candidates for the collections' bookkeeping tables (``_`` is a wildcard, so
+    callers keep only names that end in ``_meta`` exactly)."""
+    return "SHOW TABLES LIKE %s", (f"%{META_SUFFIX}",)
 
 
 def show_tables_sql(name: str) -> tuple[str, tuple[str, ...]]:

@@ -41,6 +41,11 @@ them exactly when there are at most ``EXACT_SEARCH_MAX_ROWS``, else searches aga
 Scores: Milvus' ``COSINE`` metric returns the cosine similarity itself in ``distance`` (higher is better), which
 is what :class:`~app.vectordb.base.SearchHit` wants, unchanged.
 
+Several collections per database (``scripts/reindex.py``): the active collection is the target of the alias
+``image_search_active`` (none: ``images``), resolved once when a handler is built without a collection name and
+switched with ``alter_alias``, one atomic step (Milvus Lite 3.2 rewrites its ``aliases.json`` with a temporary file
+and a rename, checked against the installed ``milvus_lite/db.py``).
+
 Consistency: the collection is created with consistency level ``Strong`` and every read asks for ``Strong`` too,
 so a read sees every write acknowledged before it (the service upserts and immediately counts, searches, gets).
 
@@ -84,6 +89,7 @@ import numpy as np
 from app.errors import CollectionMismatchError, DatabaseUnavailableError
 from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
 from app.vectordb.base import (
+    DEFAULT_COLLECTION,
     CollectionInfo,
     ImageMetadata,
     ImageRecord,
@@ -91,6 +97,7 @@ from app.vectordb.base import (
     SearchHit,
     VectorDBHandler,
     checked_vector,
+    validate_collection_name,
 )
 from app.vectordb.milvus_lite_server import (
     DataType,
@@ -119,6 +126,8 @@ _RETRY_EF_FACTOR = 16
 _MAX_EF = 32_768
 _PROP_MODEL = "image_search.model_id"
 _PROP_DIM = "image_search.dim"
+#: the alias naming the active collection (see the module docstring)
+ACTIVE_ALIAS = "image_search_active"
 _FILENAME_MAX_BYTES = 4096
 _FORMAT_MAX_BYTES = 64
 _MAX_DIM = 32768  # Milvus' maximum FLOAT_VECTOR dimension
@@ -206,7 +215,8 @@ class MilvusHandler(VectorDBHandler):
     Args:
         uri: ``http://host:19530`` for a Milvus server, or a local path for embedded Milvus Lite.
         token: Milvus credentials (``user:password`` or an API key); ignored by Milvus Lite.
-        collection: collection name.
+        collection: collection name; ``None``: the active one (the target of :data:`ACTIVE_ALIAS`, else
+            ``images``), read once, here.
         hnsw_m, hnsw_ef_construction: HNSW build parameters (graph degree and build beam width).
         ef_search: HNSW query beam width; each query uses ``max(ef_search, top_k)`` because HNSW returns at most
             ``ef`` results.
@@ -223,13 +233,14 @@ class MilvusHandler(VectorDBHandler):
         uri: str,
         *,
         token: str | None = None,
-        collection: str = "images",
+        collection: str | None = None,
         hnsw_m: int = 16,
         hnsw_ef_construction: int = 64,
         ef_search: int = 40,
         timeout_s: float = 10.0,
     ) -> None:
-        self._collection = collection
+        self._collection = collection or DEFAULT_COLLECTION  # resolved below once connected, when None
+        self._uri, self._token = uri, token  # for open_collection
         self._hnsw_m = int(hnsw_m)
         self._hnsw_ef_construction = int(hnsw_ef_construction)
         self._ef_search = int(ef_search)
@@ -268,6 +279,13 @@ class MilvusHandler(VectorDBHandler):
         # Writes are serialised per Lite database (no concurrent writers there); a Milvus server needs no lock.
         self._write_lock = self._lite.write_lock if self._lite is not None else contextlib.nullcontext()
         log.info("Connected to %s (server version %s)", where, version)
+        if collection is None:
+            try:
+                self._collection = self._run("read the active collection", self._read_active)
+            except BaseException:
+                self.close()
+                raise
+        self.collection_name = self._collection
 
         # An existing collection is loaded now, so that a handler used without ensure_collection (the source of
         # scripts/migrate.py) can read it. Milvus cannot load a collection without a vector index: that one waits
@@ -671,3 +689,66 @@ class MilvusHandler(VectorDBHandler):
             log.debug("Closing the Milvus client failed", exc_info=True)
         finally:
             self._release_lite()
+
+    # --- several collections (see the module docstring) -------------------------------------------------------
+    def _read_active(self) -> str:
+        # list_aliases first: describe_alias of a missing alias logs an ERROR in pymilvus before it raises.
+        listed = self._client.list_aliases(timeout=self._timeout_s)
+        aliases = listed.get("aliases", []) if isinstance(listed, dict) else listed
+        if ACTIVE_ALIAS not in aliases:
+            return DEFAULT_COLLECTION
+        desc = self._client.describe_alias(ACTIVE_ALIAS, timeout=self._timeout_s)
+        return desc.get("collection_name") or desc["collection"]
+
+    def active_collection(self) -> str:
+        return self._run("read the active collection", self._read_active)
+
+    def open_collection(self, name: str) -> MilvusHandler:
+        return MilvusHandler(
+            self._uri,
+            token=self._token,
+            collection=validate_collection_name(name),
+            hnsw_m=self._hnsw_m,
+            hnsw_ef_construction=self._hnsw_ef_construction,
+            ef_search=self._ef_search,
+            timeout_s=self._timeout_s,
+        )
+
+    def activate_collection(self, name: str) -> None:
+        validate_collection_name(name)
+        if self.list_collections().get(name) is None:
+            raise ValueError(f"there is no collection {name!r} to switch to")
+
+        def _switch() -> None:
+            listed = self._client.list_aliases(timeout=self._timeout_s)
+            aliases = listed.get("aliases", []) if isinstance(listed, dict) else listed
+            if ACTIVE_ALIAS in aliases:
+                self._client.alter_alias(name, ACTIVE_ALIAS, timeout=self._timeout_s)
+            else:
+                self._client.create_alias(name, ACTIVE_ALIAS, timeout=self._timeout_s)
+
+        self._run("switch the active collection", _switch)
+
+    def list_collections(self) -> dict[str, CollectionInfo]:
+        def _list() -> dict[str, CollectionInfo]:
+            found = {}
+            for name in sorted(self._client.list_collections(timeout=self._timeout_s)):
+                desc = self._client.describe_collection(name, timeout=self._timeout_s)
+                if (desc.get("properties") or {}).get(_PROP_MODEL) is not None:  # only those this service made
+                    found[name] = self._info_from_description(desc)
+            return found
+
+        return self._run("list the collections", _list)
+
+    def drop_collection(self, name: str) -> bool:
+        validate_collection_name(name)
+        if self.active_collection() == name:
+            raise ValueError(f"{name!r} is the active collection; switch to another one before dropping it")
+
+        def _drop() -> bool:
+            if not self._client.has_collection(name, timeout=self._timeout_s):
+                return False
+            self._client.drop_collection(name, timeout=self._timeout_s)
+            return True
+
+        return self._run("drop the collection", _drop)

@@ -17,6 +17,13 @@ would return fewer than ``top_k`` rows; two plans avoid that:
   (``EXPLAIN`` of the filter, no execution) is at most ``EXACT_SEARCH_MAX_ROWS``, and whenever the iterative scan
   came back with fewer than ``top_k`` rows (it stopped at ``max_scan_tuples``, or the estimate was wrong), so a
   filtered search always returns ``min(top_k, matching rows)`` rows.
+
+Several collections per database (``scripts/reindex.py``): each collection is a PostgreSQL schema holding
+``sql/init.sql``'s two tables; the default collection (``images``) is the ``public`` schema's, so databases from
+before this need no migration. A handler sets ``search_path`` to its collection's schema (then ``public``, where the
+``vector`` extension lives) on every pooled connection, so no statement below names a schema. Which collection a
+handler built without a name opens is the one row of ``public.image_search_active`` (none: ``images``), switched in
+one transaction by :meth:`PgVectorHandler.activate_collection`.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from app.errors import (
 )
 from app.ids import is_valid_image_id
 from app.vectordb.base import (
+    DEFAULT_COLLECTION,
     CollectionInfo,
     ImageMetadata,
     ImageRecord,
@@ -48,6 +56,7 @@ from app.vectordb.base import (
     SearchHit,
     VectorDBHandler,
     checked_vector,
+    validate_collection_name,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +69,8 @@ COLLECTION = "images"
 INDEX_NAME = "images_embedding_hnsw"
 # Any constant works as long as every process uses the same one: it serialises schema changes across workers.
 _SCHEMA_LOCK_KEY = 0x1A6E5EA4C4
+#: the one-row table in ``public`` naming the active collection (see the module docstring)
+ACTIVE_TABLE = "image_search_active"
 
 _META_COLUMNS = "filename, format, width, height, bytes, indexed_at, taken_at"
 # Storage type -> (largest dimension pgvector allows for it, HNSW operator class for cosine distance).
@@ -146,6 +157,7 @@ class PgVectorHandler(VectorDBHandler):
         on_close: called once by :meth:`close`, e.g. to stop an embedded server.
         request_timeout_s: seconds a call waits for a pooled connection once the handler is built (``None``:
             ``timeout_s``); short, so that requests fail fast while the server is down.
+        collection: the collection (schema) to open; ``None``: the database's active one, read once, here.
 
     Raises :class:`DatabaseUnavailableError` if the database cannot be reached to apply the schema.
     """
@@ -165,6 +177,7 @@ class PgVectorHandler(VectorDBHandler):
         vector_type: str = "vector",
         on_close=None,
         request_timeout_s: float | None = None,
+        collection: str | None = None,
     ) -> None:
         if vector_type not in VECTOR_TYPES:
             raise ValueError(f"vector_type must be one of {sorted(VECTOR_TYPES)}, got {vector_type!r}")
@@ -177,10 +190,26 @@ class PgVectorHandler(VectorDBHandler):
         self._dim: int | None = None
         self._closed = False
         self._request_timeout_s: float | None = None  # the pool's timeout_s until the handler is ready
+        # What open_collection needs to build a handler like this one on another collection.
+        self._url = url
+        self._options = dict(
+            pool_min=pool_min,
+            pool_max=pool_max,
+            timeout_s=timeout_s,
+            hnsw_m=hnsw_m,
+            hnsw_ef_construction=hnsw_ef_construction,
+            ef_search=ef_search,
+            vector_type=vector_type,
+            request_timeout_s=request_timeout_s,
+        )
         # The extension must exist before register_vector can look its types up on pooled connections.
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
                 conn.execute(SCHEMA_FILE.read_text())
+                self.collection_name = _read_active(conn) if collection is None else collection
+                self._schema = _schema_of(self.collection_name)
+                if self._schema != "public":
+                    _apply_schema_in(conn, self._schema)
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(f"Cannot reach PostgreSQL to apply {SCHEMA_FILE.name}: {exc}") from exc
         self._pool = psycopg_pool.ConnectionPool(
@@ -244,6 +273,8 @@ class PgVectorHandler(VectorDBHandler):
         return row[0] if row else None
 
     def _configure(self, conn: psycopg.Connection) -> None:
+        if self._schema != "public":  # the collection's tables first, then public's extension types
+            conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self._schema)))
         register_vector(conn)
         conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(self._ef_search)))
         conn.commit()
@@ -544,3 +575,113 @@ class PgVectorHandler(VectorDBHandler):
         self._pool.close()
         if self._on_close is not None:
             self._on_close()
+
+    # --- several collections (see the module docstring) -------------------------------------------------------
+    def active_collection(self) -> str:
+        return self._run(_read_active)
+
+    def open_collection(self, name: str) -> PgVectorHandler:
+        return PgVectorHandler(self._url, collection=validate_collection_name(name), **self._options)
+
+    def activate_collection(self, name: str) -> None:
+        schema = _schema_of(validate_collection_name(name))
+
+        def _switch(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                if _stored_info(conn, schema) is None:
+                    raise ValueError(f"there is no collection {name!r} to switch to")
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS public.{} (one boolean PRIMARY KEY DEFAULT true CHECK (one), "
+                        "collection text NOT NULL, previous text, switched_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(sql.Identifier(ACTIVE_TABLE))
+                )
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO public.{t} AS a (collection, previous) VALUES (%s, %s) ON CONFLICT (one) DO "
+                        "UPDATE SET collection = EXCLUDED.collection, previous = a.collection, switched_at = now()"
+                    ).format(t=sql.Identifier(ACTIVE_TABLE)),
+                    (name, DEFAULT_COLLECTION),
+                )
+
+        self._run(_switch)
+
+    def list_collections(self) -> dict[str, CollectionInfo]:
+        def _list(conn: psycopg.Connection) -> dict[str, CollectionInfo]:
+            with conn.transaction():
+                schemas = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE c.relname = 'collection_meta' AND c.relkind = 'r' ORDER BY n.nspname"
+                    )
+                ]
+                found = {}
+                for schema in schemas:
+                    info = _stored_info(conn, schema)
+                    if info is not None:
+                        found[DEFAULT_COLLECTION if schema == "public" else schema] = info
+                return found
+
+        return self._run(_list)
+
+    def drop_collection(self, name: str) -> bool:
+        schema = _schema_of(validate_collection_name(name))
+
+        def _drop(conn: psycopg.Connection) -> bool:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                if _read_active(conn) == name:
+                    raise ValueError(f"{name!r} is the active collection; switch to another one before dropping it")
+                existed = _stored_info(conn, schema) is not None
+                if schema == "public":  # the default collection: back to the empty tables of a new database
+                    conn.execute("SET LOCAL search_path TO public")
+                    conn.execute("DROP TABLE IF EXISTS public.images")
+                    conn.execute("DELETE FROM public.collection_meta")
+                    conn.execute(SCHEMA_FILE.read_text())
+                else:
+                    exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+                    if exists:
+                        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+                return existed
+
+        return self._run(_drop)
+
+
+def _schema_of(collection: str) -> str:
+    """The PostgreSQL schema holding ``collection``: ``public`` for the default one, else its own name."""
+    return "public" if collection == DEFAULT_COLLECTION else validate_collection_name(collection)
+
+
+def _read_active(conn: psycopg.Connection) -> str:
+    """The active collection's name: the pointer row, or :data:`DEFAULT_COLLECTION` without one."""
+    table = conn.execute("SELECT to_regclass(%s)", (f"public.{ACTIVE_TABLE}",)).fetchone()[0]
+    if table is None:
+        return DEFAULT_COLLECTION
+    row = conn.execute(sql.SQL("SELECT collection FROM public.{}").format(sql.Identifier(ACTIVE_TABLE))).fetchone()
+    return row[0] if row else DEFAULT_COLLECTION
+
+
+def _stored_info(conn: psycopg.Connection, schema: str) -> CollectionInfo | None:
+    """The model and dimension recorded in ``schema``'s ``collection_meta``, or ``None`` (no table or no row)."""
+    if conn.execute("SELECT to_regclass(%s)", (f"{schema}.collection_meta",)).fetchone()[0] is None:
+        return None
+    row = conn.execute(
+        sql.SQL("SELECT model_id, dim FROM {}.collection_meta WHERE name = %s").format(sql.Identifier(schema)),
+        (COLLECTION,),
+    ).fetchone()
+    return CollectionInfo(row[0], row[1]) if row else None
+
+
+def _apply_schema_in(conn: psycopg.Connection, schema: str) -> None:
+    """Create ``schema`` with ``sql/init.sql``'s tables if missing, serialised with every other schema change.
+
+    ``conn`` is in autocommit mode, and its ``public`` schema file was applied first, so the extension (and its
+    types) are in ``public``, where the statements find them through ``search_path``.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))
+        conn.execute(SCHEMA_FILE.read_text())
