@@ -61,8 +61,11 @@ class CollectionMismatchError(ServiceError):
             f"The collection holds embeddings from model '{stored_model}' (dim {stored_dim}), "
             f"but the service loaded model '{loaded_model}' (dim {loaded_dim}). Vectors from two models "
             "cannot be compared. Either configure the original model again (EMBEDDER / CLIP_MODEL / "
-            "CLIP_PRETRAINED), or re-index with the new one: point DATA_DIR or DATABASE_URL at an empty "
-            "database (or drop the 'images' and 'collection_meta' tables) and run scripts/bulk_index.py again."
+            "CLIP_PRETRAINED), or re-index every stored image with the new one: run `python scripts/reindex.py` "
+            "(installed as image-search-reindex) with the settings this service has now (the new EMBEDDER / "
+            "CLIP_MODEL / CLIP_PRETRAINED, the same DATA_DIR or DATABASE_URL and VECTOR_DB; with Milvus Lite, "
+            "while the service is stopped). It re-embeds the originals into a new collection (resumable), makes "
+            "it the active one when done and keeps the old one until you drop it; then start the service again."
         )
 
 

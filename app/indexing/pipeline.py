@@ -63,6 +63,9 @@ class IngestPipeline:
         max_pixels, max_bytes: the service's limits (``MAX_IMAGE_PIXELS``, ``MAX_UPLOAD_MB`` in bytes).
         on_result: called once per file, from the writer thread (``indexed``) or the calling thread (``failed``);
             calls are serialised by a lock, so the callback need not be thread-safe.
+        write: ``write(db, store, prepared_images, vectors)``, run on the writer thread for each embedded batch;
+            default :func:`app.indexing.write.write_batch`. ``scripts/reindex.py`` passes one that keeps each
+            image's stored metadata.
 
     Memory is bounded: at most ``2 * batch_size + 2 * workers`` files are decoded ahead of the model, and at most
     two embedded batches wait for the writer.
@@ -79,6 +82,7 @@ class IngestPipeline:
         max_pixels: int,
         max_bytes: int,
         on_result: ResultCallback,
+        write: Callable[[VectorDBHandler, ImageStore, list[PreparedImage], object], None] = write_batch,
     ) -> None:
         if workers < 1 or batch_size < 1:
             raise ValueError(f"need workers >= 1 and batch_size >= 1, got {workers}, {batch_size}")
@@ -90,6 +94,7 @@ class IngestPipeline:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._on_result = on_result
+        self._write = write
 
     def _report(self, name: str, status: str, reason: str | None = None) -> None:
         with self._lock:
@@ -134,7 +139,7 @@ class IngestPipeline:
                     continue  # drain without writing once a write failed
                 batch, vectors = job
                 try:
-                    write_batch(self.db, self.store, batch, vectors)
+                    self._write(self.db, self.store, batch, vectors)
                 except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
                     writer_error.append(exc)
                     continue
