@@ -78,6 +78,8 @@ def test_valid_table_names(name):
 def test_bad_table_names_are_rejected(name):
     with pytest.raises(ValueError):
         mc.validate_table_name(name)
+    if name is None:
+        return  # the handler's table=None means "the active collection" (see the tests at the end)
     with pytest.raises(ValueError):
         ManticoreHandler("127.0.0.1", 9306, table=name)
 
@@ -570,3 +572,65 @@ def test_filtered_search_with_too_few_rows_asks_once_more_with_a_larger_k(monkey
     assert "knn(embedding, 2, (" in sent[-2] and "{ef=10, early_termination=0}) AND path_ok = 1 LIMIT 2" in sent[-2]
     assert f"knn(embedding, {2 * mc.FILTER_RETRY_FACTOR}, (" in sent[-1]
     assert f"{{ef={2 * mc.FILTER_RETRY_FACTOR}, early_termination=0}}) AND path_ok = 1 LIMIT 2" in sent[-1]
+
+
+# --- several collections: the active-collection pointer (scripts/reindex.py) ----------------------------------
+def test_active_collection_statements():
+    assert mc.create_active_table_sql() == "CREATE TABLE IF NOT EXISTS image_search_active (collection string)"
+    assert mc.select_active_sql() == "SELECT collection FROM image_search_active WHERE id = 1"
+    assert mc.render_sql(*mc.replace_active_sql("clip_small")) == (
+        "REPLACE INTO image_search_active (id, collection) VALUES (1, 'clip_small')"
+    )
+    assert mc.drop_table_sql("clip_small_meta") == "DROP TABLE IF EXISTS clip_small_meta"
+    assert mc.render_sql(*mc.show_meta_tables_sql()) == "SHOW TABLES LIKE '%_meta'"
+    for hostile in ("x'; DROP TABLE images; --", "Images", "select"):
+        with pytest.raises(ValueError):
+            mc.replace_active_sql(hostile)
+        with pytest.raises(ValueError):
+            mc.drop_table_sql(hostile)
+
+
+def test_handler_without_a_table_opens_the_active_one_and_switches_in_one_statement(monkeypatch):
+    pointer = [("image_search_active", "rt")]
+    script = [pointer, [("clip_small",)], [("clip_small_meta", "rt")], [("m2", DIM)]]
+    sent: list[str] = []
+    made: list[_FakeConnection] = []
+
+    def connect(self):
+        made.append(_FakeConnection(script, sent))
+        return made[-1]
+
+    monkeypatch.setattr(ManticoreHandler, "_connect", connect)
+    h = ManticoreHandler("127.0.0.1", 9306)
+    assert (h.collection_name, h._dim) == ("clip_small", DIM)
+    assert sent[:2] == ["SHOW TABLES LIKE 'image_search_active'", mc.select_active_sql()]
+    assert sent[2:] == ["SHOW TABLES LIKE 'clip_small_meta'", "SELECT model_id, dim FROM clip_small_meta WHERE id = 1"]
+
+    # Switching back to `images`: its bookkeeping must exist, then one REPLACE of the pointer document.
+    sent.clear()
+    script[:] = [[("images_meta", "rt")], [("m1", DIM)], [], []]
+    h.activate_collection("images")
+    assert sent == [
+        "SHOW TABLES LIKE 'images_meta'",
+        "SELECT model_id, dim FROM images_meta WHERE id = 1",
+        mc.create_active_table_sql(),
+        "REPLACE INTO image_search_active (id, collection) VALUES (1, 'images')",
+    ]
+    script[:] = [[]]  # no bookkeeping table: nothing to switch to, nothing written
+    with pytest.raises(ValueError, match="no collection 'other'"):
+        h.activate_collection("other")
+
+    # The active collection is never dropped; another one loses both of its tables.
+    script[:] = [pointer, [("images",)]]
+    with pytest.raises(ValueError, match="active collection"):
+        h.drop_collection("images")
+    sent.clear()
+    script[:] = [pointer, [("images",)], [("clip_small_meta", "rt")], [("m2", DIM)], [], []]
+    assert h.drop_collection("clip_small") is True
+    assert sent[-2:] == ["DROP TABLE IF EXISTS clip_small", "DROP TABLE IF EXISTS clip_small_meta"]
+
+
+def test_handler_without_a_pointer_opens_images(monkeypatch):
+    script = [[], [("images_meta", "rt")], [("m1", DIM)]]
+    monkeypatch.setattr(ManticoreHandler, "_connect", lambda self: _FakeConnection(script, []))
+    assert ManticoreHandler("127.0.0.1", 9306).collection_name == "images"

@@ -108,8 +108,9 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
 ):
     settings = make_settings(tmp_path / "data", database_url)
     files = _image_files(datasets, 40)
-    stored = _index_with_offline_model(settings, offline_embedder, files[:-1])
-    late_file = files[-1]  # indexed through the service while the re-index runs
+    stored = _index_with_offline_model(settings, offline_embedder, files[:-2])
+    late_file = files[-2]  # indexed through the service while the re-index runs
+    after_file = files[-1]  # indexed through the old service after the switch, before its restart
     source = PgVectorHandler(database_url)
     before = {r.id: r.metadata for page in source.scan() for r in page}
     deleted = sorted(stored)[3]
@@ -125,6 +126,7 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
     try:
         store = ImageStore(settings.resolved_image_dir)
         result = reindex(source, clip_embedder, store, progress=progress, **_reindex_kwargs(settings))
+        after_id = service.index_image(after_file.read_bytes(), "after/switch.jpg").id  # lands in the old one
     finally:
         service.close()
     target = collection_name_for(clip_embedder.model_id)
@@ -162,8 +164,19 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
         # The old collection is kept, untouched but for the service's own writes.
         assert set(active.list_collections()) == {"images", target}
         old = active.open_collection("images")
-        assert old.count() == len(expected) and old.collection_info().model_id == offline_embedder.model_id
+        assert old.count() == len(expected) + 1 and old.collection_info().model_id == offline_embedder.model_id
         old.close()
+
+        # The image indexed after the switch: the start-up sweep keeps its original (the old collection has its
+        # row), and --from copies it into the active collection with its metadata.
+        from app.indexing.fsck import sweep
+
+        assert after_id not in rows and sweep(active, store, grace_s=0).originals_without_row == 0
+        assert store.find(after_id) is not None
+        caught = reindex(active, clip_embedder, store, source_name="images", **_reindex_kwargs(settings))
+        assert (caught.embedded, caught.already, caught.switched, caught.failures) == (1, len(expected), False, [])
+        assert active.get(after_id).metadata.filename == "after/switch.jpg"
+        expected.add(after_id)
     finally:
         active.close()
         source.close()

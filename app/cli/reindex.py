@@ -5,7 +5,8 @@ Usage: ``image-search-reindex [--target NAME] [--drop-old] [--workers N] [--batc
 (or ``python scripts/reindex.py`` from a checkout), with the service's own settings (environment and ``.env``):
 the NEW model's ``EMBEDDER`` / ``CLIP_MODEL`` / ``CLIP_PRETRAINED``, and the database and store the service uses
 (``DATABASE_URL`` or ``DATA_DIR``, ``VECTOR_DB``, ``IMAGE_DIR``...). ``--list`` shows the database's collections,
-``--drop NAME`` deletes one that is not active.
+``--drop NAME`` deletes one that is not active, ``--from NAME`` catches up after a switch (the rows of the old
+collection NAME that the active one lacks, re-embedded into the active one).
 
 It reads every row of the active collection, decodes its original from ``IMAGE_DIR`` with the ingest pipeline
 (app/indexing/pipeline.py), embeds it and writes it with the row's own metadata into the target collection
@@ -36,6 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--target", metavar="NAME", help="name of the new collection (default: from the model id)")
     parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="NAME",
+        help="catch up after a switch: re-embed the rows of the old collection NAME that the active one lacks "
+        "(images indexed through a service still serving NAME) into the active one; switches nothing",
+    )
+    parser.add_argument(
         "--drop-old",
         action="store_true",
         help="drop the old collection after a successful switch (a service still running on it then loses it: "
@@ -60,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers and --batch-size must be >= 1")
     from app.vectordb.base import validate_collection_name
 
-    for name in (args.target, args.drop):
+    for name in (args.target, args.drop, args.source):
         if name is not None:
             try:
                 validate_collection_name(name)
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 embedder,
                 ImageStore(settings.resolved_image_dir),
                 target_name=args.target,
+                source_name=args.source,
                 workers=args.workers,
                 batch_size=args.batch_size or settings.embed_batch_size,
                 max_pixels=settings.max_image_pixels,
@@ -153,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc))
         others = [line for line in _describe(db) if not line.endswith("(active)")]
         for line in others:
-            print(f"other collection: {line}; drop it with scripts/reindex.py --drop {line.split(':')[0]}")
+            name = line.split(":")[0]
+            print(
+                f"other collection: {line}; drop it with scripts/reindex.py --drop {name}, or first copy what it got "
+                f"after the switch with scripts/reindex.py --from {name}"
+            )
         return 0
     except CollectionMismatchError as exc:
         print(
@@ -176,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for failure in result.failures:
         print(f"failed: {failure.image_id} {failure.filename}: {failure.reason}", file=sys.stderr)
+    if args.source and result.source != result.target:
+        print(
+            f"caught up from '{result.source}' into the active collection '{result.target}': {result.embedded} "
+            f"embedded, {result.already} already there, {result.skipped} skipped (original deleted since), "
+            f"{len(result.failures)} failed"
+        )
+        return 1 if result.failures else 0
     print(
         f"re-indexed '{result.source}' ({result.source_model}) into '{result.target}' ({result.target_model}): "
         f"{result.source_count} images, {result.already} already there, {result.embedded} embedded, "

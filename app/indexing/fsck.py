@@ -198,18 +198,46 @@ class SweepResult:
     originals_without_row: int = 0
 
 
+def _other_collections(db: VectorDBHandler) -> list[VectorDBHandler]:
+    """Handlers on the database's collections other than ``db``'s (``scripts/reindex.py`` keeps the old one until
+    it is dropped, and the originals are shared): an original one of them still has a row for is not an orphan."""
+    try:
+        names = [name for name in db.list_collections() if name != db.collection_name]
+    except NotImplementedError:  # a handler that holds one collection only
+        return []
+    return [db.open_collection(name) for name in names]
+
+
 def sweep(db: VectorDBHandler, store: ImageStore, grace_s: float, stop: threading.Event | None = None) -> SweepResult:
     """Remove temporary upload files and originals without a row that are older than ``grace_s`` seconds.
 
-    What a ``kill -9`` during a write leaves behind. Each original is re-checked under its id's lock. Stops early
+    What a ``kill -9`` during a write leaves behind. Each original is re-checked under its id's lock. An original
+    with a row in another collection of the database (the one a re-index switched away from) is kept. Stops early
     when ``stop`` is set. Raises :class:`app.errors.DatabaseUnavailableError` when the database cannot be read.
     """
+    others = _other_collections(db)
+    try:
+        return _sweep(db, others, store, grace_s, stop)
+    finally:
+        for other in others:
+            other.close()
+
+
+def _sweep(
+    db: VectorDBHandler,
+    others: list[VectorDBHandler],
+    store: ImageStore,
+    grace_s: float,
+    stop: threading.Event | None,
+) -> SweepResult:
     result = SweepResult()
     cutoff = time.time() - grace_s
     candidates: list[StoreFile] = []
 
     def flush() -> None:
         missing = _missing_rows(db, [f.image_id for f in candidates if f.image_id])
+        for other in others:
+            missing -= other.existing_ids(missing) if missing else set()
         for f in candidates:
             if f.image_id in missing and _remove_if_orphan(db, store, f):
                 result.originals_without_row += 1

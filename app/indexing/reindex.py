@@ -65,7 +65,8 @@ class ReindexResult:
     ``source``/``target`` are collection names, ``*_model`` their model ids. ``source_count``: source rows at the
     end; ``already``: rows the target held when this run started (an earlier, interrupted run wrote them);
     ``embedded``: rows this run embedded and wrote; ``removed``: target rows deleted because their source row was
-    deleted meanwhile; ``failures``: rows left out. ``complete``: the target holds exactly the source's ids.
+    deleted meanwhile; ``skipped``: (catch-up) rows whose original was deleted since; ``failures``: rows left
+    out. ``complete``: the target holds exactly the source's ids (catch-up: every source row it could).
     ``switched``: the target is now the active collection; ``dropped``: the source was dropped afterwards.
     """
 
@@ -77,6 +78,7 @@ class ReindexResult:
     already: int = 0
     embedded: int = 0
     removed: int = 0
+    skipped: int = 0
     failures: list[ReindexFailure] = field(default_factory=list)
     complete: bool = False
     switched: bool = False
@@ -86,9 +88,13 @@ class ReindexResult:
 class _Run:
     """One pass of re-embedding: the walk over the source, the pipeline's callbacks, the writer."""
 
-    def __init__(self, source: VectorDBHandler, target: VectorDBHandler, store: ImageStore, advance) -> None:
+    def __init__(
+        self, source: VectorDBHandler, target: VectorDBHandler, store: ImageStore, advance, skip_gone: bool = False
+    ) -> None:
         self.source, self.target, self.store = source, target, store
         self.advance = advance
+        self.skip_gone = skip_gone  # a catch-up: a row whose original is gone was deleted since, not a failure
+        self.gone: set[str] = set()
         self.metadata: dict[str, ImageMetadata] = {}  # rows in flight, by id: what the writer stores with them
         self.failures: dict[str, ReindexFailure] = {}
         self.embedded = 0
@@ -106,13 +112,17 @@ class _Run:
                     if count_already is not None:
                         count_already[0] += 1
                         self.advance(1)
-                elif record.id not in self.failures:
+                elif record.id not in self.failures and record.id not in self.gone:
                     yield record.id, record.metadata
 
     def items(self, rows: Iterable[tuple[str, ImageMetadata]]) -> Iterator[IngestItem]:
         """The pipeline's input: each row's original from the store, named by its id (the key of ``metadata``)."""
         for image_id, metadata in rows:
             path = self.store.find(image_id)
+            if path is None and self.skip_gone:
+                self.gone.add(image_id)
+                self.advance(1)
+                continue
             if path is None:
                 self.fail(image_id, "its original is missing from IMAGE_DIR (scripts/fsck.py lists it)", metadata)
                 self.advance(1)
@@ -143,11 +153,12 @@ class _Run:
 
 
 def reindex(
-    source: VectorDBHandler,
+    db: VectorDBHandler,
     embedder: Embedder,
     store: ImageStore,
     *,
     target_name: str | None = None,
+    source_name: str | None = None,
     workers: int = 1,
     batch_size: int = 32,
     max_pixels: int,
@@ -156,13 +167,19 @@ def reindex(
     drop_old: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReindexResult:
-    """Re-embed the active collection ``source`` into ``target_name`` with ``embedder``, then switch to it.
+    """Re-embed the active collection into ``target_name`` with ``embedder``, then switch to it.
+
+    With ``source_name`` (a collection that is not the active one), catch up instead: re-embed the rows of that
+    collection that the active one lacks into the active one (which must hold ``embedder``'s model), e.g. images
+    indexed through a service that still served the old collection after the switch. No switch, nothing deleted;
+    rows whose original is gone (deleted since) are skipped.
 
     Args:
-        source: a handler on the database's active collection (``create_handler(settings)``); not closed here.
+        db: a handler on the database's active collection (``create_handler(settings)``); not closed here.
         embedder: the new model. store: the image store holding every original (``IMAGE_DIR``).
         target_name: the new collection's name; ``None``: derived from the model id
             (:func:`app.vectordb.base.collection_name_for`).
+        source_name: the collection to catch up from (see above); ``None``: re-index the active collection.
         workers, batch_size: decode processes and images per model call / upsert, as ``bulk_index.py --direct``.
         max_pixels, max_bytes: ``MAX_IMAGE_PIXELS`` and ``MAX_UPLOAD_MB`` in bytes.
         allow_missing: switch even when some rows failed (they are left out of the new collection).
@@ -170,14 +187,19 @@ def reindex(
         progress: ``progress(done, total)`` after each row (skipped, embedded or failed), total = source rows.
 
     Returns the :class:`ReindexResult`; ``switched`` is ``False`` when rows failed (without ``allow_missing``) or
-    the source kept changing.
+    the source kept changing, and always for a catch-up.
 
     Raises:
-        NothingToReindex: the source already holds ``embedder``'s model and no ``target_name`` was given.
-        ReindexError: the source has no collection, or ``target_name`` is the source itself.
+        NothingToReindex: the active collection already holds ``embedder``'s model and no ``target_name`` was given.
+        ReindexError: the source has no collection, ``target_name`` is the source itself, or (catch-up) the active
+            collection holds another model.
         app.errors.CollectionMismatchError: the target exists with another model.
         app.errors.DatabaseUnavailableError: the database failed; a re-run resumes.
     """
+    catch_up = source_name is not None and source_name != db.collection_name
+    if catch_up:
+        return _catch_up(db, embedder, store, source_name, workers, batch_size, max_pixels, max_bytes, progress)
+    source = db
     info = source.collection_info()
     if info is None:
         raise ReindexError("the database has no collection yet: index images first (scripts/bulk_index.py)")
@@ -191,40 +213,12 @@ def reindex(
     if name == source.collection_name:
         raise ReindexError(f"the target '{name}' is the active collection itself: choose another --target")
     result = ReindexResult(source.collection_name, name, info.model_id, embedder.model_id)
-    total = source.count()
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(done[0], total)
-
     target = source.open_collection(name)
     try:
         target.ensure_collection(embedder.model_id, embedder.dim)
-        run = _Run(source, target, store, advance)
-        pipeline = IngestPipeline(
-            embedder,
-            target,
-            store,
-            workers=workers,
-            batch_size=batch_size,
-            max_pixels=max_pixels,
-            max_bytes=max_bytes,
-            on_result=run.on_result,
-            write=run.write,
-        )
-        already = [0]
-        pipeline.run(run.items(run.missing(count_already=already)))
-        result.already = already[0]
-        # Rows the service wrote into the source meanwhile; then rows it deleted from it meanwhile.
-        for _ in range(CATCH_UP_ROUNDS):
-            late = list(run.missing())
-            if not late:
-                break
-            log.info("%d rows were added to '%s' while it was re-indexed: embedding them", len(late), result.source)
-            pipeline.run(run.items(late))
-        result.removed = _remove_extra(source, target)
+        run = _Run(source, target, store, _counter(progress, source.count()))
+        _embed_missing(run, embedder, workers, batch_size, max_pixels, max_bytes, result)
+        result.removed = _remove_extra(source, target)  # rows deleted through the service meanwhile
         result.embedded = run.embedded
         result.failures = sorted(run.failures.values(), key=lambda f: f.filename)
         result.source_count = source.count()
@@ -237,6 +231,80 @@ def reindex(
         target.close()
     if result.switched and drop_old:
         result.dropped = source.drop_collection(result.source)
+    return result
+
+
+def _counter(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    return advance
+
+
+def _embed_missing(
+    run: _Run, embedder: Embedder, workers: int, batch_size: int, max_pixels: int, max_bytes: int, result
+) -> None:
+    """Embed every source row the target lacks, then (up to :data:`CATCH_UP_ROUNDS` times) the rows written into
+    the source meanwhile; sets ``result.already``."""
+    pipeline = IngestPipeline(
+        embedder,
+        run.target,
+        run.store,
+        workers=workers,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        on_result=run.on_result,
+        write=run.write,
+    )
+    already = [0]
+    pipeline.run(run.items(run.missing(count_already=already)))
+    result.already = already[0]
+    for _ in range(CATCH_UP_ROUNDS):
+        late = list(run.missing())
+        if not late:
+            break
+        log.info("%d rows were added to '%s' while it was re-indexed: embedding them", len(late), result.source)
+        pipeline.run(run.items(late))
+
+
+def _catch_up(
+    db: VectorDBHandler,
+    embedder: Embedder,
+    store: ImageStore,
+    source_name: str,
+    workers: int,
+    batch_size: int,
+    max_pixels: int,
+    max_bytes: int,
+    progress: Callable[[int, int], None] | None,
+) -> ReindexResult:
+    """The ``source_name`` mode of :func:`reindex`: the rows of ``source_name`` the active collection lacks."""
+    active = db.collection_info()
+    if active is None or (active.model_id, active.dim) != (embedder.model_id, embedder.dim):
+        raise ReindexError(
+            f"the active collection '{db.collection_name}' holds model "
+            f"'{active.model_id if active else None}', not '{embedder.model_id}': a catch-up (--from) embeds with "
+            "the active collection's model; set EMBEDDER / CLIP_MODEL / CLIP_PRETRAINED to it"
+        )
+    if source_name not in db.list_collections():
+        raise ReindexError(f"there is no collection '{source_name}' to catch up from")
+    source = db.open_collection(source_name)
+    try:
+        info = source.collection_info()
+        result = ReindexResult(source_name, db.collection_name, info.model_id, embedder.model_id)
+        run = _Run(source, db, store, _counter(progress, source.count()), skip_gone=True)
+        _embed_missing(run, embedder, workers, batch_size, max_pixels, max_bytes, result)
+        result.embedded, result.skipped = run.embedded, len(run.gone)
+        result.failures = sorted(run.failures.values(), key=lambda f: f.filename)
+        result.source_count = source.count()
+        result.complete = not run.failures and not any(True for _ in run.missing())
+    finally:
+        source.close()
     return result
 
 

@@ -116,7 +116,7 @@ class ManticoreHandler(VectorDBHandler):
     ) -> None:
         self._host = str(host)
         self._port = checked_int(port, "port", 1, 65535)
-        self._table = validate_table_name(table or DEFAULT_COLLECTION)
+        self._table = validate_table_name(DEFAULT_COLLECTION if table is None else table)
         self._hnsw_m = checked_int(hnsw_m, "hnsw_m", 2, 1000)
         self._hnsw_ef_construction = checked_int(hnsw_ef_construction, "hnsw_ef_construction", 1, 100_000)
         self._ef_search = checked_int(ef_search, "ef_search", 1, 10_000_000)

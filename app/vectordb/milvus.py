@@ -239,7 +239,7 @@ class MilvusHandler(VectorDBHandler):
         ef_search: int = 40,
         timeout_s: float = 10.0,
     ) -> None:
-        self._collection = collection or DEFAULT_COLLECTION  # resolved below once connected, when None
+        self._collection = DEFAULT_COLLECTION if collection is None else collection  # None: resolved below
         self._uri, self._token = uri, token  # for open_collection
         self._hnsw_m = int(hnsw_m)
         self._hnsw_ef_construction = int(hnsw_ef_construction)
