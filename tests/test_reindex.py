@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,16 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
     stored = _index_with_offline_model(settings, offline_embedder, files[:-2])
     late_file = files[-2]  # indexed through the service while the re-index runs
     after_file = files[-1]  # indexed through the old service after the switch, before its restart
+    # taken_at: a row's own value is kept; a row without one (indexed before it was stored) gets its EXIF date.
+    flower = next(i for i, name in stored.items() if name.endswith("flower.webp"))  # EXIF date 2003-12-14
+    kept = next(i for i, name in stored.items() if name.endswith(".jpg"))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE images SET taken_at = NULL WHERE id = %s", (flower,))
+        conn.execute("UPDATE images SET taken_at = '1999-01-02 03:04:05+00' WHERE id = %s", (kept,))
     source = PgVectorHandler(database_url)
     before = {r.id: r.metadata for page in source.scan() for r in page}
-    deleted = sorted(stored)[3]
+    assert before[flower].taken_at is None and before[kept].taken_at.year == 1999
+    deleted = sorted(i for i in stored if i not in (flower, kept))[3]
 
     service = SearchService.open(settings, embedder=offline_embedder)  # the running service, on the old model
     events: list[str] = []
@@ -142,8 +150,10 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
         rows = {r.id: r for page in active.scan() for r in page}
         assert set(rows) == expected and active.count() == len(expected)
         for image_id, record in rows.items():  # the source row's metadata, unchanged (indexed_at included)
-            if image_id in before:
+            if image_id in before and image_id != flower:
                 assert record.metadata == before[image_id]
+        assert rows[flower].metadata.taken_at == datetime(2003, 12, 14, 12, 1, 44, tzinfo=UTC)
+        assert rows[kept].metadata.taken_at == datetime(1999, 1, 2, 3, 4, 5, tzinfo=UTC)
         assert rows[events[0]].metadata.filename == "late/portrait.jpg"
         # Each vector is the new model's embedding of the original, decoded the way the ingest pipeline does.
         sample = sorted(rows)[:4]
@@ -240,7 +250,7 @@ def _target_rows(database_url: str, schema: str) -> tuple[int, int]:
 
 def test_kill_9_in_the_middle_then_resume(tmp_path, database_url, datasets, offline_embedder, clip_checkpoint):
     settings = make_settings(tmp_path / "data", database_url)
-    stored = _index_with_offline_model(settings, offline_embedder, _image_files(datasets, 100))
+    stored = _index_with_offline_model(settings, offline_embedder, _image_files(datasets, 60))
     from app.embedders.onnx_model import clip_model_id
 
     schema = collection_name_for(clip_model_id(CLIP_ARCH, str(clip_checkpoint)))

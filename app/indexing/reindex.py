@@ -4,11 +4,11 @@ The service keeps every original in the image store (:mod:`app.indexing.store`),
 access to the photo folders: :func:`reindex` walks the active collection (the *source*) with ``scan()``, reads
 each row's original from the store, decodes it with the ingest pipeline
 (:class:`app.indexing.pipeline.IngestPipeline`: :func:`app.imaging.prepare.prepare_bytes` in worker processes,
-batched embedding, a writer thread), and upserts it
-into the *target* collection with the source row's metadata unchanged (filename, format, size, ``indexed_at``,
-``taken_at``). When every source row is in the target, the database's active-collection pointer is switched in one
-atomic step (:meth:`app.vectordb.base.VectorDBHandler.activate_collection`); the source collection stays until it is
-dropped.
+batched embedding, a writer thread), and upserts it into the *target* collection with the source row's metadata
+unchanged (filename, format, size, ``indexed_at``, ``taken_at``; a row without ``taken_at`` gets the one its
+original's EXIF holds). When every source row is in the target, the database's active-collection pointer is
+switched in one atomic step (:meth:`app.vectordb.base.VectorDBHandler.activate_collection`); the source collection
+stays until it is dropped.
 
 Resumable after ``kill -9`` at any moment: a target row is written only after its embedding, in one upsert per
 batch, and a re-run skips the ids the target already holds. Rows added to or deleted from the source while it runs
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -147,6 +147,9 @@ class _Run:
                 if item.image_id != item.name:  # the stored bytes no longer hash to their id
                     self.fail(item.name, "its original in IMAGE_DIR does not match its id (damaged file)", metadata)
                 elif store.find(item.name) is not None:  # else: deleted through the service meanwhile
+                    if metadata.taken_at is None and item.taken_at is not None:
+                        # A row from before taken_at was stored: the decode just read it (as fsck.py --backfill).
+                        metadata = replace(metadata, taken_at=item.taken_at)
                     records.append(ImageRecord(item.name, np.asarray(vector, dtype=np.float32), metadata))
             db.upsert(records)
             self.embedded += len(records)
