@@ -23,7 +23,7 @@ from app.imaging.prepare import prepare_bytes
 from app.indexing.reindex import NothingToReindex, ReindexError, reindex
 from app.indexing.store import ImageStore
 from app.service import SearchService
-from app.vectordb.base import DEFAULT_COLLECTION, collection_name_for, validate_collection_name
+from app.vectordb.base import DEFAULT_COLLECTION, SearchFilter, collection_name_for, validate_collection_name
 from app.vectordb.pgvector import PgVectorHandler
 from tests.helpers import PROJECT_ROOT, make_settings
 
@@ -128,7 +128,7 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
 
     def progress(done: int, total: int) -> None:
         if not events and done >= 5:  # writes through the running service, in the middle of the re-index
-            events.append(service.index_image(late_file.read_bytes(), "late/portrait.jpg").id)
+            events.append(service.index_image(late_file.read_bytes(), "late/bridge_L.png").id)
             service.delete_image(deleted)
 
     try:
@@ -154,7 +154,11 @@ def test_reindex_switches_the_active_collection_and_keeps_the_metadata(
                 assert record.metadata == before[image_id]
         assert rows[flower].metadata.taken_at == datetime(2003, 12, 14, 12, 1, 44, tzinfo=UTC)
         assert rows[kept].metadata.taken_at == datetime(1999, 1, 2, 3, 4, 5, tzinfo=UTC)
-        assert rows[events[0]].metadata.filename == "late/portrait.jpg"
+        assert rows[events[0]].metadata.filename == "late/bridge_L.png"
+        # Filtered search works on a collection in its own schema (the planner's estimate and the B-tree indexes).
+        hits = active.search(rows[events[0]].vector, 5, SearchFilter.create(path_prefix="late"))
+        assert [h.id for h in hits] == [events[0]]
+        assert len(active.search(rows[events[0]].vector, 5, SearchFilter.create(formats="PNG,WEBP"))) >= 1
         # Each vector is the new model's embedding of the original, decoded the way the ingest pipeline does.
         sample = sorted(rows)[:4]
         prepared = [
