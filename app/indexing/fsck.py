@@ -215,7 +215,7 @@ def sweep(db: VectorDBHandler, store: ImageStore, grace_s: float, stop: threadin
     with a row in another collection of the database (the one a re-index switched away from) is kept. Stops early
     when ``stop`` is set. Raises :class:`app.errors.DatabaseUnavailableError` when the database cannot be read.
     """
-    others = _other_collections(db)
+    others: list[VectorDBHandler] = []
     try:
         return _sweep(db, others, store, grace_s, stop)
     finally:
@@ -233,9 +233,14 @@ def _sweep(
     result = SweepResult()
     cutoff = time.time() - grace_s
     candidates: list[StoreFile] = []
+    opened = False
 
     def flush() -> None:
+        nonlocal opened
         missing = _missing_rows(db, [f.image_id for f in candidates if f.image_id])
+        if missing and not opened:  # only now: opening loads a collection (Milvus) and there is rarely a need
+            others.extend(_other_collections(db))
+            opened = True
         for other in others:
             missing -= other.existing_ids(missing) if missing else set()
         for f in candidates:

@@ -733,9 +733,9 @@ class MilvusHandler(VectorDBHandler):
         def _list() -> dict[str, CollectionInfo]:
             found = {}
             for name in sorted(self._client.list_collections(timeout=self._timeout_s)):
-                desc = self._client.describe_collection(name, timeout=self._timeout_s)
-                if (desc.get("properties") or {}).get(_PROP_MODEL) is not None:  # only those this service made
-                    found[name] = self._info_from_description(desc)
+                info = self._info_from_description(self._client.describe_collection(name, timeout=self._timeout_s))
+                if not info.model_id.startswith("<unknown"):  # only the collections this service created
+                    found[name] = info
             return found
 
         return self._run("list the collections", _list)
