@@ -3,7 +3,7 @@
 
     python bench/search_scale.py --backend pgvector|milvus|manticore --n 1000000 --dim 512
                                  [--vector-type vector|halfvec] [--ef 20,40,80,160] [--queries 300] [--no-api]
-                                 [--check-scan]
+                                 [--check-scan] [--filter-selectivity 0.02,0.1,0.5 [--filter-ef 40,160]]
 
 Data: ``N`` unit vectors from a seeded Gaussian mixture on the sphere, not uniform noise (on which HNSW behaves
 unlike on real embeddings). ``--clusters`` centres share a mean direction and vary along a power-law spectrum
@@ -41,6 +41,15 @@ a warm-up, then ``--queries`` top-10 searches; the API pass starts the server wi
 backend (all handlers are closed first: Milvus Lite allows one process per database). ``--check-scan`` then reads
 every row back through :meth:`VectorDBHandler.scan` and adds ``"scan": {"rows", "distinct", "complete",
 "seconds"}`` (``complete``: every stored id came back exactly once and nothing else did).
+
+``--filter-selectivity s1,s2,...`` (issue #9) gives every row a synthetic folder so that, for each ``s``, one
+:class:`~app.vectordb.base.SearchFilter` (``path_prefix``) keeps a random fraction ``s`` of the rows, independent
+of the vectors: a seeded uniform ``u`` per row, and nested folders ``in0.5/in0.1/in0.02/`` for the rows with
+``u < s`` at each level (``out/`` where a level fails), so ``path_prefix="in0.5/in0.1"`` keeps the 10 %. Then, per
+selectivity and per ``--filter-ef`` (default: ``--ef``), the same queries are searched through the handler with
+that filter, and ``"filtered"`` reports ``matching`` (rows the filter keeps), ``recall_at_10`` against the exact
+filtered top-10 (numpy over the same vectors, restricted to the matching rows), ``full`` (share of searches that
+returned all 10) and ``p50_ms``/``p95_ms``.
 
 Reported: ``build_s`` (index build wall time), ``load_s`` (COPY), ``index_mb``/``table_mb`` (``pg_relation_size``
 of the index, and of the table with its TOAST data), ``server_pss_mb`` (proportional set size of all server
@@ -156,8 +165,9 @@ def server_pss_mb(pgdata: Path | None) -> float | None:
     return round(total / 1024, 1)
 
 
-def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str) -> None:
-    """Binary COPY of ``vectors`` as rows ``start..`` (ids ``f"{i:064x}"``) through the pgvector adapter."""
+def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str, folders: list[str] | None = None) -> None:
+    """Binary COPY of ``vectors`` as rows ``start..`` (ids ``f"{i:064x}"``) through the pgvector adapter; row ``i``
+    is named ``f"{folders[i - start]}/{i}"`` (``synthetic/{i}`` without ``folders``)."""
     import psycopg
     from pgvector import HalfVector
     from pgvector.psycopg import register_vector
@@ -186,7 +196,8 @@ def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str) -> No
             )
             for i, v in enumerate(vectors, start):
                 value = HalfVector(v) if vector_type == "halfvec" else v
-                copy.write_row((f"{i:064x}", value, f"synthetic/{i}", "SYNTHETIC", 1, 1, 0, now))
+                folder = "synthetic" if folders is None else folders[i - start]
+                copy.write_row((f"{i:064x}", value, f"{folder}/{i}", "SYNTHETIC", 1, 1, 0, now))
         conn.commit()
 
 
@@ -305,6 +316,65 @@ def measure_searches(args, open_handler, queries: np.ndarray, exact: np.ndarray,
     return results
 
 
+def synthetic_folders(n: int, selectivities: list[float], seed: int) -> tuple[list[str] | None, dict[float, str]]:
+    """``(folders, prefixes)``: a folder per row and, per selectivity ``s``, the ``path_prefix`` that keeps the rows
+    whose seeded uniform ``u < s`` (nested folders, see the module docstring); ``(None, {})`` without selectivities.
+    """
+    if not selectivities:
+        return None, {}
+    levels = sorted(selectivities, reverse=True)
+    names = [f"in{s:g}" for s in levels]
+    u = np.random.default_rng(seed * 1_000_003 + 7).random(n)
+    depth = np.zeros(n, dtype=np.int64)  # how many levels each row is in
+    for s in levels:
+        depth += u < s
+    folders = ["/".join(names[:d] + (["out"] if d < len(levels) else [])) for d in depth.tolist()]
+    prefixes = {s: "/".join(names[: k + 1]) for k, s in enumerate(levels)}
+    return folders, prefixes
+
+
+def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, folders, prefixes) -> list[dict]:
+    """Per selectivity in ``prefixes`` and per ``ef_search`` in ``args.filter_ef``: recall@10 of the filtered search
+    against exact (numpy) filtered search over the matching rows, the share of searches that returned all 10 rows,
+    and latency (ms, client side, one search at a time after a warm-up). Empty without ``--filter-selectivity``."""
+    from app.vectordb.base import SearchFilter
+
+    results = []
+    for s, prefix in sorted(prefixes.items()):
+        filters = SearchFilter.create(path_prefix=prefix)
+        rows = np.flatnonzero([f.startswith(prefix + "/") or f == prefix for f in folders])
+        exact = rows[exact_top_k(data[rows], queries, TOP_K)]  # (Q, 10) row indices of the matching rows
+        for ef in args.filter_ef:
+            h = open_handler(ef)
+            try:
+                for q in queries[: min(len(queries), 20)]:  # warm-up
+                    h.search(q, TOP_K, filters)
+                ms, recalls, full = [], [], 0
+                for qi, q in enumerate(queries):
+                    t = time.perf_counter()
+                    hits = h.search(q, TOP_K, filters)
+                    ms.append((time.perf_counter() - t) * 1000)
+                    assert all(hit.metadata.filename.startswith(prefix + "/") for hit in hits)
+                    found = {int(hit.id, 16) for hit in hits}
+                    recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
+                    full += len(hits) == TOP_K
+            finally:
+                h.close()
+            p50, p95, _ = percentiles(ms)
+            row = {
+                "selectivity": s,
+                "matching": int(len(rows)),
+                "ef_search": ef,
+                "recall_at_10": round(float(np.mean(recalls)), 4),
+                "full": round(full / len(queries), 4),
+                "p50_ms": p50,
+                "p95_ms": p95,
+            }
+            log(json.dumps(row))
+            results.append(row)
+    return results
+
+
 def check_scan(args, open_handler, n: int, batch_size: int = 1000) -> dict | None:
     """With ``--check-scan``: read every row through ``scan`` of a new handler from ``open_handler()`` (timed).
 
@@ -328,22 +398,27 @@ def check_scan(args, open_handler, n: int, batch_size: int = 1000) -> dict | Non
     return {"rows": rows, "distinct": len(seen), "complete": complete, "seconds": round(seconds, 1)}
 
 
-def synthetic_records(vectors: np.ndarray, start: int) -> list:
+def synthetic_records(vectors: np.ndarray, start: int, folders: list[str] | None = None) -> list:
     """Rows ``start..`` as :class:`ImageRecord` (ids ``f"{i:064x}"``, the same metadata COPY writes)."""
     from app.vectordb.base import ImageMetadata, ImageRecord
 
     now = datetime.now(UTC)
     return [
-        ImageRecord(f"{i:064x}", v, ImageMetadata(f"synthetic/{i}", "SYNTHETIC", 1, 1, 0, now))
+        ImageRecord(
+            f"{i:064x}",
+            v,
+            ImageMetadata(f"{'synthetic' if folders is None else folders[i - start]}/{i}", "SYNTHETIC", 1, 1, 0, now),
+        )
         for i, v in enumerate(vectors, start)
     ]
 
 
-def load_through_handler(handler, data: np.ndarray, batch_size: int) -> float:
+def load_through_handler(handler, data: np.ndarray, batch_size: int, folders: list[str] | None = None) -> float:
     """Upsert every row through the handler's own batched write path; returns the wall time in seconds."""
     t0 = time.perf_counter()
     for start in range(0, len(data), batch_size):
-        handler.upsert(synthetic_records(data[start : start + batch_size], start))
+        part = None if folders is None else folders[start : start + batch_size]
+        handler.upsert(synthetic_records(data[start : start + batch_size], start, part))
         done = min(start + batch_size, len(data))
         if done % 50_000 < batch_size or done == len(data):
             log(f"loaded {done:,}/{len(data):,}")
@@ -371,8 +446,10 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             raise SystemExit("the images table is not empty; point DATABASE_URL at an empty database")
         loader.drop_index()
         t0 = time.perf_counter()
+        folders, prefixes = synthetic_folders(len(data), args.filter_selectivity, args.seed)
         for start in range(0, len(data), args.chunk):
-            copy_rows(url, data[start : start + args.chunk], start, args.vector_type)
+            part = None if folders is None else folders[start : start + args.chunk]
+            copy_rows(url, data[start : start + args.chunk], start, args.vector_type, part)
             log(f"loaded {min(start + args.chunk, len(data)):,}/{len(data):,}")
         load_s = time.perf_counter() - t0
         with psycopg.connect(url, autocommit=True) as conn:
@@ -397,6 +474,14 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             api_env,
             tmp,
         )
+        filtered = measure_filtered(
+            args,
+            lambda ef: PgVectorHandler(url, pool_min=1, pool_max=1, ef_search=ef, **params),
+            data,
+            queries,
+            folders,
+            prefixes,
+        )
         scan = check_scan(args, lambda: PgVectorHandler(url, pool_min=1, pool_max=1, **params), len(data))
         pss = server_pss_mb(pgdata)
     finally:
@@ -409,6 +494,7 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         "table_mb": round(table_b / 1e6, 1),
         "server_pss_mb": pss,
         "results": results,
+        "filtered": filtered,
         "scan": scan,
     }
 
@@ -428,7 +514,8 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
     loader = MilvusHandler(uri, **params)
     try:
         loader.ensure_collection(MODEL_ID, args.dim)
-        load_s = load_through_handler(loader, data, args.batch_size)
+        folders, prefixes = synthetic_folders(len(data), args.filter_selectivity, args.seed)
+        load_s = load_through_handler(loader, data, args.batch_size, folders)
         log("waiting for Milvus to seal, compact and index every segment")
         t0 = time.perf_counter()
         loader.close()  # Lite: stopping the last client of a database waits for its background index builds
@@ -443,6 +530,9 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
         api_env = {"VECTOR_DB": "milvus", "MILVUS_URI": uri} if lite else None  # a server collection: not "images"
         results = measure_searches(
             args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), queries, exact, api_env, tmp
+        )
+        filtered = measure_filtered(
+            args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), data, queries, folders, prefixes
         )
         scan = check_scan(args, lambda: MilvusHandler(uri, **params), len(data))
     finally:
@@ -460,6 +550,7 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
         "table_mb": None if table_b is None else round(table_b / 1e6, 1),
         "server_pss_mb": None,
         "results": results,
+        "filtered": filtered,
         "scan": scan,
     }
 
@@ -478,7 +569,8 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
     loader = ManticoreHandler(host, port, **params)
     try:
         loader.ensure_collection(MODEL_ID, args.dim)
-        load_s = load_through_handler(loader, data, args.batch_size)
+        folders, prefixes = synthetic_folders(len(data), args.filter_selectivity, args.seed)
+        load_s = load_through_handler(loader, data, args.batch_size, folders)
         loader.close()
         t0 = time.perf_counter()
         with pymysql.connect(host=host, port=port, autocommit=True, read_timeout=3600) as conn, conn.cursor() as cur:
@@ -490,6 +582,9 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
         table_b = int(status.get("disk_bytes", 0)) or None
         results = measure_searches(
             args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), queries, exact, None, tmp
+        )
+        filtered = measure_filtered(
+            args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), data, queries, folders, prefixes
         )
         scan = check_scan(args, lambda: ManticoreHandler(host, port, **params), len(data))
     finally:
@@ -504,6 +599,7 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
         "table_mb": None if table_b is None else round(table_b / 1e6, 1),
         "server_pss_mb": None,
         "results": results,
+        "filtered": filtered,
         "scan": scan,
     }
 
@@ -530,6 +626,18 @@ def main() -> int:
     parser.add_argument("--no-api", dest="api", action="store_false", help="skip the POST /search_vector pass")
     parser.add_argument("--check-scan", action="store_true", help="read every row back through scan(), timed")
     parser.add_argument(
+        "--filter-selectivity",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[],
+        help="also search with a path_prefix filter keeping each of these fractions of the rows, e.g. 0.02,0.1,0.5",
+    )
+    parser.add_argument(
+        "--filter-ef",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        help="ef_search values of the filtered searches (default: --ef)",
+    )
+    parser.add_argument(
         "--compare-halfvec",
         action="store_true",
         help="after the --vector-type vector pass, run again with halfvec on the same vectors and queries, and add "
@@ -539,6 +647,10 @@ def main() -> int:
     if args.compare_halfvec and (args.vector_type != "vector" or args.backend != "pgvector"):
         parser.error("--compare-halfvec compares against --backend pgvector --vector-type vector")
     clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
+    if any(not 0 < s < 1 for s in args.filter_selectivity):
+        parser.error("--filter-selectivity takes fractions strictly between 0 and 1")
+    if args.filter_ef is None:
+        args.filter_ef = args.ef
 
     t0 = time.perf_counter()
     mix = Mixture(args.dim, clusters, args.seed)
@@ -571,6 +683,8 @@ def main() -> int:
         **{k: out[k] for k in ("load_s", "build_s", "index_mb", "table_mb", "server_pss_mb")},
         "results": out["results"],
     }
+    if out["filtered"]:
+        line["filtered"] = out["filtered"]
     if out["scan"] is not None:
         line["scan"] = out["scan"]
     if args.compare_halfvec:
