@@ -52,3 +52,15 @@ def test_search_scale_runs_milvus_lite_with_the_same_line():
 @pytest.mark.skipif(manticore_address() is None, reason="Manticore Search is not reachable (MANTICORE_HOST)")
 def test_search_scale_runs_manticore_with_the_same_line():
     _run("manticore", 3000)
+
+
+@pytest.mark.parametrize("backend", ["pgvector", "milvus"])
+def test_search_scale_reports_filtered_recall(backend):
+    """``--filter-selectivity``: one filtered row per selectivity and ef, every search full, the folders keeping
+    about the asked fraction of the rows."""
+    line = _run(backend, 3000, "--no-api", "--filter-selectivity", "0.1,0.5", "--filter-ef", "40")
+    assert [(r["selectivity"], r["ef_search"]) for r in line["filtered"]] == [(0.1, 40), (0.5, 40)]
+    for r in line["filtered"]:
+        assert set(r) == {"selectivity", "matching", "ef_search", "recall_at_10", "full", "p50_ms", "p95_ms"}
+        assert abs(r["matching"] / 3000 - r["selectivity"]) < 0.05
+        assert r["full"] == 1.0 and r["recall_at_10"] >= 0.9
