@@ -49,7 +49,11 @@ of the vectors: a seeded uniform ``u`` per row, and nested folders ``in0.5/in0.1
 selectivity and per ``--filter-ef`` (default: ``--ef``), the same queries are searched through the handler with
 that filter, and ``"filtered"`` reports ``matching`` (rows the filter keeps), ``recall_at_10`` against the exact
 filtered top-10 (numpy over the same vectors, restricted to the matching rows), ``full`` (share of searches that
-returned all 10) and ``p50_ms``/``p95_ms``.
+returned all 10) and ``p50_ms``/``p95_ms``. To compare the handlers' filtered-search plans, ``--pg-exact-max-rows``
+and ``--pg-iterative-scan`` override ``EXACT_SEARCH_MAX_ROWS`` and ``ITERATIVE_SCAN`` of
+:mod:`app.vectordb.pgvector` (``0`` sends every filtered search through the iterative scan), and
+``--lite-filter-ef-factor`` overrides ``LITE_FILTER_EF_FACTOR`` of :mod:`app.vectordb.milvus`; the values in
+effect are reported under ``"filter_plan"``.
 
 Reported: ``build_s`` (index build wall time), ``load_s`` (COPY), ``index_mb``/``table_mb`` (``pg_relation_size``
 of the index, and of the table with its TOAST data), ``server_pss_mb`` (proportional set size of all server
@@ -331,6 +335,24 @@ def synthetic_folders(n: int, selectivities: list[float], seed: int) -> tuple[li
     folders = ["/".join(names[:d] + (["out"] if d < len(levels) else [])) for d in depth.tolist()]
     prefixes = {s: "/".join(names[: k + 1]) for k, s in enumerate(levels)}
     return folders, prefixes
+
+
+def apply_filter_plan(args) -> dict:
+    """Apply the ``--pg-*``/``--lite-*`` overrides to the handler modules; returns the settings in effect."""
+    import app.vectordb.milvus as milvus_module
+    import app.vectordb.pgvector as pgvector_module
+
+    if args.pg_exact_max_rows is not None:
+        pgvector_module.EXACT_SEARCH_MAX_ROWS = args.pg_exact_max_rows
+    if args.pg_iterative_scan is not None:
+        pgvector_module.ITERATIVE_SCAN = args.pg_iterative_scan
+    if args.lite_filter_ef_factor is not None:
+        milvus_module.LITE_FILTER_EF_FACTOR = args.lite_filter_ef_factor
+    return {
+        "pg_exact_max_rows": pgvector_module.EXACT_SEARCH_MAX_ROWS,
+        "pg_iterative_scan": pgvector_module.ITERATIVE_SCAN,
+        "lite_filter_ef_factor": milvus_module.LITE_FILTER_EF_FACTOR,
+    }
 
 
 def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, folders, prefixes) -> list[dict]:
@@ -631,6 +653,11 @@ def main() -> int:
         default=[],
         help="also search with a path_prefix filter keeping each of these fractions of the rows, e.g. 0.02,0.1,0.5",
     )
+    parser.add_argument("--pg-exact-max-rows", type=int, default=None, help="pgvector EXACT_SEARCH_MAX_ROWS override")
+    parser.add_argument(
+        "--pg-iterative-scan", choices=["strict_order", "relaxed_order"], default=None, help="pgvector override"
+    )
+    parser.add_argument("--lite-filter-ef-factor", type=int, default=None, help="Milvus Lite LITE_FILTER_EF_FACTOR")
     parser.add_argument(
         "--filter-ef",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -651,6 +678,7 @@ def main() -> int:
         parser.error("--filter-selectivity takes fractions strictly between 0 and 1")
     if args.filter_ef is None:
         args.filter_ef = args.ef
+    filter_plan = apply_filter_plan(args)
 
     t0 = time.perf_counter()
     mix = Mixture(args.dim, clusters, args.seed)
@@ -684,6 +712,7 @@ def main() -> int:
         "results": out["results"],
     }
     if out["filtered"]:
+        line["filter_plan"] = filter_plan
         line["filtered"] = out["filtered"]
     if out["scan"] is not None:
         line["scan"] = out["scan"]

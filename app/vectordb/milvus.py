@@ -20,7 +20,8 @@ itself, so it cannot disagree with the data.
 
 ``taken_at`` and collections created before it (issue #9): Milvus Lite 3.2 has nullable scalar fields (null fails
 every comparison, as SQL's NULL) but cannot add a field to an existing collection (its gRPC server has no
-``AddCollectionField``), and older Milvus servers cannot either. So a collection created before ``taken_at`` keeps
+``AddCollectionField``; Milvus servers can since 2.6, which this handler does not try: no server to test it
+against here). So a collection created before ``taken_at`` keeps
 its schema: it opens, reads and writes as before, ``taken_at`` is not stored there (``get``/``scan``/``search``
 return ``None``, a ``taken_after``/``taken_before`` filter matches nothing), and the handler logs a warning once.
 To get ``taken_at`` into such a collection, copy it into a new one (``scripts/migrate.py``) and re-read the EXIF
