@@ -560,10 +560,12 @@ class MilvusHandler(VectorDBHandler):
         if not expr:
             return self._ann(v, top_k, ef, expr)
         # Filtered. Milvus Lite's FAISS HNSW walks about ef candidates of *all* rows and keeps the matching ones,
-        # so with the ordinary ef a selective filter returns the wrong rows, or too few (recall@10 0.40 at 2 % of
-        # 20,000 rows with ef 40, 0.97 with ef 640): Lite searches with ef * LITE_FILTER_EF_FACTOR. Counting the
-        # matching rows first would tell the selectivity, but Lite's filtered count reads every matching row (about
-        # 0.1 ms each), dearer than the wider walk. A server's HNSW keeps walking until ef rows *match*.
+        # so with the ordinary ef a selective filter returns top_k rows but not the nearest ones (bench/search_scale.py,
+        # 2 % of 20,000 512-d rows: recall@10 0.65 at ef 40, 0.94 at ef 160; with ef * 16 at 100,000 rows: 0.99 and
+        # 1.0; docs/benchmarks.md, "Filtered search"): Lite searches with ef * LITE_FILTER_EF_FACTOR. Counting the
+        # matching rows first would tell the selectivity, but Lite's filtered count materialises every matching row
+        # in Python (a one-off timing here: about 1 s for 10,000 matching rows), dearer than the wider walk. A Milvus
+        # server's own filtered HNSW is not measured here: it gets the ordinary ef, and the retry below.
         if self._is_lite:
             ef = min(_MAX_EF, ef * LITE_FILTER_EF_FACTOR)
         hits = self._ann(v, top_k, ef, expr)
