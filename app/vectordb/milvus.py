@@ -20,12 +20,12 @@ itself, so it cannot disagree with the data.
 
 ``taken_at`` and collections created before it (issue #9): Milvus Lite 3.2 has nullable scalar fields (null fails
 every comparison, as SQL's NULL) but cannot add a field to an existing collection (its gRPC server has no
-``AddCollectionField``; Milvus servers can since 2.6, which this handler does not try: no server to test it
-against here). So a collection created before ``taken_at`` keeps
-its schema: it opens, reads and writes as before, ``taken_at`` is not stored there (``get``/``scan``/``search``
-return ``None``, a ``taken_after``/``taken_before`` filter matches nothing), and the handler logs a warning once.
-To get ``taken_at`` into such a collection, copy it into a new one (``scripts/migrate.py``) and re-read the EXIF
-times (reindex). New collections get the nullable field.
+``AddCollectionField``; Milvus servers can since 2.6, which this handler does not try: no server to test it against
+here). So a collection created before ``taken_at`` keeps its schema: it opens, reads and writes as before,
+``taken_at`` is not stored there (``get``/``scan``/``search`` return ``None``, a ``taken_after``/``taken_before``
+filter matches nothing), and the handler logs a warning once. To get ``taken_at`` into such a collection, copy it
+into a new one (``scripts/migrate.py``, which creates the field) and fill the times from the originals
+(``scripts/fsck.py --backfill``). New collections get the nullable field.
 
 Filters (:class:`~app.vectordb.base.SearchFilter`) become a boolean expression (:func:`filter_expr`) passed as
 ``filter=`` to the search, which Milvus applies inside the index search (Lite: a FAISS ``IDSelector`` over the rows
@@ -383,7 +383,7 @@ class MilvusHandler(VectorDBHandler):
             log.warning(
                 "Milvus collection %r was created before taken_at: it keeps working, but EXIF times are not stored "
                 "there and taken_after/taken_before filters match nothing; copy it into a new collection "
-                "(scripts/migrate.py) and reindex to add them",
+                "(scripts/migrate.py) and run scripts/fsck.py --backfill to add them",
                 self._collection,
             )
         self._has_taken_at = has_taken_at
