@@ -9,9 +9,10 @@ Filtered search (issue #9; pgvector's README, "Filtering" and "Iterative Index S
 (:func:`filter_sql`). HNSW alone returns at most ``ef_search`` candidates *before* the filter, so a selective filter
 would return fewer than ``top_k`` rows; two plans avoid that:
 
-* **iterative index scan** (``SET LOCAL hnsw.iterative_scan = strict_order``): the HNSW scan keeps going, in
-  distance order, until ``top_k`` rows passed the filter or ``hnsw.max_scan_tuples`` (20,000 by default) were
-  visited. Used when the planner estimates that more than ``EXACT_SEARCH_MAX_ROWS`` rows match.
+* **iterative index scan** (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``): the HNSW scan
+  keeps going until ``top_k`` rows passed the filter or ``hnsw.max_scan_tuples`` (20,000 by default) were visited;
+  its rows, slightly out of distance order, are sorted again in SQL. Used when the planner estimates that more than
+  ``EXACT_SEARCH_MAX_ROWS`` rows match.
 * **exact search** over the matching rows (index scans off for the query, so the HNSW index is not used and the
   B-tree indexes of ``sql/init.sql`` or a sequential scan find the rows): used when the planner's estimate
   (``EXPLAIN`` of the filter, no execution) is at most ``EXACT_SEARCH_MAX_ROWS``, and whenever the iterative scan
