@@ -178,10 +178,55 @@ class Settings(BaseSettings):
         1.0, ge=0, le=20, description="αQE: each neighbour weighs (cosine similarity)^EXPAND_ALPHA; 0 = plain average."
     )
 
+    # --- neighbour graph, near-duplicates, DBA (app/neighbours/) -------------------------------------------
+    # Defaults measured: docs/benchmarks.md, "Neighbour graph", "Near-duplicate groups" and "DBA".
+    neighbours_k: int = Field(
+        15,
+        ge=1,
+        le=100,
+        description="Neighbours per image in the k-nearest-neighbour graph (POST /jobs/neighbours); at least DBA_N.",
+    )
+    neighbours_threads: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Searches the graph job runs at once (it waits on the database most of the time, so a few more "
+        "than the cores).",
+    )
+    duplicate_threshold: float = Field(
+        0.92,
+        ge=-1,
+        le=1,
+        description="GET /duplicates: images whose cosine similarity is at least this are near-duplicates (groups "
+        "are connected components of such pairs).",
+    )
+    dba: bool = Field(
+        False,
+        description="Database-side augmentation: searches re-rank their candidates by each image's DBA vector "
+        "(its embedding averaged with its DBA_N graph neighbours). Needs the neighbour graph (POST /jobs/neighbours), "
+        "built while DBA=true.",
+    )
+    dba_n: int = Field(15, ge=1, le=100, description="DBA: graph neighbours averaged into each image's vector.")
+    dba_alpha: float = Field(
+        3.0, ge=0, le=20, description="DBA: each neighbour weighs (cosine similarity)^DBA_ALPHA; 0 = plain average."
+    )
+    dba_depth: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="DBA: search results re-ranked by DBA vectors (at least the page asked for, at most 1000).",
+    )
+
     @field_validator("database_url", "milvus_token")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @model_validator(mode="after")
+    def _dba_needs_enough_neighbours(self) -> Settings:
+        if self.dba_n > self.neighbours_k:
+            raise ValueError(f"DBA_N ({self.dba_n}) must not exceed NEIGHBOURS_K ({self.neighbours_k}).")
+        return self
 
     @model_validator(mode="after")
     def _reads_need_a_key(self) -> Settings:

@@ -113,3 +113,11 @@ class StorageFullError(ServiceError):
 
     Nothing of the refused write is kept.
     """
+
+
+class JobNotFoundError(ServiceError):
+    """No background job with this id (HTTP 404)."""
+
+
+class GraphNotBuiltError(ServiceError):
+    """``GET /duplicates`` before any neighbour graph was built: start one with ``POST /jobs/neighbours`` (HTTP 409)."""

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 import app as app_package
 from app.api.errors import install_error_handlers
+from app.api.jobs import router as jobs_router
 from app.api.limits import install_limits
 from app.api.metrics import install_metrics
 from app.api.routes import router
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     access = install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
+    app.include_router(jobs_router)  # POST /jobs/neighbours, GET /jobs/{id}, GET /duplicates
     app.include_router(site_router(ui_enabled=ui is not None))
 
     if ui is not None:

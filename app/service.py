@@ -33,6 +33,7 @@ from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename
 from app.indexing.fsck import start_sweep
 from app.indexing.store import ImageStore
 from app.indexing.write import write_batch
+from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.query_cache import QueryCacheStats, QueryEmbeddingCache
 from app.search.paging import SearchOptions, search_page
@@ -170,6 +171,8 @@ class SearchService:
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
+        # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
+        self.neighbours = NeighbourJobs(settings, db)
 
     @classmethod
     def open(
@@ -217,6 +220,7 @@ class SearchService:
         service = cls(settings, embedder, db, store, batcher, observer)
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
         service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
+        service.neighbours.resume_interrupted()  # a graph job a restart or kill -9 cut short goes on
         log.info(
             "Ready: model %s (dim %d, %s), backend %s, %d images",
             embedder.model_id,
@@ -228,7 +232,9 @@ class SearchService:
         return service
 
     def close(self) -> None:
-        """Finish the embed calls already queued, then close the database (and its embedded server, if any)."""
+        """Stop the neighbour-graph job between two batches, finish the embed calls already queued, then close the
+        database (and its embedded server, if any)."""
+        self.neighbours.close()
         self._sweep_stop.set()
         if self.sweep_thread is not None:
             self.sweep_thread.join(timeout=30)
@@ -366,6 +372,7 @@ class SearchService:
             query_ids=frozenset(query_ids),
             expand_n=self.settings.expand_n,
             expand_alpha=self.settings.expand_alpha,
+            dba=self.neighbours.dba_rerank(),
         )
 
     def search_image(self, data: bytes, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:

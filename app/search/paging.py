@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app.errors import InvalidParameterError
 from app.search.expansion import expand_query
 from app.vectordb.base import SearchFilter, SearchHit, VectorDBHandler
+
+if TYPE_CHECKING:
+    from app.neighbours.dba import DbaRerank
 
 MAX_OFFSET = 1000
 """Largest ``offset`` (issue #9): a page starts at most 1000 results down the ranking."""
@@ -69,6 +73,7 @@ def search_page(
     query_ids: Collection[str] = (),
     expand_n: int = 0,
     expand_alpha: float = 0.0,
+    dba: DbaRerank | None = None,
 ) -> list[SearchHit]:
     """Results ``offset + 1 .. offset + top_k`` of the ranking for ``vector``, best first.
 
@@ -80,6 +85,9 @@ def search_page(
         query_ids: ids of stored images the query was made from; left out of the results when
             ``options.exclude_self``, and never used as expansion neighbours.
         expand_n, expand_alpha: ``EXPAND_N`` and ``EXPAND_ALPHA``, used when ``options.expand``.
+        dba: with ``DBA=true`` and a built graph: the candidates (``max(window, dba.depth)`` of them, at most
+            :data:`MAX_SEARCH_WINDOW`) are re-ranked by cosine to their DBA vectors (:mod:`app.neighbours.dba`)
+            before the page is cut; scores are then those cosines.
 
     Returns:
         At most ``top_k`` hits (fewer at the end of the collection or under ``min_score``); scores are cosine
@@ -102,7 +110,11 @@ def search_page(
     if options.expand:
         vector = expand_query(db, vector, expand_n, expand_alpha, exclude=query_ids)
     filters = None if options.filters is None or options.filters.empty else options.filters
-    hits = [h for h in db.search(vector, window, filters) if h.id not in excluded]
+    depth = window if dba is None else min(max(window, dba.depth), MAX_SEARCH_WINDOW)
+    hits = db.search(vector, depth, filters)
+    if dba is not None:
+        hits = dba.rerank(vector, hits)
+    hits = [h for h in hits if h.id not in excluded]
     hits = hits[options.offset : options.offset + top_k]
     if options.min_score is not None:
         hits = [h for h in hits if h.score >= options.min_score]

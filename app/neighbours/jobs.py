@@ -1,0 +1,241 @@
+"""The neighbour-graph job runner: one job at a time, on a background thread the service owns.
+
+:class:`NeighbourJobs` is created by :class:`app.service.SearchService`; ``POST /jobs/neighbours`` calls
+:meth:`NeighbourJobs.start`, ``GET /jobs/{id}`` :meth:`NeighbourJobs.job`, ``GET /duplicates``
+:meth:`NeighbourJobs.duplicates`, and searches with ``DBA=true`` re-rank through :meth:`NeighbourJobs.dba_rerank`.
+:meth:`NeighbourJobs.close` (from ``SearchService.close``) stops the thread between two batches; the job is then
+``interrupted`` and resumes, skipping the images already done, when the service starts again (a ``kill -9`` leaves it
+``running`` in the file, which the next start reads the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from app.config import Settings
+from app.errors import GraphNotBuiltError, InvalidParameterError, JobNotFoundError
+from app.neighbours.dba import DbaRerank
+from app.neighbours.duplicates import DuplicateGroup, duplicate_groups
+from app.neighbours.graph import JobStopped, build_dba, build_graph
+from app.neighbours.store import FILENAME, GraphStore, JobRecord, utc_now
+from app.vectordb.base import VectorDBHandler
+
+log = logging.getLogger(__name__)
+
+KIND = "neighbours"
+MAX_DUPLICATES_LIMIT = 1000
+"""Most groups one ``GET /duplicates`` page returns."""
+
+
+@dataclass(frozen=True, slots=True)
+class DuplicatePage:
+    """One page of near-duplicate groups (``GET /duplicates``).
+
+    Attributes:
+        groups: the page, largest groups first; ``filenames[i]`` is the stored filename of ``group.ids[i]``.
+        total: groups at this threshold in all. threshold: the cosine threshold used.
+        graph_built_at: when the graph they come from was completed (UTC).
+    """
+
+    groups: list[tuple[DuplicateGroup, list[str]]]
+    total: int
+    threshold: float
+    graph_built_at: datetime
+
+
+class NeighbourJobs:
+    """Builds and serves the neighbour graph of one collection; see the module docstring. Thread-safe."""
+
+    def __init__(self, settings: Settings, db: VectorDBHandler) -> None:
+        """Nothing is opened here: the graph file (``DATA_DIR/neighbours.sqlite3``) is created by the first job."""
+        self.settings = settings
+        self.db = db
+        self.path: Path = settings.data_dir.resolve() / FILENAME
+        self._store: GraphStore | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running: JobRecord | None = None
+        self._current: JobRecord | None = None  # the served graph, cached (this process is the only writer)
+        self._current_loaded = False
+        self._closed = False
+
+    # --- the file -----------------------------------------------------------------------------------------
+    def _open_store(self, create: bool) -> GraphStore | None:
+        with self._lock:
+            if self._store is None and not self._closed and (create or self.path.exists()):
+                self._store = GraphStore(self.path)
+            return self._store
+
+    def _served(self) -> JobRecord | None:
+        if not self._current_loaded:
+            store = self._open_store(create=False)
+            self._current = None if store is None else store.current_graph()
+            self._current_loaded = True
+        return self._current
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+    def resume_interrupted(self) -> JobRecord | None:
+        """At service start: resume the job a stop or ``kill -9`` interrupted, if any; returns it (or ``None``)."""
+        try:
+            store = self._open_store(create=False)
+            if store is None:
+                return None
+            store.mark_unfinished_interrupted()
+            job = store.unfinished_job(KIND)
+        except sqlite3.DatabaseError:  # a damaged graph file must not keep the service from starting
+            log.exception("Cannot read %s; POST /jobs/neighbours builds the graph again", self.path)
+            return None
+        if job is None or job.state != "interrupted":
+            return None
+        log.info("Resuming neighbour-graph job %d (%s phase, %d/%d done)", job.id, job.phase, job.done, job.total)
+        return self._launch(job)
+
+    def start(self) -> tuple[JobRecord, bool]:
+        """Start a graph build, or report the one already running.
+
+        Returns ``(job, started)``: ``started`` is ``False`` when a job was already running (that job is returned).
+        An unfinished job (interrupted or failed) with the same parameters (``NEIGHBOURS_K``, and ``DBA_N`` /
+        ``DBA_ALPHA`` when ``DBA`` is on) is resumed under its id; otherwise a new job starts and the old one's
+        partial work is discarded. A completed graph keeps being served until the new one completes.
+        """
+        store = self._open_store(create=True)
+        if store is None:
+            raise RuntimeError("the service is closing")
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive() and self._running is not None:
+                return store.job(self._running.id) or self._running, False
+        s = self.settings
+        dba_n, dba_alpha = (s.dba_n, s.dba_alpha) if s.dba else (None, None)
+        job = store.unfinished_job(KIND)
+        if job is not None and (job.k, job.dba_n, job.dba_alpha) != (s.neighbours_k, dba_n, dba_alpha):
+            store.discard_job(job.id)
+            job = None
+        if job is None:
+            job = store.create_job(KIND, s.neighbours_k, dba_n, dba_alpha)
+            store.update_job(job.id, total=self.db.count())  # so the first answer already shows the size
+        return self._launch(job), True
+
+    def _launch(self, job: JobRecord) -> JobRecord:
+        store = self._store
+        assert store is not None
+        store.update_job(job.id, state="running", started_at=utc_now(), error=None)
+        job = store.job(job.id)
+        with self._lock:
+            self._stop.clear()
+            self._running = job
+            self._thread = threading.Thread(target=self._run, args=(job,), name=f"job-neighbours-{job.id}", daemon=True)
+            self._thread.start()
+        return job
+
+    def _run(self, job: JobRecord) -> None:
+        store = self._store
+        assert store is not None
+        try:
+            if job.phase == "graph":
+                build_graph(self.db, store, job, self._stop, self.settings.neighbours_threads)
+                if job.dba_n is not None:
+                    store.update_job(job.id, phase="dba", done=0, total=store.count_nodes(job.id))
+            job = store.job(job.id)
+            if job.phase == "dba":
+                total = store.count_nodes(job.id)
+                store.update_job(job.id, total=total, done=total - store.count_nodes(job.id, without_dba=True))
+                build_dba(store, job, self._stop)
+            store.complete(job.id)
+            self._current = store.job(job.id)
+            self._current_loaded = True
+            log.info("Neighbour graph %d completed: %d images", job.id, self._current.done)
+        except JobStopped:
+            store.update_job(job.id, state="interrupted")
+            log.info("Neighbour-graph job %d interrupted; it resumes on the next start", job.id)
+        except Exception as exc:  # the job reports it (GET /jobs/{id}); the service keeps serving
+            log.exception("Neighbour-graph job %d failed", job.id)
+            store.update_job(job.id, state="failed", error=f"{type(exc).__name__}: {exc}"[:1000])
+        finally:
+            with self._lock:
+                self._running = None
+
+    def job(self, job_id: int) -> JobRecord:
+        """The job with this id; raises :class:`JobNotFoundError`."""
+        store = self._open_store(create=False)
+        job = None if store is None else store.job(job_id)
+        if job is None:
+            raise JobNotFoundError(f"No job with id {job_id}.")
+        return job
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the running job's thread to end; ``True`` when none runs any more (tests, scripts)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def close(self) -> None:
+        """Stop the running job between two batches (it becomes ``interrupted``) and close the graph file."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=60)
+            if thread.is_alive():
+                log.warning("The neighbour-graph job did not stop within 60 s; closing anyway")
+        with self._lock:
+            self._closed = True
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    # --- serving ------------------------------------------------------------------------------------------
+    def duplicates(self, threshold: float | None, offset: int = 0, limit: int = 100) -> DuplicatePage:
+        """Near-duplicate groups of the served graph (:func:`app.neighbours.duplicates.duplicate_groups`), largest
+        first, images deleted since the build left out; ``threshold`` ``None`` = ``DUPLICATE_THRESHOLD``.
+
+        Raises:
+            GraphNotBuiltError: no graph was completed yet.
+            InvalidParameterError: threshold outside ``[-1, 1]``, ``offset < 0`` or ``limit`` outside
+                ``1..MAX_DUPLICATES_LIMIT``.
+            app.errors.DatabaseUnavailableError: checking which images still exist.
+        """
+        threshold = self.settings.duplicate_threshold if threshold is None else threshold
+        if not -1.0 <= threshold <= 1.0:
+            raise InvalidParameterError(f"threshold is a cosine similarity in [-1, 1], got {threshold}.")
+        if offset < 0 or not 1 <= limit <= MAX_DUPLICATES_LIMIT:
+            raise InvalidParameterError(f"offset must be >= 0 and limit between 1 and {MAX_DUPLICATES_LIMIT}.")
+        graph = self._served()
+        store = self._store
+        if graph is None or store is None:
+            raise GraphNotBuiltError(
+                "No neighbour graph has been built yet: start one with POST /jobs/neighbours, wait until "
+                "GET /jobs/{id} says completed, then ask again."
+            )
+        edges = store.edges_at_least(graph.id, threshold)
+        ends = sorted({e.src for e in edges} | {e.dst for e in edges})
+        alive: set[str] = set()
+        for start in range(0, len(ends), 1000):
+            alive |= self.db.existing_ids(ends[start : start + 1000])
+        groups = duplicate_groups(edges, threshold, alive)
+        page = groups[offset : offset + limit]
+        names = store.filenames(graph.id, {i for g in page for i in g.ids})
+        return DuplicatePage(
+            groups=[(g, [names.get(i, "") for i in g.ids]) for g in page],
+            total=len(groups),
+            threshold=threshold,
+            graph_built_at=graph.finished_at,
+        )
+
+    def dba_rerank(self) -> DbaRerank | None:
+        """The DBA re-ranker of searches when ``DBA=true`` and the served graph has DBA vectors; ``None`` otherwise
+        (searches then rank by the original vectors)."""
+        if not self.settings.dba:
+            return None
+        graph = self._served()
+        store = self._store
+        if graph is None or graph.dba_n is None or store is None:
+            return None
+        job_id = graph.id
+        return DbaRerank(lambda ids: store.vectors(job_id, ids, "dba"), self.settings.dba_depth)
