@@ -7,7 +7,10 @@ by content hash, so it does not matter under which filename they were indexed. T
 ``queries.json`` (``instance_small``: 190 queries and their relevant images) or ``labels.csv`` (``path,label``,
 e.g. ``caltech101_subset``: every image is a query and the others of its label are relevant; images labelled
 ``BACKGROUND_Google``, a class of unrelated clutter, stay in the index but are never queries). ``--expand`` asks
-for query expansion (``expand=true``: αQE with the server's ``EXPAND_N`` / ``EXPAND_ALPHA``).
+for query expansion (``expand=true``: αQE with the server's ``EXPAND_N`` / ``EXPAND_ALPHA``). ``--dba`` builds the
+neighbour graph after indexing (``POST /jobs/neighbours``, then ``GET /jobs/{id}`` until it completes) and checks
+that it carries DBA vectors: the server must run with ``DBA=true``, which then re-ranks every search (so measure the
+baseline and ``--expand`` alone on a server with ``DBA=false``).
 
 Definitions (per query, then averaged over queries):
 - AP: average precision over the ranking returned (top_k results, the query removed); relevant images missing
@@ -17,6 +20,7 @@ Definitions (per query, then averaged over queries):
 - P@10: |relevant in the first 10| / 10.
 
 Usage: python bench/quality.py --api http://localhost:8000 --dataset ../shared/datasets/instance_small [--expand]
+[--dba]
 """
 
 from __future__ import annotations
@@ -62,12 +66,33 @@ def ground_truth(root: Path) -> dict[str, list[str]]:
     }
 
 
+def build_graph(client: httpx.Client, poll_s: float = 1.0, timeout_s: float = 3600) -> dict:
+    """Start the neighbour-graph job (``POST /jobs/neighbours``) and wait until it completes; returns the job.
+
+    Raises ``RuntimeError`` when it fails or does not finish within ``timeout_s``, and when the server is not
+    running with ``DBA=true`` (the job then builds no DBA vectors).
+    """
+    job = client.post("/jobs/neighbours").raise_for_status().json()
+    deadline = time.monotonic() + timeout_s
+    while job["state"] != "completed":
+        if job["state"] in ("failed", "interrupted") or time.monotonic() > deadline:
+            raise RuntimeError(f"the neighbour-graph job did not complete: {job}")
+        time.sleep(poll_s)
+        job = client.get(f"/jobs/{job['id']}").raise_for_status().json()
+    if not job["dba"]:
+        raise RuntimeError("the graph has no DBA vectors: start the server with DBA=true")
+    return job
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api", default="http://localhost:8000")
     parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/instance_small"))
     parser.add_argument("--top-k", type=int, default=100, help="results per query (the server's MAX_TOP_K at most)")
     parser.add_argument("--expand", action="store_true", help="query expansion (expand=true)")
+    parser.add_argument(
+        "--dba", action="store_true", help="build the neighbour graph first (the server must run with DBA=true)"
+    )
     args = parser.parse_args()
 
     root = args.dataset.resolve()
@@ -97,6 +122,11 @@ def main() -> int:
                 failed.append((rel_of[p], r.status_code, r.json().get("detail")))
             existing.add(id_of[rel_of[p]])
         index_s = time.perf_counter() - t0
+        graph_s = None
+        if args.dba:
+            t0 = time.perf_counter()
+            build_graph(client)
+            graph_s = round(time.perf_counter() - t0, 1)
 
         aps, top1, p10, recall = [], [], [], {1: [], 5: [], 10: []}
         params = {"expand": "true"} if args.expand else {}
@@ -130,6 +160,7 @@ def main() -> int:
         "n_images": len(files),
         "n_queries": len(queries),
         "expand": args.expand,
+        "dba": args.dba,
         "mAP": mean(aps),
         "p_at_10": mean(p10),
         "recall_at_1": mean(recall[1]),
@@ -138,6 +169,7 @@ def main() -> int:
         "top1": mean(top1),
         "index_failures": len(failed),
         "index_s": round(index_s, 1),
+        "graph_s": graph_s,
         "search_s": round(search_s, 1),
     }
     for f in failed:
