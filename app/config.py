@@ -224,7 +224,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _dba_needs_enough_neighbours(self) -> Settings:
-        if self.dba_n > self.neighbours_k:
+        if self.dba and self.dba_n > self.neighbours_k:
             raise ValueError(f"DBA_N ({self.dba_n}) must not exceed NEIGHBOURS_K ({self.neighbours_k}).")
         return self
 

@@ -58,6 +58,7 @@ class NeighbourJobs:
         self.path: Path = settings.data_dir.resolve() / FILENAME
         self._store: GraphStore | None = None
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: JobRecord | None = None
@@ -104,6 +105,10 @@ class NeighbourJobs:
         ``DBA_ALPHA`` when ``DBA`` is on) is resumed under its id; otherwise a new job starts and the old one's
         partial work is discarded. A completed graph keeps being served until the new one completes.
         """
+        with self._start_lock:  # two concurrent POSTs must not launch two threads on one job
+            return self._start()
+
+    def _start(self) -> tuple[JobRecord, bool]:
         store = self._open_store(create=True)
         if store is None:
             raise RuntimeError("the service is closing")
