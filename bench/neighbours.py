@@ -9,7 +9,9 @@ defaults (``NEIGHBOURS_K``, ``HNSW_EF_SEARCH``) and times it. ``--dba`` also com
 The graph's recall is checked on ``--check`` random vectors against their exact ``k`` nearest neighbours (numpy).
 
 Prints one JSON line: ``graph_s`` (the job, from start to completed; target <= 300 s for 100k on the 2-core box),
-``images_per_s``, ``recall_at_k``, ``load_s``/``index_s`` (setup, not part of the job), ``graph_mb`` (the SQLite file).
+``images_per_s``, ``recall_at_k``, ``load_s``/``index_s`` (setup, not part of the job), ``graph_mb`` (the SQLite file),
+``cpu_s`` (CPU time the job took in this process and the embedded PostgreSQL together: ``cpu_s / cores`` is the
+wall time on an otherwise idle machine), ``loadavg`` (1 and 5 minutes, at the end: the machine is shared).
 
 Usage: python bench/neighbours.py [--n 100000] [--dim 512] [--threads 4] [--dba]
 """
@@ -30,6 +32,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.search_scale import MODEL_ID, Mixture, copy_rows, log  # noqa: E402
+
+
+def cpu_seconds(pgdata: Path | None) -> float:
+    """CPU time (user + system, s) used so far by this process and by the embedded PostgreSQL's processes (the
+    postmaster and its children, from /proc; 0 for those with ``DATABASE_URL``)."""
+    own = os.times()
+    total = own.user + own.system
+    if pgdata is None or not (pgdata / "postmaster.pid").exists():
+        return total
+    tick = os.sysconf("SC_CLK_TCK")
+    root = int((pgdata / "postmaster.pid").read_text().split()[0])
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(p.name) == root or int(fields[1]) == root:
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def main() -> int:
@@ -58,12 +81,13 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="bench-neighbours-") as tmp:
         tmp = Path(tmp)
-        embedded = None
+        embedded, pgdata = None, None
         url = os.environ.get("DATABASE_URL")
         if not url:
             from app.vectordb.embedded_pg import start_embedded_postgres
 
-            embedded = start_embedded_postgres(tmp / "pgdata")
+            pgdata = tmp / "pgdata"
+            embedded = start_embedded_postgres(pgdata)
             url = embedded.url
         overrides = {"data_dir": tmp / "data", "database_url": url, "dba": args.dba}
         if args.threads:
@@ -98,12 +122,13 @@ def main() -> int:
             )
             db.ensure_collection(MODEL_ID, args.dim)
             jobs = NeighbourJobs(settings, db)
-            t0 = time.perf_counter()
+            cpu0, t0 = cpu_seconds(pgdata), time.perf_counter()
             job, _ = jobs.start()
             while not jobs.wait(timeout=10):
                 j = jobs.job(job.id)
                 log(f"{j.phase} {j.done:,}/{j.total:,} after {time.perf_counter() - t0:.0f} s")
             graph_s = time.perf_counter() - t0
+            cpu_s = cpu_seconds(pgdata) - cpu0
             job = jobs.job(job.id)
             if job.state != "completed":
                 raise SystemExit(f"the job did not complete: {job}")
@@ -138,11 +163,13 @@ def main() -> int:
                 "dba": args.dba,
                 "graph_s": round(graph_s, 1),
                 "images_per_s": round(args.n / graph_s, 1),
+                "cpu_s": round(cpu_s, 1),
                 "recall_at_k": round(recall, 4),
                 "graph_mb": round(graph_mb, 1),
                 "load_s": round(load_s, 1),
                 "index_s": round(index_s, 1),
                 "cpus": os.cpu_count(),
+                "loadavg": [round(v, 2) for v in os.getloadavg()[:2]],
             }
         ),
         flush=True,
