@@ -66,6 +66,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="NEIGHBOURS_THREADS (default: the setting's)")
     parser.add_argument("--k", type=int, default=None, help="NEIGHBOURS_K (default: the setting's)")
     parser.add_argument("--dba", action="store_true", help="also compute DBA vectors (DBA=true)")
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW_EF_SEARCH (default: the setting's, 160)")
     parser.add_argument("--check", type=int, default=1000, help="vectors whose neighbours are checked exactly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=50_000)
@@ -94,6 +95,8 @@ def main() -> int:
             overrides["neighbours_threads"] = args.threads
         if args.k:
             overrides["neighbours_k"] = args.k
+        if args.ef_search:
+            overrides["hnsw_ef_search"] = args.ef_search
         settings = Settings(_env_file=None, **overrides)
         db = None
         try:
