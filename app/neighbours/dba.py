@@ -83,7 +83,8 @@ def rerank(query: np.ndarray, hits: Sequence[SearchHit], lookup: DbaLookup) -> l
     rescored = []
     for position, hit in enumerate(hits):
         v = vectors.get(hit.id)
-        score = hit.score if v is None else float(np.dot(q, np.asarray(v, dtype=np.float32)))
+        usable = v is not None and np.shape(v) == q.shape  # another model's vector (never served) counts as none
+        score = float(np.dot(q, np.asarray(v, dtype=np.float32))) if usable else hit.score
         rescored.append((-score, position, SearchHit(hit.id, score, hit.metadata)))
     rescored.sort(key=lambda t: (t[0], t[1]))
     return [t[2] for t in rescored]

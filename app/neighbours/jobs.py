@@ -23,7 +23,7 @@ from app.neighbours.dba import DbaRerank
 from app.neighbours.duplicates import DuplicateGroup, duplicate_groups
 from app.neighbours.graph import JobStopped, build_dba, build_graph
 from app.neighbours.store import FILENAME, GraphStore, JobRecord, utc_now
-from app.vectordb.base import VectorDBHandler
+from app.vectordb.base import DEFAULT_COLLECTION, VectorDBHandler
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,17 @@ class NeighbourJobs:
     """Builds and serves the neighbour graph of one collection; see the module docstring. Thread-safe."""
 
     def __init__(self, settings: Settings, db: VectorDBHandler) -> None:
-        """Nothing is opened here: the graph file (``DATA_DIR/neighbours.sqlite3``) is created by the first job."""
+        """Nothing is opened here: the graph file is created by the first job.
+
+        One file per collection, since a graph belongs to one model's vectors: ``DATA_DIR/neighbours.sqlite3`` for
+        the default collection, ``DATA_DIR/neighbours.<collection>.sqlite3`` for one made by ``scripts/reindex.py``
+        (after a switch the new collection has no graph until the job runs again).
+        """
         self.settings = settings
         self.db = db
-        self.path: Path = settings.data_dir.resolve() / FILENAME
+        collection = getattr(db, "collection_name", DEFAULT_COLLECTION)
+        name = FILENAME if collection == DEFAULT_COLLECTION else FILENAME.replace(".sqlite3", f".{collection}.sqlite3")
+        self.path: Path = settings.data_dir.resolve() / name
         self._store: GraphStore | None = None
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
