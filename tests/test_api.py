@@ -70,6 +70,7 @@ def test_index_and_search_end_to_end(client, datasets):
         "height",
         "bytes",
         "indexed_at",
+        "taken_at",
         "image_url",
     }
     assert [hit["rank"] for hit in results] == list(range(1, 11))
