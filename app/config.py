@@ -186,6 +186,14 @@ class Settings(BaseSettings):
         le=100,
         description="Neighbours per image in the k-nearest-neighbour graph (POST /jobs/neighbours); at least DBA_N.",
     )
+    neighbours_ef_search: int = Field(
+        64,
+        ge=1,
+        le=1000,
+        description="HNSW beam width of the graph job's searches (at least NEIGHBOURS_K + 1); user searches keep "
+        "HNSW_EF_SEARCH. 64 finds 99 % of the true 15 neighbours at 100k vectors in about 60 % of the time of 160 "
+        "(docs/benchmarks.md, Neighbour graph).",
+    )
     neighbours_threads: int = Field(
         4,
         ge=1,

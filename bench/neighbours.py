@@ -5,7 +5,7 @@ Generates ``--n`` unit vectors (the seeded Gaussian mixture of ``bench/search_sc
 embedded PostgreSQL + pgvector (or ``DATABASE_URL``, an empty database) with binary ``COPY``, builds the HNSW index
 after the load (as ``bench/search_scale.py`` does), then runs the service's own job (:class:`NeighbourJobs`: scan,
 one ANN search per vector on ``--threads`` threads, batches committed to the SQLite graph file) with the service's
-defaults (``NEIGHBOURS_K``, ``HNSW_EF_SEARCH``) and times it. ``--dba`` also computes the DBA vectors.
+defaults (``NEIGHBOURS_K``, ``NEIGHBOURS_EF_SEARCH``) and times it. ``--dba`` also computes the DBA vectors.
 The graph's recall is checked on ``--check`` random vectors against their exact ``k`` nearest neighbours (numpy).
 
 Prints one JSON line: ``graph_s`` (the job, from start to completed; target <= 300 s for 100k on the 2-core box),
@@ -66,7 +66,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="NEIGHBOURS_THREADS (default: the setting's)")
     parser.add_argument("--k", type=int, default=None, help="NEIGHBOURS_K (default: the setting's)")
     parser.add_argument("--dba", action="store_true", help="also compute DBA vectors (DBA=true)")
-    parser.add_argument("--ef-search", type=int, default=None, help="HNSW_EF_SEARCH (default: the setting's, 160)")
+    parser.add_argument("--ef-search", type=int, default=None, help="NEIGHBOURS_EF_SEARCH (default: the setting's, 64)")
     parser.add_argument("--check", type=int, default=1000, help="vectors whose neighbours are checked exactly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=50_000)
@@ -96,7 +96,7 @@ def main() -> int:
         if args.k:
             overrides["neighbours_k"] = args.k
         if args.ef_search:
-            overrides["hnsw_ef_search"] = args.ef_search
+            overrides["neighbours_ef_search"] = args.ef_search
         settings = Settings(_env_file=None, **overrides)
         db = None
         try:
@@ -162,7 +162,7 @@ def main() -> int:
                 "dim": args.dim,
                 "k": job.k,
                 "threads": settings.neighbours_threads,
-                "ef_search": settings.hnsw_ef_search,
+                "ef_search": settings.neighbours_ef_search,
                 "dba": args.dba,
                 "graph_s": round(graph_s, 1),
                 "images_per_s": round(args.n / graph_s, 1),

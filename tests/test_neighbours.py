@@ -148,12 +148,12 @@ def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, off
     calls, half = [], threading.Event()
     real_nearest = graph_module.nearest
 
-    def slow_nearest(db, record, k):
+    def slow_nearest(db, record, k, ef_search=None):
         calls.append(record.id)
         if len(calls) >= 10:
             half.set()
             threading.Event().wait(0.05)
-        return real_nearest(db, record, k)
+        return real_nearest(db, record, k, ef_search)
 
     monkeypatch.setattr(graph_module, "nearest", slow_nearest)
     settings = dict(neighbours_k=4, neighbours_threads=2, dba=True, dba_n=2)
@@ -176,7 +176,9 @@ def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, off
 
     monkeypatch.setattr(graph_module, "nearest", real_nearest)
     calls_after = []
-    monkeypatch.setattr(graph_module, "nearest", lambda db, r, k: calls_after.append(r.id) or real_nearest(db, r, k))
+    monkeypatch.setattr(
+        graph_module, "nearest", lambda db, r, k, ef=None: calls_after.append(r.id) or real_nearest(db, r, k, ef)
+    )
     with _client(tmp_path, database_url, offline_embedder, **settings) as c:
         assert c.app.state.service.neighbours.wait(timeout=300)
         job = c.get(f"/jobs/{job_id}").json()
@@ -310,3 +312,31 @@ def test_find_duplicates_cli_builds_prints_and_writes_csv(tmp_path, database_url
         as_json = run_cli("find_duplicates.py", "--api", api, "--json", "-", "--threshold", "0.999", check_rc=0)
         body = json.loads(as_json.stdout)
         assert body["threshold"] == 0.999 and body["total"] == len(body["groups"])
+
+
+def test_the_graph_searches_with_its_own_beam_width(tmp_path, database_url, offline_embedder, datasets, monkeypatch):
+    # NEIGHBOURS_EF_SEARCH reaches the backend's search (user searches keep HNSW_EF_SEARCH), and never below k + 1.
+    from app.vectordb.pgvector import PgVectorHandler
+
+    seen = []
+    real_search = PgVectorHandler.search
+
+    def spy(self, vector, top_k, filters=None, *, ef_search=None):
+        seen.append(ef_search)
+        return real_search(self, vector, top_k, filters, ef_search=ef_search)
+
+    monkeypatch.setattr(PgVectorHandler, "search", spy)
+    paths = sorted((datasets / "instance_small/images/ocv_aero_viewpoint").iterdir())[:6]
+    with _client(tmp_path, database_url, offline_embedder, neighbours_k=4, neighbours_ef_search=3) as c:
+        _index(c, paths)
+        job_id = c.post("/jobs/neighbours").json()["id"]
+        for _ in range(600):
+            if c.get(f"/jobs/{job_id}").json()["state"] == "completed":
+                break
+            threading.Event().wait(0.1)
+        assert c.get(f"/jobs/{job_id}").json()["state"] == "completed"
+        graph_searches = [ef for ef in seen if ef is not None]
+        assert graph_searches and set(graph_searches) == {5}  # max(NEIGHBOURS_EF_SEARCH, k + 1)
+        seen.clear()
+        c.get(f"/image/{image_id_for(paths[0].read_bytes())}/similar")
+        assert seen == [None]  # a user search: the handler's HNSW_EF_SEARCH

@@ -39,12 +39,13 @@ class JobStopped(Exception):
     """The job was asked to stop (the service is closing); its committed work stays for the resume."""
 
 
-def nearest(db: VectorDBHandler, record: ImageRecord, k: int) -> list[tuple[str, float]]:
+def nearest(db: VectorDBHandler, record: ImageRecord, k: int, ef_search: int | None = None) -> list[tuple[str, float]]:
     """``[(id, cosine), ...]``: the ``k`` nearest stored images to ``record`` (itself left out), best first.
 
+    ``ef_search``: the HNSW beam width of the search (``NEIGHBOURS_EF_SEARCH``; ``None``: the handler's).
     Raises :class:`app.errors.DatabaseUnavailableError` from ``db``.
     """
-    hits = db.search(record.vector, k + 1)
+    hits = db.search(record.vector, k + 1, ef_search=ef_search)
     return [(h.id, h.score) for h in hits if h.id != record.id][:k]
 
 
@@ -55,6 +56,7 @@ def build_graph(
     stop: threading.Event,
     threads: int,
     progress: Callable[[int], None] = lambda done: None,
+    ef_search: int | None = None,
 ) -> None:
     """The graph phase of ``job``: store the ``job.k`` nearest neighbours of every stored image not yet done.
 
@@ -62,6 +64,7 @@ def build_graph(
         db: the collection. store: the graph file. job: the job (its ``k`` and whether it keeps vectors for DBA).
         stop: set to stop between batches (raises :class:`JobStopped`). threads: concurrent searches, ``>= 1``.
         progress: called with the job's ``done`` after each committed batch.
+        ef_search: the searches' HNSW beam width (``NEIGHBOURS_EF_SEARCH``; ``None``: the handler's).
 
     Raises:
         JobStopped: ``stop`` was set. app.errors.DatabaseUnavailableError: from ``db``.
@@ -75,7 +78,7 @@ def build_graph(
             todo = [r for r in batch if r.id not in done and r.vector is not None]
             if not todo:
                 continue
-            results = list(pool.map(lambda r: nearest(db, r, job.k), todo))
+            results = list(pool.map(lambda r: nearest(db, r, job.k, ef_search), todo))
             n_done = store.add_nodes(
                 job.id,
                 [

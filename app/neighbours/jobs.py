@@ -150,7 +150,14 @@ class NeighbourJobs:
         assert store is not None
         try:
             if job.phase == "graph":
-                build_graph(self.db, store, job, self._stop, self.settings.neighbours_threads)
+                build_graph(
+                    self.db,
+                    store,
+                    job,
+                    self._stop,
+                    self.settings.neighbours_threads,
+                    ef_search=max(self.settings.neighbours_ef_search, job.k + 1),
+                )
                 if job.dba_n is not None:
                     store.update_job(job.id, phase="dba", done=0, total=store.count_nodes(job.id))
             job = store.job(job.id)

@@ -270,12 +270,17 @@ class VectorDBHandler(ABC):
         """
 
     @abstractmethod
-    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+    def search(
+        self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None, *, ef_search: int | None = None
+    ) -> list[SearchHit]:
         """The ``top_k`` nearest stored vectors to ``vector`` (``(D,)`` float32), best first.
 
         Approximate (HNSW) where the backend has an index; scores are cosine similarity. With ``filters`` (not
         empty), only images that :meth:`SearchFilter.matches` are returned, and still ``top_k`` of them whenever
         at least ``top_k`` match (the filter is applied inside the index scan, not to a fixed candidate list).
+        ``ef_search``: the HNSW beam width for this query instead of the handler's (``HNSW_EF_SEARCH``), still at
+        least ``top_k``; a batch job that needs fewer neighbours than a user search trades a little recall for
+        speed with it (``NEIGHBOURS_EF_SEARCH``).
         """
 
     @abstractmethod

@@ -374,14 +374,16 @@ class ManticoreHandler(VectorDBHandler):
         return self._run(_delete, retry=False)
 
     # --- reads ----------------------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+    def search(
+        self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None, *, ef_search: int | None = None
+    ) -> list[SearchHit]:
         """See :meth:`VectorDBHandler.search`; filters in the same ``WHERE`` as ``knn()`` (module docstring of
         :mod:`app.vectordb.manticore_sql`): with fewer than ``top_k`` rows back, once more with a larger ``k``/``ef``
         for engines that filter after the KNN step."""
         dim = self._require_dim()
         top_k = checked_int(top_k, "top_k", 1, MAX_TOP_K)
         filters = None if filters is None or filters.empty else filters
-        ef = max(self._ef_search, top_k)
+        ef = max(self._ef_search if ef_search is None else int(ef_search), top_k)
         query = knn_search_sql(self._table, vector, top_k, ef, dim, filters, taken=self._taken)
         if query is None:
             return []  # nothing can match (a taken_* filter on a table without the taken columns)

@@ -540,7 +540,9 @@ class MilvusHandler(VectorDBHandler):
         return self._run("delete", _delete)
 
     # --- reads ----------------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+    def search(
+        self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None, *, ef_search: int | None = None
+    ) -> list[SearchHit]:
         """See :meth:`VectorDBHandler.search`; filters as in the module docstring."""
         v = checked_vector(vector, self._dim)
         top_k = int(top_k)
@@ -556,7 +558,7 @@ class MilvusHandler(VectorDBHandler):
             with lite.write_lock:
                 if lite.unflushed_rows:
                     self._run("flush", self._flush_lite)
-        ef = max(self._ef_search, top_k)
+        ef = max(self._ef_search if ef_search is None else int(ef_search), top_k)
         if not expr:
             return self._ann(v, top_k, ef, expr)
         # Filtered. Milvus Lite's FAISS HNSW walks about ef candidates of *all* rows and keeps the matching ones,

@@ -443,7 +443,9 @@ class PgVectorHandler(VectorDBHandler):
         return self._run(_delete)
 
     # --- reads --------------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None) -> list[SearchHit]:
+    def search(
+        self, vector: np.ndarray, top_k: int, filters: SearchFilter | None = None, *, ef_search: int | None = None
+    ) -> list[SearchHit]:
         """See :meth:`VectorDBHandler.search`; with ``filters``, the plans of the module docstring."""
         v = checked_vector(vector, self._dim)
         top_k = int(top_k)
@@ -453,12 +455,15 @@ class PgVectorHandler(VectorDBHandler):
 
         def _search(conn: psycopg.Connection) -> list:
             with conn.transaction():
+                if ef_search is not None and ef_search != self._ef_search:
+                    conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
+                ef = self._ef_search if ef_search is None else int(ef_search)
                 if where is None:
-                    return self._index_search(conn, v, top_k)
+                    return self._index_search(conn, v, top_k, ef=ef)
                 if self._estimated_rows(conn, where, params) > EXACT_SEARCH_MAX_ROWS:
                     # pgvector 0.8: keep scanning the graph until top_k rows pass the filter (or max_scan_tuples).
                     conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
-                    rows = self._index_search(conn, v, top_k, where, params)
+                    rows = self._index_search(conn, v, top_k, where, params, ef=ef)
                     if len(rows) == top_k:
                         return rows
                 return self._exact_search(conn, v, top_k, where, params)
@@ -490,9 +495,10 @@ class PgVectorHandler(VectorDBHandler):
         ).format(query=query, meta=sql.SQL(_META_COLUMNS))
 
     def _index_search(
-        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where=None, params: Sequence = ()
+        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where=None, params: Sequence = (), *, ef: int
     ) -> list:
-        """Rows of the HNSW index scan (in the caller's transaction), best first."""
+        """Rows of the HNSW index scan (in the caller's transaction, whose ``hnsw.ef_search`` is ``ef``), best
+        first."""
         # PostgreSQL's planner picks a sequential scan over the HNSW index when it estimates the graph walk (which
         # grows with ef_search) as dearer than reading the table: measured with 20,000 512-d rows and ef_search=100,
         # that was 61 ms (every TOASTed vector read) instead of under 1 ms. The index is always the right plan for
@@ -502,7 +508,7 @@ class PgVectorHandler(VectorDBHandler):
         if where is not None:
             conn.execute("SET LOCAL enable_bitmapscan = off")
             conn.execute("SET LOCAL enable_sort = off")
-        if top_k > self._ef_search:
+        if top_k > ef:
             conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(top_k)))
         resort = where is not None and ITERATIVE_SCAN == "relaxed_order"
         return conn.execute(self._ranked_sql(where, resort=resort), (v, *params, v, top_k)).fetchall()
