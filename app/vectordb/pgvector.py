@@ -455,8 +455,6 @@ class PgVectorHandler(VectorDBHandler):
 
         def _search(conn: psycopg.Connection) -> list:
             with conn.transaction():
-                if ef_search is not None and ef_search != self._ef_search:
-                    conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
                 ef = self._ef_search if ef_search is None else int(ef_search)
                 if where is None:
                     return self._index_search(conn, v, top_k, ef=ef)
@@ -504,12 +502,15 @@ class PgVectorHandler(VectorDBHandler):
         # that was 61 ms (every TOASTed vector read) instead of under 1 ms. The index is always the right plan for
         # this query, so forbid the scan; without an index it still runs. With a filter, the B-tree indexes could
         # also tempt it into a bitmap scan and a sort: forbidden too, the caller chose the graph walk.
-        conn.execute("SET LOCAL enable_seqscan = off")
+        settings = ["SET LOCAL enable_seqscan = off"]
         if where is not None:
-            conn.execute("SET LOCAL enable_bitmapscan = off")
-            conn.execute("SET LOCAL enable_sort = off")
-        if top_k > ef:
-            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(top_k)))
+            settings += ["SET LOCAL enable_bitmapscan = off", "SET LOCAL enable_sort = off"]
+        beam = max(int(ef), int(top_k))  # HNSW returns at most ef_search rows
+        if beam != self._ef_search:  # the connection's own setting otherwise (_configure)
+            settings.append(f"SET LOCAL hnsw.ef_search = {beam}")
+        # One round trip for all of them (no parameters, so psycopg sends them as one simple query): a search is a
+        # few milliseconds, and the neighbour-graph job runs one per stored image.
+        conn.execute("; ".join(settings))
         resort = where is not None and ITERATIVE_SCAN == "relaxed_order"
         return conn.execute(self._ranked_sql(where, resort=resort), (v, *params, v, top_k)).fetchall()
 
