@@ -307,16 +307,21 @@ def test_filter_narrows_the_results(server, page):
     assert {r["name"] for r in narrowed} <= set(HOPPER_INDEXED) and all(float(r["score"]) >= 0.9 for r in narrowed)
     assert "min_score=0.9" in page.url  # the filter is part of the link
 
-    openapi = httpx.get(f"{server.url}/openapi.json", timeout=30).json()
-    params = {p["name"] for p in openapi["paths"]["/image/{image_id}/similar"]["get"].get("parameters", [])}
-    if "formats" not in params:
-        pytest.skip("the search API has no `formats` filter on this branch yet (issue #9)")
     page.fill("#opt-min-score", "")
+    page.press("#opt-min-score", "Enter")
     page.check('#options input[name=format][value="PNG"]')
     page.wait_for_function(
         "() => [...document.querySelectorAll('#results .name')].every(n => n.textContent.endsWith('.png'))"
     )
     assert [r["name"] for r in _wait_results(page, 1)] == ["graf1.png"]
+    assert "formats=PNG" in page.url
+
+    # Taken in 2017 (EXIF DateTimeOriginal): only the desk photo; "until" includes its whole last day.
+    page.uncheck('#options input[name=format][value="PNG"]')
+    page.fill("#opt-taken-after", "2017-11-07")
+    page.fill("#opt-taken-before", "2017-11-07")
+    page.wait_for_function("() => document.querySelectorAll('#results li').length === 1")
+    assert [r["name"] for r in _wait_results(page, 1)] == ["exif-rotn-6.jpg"]
 
 
 def test_large_view_and_download_original(server, page, tmp_path):

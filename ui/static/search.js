@@ -21,6 +21,7 @@ const resultUrls = new BlobUrls();
 const previewUrls = new BlobUrls();
 const viewerUrls = new BlobUrls();
 let viewing = null; // the result in the large view
+let pendingPreview = null; // the uploaded query file whose preview is still to be asked for
 let lastHash = "";
 
 const form = () => $("#search-form");
@@ -148,10 +149,20 @@ export function setQueryImage(image, { run = true } = {}) {
   $("#query-preview").hidden = !image;
   $("#query-name").textContent = image ? image.name || "A photo of the collection" : "";
   $("#query-name").title = image?.name || "";
-  if (image?.file) showPreview(image.file, img);
+  // An upload's preview is asked for once its search has answered (runSearch): both decode the file, and for a
+  // 12 MP HEIC on a small server the two decodes at once would delay the results, which matter more.
+  pendingPreview = image?.file ? image.file : null;
+  if (image?.file && !run) startPreview();
   else if (image?.id) showImage(img, `/image/${image.id}/thumbnail?size=${PREVIEW_SIZE}`, previewUrls);
   if (image) clearResults(); // the old query's results are not results of this one
   if (run) runSearch();
+}
+
+function startPreview() {
+  if (!pendingPreview) return;
+  const file = pendingPreview;
+  pendingPreview = null;
+  showPreview(file, $("#query-preview-img"));
 }
 
 /** The query upload as the server sees it: a JPEG it made, so HEIC, TIFF or JPEG XL show too. */
@@ -235,6 +246,7 @@ export async function runSearch({ append = false, push = true } = {}) {
     say(message(), describe(err), "error");
   } finally {
     if (seq === searchSeq) {
+      if (!append) startPreview();
       $("#results").removeAttribute("aria-busy");
       $("#load-more").hidden = exhausted || !results.length;
       $("#load-more").disabled = false;
