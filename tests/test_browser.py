@@ -102,17 +102,30 @@ def server(pg_server, offline_embedder, tmp_path_factory) -> Iterator[Server]:
         yield Server(url, app)
 
 
+#: 12 MP phone JPEGs used as queries for the timing (the fourth photo of the desk, exif-rotn-6.jpg, is indexed).
+#: BROWSER_TIMING_RUNS (1 to 3, default 1) says how many of them each timing uses: every HEIC made costs about 10 s
+#: of CPU on a 2-core machine, so the default run times one of each.
+TIMED_JPEGS = [DESK / "exif-rotn-1.jpg", DESK / "exif-rotn-3.jpg", DESK / "exif-rotn-8.jpg"][
+    : max(1, min(3, int(os.environ.get("BROWSER_TIMING_RUNS", "1"))))
+]
+
+
 @pytest.fixture(scope="module")
-def heic_12mp(tmp_path_factory) -> Path:
-    """A 12 MP HEIC named as iPhones name them (upper case), made from a 12 MP dataset JPEG (EXIF applied)."""
+def heics_12mp(tmp_path_factory) -> list[Path]:
+    """The TIMED_JPEGS as 12 MP HEICs (4032 x 3024, EXIF applied), named as iPhones name them (upper case)."""
     import pillow_heif
     from PIL import Image, ImageOps
 
-    path = tmp_path_factory.mktemp("heic") / "IMG_4032.HEIC"
-    with Image.open(DESK / "exif-rotn-1.jpg") as im:
-        image = ImageOps.exif_transpose(im).convert("RGB")
-    pillow_heif.from_pillow(image).save(path, quality=80)
-    return path
+    folder = tmp_path_factory.mktemp("heic")
+    paths = []
+    for n, jpeg in enumerate(TIMED_JPEGS):
+        with Image.open(jpeg) as im:
+            image = ImageOps.exif_transpose(im).convert("RGB")
+        path = folder / f"IMG_{4032 + n}.HEIC"
+        # x265's ultrafast preset: about 10 s instead of 40 s for 12 MP here; decoding (what is timed) is the same.
+        pillow_heif.from_pillow(image).save(path, quality=80, enc_params={"preset": "ultrafast"})
+        paths.append(path)
+    return paths
 
 
 def _page(browser, request, tmp_path, **context_args):
@@ -177,7 +190,6 @@ def _wait_results(page, at_least: int = 1) -> list[dict]:
 
 def _first_thumbnail_ms(page, path: Path) -> float:
     """Choose ``path`` in the search box and time until the first result thumbnail is decoded on screen."""
-    page.evaluate("() => document.querySelector('#results').replaceChildren()")
     start = time.perf_counter()
     page.set_input_files("#query-file", str(path))
     page.wait_for_function(
@@ -373,15 +385,26 @@ def test_phone_layout_shows_the_first_result_without_scrolling(server, browser, 
         _finish(request, context, page, errors, tmp_path)
 
 
-def test_time_to_first_thumbnail(server, page, heic_12mp):
-    """Upload to first result thumbnail, a 12 MP JPEG and the same photo as a 12 MP HEIC (printed, not asserted)."""
-    _open(page, server.url)
+def test_time_to_first_thumbnail(server, browser, request, tmp_path, heics_12mp):
+    """Upload to first result thumbnail for 12 MP JPEGs and the same photos as 12 MP HEICs (printed, not asserted).
+
+    Each run is a new file (no query-embedding cache hit) in a new browser context (no cached thumbnails): what a
+    user waits for with a new photo on an open page."""
     figures = {}
-    for label, path in (("jpeg_12mp", DESK / "exif-rotn-1.jpg"), ("heic_12mp", heic_12mp)):
-        runs = [_first_thumbnail_ms(page, path) for _ in range(3)]
-        figures[label] = {"file": path.name, "bytes": path.stat().st_size, "ms": [round(r) for r in runs]}
-        assert _wait_results(page, 1)[0]["name"] == "exif-rotn-6.jpg"  # the same desk, rotated
-    print("\nBROWSER_TIMING " + json.dumps({"first_thumbnail": figures, "load_avg": os.getloadavg()[0]}))
+    for label, paths in (("jpeg_12mp", TIMED_JPEGS), ("heic_12mp", heics_12mp)):
+        runs = []
+        for path in paths:
+            context, page, errors = _page(browser, request, tmp_path, viewport={"width": 1280, "height": 900})
+            try:
+                _open(page, server.url)
+                runs.append(round(_first_thumbnail_ms(page, path)))
+                assert _wait_results(page, 1)[0]["name"] == "exif-rotn-6.jpg"  # the same desk, rotated
+            finally:
+                _finish(request, context, page, errors, tmp_path)
+        median = sorted(runs)[len(runs) // 2]
+        figures[label] = {"bytes": [p.stat().st_size for p in paths], "ms": runs, "median_ms": median}
+    line = {"bench": "browser_first_thumbnail", **figures, "load_avg_1m": round(os.getloadavg()[0], 2)}
+    print("\nBROWSER_TIMING " + json.dumps(line))
 
 
 # --- add, duplicates ----------------------------------------------------------------------------------------------
