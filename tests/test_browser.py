@@ -407,6 +407,55 @@ def test_time_to_first_thumbnail(server, browser, request, tmp_path, heics_12mp)
     print("\nBROWSER_TIMING " + json.dumps(line))
 
 
+@pytest.fixture(scope="module")
+def clip_server(pg_server, tmp_path_factory) -> Iterator[str]:
+    """A server with a text model: OpenCLIP ViT-S-32 with random weights (no download; the rankings mean nothing, the
+    requests the page sends and what it shows are what is checked)."""
+    import torch
+
+    from app.embedders.clip import OpenClipEmbedder
+
+    torch.manual_seed(0)
+    clip = OpenClipEmbedder("ViT-S-32", pretrained=None, device="cpu", batch_size=4)
+    settings = make_settings(tmp_path_factory.mktemp("clip") / "data", create_database(pg_server), ui_enabled=True)
+    with run_live_server(create_app(settings, embedder=clip), PORTS) as url:
+        _index(url, [HOPPER / n for n in HOPPER_INDEXED] + OTHERS[:2])
+        yield url
+
+
+def test_text_and_combined_search(clip_server, page):
+    _open(page, clip_server)
+    assert page.is_enabled("#query-text") and page.is_hidden("#text-note")
+    with page.expect_request(lambda r: r.url.split("?")[0].endswith("/search_text")) as sent:
+        page.fill("#query-text", "a woman in uniform")
+        page.press("#query-text", "Enter")
+    assert json.loads(sent.value.post_data) == {"query": "a woman in uniform"}
+    assert len(_wait_results(page, 5)) == 5
+    assert "text=a+woman+in+uniform" in page.url
+
+    # Like this result, but not these words: one POST /search with the stored image and the negative text.
+    first = _wait_results(page, 1)[0]
+    page.locator("#results li").first.locator(".similar").click()
+    _wait_results(page, 4)
+    page.fill("#query-text", "")
+    page.fill("#query-not", "a flag")
+    with page.expect_request(lambda r: r.url.split("?")[0].endswith("/search")) as sent:
+        page.press("#query-not", "Enter")
+    assert json.loads(sent.value.post_data) == {
+        "positive": [{"image_id": first["id"]}],
+        "negative": [{"text": "a flag"}],
+    }
+    assert len(_wait_results(page, 4)) == 4 and page.is_hidden("#search-message")
+    assert "not=a+flag" in page.url
+
+    # An uploaded photo that is not in the collection cannot be combined with words: the page says why.
+    page.click("#query-clear")
+    page.set_input_files("#query-file", str(HOPPER / "pillow_hopper.jpg"))
+    page.wait_for_selector("#search-message.error")
+    assert "not in the collection" in page.inner_text("#search-message")
+    assert page.locator("#results li").count() == 0
+
+
 # --- add, duplicates ----------------------------------------------------------------------------------------------
 def test_add_reports_a_corrupt_file(server, page, tmp_path):
     corrupt = tmp_path / "broken.jpg"
