@@ -527,6 +527,36 @@ def test_login_when_api_key_is_set(pg_server, offline_embedder, tmp_path, browse
             _finish(request, context, page, errors, tmp_path)
 
 
+def test_key_for_writes_only(pg_server, offline_embedder, tmp_path, browser, request):
+    # API_KEY without API_KEY_READS: the page asks first, but searching works without a key; adding asks again.
+    settings = make_settings(tmp_path / "data", create_database(pg_server), ui_enabled=True, api_key=KEY)
+    with run_live_server(create_app(settings, embedder=offline_embedder), PORTS) as url:
+        context, page, errors = _page(browser, request, tmp_path, viewport={"width": 1280, "height": 900})
+        try:
+            page.goto(f"{url}/ui/")
+            page.wait_for_selector("#key-dialog[open]")
+            assert page.inner_text("#key-skip") == "Search without a key"
+            page.click("#key-skip")
+            page.wait_for_selector("body[data-ready=true]")
+            assert page.inner_text("#collection") == "0 photos" and page.is_hidden("#forget-key")
+            page.reload()  # the choice holds for the tab
+            page.wait_for_selector("body[data-ready=true]")
+            assert page.is_hidden("#key-dialog")
+
+            page.click("button.mode[data-mode=add]")
+            page.set_input_files("#add-files", [str(HOPPER / "pillow_hopper.png")])
+            page.click("#add-start")
+            page.wait_for_selector("#key-dialog[open]")
+            page.fill("#key-input", KEY)
+            page.click("#key-submit")
+            page.wait_for_selector("#add-report li.ok")
+            assert page.inner_text("#add-report") == "pillow_hopper.png — added"
+            page.wait_for_function("() => document.querySelector('#collection').textContent === '1 photo'")
+            assert page.is_visible("#forget-key")
+        finally:
+            _finish(request, context, page, errors, tmp_path)
+
+
 def test_docs_render_with_the_network_blocked(server, page):
     outside: list[str] = []
 

@@ -21,18 +21,40 @@ const ctx = {
 
 // --- the API key ----------------------------------------------------------------------------------------------------
 let keyPrompt = null; // the pending prompt, so several 401s at once ask once
+const SKIPPED = "image-search.key-skipped"; // sessionStorage: the user chose to search without a key
 
 /**
- * Ask for the API key (a modal dialog) and resolve once one was entered; when reads need the key, the key is
- * checked with GET /stats first and the dialog stays until a valid one is given.
+ * Ask for the API key (a modal dialog) and resolve with it once entered; when reads need the key, the key is
+ * checked with GET /stats first and the dialog stays until a valid one is given. Unless reads need the key, the
+ * dialog also has a button labelled `skip` (and Escape) that resolves with null; `remember` keeps that choice for
+ * the tab (the start-up prompt's "Search without a key").
  */
-function askKey(why) {
+function askKey(why, { skip = "Cancel", remember = false } = {}) {
+  const optional = !ctx.config.reads_need_key;
   if (keyPrompt) return keyPrompt;
   const dialog = $("#key-dialog");
   $("#key-why").textContent = why;
   say($("#key-error"), null);
   $("#key-input").value = "";
+  $("#key-skip").hidden = !optional;
+  $("#key-skip").textContent = skip;
+  $("#key-input").required = !optional;
   keyPrompt = new Promise((resolve) => {
+    const finish = (key) => {
+      dialog.removeEventListener("submit", onSubmit);
+      $("#key-skip").removeEventListener("click", onSkip);
+      dialog.removeEventListener("cancel", onSkip);
+      dialog.close();
+      keyPrompt = null;
+      $("#forget-key").hidden = !key;
+      resolve(key);
+    };
+    const onSkip = (e) => {
+      e.preventDefault(); // Escape would close the dialog without an answer
+      if (!optional) return; // nothing works without the key
+      if (remember) sessionStorage.setItem(SKIPPED, "1");
+      finish(null);
+    };
     const onSubmit = async (e) => {
       e.preventDefault();
       const key = $("#key-input").value.trim();
@@ -47,13 +69,11 @@ function askKey(why) {
           return;
         }
       }
-      dialog.removeEventListener("submit", onSubmit);
-      dialog.close();
-      keyPrompt = null;
-      $("#forget-key").hidden = false;
-      resolve(key);
+      finish(key);
     };
     dialog.addEventListener("submit", onSubmit);
+    $("#key-skip").addEventListener("click", onSkip);
+    dialog.addEventListener("cancel", onSkip);
   });
   dialog.showModal();
   return keyPrompt;
@@ -68,6 +88,7 @@ async function onUnauthorized(err) {
 
 function forgetKey() {
   setKey(null);
+  sessionStorage.removeItem(SKIPPED);
   $("#forget-key").hidden = true;
   if (ctx.config.reads_need_key) {
     resetSearch();
@@ -192,6 +213,11 @@ async function start() {
       await askKey("This service needs its API key before it shows anything.");
     }
     if (keyPrompt) await keyPrompt;
+  } else if (ctx.config.writes_need_key && !getKey() && !sessionStorage.getItem(SKIPPED)) {
+    await askKey("Adding and deleting photos needs the service's API key. Searching works without it.", {
+      skip: "Search without a key",
+      remember: true,
+    });
   }
   $("#forget-key").hidden = !getKey();
   ctx.health = await getJSON("/health").catch((err) => ({
@@ -215,9 +241,6 @@ async function start() {
     history.pushState(null, "", location.pathname + location.search);
   });
   $("#forget-key").addEventListener("click", forgetKey);
-  $("#key-dialog").addEventListener("cancel", (e) => {
-    if (ctx.config.reads_need_key && !getKey()) e.preventDefault(); // nothing works without it
-  });
   wireDropAndPaste();
   window.addEventListener("popstate", () => {
     if (isSearchHash(location.hash)) setMode("search");
