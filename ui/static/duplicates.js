@@ -8,13 +8,14 @@ import { $, confirmAction, el, formatDate, photos, say } from "./util.js";
 const PAGE = 20; // groups per request
 const THUMB_SIZE = 256;
 const POLL_MS = 1000;
-const RUNNING = new Set(["queued", "pending", "running", "started"]);
+const RUNNING = new Set(["queued", "running"]); // the job's other states: completed, failed, interrupted
 
 let ctx;
 let groups = [];
 let offset = 0;
 let loading = 0; // sequence number of the latest load
 let polling = null;
+let thresholdSet = false; // the slider starts at the service's DUPLICATE_THRESHOLD, from the first answer
 const urls = new BlobUrls();
 
 const message = () => $("#dup-message");
@@ -34,7 +35,8 @@ async function load({ append = false } = {}) {
   say(message(), append ? null : "Looking for duplicates…");
   let page;
   try {
-    page = await getJSON(withQuery("/duplicates", { threshold: threshold().toFixed(2), offset, limit: PAGE }));
+    const t = thresholdSet ? threshold().toFixed(2) : undefined;
+    page = await getJSON(withQuery("/duplicates", { threshold: t, offset, limit: PAGE }));
   } catch (err) {
     if (seq !== loading) return;
     if (!append) render([]);
@@ -49,6 +51,11 @@ async function load({ append = false } = {}) {
     return;
   }
   if (seq !== loading) return;
+  if (!thresholdSet) {
+    thresholdSet = true;
+    $("#dup-threshold").value = String(page.threshold);
+    $("#dup-threshold-value").textContent = threshold().toFixed(2);
+  }
   groups = append ? groups.concat(page.groups) : page.groups;
   offset = groups.length;
   $("#dup-build").textContent = "Find duplicates again";
@@ -56,12 +63,17 @@ async function load({ append = false } = {}) {
   say(
     message(),
     groups.length
-      ? `${groups.length.toLocaleString("en-US")} ${groups.length === 1 ? "group" : "groups"} at similarity ${threshold().toFixed(2)} or more.${built}`
+      ? `${total(page)} at similarity ${threshold().toFixed(2)} or more.${built}`
       : `No duplicates at similarity ${threshold().toFixed(2)} or more.${built}`,
   );
   if (append) page.groups.forEach((g) => $("#dup-groups").append(group(g)));
   else render(groups);
-  $("#dup-more").hidden = page.groups.length < PAGE;
+  $("#dup-more").hidden = page.total !== undefined ? groups.length >= page.total : page.groups.length < PAGE;
+}
+
+function total(page) {
+  const n = page.total ?? groups.length;
+  return `${n.toLocaleString("en-US")} ${n === 1 ? "group" : "groups"}`;
 }
 
 function render(list) {
@@ -166,10 +178,11 @@ async function build() {
       job = await getJSON(`/jobs/${encodeURIComponent(job.id)}`);
     }
     showProgress(job, progress, text);
-    if (job.error || ["failed", "error", "cancelled"].includes(job.state)) {
-      say(message(), `Finding duplicates failed: ${job.error || job.detail || job.state}`, "error");
-    } else {
+    if (job.state === "completed") {
       await load();
+    } else {
+      // failed (with its error), or interrupted by a restart of the service (it resumes by itself)
+      say(message(), `Finding duplicates stopped (${job.state}): ${job.error || "the service restarted; it resumes."}`, "error");
     }
   } catch (err) {
     say(message(), err.message, "error");
@@ -185,7 +198,8 @@ function showProgress(job, progress, text) {
   if (job.total) {
     progress.max = job.total;
     progress.value = job.done || 0;
-    text.textContent = `${(job.done || 0).toLocaleString("en-US")} of ${photos(job.total)} compared`;
+    const verb = job.phase === "dba" ? "refined" : "compared";
+    text.textContent = `${(job.done || 0).toLocaleString("en-US")} of ${photos(job.total)} ${verb}`;
   } else {
     progress.removeAttribute("value"); // indeterminate
     text.textContent = job.state;
