@@ -493,6 +493,23 @@ def test_duplicates_tab_lists_a_known_group(server, page):
     assert any(set(HOPPER_INDEXED) <= set(g) for g in groups), groups
     page.wait_for_function("() => [...document.querySelectorAll('.dup-group img')].every(i => i.naturalWidth > 0)")
 
+    # Delete one photo of the group, after a confirmation (Cancel first: nothing happens).
+    ids = server.ids()
+    heif = ids["pillow_hopper.heif"]
+    group = page.locator(".dup-group", has=page.locator(f'li[data-id="{heif}"]'))
+    group.locator(f'input[value="{heif}"]').check()
+    group.locator("button.delete").click()
+    page.wait_for_selector("#confirm-dialog[open]")
+    assert "pillow_hopper.heif" in page.inner_text("#confirm-text")
+    page.click("#confirm-dialog button[value=cancel]")
+    assert heif in server.ids().values()
+    group.locator("button.delete").click()
+    page.click("#confirm-ok")
+    page.wait_for_selector(f'.dup-group li[data-id="{heif}"]', state="detached")
+    page.wait_for_function("() => document.querySelector('#collection').textContent === '7 photos'")
+    assert heif not in server.ids().values()
+    _index(server.url, [HOPPER / "pillow_hopper.heif"])  # as it was, for the tests after this one
+
 
 # --- access -------------------------------------------------------------------------------------------------------
 def test_login_when_api_key_is_set(pg_server, offline_embedder, tmp_path, browser, request):
