@@ -35,6 +35,8 @@ def test_ui_files_are_served(ui_client):
     page = ui_client.get("/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="app.js">' in page.text
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "img-src 'self' blob:" in csp and "frame-ancestors 'none'" in csp
     for name in ("app.js", "api.js", "search.js", "add.js", "duplicates.js", "util.js"):
         r = ui_client.get(f"/ui/{name}")
         assert r.status_code == 200 and "javascript" in r.headers["content-type"], name

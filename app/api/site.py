@@ -10,9 +10,10 @@ this service's own REST API with ``fetch``. Its files carry no data, so they are
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -22,6 +23,25 @@ FAVICON = Path(__file__).parent / "static" / "favicon.svg"
 UI_DIR = Path(ui.__file__).resolve().parent / "static"
 """The web UI's files (``ui/static/``), served at ``/ui/``."""
 UI_PATH = "/ui"
+
+UI_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+"""Content-Security-Policy of the UI's files: its own scripts and styles only, images from the service or blob: URLs
+(what the page makes from fetched bytes). File names and other stored text are shown as text, never as HTML; this
+makes sure that even a mistake there could not run a script or send data elsewhere."""
+
+
+class _UiFiles(StaticFiles):
+    """``StaticFiles`` that adds :data:`UI_CSP` and ``no-cache`` (the browser revalidates with the ETag, so a new
+    version of the UI is picked up at once after an upgrade, without a build step's hashed file names)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Content-Security-Policy"] = UI_CSP
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 class UiConfig(BaseModel):
@@ -77,4 +97,4 @@ def site_router(*, ui_enabled: bool) -> APIRouter:
 def mount_ui(app: FastAPI) -> None:
     """Serve ``ui/static/`` at ``/ui/`` (``index.html`` for ``/ui/``); call after :func:`site_router` is included,
     so that ``/ui/config.json`` is routed before the static files."""
-    app.mount(UI_PATH, StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.mount(UI_PATH, _UiFiles(directory=UI_DIR, html=True), name="ui")

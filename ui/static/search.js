@@ -158,6 +158,18 @@ export function setQueryImage(image, { run = true } = {}) {
   if (run) runSearch();
 }
 
+/** Resolves when the first result's thumbnail has loaded or failed (at once when there is none). */
+function firstThumbnailShown() {
+  const img = $("#results li img");
+  if (!img) return Promise.resolve();
+  if (img.complete && img.src) return Promise.resolve();
+  return new Promise((resolve) => {
+    img.addEventListener("load", resolve, { once: true });
+    img.addEventListener("error", resolve, { once: true });
+    setTimeout(resolve, 3000); // a thumbnail fetched with the key may not have a src yet; never wait long
+  });
+}
+
 function startPreview() {
   if (!pendingPreview) return;
   const file = pendingPreview;
@@ -246,7 +258,8 @@ export async function runSearch({ append = false, push = true } = {}) {
     say(message(), describe(err), "error");
   } finally {
     if (seq === searchSeq) {
-      if (!append) startPreview();
+      // The upload's preview decodes the file again: ask for it once the first thumbnail is on screen.
+      if (!append) firstThumbnailShown().then(startPreview);
       $("#results").removeAttribute("aria-busy");
       $("#load-more").hidden = exhausted || !results.length;
       $("#load-more").disabled = false;
@@ -320,7 +333,13 @@ function render(page) {
 }
 
 function card(hit) {
-  const img = el("img", { alt: hit.filename, decoding: "async" });
+  // The first row is what the user waits for: fetched first; results far down load when scrolled near.
+  const img = el("img", {
+    alt: hit.filename,
+    decoding: "async",
+    fetchPriority: hit.rank <= 6 ? "high" : "auto",
+    loading: hit.rank > 24 ? "lazy" : "eager",
+  });
   const open = el("button", { type: "button", className: "thumb", title: hit.filename }, img);
   open.addEventListener("click", () => openViewer(hit));
   const similar = el("button", { type: "button", className: "similar", textContent: "More like this" });
