@@ -242,6 +242,11 @@ def test_search_by_jpeg_upload(server, page):
     page.click("#query-clear")
     assert page.locator("#results li").count() == 0
 
+    # The engineers' facts live in About, not in the collection line.
+    page.click("button.mode[data-mode=about]")
+    about = page.inner_text("#about")
+    assert "efficientnet-lite2:imagenet" in about and "1280" in about and "pgvector" in about
+
 
 @pytest.mark.parametrize(
     "name", ["IMG_5195.HEIC", "HMD_Nokia_8.3_5G.heif"], ids=["upper-case-HEIC-picker", "heif-picker"]
