@@ -2,7 +2,7 @@
 // line and the About panel, wires the modes (Search, Add, Duplicates, About), drop-anywhere and paste-anywhere, and
 // runs the search a shared link holds.
 
-import { ApiError, getJSON, getKey, setKey, setReadsNeedKey, setUnauthorizedHandler } from "./api.js";
+import { getJSON, getKey, setKey, setReadsNeedKey, setUnauthorizedHandler } from "./api.js";
 import { addFiles, initAdd } from "./add.js";
 import { initDuplicates, showDuplicates } from "./duplicates.js";
 import { applyHash, initSearch, isSearchHash, resetSearch, searchByFile } from "./search.js";
@@ -205,9 +205,8 @@ async function start() {
     if (getKey()) {
       try {
         await getJSON("/stats");
-      } catch (err) {
-        if (!(err instanceof ApiError) || err.status !== 401) throw err;
-        // onUnauthorized asks; wait for it
+      } catch {
+        // A 401 made onUnauthorized ask for the key (awaited below); any other failure shows in the collection line.
       }
     } else {
       await askKey("This service needs its API key before it shows anything.");
