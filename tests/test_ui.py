@@ -94,3 +94,21 @@ def test_preview_refuses_what_it_cannot_read(ui_client):
     r = ui_client.post("/preview", files={"file": ("cut.jpg", truncated)})
     assert r.status_code in (415, 422) and r.json()["detail"]
     assert ui_client.post("/preview?size=5000", files={"file": ("a.jpg", b"x")}).status_code == 422
+
+
+def test_preview_waits_for_decode_capacity(tmp_path, database_url, offline_embedder):
+    # /preview decodes through the same pixel admission as searches: while the capacity is taken, it waits up to
+    # DECODE_WAIT_S and then answers 503 with Retry-After instead of decoding beside everything else.
+    from fastapi.testclient import TestClient
+
+    settings = make_settings(
+        tmp_path / "data", database_url, ui_enabled=True, max_decode_pixels_in_flight=4_000_000, decode_wait_s=0.2
+    )
+    path = INSTANCE / "exif_portrait" / "Portrait_6.jpg"
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        gate = client.app.state.service.admission
+        with gate.admit(4_000_000):
+            r = client.post("/preview", files={"file": (path.name, path.read_bytes())})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert client.post("/preview", files={"file": (path.name, path.read_bytes())}).status_code == 200
+        assert gate.in_flight == 0
