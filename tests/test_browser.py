@@ -82,7 +82,8 @@ class Server:
 
     def ids(self) -> dict[str, str]:
         """filename -> id of everything indexed."""
-        r = httpx.post(f"{self.url}/search_vector", json={"vector": [1.0] * 1280, "top_k": 100}, timeout=60)
+        dimension = httpx.get(f"{self.url}/stats", timeout=30).json()["dimension"]
+        r = httpx.post(f"{self.url}/search_vector", json={"vector": [1.0] * dimension, "top_k": 100}, timeout=60)
         return {hit["filename"]: hit["id"] for hit in r.json()["results"]}
 
 
@@ -564,7 +565,10 @@ def test_login_when_api_key_is_set(pg_server, offline_embedder, tmp_path, browse
 
 def test_key_for_writes_only(pg_server, offline_embedder, tmp_path, browser, request):
     # API_KEY without API_KEY_READS: the page asks first, but searching works without a key; adding asks again.
-    settings = make_settings(tmp_path / "data", create_database(pg_server), ui_enabled=True, api_key=KEY)
+    # MAX_BATCH_FILES=2: three files go in two requests.
+    settings = make_settings(
+        tmp_path / "data", create_database(pg_server), ui_enabled=True, api_key=KEY, max_batch_files=2
+    )
     with run_live_server(create_app(settings, embedder=offline_embedder), PORTS) as url:
         context, page, errors = _page(browser, request, tmp_path, viewport={"width": 1280, "height": 900})
         try:
@@ -579,14 +583,18 @@ def test_key_for_writes_only(pg_server, offline_embedder, tmp_path, browser, req
             assert page.is_hidden("#key-dialog")
 
             page.click("button.mode[data-mode=add]")
-            page.set_input_files("#add-files", [str(HOPPER / "pillow_hopper.png")])
+            names = ["pillow_hopper.png", "pillow_hopper.webp", "pillow_hopper.bmp"]
+            page.set_input_files("#add-files", [str(HOPPER / n) for n in names])
+            batches: list[str] = []
+            page.on("request", lambda r: batches.append(r.url) if r.url.endswith("/index_images") else None)
             page.click("#add-start")
             page.wait_for_selector("#key-dialog[open]")
             page.fill("#key-input", KEY)
             page.click("#key-submit")
-            page.wait_for_selector("#add-report li.ok")
-            assert page.inner_text("#add-report") == "pillow_hopper.png — added"
-            page.wait_for_function("() => document.querySelector('#collection').textContent === '1 photo'")
+            page.wait_for_function("() => document.querySelectorAll('#add-report li.ok').length === 3")
+            assert page.inner_text("#add-report").splitlines() == [f"{n} — added" for n in names]
+            assert len(batches) == 2
+            page.wait_for_function("() => document.querySelector('#collection').textContent === '3 photos'")
             assert page.is_visible("#forget-key")
         finally:
             _finish(request, context, page, errors, tmp_path)
