@@ -500,8 +500,6 @@ def test_add_reports_a_corrupt_file(server, page, tmp_path):
 
 
 def test_duplicates_tab_lists_a_known_group(server, page):
-    if httpx.get(f"{server.url}/duplicates", timeout=30).status_code == 404:
-        pytest.skip("GET /duplicates is not on this branch yet (the neighbours/duplicates job)")
     _open(page, server.url)
     page.click("button.mode[data-mode=duplicates]")
     page.click("#dup-build")
