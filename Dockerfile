@@ -90,8 +90,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     DATA_DIR=/data \
     MODEL_CACHE_DIR=/models \
     HF_HOME=/models/hf \
-    TORCH_HOME=/models/torch \
-    GRADIO_ANALYTICS_ENABLED=False
+    TORCH_HOME=/models/torch
 
 USER 10001:10001
 

@@ -1,4 +1,4 @@
-"""The ASGI application ``app.main:app``: REST API, OpenAPI docs at ``/docs`` and the Gradio UI at ``/ui``.
+"""The ASGI application ``app.main:app``: REST API, OpenAPI docs at ``/docs`` and the web UI at ``/ui/``.
 
 :func:`create_app` is the application factory; tests and embedders of the service call it. ``app`` itself is built
 on first access (PEP 562 module ``__getattr__``), so importing this module for the factory builds nothing. Everything
@@ -23,8 +23,8 @@ from app.api.jobs import router as jobs_router
 from app.api.limits import install_limits
 from app.api.metrics import install_metrics
 from app.api.routes import router
-from app.api.security import UI_LOGIN_MESSAGE, install_security
-from app.api.site import site_router
+from app.api.security import install_security
+from app.api.site import mount_ui, site_router
 from app.config import Settings
 
 if TYPE_CHECKING:
@@ -41,37 +41,16 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         embedder: an already loaded model to use instead of loading one from the settings (lets tests share one).
     """
     settings = settings or Settings()
-    ui = None
-    if settings.ui_enabled:
-        from ui.mount import DeferredUI
-
-        def build_ui() -> tuple[object, dict]:
-            from ui.app import build_ui
-
-            # With API_KEY set, the UI asks for it on Gradio's login form (any user name, the key as password).
-            login = {"auth": access.gradio_login, "auth_message": UI_LOGIN_MESSAGE} if access.has_keys else {}
-            return build_ui(lambda: app.state.service, settings=settings), login
-
-        ui = DeferredUI(build_ui)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from app.service import SearchService
 
-        if ui is not None:
-            ui.start()  # built on a worker thread while the service opens: /health does not wait for it
-        try:
-            service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
-        except BaseException:
-            if ui is not None:
-                await ui.stop()
-            raise
+        service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
         app.state.service = service
         try:
             yield
         finally:
-            if ui is not None:
-                await ui.stop()
             service.close()
 
     # fastapi-offline serves Swagger UI's and ReDoc's JavaScript and CSS from the installed package: /docs and
@@ -87,14 +66,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     install_error_handlers(app)
     install_limits(app, settings)
-    access = install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
+    install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
     app.include_router(jobs_router)  # POST /jobs/neighbours, GET /jobs/{id}, GET /duplicates
-    app.include_router(site_router(ui_enabled=ui is not None))
-
-    if ui is not None:
-        app.mount(ui.path, ui)
+    app.include_router(site_router(ui_enabled=settings.ui_enabled))
+    if settings.ui_enabled:
+        mount_ui(app)  # after site_router: /ui/config.json is a route, everything else under /ui/ a static file
     return app
 
 

@@ -1,9 +1,9 @@
 """The data path in one place: upload -> decode -> embed -> store -> search.
 
 :class:`SearchService` is the one front door of the service: the FastAPI lifespan opens it
-(:meth:`SearchService.open`) and closes it, and the REST API and the Gradio UI call only its methods, so both behave
-the same. It is thread-safe: FastAPI runs the sync endpoints in a thread pool, and the model runtime and the
-connection pool both allow concurrent callers.
+(:meth:`SearchService.open`) and closes it, and the REST API (and through it the web UI) calls only its methods,
+so every client gets the same behaviour. It is thread-safe: FastAPI runs the sync endpoints in a thread pool, and
+the model runtime and the connection pool both allow concurrent callers.
 """
 
 from __future__ import annotations
@@ -460,6 +460,21 @@ class SearchService:
         Raises :class:`ImageNotFoundError`.
         """
         data = self.image_file(image_id).read_bytes()
+        with self.admission.admit(self._pixels(data, draft_size=size)):
+            return self._thumbnail(data, size)
+
+    def preview(self, data: bytes, size: int = 512) -> bytes:
+        """A JPEG of uploaded image bytes, at most ``size`` x ``size`` pixels, EXIF orientation applied: how the web
+        UI shows a query image in any format the service decodes (HEIC, TIFF, JPEG XL... that browsers cannot).
+
+        Nothing is stored. The decode goes through the same pixel admission as searches and thumbnails, so a burst
+        of large previews cannot hold more decoded pixels in memory than MAX_DECODE_PIXELS_IN_FLIGHT.
+
+        Raises:
+            ImageDecodeError: over MAX_UPLOAD_MB, an unknown format, a corrupt file or too many pixels (413/415/422),
+                or :class:`ServiceBusyError` when the decode admission waits longer than DECODE_WAIT_S (503).
+        """
+        check_upload_size(len(data), self.settings.max_upload_bytes)
         with self.admission.admit(self._pixels(data, draft_size=size)):
             return self._thumbnail(data, size)
 

@@ -33,6 +33,15 @@ def pytest_report_header(config) -> str:
     return f"datasets: {DATASETS}"
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Keeps each phase's report on the test item (item.rep_setup, item.rep_call), so a fixture can tell after the
+    # test whether it failed (tests/test_browser.py then keeps a screenshot).
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture(scope="session")
 def datasets() -> Path:
     """``../shared/datasets`` next to the project (real images with ground truth)."""

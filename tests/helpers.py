@@ -6,6 +6,7 @@ place (``from tests.helpers import ...``) instead of from each other.
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import threading
@@ -71,18 +72,29 @@ def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
     return Settings(_env_file=None, **values)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(ports: range | None = None) -> int:
+    """A free loopback port: any the system picks, or one of ``ports`` (a range a test was given to stay in)."""
+    if ports is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    for port in random.sample(ports, len(ports)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 @contextmanager
-def run_live_server(app) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+def run_live_server(app, ports: range | None = None) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port (one of ``ports`` if given) in a thread; yields the base
+    URL."""
     import uvicorn
 
-    port = free_port()
+    port = free_port(ports)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,4 +1,5 @@
-"""API keys, the secure default on non-loopback hosts, CORS and the UI login: the real app on a real database."""
+"""API keys, the secure default on non-loopback hosts, CORS and what the web UI may serve without a key: the real
+app on a real database. The UI's own key prompt is driven in a browser in tests/test_browser.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from app.api.security import is_loopback, presented_key
 from app.main import create_app
-from tests.helpers import make_settings, run_live_server
+from tests.helpers import make_settings
 
 HOPPER = "instance_small/images/grace_hopper"
 KEY_OLD = "old-key-5f1c2a"
@@ -128,6 +129,7 @@ def test_api_key_reads_protects_everything_but_health(tmp_path, database_url, of
             ("HEAD", f"/image/{'0' * 64}", {}),
             ("GET", f"/image/{'0' * 64}/thumbnail", {}),
             ("POST", "/search_image", {"files": {"file": (name, data)}}),
+            ("POST", "/preview", {"files": {"file": (name, data)}}),
             ("POST", "/search_vector", {"json": {"vector": [1.0]}}),
             ("POST", "/images/exists", {"json": {"ids": []}}),
             ("GET", "/no-such-route", {}),
@@ -141,9 +143,11 @@ def test_api_key_reads_protects_everything_but_health(tmp_path, database_url, of
         assert client.get(f"/image/{'0' * 64}", headers=key).status_code == 404
         assert client.post("/search_image", files={"file": (name, data)}, headers=key).status_code == 200
         _assert_401(client.get("/stats", headers={"X-API-Key": "wrong"}))
-        # The UI has its own login form (Gradio's), so its page is not refused by the header check.
-        assert client.get("/ui/").status_code == 200
-        assert client.get("/ui/config").status_code == 401
+        # The UI's static files and config.json hold no data: public, so the page can load and ask for the key.
+        for path in ("/ui/", "/ui/app.js", "/ui/style.css", "/ui/config.json"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/ui/config.json").json()["reads_need_key"] is True
+        assert client.get("/ui/no-such-file.js").status_code == 404
 
 
 @pytest.mark.slow
@@ -208,31 +212,15 @@ def test_cors_only_when_configured(tmp_path, database_url, offline_embedder):
 
 
 @pytest.mark.slow
-def test_ui_asks_for_the_key(tmp_path, database_url, offline_embedder, datasets):
-    from gradio_client import Client
-
-    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=f"{KEY_OLD},{KEY_NEW}")
-    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
-        assert httpx.get(f"{url}/ui/config", timeout=30).status_code == 401
-        wrong = httpx.post(f"{url}/ui/login", data={"username": "me", "password": "wrong"}, timeout=30)
-        assert wrong.status_code in (400, 401)
-        with httpx.Client(base_url=url, timeout=30) as browser:
-            ok = browser.post("/ui/login", data={"username": "anyone", "password": KEY_NEW})
-            assert ok.status_code == 200, ok.text
-            assert browser.get("/ui/config").status_code == 200
-        client = Client(f"{url}/ui/", auth=("anyone", KEY_OLD), verbose=False)
-        assert client.predict(api_name="/stats").startswith("0 images")
-
-
-@pytest.mark.slow
-def test_ui_refuses_anonymous_writes_on_non_loopback(tmp_path, database_url, offline_embedder, datasets):
-    from gradio_client import Client, handle_file
-    from gradio_client.exceptions import AppError
-
-    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, host="0.0.0.0")
-    path = sorted((datasets / HOPPER).iterdir())[0]
-    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
-        client = Client(f"{url}/ui/", verbose=False)
-        with pytest.raises(AppError, match="API_KEY"):
-            client.predict([handle_file(str(path))], api_name="/index_images")
-        assert client.predict(api_name="/stats").startswith("0 images")
+def test_ui_config_says_what_the_page_must_ask_for(tmp_path, database_url, offline_embedder):
+    # Writes with a key (reads open), and the secure default on a non-loopback host without a key: the page learns
+    # both from the public config.json, and the API itself still refuses what the page would refuse.
+    with _app_client(tmp_path, database_url, offline_embedder, ui_enabled=True, api_key=KEY_NEW) as client:
+        config = client.get("/ui/config.json").json()
+        assert config["reads_need_key"] is False and config["writes_need_key"] is True
+        assert config["writes_refused"] is None
+        assert KEY_NEW not in client.get("/ui/config.json").text
+    with _app_client(tmp_path, database_url, offline_embedder, ui_enabled=True, host="0.0.0.0") as client:
+        config = client.get("/ui/config.json").json()
+        assert config["writes_need_key"] is False and "API_KEY" in config["writes_refused"]
+        assert client.post("/index_images", files=[("files", ("a.jpg", b"x"))]).status_code == 403

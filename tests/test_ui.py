@@ -1,154 +1,114 @@
-"""The Gradio UI at /ui, driven like a browser would through a real server: gradio_client against a live uvicorn
-with the offline model, a real embedded PostgreSQL and real images from the shared datasets."""
+"""The web UI's server side: its static files at /ui/, /ui/config.json, and POST /preview (the query image as a JPEG
+for any format), through the real app on a real database. The page itself is driven in a browser in
+tests/test_browser.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import io
 
-import httpx
+import pillow_heif
 import pytest
-from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
-from PIL import Image
+from PIL import Image, ImageOps
 
 from app.main import create_app
-from tests.helpers import create_database, make_settings, run_live_server
-from ui.app import THUMBNAIL_SIZE, _uploaded_image, format_stats
+from tests.helpers import FORMATS, INSTANCE, make_settings
 
-# Loads a model, a database or a server: left out of `make test-fast`.
+# Loads a model and a database: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
 
-HOPPER = "instance_small/images/grace_hopper"
-# Three variants of one portrait crop, indexed: a PNG, a JPEG with EXIF orientation 6 and a HEIF (which browsers
-# cannot show, so the gallery must get a JPEG thumbnail of it).
-HOPPER_INDEXED = ["pillow_hopper.png", "pillow_hopper_orientation_6.jpg", "pillow_hopper.heif"]
-DISTRACTORS = [
-    "instance_small/images/plasma_Kite/Kite_2560x1600.jpg",
-    "instance_small/images/ocv_graffiti_viewpoint/graf1.png",
-    "instance_small/images/exif_landscape/Landscape_0.jpg",
-    "instance_small/images/pdq_bridge/aaa-orig.jpg",
-]
+pillow_heif.register_heif_opener()  # to read the HEIC test file's size here
 
 
-@dataclass
-class UiServer:
-    url: str
-    app: object
-    datasets: Path
+@pytest.fixture
+def ui_client(tmp_path, database_url, offline_embedder):
+    from fastapi.testclient import TestClient
 
-    def client(self) -> Client:
-        return Client(f"{self.url}/ui/", verbose=False)
-
-
-@pytest.fixture(scope="module")
-def ui_server(pg_server, offline_embedder, datasets, tmp_path_factory) -> Iterator[UiServer]:
-    """One live server with the UI for the whole module (starting one is the slow part), 7 images indexed."""
-    settings = make_settings(tmp_path_factory.mktemp("ui") / "data", create_database(pg_server), ui_enabled=True)
-    app = create_app(settings, embedder=offline_embedder)
-    with run_live_server(app) as url:
-        paths = [datasets / HOPPER / name for name in HOPPER_INDEXED] + [datasets / p for p in DISTRACTORS]
-        for path in paths:
-            r = httpx.post(f"{url}/index_image", files={"file": (path.name, path.read_bytes())}, timeout=60)
-            assert r.status_code == 201, r.text
-        yield UiServer(url, app, datasets)
+    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True)
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        yield client
 
 
-def _captions(gallery: list[dict]) -> list[str]:
-    return [item["caption"] for item in gallery]
+def test_ui_files_are_served(ui_client):
+    assert ui_client.get("/", follow_redirects=False).headers["location"] == "/ui/"
+    r = ui_client.get("/ui", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/ui/"
+    page = ui_client.get("/ui/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="app.js">' in page.text
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "img-src 'self' blob:" in csp and "frame-ancestors 'none'" in csp
+    for name in ("app.js", "api.js", "search.js", "add.js", "duplicates.js", "util.js"):
+        r = ui_client.get(f"/ui/{name}")
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"], name
+    # Nothing outside ui/static is reachable through the mount.
+    assert ui_client.get("/ui/../app/config.py").status_code == 404
+    assert ui_client.get("/ui/%2e%2e/__init__.py").status_code == 404
 
 
-def test_ui_page_is_served(ui_server):
-    r = httpx.get(f"{ui_server.url}/ui/", timeout=30)
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/html")
-    assert "gradio" in r.text.lower()
+def test_ui_config(ui_client):
+    config = ui_client.get("/ui/config.json").json()
+    settings = ui_client.app.state.settings
+    assert config == {
+        "reads_need_key": False,
+        "writes_need_key": False,
+        "writes_refused": None,
+        "default_top_k": settings.default_top_k,
+        "max_top_k": settings.max_top_k,
+        "max_upload_mb": settings.max_upload_mb,
+        "max_batch_files": settings.max_batch_files,
+        "max_batch_mb": settings.max_batch_mb,
+    }
 
 
-def test_search_by_image_returns_thumbnails_of_the_same_group_first(ui_server):
-    query = ui_server.datasets / HOPPER / "pillow_hopper.jpg"  # not indexed itself
-    gallery = ui_server.client().predict(handle_file(str(query)), 4, api_name="/search_image")
-
-    captions = _captions(gallery)
-    assert len(captions) == 4
-    # "score · filename", best first; the three indexed variants of the query's picture come before any distractor.
-    assert {c.split(" · ", 1)[1] for c in captions[:3]} == set(HOPPER_INDEXED)
-    scores = [float(c.split(" · ", 1)[0]) for c in captions]
-    assert scores == sorted(scores, reverse=True)
-    assert all(len(c.split(" · ", 1)[0].split(".")[1]) == 3 for c in captions)
-    # Every result is delivered as a JPEG thumbnail, also for the HEIF original.
-    for item in gallery:
-        with Image.open(item["image"]) as im:
-            assert im.format == "JPEG"
-            assert max(im.size) <= THUMBNAIL_SIZE
+def test_no_ui_when_disabled(client):
+    assert client.get("/ui/").status_code == 404
+    assert client.get("/ui/config.json").status_code == 404
 
 
-def test_search_by_image_passes_the_original_bytes(ui_server):
-    # The exact bytes of an indexed file are recognised as that file, which is left out of its own results (as in
-    # the API). Any re-encoding on the way (the stock gr.Image converts to RGB and drops EXIF) would change the
-    # bytes, so the file would come back first, scored about 1.
-    query = ui_server.datasets / HOPPER / "pillow_hopper_orientation_6.jpg"
-    gallery = ui_server.client().predict(handle_file(str(query)), 3, api_name="/search_image")
-    names = [c.split(" · ", 1)[1] for c in _captions(gallery)]
-    assert len(names) == 3 and "pillow_hopper_orientation_6.jpg" not in names
+@pytest.mark.parametrize(
+    "path",
+    [
+        FORMATS / "heic" / "IMG_5195.HEIC",  # upper case, as iPhones name them
+        FORMATS / "tiff" / "hopper.tif",
+        INSTANCE / "exif_portrait" / "Portrait_6.jpg",  # EXIF orientation 6: the preview is upright
+    ],
+    ids=lambda p: p.name,
+)
+def test_preview_is_a_jpeg_for_any_format(ui_client, path):
+    with Image.open(path) as original:
+        upright = ImageOps.exif_transpose(original).size
+    r = ui_client.post("/preview?size=200", files={"file": (path.name, path.read_bytes())})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/jpeg" and r.headers["cache-control"] == "no-store"
+    with Image.open(io.BytesIO(r.content)) as preview:
+        assert preview.format == "JPEG" and max(preview.size) <= 200
+        # Same orientation as the upright original (landscape stays landscape, portrait portrait).
+        assert (preview.width >= preview.height) == (upright[0] >= upright[1])
+    assert ui_client.get("/stats").json()["count"] == 0  # nothing stored
 
 
-def test_bad_upload_shows_the_service_message(ui_server, tmp_path):
-    bad = tmp_path / "notes.jpg"
-    bad.write_bytes(b"this is not an image, just text in a .jpg file\n" * 4)
-    api = httpx.post(f"{ui_server.url}/search_image", files={"file": (bad.name, bad.read_bytes())}, timeout=30)
-    assert api.status_code in (415, 422)
-
-    with pytest.raises(AppError) as info:
-        ui_server.client().predict(handle_file(str(bad)), 3, api_name="/search_image")
-    assert info.value.message == api.json()["detail"]  # the service's own words, not a traceback
+def test_preview_refuses_what_it_cannot_read(ui_client):
+    r = ui_client.post("/preview", files={"file": ("notes.HEIC", b"not an image at all\n" * 20)})
+    assert r.status_code == 415 and "detail" in r.json()
+    truncated = (INSTANCE / "exif_portrait" / "Portrait_6.jpg").read_bytes()[:400]
+    r = ui_client.post("/preview", files={"file": ("cut.jpg", truncated)})
+    assert r.status_code in (415, 422) and r.json()["detail"]
+    assert ui_client.post("/preview?size=5000", files={"file": ("a.jpg", b"x")}).status_code == 422
 
 
-def test_text_search_is_disabled_for_the_image_only_model(ui_server):
-    with pytest.raises(AppError) as info:
-        ui_server.client().predict("a woman in uniform", 3, api_name="/search_text")
-    assert info.value.message == (
-        "Text search needs a CLIP model; the loaded model efficientnet-lite2:imagenet is image-only."
+def test_preview_waits_for_decode_capacity(tmp_path, database_url, offline_embedder):
+    # /preview decodes through the same pixel admission as searches: while the capacity is taken, it waits up to
+    # DECODE_WAIT_S and then answers 503 with Retry-After instead of decoding beside everything else.
+    from fastapi.testclient import TestClient
+
+    settings = make_settings(
+        tmp_path / "data", database_url, ui_enabled=True, max_decode_pixels_in_flight=4_000_000, decode_wait_s=0.2
     )
-
-    # On page load the text box and its button are switched off and the explanation shown.
-    demo = _mounted_blocks(ui_server.app)
-    (load,) = [f for f in demo.fns.values() if f.name == "load_state"]
-    line, slider, note, textbox, button = load.fn()
-    assert textbox["interactive"] is False and button["interactive"] is False
-    assert "image-only" in note["value"]
-    settings = ui_server.app.state.settings
-    assert slider["maximum"] == settings.max_top_k and slider["value"] == settings.default_top_k
-    assert line == format_stats(ui_server.app.state.service.stats())
-
-
-def test_stats_and_add_to_index(ui_server):
-    client = ui_server.client()
-    before = httpx.get(f"{ui_server.url}/stats", timeout=30).json()
-    line = client.predict(api_name="/stats")
-    assert line == f"{before['count']} images · model {before['model']} (dim {before['dimension']}) · backend pgvector"
-
-    new = ui_server.datasets / HOPPER / "pillow_hopper.webp"
-    known = ui_server.datasets / HOPPER / "pillow_hopper.png"
-    summary, line = client.predict([handle_file(str(new)), handle_file(str(known))], api_name="/index_images")
-    assert summary == "Added 1, already indexed 1, failed 0."
-    assert line.startswith(f"{before['count'] + 1} images · ")
-    assert httpx.get(f"{ui_server.url}/stats", timeout=30).json()["count"] == before["count"] + 1
-    assert line == format_stats(ui_server.app.state.service.stats())
-
-
-def _mounted_blocks(app):
-    """The gr.Blocks mounted at /ui (gradio keeps it on the sub-app's ``blocks``)."""
-    for route in app.routes:
-        if getattr(route, "path", None) == "/ui":
-            return route.app.blocks
-    raise AssertionError("no /ui mount")
-
-
-def test_uploaded_image_payloads():
-    assert _uploaded_image(None) is None
-    assert _uploaded_image({"path": "/tmp/gradio/abc/cat.jpg", "url": "http://x/file=cat.jpg"}) == (
-        "/tmp/gradio/abc/cat.jpg"
-    )
-    assert _uploaded_image({"path": None, "url": "data:image/png;base64,iVBORw0K"}) == b"\x89PNG\r\n"
+    path = INSTANCE / "exif_portrait" / "Portrait_6.jpg"
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        gate = client.app.state.service.admission
+        with gate.admit(4_000_000):
+            r = client.post("/preview", files={"file": (path.name, path.read_bytes())})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert client.post("/preview", files={"file": (path.name, path.read_bytes())}).status_code == 200
+        assert gate.in_flight == 0

@@ -199,7 +199,7 @@ def _route_label(scope: Scope) -> str:
     path = getattr(route, "path", None)
     if path:
         return path
-    # The Gradio UI is a mounted app: one label for all of it.
+    # The web UI's static files are a mounted app: one label for all of them.
     if scope.get("path", "").startswith("/ui"):
         return "/ui"
     return UNMATCHED

@@ -278,6 +278,23 @@ def get_thumbnail(service: Service, image_id: str, size: Annotated[int, Query(ge
     )
 
 
+@router.post(
+    "/preview",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG preview."}, **_ERRORS},
+    summary="JPEG preview of an uploaded image",
+)
+def preview_upload(
+    service: Service,
+    file: Annotated[UploadFile, File(description="Any image the service decodes (HEIC, TIFF, JPEG XL...).")],
+    size: Annotated[int, Query(ge=16, le=1024, description="Longest side of the JPEG, pixels.")] = 512,
+) -> Response:
+    """A JPEG of the uploaded image, at most ``size`` pixels on its longer side, EXIF orientation applied; nothing is
+    stored. The web UI shows query images with it, since browsers cannot show HEIC, TIFF or JPEG XL."""
+    jpeg = service.preview(_read_upload(file, service), size)
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
 @write_router.delete("/image/{image_id}", response_model=DeleteResponse, responses=_ERRORS, summary="Delete an image")
 def delete_image(service: Service, image_id: str) -> DeleteResponse:
     """Remove the image's vector and its stored original."""

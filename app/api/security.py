@@ -7,7 +7,9 @@ The rules, all owned here:
   Writes are the routes of :data:`write_router` in ``app/api/routes.py``, whose router-level dependency
   (:func:`require_write`) a new write route cannot forget.
 - ``API_KEY_READS=true`` also protects every other endpoint (``/docs``, ``/metrics``...) except ``/health``, through
-  :class:`ReadKeyMiddleware`; the UI at ``/ui`` has its own login form whose password is the key.
+  :class:`ReadKeyMiddleware`. The web UI's own files under ``/ui/`` stay public: they are static HTML, CSS and
+  JavaScript plus ``/ui/config.json`` (whether a key is needed), with no data; the page asks the user for the key and
+  sends it in ``X-API-Key`` on every data call (the same check as any other client, no cookie).
 - Secure by default: with no key and ``HOST`` not a loopback address, writes answer ``403`` naming ``API_KEY``
   (``ALLOW_ANONYMOUS_WRITES=true`` opts out), and start-up logs one WARNING.
 - Keys are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, so neither the content nor the
@@ -34,11 +36,8 @@ log = logging.getLogger(__name__)
 
 #: Paths a client may always call, whatever API_KEY_READS says: load balancers and orchestrators probe it.
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # "/" only redirects
-#: The Gradio UI authenticates with its own login form (the key is the password), not with request headers.
+#: The web UI's static files and its config.json: public, since they hold no data (see the module docstring).
 UI_PREFIX = "/ui"
-
-#: What Gradio's login form says when API_KEY is set.
-UI_LOGIN_MESSAGE = "Log in with the service's API key as the password (any user name)."
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="image-search"'}
 
@@ -125,10 +124,6 @@ class AccessPolicy:
         elif write and (refusal := self.write_refusal()):
             raise HTTPException(403, refusal)
 
-    def gradio_login(self, username: str, password: str) -> bool:
-        """Gradio's ``auth=`` callback: any user name, the password is an API key."""
-        return self.key_is_valid(password)
-
 
 def require_write(request: Request) -> None:
     """FastAPI dependency of every write route (``write_router``): 401/403 unless the request may write."""
@@ -136,7 +131,7 @@ def require_write(request: Request) -> None:
 
 
 class ReadKeyMiddleware:
-    """With API_KEY_READS, answer 401 to any request without a valid key, except PUBLIC_PATHS and the UI.
+    """With API_KEY_READS, answer 401 to any request without a valid key, except PUBLIC_PATHS and the UI's files.
 
     A middleware rather than a dependency so that it also covers the routes FastAPI adds itself (``/docs``,
     ``/openapi.json``) and any route added later.

@@ -321,7 +321,9 @@ def test_stack_is_healthy_and_serves_api_docs_and_ui(stack: Stack) -> None:
     openapi = stack.get("/openapi.json")
     assert openapi.status_code == 200 and "/index_images" in openapi.json()["paths"]
     ui = stack.get("/ui/", follow_redirects=True)
-    assert ui.status_code == 200 and "gradio" in ui.text.lower(), ui.text[:500]
+    assert ui.status_code == 200 and '<script type="module" src="app.js">' in ui.text, ui.text[:500]
+    config = stack.get("/ui/config.json")
+    assert config.status_code == 200 and config.json()["writes_need_key"] is True, config.text
 
 
 def test_app_runs_as_uid_10001_and_only_the_app_port_is_published(stack: Stack) -> None:
