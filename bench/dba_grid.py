@@ -32,26 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.config import Settings  # noqa: E402
 from app.neighbours.dba import dba_matrix  # noqa: E402
 from app.search.expansion import alpha_qe  # noqa: E402
-from app.vectordb import create_handler  # noqa: E402
+from bench.expand_grid import load_vectors  # noqa: E402
 from bench.quality import average_precision, ground_truth  # noqa: E402
-
-
-def load_vectors() -> tuple[list[str], np.ndarray]:
-    """Ids and ``(N, D)`` float32 vectors of the collection the settings point at."""
-    db = create_handler(Settings())
-    try:
-        info = db.collection_info()
-        db.ensure_collection(info.model_id, info.dim)
-        ids, vectors = [], []
-        for batch in db.scan():
-            ids += [r.id for r in batch]
-            vectors += [r.vector for r in batch]
-    finally:
-        db.close()
-    return ids, np.stack(vectors).astype(np.float32)
 
 
 def main() -> int:

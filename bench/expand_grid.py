@@ -30,6 +30,21 @@ from app.vectordb import create_handler  # noqa: E402
 from bench.quality import average_precision, ground_truth  # noqa: E402
 
 
+def load_vectors() -> tuple[list[str], np.ndarray]:
+    """Ids and ``(N, D)`` float32 vectors of the collection the settings point at (the environment's)."""
+    db = create_handler(Settings())
+    try:
+        info = db.collection_info()
+        db.ensure_collection(info.model_id, info.dim)
+        ids, vectors = [], []
+        for batch in db.scan():
+            ids += [r.id for r in batch]
+            vectors += [r.vector for r in batch]
+    finally:
+        db.close()
+    return ids, np.stack(vectors).astype(np.float32)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, required=True)
@@ -41,17 +56,7 @@ def main() -> int:
     root = args.dataset.resolve()
     queries = ground_truth(root)
     id_of = {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.*")}
-    db = create_handler(Settings())
-    try:
-        info = db.collection_info()
-        db.ensure_collection(info.model_id, info.dim)
-        ids, vectors = [], []
-        for batch in db.scan():
-            ids += [r.id for r in batch]
-            vectors += [r.vector for r in batch]
-    finally:
-        db.close()
-    x = np.stack(vectors).astype(np.float32)
+    ids, x = load_vectors()
     row = {image_id: i for i, image_id in enumerate(ids)}
     qrows = np.array([row[id_of[q]] for q in queries])
     relevant = [{row[id_of[r]] for r in rel} - {row[id_of[q]]} for q, rel in queries.items()]
