@@ -459,9 +459,7 @@ class SearchService:
 
         Raises :class:`ImageNotFoundError`.
         """
-        data = self.image_file(image_id).read_bytes()
-        with self.admission.admit(self._pixels(data, draft_size=size)):
-            return self._thumbnail(data, size)
+        return self._thumbnail(self.image_file(image_id).read_bytes(), size)
 
     def preview(self, data: bytes, size: int = 512) -> bytes:
         """A JPEG of uploaded image bytes, at most ``size`` x ``size`` pixels, EXIF orientation applied: how the web
@@ -474,11 +472,15 @@ class SearchService:
             ImageDecodeError: over MAX_UPLOAD_MB, an unknown format, a corrupt file or too many pixels (413/415/422),
                 or :class:`ServiceBusyError` when the decode admission waits longer than DECODE_WAIT_S (503).
         """
-        check_upload_size(len(data), self.settings.max_upload_bytes)
-        with self.admission.admit(self._pixels(data, draft_size=size)):
-            return self._thumbnail(data, size)
+        self._check_size(data)
+        return self._thumbnail(data, size)
 
     def _thumbnail(self, data: bytes, size: int) -> bytes:
+        """The JPEG of :meth:`thumbnail` and :meth:`preview`, decoded under the pixel admission."""
+        with self.admission.admit(self._pixels(data, draft_size=size)):
+            return self._encode_thumbnail(data, size)
+
+    def _encode_thumbnail(self, data: bytes, size: int) -> bytes:
         # Draft mode decodes a large JPEG straight to about the thumbnail's size instead of its full resolution.
         image = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=size).image
         image.thumbnail((size, size))
