@@ -68,16 +68,8 @@ class SearchParams:
         p = self.merged(body)
         defaults = SearchOptions()
         try:
-            filters = SearchFilter.create(
-                path_prefix=p.path_prefix,
-                formats=p.formats,
-                indexed_after=p.indexed_after,
-                indexed_before=p.indexed_before,
-                taken_after=p.taken_after,
-                taken_before=p.taken_before,
-                min_width=p.min_width,
-                min_height=p.min_height,
-            )
+            # SearchFilter's fields are the filters, under the same names as these parameters.
+            filters = SearchFilter.create(**{f.name: getattr(p, f.name) for f in fields(SearchFilter)})
         except ValueError as exc:
             raise InvalidParameterError(f"Invalid filter: {exc}.") from None
         return SearchOptions(

@@ -109,9 +109,8 @@ def search_page(
         )
     if options.expand:
         vector = expand_query(db, vector, expand_n, expand_alpha, exclude=query_ids)
-    filters = None if options.filters is None or options.filters.empty else options.filters
     depth = window if dba is None else min(max(window, dba.depth), MAX_SEARCH_WINDOW)
-    hits = db.search(vector, depth, filters)
+    hits = db.search(vector, depth, options.filters)  # every backend reads an empty filter as none
     if dba is not None:
         hits = dba.rerank(vector, hits)
     hits = [h for h in hits if h.id not in excluded]
