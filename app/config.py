@@ -22,14 +22,17 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface uvicorn binds to; 0.0.0.0 inside Docker.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    ui_enabled: bool = Field(True, description="Serve the web UI at /ui/.")
+    ui_enabled: bool = Field(
+        True, description="Serve the Gradio web UI at /ui/; false serves the API alone and never imports Gradio."
+    )
 
     # --- access (app/api/security.py applies these) ---------------------------------------------------------
     # SecretStr: the keys never show in a repr, a log line or a traceback of the settings.
     api_key: SecretStr | None = Field(
         None,
         description="Key(s) that writes need (Authorization: Bearer KEY or X-API-Key: KEY); several separated by "
-        "commas, so a key can be rotated. The web UI asks for it. Unset: no key.",
+        "commas, so a key can be rotated. The web UI asks for it in a key box to add or delete (with API_KEY_READS: "
+        "at its login, as the password). Unset: no key.",
     )
     api_key_reads: bool = Field(False, description="Require the key for every endpoint except /health too.")
     allow_anonymous_writes: bool = Field(

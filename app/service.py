@@ -388,12 +388,23 @@ class SearchService:
         stored = self.db.get(image_id)
         if stored is not None and stored.vector is not None:
             return self._page(stored.vector, top_k, options, query_ids=[image_id])
+        return self._page(self.embed_query_image(data, image_id), top_k, options)
+
+    def embed_query_image(self, data: bytes, image_id: str | None = None) -> np.ndarray:
+        """The ``(D,)`` float32, L2-normalised embedding of uploaded image bytes, through :attr:`query_cache` (a
+        repeated query skips decode and model); nothing is stored. ``image_id``: the bytes' SHA-256 if known.
+
+        The web UI's combined search ("like this photo but not these words") uses it for a photo that is not
+        indexed. Raises the decoding errors (nothing is cached then) and :class:`ServiceBusyError`.
+        """
+        self._check_size(data)
+        image_id = image_id or image_id_for(data)
         vector = self.query_cache.get(image_id)
         if vector is None:
             with self.admission.admit(self._pixels(data)):
                 vector = self._embed_upload(data)  # the decoded image dies inside, before the admission ends
             self.query_cache.put(image_id, vector)
-        return self._page(vector, top_k, options)
+        return vector
 
     def _embed_upload(self, data: bytes) -> np.ndarray:
         with self._timed_decode():
