@@ -270,6 +270,14 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
 
+    @field_validator("cache_redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, v: str | None) -> str | None:
+        # Checked here so a typo stops the start with a clear message instead of inside the service.
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("CACHE_REDIS_URL must start with redis://, rediss:// or unix://")
+        return v
+
     @model_validator(mode="after")
     def _dba_needs_enough_neighbours(self) -> Settings:
         if self.dba and self.dba_n > self.neighbours_k:

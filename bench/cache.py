@@ -21,7 +21,10 @@ and hit rate, ``p50_ms``/``p95_ms`` of all searches, ``p50_cached_ms`` (searches
 ``p50_uncached_ms`` (decode + model), and ``cached_over_uncached`` (their ratio; the aim is <= 0.10).
 
 Usage: python bench/cache.py [--images 2000] [--queries 10000] [--memory 256] [--replicas 2] [--indexed 200]
-       [--zipf-s 1.0] [--no-cache-queries 1000] [--model-cache-dir DIR]
+       [--zipf-s 1.0] [--shift-every 0] [--no-cache-queries 1000] [--variants a,b,...] [--model-cache-dir DIR]
+
+``--shift-every N`` draws a new popularity order every N queries (what was popular stops being asked): the case
+where an LFU without ageing keeps stale favourites, to weigh CACHE_POLICY against.
 """
 
 from __future__ import annotations
@@ -49,12 +52,16 @@ def log(message: str) -> None:
     print(f"[cache] {message}", file=sys.stderr, flush=True)
 
 
-def zipf_stream(n_items: int, n_queries: int, s: float, seed: int) -> np.ndarray:
-    """``(n_queries,)`` int indices into ``n_items``: rank r (1-based) drawn with p ∝ r^-s, ranks permuted."""
+def zipf_stream(n_items: int, n_queries: int, s: float, seed: int, shift_every: int = 0) -> np.ndarray:
+    """``(n_queries,)`` int indices into ``n_items``: rank r (1-based) drawn with p ∝ r^-s, ranks permuted; with
+    ``shift_every`` > 0 the permutation is drawn anew every that many queries (popularity moves on)."""
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, n_items + 1) ** s
     ranks = rng.choice(n_items, size=n_queries, p=p / p.sum())
-    return rng.permutation(n_items)[ranks]
+    block = shift_every or n_queries
+    return np.concatenate(
+        [rng.permutation(n_items)[ranks[start : start + block]] for start in range(0, n_queries, block)]
+    )
 
 
 def percentile_ms(seconds: list[float], q: float) -> float | None:
@@ -151,6 +158,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2000, help="photos the stream draws from")
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--zipf-s", type=float, default=1.0)
+    parser.add_argument(
+        "--shift-every", type=int, default=0, help="new popularity order every N queries (0: one order throughout)"
+    )
     parser.add_argument("--memory", type=int, default=256, help="QUERY_CACHE_SIZE of each replica")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--indexed", type=int, default=200, help="photos indexed first (the L3 layer)")
@@ -165,7 +175,7 @@ def main() -> int:
         log(f"only {len(files)} photos in {args.dataset}: using them all")
     files = files[: args.images]
     payloads = [f.read_bytes() for f in files]
-    stream = zipf_stream(len(payloads), args.queries, args.zipf_s, args.seed)
+    stream = zipf_stream(len(payloads), args.queries, args.zipf_s, args.seed, args.shift_every)
     log(f"{len(payloads)} photos, {args.queries} queries, {len(np.unique(stream))} distinct")
 
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
@@ -229,6 +239,7 @@ def main() -> int:
                 "queries": args.queries,
                 "distinct": int(len(np.unique(stream))),
                 "zipf_s": args.zipf_s,
+                "shift_every": args.shift_every,
                 "replicas": args.replicas,
                 "memory_entries": args.memory,
                 "indexed": int(len(chosen)),

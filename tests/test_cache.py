@@ -394,41 +394,47 @@ def test_kill_9_of_redis_under_a_16_client_load(tmp_path, database_url, offline_
             for data in queries:  # every query embedded once: in Redis now
                 assert http.post("/search_image", files={"file": ("q.jpg", data)}).status_code == 200
 
-            results: list[tuple[int, float]] = []
-            lock = threading.Lock()
-            started = threading.Barrier(clients + 1)
+            def load(kill_after: int | None) -> tuple[list[int], float, float]:
+                """16 clients x per_client searches; kill -9 Redis after ``kill_after`` answers. (statuses, p50, p95)"""
+                results: list[tuple[int, float]] = []
+                lock = threading.Lock()
+                started = threading.Barrier(clients + 1)
 
-            def client_loop(n: int) -> None:
-                with httpx.Client(base_url=url, timeout=60) as own:
-                    started.wait()
-                    for i in range(per_client):
-                        data = queries[(n + i) % len(queries)]
-                        t = time.perf_counter()
-                        try:
-                            status = own.post("/search_image", files={"file": ("q.jpg", data)}).status_code
-                        except httpx.HTTPError:
-                            status = 0
-                        with lock:
-                            results.append((status, time.perf_counter() - t))
+                def client_loop(n: int) -> None:
+                    with httpx.Client(base_url=url, timeout=60) as own:
+                        started.wait()
+                        for i in range(per_client):
+                            data = queries[(n + i) % len(queries)]
+                            t = time.perf_counter()
+                            try:
+                                status = own.post("/search_image", files={"file": ("q.jpg", data)}).status_code
+                            except httpx.HTTPError:
+                                status = 0
+                            with lock:
+                                results.append((status, time.perf_counter() - t))
 
-            threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
-            for thread in threads:
-                thread.start()
-            started.wait()
-            while len(results) < clients * per_client // 4:  # kill once a quarter of the load is done
-                time.sleep(0.01)
-            server.kill()
-            killed_at = len(results)
-            for thread in threads:
-                thread.join(timeout=120)
-            assert not any(t.is_alive() for t in threads)
+                threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
+                for thread in threads:
+                    thread.start()
+                started.wait()
+                if kill_after is not None:
+                    while len(results) < kill_after:
+                        time.sleep(0.01)
+                    server.kill()
+                for thread in threads:
+                    thread.join(timeout=120)
+                assert not any(t.is_alive() for t in threads)
+                latencies = sorted(s for _, s in results)
+                return (
+                    [s for s, _ in results],
+                    latencies[len(latencies) // 2],
+                    latencies[int(0.95 * len(latencies)) - 1],
+                )
 
-            statuses = [s for s, _ in results]
-            latencies = sorted(s for _, s in results)
-            p95 = latencies[int(0.95 * len(latencies)) - 1]
+            _, base_p50, base_p95 = load(None)  # the same load with Redis up, for comparison
+            statuses, p50, p95 = load(clients * per_client // 4)  # kill -9 once a quarter of the load is done
             print(
-                f"\n{len(results)} requests, killed after {killed_at}; p50 {latencies[len(latencies) // 2]:.3f} s, "
-                f"p95 {p95:.3f} s, max {latencies[-1]:.3f} s"
+                f"\nwith Redis: p50 {base_p50:.3f} s, p95 {base_p95:.3f} s; kill -9: p50 {p50:.3f} s, p95 {p95:.3f} s"
             )
             assert statuses.count(200) == clients * per_client, f"failed requests: {statuses}"
             assert p95 < 3.0, f"p95 {p95:.2f} s"
@@ -450,3 +456,43 @@ def test_kill_9_of_redis_under_a_16_client_load(tmp_path, database_url, offline_
             for data in queries[:4]:
                 assert http.post("/search_image", files={"file": ("q.jpg", data)}).status_code == 200
             assert len(server.client().keys("imgsearch:*")) >= 2  # the restarted Redis is filled again
+
+
+@pytest.mark.slow
+def test_text_queries_and_a_model_change_through_the_api(tmp_path, pg_server, database_url, offline_embedder, datasets):
+    """A CLIP model (ViT-S-32 with seeded random weights: no download) caches its text queries like image ones, and
+    a service with another model on the same Redis never gets the first model's vector for the same bytes."""
+    import torch
+
+    from app.embedders.clip import OpenClipEmbedder
+    from tests.helpers import create_database
+
+    torch.manual_seed(0)
+    clip = OpenClipEmbedder("ViT-S-32", pretrained=None, device="cpu", batch_size=4)
+    photo = _caltech(datasets, 1)[0]
+    query = _caltech(datasets, 3)[2].read_bytes()
+    with RedisServer(tmp_path / "redis") as server:
+        options = dict(cache_redis_url=server.url)
+        with _app(tmp_path / "effnet", database_url, offline_embedder, **options) as effnet:
+            assert effnet.post("/index_image", files={"file": (photo.name, photo.read_bytes())}).status_code == 201
+            _search(effnet, query)  # efficientnet's vector of `query` is now in Redis
+        with _app(tmp_path / "clip", create_database(pg_server), clip, **options) as a:
+            assert a.post("/index_image", files={"file": (photo.name, photo.read_bytes())}).status_code == 201
+            _search(a, query)
+            cache = a.get("/stats").json()["cache"]
+            assert cache["computed"] == 1 and cache["redis"]["hits"] == 0  # another model: no stale hit
+
+            for _ in range(2):
+                r = a.post("/search_text", json={"query": "a red bicycle", "top_k": 1})
+                assert r.status_code == 200, r.text
+            body = {"positive": [{"text": "a red bicycle"}, {"text": "a dog", "weight": 2}], "top_k": 1}
+            assert a.post("/search", json=body).status_code == 200
+            cache = a.get("/stats").json()["cache"]
+            # texts: "a red bicycle" computed, then memory twice; "a dog" computed
+            assert cache["computed"] == 3 and cache["memory"]["hits"] == 2
+        with _app(tmp_path / "clip", create_database(pg_server), clip, **options) as b:  # another replica
+            assert b.post("/search_text", json={"query": "a red bicycle", "top_k": 1}).status_code == 200
+            cache = b.get("/stats").json()["cache"]
+            assert cache["redis"]["hits"] == 1 and cache["computed"] == 0
+        keys = {k.decode().split(":")[3] for k in server.client().keys("imgsearch:emb:v1:*")}
+        assert keys == {"image", "text"}
