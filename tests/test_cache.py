@@ -203,7 +203,8 @@ def test_garbage_under_a_key_is_recomputed_and_overwritten(redis_server):
         client.rpush(key + "x", b"a list, not a string")  # a foreign type under our prefix: WRONGTYPE
         assert cache.image(DIGEST + "x", Counted(good)).source == "model"
         stats = cache.stats().redis
-        assert stats.invalid == 4 and stats.state == "ok"
+        assert stats.invalid == 5 and stats.errors == 0 and stats.state == "ok"
+        assert decode(client.get(key + "x"), DIM) is not None  # SET replaced the list
     finally:
         client.close()
         cache.close()

@@ -28,7 +28,7 @@ import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.retry import Retry
 
 from app.cache.breaker import CircuitBreaker
@@ -147,6 +147,12 @@ class RedisLayer:
             return None
         try:
             raw = self._timed("get", self.client.get, key)
+        except ResponseError:  # Redis answered, e.g. WRONGTYPE: foreign data under our key, not a fault
+            self.breaker.record_success()
+            with self._lock:
+                self._invalid += 1
+                self._misses += 1
+            return None
         except RedisError as exc:
             self._failed(exc)
             return None
