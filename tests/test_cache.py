@@ -163,6 +163,7 @@ def test_text_queries_are_cached_too(redis_server):
         assert cache.text("a cat", lambda: embed(["a cat"])[0]).source == "memory"
         both = cache.texts(["a cat", "a red bicycle"], embed)  # one model call for the missing one only
         assert both.shape == (2, DIM) and calls == [["a cat"], ["a red bicycle"]]
+        assert cache.texts([], embed).shape == (0, DIM) and len(calls) == 2
         assert redis_server.client().exists(cache.key("text", text_digest("a red bicycle"))) == 1
     finally:
         cache.close()

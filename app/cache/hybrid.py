@@ -153,6 +153,8 @@ class EmbeddingCache:
     def texts(self, texts: list[str], compute: Callable[[list[str]], np.ndarray]) -> np.ndarray:
         """``(N, D)`` float32 embeddings of ``texts``; the ones no layer has are embedded by one ``compute`` call
         (``list[str] -> (M, D)``) and fill the layers."""
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
         found: list[np.ndarray | None] = [self._find("text", text_digest(t)) for t in texts]
         missing = [i for i, v in enumerate(found) if v is None]
         if missing:

@@ -50,7 +50,8 @@ class RedisLayerStats:
     ``hits``/``misses``: lookups that reached Redis; ``hit_rate`` = hits / (hits + misses). ``skipped``: lookups
     that did not try because the breaker was open. ``invalid``: values under our keys that :func:`decode` refused
     or of another Redis type (WRONGTYPE); they are recomputed and overwritten. ``errors``: failed commands
-    (timeouts, refused connections, OOM). ``writes``: values stored. ``p50_ms``/``p95_ms``: latency of the last :data:`LATENCY_WINDOW` commands (GET and SET), ms.
+    (timeouts, refused connections, OOM). ``writes``: values stored. ``p50_ms``/``p95_ms``: latency of the last
+    :data:`LATENCY_WINDOW` commands (GET and SET), ms.
     """
 
     state: Literal["ok", "degraded"]
