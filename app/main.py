@@ -43,6 +43,10 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         embedder: an already loaded model to use instead of loading one from the settings (lets tests share one).
     """
     settings = settings or Settings()
+    if settings.ui_enabled:
+        from ui.mount import start_import
+
+        start_import()  # Gradio's import (2-4 s) runs beside the server's start and the service's opening
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

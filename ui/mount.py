@@ -1,9 +1,11 @@
 """Mounting the Gradio UI at ``/ui`` with ``gr.mount_gradio_app``, built while the service opens.
 
-Importing Gradio and building the Blocks takes about as long as loading the model and opening the database on a
-2-core machine (2-3 s each), and nothing in the REST API needs it. So the lifespan starts :func:`build_and_mount` on
-a worker thread next to ``SearchService.open`` and waits for both: start-up costs the longer of the two, not their
-sum, and ``/health`` answers once both are ready. ``UI_ENABLED=false`` never imports Gradio.
+Importing Gradio takes about as long as loading the model and opening the database on a 2-core machine (2-4 s,
+most of it Gradio's own imports: its components, pandas), and nothing in the REST API needs it. So
+:func:`start_import` begins that import on a thread as soon as the app is created (before the server even starts),
+the lifespan runs :func:`build_and_mount` on a worker thread next to ``SearchService.open`` and waits for both:
+start-up costs the longer of the two, not their sum, and ``/health`` answers once both are ready.
+``UI_ENABLED=false`` never imports Gradio.
 
 ``gr.mount_gradio_app`` normally wraps the parent app's lifespan to start Gradio's queue; mounted from inside the
 running lifespan, that wrapper would never run, so :func:`gradio_lifespan` runs the same start-up steps itself.
@@ -11,7 +13,9 @@ running lifespan, that wrapper would never run, so :func:`gradio_lifespan` runs 
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -29,6 +33,20 @@ LOGIN_MESSAGE = "Log in with the service's API key as the password (any user nam
 """What Gradio's login page says when API_KEY_READS=true."""
 
 
+def _quiet_gradio() -> None:
+    # Gradio reads these when it is imported and when it serves; the service never wants them on.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+
+def start_import() -> threading.Thread:
+    """Import Gradio and :mod:`ui.app` on a daemon thread, now; :func:`build_and_mount` then finds them imported
+    (Python's import lock makes it wait for an import still running). Returns the thread."""
+    _quiet_gradio()
+    thread = threading.Thread(target=importlib.import_module, args=("ui.app",), name="gradio-import", daemon=True)
+    thread.start()
+    return thread
+
+
 def build_and_mount(
     app: FastAPI, settings: Settings, access: AccessPolicy, get_service: Callable[[], SearchService]
 ) -> FastAPI:
@@ -40,8 +58,7 @@ def build_and_mount(
     - Gradio's upload limit is ``MAX_UPLOAD_MB``; no server-side rendering (no Node.js; and gradio-app/gradio#11008).
     - No analytics, no update check, no fonts or scripts from outside the service (:func:`ui.app.theme`).
     """
-    # Gradio reads these when it builds and when it serves; the service never wants them on.
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    _quiet_gradio()
     import gradio as gr
 
     from ui.app import CSS, PASTE_JS, build_ui, theme
