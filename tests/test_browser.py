@@ -424,8 +424,13 @@ def test_phone_reaches_every_tab(server, browser, request, tmp_path):
         page.get_by_role("tab", name="Search").click()
         _choose(page, HOPPER / "pillow_hopper.jpg")
         _wait_results(page, count=8)
+        # The page scrolls to the results: the first one is on screen, two per row.
+        page.wait_for_function(
+            "() => { const r = document.querySelector('#results .thumbnail-item').getBoundingClientRect();"
+            " return r.top >= 0 && r.bottom <= innerHeight; }"
+        )
         box = page.locator("#results .thumbnail-item").first.bounding_box()
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["width"] > 120, box  # two per row
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["width"] > 120, box
     finally:
         _finish(request, context, tab, tmp_path)
 

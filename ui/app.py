@@ -77,6 +77,14 @@ UPDATE_ADDRESS_JS = """(query) => {
     if (next !== location.pathname + location.search) history.replaceState(null, "", next);
 }"""
 
+#: Runs after a search on a phone: the photo box and the word boxes fill the screen, so the page scrolls to the
+#: results (the search status line above them).
+SHOW_RESULTS_JS = """() => {
+    if (window.innerWidth > 640) return;
+    const status = document.getElementById("search-status");
+    if (status && status.textContent.trim()) status.scrollIntoView({ block: "start" });
+}"""
+
 #: Runs once when the page loads: a photo pasted anywhere on the page (Ctrl+V / Cmd+V) goes to the search's photo
 #: box, or to "Add" when that tab is open, as if it had been chosen there (the same upload, no type filter).
 PASTE_JS = """() => {
@@ -109,16 +117,22 @@ PASTE_JS = """() => {
 #: Layout rules Gradio has no parameter for: results fill the page's width in as many columns as fit, grow with the
 #: page instead of scrolling inside a box, and show the whole file name; the four tabs stay visible on a phone.
 CSS = """
-#results .grid-wrap { max-height: none !important; min-height: 0 !important; height: auto !important;
+.photo-grid .grid-wrap { max-height: none !important; min-height: 0 !important; height: auto !important;
     overflow: visible !important; }
-#results .grid-wrap.fixed-height { min-height: 0 !important; }
-#results .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
-#results .caption-label, #results .thumbnail-item .caption-label {
+.photo-grid .grid-wrap.fixed-height { min-height: 0 !important; }
+.photo-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
+.dup-group .photo-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)) !important; }
+.photo-grid .caption-label {
     white-space: normal !important; overflow-wrap: anywhere; max-width: 100% !important;
 }
 .tab-wrapper .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }
 .tab-wrapper .overflow-menu { display: none !important; }
 #large-view img { max-height: 80vh; object-fit: contain; }
+@media (max-width: 640px) {
+    #title h2 { font-size: 1.2rem; margin: 0; }
+    #collection-line { font-size: 0.8rem; }
+    #words-note { font-size: 0.8rem; }
+}
 """
 
 
@@ -632,6 +646,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
                     allow_preview=False,
                     interactive=False,
                     elem_id="results",
+                    elem_classes=["photo-grid"],
                 )
                 more_button = gr.Button("Load more", visible=False, elem_id="load-more")
 
@@ -687,7 +702,15 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
                                     thumbs.append((thumbnail_file(service, image_id), name))
                                 except ServiceError:
                                     continue
-                            gr.Gallery(thumbs, columns=4, height="auto", allow_preview=False, interactive=False)
+                            gr.Gallery(
+                                thumbs,
+                                columns=4,
+                                height="auto",
+                                allow_preview=False,
+                                interactive=False,
+                                show_label=False,
+                                elem_classes=["photo-grid"],
+                            )
                             chosen = gr.CheckboxGroup(
                                 [
                                     (name, image_id)
@@ -710,6 +733,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         form = [shown_state, query_file, words, negative, *filters]
 
         share.change(None, share, js=UPDATE_ADDRESS_JS, api_visibility="private", queue=False)
+        status.change(None, js=SHOW_RESULTS_JS, api_visibility="private", queue=False)
 
         query_file.upload(search_form, form, api_name="search", **run)
         query_file.upload(preview, query_file, query_preview, api_visibility="private")
