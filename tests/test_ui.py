@@ -155,6 +155,18 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
         assert table["data"][0][0] == "✓" and "**1 photo**" in line
 
 
+def test_gradio_uploads_follow_max_upload_mb(tmp_path, database_url, offline_embedder):
+    # Gradio's own upload route refuses what the service would: MAX_UPLOAD_MB is its max_file_size.
+    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, max_upload_mb=0.01)  # 10 kB
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+        small, large = HOPPER / "pillow_hopper.jpg", HOPPER / "pillow_hopper.png"
+        assert small.stat().st_size < 10_000 < large.stat().st_size
+        r = httpx.post(f"{url}/ui/gradio_api/upload", files={"files": (large.name, large.read_bytes())}, timeout=30)
+        assert r.status_code == 413, r.text
+        r = httpx.post(f"{url}/ui/gradio_api/upload", files={"files": (small.name, small.read_bytes())}, timeout=30)
+        assert r.status_code == 200 and r.json()[0].endswith("pillow_hopper.jpg"), r.text
+
+
 @pytest.mark.parametrize(
     "path",
     [
