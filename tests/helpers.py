@@ -118,16 +118,23 @@ REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
 """Debian's redis-server (``apt-get install redis-server``; ``.ci/run`` installs it)."""
 
 
-def redis_server_or_skip() -> str:
-    """The redis-server binary; skips the test without it, except under ``CI=true`` where that is a failure."""
+def system_binary_or_skip(path: str, apt_package: str, variable: str) -> str:
+    """``path`` of a program the tests run from Debian's packages (``.ci/run`` installs them); skips the test
+    without it, except under ``CI=true`` where that is a failure. ``variable``: the environment variable that
+    points at another path."""
     import pytest
 
-    if shutil.which(REDIS_SERVER) or Path(REDIS_SERVER).is_file():
-        return REDIS_SERVER
-    reason = f"redis-server is not installed at {REDIS_SERVER} (apt-get install redis-server; or set REDIS_SERVER)"
+    if shutil.which(path) or Path(path).is_file():
+        return path
+    reason = f"{apt_package} is not installed at {path} (apt-get install {apt_package}; or set {variable} to its path)"
     if os.environ.get("CI") == "true":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def redis_server_or_skip() -> str:
+    """The redis-server binary (see :func:`system_binary_or_skip`)."""
+    return system_binary_or_skip(REDIS_SERVER, "redis-server", "REDIS_SERVER")
 
 
 class RedisServer:

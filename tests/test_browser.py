@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import httpx
 import pytest
 
 from app.main import create_app
-from tests.helpers import FORMATS, INSTANCE, create_database, make_settings, run_live_server
+from tests.helpers import FORMATS, INSTANCE, create_database, make_settings, run_live_server, system_binary_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -58,18 +57,9 @@ OTHERS = [
 KEY = "browser-test-key-3d9a"
 
 
-def _chromium_or_skip() -> str:
-    if shutil.which(CHROMIUM) or Path(CHROMIUM).is_file():
-        return CHROMIUM
-    reason = f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; or set CHROMIUM to its path)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def browser():
-    path = _chromium_or_skip()
+    path = system_binary_or_skip(CHROMIUM, "chromium", "CHROMIUM")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
