@@ -40,15 +40,24 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
     ``DATA_DIR/images``.
 
     ``with_space_check``: apply ``MIN_FREE_MB`` to the file store (the tools that only read or repair pass
-    ``False``). Raises ``ValueError`` for a malformed URL; never contacts an object store (start-up works while it
-    is down).
+    ``False``). The per-id write locks are PostgreSQL advisory locks with ``VECTOR_DB=pgvector`` and a
+    ``DATABASE_URL`` (shared by every machine), else ``flock`` files (one machine). Raises ``ValueError`` for a
+    malformed URL; never contacts an object store (start-up works while it is down).
     """
     scheme, location, prefix = parse_store_url(settings.image_store_url)
+    store: ImageStore
     if scheme == "s3":
         from app.storage.s3 import S3ImageStore
 
-        return S3ImageStore.from_settings(settings, bucket=location, prefix=prefix)
-    from app.storage.local import LocalImageStore
+        store = S3ImageStore.from_settings(settings, bucket=location, prefix=prefix)
+    else:
+        from app.storage.local import LocalImageStore
 
-    root = Path(location) if location else settings.resolved_image_dir
-    return LocalImageStore(root, min_free_bytes=settings.min_free_bytes if with_space_check else 0)
+        root = Path(location) if location else settings.resolved_image_dir
+        store = LocalImageStore(root, min_free_bytes=settings.min_free_bytes if with_space_check else 0)
+    if settings.vector_db == "pgvector" and settings.database_url:
+        # A database every replica shares: its advisory locks exclude writers on every machine, not just this one.
+        from app.indexing.locks import PgAdvisoryLocks
+
+        store.locks = PgAdvisoryLocks(settings.database_url, wait_s=settings.db_connect_timeout_s)
+    return store

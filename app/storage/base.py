@@ -182,5 +182,8 @@ class ImageStore(ABC):
     def health(self) -> StoreHealth:
         """Whether writes can go ahead; never raises, waits at most about a second."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release clients and connections."""
+    def close(self) -> None:
+        """Release clients and connections (the locks' too, when they have any)."""
+        close = getattr(self.locks, "close", None)
+        if close is not None:
+            close()

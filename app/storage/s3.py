@@ -390,8 +390,9 @@ class S3ImageStore(ImageStore):
             raise self._failed("delete an original", exc) from None
 
     def close(self) -> None:
-        """Stop the head pool."""
+        """Stop the head pool and close the locks."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
 
 
 def _content_type(extension: str) -> str:
