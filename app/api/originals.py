@@ -19,6 +19,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.service import SearchService
+from app.storage.base import ObjectInfo
 
 __all__ = ["CACHE_CONTROL", "original_response", "parse_range"]
 
@@ -65,28 +66,40 @@ def original_response(request: Request, service: SearchService, image_id: str) -
 
     Raises :class:`app.errors.ImageNotFoundError` (404) and :class:`app.errors.StorageUnavailableError` (503).
     """
+    range_header = request.headers.get("range")
+    if request.method == "GET" and not range_header and not request.headers.get("if-none-match"):
+        # The common case in one request to the store: the stream carries the size and name.
+        stream = service.open_original(image_id)
+        status, headers, media_type = _headers(stream.info, None)
+        return StreamingResponse(iter(stream), status_code=status, headers=headers, media_type=media_type)
     info = service.original_info(image_id)
-    etag = f'"{info.image_id}"'
+    if _etag_matches(request.headers.get("if-none-match"), f'"{info.image_id}"'):
+        return Response(status_code=304, headers=_headers(info, None)[1] | {"Content-Length": "0"})
+    wanted = parse_range(range_header, info.size)
+    if_range = request.headers.get("if-range")
+    if if_range is not None and if_range.strip() != f'"{info.image_id}"':
+        wanted = None  # the client's copy is another one: send it whole
+    status, headers, media_type = _headers(info, wanted)
+    if status == 416 or request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=media_type)
+    start, end = (0, info.size) if wanted is None else wanted
+    stream = service.open_original(image_id, start, end)
+    return StreamingResponse(iter(stream), status_code=status, headers=headers, media_type=media_type)
+
+
+def _headers(info: ObjectInfo, wanted: tuple[int, int] | None | str) -> tuple[int, dict[str, str], str]:
+    """Status, headers and content type of an answer of ``wanted`` (see :func:`parse_range`) of ``info``."""
     headers = {
-        "ETag": etag,
+        "ETag": f'"{info.image_id}"',
         "Cache-Control": CACHE_CONTROL,
         "Accept-Ranges": "bytes",
         "Last-Modified": formatdate(info.mtime, usegmt=True),
     }
     media_type = mimetypes.guess_type(info.name)[0] or "application/octet-stream"
-    if _etag_matches(request.headers.get("if-none-match"), etag):
-        return Response(status_code=304, headers=headers)
-    wanted = parse_range(request.headers.get("range"), info.size)
-    if_range = request.headers.get("if-range")
-    if if_range is not None and if_range.strip() != etag:
-        wanted = None  # the client's copy is another one: send it whole
     if wanted == "unsatisfiable":
-        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{info.size}"})
-    status, start, end = (200, 0, info.size) if wanted is None else (206, *wanted)
-    headers["Content-Length"] = str(end - start)
-    if status == 206:
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{info.size}"
-    if request.method == "HEAD":
-        return Response(status_code=status, headers=headers, media_type=media_type)
-    stream = service.open_original(image_id, start, end)
-    return StreamingResponse(iter(stream), status_code=status, headers=headers, media_type=media_type)
+        return 416, {**headers, "Content-Range": f"bytes */{info.size}", "Content-Length": "0"}, media_type
+    if wanted is None:
+        return 200, {**headers, "Content-Length": str(info.size)}, media_type
+    start, end = wanted
+    headers.update({"Content-Length": str(end - start), "Content-Range": f"bytes {start}-{end - 1}/{info.size}"})
+    return 206, headers, media_type

@@ -231,13 +231,15 @@ class S3ImageStore(ImageStore):
             raise self._failed("list objects", exc) from None
         self._up()
 
-    def _find(self, image_id: str) -> tuple[str, dict | None] | None:
-        """``(key, meta or None)`` of the id's object, or ``None``; the cache answers without ``meta``."""
-        with self._lock:
-            key = self._keys.get(image_id)
-            if key is not None:
-                self._keys.move_to_end(image_id)
-                return key, None
+    def _find(self, image_id: str, *, cached: bool = True) -> tuple[str, dict | None] | None:
+        """``(key, meta or None)`` of the id's object, or ``None``; the cache answers without ``meta`` (its key may
+        have been deleted since, by another replica: callers that read it handle a missing object)."""
+        if cached:
+            with self._lock:
+                key = self._keys.get(image_id)
+                if key is not None:
+                    self._keys.move_to_end(image_id)
+                    return key, None
         for meta in self._list(shard_dir(image_id)):
             name = meta["path"].rsplit("/", 1)[-1]
             if name.startswith(image_id + ".") and ORIGINAL_NAME.fullmatch(name):
@@ -265,7 +267,8 @@ class S3ImageStore(ImageStore):
 
         check_id(image_id)
         check_extension(extension)
-        if self._find(image_id) is not None:
+        # Not from the cache: another replica may have deleted the object since this one stored or read it.
+        if self._find(image_id, cached=False) is not None:
             return False
         key = key_for(image_id, extension)
         try:
@@ -353,7 +356,7 @@ class S3ImageStore(ImageStore):
         if not is_valid_image_id(image_id):
             return False
         self._forget(image_id)
-        found = self._find(image_id)
+        found = self._find(image_id, cached=False)
         if found is None:
             return False
         try:
