@@ -311,3 +311,15 @@ def test_a_second_replica_sees_puts_and_deletes_at_once(store, tmp_path, images)
         assert other.delete(image_id) is True and store.put(image_id, data, "jpg") is True
     finally:
         other.close()
+
+
+def test_put_many_is_all_or_nothing(store, images):
+    ids = [image_id_for(d) for d in images]
+    store.put(ids[0], images[0], "jpg")
+    with pytest.raises(ValueError):  # the last item is refused: the ones this call created are removed again
+        store.put_many(
+            [(i, d, "jpg") for i, d in zip(ids[:3], images[:3], strict=True)] + [(ids[3], images[3], "../x")]
+        )
+    assert store.existing(ids) == {ids[0]}  # the one stored before stays
+    assert store.put_many([(i, d, "jpg") for i, d in zip(ids, images, strict=True)]) == [False, True, True, True]
+    assert store.existing(ids) == set(ids)

@@ -44,12 +44,11 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
         return
     store.ensure_space()
     now = datetime.now(UTC)
-    created: list[str] = []
     with store.locks.hold(item.image_id for item in items):
+        # All or nothing by itself: a failed put removes the originals put_many had created.
+        stored = store.put_many([(item.image_id, item.data, item.extension) for item in items])
+        created = [item.image_id for item, new in zip(items, stored, strict=True) if new]
         try:
-            for item in items:
-                if store.put(item.image_id, item.data, item.extension):
-                    created.append(item.image_id)
             records = [
                 ImageRecord(
                     item.image_id,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -164,6 +164,30 @@ class ImageStore(ABC):
     @abstractmethod
     def discard(self, entry: StoreEntry) -> None:
         """Remove what :meth:`walk` found (missing is fine). Callers re-check an original under its id's lock."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes, str]]) -> list[bool]:
+        """:meth:`put` of each ``(image_id, data, extension)``; one ``bool`` per item, in order. All or nothing: on
+        an error, the originals this call created are deleted again (as far as the store still answers) and the
+        first error is raised. Callers hold the ids' locks."""
+        done: list[tuple[str, bool]] = []
+        try:
+            for image_id, data, extension in items:
+                done.append((image_id, self.put(image_id, data, extension)))
+        except BaseException:
+            self._undo([i for i, created in done if created])
+            raise
+        return [created for _, created in done]
+
+    def _undo(self, image_ids: Iterable[str]) -> None:
+        """Delete what a failed :meth:`put_many` created; a store that no longer answers keeps them (invisible
+        without rows; fsck.py and the start-up sweep remove them)."""
+        from app.errors import StorageUnavailableError
+
+        for image_id in image_ids:
+            try:
+                self.delete(image_id)
+            except StorageUnavailableError:
+                pass
 
     def read(self, image_id: str) -> bytes:
         """The whole original. Raises :class:`app.errors.ImageNotFoundError` and
