@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,3 +259,63 @@ def test_no_credentials_in_settings_repr_or_store(tmp_path, moto_s3):
     _assert_no_credentials(repr(settings) + str(settings) + store.url + repr(store.__dict__.get("url")))
     store.close()
     assert httpx.get(moto_s3.endpoint, timeout=5).status_code < 500
+
+
+@pytest.mark.slow
+def test_the_object_store_killed_under_16_searching_clients_fails_no_search(
+    tmp_path, database_url, offline_embedder, files
+):
+    from tests.helpers import run_live_server
+
+    moto = MotoS3().start()
+    try:
+        bucket = moto.create_bucket()
+        settings = s3_settings(tmp_path / "data", database_url, moto, bucket, s3_connect_timeout_s=1.0)
+        datas = [f.read_bytes() for f in files]
+        with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+            with httpx.Client(base_url=url, timeout=30) as client:
+                ids = [
+                    client.post("/index_image", files={"file": (f"{i}.jpg", d)}).json()["id"]
+                    for i, d in enumerate(datas)
+                ]
+            stop = threading.Event()
+            failures: list[str] = []
+            done = [0] * 16
+
+            def search(n: int) -> None:
+                with httpx.Client(base_url=url, timeout=30) as c:
+                    while not stop.is_set():
+                        if n % 2:
+                            r = c.get(f"/image/{ids[n % len(ids)]}/similar", params={"top_k": 3})
+                        else:
+                            r = c.post("/search_image", files={"file": ("q.jpg", datas[n % len(datas)])})
+                        if r.status_code != 200:
+                            failures.append(f"{r.status_code} {r.text[:200]}")
+                        done[n] += 1
+
+            threads = [threading.Thread(target=search, args=(n,), daemon=True) for n in range(16)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            moto.stop()
+            with httpx.Client(base_url=url, timeout=30) as client:
+                extra = sorted(INSTANCE.rglob("*.jpg"))[len(datas)].read_bytes()  # not indexed yet
+                r = client.post("/index_image", files={"file": ("new.jpg", extra)})
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+                assert client.delete(f"/image/{ids[0]}").status_code == 503
+                assert client.get("/health").json()["storage"] == "degraded"
+                time.sleep(2.0)
+                moto.start()
+                moto.create_bucket(bucket)
+                deadline = time.monotonic() + 10
+                while client.get("/health").json()["storage"] != "ok":
+                    assert time.monotonic() < deadline, "storage did not recover by itself"
+                    time.sleep(0.2)
+            time.sleep(0.5)
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert failures == [], failures[:5]
+        assert sum(done) > 50, done
+    finally:
+        moto.stop()
