@@ -22,14 +22,17 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface uvicorn binds to; 0.0.0.0 inside Docker.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    ui_enabled: bool = Field(True, description="Serve the web UI at /ui/.")
+    ui_enabled: bool = Field(
+        True, description="Serve the Gradio web UI at /ui/; false serves the API alone and never imports Gradio."
+    )
 
     # --- access (app/api/security.py applies these) ---------------------------------------------------------
     # SecretStr: the keys never show in a repr, a log line or a traceback of the settings.
     api_key: SecretStr | None = Field(
         None,
         description="Key(s) that writes need (Authorization: Bearer KEY or X-API-Key: KEY); several separated by "
-        "commas, so a key can be rotated. The web UI asks for it. Unset: no key.",
+        "commas, so a key can be rotated. The web UI asks for it in a key box to add or delete (with API_KEY_READS: "
+        "at its login, as the password). Unset: no key.",
     )
     api_key_reads: bool = Field(False, description="Require the key for every endpoint except /health too.")
     allow_anonymous_writes: bool = Field(
@@ -155,12 +158,6 @@ class Settings(BaseSettings):
         "once into MODEL_CACHE_DIR/onnx), torch (fp32), bf16 (autocast; fast only with AVX512-BF16/AMX), int8 "
         "(dynamic quantization of Linear layers; nothing to quantize in EfficientNet). See docs/benchmarks.md.",
     )
-    query_cache_size: int = Field(
-        1024,
-        ge=0,
-        description="Embeddings of un-indexed query images kept in memory (LRU, by SHA-256 of the bytes), so a "
-        "repeated search skips decoding and the model; 0 disables. 1024 x 1280-d float32 is about 5 MB.",
-    )
     batch_wait_ms: float = Field(
         5.0,
         ge=0,
@@ -168,6 +165,52 @@ class Settings(BaseSettings):
         description="Dynamic batching: how long, in ms, the first embed request waits for concurrent ones "
         "(/index_image, /index_images, /search_image) to share one model call of up to EMBED_BATCH_SIZE images; "
         "0 = no waiting (requests already queued are still combined).",
+    )
+
+    # --- embedding cache (app/cache/): memory (L1) -> Redis (L2) -> stored vector (L3) -> model ----------------
+    query_cache_size: int = Field(
+        1024,
+        ge=0,
+        description="Query embeddings (images by SHA-256 of the bytes, texts by the exact string) kept in this "
+        "process's memory, the cache's first layer; 0 disables it. 1024 x 1280-d float32 is about 5 MB.",
+    )
+    cache_policy: Literal["lru", "lfu"] = Field(
+        "lru",
+        description="Eviction policy of the memory layer: lru (least recently used) or lfu (least frequently used; "
+        "docs/benchmarks.md, Embedding cache, compares them on a Zipf query stream).",
+    )
+    cache_redis_url: str | None = Field(
+        None,
+        description="Redis shared by every API process as the cache's second layer (redis://host:6379/0); unset: "
+        "memory only. Redis faults never fail a request: the cache falls back to memory and reconnects by itself.",
+    )
+    cache_ttl_s: int = Field(
+        604800, ge=1, description="Seconds an embedding lives in Redis (SET ... EX); 604800 = 7 days."
+    )
+    cache_redis_timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        le=1000,
+        description="Connect and read/write timeout of each Redis command, ms: the most a request waits on a slow "
+        "or dead Redis before it counts as a miss.",
+    )
+    cache_breaker_failures: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Consecutive failed Redis commands that open the circuit breaker: Redis is then skipped (memory "
+        "only, /health cache: degraded) until a background PING answers.",
+    )
+    cache_retry_s: float = Field(
+        2.0, gt=0, le=600, description="Seconds between those PINGs while the breaker is open."
+    )
+    cache_key_prefix: str = Field(
+        "imgsearch",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="First part of every Redis key (then emb:v1:<kind>:<model>:<dim>:<sha256>): deployments that "
+        "share one Redis use different prefixes.",
     )
 
     # --- limits ---------------------------------------------------------------------------------------------
@@ -255,10 +298,18 @@ class Settings(BaseSettings):
         description="DBA: search results re-ranked by DBA vectors (at least the page asked for, at most 1000).",
     )
 
-    @field_validator("database_url", "milvus_token", "image_store_url", "aws_endpoint_url")
+    @field_validator("database_url", "milvus_token", "cache_redis_url", "image_store_url", "aws_endpoint_url")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("cache_redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, v: str | None) -> str | None:
+        # Checked here so a typo stops the start with a clear message instead of inside the service.
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("CACHE_REDIS_URL must start with redis://, rediss:// or unix://")
+        return v
 
     @model_validator(mode="after")
     def _dba_needs_enough_neighbours(self) -> Settings:

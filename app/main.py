@@ -1,4 +1,4 @@
-"""The ASGI application ``app.main:app``: REST API, OpenAPI docs at ``/docs`` and the web UI at ``/ui/``.
+"""The ASGI application ``app.main:app``: REST API, OpenAPI docs at ``/docs`` and the Gradio UI at ``/ui/``.
 
 :func:`create_app` is the application factory; tests and embedders of the service call it. ``app`` itself is built
 on first access (PEP 562 module ``__getattr__``), so importing this module for the factory builds nothing. Everything
@@ -8,6 +8,8 @@ stateful (model, database pool, image store) is created by the lifespan, as one
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ from app.api.limits import install_limits
 from app.api.metrics import install_metrics
 from app.api.routes import router
 from app.api.security import install_security
-from app.api.site import mount_ui, site_router
+from app.api.site import site_router
 from app.config import Settings
 
 if TYPE_CHECKING:
@@ -41,15 +43,35 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         embedder: an already loaded model to use instead of loading one from the settings (lets tests share one).
     """
     settings = settings or Settings()
+    if settings.ui_enabled:
+        from ui.mount import start_import
+
+        start_import()  # Gradio's import (2-4 s) runs beside the server's start and the service's opening
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from app.service import SearchService
 
-        service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
+        ui = None
+        if settings.ui_enabled:  # Gradio is imported and built on a worker thread while the service opens
+            from ui.mount import build_and_mount, gradio_lifespan
+
+            ui = asyncio.ensure_future(
+                run_in_threadpool(build_and_mount, app, settings, app.state.access, lambda: app.state.service)
+            )
+        try:
+            service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
+        except BaseException:
+            if ui is not None:
+                with contextlib.suppress(BaseException):
+                    await ui
+            raise
         app.state.service = service
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                if ui is not None:
+                    await stack.enter_async_context(gradio_lifespan(await ui))
+                yield
         finally:
             service.close()
 
@@ -70,9 +92,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
     app.include_router(jobs_router)  # POST /jobs/neighbours, GET /jobs/{id}, GET /duplicates
-    app.include_router(site_router(ui_enabled=settings.ui_enabled))
-    if settings.ui_enabled:
-        mount_ui(app)  # after site_router: /ui/config.json is a route, everything else under /ui/ a static file
+    app.include_router(site_router(ui_enabled=settings.ui_enabled))  # the UI itself is mounted by the lifespan
     return app
 
 

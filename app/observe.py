@@ -1,5 +1,5 @@
 """The observer interface through which the core reports what only it can time (decoding, model calls, database
-failures) to whoever collects metrics, without importing the API layer.
+failures, Redis cache commands) to whoever collects metrics, without importing the API layer.
 
 ``app/api/metrics.py``'s ``Metrics`` implements it for ``GET /metrics``; :data:`NULL_OBSERVER` does nothing (the
 default for the CLIs and tests that build a service without an app).
@@ -24,6 +24,10 @@ class Observer(Protocol):
     def count_database_error(self, operation: str) -> None:
         """One failed database operation (``operation``: a short fixed name such as ``search`` or ``write``)."""
 
+    def observe_cache_redis(self, operation: str, seconds: float, failed: bool) -> None:
+        """One command of the Redis cache layer (``operation``: ``get``, ``set`` or ``ping``) that took ``seconds``
+        of wall time and failed or not."""
+
 
 class NullObserver:
     """An :class:`Observer` that discards everything."""
@@ -35,6 +39,9 @@ class NullObserver:
         pass
 
     def count_database_error(self, operation: str) -> None:
+        pass
+
+    def observe_cache_redis(self, operation: str, seconds: float, failed: bool) -> None:
         pass
 
 

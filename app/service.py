@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.batching import DynamicBatcher
+from app.cache import CacheStats, EmbeddingCache
+from app.cache.memory import QueryCacheStats
 from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError
@@ -34,7 +37,6 @@ from app.indexing.fsck import start_sweep
 from app.indexing.write import write_batch
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
-from app.query_cache import QueryCacheStats, QueryEmbeddingCache
 from app.search.paging import SearchOptions, search_page
 from app.search.query import QueryTerm, combined_query, unit_vector
 from app.storage import from_settings as store_from_settings
@@ -88,6 +90,7 @@ class HealthReport(BaseModel):
                     "status": "ok",
                     "database": "ok",
                     "storage": "ok",
+                    "cache": "ok",
                     "problems": [],
                     "backend": "pgvector",
                     "model": {
@@ -101,14 +104,20 @@ class HealthReport(BaseModel):
         }
     )
     status: Literal["ok", "degraded", "unavailable"] = Field(
-        description="ok; degraded when storage is low (reads work, writes answer 507) or the object store does not "
-        "answer (searches work, writes answer 503); unavailable when the database is down (HTTP 503)."
+        description="ok; degraded when storage is low (reads work, writes answer 507), the object store does not "
+        "answer (searches work, writes answer 503), or the Redis cache is unreachable or full (everything works, "
+        "from memory only); unavailable when the database is down (HTTP 503)."
     )
     database: Literal["ok", "unavailable"]
     storage: Literal["ok", "low", "degraded"] = Field(
         "ok",
         description="low when free space under IMAGE_DIR is below MIN_FREE_MB (writes answer 507); degraded when "
         "the object store (IMAGE_STORE_URL=s3://...) does not answer (writes answer 503, searches work).",
+    )
+    cache: Literal["ok", "degraded", "off"] = Field(
+        "off",
+        description="The Redis layer of the embedding cache: off without CACHE_REDIS_URL (memory only); degraded "
+        "while Redis is unreachable or full (memory only, reconnects by itself); ok.",
     )
     problems: list[str] = Field(default_factory=list, description="What is down or low, and why, in words.")
     backend: str
@@ -129,6 +138,27 @@ class ServiceStats(BaseModel):
                     "device": "cpu",
                     "supports_text": False,
                     "query_cache": {"size": 12, "capacity": 1024, "hits": 30, "misses": 12, "hit_rate": 0.7143},
+                    "cache": {
+                        "policy": "lru",
+                        "redis_state": "ok",
+                        "lookups": 42,
+                        "computed": 5,
+                        "hit_rate": 0.881,
+                        "memory": {"size": 12, "capacity": 1024, "hits": 30, "misses": 12, "hit_rate": 0.7143},
+                        "redis": {
+                            "state": "ok",
+                            "hits": 6,
+                            "misses": 6,
+                            "hit_rate": 0.5,
+                            "skipped": 0,
+                            "invalid": 0,
+                            "errors": 0,
+                            "writes": 6,
+                            "p50_ms": 0.21,
+                            "p95_ms": 0.48,
+                        },
+                        "store": {"hits": 1, "misses": 5, "hit_rate": 0.1667},
+                    },
                 }
             ]
         }
@@ -140,8 +170,10 @@ class ServiceStats(BaseModel):
     device: str = Field(description="Where the model runs.")
     supports_text: bool = Field(description="Whether text search works.")
     query_cache: QueryCacheStats = Field(
-        description="The in-memory cache of query-image embeddings (QUERY_CACHE_SIZE; capacity 0 = disabled)."
+        description="The memory layer of the embedding cache (QUERY_CACHE_SIZE; capacity 0 = disabled), as in "
+        "cache.memory; kept for the clients that read it here."
     )
+    cache: CacheStats = Field(description="The embedding cache: hits and misses of every layer (app/cache/).")
 
 
 class SearchService:
@@ -169,9 +201,9 @@ class SearchService:
         self.db = db
         self.store = store
         self.batcher = batcher
-        # Embeddings of un-indexed query uploads by content hash. One service = one model for its lifetime, so the
-        # cached vectors can never belong to another model and need no invalidation.
-        self.query_cache = QueryEmbeddingCache(settings.query_cache_size)
+        # Query embeddings by content: memory -> Redis -> stored vector -> model (app/cache/). Keys carry the model id
+        # and dimension, so a shared Redis never hands one model's vectors to another.
+        self.cache = EmbeddingCache.from_settings(settings, embedder.model_id, embedder.dim, observer)
         # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
         self._sweep_stop = threading.Event()
@@ -224,6 +256,7 @@ class SearchService:
         )
         store = store_from_settings(settings)  # contacts nothing: start-up works while an object store is down
         service = cls(settings, embedder, db, store, batcher, observer)
+        service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
         service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
         service.neighbours.resume_interrupted()  # a graph job a restart or kill -9 cut short goes on
@@ -247,6 +280,7 @@ class SearchService:
         if self.batcher is not None:
             self.batcher.close()
         self.store.close()
+        self.cache.close()
         self.db.close()
 
     def _embed(self, images: list[Image.Image]) -> np.ndarray:
@@ -385,22 +419,36 @@ class SearchService:
     def search_image(self, data: bytes, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
         """The ``top_k`` most similar indexed images to the uploaded one, best first (cosine similarity).
 
-        An upload whose bytes are already indexed reuses its stored embedding instead of running the model (and is
-        left out of the results unless ``options.exclude_self`` is false); other uploads go through
-        :attr:`query_cache` (QUERY_CACHE_SIZE), so repeating a search skips decode + model.
+        The upload's embedding comes from :attr:`cache` (memory, then Redis, then the stored vector of an indexed
+        image with the same bytes), and only then from decode + model. The upload counts as a query image: when
+        its bytes are indexed it is left out of the results unless ``options.exclude_self`` is false (so it takes
+        one place of the MAX_SEARCH_WINDOW of a page, indexed or not).
         Raises the decoding errors for bad input (nothing is cached then) and :class:`InvalidParameterError`.
         """
         self._check_size(data)
         image_id = image_id_for(data)
-        stored = self.db.get(image_id)
-        if stored is not None and stored.vector is not None:
-            return self._page(stored.vector, top_k, options, query_ids=[image_id])
-        vector = self.query_cache.get(image_id)
-        if vector is None:
+        return self._page(self.embed_query_image(data, image_id), top_k, options, query_ids=[image_id])
+
+    def embed_query_image(self, data: bytes, image_id: str | None = None) -> np.ndarray:
+        """The ``(D,)`` float32, L2-normalised embedding of uploaded image bytes through the embedding cache (memory,
+        Redis, the stored vector of the same bytes, then the model); nothing is stored. ``image_id``: the bytes'
+        SHA-256 if known.
+
+        The web UI's combined search ("like this photo but not these words") uses it for a photo that is not
+        indexed. Raises the decoding errors (nothing is cached then) and :class:`ServiceBusyError`.
+        """
+        self._check_size(data)
+        image_id = image_id or image_id_for(data)
+
+        def stored() -> np.ndarray | None:
+            record = self.db.get(image_id)
+            return None if record is None else record.vector
+
+        def compute() -> np.ndarray:
             with self.admission.admit(self._pixels(data)):
-                vector = self._embed_upload(data)  # the decoded image dies inside, before the admission ends
-            self.query_cache.put(image_id, vector)
-        return self._page(vector, top_k, options)
+                return self._embed_upload(data)  # the decoded image dies inside, before the admission ends
+
+        return self.cache.image(image_id, compute, stored).vector
 
     def _embed_upload(self, data: bytes) -> np.ndarray:
         with self._timed_decode():
@@ -412,9 +460,13 @@ class SearchService:
     def search_text(self, query: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
         """The ``top_k`` images that best match a text description (CLIP models only).
 
-        Raises :class:`app.errors.NoTextTowerError` when the model has no text encoder.
+        The text's embedding is cached like an image's (by the exact string). Raises
+        :class:`app.errors.NoTextTowerError` when the model has no text encoder.
         """
-        return self._page(self.embedder.embed_texts([query])[0], top_k, options)
+        if not self.embedder.supports_text:
+            self.embedder.embed_texts([query])  # raises NoTextTowerError / NoModelError, without a cache lookup
+        vector = self.cache.text(query, lambda: self.embedder.embed_texts([query])[0]).vector
+        return self._page(vector, top_k, options)
 
     def search_vector(
         self, values: Sequence[float], top_k: int, options: SearchOptions | None = None
@@ -450,7 +502,10 @@ class SearchService:
         :class:`ImageNotFoundError`, :class:`app.errors.NoTextTowerError`, :class:`InvalidParameterError` and
         :class:`app.errors.InvalidVectorError` (see :func:`app.search.query.combined_query`).
         """
-        vector, query_ids = combined_query(positive, negative, self.db, self.embedder)
+        embed_texts = self.embedder.embed_texts
+        if self.embedder.supports_text:
+            embed_texts = partial(self.cache.texts, compute=self.embedder.embed_texts)
+        vector, query_ids = combined_query(positive, negative, self.db, self.embedder, embed_texts)
         return self._page(vector, top_k, options, query_ids=query_ids)
 
     # --- stored images ------------------------------------------------------------------------------------
@@ -547,8 +602,9 @@ class SearchService:
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
     def health(self) -> HealthReport:
-        """Whether the database answers and the store has room, and the loaded model; never raises, never waits
-        on a database that is down (the guard's cached state, app/vectordb/guard.py)."""
+        """Whether the database answers, the store has room and the Redis cache works, and the loaded model; never
+        raises, never waits on a database or a Redis that is down (the guard's and the cache breaker's cached
+        state)."""
         db_ok = self.db.health()
         problems = []
         if not db_ok:
@@ -557,10 +613,15 @@ class SearchService:
         storage = self.store.health()
         if storage.problem:
             problems.append(f"storage: {storage.problem}")
+        cache = self.cache.health()
+        if cache.problem:
+            problems.append(f"cache (redis): {cache.problem}")
+        degraded = storage.state != "ok" or cache.state == "degraded"
         return HealthReport(
-            status="unavailable" if not db_ok else "degraded" if storage.state != "ok" else "ok",
+            status="unavailable" if not db_ok else "degraded" if degraded else "ok",
             database="ok" if db_ok else "unavailable",
             storage=storage.state,
+            cache=cache.state,
             problems=problems,
             backend=self.db.backend_name,
             model=ModelInfo(
@@ -580,5 +641,6 @@ class SearchService:
             backend=self.db.backend_name,
             device=self.embedder.device,
             supports_text=self.embedder.supports_text,
-            query_cache=self.query_cache.stats(),
+            query_cache=self.cache.memory.stats(),
+            cache=self.cache.stats(),
         )

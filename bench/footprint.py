@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Server footprint: start-up time and resident memory (RSS) of ``python -m app``, as one JSON line.
 
-Runs the real server as a child process (UI on, the settings' defaults otherwise) on a data folder of its own:
+Runs the real server as a child process (the settings' defaults otherwise) on a data folder of its own, with the
+Gradio UI on and off (``--ui both``, the default: both variants in one run, since the machine is shared and noisy):
 
 1. a first start creates the embedded database and the model's ONNX export (not measured: a one-time cost);
 2. a warm start: seconds from process start to the first ``200`` of ``/health`` (``start_to_healthy_s``), and the
@@ -15,7 +16,10 @@ RSS is VmRSS of the server process from ``/proc`` (Linux), in MB (10^6 bytes); t
 processes of its own and is reported apart (``postgres_rss_mb``, all its processes). ``libtorch_mapped`` says whether
 the server process has torch's shared library mapped at the end (the goal: it never loads torch).
 
-Usage: python bench/footprint.py [--embedder efficientnet|auto] [--data-dir DIR] [--port 18765]
+With ``--ui both`` the JSON line holds one object per variant (``ui_on``, ``ui_off``); with ``on`` or ``off`` the
+variant's figures are the line itself, as before.
+
+Usage: python bench/footprint.py [--embedder efficientnet|auto] [--ui both|on|off] [--data-dir DIR] [--port 18765]
        [--start-only [--starts N]]
 """
 
@@ -115,6 +119,7 @@ def second_pass(api: str, folders: list[Path]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embedder", default="efficientnet", choices=["efficientnet", "auto"])
+    parser.add_argument("--ui", default="both", choices=["both", "on", "off"], help="UI_ENABLED of the server")
     parser.add_argument("--data-dir", type=Path, help="the server's DATA_DIR (default: a new temporary folder)")
     parser.add_argument("--datasets", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--port", type=int, default=18765)
@@ -123,18 +128,36 @@ def main() -> int:
     )
     parser.add_argument("--starts", type=int, default=1, help="warm starts to time; the median is reported")
     args = parser.parse_args()
+    variants = ["on", "off"] if args.ui == "both" else [args.ui]
+    results = {}
+    for ui in variants:
+        data_dir = args.data_dir / f"ui-{ui}" if args.data_dir and len(variants) > 1 else args.data_dir
+        results[f"ui_{ui}"] = measure(args, ui == "on", data_dir)
+    line = {"bench": "footprint", "embedder": args.embedder}
+    if len(variants) == 1:
+        line.update(next(iter(results.values())))
+    else:
+        line.update(results)
+    line["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(line))
+    return 0
 
-    data_dir = (args.data_dir or Path(tempfile.mkdtemp(prefix="footprint-"))).resolve()
+
+def measure(args: argparse.Namespace, ui: bool, data_dir: Path | None) -> dict:
+    """One variant's figures (see the module docstring)."""
+    data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="footprint-"))).resolve()
     env = {
         **os.environ,
         "DATA_DIR": str(data_dir),
         "PORT": str(args.port),
         "HOST": "127.0.0.1",
         "EMBEDDER": args.embedder,
+        "UI_ENABLED": "true" if ui else "false",
         "LOG_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     }
     env.pop("DATABASE_URL", None)
+    env.pop("CACHE_REDIS_URL", None)
     api = f"http://127.0.0.1:{args.port}"
 
     first, first_s = start_server(env, args.port)  # creates the database and the model export
@@ -148,20 +171,17 @@ def main() -> int:
             times.append(healthy_s)
             rss.append(rss_mb(server.pid))
             stop_server(server)
-        result = {
-            "bench": "footprint",
-            "embedder": args.embedder,
+        return {
             "start_to_healthy_s": round(sorted(times)[len(times) // 2], 2),
             "start_to_healthy_all_s": [round(t, 2) for t in times],
             "rss_after_start_mb": sorted(rss)[len(rss) // 2],
         }
-        print(json.dumps(result))
-        return 0
 
     server, healthy_s = start_server(env, args.port)
     try:
         time.sleep(2)
         after_start = rss_mb(server.pid)
+        ui_answers = httpx.get(f"{api}/ui/config", timeout=30).status_code == 200
         folders = [args.datasets / "caltech101_subset" / "images", args.datasets / "instance_small" / "images"]
         for folder in folders:
             proc = subprocess.run(
@@ -179,9 +199,8 @@ def main() -> int:
         time.sleep(2)
         after_second = rss_mb(server.pid)
         count = httpx.get(f"{api}/stats", timeout=30).json()["count"]
-        result = {
-            "bench": "footprint",
-            "embedder": args.embedder,
+        return {
+            "ui_answers": ui_answers,
             "first_start_s": round(first_s, 2),
             "start_to_healthy_s": round(healthy_s, 2),
             "rss_after_start_mb": after_start,
@@ -193,8 +212,6 @@ def main() -> int:
         }
     finally:
         stop_server(server)
-    print(json.dumps(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ place (``from tests.helpers import ...``) instead of from each other.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -108,6 +112,106 @@ def run_live_server(app, ports: range | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
+"""Debian's redis-server (``apt-get install redis-server``; ``.ci/run`` installs it)."""
+
+
+def redis_server_or_skip() -> str:
+    """The redis-server binary; skips the test without it, except under ``CI=true`` where that is a failure."""
+    import pytest
+
+    if shutil.which(REDIS_SERVER) or Path(REDIS_SERVER).is_file():
+        return REDIS_SERVER
+    reason = f"redis-server is not installed at {REDIS_SERVER} (apt-get install redis-server; or set REDIS_SERVER)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class RedisServer:
+    """A real ``redis-server`` process on a free loopback port, owned by one test: started, killed (``kill -9``),
+    paused (SIGSTOP) and restarted on the same port, and always stopped by :meth:`stop`.
+
+    No persistence (``--save ""``, no AOF): a restart comes back empty, like a cache that lost its memory.
+    ``extra`` are more ``--option value`` arguments (e.g. ``--maxmemory 2mb``).
+    """
+
+    def __init__(self, workdir: Path, *extra: str) -> None:
+        self.binary = redis_server_or_skip()
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.extra = extra
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start it and wait until it answers PING."""
+        import redis
+
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.workdir), "--daemonize", "no", *self.extra]
+        log = (self.workdir / "redis.log").open("ab")
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log_text = (self.workdir / "redis.log").read_text(errors="replace")
+                    raise RuntimeError(f"redis-server did not start: {log_text}") from exc
+                time.sleep(0.02)
+            finally:
+                client.close()
+        return self
+
+    def client(self):
+        """A plain redis-py client of this server (the test's own view of what is stored)."""
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown, the sockets just die."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and nothing answers (a hung Redis)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Stop it if it runs (also when paused)."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGCONT)
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class MotoS3:

@@ -501,6 +501,21 @@ def test_compose_app_points_at_the_backend_services() -> None:
     assert Settings(manticore_port=env["MANTICORE_PORT"]).manticore_port == 9306
 
 
+def test_compose_redis_is_the_apps_bounded_persistent_unpublished_cache() -> None:
+    services = _compose()["services"]
+    redis_service = services["redis"]
+    assert not _profiles(redis_service) and not redis_service.get("ports"), "redis: always on, never published"
+    assert set(_named_volume_mounts(redis_service).values()) == {"/data"}, "the official image works in /data"
+    command = redis_service["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lfu", "full Redis evicts, never refuses"
+    assert _interpolate(command[command.index("--maxmemory") + 1], {}) == "256mb"
+    assert "redis-cli" in _healthcheck_text(redis_service) and redis_service["restart"] == "unless-stopped"
+    url = urlsplit(_environment(services["app"])["CACHE_REDIS_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379)
+    assert _depends_on(services["app"])["redis"]["condition"] == "service_healthy"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Dockerfile and .dockerignore
 # ------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The LRU cache of query-image embeddings (QUERY_CACHE_SIZE): unit behaviour, and through /search_image + /stats
-on the real app with real images."""
+"""The memory layer of the embedding cache (QUERY_CACHE_SIZE, CACHE_POLICY): unit behaviour of both policies, and
+through /search_image + /stats on the real app with real images (memory only: no CACHE_REDIS_URL). The Redis layer
+and the layers together: tests/test_cache.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from app.cache.memory import MemoryLayer
 from app.main import create_app
-from app.query_cache import QueryEmbeddingCache
 from tests.helpers import make_settings
 
 HOPPER = "formats/jpeg"  # indexed
@@ -26,7 +27,7 @@ def vec(x: float) -> np.ndarray:
 
 
 def test_lru_eviction_and_counters():
-    cache = QueryEmbeddingCache(2)
+    cache = MemoryLayer(2, "lru")
     assert cache.get("a") is None  # miss
     cache.put("a", vec(1))
     cache.put("b", vec(2))
@@ -37,8 +38,24 @@ def test_lru_eviction_and_counters():
     assert (stats.size, stats.capacity, stats.hits, stats.misses, stats.hit_rate) == (2, 2, 1, 1, 0.5)
 
 
-def test_cached_vectors_are_read_only_copies():
-    cache = QueryEmbeddingCache(4)
+def test_lfu_keeps_the_frequent_entry_over_the_recent_one():
+    cache = MemoryLayer(2, "lfu")
+    cache.put("a", vec(1))
+    cache.put("b", vec(2))
+    for _ in range(3):
+        assert cache.get("a") is not None  # "a" used 4 times in all, "b" once
+    cache.put("c", vec(3))  # evicts "b", the least frequently used (LRU would evict "b" too: no difference yet)
+    assert "b" not in cache and "a" in cache and "c" in cache
+    cache.get("c")  # "c" is now the most recent, "a" the most frequent
+    cache.put("d", vec(4))  # LFU evicts "c" (2 uses) and keeps "a" (4 uses); LRU would have evicted "a"
+    assert "a" in cache and "c" not in cache and "d" in cache
+    with pytest.raises(ValueError):
+        MemoryLayer(2, "fifo")
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_cached_vectors_are_read_only_copies(policy):
+    cache = MemoryLayer(4, policy)
     original = vec(1)
     cache.put("a", original)
     original[:] = 9  # the caller's array changing later does not reach the cache
@@ -48,18 +65,20 @@ def test_cached_vectors_are_read_only_copies():
         got[0] = 5
 
 
-def test_zero_capacity_disables():
-    cache = QueryEmbeddingCache(0)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_zero_capacity_disables(policy):
+    cache = MemoryLayer(0, policy)
     cache.put("a", vec(1))
     assert cache.get("a") is None and len(cache) == 0
     stats = cache.stats()
     assert (stats.size, stats.capacity, stats.hits, stats.misses, stats.hit_rate) == (0, 0, 0, 0, 0.0)
     with pytest.raises(ValueError):
-        QueryEmbeddingCache(-1)
+        MemoryLayer(-1)
 
 
-def test_thread_safe_under_concurrent_use():
-    cache = QueryEmbeddingCache(8)
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_thread_safe_under_concurrent_use(policy):
+    cache = MemoryLayer(8, policy)
 
     def work(t: int) -> None:
         for i in range(2000):
@@ -120,15 +139,18 @@ def test_repeated_unindexed_search_is_a_cache_hit(tmp_path, database_url, offlin
             "misses": 1,
             "hit_rate": 0.5,
         }
-        # An indexed upload reuses its stored embedding and never touches the cache.
+        # An indexed upload misses memory, then reuses its stored embedding (L3, no model call), which fills memory.
         indexed = sorted((datasets / HOPPER).iterdir())[0].read_bytes()
         r = client.post("/search_image", files={"file": ("q", indexed)}, data={"top_k": "3", "exclude_self": "false"})
         assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-        assert client.get("/stats").json()["query_cache"]["misses"] == 1
+        cache = client.get("/stats").json()["cache"]
+        assert cache["memory"]["misses"] == 2 and cache["memory"]["size"] == 2
+        assert cache["store"] == {"hits": 1, "misses": 1, "hit_rate": 0.5} and cache["computed"] == 1
+        assert cache["redis"] is None and cache["redis_state"] == "off"
         # A refused upload caches nothing.
         r = client.post("/search_image", files={"file": ("q", b"not an image")})
         assert r.status_code == 415
-        assert client.get("/stats").json()["query_cache"]["size"] == 1
+        assert client.get("/stats").json()["query_cache"]["size"] == 2
 
 
 @pytest.mark.slow

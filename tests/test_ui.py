@@ -1,22 +1,30 @@
-"""The web UI's server side: its static files at /ui/, /ui/config.json, and POST /preview (the query image as a JPEG
-for any format), through the real app on a real database. The page itself is driven in a browser in
-tests/test_browser.py."""
+"""The Gradio UI's server side: mounted at /ui with gr.mount_gradio_app, its handlers driven with gradio_client by
+their API names (the same handlers the page calls), its login with API_KEY_READS, Gradio never imported without the
+UI, and POST /preview (the query image as a JPEG for any format, for API clients). The page itself is driven in a
+browser in tests/test_browser.py; the pure query/link rules are tested in tests/test_ui_query.py."""
 
 from __future__ import annotations
 
 import io
+import re
+import subprocess
+import sys
 
+import httpx
 import pillow_heif
 import pytest
 from PIL import Image, ImageOps
 
 from app.main import create_app
-from tests.helpers import FORMATS, INSTANCE, make_settings
+from tests.helpers import FORMATS, INSTANCE, PROJECT_ROOT, make_settings, run_live_server
 
 # Loads a model and a database: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
 
 pillow_heif.register_heif_opener()  # to read the HEIC test file's size here
+
+HOPPER = INSTANCE / "grace_hopper"
+KEY = "ui-test-key-81c2"
 
 
 @pytest.fixture
@@ -28,41 +36,123 @@ def ui_client(tmp_path, database_url, offline_embedder):
         yield client
 
 
-def test_ui_files_are_served(ui_client):
+def test_ui_is_the_gradio_app(ui_client):
     assert ui_client.get("/", follow_redirects=False).headers["location"] == "/ui/"
     r = ui_client.get("/ui", follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == "/ui/"
     page = ui_client.get("/ui/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<script type="module" src="app.js">' in page.text
-    csp = page.headers["content-security-policy"]
-    assert "script-src 'self'" in csp and "img-src 'self' blob:" in csp and "frame-ancestors 'none'" in csp
-    for name in ("app.js", "api.js", "search.js", "add.js", "duplicates.js", "util.js"):
-        r = ui_client.get(f"/ui/{name}")
-        assert r.status_code == 200 and "javascript" in r.headers["content-type"], name
-    # Nothing outside ui/static is reachable through the mount.
-    assert ui_client.get("/ui/../app/config.py").status_code == 404
-    assert ui_client.get("/ui/%2e%2e/__init__.py").status_code == 404
+    config = ui_client.get("/ui/config").json()  # Gradio's own app config
+    assert config["version"].startswith("6.") and config["title"] == "Image similarity search"
+    assert config["analytics_enabled"] is False and not config.get("auth_required")
+    labels = {c.get("props", {}).get("label") for c in config["components"]}
+    assert {"Words", "But not", "Formats", "Results per page", "API key"} <= labels
+    endpoints = set(ui_client.get("/ui/gradio_api/info").json()["named_endpoints"])
+    assert {"/search", "/similar", "/add", "/find_duplicates", "/stats"} <= endpoints
+    # Nothing in the page's theme is fetched from outside (the default theme would load Google Fonts).
+    theme = ui_client.get("/ui/theme.css").text
+    assert "googleapis" not in theme and "@import" not in theme
+    assert not re.search(r"url\(\s*['\"]?(https?:)?//", theme)  # only data: URLs (inline SVG icons)
+    # The service's own API is untouched by the mount.
+    assert ui_client.get("/health").json()["status"] == "ok"
+    assert ui_client.get("/openapi.json").status_code == 200
 
 
-def test_ui_config(ui_client):
-    config = ui_client.get("/ui/config.json").json()
-    settings = ui_client.app.state.settings
-    assert config == {
-        "reads_need_key": False,
-        "writes_need_key": False,
-        "writes_refused": None,
-        "default_top_k": settings.default_top_k,
-        "max_top_k": settings.max_top_k,
-        "max_upload_mb": settings.max_upload_mb,
-        "max_batch_files": settings.max_batch_files,
-        "max_batch_mb": settings.max_batch_mb,
-    }
-
-
-def test_no_ui_when_disabled(client):
+def test_no_gradio_without_the_ui(client):
     assert client.get("/ui/").status_code == 404
-    assert client.get("/ui/config.json").status_code == 404
+    assert client.get("/", follow_redirects=False).headers["location"] == "/docs"
+    # A fresh process that builds and serves the app with UI_ENABLED=false never imports Gradio.
+    code = (
+        "import sys; from app.config import Settings; from app.main import create_app; import app.service, "
+        "app.api.routes; create_app(Settings(_env_file=None, ui_enabled=False)); "
+        "assert 'gradio' not in sys.modules, 'gradio imported'; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+@pytest.fixture
+def live_ui(tmp_path, database_url, offline_embedder):
+    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY, max_batch_files=2)
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+        yield url
+
+
+def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path):
+    from gradio_client import Client, handle_file
+
+    ui = Client(f"{live_ui}/ui/", verbose=False)
+    names = ["pillow_hopper.png", "pillow_hopper.webp", "pillow_hopper_orientation_6.jpg"]
+    files = [handle_file(str(HOPPER / n)) for n in names]
+    # Adding needs the key (API_KEY is set): refused without it, nothing stored.
+    with pytest.raises(Exception, match="API key"):
+        ui.predict(files, "", "", api_name="/add")
+    assert httpx.get(f"{live_ui}/stats").json()["count"] == 0
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes((HOPPER / "pillow_hopper.jpg").read_bytes()[:500])
+    summary, table, line, _ = ui.predict([*files, handle_file(str(corrupt))], KEY, "", api_name="/add")
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["✓", "✓", "✓", "✗"] and rows[3][1] == "broken.jpg" and rows[3][2]
+    assert "**3 photos**" in line and "3 of 4" in summary
+
+    # The search handler, by its API name: a photo, no words, no filters, 5 results per page.
+    gallery, status, *_ = ui.predict(
+        handle_file(str(HOPPER / "pillow_hopper.jpg")), "", "", "", [], "", "", 0, False, 5, api_name="/search"
+    )
+    assert status.startswith("3 results")
+    captions = [item["caption"] for item in gallery]
+    assert {c.split(" · ")[2] for c in captions} == set(names)
+    assert [c.split(" · ")[0] for c in captions] == ["#1", "#2", "#3"]
+    # The same search through the REST API ranks the same images in the same order.
+    with (HOPPER / "pillow_hopper.jpg").open("rb") as f:
+        rest = httpx.post(f"{live_ui}/search_image", files={"file": f}, data={"top_k": 5}).json()["results"]
+    assert [c.split(" · ")[2] for c in captions] == [r["filename"] for r in rest]
+    # A filter given to the handler narrows it like the REST API's.
+    gallery, status, *_ = ui.predict(
+        handle_file(str(HOPPER / "pillow_hopper.jpg")), "", "", "", ["WEBP"], "", "", 0, False, 5, api_name="/search"
+    )
+    assert [item["caption"].split(" · ")[2] for item in gallery] == ["pillow_hopper.webp"]
+    # A file the decoder refuses is reported, not a crash.
+    gallery, status, *_ = ui.predict(handle_file(str(corrupt)), "", "", "", [], "", "", 0, False, 5, api_name="/search")
+    assert gallery == [] and status.startswith("✗")
+    assert "**3 photos**" in ui.predict(api_name="/stats")
+
+
+def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, database_url, offline_embedder):
+    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY, api_key_reads=True)
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+        anonymous = httpx.Client(base_url=url, timeout=10)
+        # The page shell and its scripts hold no data; they load, and show Gradio's login form.
+        assert anonymous.get("/ui/").status_code == 200
+        for method, path in [
+            ("GET", "/ui/config"),
+            ("GET", "/ui/gradio_api/info"),
+            ("GET", "/ui/gradio_api/openapi.json"),
+            ("POST", "/ui/gradio_api/upload"),
+            ("GET", "/ui/gradio_api/upload_progress?upload_id=x"),
+            ("GET", "/ui/gradio_api/file=/tmp/gradio/image-search/thumbs/x.jpg"),
+            ("POST", "/ui/gradio_api/queue/join"),
+            ("POST", "/ui/gradio_api/call/search"),
+            ("POST", "/ui/gradio_api/run/predict"),
+            ("POST", "/ui/gradio_api/component_server"),
+            ("GET", "/ui/monitoring"),
+        ]:
+            assert anonymous.request(method, path).status_code == 401, path
+        # Gradio's event stream refuses too (read with a timeout: an accepted stream would stay open).
+        with anonymous.stream("GET", "/ui/gradio_api/queue/data?session_hash=x") as r:
+            assert r.status_code == 401
+        assert anonymous.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        logged_in = httpx.Client(base_url=url, timeout=30)
+        assert logged_in.post("/ui/login", data={"username": "me", "password": KEY}).json() == {"success": True}
+        assert logged_in.get("/ui/config").status_code == 200
+        assert logged_in.get("/ui/gradio_api/info").status_code == 200
+
+        # gradio_client logs in the same way, and a logged-in user may write: the login was the key.
+        from gradio_client import Client, handle_file
+
+        ui = Client(f"{url}/ui/", auth=("me", KEY), verbose=False)
+        _, table, line, _ = ui.predict([handle_file(str(HOPPER / "pillow_hopper.png"))], "", "", api_name="/add")
+        assert table["data"][0][0] == "✓" and "**1 photo**" in line
 
 
 @pytest.mark.parametrize(
@@ -101,9 +191,7 @@ def test_preview_waits_for_decode_capacity(tmp_path, database_url, offline_embed
     # DECODE_WAIT_S and then answers 503 with Retry-After instead of decoding beside everything else.
     from fastapi.testclient import TestClient
 
-    settings = make_settings(
-        tmp_path / "data", database_url, ui_enabled=True, max_decode_pixels_in_flight=4_000_000, decode_wait_s=0.2
-    )
+    settings = make_settings(tmp_path / "data", database_url, max_decode_pixels_in_flight=4_000_000, decode_wait_s=0.2)
     path = INSTANCE / "exif_portrait" / "Portrait_6.jpg"
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         gate = client.app.state.service.admission

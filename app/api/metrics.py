@@ -9,7 +9,8 @@ apps in one process (the tests) never clash. What is measured and where:
   :class:`app.observe.Observer` methods, which the core calls where it is given an observer (for model calls,
   :func:`app.observe.timed_embed` around the batcher's embed function); database errors that reach the API are
   also counted by ``app/api/errors.py``;
-- collection size, query-cache hits/misses/entries, embed queue depth: read from the service at scrape time.
+- Redis cache command times and errors: :meth:`Metrics.observe_cache_redis`, called by the cache's Redis layer;
+- collection size, embedding-cache hits/misses per layer, embed queue depth: read from the service at scrape time.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ RECENT_WINDOW = 1000
 UNMATCHED = "unmatched"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -97,14 +99,7 @@ class _ServiceCollector(Collector):
         service = self.get_service()
         if service is None:  # before the lifespan has run
             return
-        cache = service.query_cache.stats()
-        hits = CounterMetricFamily(f"{PREFIX}_query_cache_hits", "Query-image embeddings served from the cache.")
-        hits.add_metric([], cache.hits)
-        misses = CounterMetricFamily(f"{PREFIX}_query_cache_misses", "Query images that needed decode + model.")
-        misses.add_metric([], cache.misses)
-        entries = GaugeMetricFamily(f"{PREFIX}_query_cache_entries", "Embeddings held in the query cache.")
-        entries.add_metric([], cache.size)
-        yield from (hits, misses, entries)
+        yield from _cache_metrics(service.cache.stats())
         depth = _queue_depth(service.batcher)
         if depth is not None:
             queue = GaugeMetricFamily(f"{PREFIX}_embed_queue_depth", "Embed requests waiting for the model.")
@@ -119,6 +114,44 @@ class _ServiceCollector(Collector):
         size = GaugeMetricFamily(f"{PREFIX}_collection_images", "Images in the collection.")
         size.add_metric([], count)
         yield size
+
+
+def _cache_metrics(stats: Any) -> Iterator[Metric]:
+    """The embedding cache (:class:`app.cache.CacheStats`): hits, misses and hit rate per layer, memory entries,
+    whether Redis is in use; plus the memory layer under its older names (``query_cache_*``)."""
+    memory = stats.memory
+    hits = CounterMetricFamily(f"{PREFIX}_query_cache_hits", "Query embeddings served from the memory layer.")
+    hits.add_metric([], memory.hits)
+    misses = CounterMetricFamily(f"{PREFIX}_query_cache_misses", "Query embeddings the memory layer did not have.")
+    misses.add_metric([], memory.misses)
+    entries = GaugeMetricFamily(f"{PREFIX}_query_cache_entries", "Embeddings held in the memory layer.")
+    entries.add_metric([], memory.size)
+    yield from (hits, misses, entries)
+    layers = {"memory": memory, "store": stats.store}
+    if stats.redis is not None:
+        layers["redis"] = stats.redis
+    layer_hits = CounterMetricFamily(
+        f"{PREFIX}_cache_hits", "Query embeddings found, by cache layer (memory, redis, store).", labels=["layer"]
+    )
+    layer_misses = CounterMetricFamily(
+        f"{PREFIX}_cache_misses", "Cache lookups that reached a layer and missed, by layer.", labels=["layer"]
+    )
+    ratio = GaugeMetricFamily(
+        f"{PREFIX}_cache_hit_ratio", "Hits / lookups that reached the layer, since start.", labels=["layer"]
+    )
+    for name, layer in layers.items():
+        layer_hits.add_metric([name], layer.hits)
+        layer_misses.add_metric([name], layer.misses)
+        ratio.add_metric([name], layer.hit_rate)
+    computed = CounterMetricFamily(f"{PREFIX}_cache_computed", "Query embeddings no cache layer had: model calls.")
+    computed.add_metric([], stats.computed)
+    yield from (layer_hits, layer_misses, ratio, computed)
+    if stats.redis is not None:
+        up = GaugeMetricFamily(f"{PREFIX}_cache_redis_up", "1 while the Redis layer is in use, 0 while degraded.")
+        up.add_metric([], 1 if stats.redis_state == "ok" else 0)
+        invalid = CounterMetricFamily(f"{PREFIX}_cache_redis_invalid", "Values under our keys that were refused.")
+        invalid.add_metric([], stats.redis.invalid)
+        yield from (up, invalid)
 
 
 def _queue_depth(batcher: Any) -> int | None:
@@ -162,6 +195,19 @@ class Metrics:
         self.database_errors = Counter(
             f"{PREFIX}_database_errors", "Failed database operations.", ["operation"], registry=self.registry
         )
+        self.cache_redis_seconds = Histogram(
+            f"{PREFIX}_cache_redis_seconds",
+            "Time of one command of the Redis cache layer, seconds (failed ones included).",
+            ["operation"],
+            buckets=_REDIS_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache_redis_errors = Counter(
+            f"{PREFIX}_cache_redis_errors",
+            "Failed commands of the Redis cache layer (timeouts, refused connections, OOM).",
+            ["operation"],
+            registry=self.registry,
+        )
 
     # --- app.observe.Observer --------------------------------------------------------------------------------------
     def observe_decode(self, seconds: float) -> None:
@@ -176,6 +222,12 @@ class Metrics:
     def count_database_error(self, operation: str) -> None:
         """One failed database operation."""
         self.database_errors.labels(operation=operation).inc()
+
+    def observe_cache_redis(self, operation: str, seconds: float, failed: bool) -> None:
+        """One Redis cache command (``get``, ``set``, ``ping``) in ``seconds``, failed or not."""
+        self.cache_redis_seconds.labels(operation=operation).observe(seconds)
+        if failed:
+            self.cache_redis_errors.labels(operation=operation).inc()
 
     # --- helpers ---------------------------------------------------------------------------------------------------
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -243,7 +295,8 @@ router = APIRouter()
 )
 def metrics(request: Request) -> Response:
     """Request counts and latencies by route and status, decode and model times, embed batch sizes, queue depth,
-    query-cache hits and misses, collection size and database errors, in the Prometheus text format."""
+    embedding-cache hits and misses per layer, Redis cache latency and errors, collection size and database errors,
+    in the Prometheus text format."""
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -7,9 +7,9 @@ The rules, all owned here:
   Writes are the routes of :data:`write_router` in ``app/api/routes.py``, whose router-level dependency
   (:func:`require_write`) a new write route cannot forget.
 - ``API_KEY_READS=true`` also protects every other endpoint (``/docs``, ``/metrics``...) except ``/health``, through
-  :class:`ReadKeyMiddleware`. The web UI's own files under ``/ui/`` stay public: they are static HTML, CSS and
-  JavaScript plus ``/ui/config.json`` (whether a key is needed), with no data; the page asks the user for the key and
-  sends it in ``X-API-Key`` on every data call (the same check as any other client, no cookie).
+  :class:`ReadKeyMiddleware`. The Gradio UI under ``/ui/`` is guarded by Gradio's own login instead (the key is the
+  password, :mod:`ui.mount`), which answers ``401`` on every route with data (app config, uploads, files, queue), so
+  a browser can show the login form; its writes pass :meth:`AccessPolicy.key_is_valid` / :meth:`write_refusal`.
 - Secure by default: with no key and ``HOST`` not a loopback address, writes answer ``403`` naming ``API_KEY``
   (``ALLOW_ANONYMOUS_WRITES=true`` opts out), and start-up logs one WARNING.
 - Keys are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, so neither the content nor the
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: Paths a client may always call, whatever API_KEY_READS says: load balancers and orchestrators probe it.
 PUBLIC_PATHS = frozenset({"/health", "/", "/favicon.ico"})  # "/" only redirects
-#: The web UI's static files and its config.json: public, since they hold no data (see the module docstring).
+#: The Gradio UI: guarded by Gradio's login with the key as password, not by headers (see the module docstring).
 UI_PREFIX = "/ui"
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="image-search"'}
@@ -131,7 +131,8 @@ def require_write(request: Request) -> None:
 
 
 class ReadKeyMiddleware:
-    """With API_KEY_READS, answer 401 to any request without a valid key, except PUBLIC_PATHS and the UI's files.
+    """With API_KEY_READS, answer 401 to any request without a valid key, except PUBLIC_PATHS and the Gradio UI
+    (behind its own login).
 
     A middleware rather than a dependency so that it also covers the routes FastAPI adds itself (``/docs``,
     ``/openapi.json``) and any route added later.

@@ -7,7 +7,7 @@ L2-normalised, the query is ``Σ w_i p_i − Σ w_j n_j`` over the positive term
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,8 +92,16 @@ def combine(
     return (total / norm).astype(np.float32)
 
 
-def embed_terms(terms: Sequence[QueryTerm], db: VectorDBHandler, embedder: Embedder) -> list[np.ndarray]:
+def embed_terms(
+    terms: Sequence[QueryTerm],
+    db: VectorDBHandler,
+    embedder: Embedder,
+    embed_texts: Callable[[list[str]], np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """One ``(D,)`` float32, L2-normalised vector per term, in order; all texts share one model call.
+
+    ``embed_texts`` (``list[str] -> (N, D)`` float32) replaces ``embedder.embed_texts``: the service passes its
+    embedding cache's (:meth:`app.cache.EmbeddingCache.texts`).
 
     Raises:
         InvalidParameterError: a term without exactly one of image_id/text/vector.
@@ -118,16 +126,21 @@ def embed_terms(terms: Sequence[QueryTerm], db: VectorDBHandler, embedder: Embed
         else:
             vectors[i] = unit_vector(term.vector, embedder.dim, embedder.model_id)
     if texts:
-        embedded = embedder.embed_texts([t for _, t in texts])
+        embedded = (embed_texts or embedder.embed_texts)([t for _, t in texts])
         for (i, _), vector in zip(texts, embedded, strict=True):
             vectors[i] = vector
     return [v for v in vectors if v is not None]
 
 
 def combined_query(
-    positive: Sequence[QueryTerm], negative: Sequence[QueryTerm], db: VectorDBHandler, embedder: Embedder
+    positive: Sequence[QueryTerm],
+    negative: Sequence[QueryTerm],
+    db: VectorDBHandler,
+    embedder: Embedder,
+    embed_texts: Callable[[list[str]], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, frozenset[str]]:
-    """The query vector of a combined query, and the stored images among its positive terms.
+    """The query vector of a combined query, and the stored images among its positive terms (text terms through
+    ``embed_texts`` when given, see :func:`embed_terms`).
 
     Returns:
         ``((D,) float32 L2-normalised vector, ids of the positive image_id terms)``; the ids are the query images
@@ -141,7 +154,7 @@ def combined_query(
         raise InvalidParameterError("A combined query needs at least one positive term.")
     if len(positive) > MAX_TERMS or len(negative) > MAX_TERMS:
         raise InvalidParameterError(f"At most {MAX_TERMS} positive and {MAX_TERMS} negative terms.")
-    vectors = embed_terms([*positive, *negative], db, embedder)
+    vectors = embed_terms([*positive, *negative], db, embedder, embed_texts)
     pairs = list(zip(vectors, [t.weight for t in (*positive, *negative)], strict=True))
     vector = combine(pairs[: len(positive)], pairs[len(positive) :])
     return vector, frozenset(t.image_id for t in positive if t.image_id is not None)

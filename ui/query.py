@@ -1,0 +1,240 @@
+"""What a search in the web UI is, as plain data: the query, its filters, and how both travel in a shared link.
+
+Pure functions and frozen dataclasses only (no Gradio, no service), so the rules are tested without a browser:
+:class:`UiQuery` is what is searched (a photo, a stored image's id, words, "but not" words), :class:`UiFilters` the
+accordion's filters and page size; :func:`from_link` reads both from a page address's query parameters and
+:func:`to_link` writes them back (``?id=<image id>&top_k=10&formats=JPEG``), so a copied address opens the same
+search. An uploaded photo cannot travel in a link (it is not stored); "More like this" on any result can.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Literal
+from urllib.parse import urlencode
+
+from app.ids import is_valid_image_id
+from app.search.paging import SearchOptions
+from app.vectordb.base import SearchFilter, SearchHit
+
+#: Formats offered in the filter, as the decoder names them (``ImageMetadata.format``).
+FORMAT_CHOICES = ("JPEG", "PNG", "HEIF", "AVIF", "WEBP", "GIF", "TIFF", "BMP")
+
+#: Formats every current browser shows as they are; the large view shows the others as a JPEG the server makes.
+BROWSER_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP"})
+
+QueryKind = Literal["image", "id", "text", "combined"]
+
+
+@dataclass(frozen=True, slots=True)
+class UiQuery:
+    """What one search looks for.
+
+    Attributes:
+        kind: ``image`` (an uploaded photo), ``id`` (a stored image: "More like this" and links), ``text`` (words,
+            CLIP models only) or ``combined`` (a photo or a stored image and/or words, minus "but not" words).
+        upload: path of the uploaded photo in Gradio's upload folder (``image`` and ``combined``).
+        image_id: SHA-256 hex of a stored image (``id`` and ``combined``).
+        text: the words to look for; ``negative``: the words to look away from.
+    """
+
+    kind: QueryKind
+    upload: str | None = None
+    image_id: str | None = None
+    text: str | None = None
+    negative: str | None = None
+
+    @classmethod
+    def from_form(
+        cls, upload: str | None, text: str | None, negative: str | None, image_id: str | None = None
+    ) -> UiQuery | None:
+        """The query the search form describes, or ``None`` when it has nothing to look for.
+
+        ``image_id``: the stored image shown as the query ("More like this", a link), used when no photo is chosen,
+        so "like this result, but not these words" works. A photo alone is ``image``, a stored image alone ``id``,
+        words alone ``text``, anything else ``combined``.
+        """
+        text, negative = (text or "").strip() or None, (negative or "").strip() or None
+        image_id = None if upload else image_id
+        if not (upload or image_id or text):
+            return None
+        if not text and not negative:
+            return cls("image", upload=upload) if upload else cls("id", image_id=image_id)
+        if text and not upload and not image_id and not negative:
+            return cls("text", text=text)
+        return cls("combined", upload=upload, image_id=image_id, text=text, negative=negative)
+
+    @property
+    def shareable(self) -> bool:
+        """Whether a link can hold this query (an upload is not stored, so it cannot)."""
+        return self.upload is None
+
+
+@dataclass(frozen=True, slots=True)
+class UiFilters:
+    """The filter accordion: folder, formats, taken between two dates, minimum score, expansion, page size.
+
+    Dates are ``YYYY-MM-DD`` strings as typed (``taken_before`` includes its whole day); ``formats`` are decoder
+    names; ``top_k`` results per page.
+    """
+
+    top_k: int
+    folder: str = ""
+    formats: tuple[str, ...] = ()
+    taken_after: str = ""
+    taken_before: str = ""
+    min_score: float | None = None
+    expand: bool = False
+
+    def options(self, offset: int = 0) -> SearchOptions:
+        """The service's :class:`SearchOptions` for one page starting at ``offset``.
+
+        Raises ``ValueError`` for a date that is not ``YYYY-MM-DD`` or a range that ends before it starts (the
+        handler shows it as a message; :meth:`SearchFilter.create` owns the rules).
+        """
+        after = _day(self.taken_after, "Taken after")
+        before = _day(self.taken_before, "Taken before")
+        filters = SearchFilter.create(
+            path_prefix=self.folder or None,
+            formats=self.formats or None,
+            taken_after=None if after is None else datetime.combine(after, time(), UTC),
+            taken_before=None if before is None else datetime.combine(before + timedelta(days=1), time(), UTC),
+        )
+        return SearchOptions(
+            offset=offset,
+            min_score=self.min_score,
+            expand=self.expand,
+            filters=None if filters.empty else filters,
+        ).checked()
+
+
+def _day(value: str | date | None, label: str) -> date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value).strip()[:10])
+    except ValueError:
+        raise ValueError(f"{label} must be a date like 2024-07-31, got {str(value)[:40]!r}.") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """What a page address asks for: a query (or none) and its filters."""
+
+    query: UiQuery | None
+    filters: UiFilters
+    problems: list[str] = field(default_factory=list)
+
+
+def from_link(params: Mapping[str, str], default_top_k: int, max_top_k: int) -> Link:
+    """Read ``id``, ``text``, ``not``, ``top_k``, ``folder``, ``formats``, ``taken_after``, ``taken_before``,
+    ``min_score`` and ``expand`` from a page address's query parameters.
+
+    Unknown parameters are ignored; a value that does not parse is dropped with a line in ``problems`` (the page
+    says so instead of failing), so a hand-edited link still opens.
+    """
+    problems: list[str] = []
+    top_k = default_top_k
+    if raw := params.get("top_k"):
+        try:
+            top_k = max(1, min(max_top_k, int(raw)))
+        except ValueError:
+            problems.append(f"top_k must be a whole number, got {raw[:20]!r}.")
+    min_score = None
+    if raw := params.get("min_score"):
+        try:
+            min_score = max(-1.0, min(1.0, float(raw)))
+        except ValueError:
+            problems.append(f"min_score must be a number, got {raw[:20]!r}.")
+    formats = tuple(f for f in (params.get("formats") or "").upper().split(",") if f in FORMAT_CHOICES)
+    dates = {}
+    for name in ("taken_after", "taken_before"):
+        raw = (params.get(name) or "").strip()
+        try:
+            dates[name] = "" if not raw else _day(raw, name).isoformat()
+        except ValueError as exc:
+            problems.append(str(exc))
+            dates[name] = ""
+    filters = UiFilters(
+        top_k=top_k,
+        folder=(params.get("folder") or "").strip(),
+        formats=formats,
+        min_score=min_score,
+        expand=(params.get("expand") or "").lower() in {"1", "true", "yes", "on"},
+        **dates,
+    )
+    query = None
+    image_id, text, negative = params.get("id"), params.get("text"), params.get("not")
+    if image_id and not is_valid_image_id(image_id):
+        problems.append("The link's id is not an image id (64 hexadecimal characters).")
+        image_id = None
+    query = UiQuery.from_form(None, text, negative, image_id)
+    return Link(query, filters, problems)
+
+
+def to_link(query: UiQuery | None, filters: UiFilters, default_top_k: int) -> str:
+    """The address's query string for a search (``?id=...&top_k=10``), ``""`` when it cannot be shared; defaults
+    are left out so links stay short."""
+    if query is None or not query.shareable:
+        return ""
+    params: dict[str, str] = {}
+    if query.image_id:
+        params["id"] = query.image_id
+    if query.text:
+        params["text"] = query.text
+    if query.negative:
+        params["not"] = query.negative
+    if filters.top_k != default_top_k:
+        params["top_k"] = str(filters.top_k)
+    if filters.folder:
+        params["folder"] = filters.folder
+    if filters.formats:
+        params["formats"] = ",".join(filters.formats)
+    for name in ("taken_after", "taken_before"):
+        if value := getattr(filters, name):
+            params[name] = value
+    if filters.min_score is not None:
+        params["min_score"] = f"{filters.min_score:g}"
+    if filters.expand:
+        params["expand"] = "1"
+    return "?" + urlencode(params) if params else ""
+
+
+def with_top_k(filters: UiFilters, top_k: int) -> UiFilters:
+    """``filters`` with another page size."""
+    return replace(filters, top_k=top_k)
+
+
+# --- words a person reads -------------------------------------------------------------------------------------
+def photos(count: int) -> str:
+    """``"1 photo"``, ``"273 photos"``, ``"12,345 photos"``."""
+    return f"{count:,} photo" + ("" if count == 1 else "s")
+
+
+def caption(rank: int, hit: SearchHit) -> str:
+    """A result's caption: rank, cosine score with 3 decimals, and the full stored file name."""
+    return f"#{rank} · {hit.score:.3f} · {hit.metadata.filename}"
+
+
+def file_size(size: int) -> str:
+    """Bytes in words: ``"812 bytes"``, ``"3.3 kB"``, ``"12.4 MB"`` (SI units, as the upload limits are)."""
+    if size < 1000:
+        return f"{size} bytes"
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def when(value: datetime | None) -> str:
+    """A timestamp for people: ``2024-07-31 14:05 UTC`` (or the offset it was taken in), ``unknown`` for none."""
+    if value is None:
+        return "unknown"
+    offset = value.utcoffset()
+    zone = "UTC" if offset in (None, timedelta(0)) else value.strftime("%z")
+    return f"{value:%Y-%m-%d %H:%M} {zone}"
