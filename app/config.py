@@ -303,6 +303,15 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
 
+    @field_validator("image_store_url")
+    @classmethod
+    def _image_store_url_is_known(cls, v: str | None) -> str | None:
+        # A field validator, not a model one: its error quotes this value only, never the other settings (secrets).
+        from app.storage import parse_store_url  # here: app.storage imports this module
+
+        parse_store_url(v)  # ValueError: only file:///path and s3://bucket/prefix
+        return v
+
     @field_validator("cache_redis_url")
     @classmethod
     def _redis_url_scheme(cls, v: str | None) -> str | None:

@@ -179,6 +179,14 @@ def test_image_store_url_selects_the_store(tmp_path, moto_s3):
     for bad in ["http://x/y", "s3:///nobucket", "file://host/x", "s3://b/p?x=1"]:
         with pytest.raises(ValueError):
             parse_store_url(bad)
+    with pytest.raises(ValueError, match="IMAGE_STORE_URL") as refused:  # with the settings, before anything starts
+        make_settings(
+            tmp_path / "d",
+            "postgresql://unused",
+            image_store_url="minio://photos",
+            aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        )
+    _assert_no_credentials(str(refused.value))
     default = from_settings(make_settings(tmp_path / "d", "postgresql://unused"))
     assert isinstance(default, LocalImageStore) and default.root == (tmp_path / "d" / "images").resolve()
     chosen = from_settings(
