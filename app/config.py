@@ -63,6 +63,36 @@ class Settings(BaseSettings):
         "many seconds are removed (what a kill -9 during a write leaves).",
     )
 
+    # --- object storage of the originals (app/storage/) ---------------------------------------------------
+    image_store_url: str | None = Field(
+        None,
+        description="Where the originals live: unset or file:///path = the file store (IMAGE_DIR, or the path); "
+        "s3://bucket/prefix = S3-compatible object storage (AWS S3, MinIO, R2, B2...), configured by the AWS_* "
+        "settings below. The bucket must exist.",
+    )
+    aws_endpoint_url: str | None = Field(
+        None, description="S3 endpoint, e.g. http://minio:9000; unset: AWS S3 of AWS_REGION. http:// is allowed."
+    )
+    aws_access_key_id: SecretStr | None = Field(None, description="S3 access key id; unset: none is sent.")
+    aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
+    aws_region: str = Field("us-east-1", description="S3 region (MinIO accepts any).")
+    s3_path_style: bool = Field(
+        True,
+        description="Path-style addressing (http://endpoint/bucket/key), as MinIO and most self-hosted stores "
+        "need; false: virtual-hosted style (http://bucket.endpoint/key).",
+    )
+    s3_connect_timeout_s: float = Field(2.0, gt=0, le=60, description="Seconds to wait for a connection to S3.")
+    s3_read_timeout_s: float = Field(
+        30.0, gt=0, le=600, description="Seconds one S3 request may take in all (a large original included)."
+    )
+    s3_max_retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="Retries of a failed S3 request; with the timeouts this bounds how long a write waits before "
+        "it answers 503 while the object store is down.",
+    )
+
     # --- vector database ------------------------------------------------------------------------------------
     vector_db: Literal["pgvector", "milvus", "manticore"] = Field(
         "pgvector", description="Vector database backend: pgvector, milvus or manticore."
@@ -268,10 +298,19 @@ class Settings(BaseSettings):
         description="DBA: search results re-ranked by DBA vectors (at least the page asked for, at most 1000).",
     )
 
-    @field_validator("database_url", "milvus_token", "cache_redis_url")
+    @field_validator("database_url", "milvus_token", "cache_redis_url", "image_store_url", "aws_endpoint_url")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("image_store_url")
+    @classmethod
+    def _image_store_url_is_known(cls, v: str | None) -> str | None:
+        # A field validator, not a model one: its error quotes this value only, never the other settings (secrets).
+        from app.storage import parse_store_url  # here: app.storage imports this module
+
+        parse_store_url(v)  # ValueError: only file:///path and s3://bucket/prefix
+        return v
 
     @field_validator("cache_redis_url")
     @classmethod

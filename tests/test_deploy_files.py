@@ -436,6 +436,8 @@ def test_compose_milvus_follows_the_official_standalone_file() -> None:
 def test_compose_manticore_service() -> None:
     manticore = _compose()["services"]["manticore"]
     assert re.fullmatch(r"manticoresearch/manticore:\d+\.\d+\.\d+", manticore["image"]), manticore["image"]
+    # The release line the backend was verified against (a real 29.0.2 engine: contract suite, API, filters).
+    assert manticore["image"].startswith("manticoresearch/manticore:29."), manticore["image"]
     assert set(_named_volume_mounts(manticore).values()) == {"/var/lib/manticore"}
     check = _healthcheck_text(manticore)
     assert "mysql" in check and "9306" in check

@@ -30,6 +30,7 @@ from app.errors import (
     ServiceBusyError,
     ServiceError,
     StorageFullError,
+    StorageUnavailableError,
     UnsupportedFormatError,
 )
 
@@ -55,6 +56,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], int] = {
     DatabaseUnavailableError: 503,
     ServiceBusyError: 503,
     StorageFullError: 507,
+    StorageUnavailableError: 503,
 }
 
 

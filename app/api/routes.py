@@ -7,9 +7,10 @@ import mimetypes
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.errors import status_for
+from app.api.originals import original_response
 from app.api.params import TopKQuery, one_value, top_k_from_form
 from app.api.schemas import (
     BatchIndexItem,
@@ -64,7 +65,10 @@ _ERRORS = {
     413: {"model": ErrorResponse, "description": "Upload or image dimensions over the limit."},
     415: {"model": ErrorResponse, "description": "Not an image format the service decodes."},
     422: {"model": ErrorResponse, "description": "Corrupt or truncated image, or invalid parameters."},
-    503: {"model": ErrorResponse, "description": "Vector database unavailable, or busy decoding (Retry-After)."},
+    503: {
+        "model": ErrorResponse,
+        "description": "Vector database or object store unavailable, or busy decoding (Retry-After).",
+    },
     507: {"model": ErrorResponse, "description": "The image store is full (nothing was stored)."},
 }
 
@@ -249,19 +253,25 @@ def similar_images(
 
 @router.get(
     "/image/{image_id}",
-    response_class=FileResponse,
-    responses={200: {"content": {"image/*": {}}, "description": "The original file."}, 404: _ERRORS[404]},
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"image/*": {}}, "description": "The original file."},
+        206: {"content": {"image/*": {}}, "description": "The byte range asked for (Range: bytes=a-b)."},
+        304: {"description": "If-None-Match named this image's ETag: unchanged (originals never change)."},
+        404: _ERRORS[404],
+        416: {"description": "The range lies past the end of the file."},
+        503: {"model": ErrorResponse, "description": "The object store holding the originals does not answer."},
+    },
     summary="Download an original",
 )
-def get_image(service: Service, image_id: str) -> FileResponse:
-    """The original file as uploaded, with its content type."""
-    path = service.image_file(image_id)
-    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+def get_image(request: Request, service: Service, image_id: str) -> Response:
+    """The original file as uploaded, with its content type, streamed from the image store (file or object
+    storage). ``ETag`` is the image id; ``Range`` (one range) answers 206; ``If-None-Match`` 304."""
+    return original_response(request, service, image_id)
 
 
-# HEAD answers the same headers without the body (FileResponse skips it); a route of its own, since one route with
-# both methods would give the OpenAPI spec two operations with one id.
+# HEAD answers the same headers without the body; a route of its own, since one route with both methods would give
+# the OpenAPI spec two operations with one id.
 router.add_api_route("/image/{image_id}", get_image, methods=["HEAD"], include_in_schema=False, name="head_image")
 
 

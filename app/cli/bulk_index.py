@@ -311,11 +311,11 @@ def index_direct(
     from app.config import Settings
     from app.embedders import load_embedder
     from app.indexing.pipeline import IngestItem, IngestPipeline
-    from app.indexing.store import ImageStore
+    from app.storage import from_settings
     from app.vectordb import create_handler
 
     settings = settings or Settings()
-    store = ImageStore(settings.resolved_image_dir, min_free_bytes=settings.min_free_bytes)
+    store = from_settings(settings)
     store.ensure_space()  # refuse at once, not after loading the model and decoding the first batch
     embedder = load_embedder(settings)
     db = create_handler(settings)
@@ -352,6 +352,7 @@ def index_direct(
         pipeline.run(items)
     finally:
         db.close()
+        store.close()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -429,7 +430,7 @@ def finish(run: Run, work: Callable[[], None], errors: dict[type[BaseException],
 
 def main_direct(args: argparse.Namespace) -> int:
     """``--direct``: index into the database from this process; same summary, log and exit codes as the API mode."""
-    from app.errors import DatabaseUnavailableError, StorageFullError
+    from app.errors import DatabaseUnavailableError, StorageFullError, StorageUnavailableError
 
     run = Run(args.failures_log, show_progress=not args.no_progress)
     return finish(
@@ -440,6 +441,7 @@ def main_direct(args: argparse.Namespace) -> int:
         {
             DatabaseUnavailableError: "the database is unavailable ({exc}); run the same command again to resume",
             StorageFullError: "{exc} Then run the same command again to resume.",
+            StorageUnavailableError: "{exc} Then run the same command again to resume.",
         },
     )
 

@@ -1,4 +1,5 @@
-"""Check that the image store (IMAGE_DIR) and the vector database agree; with --repair, make them agree.
+"""Check that the image store (IMAGE_DIR, or IMAGE_STORE_URL's bucket) and the vector database agree; with --repair,
+make them agree.
 
 Usage: ``image-search-fsck [--repair] [--json]`` (or ``python scripts/fsck.py`` from a checkout), with the
 service's own settings (environment and ``.env``:
@@ -12,8 +13,8 @@ model is loaded only then), temporary files are removed. Safe next to a running 
 With ``--backfill``: rows indexed before ``taken_at`` was stored get it from their original's EXIF
 ``DateTimeOriginal`` (vectors unchanged, no model loaded), so the ``taken_after``/``taken_before`` filters see them.
 
-Exit codes: 0 store and database agree (or everything found was repaired); 1 mismatches remain; 2 the database is
-unreachable.
+Exit codes: 0 store and database agree (or everything found was repaired); 1 mismatches remain; 2 the database or
+the object store is unreachable.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     """Check (and with ``--repair`` fix) the store against the database; returns the exit code (0, 1 or 2)."""
     args = parse_args(argv)
     from app.config import Settings
-    from app.errors import DatabaseUnavailableError
+    from app.errors import DatabaseUnavailableError, StorageUnavailableError
     from app.indexing.fsck import backfill_taken_at, check, repair
-    from app.indexing.store import ImageStore
+    from app.storage import from_settings
     from app.vectordb import create_handler
 
     settings = Settings()
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the database is unavailable: {exc}", file=sys.stderr)
         return 2
     try:
-        store = ImageStore(settings.resolved_image_dir)
+        store = from_settings(settings, with_space_check=False)
         report = check(db, store)
         found = report.lines()
         actions: list[str] = []
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         backfilled = backfill_taken_at(db, store) if args.backfill else None
     except DatabaseUnavailableError as exc:
         print(f"error: the database is unavailable: {exc}", file=sys.stderr)
+        return 2
+    except StorageUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         db.close()

@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the re-index (or ``--list`` / ``--drop``); returns the exit code (0, 1 or 2)."""
     args = parse_args(argv)
     from app.config import Settings
-    from app.errors import CollectionMismatchError, DatabaseUnavailableError
+    from app.errors import CollectionMismatchError, DatabaseUnavailableError, StorageUnavailableError
     from app.indexing.reindex import NothingToReindex, ReindexError, reindex
-    from app.indexing.store import ImageStore
+    from app.storage import from_settings
     from app.vectordb import create_handler
 
     settings = Settings()
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             result = reindex(
                 db,
                 embedder,
-                ImageStore(settings.resolved_image_dir),
+                from_settings(settings, with_space_check=False),
                 target_name=args.target,
                 source_name=args.source,
                 workers=args.workers,
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DatabaseUnavailableError as exc:
         print(f"error: the database is unavailable ({exc}); run the same command again to resume", file=sys.stderr)
+        return 2
+    except StorageUnavailableError as exc:
+        print(f"error: {exc} Run the same command again to resume.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Consistency between the image store and the database: check, repair, and the start-up sweep.
+"""Consistency between the image store (file store or object store, app/storage/) and the database: check, repair,
+and the start-up sweep.
 
 What can disagree, and how it is fixed:
 
@@ -17,18 +18,15 @@ may run next to a live server or ``bulk_index.py --direct``: a write in progress
 from __future__ import annotations
 
 import logging
-import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from app.errors import ImageDecodeError
+from app.errors import ImageDecodeError, ImageNotFoundError
 from app.ids import image_id_for
 from app.imaging.exif import read_taken_at
-from app.indexing.store import TEMP_PREFIX, ImageStore
+from app.storage.base import ImageStore, StoreEntry
 from app.vectordb.base import ImageRecord, VectorDBHandler
 
 log = logging.getLogger(__name__)
@@ -45,40 +43,15 @@ __all__ = [
     "walk_store",
 ]
 
-_HEX2 = re.compile(r"[0-9a-f]{2}")
-_ORIGINAL = re.compile(r"([0-9a-f]{64})\.[a-z0-9]{1,8}")
 _CHUNK = 1000  # ids per existing_ids() query
 
-
-@dataclass(frozen=True, slots=True)
-class StoreFile:
-    """A file in the store: an original (``image_id`` set) or a temporary upload file (``image_id`` ``None``).
-
-    ``mtime`` is the modification time in seconds since the epoch.
-    """
-
-    path: Path
-    image_id: str | None
-    mtime: float
+StoreFile = StoreEntry
+"""What the store holds: an original (``image_id`` set) or a temporary upload file; ``location`` names it."""
 
 
 def walk_store(store: ImageStore) -> Iterator[StoreFile]:
-    """Every original and temporary upload file under ``store.root/ab/cd/``; other files are not the store's."""
-    for d1 in sorted(store.root.iterdir()):
-        if not (_HEX2.fullmatch(d1.name) and d1.is_dir()):
-            continue
-        for d2 in sorted(d1.iterdir()):
-            if not (_HEX2.fullmatch(d2.name) and d2.is_dir()):
-                continue
-            for entry in os.scandir(d2):
-                try:
-                    mtime = entry.stat(follow_symlinks=False).st_mtime
-                except FileNotFoundError:
-                    continue  # removed while we looked
-                if entry.name.startswith(TEMP_PREFIX):
-                    yield StoreFile(Path(entry.path), None, mtime)
-                elif (m := _ORIGINAL.fullmatch(entry.name)) and m.group(1).startswith(d1.name + d2.name):
-                    yield StoreFile(Path(entry.path), m.group(1), mtime)
+    """Every original and temporary upload file of the store (:meth:`app.storage.base.ImageStore.walk`)."""
+    return store.walk()
 
 
 @dataclass
@@ -99,8 +72,8 @@ class FsckReport:
     def lines(self) -> list[str]:
         """One line per mismatch, for people."""
         out = [f"row without original: {i}" for i in self.rows_without_original]
-        out += [f"original without row: {f.path}" for f in self.originals_without_row]
-        out += [f"temporary upload file: {f.path}" for f in self.temp_files]
+        out += [f"original without row: {f.location}" for f in self.originals_without_row]
+        out += [f"temporary upload file: {f.location}" for f in self.temp_files]
         return out
 
 
@@ -130,7 +103,7 @@ def check(db: VectorDBHandler, store: ImageStore) -> FsckReport:
     for batch in db.scan(batch_size=_CHUNK):
         for record in batch:
             report.rows += 1
-            if record.id not in originals and store.find(record.id) is None:
+            if record.id not in originals and store.head(record.id) is None:
                 report.rows_without_original.append(record.id)
     missing = _missing_rows(db, sorted(originals))
     report.originals_without_row = [originals[i] for i in sorted(missing)]
@@ -140,9 +113,9 @@ def check(db: VectorDBHandler, store: ImageStore) -> FsckReport:
 def _remove_if_orphan(db: VectorDBHandler, store: ImageStore, f: StoreFile) -> bool:
     assert f.image_id is not None
     with store.locks.hold([f.image_id]):
-        if not f.path.exists() or db.existing_ids([f.image_id]):
-            return False  # a writer finished it meanwhile
-        f.path.unlink(missing_ok=True)
+        if store.head(f.image_id) is None or db.existing_ids([f.image_id]):
+            return False  # gone, or a writer finished it meanwhile
+        store.discard(f)
         return True
 
 
@@ -160,33 +133,33 @@ def repair(db: VectorDBHandler, store: ImageStore, report: FsckReport, reindex: 
     actions: list[str] = []
     for image_id in report.rows_without_original:
         with store.locks.hold([image_id]):
-            if store.find(image_id) is None and db.delete(image_id):
+            if store.head(image_id) is None and db.delete(image_id):
                 actions.append(f"deleted row without original: {image_id}")
     todo: list[tuple[StoreFile, bytes]] = []
     for f in report.originals_without_row:
         assert f.image_id is not None
         try:
-            data = f.path.read_bytes()
-        except FileNotFoundError:
+            data = store.read(f.image_id)
+        except ImageNotFoundError:
             continue
         if image_id_for(data) != f.image_id:
             if _remove_if_orphan(db, store, f):
-                actions.append(f"removed original whose bytes do not match its name: {f.path}")
+                actions.append(f"removed original whose bytes do not match its name: {f.location}")
             continue
         todo.append((f, data))
     for start in range(0, len(todo), 32):
         chunk = todo[start : start + 32]
         still = _missing_rows(db, [f.image_id for f, _ in chunk if f.image_id])
         chunk = [(f, data) for f, data in chunk if f.image_id in still]  # a writer may have finished meanwhile
-        failures = reindex([(data, f.path.name) for f, data in chunk])
+        failures = reindex([(data, f.location.rsplit("/", 1)[-1]) for f, data in chunk])
         for (f, _), failure in zip(chunk, failures, strict=True):
             if failure is None:
                 actions.append(f"indexed original without row again: {f.image_id}")
             elif _remove_if_orphan(db, store, f):
-                actions.append(f"removed original that cannot be indexed ({failure}): {f.path}")
+                actions.append(f"removed original that cannot be indexed ({failure}): {f.location}")
     for f in report.temp_files:
-        f.path.unlink(missing_ok=True)
-        actions.append(f"removed temporary upload file: {f.path}")
+        store.discard(f)
+        actions.append(f"removed temporary upload file: {f.location}")
     return actions
 
 
@@ -246,7 +219,7 @@ def _sweep(
         for f in candidates:
             if f.image_id in missing and _remove_if_orphan(db, store, f):
                 result.originals_without_row += 1
-                log.warning("Removed original without a database row: %s", f.path)
+                log.warning("Removed original without a database row: %s", f.location)
         candidates.clear()
 
     for f in walk_store(store):
@@ -255,7 +228,7 @@ def _sweep(
         if f.mtime > cutoff:
             continue
         if f.image_id is None:
-            f.path.unlink(missing_ok=True)
+            store.discard(f)
             result.temp_files += 1
             continue
         candidates.append(f)
@@ -273,7 +246,7 @@ def start_sweep(db: VectorDBHandler, store: ImageStore, grace_s: float, stop: th
         try:
             result = sweep(db, store, grace_s, stop)
         except Exception as exc:  # noqa: BLE001 - a sweep that fails is retried at the next start
-            log.error("Start-up sweep of %s failed: %s", store.root, exc)
+            log.error("Start-up sweep of %s failed: %s", store.url, exc)
             return
         if result.temp_files or result.originals_without_row:
             log.warning(
@@ -333,8 +306,10 @@ def backfill_taken_at(db: VectorDBHandler, store: ImageStore, batch_size: int = 
         for record in batch:
             if record.metadata.taken_at is not None:
                 continue
-            path = store.find(record.id)
-            taken_at = read_taken_at(path.read_bytes()) if path is not None else None
+            try:
+                taken_at = read_taken_at(store.read(record.id))
+            except ImageNotFoundError:
+                taken_at = None
             if taken_at is None:
                 result.without_date += 1
                 continue

@@ -2,8 +2,11 @@
 
 Index, delete and re-index of one image id must not interleave (a DELETE between an index's "save the original"
 and "write the row" left a row whose original was gone), whoever runs them: the API's worker threads,
-``bulk_index.py --direct`` next to a running server, ``fsck.py --repair``. The lock lives with the image store
-(under ``IMAGE_DIR/.locks``), so it works the same with every vector database backend.
+``bulk_index.py --direct`` next to a running server, ``fsck.py --repair``. :class:`IdLocks` live with the image
+store (under ``IMAGE_DIR/.locks``, or ``DATA_DIR/.locks`` with object storage), so they work the same with every
+vector database backend, on one machine. :class:`PgAdvisoryLocks` are PostgreSQL advisory locks, shared by every
+machine using the same database: :func:`app.storage.from_settings` uses them with ``VECTOR_DB=pgvector`` and a
+``DATABASE_URL`` (Milvus and Manticore have no locks: there the ``flock`` files, one machine, remain).
 
 ``flock`` locks belong to an open file description, so two ``open()`` calls in one process exclude each other just
 as two processes do, and the kernel drops a lock when its holder dies (``kill -9`` included): nothing goes stale.
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from app.ids import is_valid_image_id
 
-__all__ = ["LOCK_DIR_NAME", "IdLocks"]
+__all__ = ["LOCK_DIR_NAME", "IdLocks", "PgAdvisoryLocks"]
 
 #: directory under the store root that holds the shard lock files; the store never names an original like this
 LOCK_DIR_NAME = ".locks"
@@ -61,3 +64,82 @@ class IdLocks:
                 stack.callback(os.close, fd)  # closing the descriptor releases its flock
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+
+
+class PgAdvisoryLocks:
+    """Exclusive locks on image ids shared by every thread, process and machine that uses the same PostgreSQL
+    database: session-level advisory locks (``pg_advisory_lock(namespace, key)``), one per id.
+
+    What replicas on several machines sharing one database (``DATABASE_URL``) and one bucket need instead of
+    :class:`IdLocks`, whose ``flock`` files exclude the writers of one machine only. Each :meth:`hold` takes a
+    connection of its own from a small pool, so two holders in one process exclude each other as two machines do;
+    PostgreSQL drops the locks of a connection that closes, so a holder killed with ``kill -9`` (or a machine that
+    disappears, once its TCP connection times out) never leaves one behind. Keys are the first 32 bits of the id, so
+    unrelated ids almost never share one; several are taken in key order, so holders never deadlock.
+
+    Args:
+        database_url: the PostgreSQL URL (``DATABASE_URL``). max_holders: holds at once in this process (pool size).
+        wait_s: longest wait for a pooled connection (seconds), after which
+            :class:`app.errors.DatabaseUnavailableError` is raised; waiting for a lock itself is unbounded.
+    """
+
+    #: advisory-lock namespace (first key) of this service's id locks
+    NAMESPACE = 0x1D5E_A7C4 - 2**31
+
+    def __init__(self, database_url: str, *, max_holders: int = 32, wait_s: float = 10.0) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.wait_s = wait_s
+        self._pool = ConnectionPool(
+            database_url,
+            min_size=0,
+            max_size=max_holders,
+            kwargs={"autocommit": True},
+            open=False,
+            name="id-locks",
+        )
+        self._pool.open(wait=False)
+
+    @staticmethod
+    def key(image_id: str) -> int:
+        """The signed 32-bit lock key of an id (its first 8 hex characters). Raises ``ValueError`` for an invalid
+        id."""
+        IdLocks.shard(image_id)
+        return int(image_id[:8], 16) - 2**31
+
+    @contextmanager
+    def hold(self, image_ids: Iterable[str]) -> Iterator[None]:
+        """Hold the locks of every id in ``image_ids`` (blocking) until the block exits; not re-entrant.
+
+        Raises ``ValueError`` for an invalid id and :class:`app.errors.DatabaseUnavailableError` when the database
+        cannot be reached.
+        """
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        from app.errors import DatabaseUnavailableError
+
+        keys = sorted({self.key(i) for i in image_ids})
+        held = False
+        try:
+            with self._pool.connection(timeout=self.wait_s) as conn:
+                try:
+                    for key in keys:
+                        conn.execute("SELECT pg_advisory_lock(%s, %s)", (self.NAMESPACE, key))
+                    held = True
+                    yield
+                finally:
+                    try:
+                        conn.execute("SELECT pg_advisory_unlock_all()")
+                    except psycopg.Error:
+                        pass  # a broken connection is closed by the pool, which drops its locks
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            if held:
+                raise  # the caller's own database error, not the locks'
+            raise DatabaseUnavailableError(
+                f"The write locks in PostgreSQL cannot be taken: {type(exc).__name__}"
+            ) from None
+
+    def close(self) -> None:
+        """Close the pool (dropping any lock still held)."""
+        self._pool.close()

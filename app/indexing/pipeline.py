@@ -30,9 +30,9 @@ from pathlib import Path
 
 from app.embedders.base import Embedder
 from app.imaging.prepare import PreparedImage
-from app.indexing.store import ImageStore
-from app.indexing.worker import FailedItem, prepare_file, worker_init
+from app.indexing.worker import FailedItem, prepare_data, prepare_file, worker_init
 from app.indexing.write import write_batch
+from app.storage.base import ImageStore
 from app.vectordb.base import VectorDBHandler
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,12 @@ __all__ = ["IngestItem", "IngestPipeline"]
 
 @dataclass(frozen=True, slots=True)
 class IngestItem:
-    """One file to ingest: its path and the filename to store."""
+    """One file to ingest: its path (or, for an original read from an object store, its ``data``) and the filename
+    to store."""
 
-    path: Path
+    path: Path | None
     name: str
+    data: bytes | None = None
 
 
 ResultCallback = Callable[[str, str, str | None], None]
@@ -58,7 +60,7 @@ class IngestPipeline:
 
     Args:
         embedder: the loaded model. db: the vector database, its collection ensured for ``embedder``.
-        store: the image store (``IMAGE_DIR``).
+        store: the image store (``IMAGE_DIR`` or ``IMAGE_STORE_URL``).
         workers: decode processes (>= 1). batch_size: images per model call and per upsert (>= 1).
         max_pixels, max_bytes: the service's limits (``MAX_IMAGE_PIXELS``, ``MAX_UPLOAD_MB`` in bytes).
         on_result: called once per file, from the writer thread (``indexed``) or the calling thread (``failed``);
@@ -174,8 +176,8 @@ class IngestPipeline:
                             break
                         pending.append(
                             pool.submit(
-                                prepare_file,
-                                str(item.path),
+                                prepare_file if item.data is None else prepare_data,
+                                str(item.path) if item.data is None else item.data,
                                 item.name,
                                 self.max_pixels,
                                 self.max_bytes,

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from app.embedders.base import Embedder
-from app.errors import ServiceError
+from app.errors import ImageNotFoundError, ServiceError
 from app.imaging.prepare import PreparedImage
 from app.indexing.pipeline import IngestItem, IngestPipeline
-from app.indexing.store import ImageStore
+from app.storage.base import ImageStore
+from app.storage.local import LocalImageStore
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler, collection_name_for
 
 __all__ = ["NothingToReindex", "ReindexError", "ReindexFailure", "ReindexResult", "reindex"]
@@ -118,17 +119,25 @@ class _Run:
     def items(self, rows: Iterable[tuple[str, ImageMetadata]]) -> Iterator[IngestItem]:
         """The pipeline's input: each row's original from the store, named by its id (the key of ``metadata``)."""
         for image_id, metadata in rows:
-            path = self.store.find(image_id)
-            if path is None and self.skip_gone:
+            # The file store's decode workers read the file themselves; an object store's bytes are read here.
+            path, data = None, None
+            if isinstance(self.store, LocalImageStore):
+                path = self.store.find(image_id)
+            else:
+                try:
+                    data = self.store.read(image_id)
+                except ImageNotFoundError:
+                    pass
+            if path is None and data is None and self.skip_gone:
                 self.gone.add(image_id)
                 self.advance(1)
                 continue
-            if path is None:
-                self.fail(image_id, "its original is missing from IMAGE_DIR (scripts/fsck.py lists it)", metadata)
+            if path is None and data is None:
+                self.fail(image_id, "its original is missing from the image store (scripts/fsck.py lists it)", metadata)
                 self.advance(1)
                 continue
             self.metadata[image_id] = metadata
-            yield IngestItem(path, image_id)
+            yield IngestItem(path, image_id, data)
 
     def on_result(self, name: str, status: str, reason: str | None) -> None:
         if status == "failed":
@@ -145,8 +154,8 @@ class _Run:
                 if metadata is None:
                     continue
                 if item.image_id != item.name:  # the stored bytes no longer hash to their id
-                    self.fail(item.name, "its original in IMAGE_DIR does not match its id (damaged file)", metadata)
-                elif store.find(item.name) is not None:  # else: deleted through the service meanwhile
+                    self.fail(item.name, "its stored original does not match its id (damaged file)", metadata)
+                elif store.head(item.name) is not None:  # else: deleted through the service meanwhile
                     if metadata.taken_at is None and item.taken_at is not None:
                         # A row from before taken_at was stored: the decode just read it (as fsck.py --backfill).
                         metadata = replace(metadata, taken_at=item.taken_at)

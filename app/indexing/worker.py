@@ -16,7 +16,7 @@ from app.errors import ImageDecodeError
 from app.ids import image_id_for
 from app.imaging.prepare import PreparedImage, check_upload_size, prepare_bytes
 
-__all__ = ["FailedItem", "prepare_file", "worker_init"]
+__all__ = ["FailedItem", "prepare_data", "prepare_file", "worker_init"]
 
 
 def worker_init(parent_pid: int) -> None:
@@ -59,6 +59,14 @@ def prepare_file(
         return FailedItem(name, None, f"{type(exc).__name__}: {exc}")
     except ImageDecodeError as exc:
         return FailedItem(name, None, f"{type(exc).__name__}: {exc}", exc)
+    return prepare_data(data, name, max_pixels, max_bytes, draft_size, fit_size)
+
+
+def prepare_data(
+    data: bytes, name: str, max_pixels: int, max_bytes: int, draft_size: int | None, fit_size: int | None = None
+) -> PreparedImage | FailedItem:
+    """Hash and decode bytes already read (an original from an object store); failures returned, as
+    :func:`prepare_file`."""
     try:
         return prepare_bytes(
             data, name, max_pixels=max_pixels, max_bytes=max_bytes, draft_size=draft_size, fit_size=fit_size

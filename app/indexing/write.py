@@ -1,6 +1,7 @@
 """Writing a batch of prepared images: originals first, then one upsert of their rows; all or nothing.
 
-Crash safety (``kill -9`` at any moment): an original is written (atomically, temp file + rename) BEFORE its row,
+Crash safety (``kill -9`` at any moment): an original is written (atomically: temp file + rename on disk, one PUT in
+an object store) BEFORE its row,
 and a failed upsert deletes the originals it had just created. So the only thing a crash can leave is an original
 without a row, which is never visible (search and ``/images/exists`` go by rows); re-indexing the same bytes finds
 the id missing, re-embeds it, keeps the existing file and writes the row.
@@ -17,8 +18,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from app.errors import StorageUnavailableError
 from app.imaging.prepare import PreparedImage
-from app.indexing.store import ImageStore
+from app.storage.base import ImageStore
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
 
 __all__ = ["write_batch"]
@@ -32,7 +34,9 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
 
     Raises whatever the store or the database raises (e.g. :class:`app.errors.DatabaseUnavailableError`,
     :class:`app.errors.StorageFullError` before anything is written when free space is under ``MIN_FREE_MB``, or
-    when the disk fills up), after deleting the originals this call created, so no file is left without its row.
+    when the disk fills up, :class:`app.errors.StorageUnavailableError` when the object store is down), after
+    deleting the originals this call created, so no file is left without its row (an object store that went down
+    meanwhile keeps them: invisible, and removed by fsck.py or the start-up sweep).
     Files that already existed (from an earlier, interrupted run) are kept: their rows may be the ones being written
     now. Holds the ids' locks from the first file to the upsert.
     """
@@ -40,12 +44,11 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
         return
     store.ensure_space()
     now = datetime.now(UTC)
-    created: list[str] = []
     with store.locks.hold(item.image_id for item in items):
+        # All or nothing by itself: a failed put removes the originals put_many had created.
+        stored = store.put_many([(item.image_id, item.data, item.extension) for item in items])
+        created = [item.image_id for item, new in zip(items, stored, strict=True) if new]
         try:
-            for item in items:
-                if store.save(item.image_id, item.data, item.extension):
-                    created.append(item.image_id)
             records = [
                 ImageRecord(
                     item.image_id,
@@ -65,5 +68,8 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
             db.upsert(records)
         except BaseException:
             for image_id in created:
-                store.delete(image_id)
+                try:
+                    store.delete(image_id)
+                except StorageUnavailableError:
+                    pass  # an original without a row is invisible; fsck.py and the start-up sweep remove it
             raise

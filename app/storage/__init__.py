@@ -1,0 +1,63 @@
+"""Where the uploaded originals live, behind one contract (:class:`app.storage.base.ImageStore`).
+
+- :mod:`app.storage.base`: the contract every store meets (put by content hash, get as a stream with byte ranges,
+  head, delete, walk for fsck) and the shapes it returns;
+- :mod:`app.storage.local`: today's file store under ``IMAGE_DIR`` (``ab/cd/<sha256>.<ext>``);
+- :mod:`app.storage.s3`: S3-compatible object storage (AWS S3, MinIO, R2, B2...) through ``obstore``, same keys;
+- :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from app.config import Settings
+from app.storage.base import ImageStore, ObjectInfo, ObjectStream, StoreEntry, StoreHealth
+
+__all__ = ["ImageStore", "ObjectInfo", "ObjectStream", "StoreEntry", "StoreHealth", "from_settings", "parse_store_url"]
+
+
+def parse_store_url(url: str | None) -> tuple[str, str, str]:
+    """``(scheme, location, prefix)`` of an ``IMAGE_STORE_URL``: ``("file", "/path", "")`` or
+    ``("s3", "bucket", "prefix")``. Raises ``ValueError`` for any other form."""
+    if not url:
+        return "file", "", ""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise ValueError(f"IMAGE_STORE_URL {url!r}: a file URL is file:///absolute/path")
+        return "file", unquote(parts.path), ""
+    if parts.scheme == "s3":
+        if not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"IMAGE_STORE_URL {url!r}: an S3 URL is s3://bucket or s3://bucket/prefix")
+        return "s3", parts.netloc, parts.path.strip("/")
+    raise ValueError(f"IMAGE_STORE_URL {url!r}: only file:///path and s3://bucket/prefix are supported")
+
+
+def from_settings(settings: Settings, *, with_space_check: bool = True) -> ImageStore:
+    """The image store the settings name: ``IMAGE_STORE_URL`` (``s3://`` or ``file://``), else ``IMAGE_DIR`` /
+    ``DATA_DIR/images``.
+
+    ``with_space_check``: apply ``MIN_FREE_MB`` to the file store (the tools that only read or repair pass
+    ``False``). The per-id write locks are PostgreSQL advisory locks with ``VECTOR_DB=pgvector`` and a
+    ``DATABASE_URL`` (shared by every machine), else ``flock`` files (one machine). Raises ``ValueError`` for a
+    malformed URL; never contacts an object store (start-up works while it is down).
+    """
+    scheme, location, prefix = parse_store_url(settings.image_store_url)
+    store: ImageStore
+    if scheme == "s3":
+        from app.storage.s3 import S3ImageStore
+
+        store = S3ImageStore.from_settings(settings, bucket=location, prefix=prefix)
+    else:
+        from app.storage.local import LocalImageStore
+
+        root = Path(location) if location else settings.resolved_image_dir
+        store = LocalImageStore(root, min_free_bytes=settings.min_free_bytes if with_space_check else 0)
+    if settings.vector_db == "pgvector" and settings.database_url:
+        # A database every replica shares: its advisory locks exclude writers on every machine, not just this one.
+        from app.indexing.locks import PgAdvisoryLocks
+
+        store.locks = PgAdvisoryLocks(settings.database_url, wait_s=settings.db_connect_timeout_s)
+    return store
