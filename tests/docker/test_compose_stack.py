@@ -250,10 +250,15 @@ class Stack:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def compose(
-        self, *args: str, timeout: float = 300, log: str | None = None, env: dict[str, str] | None = None
+        self,
+        *args: str,
+        timeout: float = 300,
+        log: str | None = None,
+        env: dict[str, str] | None = None,
+        overrides: tuple[Path, ...] = (),
     ) -> subprocess.CompletedProcess[str]:
         """Run ``docker compose`` on this project; with ``log``, its output goes to that file in log_dir; ``env``
-        adds to (or replaces) the stack's environment for this command."""
+        adds to (or replaces) the stack's environment for this command, ``overrides`` are more compose files."""
         env = {**self.env, **(env or {})}
         command = [
             "docker",
@@ -266,6 +271,7 @@ class Stack:
             str(COMPOSE_FILE),
             "-f",
             str(self.override),
+            *(arg for path in overrides for arg in ("-f", str(path))),
             *args,
         ]
         if log is None:
@@ -299,10 +305,12 @@ class Stack:
         assert len(ids) == 1, f"{service}: expected one container, got {ids}"
         return _inspect(ids[0])
 
-    def up(self, *args: str, env: dict[str, str] | None = None) -> float:
+    def up(self, *args: str, env: dict[str, str] | None = None, overrides: tuple[Path, ...] = ()) -> float:
         """``up -d --wait`` (no build: the image is built by the fixture); seconds until every service is healthy."""
         start = time.monotonic()
-        proc = self.compose("up", "-d", "--wait", "--no-build", *args, timeout=UP_TIMEOUT_S, log="up.log", env=env)
+        proc = self.compose(
+            "up", "-d", "--wait", "--no-build", *args, timeout=UP_TIMEOUT_S, log="up.log", env=env, overrides=overrides
+        )
         elapsed = time.monotonic() - start
         if proc.returncode != 0:
             logs = self.compose("logs", "--no-color", "--tail", "80")
@@ -408,7 +416,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
     # Leftovers of an interrupted earlier run of this same project (never anything else).
     s.compose("down", "--volumes", "--remove-orphans", timeout=300)
-    # TEST_DOCKER_REUSE_IMAGE=1 (for working on this test): start the image already tagged IMAGE, build nothing, keep it.
+    # TEST_DOCKER_REUSE_IMAGE=1 (to work on this test): start the image already tagged IMAGE, build nothing, keep it.
     reuse = os.environ.get(REUSE_IMAGE) == "1" and _image_labels(IMAGE) is not None
     if not reuse:
         _remove_image()
@@ -651,6 +659,31 @@ def test_count_and_originals_survive_down_and_up(stack: Stack) -> None:
     stack.search_image(QUERY_PHOTOS[0])
     delta = _cache_delta(before, stack.cache())
     assert delta["redis_hits"] == 1 and delta["computed"] == 0, delta
+
+
+def test_app_runs_with_a_read_only_root_filesystem(stack: Stack) -> None:
+    """The app needs no writable file outside its volumes and /tmp: with ``read_only: true`` and a tmpfs on /tmp
+    (a hardened deployment's override) it starts, Gradio takes uploads into /tmp/gradio, and searches work."""
+    assert stack.indexed, "needs the images indexed by the earlier test"
+    read_only = stack.log_dir / "compose.read-only.yml"
+    read_only.write_text("services:\n  app:\n    read_only: true\n    tmpfs:\n      - /tmp\n", encoding="utf-8")
+    stack.report["read_only_up_s"] = round(stack.up(overrides=(read_only,)), 1)
+    assert stack.container("app")["HostConfig"]["ReadonlyRootfs"] is True
+    assert "Read-only file system" in stack.compose("exec", "-T", "app", "touch", "/app/x").stderr
+    assert stack.get("/health").json()["status"] == "ok"
+    ui = stack.get("/ui/config")
+    assert ui.status_code == 200 and ui.json()["version"].startswith("6."), ui.text[:500]
+    photo = QUERY_PHOTOS[0]
+    with photo.open("rb") as fh:
+        upload = httpx.post(
+            stack.base_url + "/ui/gradio_api/upload",
+            headers=stack.headers,
+            files={"files": (photo.name, fh)},
+            timeout=60,
+        )
+    assert upload.status_code == 200 and upload.json()[0].startswith("/tmp/gradio/"), upload.text
+    image_id, src = next(iter(stack.indexed.items()))
+    assert image_id in {r["id"] for r in stack.search_image(src)}
 
 
 def test_two_app_replicas_share_the_database_images_and_redis(stack: Stack) -> None:
