@@ -23,10 +23,12 @@ What it proves, in order, on the default stack (``docker-compose.yml`` with no p
    (``/stats`` ``cache``), and its embedding is in Redis;
 5. after ``docker compose down`` and ``up`` the count and an original survive (named volumes), and that photo is
    a Redis hit in the new app container (the ``redis-data`` volume kept the cache);
-6. ``APP_PORT=<a range> docker compose up --scale app=2`` (README, Docker Compose): two app containers on one
+6. with ``read_only: true`` and a tmpfs on ``/tmp`` (an extra override file) the app starts, takes a Gradio upload
+   and searches: it needs nothing writable outside its volumes and ``/tmp``;
+7. ``APP_PORT=<a range> docker compose up --scale app=2`` (README, Docker Compose): two app containers on one
    database, images volume and Redis; a photo embedded by one is a Redis hit in the other, and each serves the
    other's counts and originals;
-7. ``docker compose down -v`` removes everything the project made (containers, network, volumes); then the test
+8. ``docker compose down -v`` removes everything the project made (containers, network, volumes); then the test
    removes its image too (and the Redis stand-in, when it built one).
 
 The ``redis`` image docker-compose.yml names is used when the local store has it or it can be pulled; otherwise
