@@ -26,17 +26,20 @@ test-fast: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m pytest -m "not slow"
 
-# The Compose stack end to end (tests/docker): builds the image, runs app + db, indexes, searches, restarts, and
-# prints one JSON line of timings. Not part of `make test` / .ci/run: it downloads several GB and takes many
-# minutes. Where ../shared/tools/docker exists (machines with no container registry), its scripts first install
-# and start a Docker engine and build local stand-ins for the base images, and afterwards the build cache of that
-# engine is pruned (each --no-cache build adds over 10 GB; the disk is shared); elsewhere a running engine is used
-# and its build cache is left alone.
+# The Compose stack end to end (tests/docker): builds the image, runs app + db + redis, checks the Gradio UI and
+# the cache, indexes, searches, restarts, scales the app to two replicas, and prints one JSON line of timings. Not
+# part of `make test` / .ci/run: it downloads several GB and takes many minutes. Where ../shared/tools/docker exists
+# (machines with no container registry), its scripts first install and start a Docker engine and build local
+# stand-ins for the base images, and afterwards the build cache of that engine is pruned (each --no-cache build adds
+# over 10 GB; the disk is shared); elsewhere a running engine is used and its build cache is left alone. The test
+# itself builds a stand-in for the redis image when that can be neither found nor pulled (tests/docker/redis-standin).
+# PYTEST_ARGS adds pytest options, e.g. PYTEST_ARGS=--basetemp=/tmp/pt-docker where other pytest runs share /tmp.
 DOCKER_TOOLS ?= ../shared/tools/docker
+PYTEST_ARGS ?=
 
 test-docker: $(STAMP)
 	if [ -x $(DOCKER_TOOLS)/setup-engine.sh ]; then $(DOCKER_TOOLS)/setup-engine.sh && $(DOCKER_TOOLS)/build-standins.sh; fi
-	status=0; $(PY) -m pytest -m docker tests/docker || status=$$?; \
+	status=0; $(PY) -m pytest -m docker tests/docker $(PYTEST_ARGS) || status=$$?; \
 	if [ -x $(DOCKER_TOOLS)/setup-engine.sh ]; then docker builder prune --all --force > /dev/null; fi; \
 	exit $$status
 

@@ -1,28 +1,48 @@
-"""The Compose stack end to end: build the image, start app + db, index real images, search, restart, tear down.
+"""The Compose stack end to end: build the image, start app + db + redis, index, search, restart, scale, tear down.
 
 Run it with ``make test-docker``, which first sets up a Docker engine and local stand-in base images where the
 project's shared tools provide them, then runs ``pytest -m docker tests/docker``. ``make test`` (and so ``.ci/run``)
 deselects it through ``-m "not docker"`` in pyproject's addopts: it builds a multi-GB image and takes many minutes.
 Every test here is skipped, with the reason, when no Docker engine answers.
 
-What it proves, in order, on the default stack (``docker-compose.yml`` with no profile: app + PostgreSQL/pgvector):
+What it proves, in order, on the default stack (``docker-compose.yml`` with no profile: app + PostgreSQL/pgvector
++ Redis):
 
 1. the image builds with no container registry reachable: once with ``--no-cache`` (every layer rebuilt; the
    report counts the files pip downloaded and those it took from its cache mount) and once more, unchanged, with
    the layer cache;
-2. ``docker compose up --wait`` with ``API_KEY`` set turns healthy; ``/health``, ``/docs`` and ``/ui`` answer;
-3. the app runs as uid/gid 10001, the database port is not published, and the app port only on 127.0.0.1
-   (``APP_BIND``'s default);
+2. ``docker compose up --wait`` with ``API_KEY`` set turns healthy; ``/health`` (database and ``cache: ok``),
+   ``/docs`` and the Gradio UI answer: ``/ui/``, its ``/ui/config`` (Gradio 6) and API info (``/search``), an
+   upload into Gradio's temp folder and a ``/search`` call through ``gradio_client``; the app container writes
+   nothing outside ``/tmp`` and its volumes (``docker diff``: the image's files stay as built, Gradio's uploads
+   go to ``/tmp/gradio``) and reaches nothing outside the Compose network, so the UI needs no internet;
+3. the app runs as uid/gid 10001, the database and Redis ports are not published, and the app port only on
+   127.0.0.1 (``APP_BIND``'s default);
 4. ``scripts/bulk_index.py`` indexes 50 real images from ``../shared/datasets`` through the published port, and
-   searching finds them;
-5. after ``docker compose down`` and ``up`` the count and an original survive (named volumes);
-6. ``docker compose down -v`` removes everything the project made (containers, network, volumes); then the test
-   removes its image too.
+   searching finds them; a photo that is not indexed, searched twice, is computed once and then a cache hit
+   (``/stats`` ``cache``), and its embedding is in Redis;
+5. after ``docker compose down`` and ``up`` the count and an original survive (named volumes), and that photo is
+   a Redis hit in the new app container (the ``redis-data`` volume kept the cache);
+6. with ``read_only: true`` and a tmpfs on ``/tmp`` (an extra override file) the app starts, takes a Gradio upload
+   and searches: it needs nothing writable outside its volumes and ``/tmp``;
+7. ``APP_PORT=<a range> docker compose up --scale app=2`` (README, Docker Compose): two app containers on one
+   database, images volume and Redis; a photo embedded by one is a Redis hit in the other, and each serves the
+   other's counts and originals;
+8. ``docker compose down -v`` removes everything the project made (containers, network, volumes); then the test
+   removes its image too (and the Redis stand-in, when it built one).
 
-At the end it prints one JSON line: image size, build times (cold and cached), time to healthy and restart time,
-with the load average when the builds and the first start began (the machine may be shared).
+The ``redis`` image docker-compose.yml names is used when the local store has it or it can be pulled; otherwise
+(no container registry) the test builds a stand-in under that name from ``debian:trixie-slim`` and Debian's
+redis-server (``tests/docker/redis-standin``, with ``--network host``) and removes it at the end.
 
-Isolation: a dedicated Compose project name, its own image tag, a free port, an empty ``--env-file`` and no
+``TEST_DOCKER_REUSE_IMAGE=1`` is for working on this test: it starts the image already tagged
+``image-similarity-search:compose-test`` (if there is one), builds nothing and keeps it; its report says so.
+
+At the end it prints one JSON line: image size, build times (cold and cached), time to healthy, restart time and
+the two-replica start, which Redis ran, with the load average when the builds and the first start began (the
+machine may be shared).
+
+Isolation: a dedicated Compose project name, its own image tag, free ports, an empty ``--env-file`` and no
 ``env_file`` (a developer's ``.env`` changes nothing here), no profile. The only other things it adds are a
 temporary override file (``build: network: host``, for engines whose bridge networks have no outside access, as on
 this project's machines) and a build log, both under pytest's temporary directory.
@@ -51,8 +71,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
-from tests.helpers import BULK_SUMMARY, INSTANCE, PROJECT_ROOT, free_port, symlink
+from tests.helpers import BULK_SUMMARY, DATASETS, INSTANCE, PROJECT_ROOT, free_port, symlink
 
 # `slow` too, so that `make test-fast` (-m "not slow", which replaces addopts' -m "not docker") leaves it out.
 # Building a multi-GB image on a shared 2-core machine takes well over pytest-timeout's default of 600 s; the
@@ -66,7 +87,12 @@ IMAGE = "image-similarity-search:compose-test"  # nor overwrite the image a deve
 TORCH_INDEX_CPU = "https://download.pytorch.org/whl/cpu"  # the Dockerfile's default
 N_IMAGES = 50
 APP_UID = "10001"
+REDIS_STANDIN = Path(__file__).resolve().parent / "redis-standin"  # Dockerfile + entrypoint of the stand-in
+STANDIN_BY = "image-similarity-search tests/docker"  # its label local.standin.by
+# Query photos that are not among the indexed ones (another dataset), so the model embeds them: the cache's cases.
+QUERY_PHOTOS = sorted((DATASETS / "caltech101_subset" / "images").rglob("*.jpg"))
 
+REUSE_IMAGE = "TEST_DOCKER_REUSE_IMAGE"
 BUILD_TIMEOUT_S = 3600
 UP_TIMEOUT_S = 900  # first start: database initialisation, model load, ONNX export, on a busy machine
 
@@ -133,6 +159,68 @@ def _remove_image() -> None:
     subprocess.run(["docker", "image", "rm", "--force", IMAGE], capture_output=True, text=True, timeout=300)
 
 
+def _image_labels(name: str) -> dict[str, str] | None:
+    """The labels of a local image, or None when the local store does not have it."""
+    proc = subprocess.run(
+        ["docker", "image", "inspect", name, "--format", "{{json .Config.Labels}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return (json.loads(proc.stdout) or {}) if proc.returncode == 0 else None
+
+
+def _ensure_redis_image(say) -> tuple[str, bool]:
+    """Make the ``redis`` image docker-compose.yml names available: (what it is, for the report; whether this run
+    built a stand-in, which the caller removes afterwards).
+
+    Used as found when the local store has it, pulled when a registry answers, and otherwise built as a stand-in
+    from ``debian:trixie-slim`` + Debian's redis-server (``tests/docker/redis-standin``; ``--network host``, for
+    engines whose bridge networks reach nothing outside). The stand-in is tagged with the official name, so the
+    compose file runs unchanged.
+    """
+    name = redis_image_name()
+    labels, kind = _image_labels(name), "local image"
+    pull = None
+    if labels is None:
+        pull = subprocess.run(["docker", "pull", name], capture_output=True, text=True, timeout=600)
+    if pull is not None and pull.returncode == 0:
+        kind = "pulled"
+    elif pull is not None:
+        say(f"[test-docker] {name} cannot be pulled ({pull.stderr.strip()[-200:]}); building a local stand-in ...")
+        build = subprocess.run(
+            ["docker", "build", "--network", "host", "--tag", name, str(REDIS_STANDIN)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "DOCKER_BUILDKIT": "1"},
+        )
+        assert build.returncode == 0, f"building the stand-in failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
+    labels = _image_labels(name) or {}
+    # Ours, built now or left by an interrupted run: removed at the end, like the test's own image.
+    ours = labels.get("local.standin.by") == STANDIN_BY
+    if "local.standin.of" in labels:
+        kind = f"stand-in: {labels.get('local.standin.built-from', '?')}"
+    version = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--entrypoint", "redis-server", name, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.strip()
+    match = re.search(r"v=(\S+)", version)
+    return f"{name} ({kind}; Redis {match.group(1) if match else '?'})", ours
+
+
+def redis_image_name() -> str:
+    """The image of docker-compose.yml's ``redis`` service."""
+    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]["redis"]["image"]
+
+
+def _inspect(container: str) -> dict:
+    out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)[0]
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -163,8 +251,17 @@ class Stack:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}
 
-    def compose(self, *args: str, timeout: float = 300, log: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``docker compose`` on this project; with ``log``, its output goes to that file in log_dir."""
+    def compose(
+        self,
+        *args: str,
+        timeout: float = 300,
+        log: str | None = None,
+        env: dict[str, str] | None = None,
+        overrides: tuple[Path, ...] = (),
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``docker compose`` on this project; with ``log``, its output goes to that file in log_dir; ``env``
+        adds to (or replaces) the stack's environment for this command, ``overrides`` are more compose files."""
+        env = {**self.env, **(env or {})}
         command = [
             "docker",
             "compose",
@@ -176,12 +273,11 @@ class Stack:
             str(COMPOSE_FILE),
             "-f",
             str(self.override),
+            *(arg for path in overrides for arg in ("-f", str(path))),
             *args,
         ]
         if log is None:
-            return subprocess.run(
-                command, cwd=PROJECT_ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
-            )
+            return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         path = self.log_dir / log
         with path.open("a", encoding="utf-8") as out:
             out.write(f"$ {' '.join(command)}\n")
@@ -189,7 +285,7 @@ class Stack:
             proc = subprocess.run(
                 command,
                 cwd=PROJECT_ROOT,
-                env=self.env,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -209,21 +305,71 @@ class Stack:
         """`docker inspect` of the service's (single) container."""
         ids = self.check("ps", "-q", service).split()
         assert len(ids) == 1, f"{service}: expected one container, got {ids}"
-        out = subprocess.run(["docker", "inspect", ids[0]], capture_output=True, text=True, timeout=60, check=True)
-        return json.loads(out.stdout)[0]
+        return _inspect(ids[0])
 
-    def up(self) -> float:
+    def up(self, *args: str, env: dict[str, str] | None = None, overrides: tuple[Path, ...] = ()) -> float:
         """``up -d --wait`` (no build: the image is built by the fixture); seconds until every service is healthy."""
         start = time.monotonic()
-        proc = self.compose("up", "-d", "--wait", "--no-build", timeout=UP_TIMEOUT_S, log="up.log")
+        proc = self.compose(
+            "up", "-d", "--wait", "--no-build", *args, timeout=UP_TIMEOUT_S, log="up.log", env=env, overrides=overrides
+        )
         elapsed = time.monotonic() - start
         if proc.returncode != 0:
             logs = self.compose("logs", "--no-color", "--tail", "80")
             pytest.fail(f"docker compose up --wait failed:\n{proc.stdout}\n--- logs ---\n{logs.stdout}{logs.stderr}")
         return elapsed
 
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.base_url + path, headers=self.headers, timeout=60, **kwargs)
+    def get(self, path: str, base_url: str | None = None, **kwargs) -> httpx.Response:
+        return httpx.get((base_url or self.base_url) + path, headers=self.headers, timeout=60, **kwargs)
+
+    def search_image(self, path: Path, base_url: str | None = None, **data: str) -> list[dict]:
+        """``POST /search_image`` with the file at ``path``; its results."""
+        with path.open("rb") as fh:
+            answer = httpx.post(
+                (base_url or self.base_url) + "/search_image",
+                headers=self.headers,
+                files={"file": (path.name, fh)},
+                data={"exclude_self": "false", **data},  # an indexed query stays in its own results
+                timeout=120,
+            )
+        assert answer.status_code == 200, answer.text
+        return answer.json()["results"]
+
+    def cache(self, base_url: str | None = None) -> dict:
+        """``/stats``' ``cache`` block of one app container."""
+        stats = self.get("/stats", base_url)
+        assert stats.status_code == 200, stats.text
+        return stats.json()["cache"]
+
+    def redis_keys(self) -> list[str]:
+        """The embedding-cache keys in the stack's Redis (``redis-cli --scan`` in the redis container)."""
+        return self.check("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "*:emb:v1:*").split()
+
+
+def _cache_delta(before: dict, after: dict) -> dict[str, int]:
+    """What happened between two ``/stats`` ``cache`` blocks of one process: lookups, model calls, hits by layer."""
+    assert after["redis"] is not None and before["redis"] is not None, after
+    return {
+        "lookups": after["lookups"] - before["lookups"],
+        "computed": after["computed"] - before["computed"],
+        "memory_hits": after["memory"]["hits"] - before["memory"]["hits"],
+        "redis_hits": after["redis"]["hits"] - before["redis"]["hits"],
+        "redis_misses": after["redis"]["misses"] - before["redis"]["misses"],
+        "redis_writes": after["redis"]["writes"] - before["redis"]["writes"],
+        "redis_errors": after["redis"]["errors"] - before["redis"]["errors"],
+    }
+
+
+def _free_port_pair() -> int:
+    """A free loopback port whose successor is free too: the range ``APP_PORT=p-(p+1)`` for two replicas."""
+    for _ in range(100):
+        port = free_port()
+        if port < 65535:
+            try:
+                return free_port(range(port + 1, port + 2)) - 1
+            except RuntimeError:
+                continue
+    raise RuntimeError("no two consecutive free ports")
 
 
 def _say(request: pytest.FixtureRequest, line: str) -> None:
@@ -272,17 +418,27 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
     # Leftovers of an interrupted earlier run of this same project (never anything else).
     s.compose("down", "--volumes", "--remove-orphans", timeout=300)
-    _remove_image()
+    # TEST_DOCKER_REUSE_IMAGE=1 (to work on this test): start the image already tagged IMAGE, build nothing, keep it.
+    reuse = os.environ.get(REUSE_IMAGE) == "1" and _image_labels(IMAGE) is not None
+    if not reuse:
+        _remove_image()
+    remove_redis = False
     try:
+        start = time.monotonic()
+        s.report["redis"], remove_redis = _ensure_redis_image(lambda line: _say(request, line))
+        s.report["redis_image_s"] = round(time.monotonic() - start, 1)
         s.report["loadavg_1m_at_build"] = round(os.getloadavg()[0], 1)  # the machine may be shared: say how busy
-        _say(request, f"[test-docker] building {IMAGE} with --no-cache (torch from: {torch_label}) ...")
-        start = time.monotonic()
-        s.check("--progress", "plain", "build", "--no-cache", "app", timeout=BUILD_TIMEOUT_S, log="cold-build.log")
-        s.report["build_cold_s"] = round(time.monotonic() - start, 1)
-        s.report.update(_pip_fetches((work / "cold-build.log").read_text(encoding="utf-8", errors="replace")))
-        start = time.monotonic()
-        s.check("--progress", "plain", "build", "app", timeout=BUILD_TIMEOUT_S, log="cached-build.log")
-        s.report["build_cached_s"] = round(time.monotonic() - start, 1)
+        if reuse:
+            s.report["builds"] = f"skipped ({REUSE_IMAGE}=1): not a full run"
+        else:
+            _say(request, f"[test-docker] building {IMAGE} with --no-cache (torch from: {torch_label}) ...")
+            start = time.monotonic()
+            s.check("--progress", "plain", "build", "--no-cache", "app", timeout=BUILD_TIMEOUT_S, log="cold-build.log")
+            s.report["build_cold_s"] = round(time.monotonic() - start, 1)
+            s.report.update(_pip_fetches((work / "cold-build.log").read_text(encoding="utf-8", errors="replace")))
+            start = time.monotonic()
+            s.check("--progress", "plain", "build", "app", timeout=BUILD_TIMEOUT_S, log="cached-build.log")
+            s.report["build_cached_s"] = round(time.monotonic() - start, 1)
         size = subprocess.run(
             ["docker", "image", "inspect", IMAGE, "--format", "{{.Size}}"],
             capture_output=True,
@@ -304,7 +460,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             timeout=60,
         ).stdout.split()
         s.report["down_v_ok"] = down.returncode == 0 and not left
-        _remove_image()
+        if not reuse:
+            _remove_image()
+        if remove_redis:
+            subprocess.run(["docker", "image", "rm", redis_image_name()], capture_output=True, text=True, timeout=300)
         _say(request, "\n" + json.dumps(s.report))
     assert s.report["down_v_ok"], f"docker compose down -v left volumes {left}: {down.stdout}{down.stderr}"
 
@@ -314,6 +473,8 @@ def test_stack_is_healthy_and_serves_api_docs_and_ui(stack: Stack) -> None:
     assert health.status_code == 200, health.text
     body = health.json()
     assert body["status"] == "ok" and body["database"] == "ok" and body["backend"] == "pgvector", body
+    # The app reaches the compose `redis` service through CACHE_REDIS_URL.
+    assert body["cache"] == "ok" and not body["problems"], body
     stack.report["model"] = body["model"]["id"]
 
     docs = stack.get("/docs")
@@ -326,6 +487,39 @@ def test_stack_is_healthy_and_serves_api_docs_and_ui(stack: Stack) -> None:
     config = stack.get("/ui/config")
     assert config.status_code == 200 and config.json()["version"].startswith("6."), config.text[:500]
     assert "/search" in stack.get("/ui/gradio_api/info").json()["named_endpoints"]
+    stack.report["gradio"] = config.json()["version"]
+    # Nothing the page loads comes from outside the service (no CDN, no web fonts).
+    assert not re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", ui.text), ui.text[:2000]
+
+    # An upload lands in Gradio's temp folder, <tmp>/gradio, written by the service's uid 10001: the image's own
+    # files (root-owned, read-only to the service) are never written. `docker diff` lists what the container
+    # changed outside its volumes: only /tmp (Gradio's folder, torch's) and the service user's home (onnxruntime
+    # keeps a device id under ~/.cache).
+    photo = QUERY_PHOTOS[0]
+    with photo.open("rb") as fh:
+        upload = httpx.post(
+            stack.base_url + "/ui/gradio_api/upload",
+            headers=stack.headers,
+            files={"files": (photo.name, fh, "image/jpeg")},
+            timeout=60,
+        )
+    assert upload.status_code == 200, upload.text
+    (uploaded,) = upload.json()
+    assert uploaded.startswith("/tmp/gradio/") and uploaded.endswith(photo.name), uploaded
+    owner = stack.check("exec", "-T", "app", "stat", "-c", "%u:%g %s", uploaded).split()
+    assert owner == [f"{APP_UID}:{APP_UID}", str(photo.stat().st_size)], owner
+    app_id = stack.check("ps", "-q", "app").strip()
+    changed = subprocess.run(["docker", "diff", app_id], capture_output=True, text=True, timeout=60, check=True)
+    paths = [line.split(" ", 1)[1] for line in changed.stdout.splitlines()]
+    writable = ("/tmp", "/home", "/home/app")
+    assert "/tmp/gradio" in paths, changed.stdout
+    assert all(p in writable or p.startswith(("/tmp/", "/home/app/")) for p in paths), changed.stdout
+    # Whether the app container reaches anything outside the Compose network (here it does not: no NAT, so the
+    # checks above prove that the UI needs no internet; elsewhere it may, and this only says so).
+    probe = stack.compose(
+        "exec", "-T", "app", "python", "-c", "import socket; socket.create_connection(('pypi.org', 443), timeout=5)"
+    )
+    stack.report["app_reaches_internet"] = probe.returncode == 0
 
 
 def test_app_runs_as_uid_10001_and_only_the_app_port_is_published(stack: Stack) -> None:
@@ -336,9 +530,13 @@ def test_app_runs_as_uid_10001_and_only_the_app_port_is_published(stack: Stack) 
     assert set(uids) == {APP_UID} and set(gids) == {APP_UID}, (uids, gids)
     assert "python" in stack.check("exec", "-T", "app", "cat", "/proc/1/cmdline")
 
-    db = stack.container("db")
-    assert not db["HostConfig"].get("PortBindings"), db["HostConfig"].get("PortBindings")
-    assert not any(db["NetworkSettings"]["Ports"].values()), db["NetworkSettings"]["Ports"]
+    for service in ("db", "redis"):
+        inner = stack.container(service)
+        assert not inner["HostConfig"].get("PortBindings"), (service, inner["HostConfig"].get("PortBindings"))
+        assert not any(inner["NetworkSettings"]["Ports"].values()), (service, inner["NetworkSettings"]["Ports"])
+    # Redis as docker-compose.yml configures it (LFU eviction within maxmemory, snapshots to the volume).
+    for name, value in (("maxmemory-policy", "allkeys-lfu"), ("maxmemory", str(256 * 2**20)), ("dir", "/data")):
+        assert stack.check("exec", "-T", "redis", "redis-cli", "config", "get", name).split() == [name, value]
 
     app = stack.container("app")
     bindings = [b for b in app["NetworkSettings"]["Ports"].get("8000/tcp") or []]
@@ -395,22 +593,52 @@ def test_bulk_index_50_real_images_through_the_published_port_and_search(stack: 
     stats = stack.get("/stats").json()
     assert stats["count"] == N_IMAGES, stats
     for image_id, src in list(chosen.items())[:: N_IMAGES // 5]:
-        with src.open("rb") as fh:
-            answer = httpx.post(
-                stack.base_url + "/search_image",
-                headers=stack.headers,
-                files={"file": (src.name, fh)},
-                data={"top_k": "5", "exclude_self": "false"},  # the query is indexed: keep it in its results
-                timeout=120,
-            )
-        assert answer.status_code == 200, answer.text
-        results = answer.json()["results"]
+        results = stack.search_image(src, top_k="5")
         # Some files embed identically (e.g. one photo in several formats), so the query need not be first.
         assert results[0]["score"] > 0.999, results
         assert image_id in {r["id"] for r in results}, (src, results)
         mine = next(r for r in results if r["id"] == image_id)
         assert mine["filename"] == f"{src.parent.name}/{src.name}" and mine["score"] > 0.999, mine
     stack.indexed = chosen
+
+    # The same search through the Gradio UI's handler, as a script would call it (gradio_client uploads the photo
+    # into the container's /tmp/gradio first): the same images in the same order as the REST API's default search
+    # (which, like the UI, leaves an indexed query photo out of its results).
+    from gradio_client import Client, handle_file
+
+    image_id, src = next(iter(chosen.items()))
+    ui = Client(stack.base_url + "/ui/", verbose=False, headers=stack.headers, download_files=False)
+    gallery, status, *_ = ui.predict(handle_file(str(src)), "", "", "", [], "", "", 0, False, 5, api_name="/search")
+    assert status.startswith("5 results"), status
+    rest = stack.search_image(src, top_k="5", exclude_self="true")
+    assert [item["caption"].split(" · ")[2] for item in gallery] == [r["filename"] for r in rest], (gallery, rest)
+
+
+def test_repeated_search_is_a_cache_hit_and_the_embedding_is_in_redis(stack: Stack) -> None:
+    # A photo that is not indexed: the first search embeds it with the model (and stores it in Redis), the same
+    # search again is answered by the memory layer; its key (by the SHA-256 of the bytes) is in Redis.
+    photo = QUERY_PHOTOS[0]
+    before = stack.cache()
+    first = stack.search_image(photo)
+    middle = stack.cache()
+    second = stack.search_image(photo)
+    after = stack.cache()
+    assert [r["id"] for r in second] == [r["id"] for r in first]
+    assert _cache_delta(before, middle) == {
+        "lookups": 1,
+        "computed": 1,
+        "memory_hits": 0,
+        "redis_hits": 0,
+        "redis_misses": 1,
+        "redis_writes": 1,
+        "redis_errors": 0,
+    }, (before, middle)
+    repeat = _cache_delta(middle, after)
+    assert repeat["lookups"] == 1 and repeat["computed"] == 0, (middle, after)
+    assert repeat["memory_hits"] + repeat["redis_hits"] == 1, (middle, after)
+    assert after["redis_state"] == "ok", after
+    assert any(key.endswith(":" + _sha256(photo)) for key in stack.redis_keys())
+    stack.report["cache_after_repeat"] = {"hit_rate": after["hit_rate"], "redis_writes": after["redis"]["writes"]}
 
 
 def test_count_and_originals_survive_down_and_up(stack: Stack) -> None:
@@ -424,12 +652,70 @@ def test_count_and_originals_survive_down_and_up(stack: Stack) -> None:
         original = stack.get(f"/image/{image_id}")
         assert original.status_code == 200 and original.content == src.read_bytes(), (src, original.status_code)
     image_id, src = next(iter(stack.indexed.items()))
-    with src.open("rb") as fh:
-        answer = httpx.post(
-            stack.base_url + "/search_image",
+    assert image_id in {r["id"] for r in stack.search_image(src)}
+
+    # The new app container's memory is empty; the photo embedded before the restart is a Redis hit (the
+    # redis-data volume kept the snapshot Redis wrote when it stopped), not a model call.
+    assert stack.get("/health").json()["cache"] == "ok"
+    before = stack.cache()
+    stack.search_image(QUERY_PHOTOS[0])
+    delta = _cache_delta(before, stack.cache())
+    assert delta["redis_hits"] == 1 and delta["computed"] == 0, delta
+
+
+def test_app_runs_with_a_read_only_root_filesystem(stack: Stack) -> None:
+    """The app needs no writable file outside its volumes and /tmp: with ``read_only: true`` and a tmpfs on /tmp
+    (a hardened deployment's override) it starts, Gradio takes uploads into /tmp/gradio, and searches work."""
+    assert stack.indexed, "needs the images indexed by the earlier test"
+    read_only = stack.log_dir / "compose.read-only.yml"
+    read_only.write_text("services:\n  app:\n    read_only: true\n    tmpfs:\n      - /tmp\n", encoding="utf-8")
+    stack.report["read_only_up_s"] = round(stack.up(overrides=(read_only,)), 1)
+    assert stack.container("app")["HostConfig"]["ReadonlyRootfs"] is True
+    assert "Read-only file system" in stack.compose("exec", "-T", "app", "touch", "/app/x").stderr
+    assert stack.get("/health").json()["status"] == "ok"
+    ui = stack.get("/ui/config")
+    assert ui.status_code == 200 and ui.json()["version"].startswith("6."), ui.text[:500]
+    photo = QUERY_PHOTOS[0]
+    with photo.open("rb") as fh:
+        upload = httpx.post(
+            stack.base_url + "/ui/gradio_api/upload",
             headers=stack.headers,
-            files={"file": (src.name, fh)},
-            data={"exclude_self": "false"},
-            timeout=120,
+            files={"files": (photo.name, fh)},
+            timeout=60,
         )
-    assert answer.status_code == 200 and image_id in {r["id"] for r in answer.json()["results"]}, answer.text
+    assert upload.status_code == 200 and upload.json()[0].startswith("/tmp/gradio/"), upload.text
+    image_id, src = next(iter(stack.indexed.items()))
+    assert image_id in {r["id"] for r in stack.search_image(src)}
+
+
+def test_two_app_replicas_share_the_database_images_and_redis(stack: Stack) -> None:
+    """README, Docker Compose: ``APP_PORT=8000-8001 docker compose up -d --scale app=2``."""
+    assert stack.indexed, "needs the images indexed by the earlier test"
+    port = _free_port_pair()
+    stack.report["scale2_up_s"] = round(stack.up("--scale", "app=2", env={"APP_PORT": f"{port}-{port + 1}"}), 1)
+    ids = stack.check("ps", "-q", "app").split()
+    assert len(ids) == 2, ids
+    urls = []
+    for container in ids:
+        bindings = _inspect(container)["NetworkSettings"]["Ports"].get("8000/tcp") or []
+        assert len(bindings) == 1 and bindings[0]["HostIp"] == "127.0.0.1", bindings
+        urls.append(f"http://127.0.0.1:{bindings[0]['HostPort']}")
+    assert sorted(int(u.rsplit(":", 1)[1]) for u in urls) == [port, port + 1], urls
+
+    image_id, src = next(iter(stack.indexed.items()))
+    for url in urls:  # one database and one images volume behind both
+        health = stack.get("/health", url).json()
+        assert health["status"] == "ok" and health["cache"] == "ok", (url, health)
+        assert stack.get("/stats", url).json()["count"] == N_IMAGES
+        assert stack.get(f"/image/{image_id}", url).content == src.read_bytes()
+
+    # A photo embedded by one replica is a Redis hit in the other, both ways.
+    for photo, (one, other) in zip(QUERY_PHOTOS[1:3], (urls, urls[::-1]), strict=True):
+        before_one, before_other = stack.cache(one), stack.cache(other)
+        first = stack.search_image(photo, one)
+        computed = _cache_delta(before_one, stack.cache(one))
+        assert computed["computed"] == 1 and computed["redis_writes"] == 1, computed
+        again = stack.search_image(photo, other)
+        hit = _cache_delta(before_other, stack.cache(other))
+        assert hit["redis_hits"] == 1 and hit["computed"] == 0, hit
+        assert [r["id"] for r in again] == [r["id"] for r in first]
