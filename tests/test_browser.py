@@ -394,8 +394,12 @@ def test_a_link_with_filters_opens_its_search(server, page):
     results = _wait_results(page, count=2)
     assert set(_names(results)) == {"pillow_hopper_orientation_6.jpg", "pillow_hopper.heif"}
     page.click("#filters >> text=Filters and options")
-    checked = page.eval_on_selector_all("#filter-formats input:checked", "xs => xs.map(x => x.name)")
-    assert sorted(checked) == ["HEIF", "JPEG"]
+    # The filters show what the link asked for.
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#filter-formats input:checked')].map(x => x.name).sort().join()"
+        " === 'HEIF,JPEG'"
+    )
+    assert page.input_value("#top-k input[type=number]") == "2"
 
 
 def test_phone_reaches_every_tab(server, browser, request, tmp_path):
