@@ -79,6 +79,16 @@ class Settings(BaseSettings):
         description="Seconds a request waits for a pooled PostgreSQL connection before it answers 503 (start-up "
         "waits DB_CONNECT_TIMEOUT_S instead). 0.5 keeps every 503 under 1 s while the database is down.",
     )
+    db_statement_timeout_s: float = Field(
+        1.5,
+        ge=0,
+        le=600,
+        description="Deadline, seconds, of every database call a request makes (index builds and collection switches "
+        "excepted): PostgreSQL's statement_timeout, and the client gives up DEADLINE_GRACE_S (0.5 s) later if the "
+        "server does not answer at all (a hung server answers 503 within about 2 s instead of holding requests). "
+        "pgvector only: Milvus and Manticore keep their clients' timeouts (DB_CONNECT_TIMEOUT_S per Milvus request), "
+        "and for every backend a health probe unanswered for 1.5 s turns /health and requests to 503. 0 disables.",
+    )
     milvus_uri: str = Field(
         "",
         description="A file path runs embedded Milvus Lite (default DATA_DIR/milvus.db, one process per file); "

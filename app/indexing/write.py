@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from app.errors import DatabaseTimeoutError
 from app.imaging.prepare import PreparedImage
 from app.indexing.store import ImageStore
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
@@ -32,7 +33,8 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
 
     Raises whatever the store or the database raises (e.g. :class:`app.errors.DatabaseUnavailableError`,
     :class:`app.errors.StorageFullError` before anything is written when free space is under ``MIN_FREE_MB``, or
-    when the disk fills up), after deleting the originals this call created, so no file is left without its row.
+    when the disk fills up), after deleting the originals this call created, so no file is left without its row;
+    except after :class:`app.errors.DatabaseTimeoutError`, when the rows may still be committed: the originals stay.
     Files that already existed (from an earlier, interrupted run) are kept: their rows may be the ones being written
     now. Holds the ids' locks from the first file to the upsert.
     """
@@ -63,6 +65,11 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
                 for item, vector in zip(items, vectors, strict=True)
             ]
             db.upsert(records)
+        except DatabaseTimeoutError:
+            # The database stopped answering mid-upsert: the rows may still be committed when it resumes, and a row
+            # must never point at a deleted original. An original without a row is invisible and harmless (the
+            # start-up sweep and fsck remove it; re-indexing the bytes reuses it).
+            raise
         except BaseException:
             for image_id in created:
                 store.delete(image_id)
