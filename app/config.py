@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,20 @@ class Settings(BaseSettings):
     )
     cors_origins: str = Field(
         "", description="Origins allowed to call the API from a browser, comma-separated ('*' = any); empty: no CORS."
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Host names (the Host header, without port) the service answers, comma-separated; '*.example.com' "
+        "matches subdomains, '*' any. Other hosts get 400 (DNS rebinding). Empty: the loopback names (localhost, "
+        "127.0.0.1, [::1] and HOST) when HOST is a loopback address, otherwise any host (with a start-up WARNING). "
+        "Behind a reverse proxy: the public name(s) the proxy forwards in Host.",
+    )
+    public_url: str = Field(
+        "",
+        description="Base URL clients reach the service at (https://images.example.com, or with a path prefix "
+        "behind a proxy); the image_url of search results is built from it, and its origin may make state-changing "
+        "requests from a browser. Empty: image_url follows the request's Host when ALLOWED_HOSTS restricts it (the "
+        "loopback default does), else it is a path (/image/ID).",
     )
     sla_p95_ms: float = Field(
         500.0, gt=0, description="Latency target, ms: GET /stats reports per route whether its recent p95 meets it."
@@ -258,6 +273,25 @@ class Settings(BaseSettings):
         if self.api_key is None:
             return ()
         return tuple(k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip())
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_a_base_url(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return ""
+        parsed = urlsplit(v)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise ValueError(f"PUBLIC_URL must be an http(s) base URL like https://images.example.com, got {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def public_origin(self) -> str | None:
+        """``scheme://host[:port]`` of PUBLIC_URL (lower case), or ``None`` when it is unset."""
+        if not self.public_url:
+            return None
+        parsed = urlsplit(self.public_url)
+        return f"{parsed.scheme}://{parsed.netloc}".lower()
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -28,7 +28,7 @@ from app.api.schemas import (
     VectorSearchRequest,
 )
 from app.api.search_params import SearchParamsForm, SearchParamsQuery
-from app.api.security import require_write
+from app.api.security import image_url, require_write
 from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
 from app.search.query import QueryTerm
@@ -103,7 +103,7 @@ def _results(request: Request, hits: list[SearchHit], offset: int = 0) -> Search
                 bytes=h.metadata.bytes,
                 indexed_at=h.metadata.indexed_at,
                 taken_at=h.metadata.taken_at,
-                image_url=str(request.url_for("get_image", image_id=h.id)),
+                image_url=image_url(request, h.id),
             )
             for rank, h in enumerate(hits, start=1)
         ]
