@@ -279,13 +279,15 @@ class SearchService:
         if self._indexed({image_id}):
             return IndexResult(image_id, "exists")
         with self.admission.admit(self._pixels(data)):
-            self._index_one(data, filename, image_id)  # the decoded image dies inside, before the admission ends
-        return IndexResult(image_id, "indexed")
+            written = self._index_one(data, filename, image_id)  # the decoded image dies inside, before admission ends
+        # Not written: a simultaneous upload of the same bytes stored it while this one decoded (write_batch).
+        return IndexResult(image_id, "indexed" if written else "exists")
 
-    def _index_one(self, data: bytes, filename: str | None, image_id: str) -> None:
+    def _index_one(self, data: bytes, filename: str | None, image_id: str) -> bool:
+        """Whether this call wrote the image (``False``: it was stored meanwhile by another request)."""
         prepared = self._prepare(data, filename, image_id, fit_size=None)
         # write_batch saves the original, then the row, and removes the file again if the row fails.
-        write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
+        return image_id in write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
 
     def _indexed(self, ids: set[str]) -> set[str]:
         # A row counts only with its original: a row whose file is gone is indexed again, which restores the file.
@@ -349,9 +351,10 @@ class SearchService:
             todo.append((i, prepared))
         if todo:
             vectors = self._embed([p.image for _, p in todo])
-            write_batch(self.db, self.store, [p for _, p in todo], vectors)
+            written = write_batch(self.db, self.store, [p for _, p in todo], vectors)
             for i, prepared in todo:
-                results[i] = BatchItemResult(prepared.name, prepared.image_id, "indexed")
+                status = "indexed" if prepared.image_id in written else "exists"  # else stored meanwhile by another
+                results[i] = BatchItemResult(prepared.name, prepared.image_id, status)
         return [r for r in results if r is not None]
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:

@@ -28,7 +28,7 @@ from app.api.schemas import (
     VectorSearchRequest,
 )
 from app.api.search_params import SearchParamsForm, SearchParamsQuery
-from app.api.security import image_url, require_write
+from app.api.security import cache_headers, image_url, require_write
 from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
 from app.search.query import QueryTerm
@@ -253,11 +253,12 @@ def similar_images(
     responses={200: {"content": {"image/*": {}}, "description": "The original file."}, 404: _ERRORS[404]},
     summary="Download an original",
 )
-def get_image(service: Service, image_id: str) -> FileResponse:
-    """The original file as uploaded, with its content type."""
+def get_image(request: Request, service: Service, image_id: str) -> FileResponse:
+    """The original file as uploaded, with its content type; cached for a year (content-addressed), privately when
+    reads need a key."""
     path = service.image_file(image_id)
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "public, max-age=31536000, immutable"})
+    return FileResponse(path, media_type=media_type, headers=cache_headers(request, 31_536_000, immutable=True))
 
 
 # HEAD answers the same headers without the body (FileResponse skips it); a route of its own, since one route with
@@ -271,11 +272,11 @@ router.add_api_route("/image/{image_id}", get_image, methods=["HEAD"], include_i
     responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}, 404: _ERRORS[404]},
     summary="JPEG thumbnail of an image",
 )
-def get_thumbnail(service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256) -> Response:
+def get_thumbnail(
+    request: Request, service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256
+) -> Response:
     """A JPEG at most ``size`` pixels on its longer side: any stored format, viewable in every browser."""
-    return Response(
-        service.thumbnail(image_id, size), media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
-    )
+    return Response(service.thumbnail(image_id, size), media_type="image/jpeg", headers=cache_headers(request, 86_400))
 
 
 @router.post(

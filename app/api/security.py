@@ -31,7 +31,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
@@ -88,6 +88,16 @@ def image_url(request: Request, image_id: str) -> str:
     if allowed_hosts(settings) != ["*"]:
         return str(request.url_for("get_image", image_id=image_id))
     return str(request.app.url_path_for("get_image", image_id=image_id))
+
+
+def cache_headers(request: Request, max_age_s: int, *, immutable: bool = False) -> dict[str, str]:
+    """``Cache-Control`` (and ``Vary``) for an image response: ``public`` while reads need no key; ``private`` with
+    ``Vary: Authorization, X-API-Key`` when API_KEY_READS is on, so no shared cache (proxy, CDN) keeps an answer
+    that needed a key and hands it to a client without one. ``max_age_s`` in seconds."""
+    value = f"max-age={int(max_age_s)}" + (", immutable" if immutable else "")
+    if request.app.state.access.reads_need_key:
+        return {"Cache-Control": f"private, {value}", "Vary": "Authorization, X-API-Key"}
+    return {"Cache-Control": f"public, {value}"}
 
 
 def _digest(key: str) -> bytes:
@@ -270,39 +280,69 @@ class OriginMiddleware:
         await self.app(scope, receive, send)
 
 
-class JsonHostErrors:
-    """Starlette's ``TrustedHostMiddleware`` (``allowed`` hosts, no www redirect), whose plain-text 400 for a foreign
-    Host becomes JSON ``{"detail": ...}`` like every other error of the service. WebSocket handshakes with a foreign
-    Host are closed by the same middleware."""
+class JsonRefusals:
+    """A Starlette middleware (``middleware`` built with ``options``) whose own error answers (status >= 400,
+    plain text: ``TrustedHostMiddleware``'s "Invalid host header", ``CORSMiddleware``'s "Disallowed CORS origin")
+    leave as JSON ``{"detail": ...}`` like every other error of the service; everything else passes unchanged.
 
-    _PASSED = "image_search.host_allowed"  # set in the scope once the Host passed
+    Args:
+        app: the application inside.
+        middleware: the middleware class; it is given a stand-in for ``app`` that records that the request passed.
+        detail: builds the error text from the request's headers and the middleware's own text (default: its text).
+        options: the middleware's keyword arguments.
+    """
 
-    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+    _PASSED = "image_search.passed"  # scope key: the set of middlewares the request got through
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        middleware: type,
+        detail: Callable[[Headers, str], str] | None = None,
+        **options: object,
+    ) -> None:
         self.app = app
-        self.checked = TrustedHostMiddleware(self._passed, allowed_hosts=allowed, www_redirect=False)
+        self.name = middleware.__name__
+        self.detail = detail
+        self.inner = middleware(self._passed, **options)
 
     async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[self._PASSED] = True
+        scope.setdefault(self._PASSED, set()).add(self.name)
         await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.checked(scope, receive, send)
+            await self.inner(scope, receive, send)
             return
+        start: Message | None = None
+        body = bytearray()
 
         async def send_json(message: Message) -> None:
-            if scope.get(self._PASSED):
+            nonlocal start
+            if self.name in scope.get(self._PASSED, ()):
                 await send(message)
-            elif message["type"] == "http.response.start":  # the middleware's own refusal: answer JSON instead
-                host = Headers(scope=scope).get("host", "")
-                response = error_response(
-                    400,
-                    f"Host {host[:100]!r} is not served here: set ALLOWED_HOSTS to the names clients use "
-                    "(DNS rebinding protection).",
-                )
-                await response(scope, receive, send)
+            elif message["type"] == "http.response.start":
+                start = message
+                if start["status"] < 400:  # e.g. a preflight's 200
+                    await send(message)
+            elif start is not None and start["status"] < 400:
+                await send(message)
+            elif start is not None:
+                body.extend(message.get("body", b""))
+                if not message.get("more_body", False):
+                    text = body.decode("utf-8", "replace").strip() or "Refused."
+                    if self.detail is not None:
+                        text = self.detail(Headers(scope=scope), text)
+                    await error_response(start["status"], text)(scope, receive, send)
 
-        await self.checked(scope, receive, send_json)
+        await self.inner(scope, receive, send_json)
+
+
+def _host_refusal(headers: Headers, _: str) -> str:
+    return (
+        f"Host {headers.get('host', '')[:100]!r} is not served here: set ALLOWED_HOSTS to the names clients use "
+        "(DNS rebinding protection)."
+    )
 
 
 class NoSniffMiddleware:
@@ -341,14 +381,21 @@ def install_security(app: FastAPI, settings: Settings) -> AccessPolicy:
     app.add_middleware(OriginMiddleware, policy=OriginPolicy(settings))
     if origins := settings.cors_origin_list:
         app.add_middleware(
-            CORSMiddleware,
+            JsonRefusals,
+            middleware=CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     hosts = allowed_hosts(settings)
     if hosts != ["*"]:
-        app.add_middleware(JsonHostErrors, allowed=hosts)
+        app.add_middleware(
+            JsonRefusals,
+            middleware=TrustedHostMiddleware,
+            detail=_host_refusal,
+            allowed_hosts=hosts,
+            www_redirect=False,
+        )
     else:
         log.warning(
             "HOST=%s is not a loopback address and ALLOWED_HOSTS is not set: any Host header is answered. Set "

@@ -25,8 +25,14 @@ from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
 __all__ = ["write_batch"]
 
 
-def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[PreparedImage], vectors: np.ndarray) -> None:
-    """Store a batch: every original first, then ONE upsert of all rows; all or nothing.
+def write_batch(
+    db: VectorDBHandler, store: ImageStore, items: Sequence[PreparedImage], vectors: np.ndarray
+) -> set[str]:
+    """Store a batch: every original first, then ONE upsert of all rows; all or nothing. Returns the ids written.
+
+    Under the ids' locks, items whose row and original both exist already (another request with the same bytes got
+    there first: the callers' own check ran before they waited for the lock) are left alone and not returned, so a
+    caller tells truthfully which of simultaneous identical uploads indexed the image and which found it there.
 
     Args:
         items: prepared images with distinct ids. vectors: ``(len(items), D)`` float32 embeddings, same order.
@@ -39,13 +45,17 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
     now. Holds the ids' locks from the first file to the upsert.
     """
     if not items:
-        return
+        return set()
     store.ensure_space()
     now = datetime.now(UTC)
     created: list[str] = []
     with store.locks.hold(item.image_id for item in items):
+        present = {i for i in db.existing_ids(item.image_id for item in items) if store.find(i) is not None}
+        pairs = [(item, vector) for item, vector in zip(items, vectors, strict=True) if item.image_id not in present]
+        if not pairs:
+            return set()
         try:
-            for item in items:
+            for item, _ in pairs:
                 if store.save(item.image_id, item.data, item.extension):
                     created.append(item.image_id)
             records = [
@@ -62,7 +72,7 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
                         taken_at=item.taken_at,
                     ),
                 )
-                for item, vector in zip(items, vectors, strict=True)
+                for item, vector in pairs
             ]
             db.upsert(records)
         except DatabaseTimeoutError:
@@ -74,3 +84,4 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
             for image_id in created:
                 store.delete(image_id)
             raise
+        return {item.image_id for item, _ in pairs}
