@@ -29,8 +29,10 @@ DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 INSTANCE = DATASETS / "instance_small" / "images"
 FORMATS = DATASETS / "formats"
 
-BULK_SUMMARY = re.compile(r"scanned (\d+) files: (\d+) already indexed, (\d+) indexed, (\d+) failed \(([\d.]+) img/s\)")
-"""The last line ``scripts/bulk_index.py`` prints."""
+BULK_SUMMARY = re.compile(
+    r"scanned (\d+) files: (\d+) already indexed, (\d+) indexed, (\d+) failed \(([\d.]+) img/s\)(?:; (\d+) not done)?"
+)
+"""The last line ``scripts/bulk_index.py`` prints (group 6: files a stopped run never got to, when there are any)."""
 
 
 def load_rgb(path: Path) -> Image.Image:
