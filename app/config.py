@@ -181,9 +181,11 @@ class Settings(BaseSettings):
     max_decode_pixels_in_flight: int = Field(
         100_000_000,
         ge=1,
-        description="Decoded pixels (width*height, read from the header) held by requests at once; more waits in "
-        "line, first come first served. An image larger than this is decoded alone. 100 MP is one 100 MP image "
-        "(about 0.3-0.6 GB while it decodes) or about eight 12 MP photos.",
+        description="Decode memory held by requests at once, counted in pixels of an 8-bit RGB photo (about 8 bytes "
+        "each while decoding, measured); more waits in line, first come first served. Each image is charged its "
+        "measured cost from the header's size, format and mode (a WebP with alpha or a float TIFF about 2.6 times "
+        "its pixels, an RGBA PNG 1.6 times, a GIF 0.6 times: app/imaging/decode.py). An image costing more than "
+        "this is decoded alone. 100 MP: about 0.8 GB, one 100 MP JPEG or about eight 12 MP photos.",
     )
     decode_wait_s: float = Field(
         30.0,
@@ -191,6 +193,20 @@ class Settings(BaseSettings):
         le=600,
         description="Longest wait, in seconds, for decode capacity (MAX_DECODE_PIXELS_IN_FLIGHT) before a request "
         "answers 503 with Retry-After.",
+    )
+    thumbnail_cache_mb: float = Field(
+        32.0,
+        ge=0,
+        description="Thumbnails of stored images kept in memory, MB (10^6 bytes) of JPEG, least recently used "
+        "dropped first: a repeated GET /image/{id}/thumbnail does not decode the original again (about 1,000 "
+        "thumbnails of 256 px); 0 disables.",
+    )
+    rate_limit: str = Field(
+        "",
+        description="Per-client limit on the expensive routes a client can call without a key (searches by image, "
+        "text or vector, /preview, thumbnails), in the 'limits' library's notation: '120/minute', '10/second;"
+        "300/hour'. Counted per client address in memory (one process); requests with a valid API key are not "
+        "counted. Over it: 429 with Retry-After. Empty: no limit.",
     )
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)
@@ -273,6 +289,19 @@ class Settings(BaseSettings):
         if self.api_key is None:
             return ()
         return tuple(k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip())
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, v: str) -> str:
+        v = v.strip()
+        if v:
+            from limits import parse_many
+
+            try:
+                parse_many(v)
+            except ValueError as exc:
+                raise ValueError(f"RATE_LIMIT {v!r} is not a limit like '120/minute' or '10/second;600/hour'") from exc
+        return v
 
     @field_validator("public_url")
     @classmethod

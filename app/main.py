@@ -23,6 +23,7 @@ from app.api.jobs import router as jobs_router
 from app.api.limits import install_limits
 from app.api.metrics import install_metrics
 from app.api.params import no_repeated_query_parameters
+from app.api.ratelimit import install_rate_limit
 from app.api.routes import router
 from app.api.security import install_security
 from app.api.site import mount_ui, site_router
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     install_error_handlers(app)
     install_limits(app, settings)
+    install_rate_limit(app, settings)  # inside the security checks: refused hosts and origins are not counted
     install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)

@@ -28,8 +28,9 @@ from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError
 from app.ids import image_id_for, is_valid_image_id
 from app.imaging.admission import PixelAdmission
-from app.imaging.decode import decode_image, header_pixels
+from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
+from app.imaging.thumbnails import ThumbnailCache
 from app.indexing.fsck import start_sweep
 from app.indexing.store import ImageStore
 from app.indexing.write import write_batch
@@ -169,6 +170,8 @@ class SearchService:
         self.query_cache = QueryEmbeddingCache(settings.query_cache_size)
         # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
+        # Thumbnails of stored images (THUMBNAIL_CACHE_MB): a repeated request does not decode the original again.
+        self.thumbnails = ThumbnailCache(int(settings.thumbnail_cache_mb * 1_000_000))
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
@@ -294,10 +297,14 @@ class SearchService:
         return {i for i in self.db.existing_ids(ids) if self.store.find(i) is not None}
 
     def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
-        """Decoded pixels to admit for ``data`` (from its header); JPEGs count at the embedder's draft scale."""
-        return header_pixels(
+        """What decoding ``data`` costs the admission, in pixels of an 8-bit RGB photo (the unit of
+        MAX_DECODE_PIXELS_IN_FLIGHT): its measured decode memory (:func:`app.imaging.decode.decode_cost`, by format
+        and mode, from the header) over :data:`RGB_DECODE_BYTES_PER_PIXEL`. A WebP with alpha or a float TIFF counts
+        about 2.6 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale."""
+        cost = decode_cost(
             data, max_pixels=self.settings.max_image_pixels, draft_size=draft_size or self.embedder.draft_size
         )
+        return -int(-cost // RGB_DECODE_BYTES_PER_PIXEL)
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
         # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
@@ -460,9 +467,15 @@ class SearchService:
     def thumbnail(self, image_id: str, size: int = 256) -> bytes:
         """A JPEG of the stored image, at most ``size`` x ``size`` pixels, for browsers that cannot show HEIC/TIFF.
 
-        Raises :class:`ImageNotFoundError`.
+        Served from the thumbnail cache (THUMBNAIL_CACHE_MB) when this size was made before: no decode. Raises
+        :class:`ImageNotFoundError` (also for a cached thumbnail whose original is gone).
         """
-        return self._thumbnail(self.image_file(image_id).read_bytes(), size)
+        path = self.image_file(image_id)
+        jpeg = self.thumbnails.get(image_id, size)
+        if jpeg is None:
+            jpeg = self._thumbnail(path.read_bytes(), size)
+            self.thumbnails.put(image_id, size, jpeg)
+        return jpeg
 
     def preview(self, data: bytes, size: int = 512) -> bytes:
         """A JPEG of uploaded image bytes, at most ``size`` x ``size`` pixels, EXIF orientation applied: how the web
@@ -498,6 +511,7 @@ class SearchService:
         with self.store.locks.hold([image_id]):  # never between another writer's original and its row
             removed_row = self.db.delete(image_id)
             removed_file = self.store.delete(image_id)
+        self.thumbnails.forget(image_id)
         if not (removed_row or removed_file):
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 

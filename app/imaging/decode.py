@@ -173,6 +173,61 @@ def _signature_matches(fmt: str, prefix: bytes) -> bool:
     return bool(result) and not isinstance(result, str)
 
 
+#: Peak memory of :func:`decode_image`, bytes per decoded pixel, by format and mode; measured with
+#: ``bench/decode_cost.py`` (16 MP images, peak RSS growth of a fresh process; docs/benchmarks.md, "Decode cost"),
+#: rounded up. An 8-bit RGB photo costs about 8 bytes per pixel, not 3: the raster, a detached copy and the
+#: decoder's own buffers. WebP decodes through an RGBA buffer and converts; 32-bit modes go through float32 arrays.
+RGB_DECODE_BYTES_PER_PIXEL = 8.0
+DECODE_BYTES_PER_PIXEL_BY_MODE = {
+    "1": 5.0,
+    "L": 5.0,
+    "P": 5.0,
+    "PA": 8.0,
+    "LA": 8.0,
+    "RGB": 8.0,
+    "YCbCr": 8.0,
+    "RGBA": 13.0,
+    "RGBa": 13.0,
+    "RGBX": 13.0,
+    "CMYK": 13.0,
+    "LAB": 8.0,
+    "HSV": 8.0,
+    "I;16": 7.5,
+    "I;16B": 7.5,
+    "I;16L": 7.5,
+    "I;16N": 7.5,
+    "I": 21.0,
+    "F": 21.0,
+}
+#: formats whose decoder costs more than their mode says (measured the same way)
+DECODE_BYTES_PER_PIXEL_BY_FORMAT = {("WEBP", "RGB"): 16.0, ("WEBP", "RGBA"): 21.0, ("AVIF", "RGB"): 10.5}
+#: modes not measured: as the costliest measured one
+_UNKNOWN_MODE_BYTES_PER_PIXEL = 21.0
+
+
+def decode_cost(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> int:
+    """Peak bytes that :func:`decode_image` with the same arguments is expected to take, from the header only.
+
+    :func:`header_pixels` (the drafted size for JPEG) times the measured bytes per pixel of the image's format and
+    mode (:data:`DECODE_BYTES_PER_PIXEL_BY_FORMAT`, else :data:`DECODE_BYTES_PER_PIXEL_BY_MODE`). Returns 0 where
+    :func:`header_pixels` does (nothing will be decoded). Raises nothing.
+    """
+    pixels = header_pixels(data, max_pixels=max_pixels, draft_size=draft_size)
+    if pixels == 0:
+        return 0
+    try:
+        with Image.open(BytesIO(data), formats=_allowed_formats()) as im:
+            fmt, mode = im.format, im.mode
+    except Exception:  # noqa: BLE001 - header_pixels read it a moment ago; charge the worst case if not now
+        return int(pixels * _UNKNOWN_MODE_BYTES_PER_PIXEL)
+    if draft_size and fmt in ("JPEG", "MPO") and mode in ("CMYK", "YCCK"):
+        mode = "CMYK"
+    per_pixel = DECODE_BYTES_PER_PIXEL_BY_FORMAT.get(
+        (fmt, mode), DECODE_BYTES_PER_PIXEL_BY_MODE.get(mode, _UNKNOWN_MODE_BYTES_PER_PIXEL)
+    )
+    return int(pixels * per_pixel)
+
+
 def header_pixels(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> int:
     """Pixels that :func:`decode_image` with the same arguments will decode, read from the header only.
 
