@@ -183,8 +183,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Decode memory held by requests at once, counted in pixels of an 8-bit RGB photo (about 8 bytes "
         "each while decoding, measured); more waits in line, first come first served. Each image is charged its "
-        "measured cost from the header's size, format and mode (a WebP with alpha or a float TIFF about 2.6 times "
-        "its pixels, an RGBA PNG 1.6 times, a GIF 0.6 times: app/imaging/decode.py). An image costing more than "
+        "measured cost from the header's size, format and mode (a WebP with alpha or a float TIFF about 2.1 times "
+        "its pixels, an RGBA PNG 1.1 times, a GIF 0.6 times: app/imaging/decode.py). An image costing more than "
         "this is decoded alone. 100 MP: about 0.8 GB, one 100 MP JPEG or about eight 12 MP photos.",
     )
     decode_wait_s: float = Field(

@@ -300,7 +300,7 @@ class SearchService:
         """What decoding ``data`` costs the admission, in pixels of an 8-bit RGB photo (the unit of
         MAX_DECODE_PIXELS_IN_FLIGHT): its measured decode memory (:func:`app.imaging.decode.decode_cost`, by format
         and mode, from the header) over :data:`RGB_DECODE_BYTES_PER_PIXEL`. A WebP with alpha or a float TIFF counts
-        about 2.6 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale."""
+        about 2.1 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale."""
         cost = decode_cost(
             data, max_pixels=self.settings.max_image_pixels, draft_size=draft_size or self.embedder.draft_size
         )

@@ -32,7 +32,7 @@ from PIL import Image
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _blocks(side: int, channels: int, seed: int = 0, dtype=np.uint8, high: int = 256) -> np.ndarray:
+def _blocks_seeded(side: int, channels: int, seed: int = 0, dtype=np.uint8, high: int = 256) -> np.ndarray:
     rng = np.random.default_rng(seed)
     cells = 50
     grid = rng.integers(0, high, size=(cells, cells, channels)).astype(dtype)
@@ -40,10 +40,15 @@ def _blocks(side: int, channels: int, seed: int = 0, dtype=np.uint8, high: int =
     return np.repeat(np.repeat(grid, block, axis=0), block, axis=1)[:side, :side]
 
 
-def make_case(case: str, megapixels: float) -> bytes:
-    """The bytes of one test image: ``case`` is ``<format>_<mode>`` (see :data:`CASES`)."""
+def make_case(case: str, megapixels: float, seed: int = 0) -> bytes:
+    """The bytes of one test image: ``case`` is ``<format>_<mode>`` (see :data:`CASES`); ``seed`` picks the colours
+    (distinct seeds: distinct images)."""
     side = int((megapixels * 1_000_000) ** 0.5)
     out = io.BytesIO()
+
+    def _blocks(side: int, channels: int, dtype=np.uint8, high: int = 256) -> np.ndarray:
+        return _blocks_seeded(side, channels, seed, dtype, high)
+
     if case == "jpeg_rgb":
         Image.fromarray(_blocks(side, 3)).save(out, format="JPEG", quality=90)
     elif case == "png_rgb":
@@ -64,6 +69,10 @@ def make_case(case: str, megapixels: float) -> bytes:
         Image.fromarray(_blocks(side, 4), "RGBA").save(out, format="TIFF", compression="tiff_deflate")
     elif case == "tiff_f":
         Image.fromarray(_blocks(side, 1, dtype=np.float32, high=2)[:, :, 0] * 0.5, "F").save(
+            out, format="TIFF", compression="tiff_deflate"
+        )
+    elif case == "tiff_f_hdr":  # values beyond 0..1: decoded through the min..max stretch
+        Image.fromarray(_blocks(side, 1, dtype=np.float32, high=1000)[:, :, 0] * 3.5, "F").save(
             out, format="TIFF", compression="tiff_deflate"
         )
     elif case == "tiff_i16":
@@ -97,6 +106,7 @@ CASES = [
     "tiff_rgb",
     "tiff_rgba",
     "tiff_f",
+    "tiff_f_hdr",
     "tiff_i16",
     "gif_p",
     "heic_rgb",

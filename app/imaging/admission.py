@@ -1,7 +1,7 @@
 """Bounded decode memory: requests are admitted by decoded pixels in flight, and freed memory goes back to the OS.
 
 A 300 KB PNG can declare 100 megapixels; decoding it takes about 0.8 GB (the RGB raster, a copy and the decoder's
-buffers: 8 bytes per pixel measured, more for other modes and formats, up to 21 for WebP with alpha or float TIFF:
+buffers: 8 bytes per pixel measured, more for other modes and formats, up to 17 for WebP with alpha or float TIFF:
 :data:`app.imaging.decode.DECODE_BYTES_PER_PIXEL_BY_MODE`). Eight of them at once took the process from 2.7 GB to
 8.5 GB. :class:`PixelAdmission` lets a request decode only while the cost held by all requests stays within
 ``MAX_DECODE_PIXELS_IN_FLIGHT``; the service charges each image its measured decode cost in pixels of an RGB photo
