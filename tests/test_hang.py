@@ -112,6 +112,27 @@ def test_the_guard_never_reports_a_stale_ok_for_a_hung_probe():
         guard.close()
 
 
+def test_statement_timeout_cancels_a_slow_statement_on_a_live_server(database_url):
+    from app.errors import DatabaseTimeoutError
+    from app.vectordb.pgvector import PgVectorHandler
+
+    handler = PgVectorHandler(database_url, statement_timeout_s=0.2, request_timeout_s=0.5)
+    try:
+        assert handler._run(lambda c: c.execute("SHOW statement_timeout").fetchone()[0]) == "200ms"
+        start = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError) as caught:
+            handler._run(lambda c: c.execute("SELECT pg_sleep(5)"))
+        # The server cancelled it (nothing applied, connection kept), before the client's deadline (0.2 + 0.5 s).
+        assert not isinstance(caught.value, DatabaseTimeoutError) and "statement timeout" in str(caught.value)
+        assert time.monotonic() - start < 0.65
+        assert handler.count() == 0
+        # Maintenance calls (index builds, collection switches) run without either limit, and restore it after.
+        handler._run(lambda c: c.execute("SELECT pg_sleep(0.9)"), deadline_s=False)
+        assert handler._run(lambda c: c.execute("SHOW statement_timeout").fetchone()[0]) == "200ms"
+    finally:
+        handler.close()
+
+
 def _server_processes(pgdata: Path) -> list[psutil.Process]:
     from app.vectordb.watchdog import postmaster_pid
 

@@ -86,6 +86,10 @@ _HNSW_MAX_DIM = {"vector": 2000, "halfvec": 4000}
 #: app/vectordb/deadline.py): a live server cancels a slow statement itself within this grace, so only a server that
 #: does not answer at all (stopped, unreachable) loses its connection.
 DEADLINE_GRACE_S = 0.5
+#: extra statement time an upsert gets per row, seconds: HNSW inserts ran at 836 rows/s (1.2 ms each) into a small
+#: collection on machine A (docs/benchmarks.md, "Backends on the same vectors"); eight times that leaves room for
+#: large graphs and a loaded machine, so batch writes (migrate.py's 1,000 rows) are not cut by DB_STATEMENT_TIMEOUT_S.
+UPSERT_ROW_ALLOWANCE_S = 0.01
 #: client deadline, seconds, of the pool's check of an idle connection (an empty query: milliseconds when the
 #: server answers) and of the health probe's ``SELECT 1``
 CHECK_DEADLINE_S = 1.0
@@ -473,6 +477,8 @@ class PgVectorHandler(VectorDBHandler):
 
     # --- writes -------------------------------------------------------------------------------------------
     def upsert(self, records: Sequence[ImageRecord]) -> None:
+        """See :meth:`VectorDBHandler.upsert`; its statement timeout and deadline grow by
+        :data:`UPSERT_ROW_ALLOWANCE_S` per row, so large batches (``migrate.py``) are not cut short."""
         if not records:
             return
         for r in records:  # the whole batch is checked before anything is written
@@ -493,8 +499,13 @@ class PgVectorHandler(VectorDBHandler):
             for r in records
         ]
 
+        extra_s = UPSERT_ROW_ALLOWANCE_S * len(rows)
+
         def _write(conn: psycopg.Connection) -> None:
             with conn.transaction(), conn.cursor() as cur:
+                if self._statement_timeout_ms:
+                    timeout_ms = self._statement_timeout_ms + int(extra_s * 1000)
+                    cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
                 cur.executemany(
                     f"INSERT INTO images (id, embedding, {_META_COLUMNS}) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -504,7 +515,7 @@ class PgVectorHandler(VectorDBHandler):
                     rows,
                 )
 
-        self._run(_write)
+        self._run(_write, deadline_s=self._deadline_s + extra_s if self._deadline_s else True)
 
     def delete(self, image_id: str) -> bool:
         if not is_valid_image_id(image_id):
