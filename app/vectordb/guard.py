@@ -39,8 +39,11 @@ UP_PROBE_INTERVAL_S = 1.0
 #: seconds between health probes while it does not (the embedded server's watchdog restarts it in about 1-2 s)
 DOWN_PROBE_INTERVAL_S = 0.5
 #: seconds a health probe may take before the database counts as down (a probe of a live server takes milliseconds;
-#: pgvector's own probe gives up after about 1.5 s: pool wait 0.5 s + check deadline 1 s)
+#: pgvector's gives up after 1 s on its own connection)
 PROBE_TIMEOUT_S = 1.5
+#: :meth:`GuardedHandler.check_now` answers from a probe that succeeded at most this many seconds ago instead of
+#: waiting for a new one (several /health callers at once share one probe)
+FRESH_S = 0.1
 
 # Attributes served by the wrapped handler unguarded: they never touch the database.
 _UNGUARDED = frozenset({"backend_name", "vector_type"})
@@ -70,6 +73,7 @@ class GuardedHandler:
         self._probes = threading.Condition()  # guards the two counters below; notified when a probe finishes
         self._started = 0
         self._finished = 0
+        self._last_ok = -1e9  # monotonic end of the last probe that succeeded
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._monitor, name="db-guard", daemon=True)
@@ -96,11 +100,14 @@ class GuardedHandler:
         """Whether the database answers a probe that starts after this call (what ``GET /health`` reports).
 
         Known down (:attr:`down_reason`): ``False`` at once, the monitor keeps probing every
-        :data:`DOWN_PROBE_INTERVAL_S`. Otherwise wakes the monitor and waits at most ``timeout_s`` seconds (default
+        :data:`DOWN_PROBE_INTERVAL_S`. A probe that succeeded less than :data:`FRESH_S` ago: ``True`` at once.
+        Otherwise wakes the monitor and waits at most ``timeout_s`` seconds (default
         ``probe_timeout_s``) for that fresh probe; no answer in time is ``False`` (the database hangs). Never raises.
         """
         if self.down_reason is not None:
             return False
+        if time.monotonic() - self._last_ok < FRESH_S:
+            return True
         timeout_s = self.probe_timeout_s if timeout_s is None else timeout_s
         with self._probes:
             target = self._started + 1  # probes run one at a time: the next one to start starts after now
@@ -126,6 +133,8 @@ class GuardedHandler:
             detail = f"it does not answer a health check (gave up after {time.monotonic() - started:.1f} s)"
         finally:
             self._probe_started = None
+        if ok:
+            self._last_ok = time.monotonic()
         self._record(ok, detail)
         with self._probes:
             self._finished += 1

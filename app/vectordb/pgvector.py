@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,6 +218,9 @@ class PgVectorHandler(VectorDBHandler):
         self._on_close = on_close
         self._dim: int | None = None
         self._closed = False
+        # health() has a connection of its own: a pool busy with requests is not a database that is down.
+        self._probe_conn: psycopg.Connection | None = None
+        self._probe_lock = threading.Lock()
         self._request_timeout_s: float | None = None  # the pool's timeout_s until the handler is ready
         # What open_collection needs to build a handler like this one on another collection.
         self._url = url
@@ -674,17 +678,38 @@ class PgVectorHandler(VectorDBHandler):
         return self._run(_count)
 
     def health(self) -> bool:
-        try:
-            self._run(lambda c: c.execute("SELECT 1").fetchone(), deadline_s=CHECK_DEADLINE_S)
-            return True
-        except Exception:  # health must report, never raise
+        """Whether the server answers ``SELECT 1`` within :data:`CHECK_DEADLINE_S`, on a connection of its own (not
+        the pool's, so a pool busy with requests does not read as a database that is down, and a probe costs one
+        round trip, about a millisecond). Reconnects (libpq ``connect_timeout`` 2 s) after a failure. Never raises."""
+        if self._closed:
             return False
+        with self._probe_lock:
+            conn = self._probe_conn
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._probe_conn = psycopg.connect(self._url, autocommit=True, connect_timeout=2)
+                with self._deadlines.bound(lambda: self._sever(conn), CHECK_DEADLINE_S):
+                    conn.execute("SELECT 1").fetchone()
+                return True
+            except Exception:  # noqa: BLE001 - health must report, never raise
+                self._close_probe()
+                return False
+
+    def _close_probe(self) -> None:
+        conn, self._probe_conn = self._probe_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close cleanly; it is gone either way
+                pass
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.close()
+        with self._probe_lock:
+            self._close_probe()
         self._deadlines.close()
         if self._on_close is not None:
             self._on_close()
