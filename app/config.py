@@ -178,6 +178,14 @@ class Settings(BaseSettings):
         le=178_956_970,
         description="Largest accepted width*height, read from the header before decoding (at most 178956970).",
     )
+    max_decode_mb: float = Field(
+        1100.0,
+        ge=0,
+        description="Largest decode memory one uploaded image may need, MB (10^6 bytes), estimated from its header "
+        "before decoding (size x the measured cost of its format and mode, app/imaging/decode.py); more answers 413. "
+        "1100 accepts any RGB or RGBA photo up to MAX_IMAGE_PIXELS (100 MP: 0.8-0.9 GB) and WebP or 32-bit TIFF up to "
+        "about 64 MP, so that one image cannot take the server past about 1.5 GB (bench/hostile.py). 0: no limit.",
+    )
     max_decode_pixels_in_flight: int = Field(
         100_000_000,
         ge=1,

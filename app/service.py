@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.batching import DynamicBatcher
 from app.config import Settings
 from app.embedders.base import Embedder
-from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError
+from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidParameterError
 from app.ids import image_id_for, is_valid_image_id
 from app.imaging.admission import PixelAdmission
 from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_image
@@ -300,10 +300,18 @@ class SearchService:
         """What decoding ``data`` costs the admission, in pixels of an 8-bit RGB photo (the unit of
         MAX_DECODE_PIXELS_IN_FLIGHT): its measured decode memory (:func:`app.imaging.decode.decode_cost`, by format
         and mode, from the header) over :data:`RGB_DECODE_BYTES_PER_PIXEL`. A WebP with alpha or a float TIFF counts
-        about 2.1 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale."""
+        about 2.1 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale.
+
+        Raises :class:`ImageTooLargeError` (413) when that cost is over ``MAX_DECODE_MB``."""
         cost = decode_cost(
             data, max_pixels=self.settings.max_image_pixels, draft_size=draft_size or self.embedder.draft_size
         )
+        limit = self.settings.max_decode_mb * 1_000_000
+        if limit and cost > limit:
+            raise ImageTooLargeError(
+                f"Decoding this image would take about {cost / 1e6:,.0f} MB of memory, over the limit of "
+                f"{self.settings.max_decode_mb:g} MB (MAX_DECODE_MB); send it smaller or in another format."
+            )
         return -int(-cost // RGB_DECODE_BYTES_PER_PIXEL)
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:

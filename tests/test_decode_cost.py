@@ -130,3 +130,18 @@ def test_rate_limit_must_parse(tmp_path):
     with pytest.raises(ValidationError, match="RATE_LIMIT"):
         make_settings(tmp_path, None, rate_limit="lots")
     assert make_settings(tmp_path, None, rate_limit=" 10/second;600/hour ").rate_limit == "10/second;600/hour"
+
+
+def test_an_image_whose_decode_alone_exceeds_max_decode_mb_is_refused(tmp_path, database_url, offline_embedder):
+    # 400 x 400 WebP with alpha: about 2.7 MB to decode (17 bytes per pixel); a 300 x 300 RGB PNG: 0.72 MB.
+    settings = make_settings(tmp_path / "data", database_url, max_decode_mb=1)
+    webp = _encode("RGBA", "WEBP", lossless=True)
+    png = _encode("RGB", "PNG", side=300)
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        for path in ("/index_image", "/search_image", "/preview"):
+            r = client.post(path, files={"file": ("big.webp", webp)})
+            assert r.status_code == 413, (path, r.text)
+            assert "MAX_DECODE_MB" in r.json()["detail"]
+        r = client.post("/index_images", files=[("files", ("big.webp", webp)), ("files", ("ok.png", png))])
+        assert [i["status"] for i in r.json()["results"]] == ["error", "indexed"]
+        assert client.get("/stats").json()["count"] == 1  # nothing of the refused file stored
