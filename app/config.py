@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,20 @@ class Settings(BaseSettings):
     )
     cors_origins: str = Field(
         "", description="Origins allowed to call the API from a browser, comma-separated ('*' = any); empty: no CORS."
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Host names (the Host header, without port) the service answers, comma-separated; '*.example.com' "
+        "matches subdomains, '*' any. Other hosts get 400 (DNS rebinding). Empty: the loopback names (localhost, "
+        "127.0.0.1, [::1] and HOST) when HOST is a loopback address, otherwise any host (with a start-up WARNING). "
+        "Behind a reverse proxy: the public name(s) the proxy forwards in Host.",
+    )
+    public_url: str = Field(
+        "",
+        description="Base URL clients reach the service at (https://images.example.com, or with a path prefix "
+        "behind a proxy); the image_url of search results is built from it, and its origin may make state-changing "
+        "requests from a browser. Empty: image_url follows the request's Host when ALLOWED_HOSTS restricts it (the "
+        "loopback default does), else it is a path (/image/ID).",
     )
     sla_p95_ms: float = Field(
         500.0, gt=0, description="Latency target, ms: GET /stats reports per route whether its recent p95 meets it."
@@ -111,6 +126,16 @@ class Settings(BaseSettings):
         le=30,
         description="Seconds a request waits for a pooled PostgreSQL connection before it answers 503 (start-up "
         "waits DB_CONNECT_TIMEOUT_S instead). 0.5 keeps every 503 under 1 s while the database is down.",
+    )
+    db_statement_timeout_s: float = Field(
+        1.5,
+        ge=0,
+        le=600,
+        description="Deadline, seconds, of every database call a request makes (index builds and collection switches "
+        "excepted): PostgreSQL's statement_timeout, and the client gives up DEADLINE_GRACE_S (0.5 s) later if the "
+        "server does not answer at all (a hung server answers 503 within about 2 s instead of holding requests). "
+        "pgvector only: Milvus and Manticore keep their clients' timeouts (DB_CONNECT_TIMEOUT_S per Milvus request), "
+        "and for every backend a health probe unanswered for 1.5 s turns /health and requests to 503. 0 disables.",
     )
     milvus_uri: str = Field(
         "",
@@ -226,12 +251,22 @@ class Settings(BaseSettings):
         le=178_956_970,
         description="Largest accepted width*height, read from the header before decoding (at most 178956970).",
     )
+    max_decode_mb: float = Field(
+        1100.0,
+        ge=0,
+        description="Largest decode memory one uploaded image may need, MB (10^6 bytes), estimated from its header "
+        "before decoding (size x the measured cost of its format and mode, app/imaging/decode.py); more answers 413. "
+        "1100 accepts any RGB or RGBA photo up to MAX_IMAGE_PIXELS (100 MP: 0.8-0.9 GB) and WebP or 32-bit TIFF up to "
+        "about 64 MP, so that one image cannot take the server past about 1.5 GB (bench/hostile.py). 0: no limit.",
+    )
     max_decode_pixels_in_flight: int = Field(
         100_000_000,
         ge=1,
-        description="Decoded pixels (width*height, read from the header) held by requests at once; more waits in "
-        "line, first come first served. An image larger than this is decoded alone. 100 MP is one 100 MP image "
-        "(about 0.3-0.6 GB while it decodes) or about eight 12 MP photos.",
+        description="Decode memory held by requests at once, counted in pixels of an 8-bit RGB photo (about 8 bytes "
+        "each while decoding, measured); more waits in line, first come first served. Each image is charged its "
+        "measured cost from the header's size, format and mode (a WebP with alpha or a float TIFF about 2.1 times "
+        "its pixels, an RGBA PNG 1.1 times, a GIF 0.6 times: app/imaging/decode.py). An image costing more than "
+        "this is decoded alone. 100 MP: about 0.8 GB, one 100 MP JPEG or about eight 12 MP photos.",
     )
     decode_wait_s: float = Field(
         30.0,
@@ -239,6 +274,20 @@ class Settings(BaseSettings):
         le=600,
         description="Longest wait, in seconds, for decode capacity (MAX_DECODE_PIXELS_IN_FLIGHT) before a request "
         "answers 503 with Retry-After.",
+    )
+    thumbnail_cache_mb: float = Field(
+        32.0,
+        ge=0,
+        description="Thumbnails of stored images kept in memory, MB (10^6 bytes) of JPEG, least recently used "
+        "dropped first: a repeated GET /image/{id}/thumbnail does not decode the original again (about 1,000 "
+        "thumbnails of 256 px); 0 disables.",
+    )
+    rate_limit: str = Field(
+        "",
+        description="Per-client limit on the expensive routes a client can call without a key (searches by image, "
+        "text or vector, /preview, thumbnails), in the 'limits' library's notation: '120/minute', '10/second;"
+        "300/hour'. Counted per client address in memory (one process); requests with a valid API key are not "
+        "counted. Over it: 429 with Retry-After. Empty: no limit.",
     )
     default_top_k: int = Field(5, ge=1)
     max_top_k: int = Field(100, ge=1)
@@ -338,6 +387,38 @@ class Settings(BaseSettings):
         if self.api_key is None:
             return ()
         return tuple(k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip())
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, v: str) -> str:
+        v = v.strip()
+        if v:
+            from limits import parse_many
+
+            try:
+                parse_many(v)
+            except ValueError as exc:
+                raise ValueError(f"RATE_LIMIT {v!r} is not a limit like '120/minute' or '10/second;600/hour'") from exc
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_a_base_url(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return ""
+        parsed = urlsplit(v)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise ValueError(f"PUBLIC_URL must be an http(s) base URL like https://images.example.com, got {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def public_origin(self) -> str | None:
+        """``scheme://host[:port]`` of PUBLIC_URL (lower case), or ``None`` when it is unset."""
+        if not self.public_url:
+            return None
+        parsed = urlsplit(self.public_url)
+        return f"{parsed.scheme}://{parsed.netloc}".lower()
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -97,6 +97,15 @@ class DatabaseUnavailableError(ServiceError):
     retry_after_s = 2.0
 
 
+class DatabaseTimeoutError(DatabaseUnavailableError):
+    """The database did not answer a call within its client-side deadline (HTTP 503, as any unavailable database).
+
+    The connection was dropped mid-call, so the outcome of a write is unknown: a server that only hung may still
+    apply a commit it had received when it resumes. Writers keep what that row would point at (the stored original,
+    app/indexing/write.py); re-sending the request is safe (writes are idempotent by content hash).
+    """
+
+
 class ServiceBusyError(ServiceError):
     """The service is at capacity for this request, e.g. too many decoded pixels in flight (HTTP 503 + Retry-After).
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +24,8 @@ from app.api.errors import install_error_handlers
 from app.api.jobs import router as jobs_router
 from app.api.limits import install_limits
 from app.api.metrics import install_metrics
+from app.api.params import no_repeated_query_parameters
+from app.api.ratelimit import install_rate_limit
 from app.api.routes import router
 from app.api.security import install_security
 from app.api.site import site_router
@@ -83,11 +85,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         version=app_package.__version__,
         description="Index images and find similar ones by example image or, with a CLIP model, by text.",
         lifespan=lifespan,
+        dependencies=[Depends(no_repeated_query_parameters)],  # every API route: ?top_k=3&top_k=50 is a 422
     )
     app.state.settings = settings
 
     install_error_handlers(app)
     install_limits(app, settings)
+    install_rate_limit(app, settings)  # inside the security checks: refused hosts and origins are not counted
     install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)

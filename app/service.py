@@ -28,11 +28,12 @@ from app.cache import CacheStats, EmbeddingCache
 from app.cache.memory import QueryCacheStats
 from app.config import Settings
 from app.embedders.base import Embedder
-from app.errors import ImageDecodeError, ImageNotFoundError, InvalidParameterError
+from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidParameterError
 from app.ids import image_id_for, is_valid_image_id
 from app.imaging.admission import PixelAdmission
-from app.imaging.decode import decode_image, header_pixels
+from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
+from app.imaging.thumbnails import ThumbnailCache
 from app.indexing.fsck import start_sweep
 from app.indexing.write import write_batch
 from app.neighbours.jobs import NeighbourJobs
@@ -206,6 +207,8 @@ class SearchService:
         self.cache = EmbeddingCache.from_settings(settings, embedder.model_id, embedder.dim, observer)
         # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
+        # Thumbnails of stored images (THUMBNAIL_CACHE_MB): a repeated request does not decode the original again.
+        self.thumbnails = ThumbnailCache(int(settings.thumbnail_cache_mb * 1_000_000))
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
@@ -320,23 +323,37 @@ class SearchService:
         if self._indexed({image_id}):
             return IndexResult(image_id, "exists")
         with self.admission.admit(self._pixels(data)):
-            self._index_one(data, filename, image_id)  # the decoded image dies inside, before the admission ends
-        return IndexResult(image_id, "indexed")
+            written = self._index_one(data, filename, image_id)  # the decoded image dies inside, before admission ends
+        # Not written: a simultaneous upload of the same bytes stored it while this one decoded (write_batch).
+        return IndexResult(image_id, "indexed" if written else "exists")
 
-    def _index_one(self, data: bytes, filename: str | None, image_id: str) -> None:
+    def _index_one(self, data: bytes, filename: str | None, image_id: str) -> bool:
+        """Whether this call wrote the image (``False``: it was stored meanwhile by another request)."""
         prepared = self._prepare(data, filename, image_id, fit_size=None)
         # write_batch saves the original, then the row, and removes the file again if the row fails.
-        write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
+        return image_id in write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
 
     def _indexed(self, ids: set[str]) -> set[str]:
         # A row counts only with its original: a row whose file is gone is indexed again, which restores the file.
         return self.store.existing(self.db.existing_ids(ids))
 
     def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
-        """Decoded pixels to admit for ``data`` (from its header); JPEGs count at the embedder's draft scale."""
-        return header_pixels(
+        """What decoding ``data`` costs the admission, in pixels of an 8-bit RGB photo (the unit of
+        MAX_DECODE_PIXELS_IN_FLIGHT): its measured decode memory (:func:`app.imaging.decode.decode_cost`, by format
+        and mode, from the header) over :data:`RGB_DECODE_BYTES_PER_PIXEL`. A WebP with alpha or a float TIFF counts
+        about 2.1 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale.
+
+        Raises :class:`ImageTooLargeError` (413) when that cost is over ``MAX_DECODE_MB``."""
+        cost = decode_cost(
             data, max_pixels=self.settings.max_image_pixels, draft_size=draft_size or self.embedder.draft_size
         )
+        limit = self.settings.max_decode_mb * 1_000_000
+        if limit and cost > limit:
+            raise ImageTooLargeError(
+                f"Decoding this image would take about {cost / 1e6:,.0f} MB of memory, over the limit of "
+                f"{self.settings.max_decode_mb:g} MB (MAX_DECODE_MB); send it smaller or in another format."
+            )
+        return -int(-cost // RGB_DECODE_BYTES_PER_PIXEL)
 
     def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
         # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
@@ -390,9 +407,10 @@ class SearchService:
             todo.append((i, prepared))
         if todo:
             vectors = self._embed([p.image for _, p in todo])
-            write_batch(self.db, self.store, [p for _, p in todo], vectors)
+            written = write_batch(self.db, self.store, [p for _, p in todo], vectors)
             for i, prepared in todo:
-                results[i] = BatchItemResult(prepared.name, prepared.image_id, "indexed")
+                status = "indexed" if prepared.image_id in written else "exists"  # else stored meanwhile by another
+                results[i] = BatchItemResult(prepared.name, prepared.image_id, status)
         return [r for r in results if r is not None]
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
@@ -557,11 +575,21 @@ class SearchService:
     def thumbnail(self, image_id: str, size: int = 256) -> bytes:
         """A JPEG of the stored image, at most ``size`` x ``size`` pixels, for browsers that cannot show HEIC/TIFF.
 
-        Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
+        Served from the thumbnail cache (THUMBNAIL_CACHE_MB) when this size was made before: no decode, one cheap
+        existence check of the original. Raises :class:`ImageNotFoundError` (also for a cached thumbnail whose
+        original is gone) and :class:`app.errors.StorageUnavailableError`.
         """
         if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        return self._thumbnail(self.store.read(image_id), size)
+        jpeg = self.thumbnails.get(image_id, size)
+        if jpeg is not None:
+            if self.store.head(image_id) is None:  # deleted meanwhile, perhaps through another replica
+                self.thumbnails.forget(image_id)
+                raise ImageNotFoundError(f"No image with id '{image_id}'.")
+            return jpeg
+        jpeg = self._thumbnail(self.store.read(image_id), size)
+        self.thumbnails.put(image_id, size, jpeg)
+        return jpeg
 
     def preview(self, data: bytes, size: int = 512) -> bytes:
         """A JPEG of uploaded image bytes, at most ``size`` x ``size`` pixels, EXIF orientation applied: how the web
@@ -598,14 +626,20 @@ class SearchService:
             self.store.head(image_id)  # an object store that is down answers 503 here, before anything changes
             removed_row = self.db.delete(image_id)
             removed_file = self.store.delete(image_id)
+        self.thumbnails.forget(image_id)
         if not (removed_row or removed_file):
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
     def health(self) -> HealthReport:
         """Whether the database answers, the store has room and the Redis cache works, and the loaded model; never
-        raises, never waits on a database or a Redis that is down (the guard's and the cache breaker's cached
-        state)."""
-        db_ok = self.db.health()
+        raises.
+
+        The database's answer is a probe made for this call (never a cached "ok"), bounded by the guard's
+        ``probe_timeout_s`` (1.5 s): a hung database reports down within it; one already known down answers at
+        once (app/vectordb/guard.py). Redis's state is the cache breaker's (it never waits on a Redis that is
+        down)."""
+        check_now = getattr(self.db, "check_now", None)  # a GuardedHandler; a bare handler probes itself
+        db_ok = check_now() if check_now is not None else self.db.health()
         problems = []
         if not db_ok:
             reason = getattr(self.db, "down_reason", None) or "it does not answer"

@@ -12,7 +12,13 @@ Reports: ``idle_rss_mb`` (after start-up and one warm-up search), ``peak_rss_mb`
 whether the targets of issue #8 hold: peak <= idle + 1.5 GB, after <= idle + 300 MB, every request answered with a
 2xx or a 503 (none lost).
 
-Usage: python bench/hostile.py [--n 8] [--megapixels 100] [--settle-s 30] [--model-cache-dir DIR] [--png-dir DIR]
+``--format`` sends images of another format and mode instead (``webp_rgba``, ``png_rgba``, ``tiff_f``, ``gif_p``,
+``heic_rgb``, ``avif_rgb``... as in ``bench/decode_cost.py``); ``--project-root`` runs the server from another
+checkout (e.g. ``git archive main | tar -x -C /tmp/base``), so that a change and its baseline run on the same
+machine in one session.
+
+Usage: python bench/hostile.py [--n 8] [--megapixels 100] [--format png_blocks] [--settle-s 30]
+       [--model-cache-dir DIR] [--png-dir DIR] [--project-root DIR]
        [--env NAME=VALUE ...]   (extra server settings, e.g. MAX_DECODE_PIXELS_IN_FLIGHT=200000000)
 """
 
@@ -102,17 +108,27 @@ def main() -> int:
     parser.add_argument("--settle-s", type=float, default=30.0, help="wait before the 'after' RSS sample")
     parser.add_argument("--model-cache-dir", type=Path, default=Path(os.environ.get("MODEL_CACHE_DIR", "data/models")))
     parser.add_argument("--env", action="append", default=[], help="extra server setting NAME=VALUE")
-    parser.add_argument("--png-dir", type=Path, help="keep the generated PNGs here and reuse them on later runs")
+    parser.add_argument("--png-dir", type=Path, help="keep the generated images here and reuse them on later runs")
+    parser.add_argument(
+        "--format", default="png_blocks", help="png_blocks (RGB PNG), or a case of bench/decode_cost.py (webp_rgba...)"
+    )
+    parser.add_argument("--project-root", type=Path, default=PROJECT_ROOT, help="checkout the server runs from")
     args = parser.parse_args()
 
     started = time.monotonic()
     pngs = []
     for seed in range(args.n):
-        cached = args.png_dir / f"hostile-{args.megapixels:g}mp-{seed}.png" if args.png_dir else None
+        name = "" if args.format == "png_blocks" else f"{args.format}-"
+        cached = args.png_dir / f"hostile-{name}{args.megapixels:g}mp-{seed}.img" if args.png_dir else None
         if cached is not None and cached.exists():
             pngs.append(cached.read_bytes())
             continue
-        pngs.append(make_png(seed, args.megapixels))
+        if args.format == "png_blocks":
+            pngs.append(make_png(seed, args.megapixels))
+        else:
+            from decode_cost import make_case  # bench/ is on sys.path when this runs as a script
+
+            pngs.append(make_case(args.format, args.megapixels, seed=seed))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_bytes(pngs[-1])
@@ -123,7 +139,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMAGE_DIR")}
         env.update(
-            PYTHONPATH=str(PROJECT_ROOT),
+            PYTHONPATH=str(args.project_root.resolve()),
             DATA_DIR=tmp,
             MODEL_CACHE_DIR=str(args.model_cache_dir.resolve()),
             EMBEDDER="efficientnet",
@@ -145,12 +161,15 @@ def main() -> int:
             sampler.start()
             statuses: list[int | str] = [""] * len(pngs)
             latencies: list[float] = [0.0] * len(pngs)
+            details: set[str] = set()  # why requests were refused
 
             def post(i: int) -> None:
                 t0 = time.monotonic()
                 try:
-                    r = httpx.post(f"{url}/index_image", files={"file": (f"big{i}.png", pngs[i])}, timeout=600)
+                    r = httpx.post(f"{url}/index_image", files={"file": (f"big{i}.img", pngs[i])}, timeout=600)
                     statuses[i] = r.status_code
+                    if r.status_code >= 400:
+                        details.add(f"{r.status_code}: {r.json().get('detail', '')[:120]}")
                 except httpx.HTTPError as exc:
                     statuses[i] = type(exc).__name__
                 latencies[i] = time.monotonic() - t0
@@ -183,6 +202,8 @@ def main() -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "n": args.n,
         "megapixels": args.megapixels,
+        "format": args.format,
+        "project_root": str(args.project_root),
         "png_kb": [round(len(p) / 1000) for p in pngs],
         "generate_s": round(generate_s, 1),
         "settings": dict(item.split("=", 1) for item in args.env),
@@ -195,6 +216,7 @@ def main() -> int:
         "burst_s": round(burst_s, 1),
         "latency_s": sorted(round(x, 1) for x in latencies),
         "statuses": by_status,
+        "refusals": sorted(details),
         "lost": len(statuses) - len(ok),
         "meets_targets": bool(
             sampler.peak - idle <= PEAK_TARGET_MB * 1e6

@@ -33,8 +33,10 @@ DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
 INSTANCE = DATASETS / "instance_small" / "images"
 FORMATS = DATASETS / "formats"
 
-BULK_SUMMARY = re.compile(r"scanned (\d+) files: (\d+) already indexed, (\d+) indexed, (\d+) failed \(([\d.]+) img/s\)")
-"""The last line ``scripts/bulk_index.py`` prints."""
+BULK_SUMMARY = re.compile(
+    r"scanned (\d+) files: (\d+) already indexed, (\d+) indexed, (\d+) failed \(([\d.]+) img/s\)(?:; (\d+) not done)?"
+)
+"""The last line ``scripts/bulk_index.py`` prints (group 6: files a stopped run never got to, when there are any)."""
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -70,8 +72,15 @@ def create_database(pg_server) -> str:
 
 
 def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
-    """Settings for a test: its own data dir and database, the offline model, no UI unless asked."""
-    values = dict(data_dir=data_dir, database_url=database_url, embedder="efficientnet", ui_enabled=False)
+    """Settings for a test: its own data dir and database, the offline model, no UI unless asked, and TestClient's
+    Host (``testserver``) allowed next to the loopback names of live servers (ALLOWED_HOSTS)."""
+    values = dict(
+        data_dir=data_dir,
+        database_url=database_url,
+        embedder="efficientnet",
+        ui_enabled=False,
+        allowed_hosts="testserver,localhost,127.0.0.1,[::1]",
+    )
     values.update(overrides)
     return Settings(_env_file=None, **values)
 

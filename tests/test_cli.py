@@ -281,3 +281,52 @@ def test_bulk_index_stops_at_403_on_non_loopback_host(tmp_path, database_url, of
         proc = run_cli("bulk_index.py", folder, "--api", url, "--no-progress", "--batch-size", "1", cwd=tmp_path)
         assert proc.returncode == 2, (proc.stdout, proc.stderr)
         assert "403" in proc.stderr and "API_KEY" in proc.stderr
+        _assert_summary_adds_up(proc.stdout)
+
+
+def _assert_summary_adds_up(stdout: str) -> tuple[int, ...]:
+    """The summary line accounts for every scanned file; returns (scanned, already, indexed, failed, not done)."""
+    match = SUMMARY.search(stdout)
+    assert match, stdout
+    scanned, already, indexed, failed = map(int, match.groups()[:4])
+    not_done = int(match.group(6) or 0)
+    assert scanned == already + indexed + failed + not_done, stdout
+    return scanned, already, indexed, failed, not_done
+
+
+def test_bulk_index_summary_adds_up_when_the_api_is_lost(photos, tmp_path):
+    """An API that answers /health but is lost for POST /images/exists (503: its database went away): the run stops
+    with exit 2, and the summary says how many files it never got to."""
+    import http.server
+    import threading
+
+    class LostApi(http.server.BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self._answer(200, {"status": "ok"})
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._answer(503, {"detail": "The database is unavailable"})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), LostApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    folder, expected = photos
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = run_cli("bulk_index.py", folder, "--api", url, "--no-progress", "--retries", "0", cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert _assert_summary_adds_up(proc.stdout) == (len(expected), 0, 0, 0, len(expected))

@@ -18,13 +18,15 @@ from email.utils import formatdate
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api.security import cache_headers
 from app.service import SearchService
 from app.storage.base import ObjectInfo
 
-__all__ = ["CACHE_CONTROL", "original_response", "parse_range"]
+__all__ = ["MAX_AGE_S", "original_response", "parse_range"]
 
-#: originals are addressed by their content: a URL's bytes never change
-CACHE_CONTROL = "public, max-age=31536000, immutable"
+#: originals are addressed by their content: a URL's bytes never change (``immutable``, a year); ``public`` or
+#: ``private`` as :func:`app.api.security.cache_headers` decides (private when reads need a key)
+MAX_AGE_S = 31_536_000
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
@@ -66,20 +68,21 @@ def original_response(request: Request, service: SearchService, image_id: str) -
 
     Raises :class:`app.errors.ImageNotFoundError` (404) and :class:`app.errors.StorageUnavailableError` (503).
     """
+    cache = cache_headers(request, MAX_AGE_S, immutable=True)
     range_header = request.headers.get("range")
     if request.method == "GET" and not range_header and not request.headers.get("if-none-match"):
         # The common case in one request to the store: the stream carries the size and name.
         stream = service.open_original(image_id)
-        status, headers, media_type = _headers(stream.info, None)
+        status, headers, media_type = _headers(stream.info, None, cache)
         return StreamingResponse(iter(stream), status_code=status, headers=headers, media_type=media_type)
     info = service.original_info(image_id)
     if _etag_matches(request.headers.get("if-none-match"), f'"{info.image_id}"'):
-        return Response(status_code=304, headers=_headers(info, None)[1] | {"Content-Length": "0"})
+        return Response(status_code=304, headers=_headers(info, None, cache)[1] | {"Content-Length": "0"})
     wanted = parse_range(range_header, info.size)
     if_range = request.headers.get("if-range")
     if if_range is not None and if_range.strip() != f'"{info.image_id}"':
         wanted = None  # the client's copy is another one: send it whole
-    status, headers, media_type = _headers(info, wanted)
+    status, headers, media_type = _headers(info, wanted, cache)
     if status == 416 or request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=media_type)
     start, end = (0, info.size) if wanted is None else wanted
@@ -87,11 +90,14 @@ def original_response(request: Request, service: SearchService, image_id: str) -
     return StreamingResponse(iter(stream), status_code=status, headers=headers, media_type=media_type)
 
 
-def _headers(info: ObjectInfo, wanted: tuple[int, int] | None | str) -> tuple[int, dict[str, str], str]:
-    """Status, headers and content type of an answer of ``wanted`` (see :func:`parse_range`) of ``info``."""
+def _headers(
+    info: ObjectInfo, wanted: tuple[int, int] | None | str, cache: dict[str, str]
+) -> tuple[int, dict[str, str], str]:
+    """Status, headers and content type of an answer of ``wanted`` (see :func:`parse_range`) of ``info``;
+    ``cache``: its ``Cache-Control`` (and ``Vary``) headers."""
     headers = {
+        **cache,
         "ETag": f'"{info.image_id}"',
-        "Cache-Control": CACHE_CONTROL,
         "Accept-Ranges": "bytes",
         "Last-Modified": formatdate(info.mtime, usegmt=True),
     }

@@ -6,9 +6,13 @@ search parameter is read from both; the same value twice is fine, two different 
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+import types
+import typing
+from collections import Counter
+from collections.abc import Iterator
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Form, HTTPException, Query
+from fastapi import Form, HTTPException, Query, Request
 
 T = TypeVar("T")
 
@@ -38,3 +42,40 @@ def one_value(name: str, in_query: T | None, in_body: T | None) -> T | None:
 def top_k_from_form(top_k_query: TopKQuery = None, top_k_form: TopKForm = None) -> int | None:
     """FastAPI dependency of the multipart search endpoints: ``top_k`` from the query string or the form."""
     return one_value("top_k", top_k_query, top_k_form)
+
+
+def no_repeated_query_parameters(request: Request) -> None:
+    """App-wide FastAPI dependency: ``422`` for a query parameter given more than once (``?top_k=3&top_k=50``), which
+    FastAPI would otherwise read as its last value without a word, unless the route declares it as a list.
+
+    Raises:
+        HTTPException: ``422`` naming the first repeated parameter.
+    """
+    items = request.query_params.multi_items()
+    if len(items) == len(request.query_params):
+        return  # no name twice: the common case costs one comparison
+    counts = Counter(name for name, _ in items)
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    lists = {f.alias for f in _query_fields(dependant) if _is_list(f.field_info.annotation)}
+    for name, n in counts.items():
+        if n > 1 and name not in lists:
+            raise HTTPException(422, f"The query parameter {name[:40]!r} is given {n} times: give it once.")
+
+
+def _query_fields(dependant: Any) -> Iterator[Any]:
+    """The query-parameter fields of a route's dependency tree (FastAPI's ``Dependant``), sub-dependencies included."""
+    if dependant is None:
+        return
+    yield from dependant.query_params
+    for sub in dependant.dependencies:
+        yield from _query_fields(sub)
+
+
+def _is_list(annotation: Any) -> bool:
+    """Whether a parameter's type accepts several values (``list[int]``, ``list[str] | None``...)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    if origin is Annotated:
+        return _is_list(typing.get_args(annotation)[0])
+    return origin in (list, tuple, set, frozenset)

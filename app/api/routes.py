@@ -29,7 +29,7 @@ from app.api.schemas import (
     VectorSearchRequest,
 )
 from app.api.search_params import SearchParamsForm, SearchParamsQuery
-from app.api.security import require_write
+from app.api.security import cache_headers, image_url, require_write
 from app.api.uploads import UploadRoute
 from app.imaging.prepare import check_upload_size
 from app.search.query import QueryTerm
@@ -107,7 +107,7 @@ def _results(request: Request, hits: list[SearchHit], offset: int = 0) -> Search
                 bytes=h.metadata.bytes,
                 indexed_at=h.metadata.indexed_at,
                 taken_at=h.metadata.taken_at,
-                image_url=str(request.url_for("get_image", image_id=h.id)),
+                image_url=image_url(request, h.id),
             )
             for rank, h in enumerate(hits, start=1)
         ]
@@ -266,7 +266,8 @@ def similar_images(
 )
 def get_image(request: Request, service: Service, image_id: str) -> Response:
     """The original file as uploaded, with its content type, streamed from the image store (file or object
-    storage). ``ETag`` is the image id; ``Range`` (one range) answers 206; ``If-None-Match`` 304."""
+    storage). ``ETag`` is the image id; ``Range`` (one range) answers 206; ``If-None-Match`` 304; cached for a
+    year (content-addressed), privately when reads need a key."""
     return original_response(request, service, image_id)
 
 
@@ -281,11 +282,11 @@ router.add_api_route("/image/{image_id}", get_image, methods=["HEAD"], include_i
     responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}, 404: _ERRORS[404]},
     summary="JPEG thumbnail of an image",
 )
-def get_thumbnail(service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256) -> Response:
+def get_thumbnail(
+    request: Request, service: Service, image_id: str, size: Annotated[int, Query(ge=16, le=1024)] = 256
+) -> Response:
     """A JPEG at most ``size`` pixels on its longer side: any stored format, viewable in every browser."""
-    return Response(
-        service.thumbnail(image_id, size), media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"}
-    )
+    return Response(service.thumbnail(image_id, size), media_type="image/jpeg", headers=cache_headers(request, 86_400))
 
 
 @router.post(

@@ -84,7 +84,10 @@ class SearchResult(BaseModel):
         description="When the photo was taken (EXIF DateTimeOriginal, in UTC; UTC assumed when the file records no "
         "offset); null when the file has no such date."
     )
-    image_url: str = Field(description="URL of the original image (GET /image/{id}).")
+    image_url: str = Field(
+        description="URL of the original image (GET /image/{id}): built from PUBLIC_URL when set, else from the "
+        "request's URL when ALLOWED_HOSTS restricts the Host (the loopback default does), else the path alone."
+    )
 
 
 class SearchResponse(BaseModel):

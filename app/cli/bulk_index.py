@@ -207,9 +207,12 @@ class Run:
             self._log_file.close()
         elapsed = max(time.monotonic() - self.started, 1e-9)
         rate = self.uploaded / elapsed
+        # Every scanned file is in exactly one count: a run that stopped early (API lost, key refused, Ctrl-C) also
+        # says how many it never got to (hashed but not looked up, or queued for upload), so the line adds up.
+        not_done = self.scanned - self.already - self.indexed - self.failed
         print(
             f"scanned {self.scanned} files: {self.already} already indexed, {self.indexed} indexed, "
-            f"{self.failed} failed ({rate:.1f} img/s)"
+            f"{self.failed} failed ({rate:.1f} img/s)" + (f"; {not_done} not done" if not_done > 0 else "")
         )
         if self._log_file is not None:
             print(f"failures written to {self.failures_log}")

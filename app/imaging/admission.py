@@ -1,9 +1,11 @@
 """Bounded decode memory: requests are admitted by decoded pixels in flight, and freed memory goes back to the OS.
 
-A 300 KB PNG can declare 100 megapixels; decoding it takes about 0.3-0.6 GB (the RGB raster plus a copy or a mode
-conversion). Eight of them at once took the process from 2.7 GB to 8.5 GB. :class:`PixelAdmission` lets a request
-decode only while the pixels held by all requests stay within ``MAX_DECODE_PIXELS_IN_FLIGHT`` (the count comes from
-the image header, :func:`app.imaging.decode.header_pixels`, before anything is decoded). Others wait in line, first
+A 300 KB PNG can declare 100 megapixels; decoding it takes about 0.8 GB (the RGB raster, a copy and the decoder's
+buffers: 8 bytes per pixel measured, more for other modes and formats, up to 17 for WebP with alpha or float TIFF:
+:data:`app.imaging.decode.DECODE_BYTES_PER_PIXEL_BY_MODE`). Eight of them at once took the process from 2.7 GB to
+8.5 GB. :class:`PixelAdmission` lets a request decode only while the cost held by all requests stays within
+``MAX_DECODE_PIXELS_IN_FLIGHT``; the service charges each image its measured decode cost in pixels of an RGB photo
+(:func:`app.imaging.decode.decode_cost` from the image header, before anything is decoded). Others wait in line, first
 come first served, up to ``DECODE_WAIT_S``; then, or when :data:`MAX_WAITERS` requests already wait, the request
 answers 503 with ``Retry-After`` (:class:`app.errors.ServiceBusyError`).
 

@@ -173,6 +173,64 @@ def _signature_matches(fmt: str, prefix: bytes) -> bool:
     return bool(result) and not isinstance(result, str)
 
 
+#: Peak memory of :func:`decode_image`, bytes per decoded pixel, by format and mode; measured with
+#: ``bench/decode_cost.py`` (16 MP images, peak RSS growth of a fresh process; docs/benchmarks.md, "Decode cost"),
+#: rounded up. An 8-bit RGB photo costs about 8 bytes per pixel, not 3: the raster, a detached copy and the
+#: decoder's own buffers. WebP decodes through an RGBA buffer and converts; 32-bit modes go through float32 arrays.
+#: Measured: 1/L/P (palette GIF and PNG: 5.0), RGB (JPEG, PNG, TIFF, HEIC: 7.7-8.0), RGBA (PNG, TIFF: 9.0), I;16
+#: (7.4), F (17.0). Not measured, estimated from the conversions they go through: LA/PA (as RGBA plus one band),
+#: CMYK/RGBX (as RGBA, rounded up), YCbCr/LAB/HSV (as RGB), I (as F).
+RGB_DECODE_BYTES_PER_PIXEL = 8.0
+DECODE_BYTES_PER_PIXEL_BY_MODE = {
+    "1": 5.0,
+    "L": 5.0,
+    "P": 5.0,
+    "PA": 10.0,
+    "LA": 10.0,
+    "RGB": 8.0,
+    "YCbCr": 8.0,
+    "LAB": 8.0,
+    "HSV": 8.0,
+    "RGBA": 9.0,
+    "RGBa": 9.0,
+    "RGBX": 10.0,
+    "CMYK": 10.0,
+    "I;16": 7.5,
+    "I;16B": 7.5,
+    "I;16L": 7.5,
+    "I;16N": 7.5,
+    "I": 17.0,
+    "F": 17.0,
+}
+#: formats whose decoder costs more than their mode says (measured the same way)
+DECODE_BYTES_PER_PIXEL_BY_FORMAT = {("WEBP", "RGB"): 16.0, ("WEBP", "RGBA"): 17.0, ("AVIF", "RGB"): 10.0}
+#: modes not in the table: as the costliest measured one
+_UNKNOWN_MODE_BYTES_PER_PIXEL = 17.0
+
+
+def decode_cost(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> int:
+    """Peak bytes that :func:`decode_image` with the same arguments is expected to take, from the header only.
+
+    :func:`header_pixels` (the drafted size for JPEG) times the measured bytes per pixel of the image's format and
+    mode (:data:`DECODE_BYTES_PER_PIXEL_BY_FORMAT`, else :data:`DECODE_BYTES_PER_PIXEL_BY_MODE`). Returns 0 where
+    :func:`header_pixels` does (nothing will be decoded). Raises nothing.
+    """
+    pixels = header_pixels(data, max_pixels=max_pixels, draft_size=draft_size)
+    if pixels == 0:
+        return 0
+    try:
+        with Image.open(BytesIO(data), formats=_allowed_formats()) as im:
+            fmt, mode = im.format, im.mode
+    except Exception:  # noqa: BLE001 - header_pixels read it a moment ago; charge the worst case if not now
+        return int(pixels * _UNKNOWN_MODE_BYTES_PER_PIXEL)
+    if draft_size and fmt in ("JPEG", "MPO") and mode in ("CMYK", "YCCK"):
+        mode = "CMYK"
+    per_pixel = DECODE_BYTES_PER_PIXEL_BY_FORMAT.get(
+        (fmt, mode), DECODE_BYTES_PER_PIXEL_BY_MODE.get(mode, _UNKNOWN_MODE_BYTES_PER_PIXEL)
+    )
+    return int(pixels * per_pixel)
+
+
 def header_pixels(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> int:
     """Pixels that :func:`decode_image` with the same arguments will decode, read from the header only.
 
@@ -333,7 +391,8 @@ def _to_rgb(im: Image.Image, fmt: str) -> Image.Image:
         return im
     try:
         if im.has_transparency_data:
-            rgba = im.convert("RGBA")
+            # convert() copies even an RGBA image: 4 bytes per pixel more at the decode's peak, for nothing.
+            rgba = im if im.mode == "RGBA" else im.convert("RGBA")
             flat = Image.new("RGB", im.size, _WHITE)
             flat.paste(rgba, mask=rgba.getchannel("A"))
             return flat
@@ -351,7 +410,9 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
         shift = max(0, int(arr.max()).bit_length() - 8)
         out = (arr >> shift).astype(np.uint8)
     elif im.mode == "F" and np.nanmin(arr) >= 0.0 and np.nanmax(arr) <= 1.0:
-        out = np.nan_to_num(arr * 255.0 + 0.5).astype(np.uint8)
+        scaled = arr * np.float32(255.0)  # one float32 temporary, worked on in place (each step used to copy)
+        scaled += np.float32(0.5)
+        out = np.nan_to_num(scaled, copy=False).astype(np.uint8)
     else:
         out = _stretch(arr)
     key = im.info.get("transparency")
@@ -362,13 +423,19 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
 
 def _stretch(arr: np.ndarray) -> np.ndarray:
     # Values of unknown range (negative integers, float HDR): map the image's own min..max onto 0..255.
+    # One float32 copy, worked on in place: each step of the expression used to allocate another full-size array.
     values = arr.astype(np.float32)
     finite = np.isfinite(values)
     if not finite.any():
         return np.zeros(arr.shape, np.uint8)
-    lo, hi = float(values[finite].min()), float(values[finite].max())
+    lo = float(np.min(values, where=finite, initial=np.inf))
+    hi = float(np.max(values, where=finite, initial=-np.inf))
+    del finite
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    return np.nan_to_num((values - lo) * scale + 0.5, nan=0.0, posinf=255.0, neginf=0.0).astype(np.uint8)
+    values -= np.float32(lo)
+    values *= np.float32(scale)
+    values += np.float32(0.5)
+    return np.nan_to_num(values, copy=False, nan=0.0, posinf=255.0, neginf=0.0).astype(np.uint8)
 
 
 def _unidentified_error(data: bytes) -> UnsupportedFormatError | CorruptImageError:

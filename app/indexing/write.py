@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from app.errors import StorageUnavailableError
+from app.errors import DatabaseTimeoutError, StorageUnavailableError
 from app.imaging.prepare import PreparedImage
 from app.storage.base import ImageStore
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
@@ -26,8 +26,14 @@ from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
 __all__ = ["write_batch"]
 
 
-def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[PreparedImage], vectors: np.ndarray) -> None:
-    """Store a batch: every original first, then ONE upsert of all rows; all or nothing.
+def write_batch(
+    db: VectorDBHandler, store: ImageStore, items: Sequence[PreparedImage], vectors: np.ndarray
+) -> set[str]:
+    """Store a batch: every original first, then ONE upsert of all rows; all or nothing. Returns the ids written.
+
+    Under the ids' locks, items whose row and original both exist already (another request with the same bytes got
+    there first: the callers' own check ran before they waited for the lock) are left alone and not returned, so a
+    caller tells truthfully which of simultaneous identical uploads indexed the image and which found it there.
 
     Args:
         items: prepared images with distinct ids. vectors: ``(len(items), D)`` float32 embeddings, same order.
@@ -36,18 +42,23 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
     :class:`app.errors.StorageFullError` before anything is written when free space is under ``MIN_FREE_MB``, or
     when the disk fills up, :class:`app.errors.StorageUnavailableError` when the object store is down), after
     deleting the originals this call created, so no file is left without its row (an object store that went down
-    meanwhile keeps them: invisible, and removed by fsck.py or the start-up sweep).
+    meanwhile keeps them: invisible, and removed by fsck.py or the start-up sweep); except after
+    :class:`app.errors.DatabaseTimeoutError`, when the rows may still be committed: the originals stay.
     Files that already existed (from an earlier, interrupted run) are kept: their rows may be the ones being written
     now. Holds the ids' locks from the first file to the upsert.
     """
     if not items:
-        return
+        return set()
     store.ensure_space()
     now = datetime.now(UTC)
     with store.locks.hold(item.image_id for item in items):
+        present = store.existing(db.existing_ids(item.image_id for item in items))
+        pairs = [(item, vector) for item, vector in zip(items, vectors, strict=True) if item.image_id not in present]
+        if not pairs:
+            return set()
         # All or nothing by itself: a failed put removes the originals put_many had created.
-        stored = store.put_many([(item.image_id, item.data, item.extension) for item in items])
-        created = [item.image_id for item, new in zip(items, stored, strict=True) if new]
+        stored = store.put_many([(item.image_id, item.data, item.extension) for item, _ in pairs])
+        created = [item.image_id for (item, _), new in zip(pairs, stored, strict=True) if new]
         try:
             records = [
                 ImageRecord(
@@ -63,9 +74,14 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
                         taken_at=item.taken_at,
                     ),
                 )
-                for item, vector in zip(items, vectors, strict=True)
+                for item, vector in pairs
             ]
             db.upsert(records)
+        except DatabaseTimeoutError:
+            # The database stopped answering mid-upsert: the rows may still be committed when it resumes, and a row
+            # must never point at a deleted original. An original without a row is invisible and harmless (the
+            # start-up sweep and fsck remove it; re-indexing the bytes reuses it).
+            raise
         except BaseException:
             for image_id in created:
                 try:
@@ -73,3 +89,4 @@ def write_batch(db: VectorDBHandler, store: ImageStore, items: Sequence[Prepared
                 except StorageUnavailableError:
                     pass  # an original without a row is invisible; fsck.py and the start-up sweep remove it
             raise
+        return {item.image_id for item, _ in pairs}

@@ -180,7 +180,10 @@ class NeighbourJobs:
                 self._running = None
 
     def job(self, job_id: int) -> JobRecord:
-        """The job with this id; raises :class:`JobNotFoundError`."""
+        """The job with this id; raises :class:`JobNotFoundError` (also for an id no job can have: SQLite's integer
+        keys are 64-bit signed and start at 1, and a larger one would overflow the query)."""
+        if not 1 <= job_id <= 2**63 - 1:
+            raise JobNotFoundError(f"No job with id {str(job_id)[:40]}.")
         store = self._open_store(create=False)
         job = None if store is None else store.job(job_id)
         if job is None:

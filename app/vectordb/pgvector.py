@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from psycopg import sql
 
 from app.errors import (
     CollectionMismatchError,
+    DatabaseTimeoutError,
     DatabaseUnavailableError,
     StorageFullError,
     VectorTypeMismatchError,
@@ -59,6 +61,7 @@ from app.vectordb.base import (
     checked_vector,
     validate_collection_name,
 )
+from app.vectordb.deadline import Deadlines, shutdown_socket
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -78,6 +81,19 @@ _META_COLUMNS = "filename, format, width, height, bytes, indexed_at, taken_at"
 VECTOR_TYPES = {"vector": (16000, "vector_cosine_ops"), "halfvec": (16000, "halfvec_cosine_ops")}
 # pgvector's HNSW index accepts at most 2,000 dimensions for vector and 4,000 for halfvec.
 _HNSW_MAX_DIM = {"vector": 2000, "halfvec": 4000}
+
+
+#: seconds a call may run past ``statement_timeout`` before the client gives up on the server (shuts the socket down,
+#: app/vectordb/deadline.py): a live server cancels a slow statement itself within this grace, so only a server that
+#: does not answer at all (stopped, unreachable) loses its connection.
+DEADLINE_GRACE_S = 0.5
+#: extra statement time an upsert gets per row, seconds: HNSW inserts ran at 836 rows/s (1.2 ms each) into a small
+#: collection on machine A (docs/benchmarks.md, "Backends on the same vectors"); eight times that leaves room for
+#: large graphs and a loaded machine, so batch writes (migrate.py's 1,000 rows) are not cut by DB_STATEMENT_TIMEOUT_S.
+UPSERT_ROW_ALLOWANCE_S = 0.01
+#: client deadline, seconds, of the pool's check of an idle connection (an empty query: milliseconds when the
+#: server answers) and of the health probe's ``SELECT 1``
+CHECK_DEADLINE_S = 1.0
 
 
 # A filtered search whose filter the planner estimates to keep at most this many rows reads those rows and ranks
@@ -164,6 +180,12 @@ class PgVectorHandler(VectorDBHandler):
         request_timeout_s: seconds a call waits for a pooled connection once the handler is built (``None``:
             ``timeout_s``); short, so that requests fail fast while the server is down.
         collection: the collection (schema) to open; ``None``: the database's active one, read once, here.
+        statement_timeout_s: PostgreSQL ``statement_timeout`` of the pooled connections, seconds (``None`` or 0:
+            none). Every call but the maintenance ones (index builds, collection switches) also gets a client-side
+            deadline of ``statement_timeout_s + DEADLINE_GRACE_S``: past it the connection's socket is shut down
+            (app/vectordb/deadline.py) and the call raises :class:`DatabaseUnavailableError`, so a server that hangs
+            (SIGSTOP, a network dropping packets) costs a request that long, not as long as it hangs. Connecting
+            waits at most ``timeout_s`` (libpq ``connect_timeout``).
 
     Raises :class:`DatabaseUnavailableError` if the database cannot be reached to apply the schema.
     """
@@ -184,6 +206,7 @@ class PgVectorHandler(VectorDBHandler):
         on_close=None,
         request_timeout_s: float | None = None,
         collection: str | None = None,
+        statement_timeout_s: float | None = None,
     ) -> None:
         if vector_type not in VECTOR_TYPES:
             raise ValueError(f"vector_type must be one of {sorted(VECTOR_TYPES)}, got {vector_type!r}")
@@ -195,6 +218,9 @@ class PgVectorHandler(VectorDBHandler):
         self._on_close = on_close
         self._dim: int | None = None
         self._closed = False
+        # health() has a connection of its own: a pool busy with requests is not a database that is down.
+        self._probe_conn: psycopg.Connection | None = None
+        self._probe_lock = threading.Lock()
         self._request_timeout_s: float | None = None  # the pool's timeout_s until the handler is ready
         # What open_collection needs to build a handler like this one on another collection.
         self._url = url
@@ -207,10 +233,16 @@ class PgVectorHandler(VectorDBHandler):
             ef_search=ef_search,
             vector_type=vector_type,
             request_timeout_s=request_timeout_s,
+            statement_timeout_s=statement_timeout_s,
         )
+        self._statement_timeout_ms = int(round((statement_timeout_s or 0) * 1000))
+        self._deadline_s = (statement_timeout_s + DEADLINE_GRACE_S) if statement_timeout_s else None
+        self._deadlines = Deadlines("pgvector-deadlines")
+        # libpq counts connect_timeout in whole seconds, at least 2 (values 1 are raised to 2).
+        connect_timeout = max(2, int(round(timeout_s)))
         # The extension must exist before register_vector can look its types up on pooled connections.
         try:
-            with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
+            with psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout) as conn:
                 conn.execute(SCHEMA_FILE.read_text())
                 self.collection_name = _read_active(conn) if collection is None else collection
                 self._schema = _schema_of(self.collection_name)
@@ -223,8 +255,9 @@ class PgVectorHandler(VectorDBHandler):
             min_size=pool_min,
             max_size=max(pool_min, pool_max),
             timeout=timeout_s,
+            kwargs={"connect_timeout": connect_timeout},
             configure=self._configure,
-            check=psycopg_pool.ConnectionPool.check_connection,  # replaces connections broken by a server restart
+            check=self._check_connection,  # replaces connections broken by a server restart, or hung
             open=True,
             name="pgvector",
         )
@@ -261,6 +294,7 @@ class PgVectorHandler(VectorDBHandler):
                 vector_type=settings.vector_type,
                 on_close=on_close,
                 request_timeout_s=settings.db_request_timeout_s,
+                statement_timeout_s=settings.db_statement_timeout_s,
             )
         except BaseException:
             if on_close is not None:  # do not leave the embedded server running behind a failed start
@@ -283,18 +317,66 @@ class PgVectorHandler(VectorDBHandler):
             conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(self._schema)))
         register_vector(conn)
         conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(self._ef_search)))
+        conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(self._statement_timeout_ms)))
         conn.commit()
+
+    @staticmethod
+    def _sever(conn: psycopg.Connection) -> None:
+        """Deadline action: shut the connection's socket down, so the call blocked on it fails at once."""
+        try:
+            fd = conn.pgconn.socket
+        except psycopg.Error:  # already closed
+            return
+        shutdown_socket(fd)
+
+    def _check_connection(self, conn: psycopg.Connection) -> None:
+        """The pool's check of a connection it is about to hand out (psycopg_pool's ``check_connection``), bounded
+        by :data:`CHECK_DEADLINE_S`: a hung server fails the check instead of holding the request."""
+        with self._deadlines.bound(lambda: self._sever(conn), CHECK_DEADLINE_S):
+            psycopg_pool.ConnectionPool.check_connection(conn)
 
     def _conn(self):
         if self._closed:
             raise DatabaseUnavailableError("The database handler is closed.")
         return self._pool.connection(timeout=self._request_timeout_s)
 
-    def _run(self, fn):
-        """Run ``fn(conn)`` in a pooled connection's transaction, mapping connection failures to 503s."""
+    def _run(self, fn, *, deadline_s: float | None | bool = True):
+        """Run ``fn(conn)`` on a pooled connection, mapping connection failures to 503s.
+
+        ``deadline_s``: ``True``: the handler's deadline (``statement_timeout_s + DEADLINE_GRACE_S``); a number:
+        that many seconds; ``False``: none, and ``statement_timeout`` is lifted for the call (index builds and
+        other maintenance that may take minutes, or wait on a lock).
+
+        Raises :class:`DatabaseTimeoutError` when the deadline passed (the outcome of a write is then unknown),
+        :class:`DatabaseUnavailableError` (connection lost, pool timeout, statement cancelled by
+        ``statement_timeout``: nothing applied) or :class:`StorageFullError`.
+        """
+        limit = self._deadline_s if deadline_s is True else (deadline_s or None)
         try:
             with self._conn() as conn:
-                return fn(conn)
+                with self._deadlines.bound(lambda: self._sever(conn), limit) as deadline:
+                    try:
+                        if deadline_s is False and self._statement_timeout_ms:
+                            conn.execute("SET statement_timeout = 0")
+                            conn.commit()
+                            try:
+                                return fn(conn)
+                            finally:
+                                if not conn.broken:
+                                    conn.rollback()
+                                    conn.execute(
+                                        sql.SQL("SET statement_timeout = {}").format(
+                                            sql.Literal(self._statement_timeout_ms)
+                                        )
+                                    )
+                                    conn.commit()
+                        return fn(conn)
+                    except psycopg.OperationalError as exc:
+                        if deadline.fired:
+                            raise DatabaseTimeoutError(
+                                f"PostgreSQL did not answer within {limit:g} s (the connection was dropped)"
+                            ) from exc
+                        raise
         except psycopg.errors.DiskFull as exc:
             raise StorageFullError(f"PostgreSQL's disk is full: {exc}") from exc
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed) as exc:
@@ -355,7 +437,7 @@ class PgVectorHandler(VectorDBHandler):
                 conn.execute(self._index_sql())
             return CollectionInfo(model_id, dim)
 
-        info = self._run(_ensure)
+        info = self._run(_ensure, deadline_s=False)  # may build the HNSW index
         self._dim = info.dim
         self._vector_type = requested_type
         return info
@@ -369,7 +451,7 @@ class PgVectorHandler(VectorDBHandler):
             with conn.transaction():
                 conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(INDEX_NAME)))
 
-        self._run(_drop)
+        self._run(_drop, deadline_s=False)  # waits for the table's lock
 
     def create_index(self, *, maintenance_work_mem: str | None = None, parallel_workers: int | None = None) -> None:
         """(Re)build the HNSW index if missing, with this handler's ``m``/``ef_construction``.
@@ -395,10 +477,12 @@ class PgVectorHandler(VectorDBHandler):
                     )
                 conn.execute(self._index_sql())
 
-        self._run(_build)
+        self._run(_build, deadline_s=False)  # minutes for a large collection
 
     # --- writes -------------------------------------------------------------------------------------------
     def upsert(self, records: Sequence[ImageRecord]) -> None:
+        """See :meth:`VectorDBHandler.upsert`; its statement timeout and deadline grow by
+        :data:`UPSERT_ROW_ALLOWANCE_S` per row, so large batches (``migrate.py``) are not cut short."""
         if not records:
             return
         for r in records:  # the whole batch is checked before anything is written
@@ -419,8 +503,13 @@ class PgVectorHandler(VectorDBHandler):
             for r in records
         ]
 
+        extra_s = UPSERT_ROW_ALLOWANCE_S * len(rows)
+
         def _write(conn: psycopg.Connection) -> None:
             with conn.transaction(), conn.cursor() as cur:
+                if self._statement_timeout_ms:
+                    timeout_ms = self._statement_timeout_ms + int(extra_s * 1000)
+                    cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
                 cur.executemany(
                     f"INSERT INTO images (id, embedding, {_META_COLUMNS}) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -430,7 +519,7 @@ class PgVectorHandler(VectorDBHandler):
                     rows,
                 )
 
-        self._run(_write)
+        self._run(_write, deadline_s=self._deadline_s + extra_s if self._deadline_s else True)
 
     def delete(self, image_id: str) -> bool:
         if not is_valid_image_id(image_id):
@@ -589,17 +678,39 @@ class PgVectorHandler(VectorDBHandler):
         return self._run(_count)
 
     def health(self) -> bool:
-        try:
-            self._run(lambda c: c.execute("SELECT 1").fetchone())
-            return True
-        except Exception:  # health must report, never raise
+        """Whether the server answers ``SELECT 1`` within :data:`CHECK_DEADLINE_S`, on a connection of its own (not
+        the pool's, so a pool busy with requests does not read as a database that is down, and a probe costs one
+        round trip, about a millisecond). Reconnects (libpq ``connect_timeout`` 2 s) after a failure. Never raises."""
+        if self._closed:
             return False
+        with self._probe_lock:
+            conn = self._probe_conn
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._probe_conn = psycopg.connect(self._url, autocommit=True, connect_timeout=2)
+                with self._deadlines.bound(lambda: self._sever(conn), CHECK_DEADLINE_S):
+                    conn.execute("SELECT 1").fetchone()
+                return True
+            except Exception:  # noqa: BLE001 - health must report, never raise
+                self._close_probe()
+                return False
+
+    def _close_probe(self) -> None:
+        conn, self._probe_conn = self._probe_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close cleanly; it is gone either way
+                pass
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._pool.close()
+        with self._probe_lock:
+            self._close_probe()
+        self._deadlines.close()
         if self._on_close is not None:
             self._on_close()
 
@@ -632,7 +743,7 @@ class PgVectorHandler(VectorDBHandler):
                     (name, DEFAULT_COLLECTION),
                 )
 
-        self._run(_switch)
+        self._run(_switch, deadline_s=False)  # waits on the schema lock
 
     def list_collections(self) -> dict[str, CollectionInfo]:
         def _list(conn: psycopg.Connection) -> dict[str, CollectionInfo]:
@@ -673,7 +784,7 @@ class PgVectorHandler(VectorDBHandler):
                         conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
                 return existed
 
-        return self._run(_drop)
+        return self._run(_drop, deadline_s=False)  # waits on the schema lock
 
 
 def _schema_of(collection: str) -> str:

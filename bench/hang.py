@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""A database that hangs instead of dying: SIGSTOP of the embedded PostgreSQL under load, as one JSON line.
+
+Starts its own server (``python -m app``, embedded PostgreSQL under a temporary ``DATA_DIR``, offline model) on a
+loopback port, indexes a few real images, then runs ``--clients`` search loops, one index loop (new images from
+``--images``) and a ``/health`` poller (every 0.1 s) against it. After ``--warm-s`` it stops every process of the
+embedded server (postmaster and backends, ``SIGSTOP``) for ``--hang-s`` seconds, resumes them (``SIGCONT``, also if
+the script fails), and waits up to ``--recover-s`` for a search and ``/health`` to succeed again. Then it checks that
+every acknowledged image exists and runs ``scripts/fsck.py`` against the stopped service's data. Traffic goes to
+loopback only and stops by itself.
+
+Reports: ``first_503_s`` (from the stop to the first 503 answered), failed requests' ``p50/p99/max`` latency,
+``health_503_s`` (from the stop to the first /health 503 answered), ``health_ok_while_stopped`` (/health 200s that
+started more than 0.5 s into the hang), ``recovered_s`` (from SIGCONT to a successful search and /health), requests
+by status, ``lost`` (acknowledged ids missing afterwards), and fsck's exit code and mismatches (an original without
+a row, left by a write the deadline cut, is expected and harmless: the start-up sweep removes it).
+``--project-root`` runs the server from another checkout (a baseline).
+
+Usage: python bench/hang.py [--hang-s 6] [--clients 2] [--images DIR] [--model-cache-dir DIR] [--project-root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "datasets" / "caltech101_subset" / "images"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_processes(pgdata: Path) -> list[psutil.Process]:
+    pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+    postmaster = psutil.Process(pid)
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 2)
+
+
+def _fsck_mismatches(stdout: str) -> list[str] | str:
+    """fsck's mismatch lines (rows without an original, originals without a row...), or what it printed."""
+    try:
+        return json.loads(stdout.strip().splitlines()[-1])["mismatches"]
+    except (ValueError, KeyError, IndexError):
+        return stdout[-300:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hang-s", type=float, default=6.0)
+    parser.add_argument("--warm-s", type=float, default=2.0)
+    parser.add_argument("--recover-s", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=2, help="search loops")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--model-cache-dir", type=Path, default=Path(os.environ.get("MODEL_CACHE_DIR", "data/models")))
+    parser.add_argument("--project-root", type=Path, default=PROJECT_ROOT, help="checkout the server runs from")
+    args = parser.parse_args()
+    images = sorted(args.images.rglob("*.jpg"))[:60]
+
+    with tempfile.TemporaryDirectory(prefix="hang-") as tmp:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMAGE_DIR")}
+        env.update(
+            PYTHONPATH=str(args.project_root.resolve()),
+            DATA_DIR=tmp,
+            MODEL_CACHE_DIR=str(args.model_cache_dir.resolve()),
+            EMBEDDER="efficientnet",
+            UI_ENABLED="false",
+            PORT=str(port),
+            LOG_LEVEL="ERROR",
+        )
+        server = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=tmp)
+        stopped: list[float] = []
+        resumed: list[float] = []
+        records: list[tuple[str, float, float, int]] = []  # (kind, start, end, status) in monotonic seconds
+        acknowledged: list[str] = []
+        done = threading.Event()
+        processes: list[psutil.Process] = []
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the server did not start")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            with httpx.Client(timeout=60) as http:
+                for path in images[:5]:
+                    r = http.post(f"{url}/index_image", files={"file": (path.name, path.read_bytes())})
+                    r.raise_for_status()
+                    acknowledged.append(r.json()["id"])
+            query = images[0].read_bytes()
+            queue = list(images[5:])
+
+            def loop(kind: str) -> None:
+                with httpx.Client(timeout=60) as http:
+                    while not done.is_set():
+                        start = time.monotonic()
+                        try:
+                            if kind == "search":
+                                r = http.post(f"{url}/search_image?top_k=3", files={"file": ("q.jpg", query)})
+                            elif kind == "index":
+                                if not queue:
+                                    time.sleep(0.05)
+                                    continue
+                                r = http.post(
+                                    f"{url}/index_image", files={"file": (queue[0].name, queue[0].read_bytes())}
+                                )
+                                if r.status_code in (200, 201):
+                                    acknowledged.append(r.json()["id"])
+                                    queue.pop(0)
+                            else:
+                                r = http.get(f"{url}/health")
+                            status = r.status_code
+                        except httpx.HTTPError:
+                            status = 0
+                        records.append((kind, start, time.monotonic(), status))
+                        time.sleep(0.1 if kind == "health" else 0.02)
+
+            kinds = ["search"] * args.clients + ["index", "health"]
+            threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in kinds]
+            for t in threads:
+                t.start()
+            time.sleep(args.warm_s)
+            processes = _postgres_processes(Path(tmp) / "pgdata")
+            for p in processes:
+                p.suspend()
+            stopped.append(time.monotonic())
+            time.sleep(args.hang_s)
+        finally:
+            for p in processes:
+                try:
+                    p.resume()
+                except psutil.NoSuchProcess:
+                    pass
+            resumed.append(time.monotonic())
+        try:
+            recovered = None
+            limit = time.monotonic() + args.recover_s
+            while time.monotonic() < limit and recovered is None:
+                after = [r for r in records if r[1] > resumed[0]]
+                ok_search = [r for r in after if r[0] == "search" and r[3] == 200]
+                ok_health = [r for r in after if r[0] == "health" and r[3] == 200]
+                if ok_search and ok_health:
+                    recovered = max(min(r[2] for r in ok_search), min(r[2] for r in ok_health)) - resumed[0]
+                time.sleep(0.1)
+            done.set()
+            for t in threads:
+                t.join(timeout=60)
+            with httpx.Client(timeout=60) as http:
+                existing = set(http.post(f"{url}/images/exists", json={"ids": acknowledged}).json()["existing"])
+        finally:
+            done.set()
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        fsck = subprocess.run(
+            [sys.executable, str(PROJECT_ROOT / "scripts" / "fsck.py"), "--json"],
+            env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
+
+    t_stop, t_resume = stopped[0], resumed[0]
+    during = [r for r in records if r[2] > t_stop and r[1] < t_resume and r[0] != "health"]
+    failed = [r for r in during if r[3] == 503]
+    health = [r for r in records if r[0] == "health" and r[2] > t_stop and r[1] < t_resume]
+    by_status: dict[str, int] = {}
+    for r in during:
+        by_status[str(r[3])] = by_status.get(str(r[3]), 0) + 1
+    result = {
+        "bench": "hang",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "project_root": str(args.project_root),
+        "hang_s": args.hang_s,
+        "clients": args.clients,
+        "first_503_s": round(min(r[2] for r in failed) - t_stop, 2) if failed else None,
+        "failed_latency_s": {
+            "p50": _pct([r[2] - r[1] for r in failed], 0.5),
+            "p99": _pct([r[2] - r[1] for r in failed], 0.99),
+            "max": _pct([r[2] - r[1] for r in failed], 1.0),
+        },
+        "longest_request_s": _pct([r[2] - r[1] for r in during], 1.0),
+        "health_503_s": round(min(r[2] for r in health if r[3] == 503) - t_stop, 2)
+        if any(r[3] == 503 for r in health)
+        else None,
+        "health_ok_while_stopped": sum(1 for r in health if r[3] == 200 and r[1] > t_stop + 0.5),
+        "recovered_s": round(recovered, 2) if recovered is not None else None,
+        "statuses_during": by_status,
+        "acknowledged": len(set(acknowledged)),
+        "lost": len(set(acknowledged) - existing),
+        "fsck_rc": fsck.returncode,
+        "fsck_mismatches": _fsck_mismatches(fsck.stdout),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
