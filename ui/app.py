@@ -20,7 +20,9 @@ The events a script may want have an ``api_name`` and can be driven with ``gradi
 from __future__ import annotations
 
 import html
+import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+from cachetools import TTLCache
 
 from app.api.security import AccessPolicy
 from app.config import Settings
@@ -360,7 +363,28 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
             preview_image,
         )
 
-    def search(query: UiQuery | None, filters: UiFilters) -> tuple[Any, ...]:
+    # Searches of one page can overlap (a filter typed, then another; several run at once, CONCURRENCY_LIMIT) and
+    # finish in any order: only the one started last may write the results, or an older answer would overwrite a
+    # newer one. Numbered per Gradio session (a browser tab), in memory, forgotten after an hour.
+    latest: TTLCache[str, int] = TTLCache(maxsize=10_000, ttl=3600)
+    numbers = itertools.count()
+    latest_lock = threading.Lock()
+
+    def begin(request: gr.Request | None) -> int:
+        number = next(numbers)
+        if request is not None and request.session_hash:
+            with latest_lock:
+                latest[request.session_hash] = number
+        return number
+
+    def superseded(request: gr.Request | None, number: int) -> bool:
+        if request is None or not request.session_hash:
+            return False
+        with latest_lock:
+            return latest.get(request.session_hash, number) != number
+
+    def search(query: UiQuery | None, filters: UiFilters, request: gr.Request | None = None) -> tuple[Any, ...]:
+        number = begin(request)
         service = get_service()
         errors: list[str] = []
         shown = Shown(query, filters)
@@ -369,9 +393,24 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
             with _as_message(errors):
                 shown.hits = _run(service, query, filters, 0)
                 shown.more = len(shown.hits) == filters.top_k
+        if superseded(request, number):
+            return (gr.skip(),) * N_OUTPUTS
         return show(shown, errors, time.perf_counter() - start)
 
-    def search_form(shown: Shown, upload, text, negative, folder, formats, after, before, min_score, expand, top_k):
+    def search_form(  # noqa: PLR0913 - one parameter per input component, as Gradio passes them
+        shown: Shown,
+        upload: str | None,
+        text: str,
+        negative: str,
+        folder: str,
+        formats: list[str],
+        after: str,
+        before: str,
+        min_score: float,
+        expand: bool,
+        top_k: float,
+        request: gr.Request,
+    ):
         """Search with what the form holds: the photo (or the stored image shown as the query), the words, the
         "but not" words; filters and page size."""
         current = shown.query.image_id if shown.query is not None else None
@@ -379,7 +418,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         filters = _filters(folder, formats, after, before, min_score, expand, top_k)
         if query is None:
             return show(Shown(None, filters), ["Choose, drop or paste a photo, or type words, to search."], 0)
-        return search(query, filters)
+        return search(query, filters, request)
 
     def preview(upload: str | None) -> Any:
         """The query photo as a JPEG the server makes (HEIC and TIFF show too); nothing when it cannot decode."""
@@ -391,29 +430,31 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         except ServiceError:
             return None  # the search itself says why
 
-    def similar(image_id, folder, formats, after, before, min_score, expand, top_k):
+    def similar(image_id, folder, formats, after, before, min_score, expand, top_k, request: gr.Request):
         """More like this: the stored image's neighbours."""
-        return search(
-            UiQuery("id", image_id=image_id), _filters(folder, formats, after, before, min_score, expand, top_k)
-        )
+        filters = _filters(folder, formats, after, before, min_score, expand, top_k)
+        return search(UiQuery("id", image_id=image_id), filters, request)
 
-    def rerun(shown: Shown, folder, formats, after, before, min_score, expand, top_k):
+    def rerun(shown: Shown, folder, formats, after, before, min_score, expand, top_k, request: gr.Request):
         """A filter changed: run the shown query again with the new filters (nothing when they did not change)."""
         filters = _filters(folder, formats, after, before, min_score, expand, top_k)
         if shown.query is None or filters == shown.filters:
             return (gr.skip(),) * N_OUTPUTS
-        return search(shown.query, filters)
+        return search(shown.query, filters, request)
 
-    def load_more(shown: Shown) -> tuple[Any, ...]:
+    def load_more(shown: Shown, request: gr.Request) -> tuple[Any, ...]:
         """The next page, appended."""
         if shown.query is None or shown.filters is None:
             return (gr.skip(),) * N_OUTPUTS
+        number = begin(request)
         service = get_service()
         errors: list[str] = []
         start = time.perf_counter()
         with _as_message(errors):
             page = _run(service, shown.query, shown.filters, len(shown.hits))
             shown = replace(shown, hits=shown.hits + page, more=len(page) == shown.filters.top_k)
+        if superseded(request, number):
+            return (gr.skip(),) * N_OUTPUTS
         return show(shown, errors, time.perf_counter() - start)
 
     def open_view(shown: Shown, event: gr.SelectData) -> tuple[Any, ...]:
@@ -435,7 +476,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         text_ok = service.supports_text
         link = from_link(dict(request.query_params) if request else {}, default_k, settings.max_top_k)
         f = link.filters
-        results = search(link.query, f) if link.query is not None else (gr.skip(),) * N_OUTPUTS
+        results = search(link.query, f, request) if link.query is not None else (gr.skip(),) * N_OUTPUTS
         if link.problems:
             gr.Warning(_escape(" ".join(link.problems)))
         key_box = gr.update(visible=access.has_keys and not access.reads_need_key)
