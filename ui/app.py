@@ -397,7 +397,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
             return (gr.skip(),) * N_OUTPUTS
         return show(shown, errors, time.perf_counter() - start)
 
-    def search_form(  # noqa: PLR0913 - one parameter per input component, as Gradio passes them
+    def search_form(
         shown: Shown,
         upload: str | None,
         text: str,
@@ -503,13 +503,12 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         return collection_line(get_service())
 
     # --- add -----------------------------------------------------------------------------------------------------
-    # Gradio injects the progress tracker through the parameter's default value (its documented idiom): noqa B008.
     def add(
         files: list[str] | None,
         key: str,
         other_key: str,
         request: gr.Request,
-        progress=gr.Progress(),  # noqa: B008
+        progress=gr.Progress(),
     ) -> tuple[Any, ...]:
         """Index the chosen files in batches within MAX_BATCH_FILES and MAX_BATCH_MB; one ✓/✗ row per file."""
         may_write([key, other_key], request)
@@ -580,7 +579,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         shown = f"the {len(found)} largest of " if page.total > len(found) else ""
         return found, f"Showing {shown}{page.total} groups at similarity ≥ {page.threshold:.2f} (graph of {built})."
 
-    def find_duplicates(threshold: float, key: str, other_key: str, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+    def find_duplicates(threshold: float, key: str, other_key: str, request: gr.Request, progress=gr.Progress()):
         """Build the neighbour graph (the job of ``POST /jobs/neighbours``), with progress, then list the groups."""
         may_write([key, other_key], request)
         service = get_service()
