@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from app.errors import ImageNotFoundError
@@ -19,7 +22,7 @@ from app.ids import image_id_for
 from app.indexing.fsck import check
 from app.indexing.locks import PgAdvisoryLocks
 from app.service import SearchService
-from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, s3_settings
+from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, free_port, s3_settings
 from tests.test_write_races import _OTHER_PROCESS
 
 ROUNDS = 100
@@ -126,3 +129,142 @@ def test_index_and_delete_races_through_two_replicas_leave_no_mismatch(
         if other.poll() is None:
             other.kill()
         service.close()
+
+
+# --- kill -9 of one replica in the middle of a batch -----------------------------------------------------------
+def _start_replica(data_dir: Path, port: int, database_url: str, moto_s3, bucket: str, model_cache_dir: Path):
+    """``python -m app`` on ``port``: a replica with a DATA_DIR of its own, the shared database and bucket."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "IMAGE_", "DATA_", "EMBEDDER", "AWS_"))
+    }
+    env.update(
+        PYTHONPATH=str(PROJECT_ROOT),
+        DATA_DIR=str(data_dir),
+        DATABASE_URL=database_url,
+        IMAGE_STORE_URL=f"s3://{bucket}/originals",
+        AWS_ENDPOINT_URL=moto_s3.endpoint,
+        MODEL_CACHE_DIR=str(model_cache_dir),
+        EMBEDDER="efficientnet",
+        UI_ENABLED="false",
+        PORT=str(port),
+        LOG_LEVEL="WARNING",
+        ORPHAN_GRACE_S="1",  # the restart's sweep removes what the killed batch left (test_self_healing: 600 s)
+        **S3_TEST_ENV,
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / "service.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, (data_dir / "service.log").read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the replica did not start"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_replica_mid_batch_the_other_serves_and_fsck_is_clean(
+    tmp_path, database_url, moto_s3, bucket, model_cache_dir, offline_embedder
+):
+    files = sorted(p for p in INSTANCE.rglob("*.jpg") if p.stat().st_size < 80_000)
+    base, batch = files[:4], files[4:52]
+    a, url_a = _start_replica(tmp_path / "a", free_port(), database_url, moto_s3, bucket, model_cache_dir)
+    b, url_b = _start_replica(tmp_path / "b", free_port(), database_url, moto_s3, bucket, model_cache_dir)
+    procs = [a, b]
+    stop = threading.Event()
+    failed_searches: list[str] = []
+    searches = 0
+    try:
+        for p in base:
+            assert httpx.post(f"{url_b}/index_image", files={"file": (p.name, p.read_bytes())}).status_code == 201
+        base_id = image_id_for(base[0].read_bytes())
+
+        def search_b() -> None:  # B serves all along: by id, by image, and the original itself
+            nonlocal searches
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    answers = [
+                        http.get(f"{url_b}/image/{base_id}/similar"),
+                        http.post(f"{url_b}/search_image", files={"file": ("q.jpg", base[1].read_bytes())}),
+                        http.get(f"{url_b}/image/{base_id}"),
+                    ]
+                    searches += 1
+                    failed_searches.extend(f"{r.request.url}: {r.status_code}" for r in answers if r.status_code != 200)
+
+        searcher = threading.Thread(target=search_b)
+        searcher.start()
+
+        def send_batch() -> None:  # the batch A dies in: its client sees the connection drop
+            uploads = [("files", (p.name, p.read_bytes())) for p in batch]
+            try:
+                httpx.post(f"{url_a}/index_images", files=uploads, timeout=120)
+            except httpx.TransportError:
+                pass
+
+        sender = threading.Thread(target=send_batch)
+        sender.start()
+        deadline = time.monotonic() + 120
+        while len(moto_s3.keys(bucket)) <= len(base):  # A has begun writing the batch's originals
+            assert sender.is_alive(), "the batch finished before A could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=30)
+        sender.join(timeout=60)
+
+        stored = {k.rsplit("/", 1)[1].split(".")[0] for k in moto_s3.keys(bucket)}
+        with_row = set(httpx.post(f"{url_b}/images/exists", json={"ids": sorted(stored)}).json()["existing"])
+        orphans = stored - with_row  # originals A stored for rows it never wrote
+        # B writes some of the very bytes A was writing: A's advisory locks died with its connections, no wait.
+        uploads = [("files", (p.name, p.read_bytes())) for p in batch[:8]]
+        r = httpx.post(f"{url_b}/index_images", files=uploads, timeout=120)
+        assert r.status_code == 200 and {x["status"] for x in r.json()["results"]} <= {"indexed", "exists"}, r.text
+        stop.set()
+        searcher.join(timeout=60)
+        assert searches > 0 and failed_searches == []
+
+        # A restarts: its start-up sweep removes the originals the kill left without a row; fsck.py is clean.
+        time.sleep(1.1)  # older than ORPHAN_GRACE_S
+        a, url_a = _start_replica(tmp_path / "a", free_port(), database_url, moto_s3, bucket, model_cache_dir)
+        procs[0] = a
+        rows = httpx.get(f"{url_a}/stats").json()["count"]
+        assert len(base) + 8 <= rows <= len(base) + len(batch)
+        deadline = time.monotonic() + 60
+        while len(moto_s3.keys(bucket)) != rows:
+            assert time.monotonic() < deadline, f"{len(moto_s3.keys(bucket))} originals for {rows} rows"
+            time.sleep(0.2)
+        if orphans - {image_id_for(p.read_bytes()) for p in batch[:8]}:  # beyond what B indexed: the sweep's
+            assert "Start-up sweep removed" in (tmp_path / "a" / "service.log").read_text()
+        assert httpx.get(f"{url_a}/image/{image_id_for(batch[0].read_bytes())}").content == batch[0].read_bytes()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "IMAGE_", "DATA_", "AWS_"))}
+        env.update(
+            PYTHONPATH=str(PROJECT_ROOT),
+            DATA_DIR=str(tmp_path / "a"),
+            DATABASE_URL=database_url,
+            IMAGE_STORE_URL=f"s3://{bucket}/originals",
+            AWS_ENDPOINT_URL=moto_s3.endpoint,
+            **S3_TEST_ENV,
+        )
+        fsck = subprocess.run(
+            [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert fsck.returncode == 0, (fsck.stdout, fsck.stderr)
+    finally:
+        stop.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
