@@ -1,7 +1,9 @@
 """Two replicas that share one PostgreSQL (DATABASE_URL) and one bucket, each with a DATA_DIR of its own (two
 "machines"): what one indexes the other serves, what one deletes is gone in the other, and index/delete races of
 the same bytes through both never leave a row without its original or the reverse (PostgreSQL advisory locks:
-the flock files of the two DATA_DIRs exclude nothing). Issue #21; moto's standalone S3 server."""
+the flock files of the two DATA_DIRs exclude nothing); a ``kill -9`` of one replica (``python -m app``) in the
+middle of a batch leaves the other serving, and after its restart ``fsck.py`` is clean. Issue #21; moto's
+standalone S3 server."""
 
 from __future__ import annotations
 
@@ -172,6 +174,7 @@ def _start_replica(data_dir: Path, port: int, database_url: str, moto_s3, bucket
 def test_kill_9_of_a_replica_mid_batch_the_other_serves_and_fsck_is_clean(
     tmp_path, database_url, moto_s3, bucket, model_cache_dir, offline_embedder
 ):
+    # offline_embedder: its ONNX export lands in model_cache_dir once, before the replicas load it from there.
     files = sorted(p for p in INSTANCE.rglob("*.jpg") if p.stat().st_size < 80_000)
     base, batch = files[:4], files[4:52]
     a, url_a = _start_replica(tmp_path / "a", free_port(), database_url, moto_s3, bucket, model_cache_dir)
