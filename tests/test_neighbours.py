@@ -12,6 +12,7 @@ import sqlite3
 import threading
 
 import numpy as np
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
@@ -143,7 +144,24 @@ def test_dba_off_builds_no_dba_vectors_and_searches_plainly(tmp_path, database_u
 
 
 # --- resuming ---------------------------------------------------------------------------------------------------
-def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, offline_embedder, paths, monkeypatch):
+def _job_row(tmp_path, database_url: str, store: str, job_id: int, set_state: str | None = None) -> tuple[str, int]:
+    """``(state, done)`` of a job as stored (the SQLite file, or PostgreSQL's table), optionally setting its state
+    first (what a kill -9 leaves: ``running``)."""
+    if store == "sqlite":
+        with sqlite3.connect(tmp_path / "data" / "neighbours.sqlite3") as conn:
+            if set_state:
+                conn.execute("UPDATE jobs SET state = ? WHERE id = ?", (set_state, job_id))
+            return conn.execute("SELECT state, done FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if set_state:
+            conn.execute("UPDATE neighbour_jobs SET state = %s WHERE id = %s", (set_state, job_id))
+        return conn.execute("SELECT state, done FROM neighbour_jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "auto"])  # auto: PostgreSQL's tables (pgvector with a DATABASE_URL)
+def test_job_resumes_after_the_service_stops_mid_job(
+    tmp_path, database_url, offline_embedder, paths, monkeypatch, store
+):
     monkeypatch.setattr(graph_module, "SCAN_BATCH", 4)  # many small batches, so a stop lands mid-job
     calls, half = [], threading.Event()
     real_nearest = graph_module.nearest
@@ -156,8 +174,9 @@ def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, off
         return real_nearest(db, record, k, ef_search)
 
     monkeypatch.setattr(graph_module, "nearest", slow_nearest)
-    settings = dict(neighbours_k=4, neighbours_threads=2, dba=True, dba_n=2)
+    settings = dict(neighbours_k=4, neighbours_threads=2, dba=True, dba_n=2, neighbours_store=store)
     with _client(tmp_path, database_url, offline_embedder, **settings) as c:
+        assert c.app.state.service.neighbours.shared == (store == "auto")
         _index(c, paths)
         job_id = c.post("/jobs/neighbours").json()["id"]
         assert half.wait(60)
@@ -165,14 +184,11 @@ def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, off
         again = c.post("/jobs/neighbours")
         assert again.status_code == 200 and again.json()["id"] == job_id
     # The service stopped (lifespan ended): the job stopped between two batches.
-    db_file = tmp_path / "data" / "neighbours.sqlite3"
-    with sqlite3.connect(db_file) as conn:
-        state, done = conn.execute("SELECT state, done FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    state, done = _job_row(tmp_path, database_url, store, job_id)
     assert state == "interrupted" and 0 < done < len(paths)
     walked_first = len(calls)
-    # As after a kill -9: the file still says running. The next start must resume it on its own.
-    with sqlite3.connect(db_file) as conn:
-        conn.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job_id,))
+    # As after a kill -9: the store still says running. The next start must resume it on its own.
+    _job_row(tmp_path, database_url, store, job_id, set_state="running")
 
     monkeypatch.setattr(graph_module, "nearest", real_nearest)
     calls_after = []
