@@ -271,3 +271,103 @@ def test_kill_9_of_a_replica_mid_batch_the_other_serves_and_fsck_is_clean(
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+# --- the neighbour graph, duplicate groups and job progress, shared through PostgreSQL ---------------------------
+_GRAPH_BUILDER = """
+import sys, threading, time
+from app.config import Settings
+from app.neighbours import graph
+from app.service import SearchService
+
+real = graph.nearest
+graph.SCAN_BATCH = 4  # progress committed every 4 images, each searched slowly: a kill lands mid-job
+
+def slow(db, record, k, ef_search=None):
+    time.sleep(0.1)
+    return real(db, record, k, ef_search)
+
+graph.nearest = slow
+service = SearchService.open(Settings())
+job, started = service.neighbours.start()
+print(job.id, started, flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.slow
+def test_replicas_share_the_graph_one_builds_and_a_killed_builder_loses_its_lease(
+    tmp_path, database_url, offline_embedder, monkeypatch
+):
+    from app.errors import GraphNotBuiltError
+    from app.neighbours import graph as graph_module
+    from tests.helpers import make_settings
+
+    folders = ["exif_portrait", "plasma_Kite", "gdk_bench_photo", "ocv_leuven_light", "single_Aqua", "single_Dune"]
+    files = [p for f in folders for p in sorted((INSTANCE / f).iterdir()) if p.is_file()]
+    b = SearchService.open(make_settings(tmp_path / "b", database_url, neighbours_k=4), embedder=offline_embedder)
+    c = None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "IMAGE_", "DATA_", "EMBEDDER"))}
+    env.update(
+        PYTHONPATH=str(PROJECT_ROOT),
+        DATABASE_URL=database_url,
+        DATA_DIR=str(tmp_path / "a"),
+        EMBEDDER="none",
+        NEIGHBOURS_K="4",
+        NEIGHBOURS_THREADS="1",
+        UI_ENABLED="false",
+    )
+    a = None
+    try:
+        assert b.neighbours.shared
+        rows = sum(r.status == "indexed" for r in b.index_images([(p.read_bytes(), p.name) for p in files]))
+        assert rows >= 16
+        a = subprocess.Popen(
+            [sys.executable, "-c", _GRAPH_BUILDER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        line = a.stdout.readline()
+        assert line, a.stderr.read()
+        job_id, started = int(line.split()[0]), line.split()[1] == "True"
+        assert started
+        # Its progress is visible from B; B asked to build answers A's job instead of starting a second one.
+        deadline = time.monotonic() + 60
+        while (job := b.neighbours.job(job_id)).done < 8:
+            assert job.state == "running" and time.monotonic() < deadline
+            time.sleep(0.05)
+        again, started_here = b.neighbours.start()
+        assert (again.id, started_here) == (job_id, False)
+        with pytest.raises(GraphNotBuiltError):
+            b.neighbours.duplicates(None)
+
+        a.send_signal(signal.SIGKILL)  # the builder dies: its lease goes with its connection
+        a.wait(timeout=30)
+        done_at_kill = b.neighbours.job(job_id).done
+        assert 0 < done_at_kill < rows
+        deadline = time.monotonic() + 10
+        while b.neighbours.job(job_id).state != "interrupted":
+            assert time.monotonic() < deadline, "the dead builder's lease was not released"
+            time.sleep(0.05)
+
+        calls: list[str] = []
+        real = graph_module.nearest
+        monkeypatch.setattr(graph_module, "nearest", lambda db, r, k, ef=None: calls.append(r.id) or real(db, r, k, ef))
+        resumed, started_here = b.neighbours.start()  # B takes the lease over and resumes the same job
+        assert (resumed.id, started_here) == (job_id, True)
+        assert b.neighbours.wait(timeout=120)
+        job = b.neighbours.job(job_id)
+        assert job.state == "completed" and job.done == rows
+        assert len(calls) <= rows - done_at_kill  # what A committed is not searched again
+
+        # Every replica serves the same groups: C, started afresh, reads them from the database.
+        c = SearchService.open(make_settings(tmp_path / "c", database_url, neighbours_k=4), embedder=offline_embedder)
+        groups_b = b.neighbours.duplicates(0.9)
+        groups_c = c.neighbours.duplicates(0.9)
+        assert groups_b.total >= 2 and groups_b == groups_c
+        assert c.neighbours.job(job_id).state == "completed"
+    finally:
+        if a is not None and a.poll() is None:
+            a.kill()
+            a.wait(timeout=30)
+        b.close()
+        if c is not None:
+            c.close()
