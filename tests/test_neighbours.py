@@ -10,6 +10,8 @@ import csv
 import json
 import sqlite3
 import threading
+import time
+from urllib.parse import urlsplit
 
 import numpy as np
 import psycopg
@@ -243,6 +245,34 @@ def test_duplicate_groups_on_instance_small_match_the_ground_truth(tmp_path, dat
         after = c.get("/duplicates").json()
         assert pair["ids"] not in [g["ids"] for g in after["groups"]] and after["total"] == 4
         assert all(pair["ids"][0] not in g["ids"] for g in after["groups"])
+
+
+def test_shared_graph_answers_503_fast_while_the_database_is_down(tmp_path, database_url, offline_embedder, paths):
+    """The graph in PostgreSQL (pgvector with a DATABASE_URL): while the database refuses connections, the graph's
+    routes answer 503 within about a second, like every other route that needs the database, then recover."""
+    with _client(tmp_path, database_url, offline_embedder, neighbours_k=4) as c:
+        _index(c, paths[:8])
+        job = _build(c)
+        assert c.get("/duplicates", params={"threshold": 0.5}).status_code == 200
+        name = urlsplit(database_url).path.lstrip("/")
+        admin = database_url.replace(f"/{name}?", "/postgres?")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            for path in ("/duplicates", f"/jobs/{job['id']}"):
+                started = time.monotonic()
+                r = c.get(path)
+                assert r.status_code == 503 and "detail" in r.json(), r.text
+                assert time.monotonic() - started < 5
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        deadline = time.monotonic() + 30
+        for path in (f"/jobs/{job['id']}", "/duplicates"):  # /duplicates also waits for the service's breaker
+            while c.get(path, params={"threshold": 0.5} if path == "/duplicates" else None).status_code != 200:
+                assert time.monotonic() < deadline, f"{path} did not recover"
+                time.sleep(0.2)
 
 
 def test_jobs_api_key_and_unknown_job(tmp_path, database_url, offline_embedder, paths):

@@ -97,9 +97,9 @@ class NeighbourJobs:
                     from app.neighbours.pgstore import PgGraphStore
 
                     assert self.settings.database_url is not None
-                    self._store = PgGraphStore(
-                        self.settings.database_url, self.collection, wait_s=self.settings.db_connect_timeout_s
-                    )
+                    # Bounded like the other requests' database waits: a database that is down answers 503 fast.
+                    wait_s = max(self.settings.db_request_timeout_s, 1.0)
+                    self._store = PgGraphStore(self.settings.database_url, self.collection, wait_s=wait_s)
                 elif create or self.path.exists():
                     self._store = GraphStore(self.path)
             return self._store
