@@ -364,6 +364,27 @@ def test_replicas_share_the_graph_one_builds_and_a_killed_builder_loses_its_leas
         groups_c = c.neighbours.duplicates(0.9)
         assert groups_b.total >= 2 and groups_b == groups_c
         assert c.neighbours.job(job_id).state == "completed"
+
+        # A rebuild asked of B and C at the same instant runs once: both answer one job, one of them started it.
+        monkeypatch.setattr(graph_module, "nearest", lambda db, r, k, ef=None: time.sleep(0.05) or real(db, r, k, ef))
+        barrier = threading.Barrier(2)
+        answers: dict[str, tuple] = {}
+
+        def ask(name: str, replica: SearchService) -> None:
+            barrier.wait()
+            job, started = replica.neighbours.start()
+            answers[name] = (job.id, started)
+
+        threads = [threading.Thread(target=ask, args=(n, r)) for n, r in (("b", b), ("c", c))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert answers["b"][0] == answers["c"][0] != job_id
+        assert sorted(started for _, started in answers.values()) == [False, True]
+        assert b.neighbours.wait(timeout=120) and c.neighbours.wait(timeout=120)
+        assert b.neighbours.job(answers["b"][0]).state == "completed"
+        assert b.neighbours.duplicates(0.9) == c.neighbours.duplicates(0.9)
     finally:
         if a is not None and a.poll() is None:
             a.kill()
