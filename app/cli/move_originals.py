@@ -13,7 +13,9 @@ app/storage/move.py. Then start the service with ``IMAGE_STORE_URL`` set to the 
 
 To move a live collection: run it once while the service serves (copies everything; reads and writes go on),
 stop the service, run it again with ``--delete-source`` (copies only what was indexed meanwhile), start the
-service with the new ``IMAGE_STORE_URL``.
+service with the new ``IMAGE_STORE_URL``. An image deleted through the service between the two runs keeps its copy
+in the target without a row (the tool does not read the database): the start-up sweep removes it after
+``ORPHAN_GRACE_S``; ``fsck.py --repair`` would index it again (stop the service before the first run to avoid it).
 
 Exit codes: 0 every original is in the target; 1 some originals could not be moved (listed; they stay in the
 source); 2 cannot run (a store unreachable or full, a bad URL, source and target the same): run again to resume.
