@@ -30,10 +30,10 @@ from app.neighbours.dba import DbaRerank
 from app.neighbours.duplicates import DuplicateGroup, duplicate_groups
 from app.neighbours.graph import JobStopped, build_dba, build_graph
 from app.neighbours.store import FILENAME, GraphStore, JobRecord, utc_now
+from app.vectordb.base import DEFAULT_COLLECTION, VectorDBHandler
 
 if TYPE_CHECKING:
     from app.neighbours.pgstore import PgGraphStore
-from app.vectordb.base import DEFAULT_COLLECTION, VectorDBHandler
 
 log = logging.getLogger(__name__)
 
