@@ -323,6 +323,12 @@ class Settings(BaseSettings):
         description="Searches the graph job runs at once (it waits on the database most of the time, so a few more "
         "than the cores).",
     )
+    neighbours_store: Literal["auto", "sqlite"] = Field(
+        "auto",
+        description="Where the neighbour graph, duplicate groups and job progress live: auto = tables in PostgreSQL "
+        "when VECTOR_DB=pgvector with a DATABASE_URL (shared by every replica; one builds at a time, under a lease "
+        "a killed replica loses), else a SQLite file under DATA_DIR (one machine); sqlite = always the file.",
+    )
     duplicate_threshold: float = Field(
         0.92,
         ge=-1,

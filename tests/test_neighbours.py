@@ -10,8 +10,11 @@ import csv
 import json
 import sqlite3
 import threading
+import time
+from urllib.parse import urlsplit
 
 import numpy as np
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
@@ -143,7 +146,24 @@ def test_dba_off_builds_no_dba_vectors_and_searches_plainly(tmp_path, database_u
 
 
 # --- resuming ---------------------------------------------------------------------------------------------------
-def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, offline_embedder, paths, monkeypatch):
+def _job_row(tmp_path, database_url: str, store: str, job_id: int, set_state: str | None = None) -> tuple[str, int]:
+    """``(state, done)`` of a job as stored (the SQLite file, or PostgreSQL's table), optionally setting its state
+    first (what a kill -9 leaves: ``running``)."""
+    if store == "sqlite":
+        with sqlite3.connect(tmp_path / "data" / "neighbours.sqlite3") as conn:
+            if set_state:
+                conn.execute("UPDATE jobs SET state = ? WHERE id = ?", (set_state, job_id))
+            return conn.execute("SELECT state, done FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if set_state:
+            conn.execute("UPDATE neighbour_jobs SET state = %s WHERE id = %s", (set_state, job_id))
+        return conn.execute("SELECT state, done FROM neighbour_jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "auto"])  # auto: PostgreSQL's tables (pgvector with a DATABASE_URL)
+def test_job_resumes_after_the_service_stops_mid_job(
+    tmp_path, database_url, offline_embedder, paths, monkeypatch, store
+):
     monkeypatch.setattr(graph_module, "SCAN_BATCH", 4)  # many small batches, so a stop lands mid-job
     calls, half = [], threading.Event()
     real_nearest = graph_module.nearest
@@ -156,8 +176,9 @@ def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, off
         return real_nearest(db, record, k, ef_search)
 
     monkeypatch.setattr(graph_module, "nearest", slow_nearest)
-    settings = dict(neighbours_k=4, neighbours_threads=2, dba=True, dba_n=2)
+    settings = dict(neighbours_k=4, neighbours_threads=2, dba=True, dba_n=2, neighbours_store=store)
     with _client(tmp_path, database_url, offline_embedder, **settings) as c:
+        assert c.app.state.service.neighbours.shared == (store == "auto")
         _index(c, paths)
         job_id = c.post("/jobs/neighbours").json()["id"]
         assert half.wait(60)
@@ -165,14 +186,11 @@ def test_job_resumes_after_the_service_stops_mid_job(tmp_path, database_url, off
         again = c.post("/jobs/neighbours")
         assert again.status_code == 200 and again.json()["id"] == job_id
     # The service stopped (lifespan ended): the job stopped between two batches.
-    db_file = tmp_path / "data" / "neighbours.sqlite3"
-    with sqlite3.connect(db_file) as conn:
-        state, done = conn.execute("SELECT state, done FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    state, done = _job_row(tmp_path, database_url, store, job_id)
     assert state == "interrupted" and 0 < done < len(paths)
     walked_first = len(calls)
-    # As after a kill -9: the file still says running. The next start must resume it on its own.
-    with sqlite3.connect(db_file) as conn:
-        conn.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (job_id,))
+    # As after a kill -9: the store still says running. The next start must resume it on its own.
+    _job_row(tmp_path, database_url, store, job_id, set_state="running")
 
     monkeypatch.setattr(graph_module, "nearest", real_nearest)
     calls_after = []
@@ -227,6 +245,34 @@ def test_duplicate_groups_on_instance_small_match_the_ground_truth(tmp_path, dat
         after = c.get("/duplicates").json()
         assert pair["ids"] not in [g["ids"] for g in after["groups"]] and after["total"] == 4
         assert all(pair["ids"][0] not in g["ids"] for g in after["groups"])
+
+
+def test_shared_graph_answers_503_fast_while_the_database_is_down(tmp_path, database_url, offline_embedder, paths):
+    """The graph in PostgreSQL (pgvector with a DATABASE_URL): while the database refuses connections, the graph's
+    routes answer 503 within about a second, like every other route that needs the database, then recover."""
+    with _client(tmp_path, database_url, offline_embedder, neighbours_k=4) as c:
+        _index(c, paths[:8])
+        job = _build(c)
+        assert c.get("/duplicates", params={"threshold": 0.5}).status_code == 200
+        name = urlsplit(database_url).path.lstrip("/")
+        admin = database_url.replace(f"/{name}?", "/postgres?")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        try:
+            for path in ("/duplicates", f"/jobs/{job['id']}"):
+                started = time.monotonic()
+                r = c.get(path)
+                assert r.status_code == 503 and "detail" in r.json(), r.text
+                assert time.monotonic() - started < 5
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        deadline = time.monotonic() + 30
+        for path in (f"/jobs/{job['id']}", "/duplicates"):  # /duplicates also waits for the service's breaker
+            while c.get(path, params={"threshold": 0.5} if path == "/duplicates" else None).status_code != 200:
+                assert time.monotonic() < deadline, f"{path} did not recover"
+                time.sleep(0.2)
 
 
 def test_jobs_api_key_and_unknown_job(tmp_path, database_url, offline_embedder, paths):

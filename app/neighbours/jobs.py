@@ -6,6 +6,12 @@
 :meth:`NeighbourJobs.close` (from ``SearchService.close``) stops the thread between two batches; the job is then
 ``interrupted`` and resumes, skipping the images already done, when the service starts again (a ``kill -9`` leaves it
 ``running`` in the file, which the next start reads the same way).
+
+Where the graph lives (``NEIGHBOURS_STORE``): with pgvector and a ``DATABASE_URL``, in PostgreSQL tables every
+replica shares (:class:`app.neighbours.pgstore.PgGraphStore`): one replica builds at a time, holding a lease (an
+advisory lock) that a killed replica loses; every replica serves the same groups and shows the same job progress,
+and a job whose builder died shows ``interrupted`` everywhere until a ``POST /jobs/neighbours`` on any replica
+resumes it. Otherwise in a SQLite file under ``DATA_DIR`` (:class:`app.neighbours.store.GraphStore`), one machine.
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.config import Settings
-from app.errors import GraphNotBuiltError, InvalidParameterError, JobNotFoundError
+from app.errors import DatabaseUnavailableError, GraphNotBuiltError, InvalidParameterError, JobNotFoundError
 from app.neighbours.dba import DbaRerank
 from app.neighbours.duplicates import DuplicateGroup, duplicate_groups
 from app.neighbours.graph import JobStopped, build_dba, build_graph
 from app.neighbours.store import FILENAME, GraphStore, JobRecord, utc_now
 from app.vectordb.base import DEFAULT_COLLECTION, VectorDBHandler
+
+if TYPE_CHECKING:
+    from app.neighbours.pgstore import PgGraphStore
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +66,20 @@ class NeighbourJobs:
 
         One file per collection, since a graph belongs to one model's vectors: ``DATA_DIR/neighbours.sqlite3`` for
         the default collection, ``DATA_DIR/neighbours.<collection>.sqlite3`` for one made by ``scripts/reindex.py``
-        (after a switch the new collection has no graph until the job runs again).
+        (after a switch the new collection has no graph until the job runs again). In PostgreSQL (``shared``), the
+        tables hold every collection's graph, by name.
         """
         self.settings = settings
         self.db = db
         collection = getattr(db, "collection_name", DEFAULT_COLLECTION)
+        self.collection = collection
+        #: the graph lives in PostgreSQL, shared by every replica (see the module docstring)
+        self.shared = (
+            settings.neighbours_store == "auto" and settings.vector_db == "pgvector" and bool(settings.database_url)
+        )
         name = FILENAME if collection == DEFAULT_COLLECTION else FILENAME.replace(".sqlite3", f".{collection}.sqlite3")
         self.path: Path = settings.data_dir.resolve() / name
-        self._store: GraphStore | None = None
+        self._store: GraphStore | PgGraphStore | None = None
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._stop = threading.Event()
@@ -74,13 +90,24 @@ class NeighbourJobs:
         self._closed = False
 
     # --- the file -----------------------------------------------------------------------------------------
-    def _open_store(self, create: bool) -> GraphStore | None:
+    def _open_store(self, create: bool) -> GraphStore | PgGraphStore | None:
         with self._lock:
-            if self._store is None and not self._closed and (create or self.path.exists()):
-                self._store = GraphStore(self.path)
+            if self._store is None and not self._closed:
+                if self.shared:
+                    from app.neighbours.pgstore import PgGraphStore
+
+                    assert self.settings.database_url is not None
+                    # Bounded like the other requests' database waits: a database that is down answers 503 fast.
+                    wait_s = max(self.settings.db_request_timeout_s, 1.0)
+                    self._store = PgGraphStore(self.settings.database_url, self.collection, wait_s=wait_s)
+                elif create or self.path.exists():
+                    self._store = GraphStore(self.path)
             return self._store
 
     def _served(self) -> JobRecord | None:
+        if self.shared:  # another replica may complete a graph at any time: always ask (one indexed lookup)
+            store = self._open_store(create=False)
+            return None if store is None else store.current_graph()
         if not self._current_loaded:
             store = self._open_store(create=False)
             self._current = None if store is None else store.current_graph()
@@ -94,15 +121,25 @@ class NeighbourJobs:
             store = self._open_store(create=False)
             if store is None:
                 return None
-            store.mark_unfinished_interrupted()
-            job = store.unfinished_job(KIND)
+            with self._start_lock, store.start_lock():
+                lease = store.acquire_lease()
+                if lease is None:
+                    return None  # another replica builds
+                store.mark_unfinished_interrupted()  # we hold the lease: no one else runs them
+                job = store.unfinished_job(KIND)
+                if job is None or job.state != "interrupted":
+                    lease.close()
+                    return None
+                log.info(
+                    "Resuming neighbour-graph job %d (%s phase, %d/%d done)", job.id, job.phase, job.done, job.total
+                )
+                return self._launch(job, lease)
         except sqlite3.DatabaseError:  # a damaged graph file must not keep the service from starting
             log.exception("Cannot read %s; POST /jobs/neighbours builds the graph again", self.path)
             return None
-        if job is None or job.state != "interrupted":
+        except DatabaseUnavailableError as exc:  # nor a database that is down: the next POST resumes it
+            log.error("Cannot resume the neighbour-graph job: %s", exc)
             return None
-        log.info("Resuming neighbour-graph job %d (%s phase, %d/%d done)", job.id, job.phase, job.done, job.total)
-        return self._launch(job)
 
     def start(self) -> tuple[JobRecord, bool]:
         """Start a graph build, or report the one already running.
@@ -110,7 +147,9 @@ class NeighbourJobs:
         Returns ``(job, started)``: ``started`` is ``False`` when a job was already running (that job is returned).
         An unfinished job (interrupted or failed) with the same parameters (``NEIGHBOURS_K``, and ``DBA_N`` /
         ``DBA_ALPHA`` when ``DBA`` is on) is resumed under its id; otherwise a new job starts and the old one's
-        partial work is discarded. A completed graph keeps being served until the new one completes.
+        partial work is discarded. A completed graph keeps being served until the new one completes. With a shared
+        store, a job another replica runs is answered the same way (``started`` ``False``); one whose replica died
+        is resumed here. Raises :class:`app.errors.DatabaseUnavailableError` (shared store).
         """
         with self._start_lock:  # two concurrent POSTs must not launch two threads on one job
             return self._start()
@@ -119,21 +158,34 @@ class NeighbourJobs:
         store = self._open_store(create=True)
         if store is None:
             raise RuntimeError("the service is closing")
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive() and self._running is not None:
-                return store.job(self._running.id) or self._running, False
-        s = self.settings
-        dba_n, dba_alpha = (s.dba_n, s.dba_alpha) if s.dba else (None, None)
-        job = store.unfinished_job(KIND)
-        if job is not None and (job.k, job.dba_n, job.dba_alpha) != (s.neighbours_k, dba_n, dba_alpha):
-            store.discard_job(job.id)
-            job = None
-        if job is None:
-            job = store.create_job(KIND, s.neighbours_k, dba_n, dba_alpha)
-            store.update_job(job.id, total=self.db.count())  # so the first answer already shows the size
-        return self._launch(job), True
+        with store.start_lock():  # one replica at a time decides (a no-op for the SQLite file)
+            with self._lock:
+                if self._thread is not None and self._thread.is_alive() and self._running is not None:
+                    return store.job(self._running.id) or self._running, False
+            lease = store.acquire_lease()
+            if lease is None:  # another replica builds: answer its job
+                running = store.unfinished_job(KIND) or store.latest_job(KIND)
+                if running is None:
+                    raise DatabaseUnavailableError("Another replica holds the graph's lease; try again shortly.")
+                return running, False
+            try:
+                store.mark_unfinished_interrupted()  # "running" without the lease: its replica died
+                s = self.settings
+                dba_n, dba_alpha = (s.dba_n, s.dba_alpha) if s.dba else (None, None)
+                job = store.unfinished_job(KIND)
+                if job is not None and (job.k, job.dba_n, job.dba_alpha) != (s.neighbours_k, dba_n, dba_alpha):
+                    store.discard_job(job.id)
+                    job = None
+                if job is None:
+                    job = store.create_job(KIND, s.neighbours_k, dba_n, dba_alpha)
+                    store.update_job(job.id, total=self.db.count())  # so the first answer already shows the size
+                return self._launch(job, lease), True
+            except BaseException:
+                lease.close()
+                raise
 
-    def _launch(self, job: JobRecord) -> JobRecord:
+    def _launch(self, job: JobRecord, lease) -> JobRecord:  # noqa: ANN001 - the store's lease
+        """Run ``job`` on a new thread that holds ``lease`` until it ends."""
         store = self._store
         assert store is not None
         store.update_job(job.id, state="running", started_at=utc_now(), error=None)
@@ -141,11 +193,13 @@ class NeighbourJobs:
         with self._lock:
             self._stop.clear()
             self._running = job
-            self._thread = threading.Thread(target=self._run, args=(job,), name=f"job-neighbours-{job.id}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(job, lease), name=f"job-neighbours-{job.id}", daemon=True
+            )
             self._thread.start()
         return job
 
-    def _run(self, job: JobRecord) -> None:
+    def _run(self, job: JobRecord, lease) -> None:  # noqa: ANN001 - the store's lease
         store = self._store
         assert store is not None
         try:
@@ -176,18 +230,25 @@ class NeighbourJobs:
             log.exception("Neighbour-graph job %d failed", job.id)
             store.update_job(job.id, state="failed", error=f"{type(exc).__name__}: {exc}"[:1000])
         finally:
+            lease.close()  # before _running is cleared: a new start here must find the lease free
             with self._lock:
                 self._running = None
 
     def job(self, job_id: int) -> JobRecord:
-        """The job with this id; raises :class:`JobNotFoundError` (also for an id no job can have: SQLite's integer
-        keys are 64-bit signed and start at 1, and a larger one would overflow the query)."""
+        """The job with this id (from any replica, with a shared store); raises :class:`JobNotFoundError` (also for an
+        id no job can have: integer keys are 64-bit signed and start at 1, and a larger one would overflow the query)
+        and :class:`app.errors.DatabaseUnavailableError`.
+
+        A shared job shown ``running`` while no replica holds the lease was cut short (its replica was killed):
+        it is answered as ``interrupted``, as it is after the next start."""
         if not 1 <= job_id <= 2**63 - 1:
             raise JobNotFoundError(f"No job with id {str(job_id)[:40]}.")
         store = self._open_store(create=False)
         job = None if store is None else store.job(job_id)
         if job is None:
             raise JobNotFoundError(f"No job with id {job_id}.")
+        if store.shared and job.state == "running" and not store.lease_held():
+            job = replace(job, state="interrupted")
         return job
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,8 +123,11 @@ class Edge:
     score: float
 
 
-def _time(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
+def _time(value: str | datetime | None) -> datetime | None:
+    """A stored time (ISO 8601 text in SQLite, ``timestamptz`` from PostgreSQL) as an aware UTC datetime."""
+    if value is None:
+        return None
+    return (value if isinstance(value, datetime) else datetime.fromisoformat(value)).astimezone(UTC)
 
 
 def _job(row: Sequence) -> JobRecord:
@@ -165,8 +169,22 @@ def _chunks(items: Sequence[str], size: int = _SQL_CHUNK) -> Iterator[Sequence[s
         yield items[start : start + size]
 
 
+class _NoLease:
+    """The lease of a store only this process writes: nothing to hold."""
+
+    def close(self) -> None:
+        """Nothing to give up."""
+
+
 class GraphStore:
-    """The SQLite file of neighbour graphs and jobs (see the module docstring). Thread-safe; :meth:`close` it."""
+    """The SQLite file of neighbour graphs and jobs (see the module docstring). Thread-safe; :meth:`close` it.
+
+    Its lease and start lock exclude nothing: one process owns the file (the service's own job lock suffices).
+    :class:`app.neighbours.pgstore.PgGraphStore` is the same interface in PostgreSQL, shared by replicas.
+    """
+
+    shared = False
+    """Only this process builds and serves this graph (``PgGraphStore``'s is ``True``)."""
 
     def __init__(self, path: Path) -> None:
         """Open (creating the file, its folder and the tables if missing) ``path``."""
@@ -209,6 +227,20 @@ class GraphStore:
         with self._lock:
             return self._conn.execute(query, params).fetchall()
 
+    # --- one builder at a time (one process owns the file) --------------------------------------------------
+    @contextmanager
+    def start_lock(self) -> Iterator[None]:
+        """Nothing to hold: the service's own start lock serialises its starts."""
+        yield
+
+    def acquire_lease(self) -> _NoLease:
+        """Always granted: the file has one writer."""
+        return _NoLease()
+
+    def lease_held(self) -> bool:
+        """Not consulted for a store that is not shared; ``True``."""
+        return True
+
     # --- jobs ---------------------------------------------------------------------------------------------
     def create_job(self, kind: str, k: int, dba_n: int | None, dba_alpha: float | None) -> JobRecord:
         """A new ``queued`` job in phase ``graph``."""
@@ -232,6 +264,11 @@ class GraphStore:
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE kind = ? AND state != 'completed' ORDER BY id DESC LIMIT 1",
             (kind,),
         )
+        return _job(rows[0]) if rows else None
+
+    def latest_job(self, kind: str) -> JobRecord | None:
+        """The latest job of ``kind`` in any state, or ``None``."""
+        rows = self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,))
         return _job(rows[0]) if rows else None
 
     def update_job(self, job_id: int, **fields: object) -> None:

@@ -19,8 +19,9 @@ conditional writes (``If-None-Match: *``), byte ranges, streamed reads, timeouts
   Messages are written here (store URL, endpoint, HTTP status); the client's own text, and so any credential, is
   never passed on.
 
-The per-id write locks are ``flock`` files under ``DATA_DIR/.locks`` (app/indexing/locks.py): they exclude the
-writers of one machine; several machines sharing one bucket need a shared lock (issue #21).
+The per-id write locks are ``flock`` files under ``DATA_DIR/.locks`` (app/indexing/locks.py), which exclude the
+writers of one machine, unless :func:`app.storage.from_settings` replaces them with PostgreSQL advisory locks
+(pgvector with a ``DATABASE_URL``), which exclude the writers of every machine sharing the bucket.
 """
 
 from __future__ import annotations
