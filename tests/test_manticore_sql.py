@@ -712,17 +712,16 @@ class _SilentMySQL:
 
 def test_a_hung_engine_gives_a_timeout_error_within_the_request_deadline():
     from app.errors import DatabaseTimeoutError
-    from app.vectordb.manticore import DEADLINE_GRACE_S
 
     server = _SilentMySQL(answer_login=True)
     try:
         start = time.monotonic()
         with pytest.raises(DatabaseTimeoutError) as err:  # the constructor reads the collection's bookkeeping
-            ManticoreHandler("127.0.0.1", server.port, table="images", timeout_s=30, request_timeout_s=0.2)
+            ManticoreHandler("127.0.0.1", server.port, table="images", timeout_s=30, request_timeout_s=0.5)
         took = time.monotonic() - start
         assert server.statements == 1  # logged in, sent one statement, not retried on a fresh connection
-        assert 0.2 + DEADLINE_GRACE_S - 0.05 < took < 0.2 + DEADLINE_GRACE_S + 0.5, took
-        assert "did not answer within 0.7 s" in str(err.value)
+        assert 0.45 < took < 1.0, took
+        assert "did not answer within 0.5 s" in str(err.value)
     finally:
         server.close()
 
@@ -747,7 +746,7 @@ def test_long_operations_get_a_connection_of_their_own_with_the_long_timeout():
             _port=server.port,
             _timeout_s=10.0,
             _long_io_s=60.0,
-            _request_io_s=0.7,
+            _request_io_s=0.5,
             _lock=threading.Lock(),
             _closed=False,
             _idle=[],
@@ -756,7 +755,7 @@ def test_long_operations_get_a_connection_of_their_own_with_the_long_timeout():
         short = handler._connect()
         long = handler._connect(handler._long_io_s)
         try:
-            assert (short._read_timeout, short._write_timeout) == (0.7, 0.7)
+            assert (short._read_timeout, short._write_timeout) == (0.5, 0.5)
             assert (long._read_timeout, long._write_timeout) == (60.0, 60.0)
         finally:
             short.close()

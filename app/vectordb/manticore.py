@@ -74,9 +74,6 @@ log = logging.getLogger(__name__)
 
 # pymysql client-side error codes that mean the connection itself failed (not the statement).
 _CONNECTION_ERROR_CODES = frozenset({2002, 2003, 2005, 2006, 2012, 2013, 2014, 2055})
-#: seconds a request's statement may run past DB_STATEMENT_TIMEOUT_S before the client gives up (the read/write
-#: timeout of request connections is their sum), as pgvector's and Milvus' ``DEADLINE_GRACE_S``
-DEADLINE_GRACE_S = 0.5
 #: upserts of more rows than this (bulk indexing, scripts/migrate.py) are long operations: a connection of their own
 #: with the long read/write timeout; a request indexes a few images
 REQUEST_UPSERT_ROWS = 64
@@ -114,9 +111,10 @@ class ManticoreHandler(VectorDBHandler):
             scans, upserts of over :data:`REQUEST_UPSERT_ROWS` rows), each on a connection of its own, may take
             ``max(60, 6 * timeout_s)`` seconds.
         request_timeout_s: deadline, seconds, of a request's statements (search, get, exists, count, small upserts,
-            delete, the health probe): the read/write timeout of the pooled connections is
-            ``request_timeout_s + DEADLINE_GRACE_S``. ``None`` or 0: the long timeout. A statement cut by it raises
-            :class:`DatabaseTimeoutError` (HTTP 503; a write's outcome is then unknown) and is not retried.
+            delete, the health probe): the read/write timeout of the pooled connections (the handler sets no
+            server-side query limit, so there is no server cancel to wait for). ``None`` or 0: the long timeout.
+            A statement cut by it raises :class:`DatabaseTimeoutError` (HTTP 503; a write's outcome is then unknown)
+            and is not retried.
         max_idle: connections kept open for reuse; more are opened on demand and closed after use.
 
     Thread-safe: a lock-protected pool of idle connections; a connection that failed is dropped, and a stale pooled
@@ -151,7 +149,7 @@ class ManticoreHandler(VectorDBHandler):
         self._request_timeout_s = float(request_timeout_s or 0) or None
         self._long_io_s = max(60.0, 6 * self._timeout_s)
         #: read/write timeout, seconds, of the pooled (request) connections
-        self._request_io_s = self._request_timeout_s + DEADLINE_GRACE_S if self._request_timeout_s else self._long_io_s
+        self._request_io_s = self._request_timeout_s or self._long_io_s
         self._max_idle = max(0, int(max_idle))
         self._idle: list[pymysql.connections.Connection] = []
         self._lock = threading.Lock()
@@ -227,11 +225,10 @@ class ManticoreHandler(VectorDBHandler):
         """Run ``fn(cursor)`` on a pooled connection; connection failures become DatabaseUnavailableError.
 
         ``long``: a long operation, on a connection of its own with the long read/write timeout (closed after);
-        otherwise a pooled request connection, whose reads and writes time out after ``request_timeout_s +
-        DEADLINE_GRACE_S``: a timeout raises :class:`DatabaseTimeoutError`, never retried. A pooled connection may
-        have gone stale (server restart, idle timeout): then, if ``retry``, the call runs once more on a fresh
-        connection. Statements Manticore rejects also raise DatabaseUnavailableError (the request failed), with
-        Manticore's message.
+        otherwise a pooled request connection, whose reads and writes time out after ``request_timeout_s``: a timeout
+        raises :class:`DatabaseTimeoutError`, never retried. A pooled connection may have gone stale (server
+        restart, idle timeout): then, if ``retry``, the call runs once more on a fresh connection. Statements
+        Manticore rejects also raise DatabaseUnavailableError (the request failed), with Manticore's message.
         """
         for attempt in (0, 1):
             if long:

@@ -143,10 +143,6 @@ LITE_SCAN_PAGE_ROWS = 8192
 LITE_SCAN_PAGE_FLOATS = 2**22
 # Loading a large collection (reading its index into memory) can take much longer than an ordinary request.
 _LOAD_TIMEOUT_S = 600.0
-#: seconds a request's call may run past DB_STATEMENT_TIMEOUT_S before the client gives up (the gRPC deadline is
-#: their sum): the same client deadline as pgvector's (``app.vectordb.pgvector.DEADLINE_GRACE_S``). Milvus has no
-#: server-side statement timeout, so the gRPC deadline is the only limit.
-DEADLINE_GRACE_S = 0.5
 #: extra deadline an upsert gets per row, seconds (as pgvector's ``UPSERT_ROW_ALLOWANCE_S``): batch writes of
 #: scripts/migrate.py and bulk indexing (1,000 rows: +10 s) are not cut by the request deadline.
 UPSERT_ROW_ALLOWANCE_S = 0.01
@@ -253,8 +249,9 @@ class MilvusHandler(VectorDBHandler):
             listing, switching and dropping collections, a server's scan pages, an explicit flush) before
             :class:`DatabaseUnavailableError`.
         request_timeout_s: deadline, seconds, of each call a request makes (search, get, exists, count, upsert,
-            delete, the health probe, a flush on a request's path); ``None`` or 0: ``timeout_s``. The gRPC deadline
-            is ``request_timeout_s + DEADLINE_GRACE_S`` (upserts: plus ``UPSERT_ROW_ALLOWANCE_S`` per row). A call
+            delete, the health probe, a flush on a request's path); ``None`` or 0: ``timeout_s``. It is the gRPC
+            deadline itself (upserts: plus ``UPSERT_ROW_ALLOWANCE_S`` per row): Milvus has no statement timeout of
+            its own to wait for, unlike pgvector, whose client waits 0.5 s longer than the server's. A call
             cut by it raises :class:`DatabaseTimeoutError` (a :class:`DatabaseUnavailableError`, HTTP 503): a write's
             outcome is then unknown (a hung server may apply it when it resumes).
 
@@ -284,7 +281,7 @@ class MilvusHandler(VectorDBHandler):
         self._timeout_s = float(timeout_s)
         self._request_timeout_s = float(request_timeout_s or 0) or None  # for open_collection
         #: gRPC deadline of a request's calls, seconds
-        self._req_s = (self._request_timeout_s + DEADLINE_GRACE_S) if self._request_timeout_s else self._timeout_s
+        self._req_s = self._request_timeout_s or self._timeout_s
         self._dim: int | None = None
         self._has_taken_at = True  # False for a collection created before taken_at (see the module docstring)
         self._closed = False
