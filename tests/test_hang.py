@@ -2,9 +2,10 @@
 same fast 503 + Retry-After as a dead one, ``/health`` turns within the bound, and the service recovers by itself
 with nothing lost.
 
-The first tests use a socket pair and a fake handler (milliseconds); the last one stops (``SIGSTOP``) a dedicated
-embedded PostgreSQL (postmaster and every backend) under a search and index load on a real HTTP server, then
-resumes it (``SIGCONT``, always, also when the test fails).
+The first tests use a socket pair and a fake handler (milliseconds); the last two stop (``SIGSTOP``) a dedicated
+embedded PostgreSQL (postmaster and every backend), and a Milvus Lite server run as a process of its own, under a
+search and index load on a real HTTP server, then resume them (``SIGCONT``, always, also when the test fails). The
+hung Manticore case, without an engine, is in ``tests/test_manticore_sql.py``.
 """
 
 from __future__ import annotations
