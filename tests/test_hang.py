@@ -340,7 +340,30 @@ def test_sigstop_of_a_milvus_lite_server_under_search_and_index_load(tmp_path, o
             time.sleep(0.2)
         settings = make_settings(tmp_path / "data", "", vector_db="milvus", milvus_uri=f"http://127.0.0.1:{port}")
         application = create_app(settings, embedder=offline_embedder)
-        _hang_under_load(application, images, server.suspend, server.resume)
+        acknowledged = _hang_under_load(application, images, server.suspend, server.resume)
+
+        # The handler itself: a call cut by the deadline is a DatabaseTimeoutError (what write.py keeps the
+        # originals for), within the deadline, and the handler works again once the server resumes.
+        from app.errors import DatabaseTimeoutError
+        from app.vectordb.milvus import MilvusHandler
+
+        handler = MilvusHandler(f"http://127.0.0.1:{port}", timeout_s=10, request_timeout_s=0.3)
+        try:
+            record = handler.get(acknowledged[0])
+            assert record is not None
+            server.suspend()
+            try:
+                for call in (lambda: handler.upsert([record]), lambda: handler.search(record.vector, 3)):
+                    start = time.monotonic()
+                    with pytest.raises(DatabaseTimeoutError):
+                        call()
+                    assert 0.25 < time.monotonic() - start < 1.0
+                assert handler.health() is False
+            finally:
+                server.resume()
+            assert handler.health() is True and handler.get(record.id) is not None
+        finally:
+            handler.close()
     finally:
         try:
             server.resume()  # never leave it stopped
