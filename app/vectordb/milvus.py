@@ -371,17 +371,21 @@ class MilvusHandler(VectorDBHandler):
             raise DatabaseUnavailableError(f"Milvus could not {what} ({self._where}): {detail}") from exc
 
     @contextlib.contextmanager
-    def _locked(self, timeout_s: float) -> Iterator[None]:
+    def _locked(self) -> Iterator[None]:
         """Hold the Lite write lock (a Milvus server needs none), waiting at most ``timeout_s`` seconds for it.
 
-        Raises :class:`DatabaseTimeoutError` when another write holds it longer (e.g. one waiting on a hung server).
+        Not the request deadline: embedded Lite runs in this process, so the lock is never held by a hung server,
+        only by other writes (a bulk batch may take seconds), and a request waiting its turn is not a failure.
+        Raises :class:`DatabaseUnavailableError` when another write holds it longer; nothing was sent then.
         """
         if self._lite is None:
             yield
             return
         lock = self._lite.write_lock
-        if not lock.acquire(timeout=timeout_s):
-            raise DatabaseTimeoutError(f"Milvus: another write held the lock of {self._where} for {timeout_s:.1f} s")
+        if not lock.acquire(timeout=self._timeout_s):
+            raise DatabaseUnavailableError(
+                f"Milvus: another write held the lock of {self._where} for {self._timeout_s:.1f} s"
+            )
         try:
             yield
         finally:
@@ -573,7 +577,7 @@ class MilvusHandler(VectorDBHandler):
         deadline_s = self._req_s + (UPSERT_ROW_ALLOWANCE_S * len(rows) if self._request_timeout_s else 0.0)
 
         def _write() -> None:
-            with self._locked(deadline_s):
+            with self._locked():
                 self._client.upsert(self._collection, rows, timeout=deadline_s)
                 if self._lite is not None and self._lite.note_write(len(rows)):
                     try:
@@ -597,7 +601,7 @@ class MilvusHandler(VectorDBHandler):
 
         def _delete() -> bool:
             # Milvus' delete reports the keys it was given, not the rows it removed: look first, under the lock.
-            with self._locked(self._req_s):
+            with self._locked():
                 if not self._query(expr, ["id"]):
                     return False
                 self._client.delete(self._collection, filter=expr, timeout=self._req_s)
