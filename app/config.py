@@ -134,8 +134,12 @@ class Settings(BaseSettings):
         description="Deadline, seconds, of every database call a request makes (index builds and collection switches "
         "excepted): PostgreSQL's statement_timeout, and the client gives up DEADLINE_GRACE_S (0.5 s) later if the "
         "server does not answer at all (a hung server answers 503 within about 2 s instead of holding requests). "
-        "pgvector only: Milvus and Manticore keep their clients' timeouts (DB_CONNECT_TIMEOUT_S per Milvus request), "
-        "and for every backend a health probe unanswered for 1.5 s turns /health and requests to 503. 0 disables.",
+        "Milvus: the gRPC deadline of each call of a request (search, get, exists, count, upsert, delete, health); "
+        "Manticore: the read/write timeout of the request connections (neither has a server-side limit to wait "
+        "for, so no 0.5 s grace). Long "
+        "operations (index builds, loading, scans, collection switches) keep DB_CONNECT_TIMEOUT_S or longer. For "
+        "every backend a health probe unanswered for 1.5 s turns /health and requests to 503. 0 disables "
+        "(Milvus then uses DB_CONNECT_TIMEOUT_S per call, Manticore its 60 s read timeout).",
     )
     milvus_uri: str = Field(
         "",

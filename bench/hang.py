@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A database that hangs instead of dying: SIGSTOP of the embedded PostgreSQL under load, as one JSON line.
+"""A database that hangs instead of dying: SIGSTOP of the embedded PostgreSQL (or Milvus) under load, one JSON line.
 
 Starts its own server (``python -m app``, embedded PostgreSQL under a temporary ``DATA_DIR``, offline model) on a
 loopback port, indexes a few real images, then runs ``--clients`` search loops, one index loop (new images from
@@ -14,14 +14,18 @@ Reports: ``first_503_s`` (from the stop to the first 503 answered), failed reque
 started more than 0.5 s into the hang), ``recovered_s`` (from SIGCONT to a successful search and /health), requests
 by status, ``lost`` (acknowledged ids missing afterwards), and fsck's exit code and mismatches (an original without
 a row, left by a write the deadline cut, is expected and harmless: the start-up sweep removes it).
-``--project-root`` runs the server from another checkout (a baseline).
+``--project-root`` runs the server from another checkout (a baseline). ``--backend milvus`` stops a Milvus Lite
+server instead: Milvus Lite 3 runs inside the service's process, so the bench starts Lite's gRPC server as a process
+of its own (``milvus-lite server``, loopback) and points ``MILVUS_URI`` at it, as for a Milvus server.
 
-Usage: python bench/hang.py [--hang-s 6] [--clients 2] [--images DIR] [--model-cache-dir DIR] [--project-root DIR]
+Usage: python bench/hang.py [--backend pgvector|milvus] [--hang-s 6] [--clients 2] [--images DIR]
+    [--model-cache-dir DIR] [--project-root DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import signal
@@ -48,6 +52,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_process(process: subprocess.Popen) -> None:
+    """Resume (it may be stopped), terminate and reap ``process``; nothing if it has exited."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, limit_s: float = 120.0) -> None:
+    """Wait until ``process`` listens on loopback ``port``; SystemExit if it exits or ``limit_s`` passes."""
+    import socket
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the process {process.args[:4]} did not listen on port {port}")
+        time.sleep(0.2)
+
+
 def _postgres_processes(pgdata: Path) -> list[psutil.Process]:
     pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
     postmaster = psutil.Process(pid)
@@ -71,6 +102,7 @@ def _fsck_mismatches(stdout: str) -> list[str] | str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", choices=["pgvector", "milvus"], default="pgvector")
     parser.add_argument("--hang-s", type=float, default=6.0)
     parser.add_argument("--warm-s", type=float, default=2.0)
     parser.add_argument("--recover-s", type=float, default=20.0)
@@ -94,6 +126,18 @@ def main() -> int:
             PORT=str(port),
             LOG_LEVEL="ERROR",
         )
+        milvus = None
+        if args.backend == "milvus":
+            milvus_port = _free_port()
+            milvus = subprocess.Popen(
+                [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(Path(tmp) / "milvus.db")]
+                + ["--host", "127.0.0.1", "--port", str(milvus_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            atexit.register(_stop_process, milvus)  # also when the bench fails (SIGCONT first: see the finally below)
+            env.update(VECTOR_DB="milvus", MILVUS_URI=f"http://127.0.0.1:{milvus_port}")
+            _wait_for_port(milvus_port, milvus)
         server = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=tmp)
         stopped: list[float] = []
         resumed: list[float] = []
@@ -150,7 +194,10 @@ def main() -> int:
             for t in threads:
                 t.start()
             time.sleep(args.warm_s)
-            processes = _postgres_processes(Path(tmp) / "pgdata")
+            if milvus is not None:
+                processes = [psutil.Process(milvus.pid)]
+            else:
+                processes = _postgres_processes(Path(tmp) / "pgdata")
             for p in processes:
                 p.suspend()
             stopped.append(time.monotonic())
@@ -191,6 +238,8 @@ def main() -> int:
             capture_output=True,
             text=True,
         )
+        if milvus is not None:
+            _stop_process(milvus)
 
     t_stop, t_resume = stopped[0], resumed[0]
     during = [r for r in records if r[2] > t_stop and r[1] < t_resume and r[0] != "health"]
@@ -203,6 +252,7 @@ def main() -> int:
         "bench": "hang",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "project_root": str(args.project_root),
+        "backend": args.backend,
         "hang_s": args.hang_s,
         "clients": args.clients,
         "first_503_s": round(min(r[2] for r in failed) - t_stop, 2) if failed else None,

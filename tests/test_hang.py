@@ -2,14 +2,17 @@
 same fast 503 + Retry-After as a dead one, ``/health`` turns within the bound, and the service recovers by itself
 with nothing lost.
 
-The first tests use a socket pair and a fake handler (milliseconds); the last one stops (``SIGSTOP``) a dedicated
-embedded PostgreSQL (postmaster and every backend) under a search and index load on a real HTTP server, then
-resumes it (``SIGCONT``, always, also when the test fails).
+The first tests use a socket pair and a fake handler (milliseconds); the last two stop (``SIGSTOP``) a dedicated
+embedded PostgreSQL (postmaster and every backend), and a Milvus Lite server run as a process of its own, under a
+search and index load on a real HTTP server, then resume them (``SIGCONT``, always, also when the test fails). The
+hung Manticore case, without an engine, is in ``tests/test_manticore_sql.py``.
 """
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,15 +146,17 @@ def _server_processes(pgdata: Path) -> list[psutil.Process]:
     return [postmaster, *postmaster.children(recursive=True)]
 
 
-@pytest.mark.slow
-def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, offline_embedder, datasets):
-    from app.indexing.fsck import check as fsck
-    from app.main import create_app
-    from tests.helpers import make_settings, run_live_server
+def _hang_under_load(application, images: list[Path], suspend, resume) -> list[str]:
+    """Run a search and index load against ``application`` on a live loopback server, ``suspend()`` its database for
+    :data:`HANG_S`, ``resume()`` it (always, in a ``finally``), and check the issue's bounds: failed requests are 503
+    + Retry-After within them, ``/health`` turns within them and not back while stopped, the service recovers by
+    itself within :data:`RECOVERY_LIMIT_S` of the resume, everything acknowledged exists afterwards, and fsck is
+    clean.
 
-    images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
-    settings = make_settings(tmp_path / "data", None)  # its own embedded server: stopping it freezes no other test
-    pgdata = settings.data_dir / "pgdata"
+    Returns the acknowledged ids. Prints the figures (seconds after the stop).
+    """
+    from tests.helpers import run_live_server
+
     acknowledged: list[str] = []
     failures: list[tuple[float, float, str]] = []  # (start since the stop, seconds taken, route)
     successes_during: list[tuple[float, str]] = []
@@ -160,7 +165,6 @@ def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, 
     stop_flag = threading.Event()
     stopped_at: list[float] = []
 
-    application = create_app(settings, embedder=offline_embedder)
     with run_live_server(application) as url:
         with httpx.Client(timeout=30) as http:
             for path in images[:5]:
@@ -213,22 +217,15 @@ def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, 
         threads.append(threading.Thread(target=watch_health))
         for t in threads:
             t.start()
-        processes = []
         try:
             time.sleep(1.0)  # load running against a healthy database
-            processes = _server_processes(pgdata)
-            for p in processes:
-                p.suspend()
-            stopped_at.append(time.monotonic())
-            time.sleep(HANG_S)
-        finally:
-            for p in processes:
-                try:
-                    p.resume()
-                except psutil.NoSuchProcess:
-                    pass
-            resumed = since()
-        try:
+            try:
+                suspend()
+                stopped_at.append(time.monotonic())
+                time.sleep(HANG_S)
+            finally:
+                resume()
+                resumed = since()
             deadline = time.monotonic() + RECOVERY_LIMIT_S
             recovered_at = None
             while time.monotonic() < deadline:
@@ -267,9 +264,114 @@ def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, 
             existing = http.post(f"{url}/images/exists", json={"ids": acknowledged}).json()["existing"]
             assert sorted(existing) == sorted(set(acknowledged))  # everything acknowledged is there
             assert http.get(f"{url}/stats").json()["count"] >= len(set(acknowledged))
-        # fsck: every row has its original. An original without a row (a write cut by the deadline whose commit
-        # never arrived) is allowed: invisible, and removed by the start-up sweep.
-        service = application.state.service
-        report = fsck(service.db, service.store)
-        print(f"fsck: {report.rows} rows, {len(report.originals_without_row)} originals without a row")
-        assert report.rows_without_original == [] and report.temp_files == []
+        _fsck_is_clean(application)  # while the service (and its database handler) is still open
+    return acknowledged
+
+
+def _fsck_is_clean(application) -> None:
+    """fsck: every row has its original. An original without a row (a write cut by the deadline whose commit never
+    arrived) is allowed: invisible, and removed by the start-up sweep."""
+    from app.indexing.fsck import check as fsck
+
+    service = application.state.service
+    report = fsck(service.db, service.store)
+    print(f"fsck: {report.rows} rows, {len(report.originals_without_row)} originals without a row")
+    assert report.rows_without_original == [] and report.temp_files == []
+
+
+@pytest.mark.slow
+def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, offline_embedder, datasets):
+    from app.main import create_app
+    from tests.helpers import make_settings
+
+    images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
+    settings = make_settings(tmp_path / "data", None)  # its own embedded server: stopping it freezes no other test
+    pgdata = settings.data_dir / "pgdata"
+    processes: list[psutil.Process] = []
+
+    def suspend() -> None:
+        processes.extend(_server_processes(pgdata))
+        for p in processes:
+            p.suspend()
+
+    def resume() -> None:
+        for p in processes:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
+    application = create_app(settings, embedder=offline_embedder)
+    _hang_under_load(application, images, suspend, resume)
+
+
+@pytest.mark.slow
+def test_sigstop_of_a_milvus_lite_server_under_search_and_index_load(tmp_path, offline_embedder, datasets):
+    """Milvus Lite 3 runs inside the service's process (threads), so a stoppable Milvus is Lite's own gRPC server in
+    a process of its own (``milvus-lite server``), reached over loopback as a Milvus server is."""
+    from app.main import create_app
+    from tests.helpers import free_port, make_settings
+
+    images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
+    port = free_port()
+    server = psutil.Popen(
+        [
+            sys.executable,
+            "-m",
+            "milvus_lite",
+            "server",
+            "--data-dir",
+            str(tmp_path / "milvus.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # importing milvus_lite takes seconds on a loaded machine
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
+            time.sleep(0.2)
+        settings = make_settings(tmp_path / "data", "", vector_db="milvus", milvus_uri=f"http://127.0.0.1:{port}")
+        application = create_app(settings, embedder=offline_embedder)
+        acknowledged = _hang_under_load(application, images, server.suspend, server.resume)
+
+        # The handler itself: a call cut by the deadline is a DatabaseTimeoutError (what write.py keeps the
+        # originals for), within the deadline, and the handler works again once the server resumes.
+        from app.errors import DatabaseTimeoutError
+        from app.vectordb.milvus import MilvusHandler
+
+        handler = MilvusHandler(f"http://127.0.0.1:{port}", timeout_s=10, request_timeout_s=0.3)
+        try:
+            record = handler.get(acknowledged[0])
+            assert record is not None
+            server.suspend()
+            try:
+                for call in (lambda: handler.upsert([record]), lambda: handler.search(record.vector, 3)):
+                    start = time.monotonic()
+                    with pytest.raises(DatabaseTimeoutError):
+                        call()
+                    assert 0.25 < time.monotonic() - start < 1.0
+                assert handler.health() is False
+            finally:
+                server.resume()
+            assert handler.health() is True and handler.get(record.id) is not None
+        finally:
+            handler.close()
+    finally:
+        try:
+            server.resume()  # never leave it stopped
+        except psutil.NoSuchProcess:
+            pass
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except psutil.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)

@@ -8,8 +8,10 @@ an engine is in ``tests/test_vectordb_contract.py`` (skipped unless MANTICORE_HO
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -387,7 +389,7 @@ def _handler(monkeypatch, script) -> tuple[ManticoreHandler, list[str], list[_Fa
     sent: list[str] = []
     made: list[_FakeConnection] = []
 
-    def connect(self):
+    def connect(self, io_timeout_s=None):
         made.append(_FakeConnection(script, sent))
         return made[-1]
 
@@ -596,7 +598,7 @@ def test_handler_without_a_table_opens_the_active_one_and_switches_in_one_statem
     sent: list[str] = []
     made: list[_FakeConnection] = []
 
-    def connect(self):
+    def connect(self, io_timeout_s=None):
         made.append(_FakeConnection(script, sent))
         return made[-1]
 
@@ -634,3 +636,129 @@ def test_handler_without_a_pointer_opens_images(monkeypatch):
     script = [[], [("images_meta", "rt")], [("m1", DIM)]]
     monkeypatch.setattr(ManticoreHandler, "_connect", lambda self: _FakeConnection(script, []))
     assert ManticoreHandler("127.0.0.1", 9306).collection_name == "images"
+
+
+# --- a hung engine (issue #20): a real loopback socket that stops answering -------------------------------------
+class _SilentMySQL:
+    """A loopback MySQL-protocol listener that greets and logs clients in (``answer_login``), answers pymysql's
+    ``SET NAMES``, and then never answers a statement, or (``answer_login=False``) accepts connections and never
+    says anything: a hung engine.
+
+    Threads are daemons; :meth:`close` closes the listener and every accepted socket. At most ``max_clients``.
+    """
+
+    def __init__(self, *, answer_login: bool, max_clients: int = 8) -> None:
+        self.answer_login = answer_login
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.statements = 0
+        self._stop = threading.Event()
+        self._max = max_clients
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _packet(seq: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "little") + bytes([seq]) + payload
+
+    def _serve(self) -> None:
+        while not self._stop.is_set() and len(self.accepted) < self._max:
+            try:
+                conn, _ = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.accepted.append(conn)
+            if self.answer_login:
+                threading.Thread(target=self._login, args=(conn,), daemon=True).start()
+
+    def _login(self, conn: socket.socket) -> None:
+        caps = 0x1 | 0x200 | 0x2000 | 0x8000 | 0x80000  # long password, 4.1 protocol, transactions, auth plugin
+        greeting = (
+            b"\x0a5.7.0-silent\x00"
+            + (1).to_bytes(4, "little")
+            + b"abcdefgh\x00"
+            + (caps & 0xFFFF).to_bytes(2, "little")
+            + bytes([45])  # utf8mb4
+            + (0x0002).to_bytes(2, "little")  # autocommit
+            + (caps >> 16).to_bytes(2, "little")
+            + bytes([21])
+            + b"\x00" * 10
+            + b"ijklmnopqrst\x00"
+            + b"mysql_native_password\x00"
+        )
+        conn.sendall(self._packet(0, greeting))
+        conn.settimeout(5)
+        try:
+            conn.recv(4096)  # the login
+            conn.sendall(self._packet(2, b"\x00\x00\x00\x02\x00\x00\x00"))  # OK, autocommit
+            while b"SET NAMES" in conn.recv(4096):  # what pymysql sends on connecting: answered
+                conn.sendall(self._packet(1, b"\x00\x00\x00\x02\x00\x00\x00"))
+            self.statements += 1  # any other statement: read, never answered
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        for conn in list(self.accepted):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the thread's recv
+        self._thread.join(timeout=2)
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_hung_engine_gives_a_timeout_error_within_the_request_deadline():
+    from app.errors import DatabaseTimeoutError
+
+    server = _SilentMySQL(answer_login=True)
+    try:
+        start = time.monotonic()
+        with pytest.raises(DatabaseTimeoutError) as err:  # the constructor reads the collection's bookkeeping
+            ManticoreHandler("127.0.0.1", server.port, table="images", timeout_s=30, request_timeout_s=0.5)
+        took = time.monotonic() - start
+        assert server.statements == 1  # logged in, sent one statement, not retried on a fresh connection
+        assert 0.45 < took < 1.0, took
+        assert "did not answer within 0.5 s" in str(err.value)
+    finally:
+        server.close()
+
+
+def test_an_engine_silent_from_the_first_byte_is_unavailable_within_the_request_deadline():
+    server = _SilentMySQL(answer_login=False)
+    try:
+        start = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError):  # connected, but no greeting: not reachable as Manticore
+            ManticoreHandler("127.0.0.1", server.port, table="images", timeout_s=30, request_timeout_s=0.2)
+        assert time.monotonic() - start < 1.2
+    finally:
+        server.close()
+
+
+def test_long_operations_get_a_connection_of_their_own_with_the_long_timeout():
+    server = _SilentMySQL(answer_login=True)
+    try:
+        handler = object.__new__(ManticoreHandler)  # no constructor: it would read from the silent engine
+        handler.__dict__.update(
+            _host="127.0.0.1",
+            _port=server.port,
+            _timeout_s=10.0,
+            _long_io_s=60.0,
+            _request_io_s=0.5,
+            _lock=threading.Lock(),
+            _closed=False,
+            _idle=[],
+            _max_idle=4,
+        )
+        short = handler._connect()
+        long = handler._connect(handler._long_io_s)
+        try:
+            assert (short._read_timeout, short._write_timeout) == (0.5, 0.5)
+            assert (long._read_timeout, long._write_timeout) == (60.0, 60.0)
+        finally:
+            short.close()
+            long.close()
+    finally:
+        server.close()

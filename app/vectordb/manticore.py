@@ -15,7 +15,7 @@ import numpy as np
 import pymysql
 import pymysql.err
 
-from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.errors import CollectionMismatchError, DatabaseTimeoutError, DatabaseUnavailableError
 from app.ids import is_valid_image_id
 from app.vectordb.base import (
     DEFAULT_COLLECTION,
@@ -74,6 +74,21 @@ log = logging.getLogger(__name__)
 
 # pymysql client-side error codes that mean the connection itself failed (not the statement).
 _CONNECTION_ERROR_CODES = frozenset({2002, 2003, 2005, 2006, 2012, 2013, 2014, 2055})
+#: upserts of more rows than this (bulk indexing, scripts/migrate.py) are long operations: a connection of their own
+#: with the long read/write timeout; a request indexes a few images
+REQUEST_UPSERT_ROWS = 64
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a socket read/write timeout: the server did not answer in time."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, TimeoutError) or "timed out" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -92,7 +107,14 @@ class ManticoreHandler(VectorDBHandler):
         hnsw_m, hnsw_ef_construction: HNSW build parameters written into the table definition (pgvector-like
             defaults 16 and 64; Manticore's own default ef_construction is 200).
         ef_search: HNSW query beam width; each query uses ``max(ef_search, top_k)``.
-        timeout_s: seconds to connect; reads and writes may take ``max(60, 6 * timeout_s)`` seconds.
+        timeout_s: seconds to connect; the long operations' reads and writes (creating and switching tables,
+            scans, upserts of over :data:`REQUEST_UPSERT_ROWS` rows), each on a connection of its own, may take
+            ``max(60, 6 * timeout_s)`` seconds.
+        request_timeout_s: deadline, seconds, of a request's statements (search, get, exists, count, small upserts,
+            delete, the health probe): the read/write timeout of the pooled connections (the handler sets no
+            server-side query limit, so there is no server cancel to wait for). ``None`` or 0: the long timeout.
+            A statement cut by it raises :class:`DatabaseTimeoutError` (HTTP 503; a write's outcome is then unknown)
+            and is not retried.
         max_idle: connections kept open for reuse; more are opened on demand and closed after use.
 
     Thread-safe: a lock-protected pool of idle connections; a connection that failed is dropped, and a stale pooled
@@ -112,6 +134,7 @@ class ManticoreHandler(VectorDBHandler):
         hnsw_ef_construction: int = 64,
         ef_search: int = 40,
         timeout_s: float = 10.0,
+        request_timeout_s: float | None = None,
         max_idle: int = 4,
     ) -> None:
         self._host = str(host)
@@ -123,6 +146,10 @@ class ManticoreHandler(VectorDBHandler):
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self._timeout_s = float(timeout_s)
+        self._request_timeout_s = float(request_timeout_s or 0) or None
+        self._long_io_s = max(60.0, 6 * self._timeout_s)
+        #: read/write timeout, seconds, of the pooled (request) connections
+        self._request_io_s = self._request_timeout_s or self._long_io_s
         self._max_idle = max(0, int(max_idle))
         self._idle: list[pymysql.connections.Connection] = []
         self._lock = threading.Lock()
@@ -140,7 +167,8 @@ class ManticoreHandler(VectorDBHandler):
 
     @classmethod
     def from_settings(cls, settings) -> ManticoreHandler:
-        """Build from :class:`app.config.Settings` (``MANTICORE_HOST``/``MANTICORE_PORT``, ``HNSW_*``)."""
+        """Build from :class:`app.config.Settings` (``MANTICORE_HOST``/``MANTICORE_PORT``, ``HNSW_*``,
+        ``DB_CONNECT_TIMEOUT_S``, ``DB_STATEMENT_TIMEOUT_S``)."""
         return cls(
             settings.manticore_host,
             settings.manticore_port,
@@ -148,17 +176,20 @@ class ManticoreHandler(VectorDBHandler):
             hnsw_ef_construction=settings.hnsw_ef_construction,
             ef_search=settings.hnsw_ef_search,
             timeout_s=settings.db_connect_timeout_s,
+            request_timeout_s=settings.db_statement_timeout_s,
         )
 
     # --- connections ----------------------------------------------------------------------------------------------
-    def _connect(self) -> pymysql.connections.Connection:
+    def _connect(self, io_timeout_s: float | None = None) -> pymysql.connections.Connection:
+        """A new connection whose reads and writes time out after ``io_timeout_s`` (default: a request's)."""
+        io_s = self._request_io_s if io_timeout_s is None else io_timeout_s
         try:
             return pymysql.connect(
                 host=self._host,
                 port=self._port,
-                connect_timeout=self._timeout_s,
-                read_timeout=max(60.0, 6 * self._timeout_s),
-                write_timeout=max(60.0, 6 * self._timeout_s),
+                connect_timeout=min(self._timeout_s, io_s),
+                read_timeout=io_s,
+                write_timeout=io_s,
                 autocommit=True,
                 charset="utf8mb4",
             )
@@ -190,32 +221,54 @@ class ManticoreHandler(VectorDBHandler):
         except Exception:  # already broken; nothing to release
             pass
 
-    def _run(self, fn, *, retry: bool = True):
+    def _run(self, fn, *, retry: bool = True, long: bool = False):
         """Run ``fn(cursor)`` on a pooled connection; connection failures become DatabaseUnavailableError.
 
-        A pooled connection may have gone stale (server restart, idle timeout): then, if ``retry``, the call runs
-        once more on a fresh connection. Statements Manticore rejects also raise DatabaseUnavailableError (the
-        request failed), with Manticore's message.
+        ``long``: a long operation, on a connection of its own with the long read/write timeout (closed after);
+        otherwise a pooled request connection, whose reads and writes time out after ``request_timeout_s``: a timeout
+        raises :class:`DatabaseTimeoutError`, never retried. A pooled connection may have gone stale (server
+        restart, idle timeout): then, if ``retry``, the call runs once more on a fresh connection. Statements
+        Manticore rejects also raise DatabaseUnavailableError (the request failed), with Manticore's message.
         """
         for attempt in (0, 1):
-            conn, pooled = self._acquire()
+            if long:
+                with self._lock:
+                    if self._closed:
+                        raise DatabaseUnavailableError("The Manticore handler is closed.")
+                conn, pooled = self._connect(self._long_io_s), False
+            else:
+                conn, pooled = self._acquire()
             try:
                 with conn.cursor() as cur:
                     result = fn(cur)
             except (pymysql.err.Error, OSError) as exc:
                 if _is_connection_error(exc):
                     self._discard(conn)
+                    if _is_timeout(exc):
+                        raise DatabaseTimeoutError(
+                            f"Manticore Search at {self._host}:{self._port} did not answer within "
+                            f"{self._long_io_s if long else self._request_io_s:g} s: {exc}"
+                        ) from exc
                     if pooled and retry and attempt == 0:
                         continue
                     raise DatabaseUnavailableError(
                         f"Lost the connection to Manticore Search at {self._host}:{self._port}: {exc}"
                     ) from exc
-                self._release(conn)
+                if long:
+                    self._discard(conn)
+                else:
+                    self._release(conn)
                 raise DatabaseUnavailableError(f"Manticore Search rejected the request: {exc}") from exc
             except BaseException:
-                self._release(conn)  # our own exception (mismatch, ValueError): the connection is fine
+                if long:
+                    self._discard(conn)
+                else:
+                    self._release(conn)  # our own exception (mismatch, ValueError): the connection is fine
                 raise
-            self._release(conn)
+            if long:
+                self._discard(conn)
+            else:
+                self._release(conn)
             return result
         raise AssertionError("unreachable")
 
@@ -263,7 +316,7 @@ class ManticoreHandler(VectorDBHandler):
             self._taken = self._add_taken_columns(cur)
             return wanted
 
-        info = self._run(_ensure)
+        info = self._run(_ensure, long=True)
         self._dim = info.dim
         return info
 
@@ -320,7 +373,7 @@ class ManticoreHandler(VectorDBHandler):
             info = self.collection_info()
             self._dim = info.dim if info else None
         if self._dim is not None and self._taken is None:
-            self._taken = self._run(self._add_taken_columns)
+            self._taken = self._run(self._add_taken_columns, long=True)
         return self._dim is not None
 
     def _require_dim(self) -> int:
@@ -351,7 +404,7 @@ class ManticoreHandler(VectorDBHandler):
                 self._check_collisions(cur, [r.id for r in chunk])
                 cur.execute(sql, params)
 
-        self._run(_write)
+        self._run(_write, long=len(latest) > REQUEST_UPSERT_ROWS)
 
     def _check_collisions(self, cur, image_ids: Sequence[str]) -> None:
         wanted = {doc_id_for(i): i for i in image_ids}
@@ -449,7 +502,7 @@ class ManticoreHandler(VectorDBHandler):
                 cur.execute(scan_sql(self._table, after, batch_size, taken=self._taken))
                 return cur.fetchall()
 
-            rows = self._run(_page)
+            rows = self._run(_page, long=True)
             if not rows:
                 return
             doc_ids = [int(r[0]) for r in rows]
@@ -507,6 +560,7 @@ class ManticoreHandler(VectorDBHandler):
             hnsw_ef_construction=self._hnsw_ef_construction,
             ef_search=self._ef_search,
             timeout_s=self._timeout_s,
+            request_timeout_s=self._request_timeout_s,
             max_idle=self._max_idle,
         )
 
@@ -526,7 +580,7 @@ class ManticoreHandler(VectorDBHandler):
             cur.execute(create_active_table_sql())
             cur.execute(*replace_active_sql(name))
 
-        self._run(_switch)
+        self._run(_switch, long=True)
 
     def list_collections(self) -> dict[str, CollectionInfo]:
         def _list(cur) -> dict[str, CollectionInfo]:
@@ -542,7 +596,7 @@ class ManticoreHandler(VectorDBHandler):
                     found[table] = info
             return found
 
-        return self._run(_list)
+        return self._run(_list, long=True)
 
     def drop_collection(self, name: str) -> bool:
         validate_collection_name(name)
@@ -555,4 +609,4 @@ class ManticoreHandler(VectorDBHandler):
             cur.execute(drop_table_sql(meta_table_name(name)))
             return existed
 
-        return self._run(_drop)
+        return self._run(_drop, long=True)

@@ -89,7 +89,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import numpy as np
 
-from app.errors import CollectionMismatchError, DatabaseUnavailableError
+from app.errors import CollectionMismatchError, DatabaseTimeoutError, DatabaseUnavailableError
 from app.ids import from_epoch_us, is_valid_image_id, to_epoch_us
 from app.vectordb.base import (
     DEFAULT_COLLECTION,
@@ -143,6 +143,28 @@ LITE_SCAN_PAGE_ROWS = 8192
 LITE_SCAN_PAGE_FLOATS = 2**22
 # Loading a large collection (reading its index into memory) can take much longer than an ordinary request.
 _LOAD_TIMEOUT_S = 600.0
+#: extra deadline an upsert gets per row, seconds (as pgvector's ``UPSERT_ROW_ALLOWANCE_S``): batch writes of
+#: scripts/migrate.py and bulk indexing (1,000 rows: +10 s) are not cut by the request deadline.
+UPSERT_ROW_ALLOWANCE_S = 0.01
+
+
+def _is_deadline(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a gRPC deadline that passed: the server did not answer in time."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, grpc.FutureTimeoutError):
+            return True
+        if isinstance(e, grpc.RpcError) and callable(getattr(e, "code", None)):
+            with contextlib.suppress(Exception):
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return True
+        text = str(getattr(e, "message", "") or e)
+        if "DEADLINE_EXCEEDED" in text or "Deadline Exceeded" in text or "Retry timeout" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _ids_filter(ids: Sequence[str]) -> str:
@@ -223,7 +245,15 @@ class MilvusHandler(VectorDBHandler):
         hnsw_m, hnsw_ef_construction: HNSW build parameters (graph degree and build beam width).
         ef_search: HNSW query beam width; each query uses ``max(ef_search, top_k)`` because HNSW returns at most
             ``ef`` results.
-        timeout_s: seconds per request (and to connect) before :class:`DatabaseUnavailableError`.
+        timeout_s: seconds to connect, and per call of the long operations (creating collections and indexes,
+            listing, switching and dropping collections, a server's scan pages, an explicit flush) before
+            :class:`DatabaseUnavailableError`.
+        request_timeout_s: deadline, seconds, of each call a request makes (search, get, exists, count, upsert,
+            delete, the health probe, a flush on a request's path); ``None`` or 0: ``timeout_s``. It is the gRPC
+            deadline itself (upserts: plus ``UPSERT_ROW_ALLOWANCE_S`` per row): Milvus has no statement timeout of
+            its own to wait for, unlike pgvector, whose client waits 0.5 s longer than the server's. A call
+            cut by it raises :class:`DatabaseTimeoutError` (a :class:`DatabaseUnavailableError`, HTTP 503): a write's
+            outcome is then unknown (a hung server may apply it when it resumes).
 
     Raises :class:`DatabaseUnavailableError` when the server cannot be reached or the Lite database cannot be
     opened (e.g. another process holds it).
@@ -241,6 +271,7 @@ class MilvusHandler(VectorDBHandler):
         hnsw_ef_construction: int = 64,
         ef_search: int = 40,
         timeout_s: float = 10.0,
+        request_timeout_s: float | None = None,
     ) -> None:
         self._collection = DEFAULT_COLLECTION if collection is None else collection  # None: resolved below
         self._uri, self._token = uri, token  # for open_collection
@@ -248,6 +279,9 @@ class MilvusHandler(VectorDBHandler):
         self._hnsw_ef_construction = int(hnsw_ef_construction)
         self._ef_search = int(ef_search)
         self._timeout_s = float(timeout_s)
+        self._request_timeout_s = float(request_timeout_s or 0) or None  # for open_collection
+        #: gRPC deadline of a request's calls, seconds
+        self._req_s = self._request_timeout_s or self._timeout_s
         self._dim: int | None = None
         self._has_taken_at = True  # False for a collection created before taken_at (see the module docstring)
         self._closed = False
@@ -279,8 +313,7 @@ class MilvusHandler(VectorDBHandler):
             raise
         # A Lite server may also be reached over http (`milvus-lite server`): it matters for the index parameters.
         self._is_lite = self._lite is not None or version.startswith("milvus_lite")
-        # Writes are serialised per Lite database (no concurrent writers there); a Milvus server needs no lock.
-        self._write_lock = self._lite.write_lock if self._lite is not None else contextlib.nullcontext()
+        # Writes are serialised per Lite database (no concurrent writers there, see _locked); a server needs no lock.
         log.info("Connected to %s (server version %s)", where, version)
         if collection is None:
             try:
@@ -305,7 +338,8 @@ class MilvusHandler(VectorDBHandler):
     @classmethod
     def from_settings(cls, settings: Settings) -> MilvusHandler:
         """Build from :class:`app.config.Settings`: ``MILVUS_URI`` (default ``DATA_DIR/milvus.db``, Milvus Lite),
-        ``MILVUS_TOKEN``, the ``HNSW_*`` settings and ``DB_CONNECT_TIMEOUT_S``."""
+        ``MILVUS_TOKEN``, the ``HNSW_*`` settings, ``DB_CONNECT_TIMEOUT_S`` (connecting, long operations) and
+        ``DB_STATEMENT_TIMEOUT_S`` (the deadline of a request's calls)."""
         return cls(
             settings.resolved_milvus_uri,
             token=settings.milvus_token,
@@ -313,20 +347,49 @@ class MilvusHandler(VectorDBHandler):
             hnsw_ef_construction=settings.hnsw_ef_construction,
             ef_search=settings.hnsw_ef_search,
             timeout_s=settings.db_connect_timeout_s,
+            request_timeout_s=settings.db_statement_timeout_s,
         )
 
     # --- plumbing -------------------------------------------------------------------------------------------
     def _run(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn()``, mapping Milvus and gRPC failures to :class:`DatabaseUnavailableError` (HTTP 503)."""
+        """Run ``fn()``, mapping Milvus and gRPC failures to :class:`DatabaseUnavailableError` (HTTP 503).
+
+        A gRPC deadline that passed raises :class:`DatabaseTimeoutError` (the server did not answer: the outcome of
+        a write is unknown).
+        """
         if self._closed:
             raise DatabaseUnavailableError("The Milvus handler is closed.")
         try:
             return fn()
-        except MilvusException as exc:
-            raise DatabaseUnavailableError(f"Milvus could not {what} ({self._where}): {exc.message}") from exc
-        except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
+        except (MilvusException, grpc.RpcError, grpc.FutureTimeoutError) as exc:
             # pymilvus does not wrap every gRPC failure (e.g. a deadline hit while the channel reconnects).
-            raise DatabaseUnavailableError(f"Milvus could not {what} ({self._where}): {exc}") from exc
+            detail = exc.message if isinstance(exc, MilvusException) else str(exc)
+            if _is_deadline(exc):
+                raise DatabaseTimeoutError(
+                    f"Milvus did not answer in time to {what} ({self._where}): {detail}"
+                ) from exc
+            raise DatabaseUnavailableError(f"Milvus could not {what} ({self._where}): {detail}") from exc
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the Lite write lock (a Milvus server needs none), waiting at most ``timeout_s`` seconds for it.
+
+        Not the request deadline: embedded Lite runs in this process, so the lock is never held by a hung server,
+        only by other writes (a bulk batch may take seconds), and a request waiting its turn is not a failure.
+        Raises :class:`DatabaseUnavailableError` when another write holds it longer; nothing was sent then.
+        """
+        if self._lite is None:
+            yield
+            return
+        lock = self._lite.write_lock
+        if not lock.acquire(timeout=self._timeout_s):
+            raise DatabaseUnavailableError(
+                f"Milvus: another write held the lock of {self._where} for {self._timeout_s:.1f} s"
+            )
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _release_lite(self) -> None:
         if self._lite is not None:
@@ -339,7 +402,7 @@ class MilvusHandler(VectorDBHandler):
             filter=filter_,
             output_fields=output_fields,
             consistency_level="Strong",
-            timeout=self._timeout_s,
+            timeout=self._req_s,
             **kwargs,
         )
 
@@ -511,17 +574,24 @@ class MilvusHandler(VectorDBHandler):
                 row[TAKEN_FIELD] = None if m.taken_at is None else to_epoch_us(m.taken_at)
             rows.append(row)
 
+        deadline_s = self._req_s + (UPSERT_ROW_ALLOWANCE_S * len(rows) if self._request_timeout_s else 0.0)
+
         def _write() -> None:
-            with self._write_lock:
-                self._client.upsert(self._collection, rows, timeout=self._timeout_s)
+            with self._locked():
+                self._client.upsert(self._collection, rows, timeout=deadline_s)
                 if self._lite is not None and self._lite.note_write(len(rows)):
-                    self._flush_lite()
+                    try:
+                        self._flush_lite(self._req_s)
+                    except (MilvusException, grpc.RpcError, grpc.FutureTimeoutError) as exc:
+                        # The rows are written (Lite's WAL): a failed flush must not fail the upsert, whose caller
+                        # would then drop the originals of stored rows. The next write or idle search flushes again.
+                        log.warning("Milvus Lite flush after an upsert failed (retried later): %s", exc)
 
         self._run("upsert", _write)
 
-    def _flush_lite(self) -> None:
+    def _flush_lite(self, timeout_s: float) -> None:
         """Seal Lite's memtable into a segment (caller holds the write lock); Lite then builds its HNSW index."""
-        self._client.flush(self._collection, timeout=self._timeout_s)
+        self._client.flush(self._collection, timeout=timeout_s)
         self._lite.unflushed_rows = 0
 
     def delete(self, image_id: str) -> bool:
@@ -531,10 +601,10 @@ class MilvusHandler(VectorDBHandler):
 
         def _delete() -> bool:
             # Milvus' delete reports the keys it was given, not the rows it removed: look first, under the lock.
-            with self._write_lock:
+            with self._locked():
                 if not self._query(expr, ["id"]):
                     return False
-                self._client.delete(self._collection, filter=expr, timeout=self._timeout_s)
+                self._client.delete(self._collection, filter=expr, timeout=self._req_s)
                 return True
 
         return self._run("delete", _delete)
@@ -555,9 +625,13 @@ class MilvusHandler(VectorDBHandler):
         if lite is not None and lite.idle_with_unflushed_rows():
             # Lite scans unflushed rows one by one (about 70 us per 1280-d row here) but searches sealed segments
             # through FAISS HNSW: once writes pause, seal them so searches stop paying for the scan.
-            with lite.write_lock:
-                if lite.unflushed_rows:
-                    self._run("flush", self._flush_lite)
+            # Not waiting for a write in progress (which may hang with its server): the next search flushes.
+            if lite.write_lock.acquire(blocking=False):
+                try:
+                    if lite.unflushed_rows:
+                        self._run("flush", lambda: self._flush_lite(self._req_s))
+                finally:
+                    lite.write_lock.release()
         ef = max(self._ef_search if ef_search is None else int(ef_search), top_k)
         if not expr:
             return self._ann(v, top_k, ef, expr)
@@ -593,7 +667,7 @@ class MilvusHandler(VectorDBHandler):
                 output_fields=self._meta_fields,
                 search_params={"metric_type": "COSINE", "params": {"ef": ef}},
                 consistency_level="Strong",
-                timeout=self._timeout_s,
+                timeout=self._req_s,
             ),
         )
         return [SearchHit(hit["id"], float(hit["distance"]), _metadata(hit["entity"])) for hit in results[0]]
@@ -672,7 +746,7 @@ class MilvusHandler(VectorDBHandler):
         if self._closed:
             return False
         try:
-            self._client.has_collection(self._collection, timeout=self._timeout_s)
+            self._client.has_collection(self._collection, timeout=self._req_s)
             return True
         except Exception:  # health must report, never raise
             return False
@@ -711,6 +785,7 @@ class MilvusHandler(VectorDBHandler):
             hnsw_ef_construction=self._hnsw_ef_construction,
             ef_search=self._ef_search,
             timeout_s=self._timeout_s,
+            request_timeout_s=self._request_timeout_s,
         )
 
     def activate_collection(self, name: str) -> None:
