@@ -1,4 +1,4 @@
-"""scripts/ensure_bucket.py: the Compose `scale` profile's bucket creation (a SigV4-signed CreateBucket, stdlib only)."""
+"""scripts/ensure_bucket.py: the Compose `scale` profile's bucket creation (SigV4-signed CreateBucket, stdlib)."""
 
 from __future__ import annotations
 
