@@ -35,6 +35,7 @@ def test_signature_matches_botocore(region: str) -> None:
         pytest.skip("the clock ticked between the two signatures")
     assert ours.get_header("Authorization") == theirs.headers["Authorization"]
 
+
 def test_creates_the_bucket_once_then_reports_it_exists(moto_s3) -> None:  # noqa: ANN001
     env = {
         **os.environ,
