@@ -41,6 +41,12 @@ APP_UID = 10001
 # Compose profiles of docker-compose.yml -> the services each one adds. A profile is named after the VECTOR_DB
 # value it provides, because the app's VECTOR_DB defaults to COMPOSE_PROFILES.
 BACKEND_PROFILES = {"milvus": {"milvus", "milvus-etcd", "milvus-minio"}, "manticore": {"manticore"}}
+# The one profile that is no backend: two app replicas behind a load balancer, the originals in MinIO.
+SCALE_PROFILE = "scale"
+SCALE_REPLICAS = ("app-a", "app-b")
+SCALE_SERVICES = {"minio", *SCALE_REPLICAS, "lb"}
+# Stateless services of a profile: they need no named volume.
+STATELESS = {"lb"}
 
 # `NAME=value` or `# NAME=value` at the start of a line; prose comments never start with an upper-case NAME=.
 _ASSIGNMENT = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=(.*)$")
@@ -373,8 +379,11 @@ def test_compose_profiles_are_the_vector_db_backends() -> None:
     services = _compose()["services"]
     backends = set(typing.get_args(Settings.model_fields["vector_db"].annotation))
     used = set().union(*(_profiles(service) for service in services.values()))
-    assert used == set(BACKEND_PROFILES), f"profiles in docker-compose.yml: {sorted(used)}"
-    assert used <= backends - {"pgvector"}, "each profile must be named after the VECTOR_DB value it provides"
+    assert used == {*BACKEND_PROFILES, SCALE_PROFILE}, f"profiles in docker-compose.yml: {sorted(used)}"
+    assert set(BACKEND_PROFILES) <= backends - {"pgvector"}, "a backend profile is named after its VECTOR_DB value"
+    assert SCALE_PROFILE not in backends, "the scale profile must not pass for a VECTOR_DB value"
+    for name in SCALE_SERVICES:
+        assert name in services and _profiles(services[name]) == {SCALE_PROFILE}, f"{name}: only in profile scale"
     for profile, members in BACKEND_PROFILES.items():
         for name in members:
             assert name in services, f"profile {profile}: service {name} missing"
@@ -397,11 +406,12 @@ def test_compose_services_are_pinned_healthy_and_persistent() -> None:
         unescaped = _healthcheck_text(service).replace("$$", "")
         assert "$" not in unescaped, f"{name}: write `$$` for a `$` the healthcheck's shell should see"
         if _profiles(service):
-            assert mounts, f"{name}: its data must live in a named volume"
+            assert mounts or name in STATELESS, f"{name}: its data must live in a named volume"
             assert service.get("restart") == "unless-stopped", name
         for port in service.get("ports", []):
             published = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published', '')}"
-            assert published.startswith("127.0.0.1:"), f"{name}: publish {port!r} on 127.0.0.1 only"
+            published = _interpolate(published, {})  # lb: ${APP_BIND:-127.0.0.1}, as the app's
+            assert published.startswith("127.0.0.1:"), f"{name}: publish {port!r} on 127.0.0.1 only (by default)"
 
 
 def test_compose_milvus_follows_the_official_standalone_file() -> None:
@@ -459,16 +469,17 @@ def test_compose_every_profile_combination_is_a_valid_project() -> None:
     services = compose["services"]
     vector_db = _environment(services["app"])["VECTOR_DB"]
     combinations = [set(), *({profile} for profile in BACKEND_PROFILES), set(BACKEND_PROFILES)]
+    combinations += [active | {SCALE_PROFILE} for active in combinations]
     for active in combinations:
         enabled = _enabled_services(compose, active)
         assert {"db", "app"} <= enabled
-        assert set().union(*(BACKEND_PROFILES[p] for p in active)) <= enabled
+        assert set().union(*(BACKEND_PROFILES.get(p, SCALE_SERVICES) for p in active)) <= enabled
         for name in enabled:
             for dep, cfg in _depends_on(services[name]).items():
                 assert dep in services, f"{name} depends on unknown service {dep}"
                 if cfg["required"]:  # Compose: "service dep is required by name but is disabled"
                     assert dep in enabled, f"profiles {sorted(active)}: {dep} is required by {name} but is disabled"
-        if len(active) <= 1:
+        if len(active) <= 1 and SCALE_PROFILE not in active:
             # COMPOSE_PROFILES alone (shell or .env) picks the backend the profile starts.
             backend = _interpolate(vector_db, {"COMPOSE_PROFILES": ",".join(active)})
             assert backend == (next(iter(active)) if active else "pgvector"), (active, backend)
@@ -670,3 +681,93 @@ def test_docker_stack_test_runs_in_make_test_docker_only() -> None:
     assert "pytest.mark.docker" in text
     # `make test-fast` passes -m "not slow", which replaces addopts' -m: the slow marker keeps the stack out there.
     assert "pytest.mark.slow" in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# docker-compose.yml: profile `scale` (two app replicas behind a load balancer, originals in MinIO)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_compose_scale_profile_services_and_pinned_images() -> None:
+    compose = _compose()
+    services = compose["services"]
+    enabled = _enabled_services(compose, {SCALE_PROFILE})
+    assert SCALE_SERVICES | {"db", "redis", "app"} == enabled
+    # MinIO: the release the milvus profile already pins, with a named volume and its own liveness probe.
+    minio = services["minio"]
+    assert minio["image"] == services["milvus-minio"]["image"], "use the MinIO image the milvus profile pins"
+    assert re.fullmatch(r"minio/minio:RELEASE\.[0-9TZ-]+", minio["image"]), minio["image"]
+    assert minio["command"].startswith("minio server /data") and set(_named_volume_mounts(minio).values()) == {"/data"}
+    assert "/minio/health/live" in _healthcheck_text(minio)
+    # The load balancer: an official nginx release on Debian, its config from the repository.
+    lb = services["lb"]
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+-(bookworm|trixie)", lb["image"]), lb["image"]
+    config = [v for v in lb["volumes"] if isinstance(v, str) and v.endswith(":/etc/nginx/conf.d/default.conf:ro")]
+    assert len(config) == 1
+    conf = (ROOT / config[0].split(":")[0]).read_text(encoding="utf-8")
+    for replica in SCALE_REPLICAS:
+        assert re.search(rf"^\s*server {re.escape(replica)}:8000\b", conf, re.M), f"nginx must balance {replica}"
+    assert "listen 80;" in conf and "client_max_body_size 0;" in conf
+    assert re.search(r"location /ui \{[^}]*proxy_pass http://(\w+);", conf), "the UI needs its own location"
+    ui_upstream = re.search(r"location /ui \{[^}]*proxy_pass http://(\w+);", conf).group(1)
+    assert "ip_hash;" in conf.split(f"upstream {ui_upstream}", 1)[1].split("}", 1)[0], "Gradio sessions: sticky"
+    for name in ("lb", *SCALE_REPLICAS):
+        deps = _depends_on(services[name])
+        assert all(cfg["condition"] == "service_healthy" for cfg in deps.values()), name
+    assert set(SCALE_REPLICAS) <= _depends_on(lb).keys(), "lb starts once both replicas are healthy"
+
+
+def test_compose_scale_profile_publishes_only_the_load_balancer_on_app_bind() -> None:
+    services = _compose()["services"]
+    for name in ("db", "redis", "minio", *SCALE_REPLICAS):
+        assert not services[name].get("ports"), f"{name} must not be published in the scale profile"
+    (port,) = services["lb"]["ports"]
+    assert port == "${APP_BIND:-127.0.0.1}:${APP_PORT:-8000}:80"
+    assert _interpolate(port, {}) == "127.0.0.1:8000:80"
+    assert _interpolate(port, {"APP_BIND": "0.0.0.0", "APP_PORT": "8080"}) == "0.0.0.0:8080:80"
+    assert "listen 80;" in (ROOT / "deploy" / "nginx-scale.conf").read_text(encoding="utf-8")
+
+
+def test_compose_scale_replicas_share_postgres_minio_and_redis() -> None:
+    services = _compose()["services"]
+    app_env = _environment(services["app"])
+    envs = [_environment(services[name]) for name in SCALE_REPLICAS]
+    minio_env = _environment(services["minio"])
+    for name, env in zip(SCALE_REPLICAS, envs, strict=True):
+        replica = services[name]
+        assert replica["image"] == services["app"]["image"] and replica["build"] == services["app"]["build"], name
+        assert set(env) <= {n.upper() for n in Settings.model_fields}, f"{name}: unknown settings"
+        # The same PostgreSQL and Redis as the default app, hence as each other.
+        assert env["DATABASE_URL"] == app_env["DATABASE_URL"], name
+        assert env["CACHE_REDIS_URL"] == app_env["CACHE_REDIS_URL"], name
+        assert env["VECTOR_DB"] == "pgvector", f"{name}: only PostgreSQL shares locks and the graph"
+        store = urlsplit(_interpolate(env["IMAGE_STORE_URL"], {}))
+        assert (store.scheme, store.netloc, store.path) == ("s3", "originals", "/originals"), env["IMAGE_STORE_URL"]
+        endpoint = urlsplit(env["AWS_ENDPOINT_URL"])
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "minio", 9000)
+        # MinIO's credentials, from .env with MinIO's development default: never another literal secret.
+        assert env["AWS_ACCESS_KEY_ID"] == minio_env["MINIO_ROOT_USER"] == "${MINIO_ROOT_USER:-minioadmin}"
+        assert env["AWS_SECRET_ACCESS_KEY"] == minio_env["MINIO_ROOT_PASSWORD"] == "${MINIO_ROOT_PASSWORD:-minioadmin}"
+        assert env["API_KEY"] == "${API_KEY:-}"
+        assert {"db", "redis", "minio"} <= _depends_on(replica).keys()
+        mounts = _named_volume_mounts(replica)
+        assert mounts.get("models") == env["MODEL_CACHE_DIR"] and "images" not in mounts
+        assert replica["command"][:2] == ["sh", "-c"] and "scripts/ensure_bucket.py" in replica["command"][2]
+        assert replica["command"][2].endswith("exec python -m app"), "the app must become PID 1 (signals)"
+        assert (ROOT / "scripts" / "ensure_bucket.py").is_file()
+    assert envs[0] == envs[1], "both replicas run with the same settings"
+    a_data, b_data = (_named_volume_mounts(services[n]) for n in SCALE_REPLICAS)
+    data_volumes = {v for v, target in {**a_data}.items() if target == "/data"}
+    assert data_volumes and not data_volumes & set(b_data), "each replica keeps its own DATA_DIR"
+    assert _depends_on(services["app-b"])["app-a"]["condition"] == "service_healthy", "one model download, not two"
+
+
+def test_compose_scale_profile_is_documented() -> None:
+    header = COMPOSE_FILE.read_text(encoding="utf-8").split("\nname:", 1)[0]
+    assert "Profile `scale`" in header and "--profile scale up" in header and " lb" in header
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    heading = re.search(r"^#{2,3} Running on several machines$", readme, re.M)
+    assert heading, "README: a section 'Running on several machines'"
+    section = re.split(r"^#{2,3} ", readme[heading.end() :], maxsplit=1, flags=re.M)[0]
+    assert "(#object-storage)" in section, "link to Object storage rather than repeating it"
+    assert "--profile scale" in section
