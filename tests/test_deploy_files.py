@@ -708,6 +708,11 @@ def test_compose_scale_profile_services_and_pinned_images() -> None:
     for replica in SCALE_REPLICAS:
         assert re.search(rf"^\s*server {re.escape(replica)}:8000\b", conf, re.M), f"nginx must balance {replica}"
     assert "listen 80;" in conf and "client_max_body_size 0;" in conf
+    # nginx: a location with any proxy_set_header of its own inherits none of the server's, and Host would become
+    # the upstream's name (found running the profile with stand-ins). So the headers are set once, at server level.
+    locations = re.findall(r"location [^{]*\{([^}]*)\}", conf)
+    assert locations and not any("proxy_set_header" in body for body in locations), "headers at server level only"
+    assert "proxy_set_header Host $http_host;" in conf and "X-Forwarded-For $proxy_add_x_forwarded_for" in conf
     assert re.search(r"location /ui \{[^}]*proxy_pass http://(\w+);", conf), "the UI needs its own location"
     ui_upstream = re.search(r"location /ui \{[^}]*proxy_pass http://(\w+);", conf).group(1)
     assert "ip_hash;" in conf.split(f"upstream {ui_upstream}", 1)[1].split("}", 1)[0], "Gradio sessions: sticky"
