@@ -55,7 +55,7 @@ from ui.query import (
 )
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
-    from app.service import SearchService
+    from app.service import SearchService, ServiceStats
     from app.vectordb.base import SearchHit
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def _filters(
     )
 
 
-def _gallery(service: SearchService, hits: Sequence[SearchHit], first_rank: int = 1) -> list[tuple[str, str]]:
+def _gallery(service: SearchService, hits: Sequence[SearchHit]) -> list[tuple[str, str]]:
     """Gallery items for hits: ``(thumbnail path, caption)``, best first. Thumbnails not made yet are decoded in
     parallel (PIL releases the GIL); a hit whose original cannot be read is left out with a log line."""
 
@@ -207,7 +207,7 @@ def _gallery(service: SearchService, hits: Sequence[SearchHit], first_rank: int 
             return None
 
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(hits)))) as pool:
-        items = list(pool.map(one, enumerate(hits, start=first_rank)))
+        items = list(pool.map(one, enumerate(hits, start=1)))
     return [item for item in items if item is not None]
 
 
@@ -246,22 +246,27 @@ def text_note(model_id: str, supports_text: bool) -> str:
     )
 
 
-def collection_line(service: SearchService) -> str:
-    """``273 photos · model X (1280 dimensions) · backend pgvector``, or why it cannot be read."""
+def _stats(service: SearchService) -> ServiceStats | str:
+    """The service's stats, or why they cannot be read now (the database is down...), in words."""
     try:
-        stats = service.stats()
+        return service.stats()
     except ServiceError as exc:
         return f"The collection cannot be read now: {_escape(str(exc))}"
+
+
+def collection_line(service: SearchService, stats: ServiceStats | str | None = None) -> str:
+    """``273 photos · model X (1280 dimensions) · backend pgvector``, or why it cannot be read; ``stats``: already
+    read ones (one database count per page load)."""
+    stats = _stats(service) if stats is None else stats
+    if isinstance(stats, str):
+        return stats
     return f"**{photos(stats.count)}** · model {stats.model} ({stats.dimension} dimensions) · backend {stats.backend}"
 
 
-def about_text(service: SearchService, access: AccessPolicy) -> str:
+def about_text(service: SearchService, access: AccessPolicy, stats: ServiceStats | str | None = None) -> str:
     """The About tab: the collection in plain words, the model, its dimensions, the database, the key rules."""
-    try:
-        stats = service.stats()
-        count = f"The collection holds **{photos(stats.count)}**."
-    except ServiceError as exc:
-        count = f"The collection cannot be read now: {_escape(str(exc))}"
+    stats = _stats(service) if stats is None else stats
+    count = stats if isinstance(stats, str) else f"The collection holds **{photos(stats.count)}**."
     model = service.embedder
     if access.has_keys:
         keys = "Adding and deleting photos need the service's API key" + (
@@ -473,6 +478,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
     def on_load(request: gr.Request) -> tuple[Any, ...]:
         """Per page: the collection line, words on or off, key boxes, filters and the search from the address."""
         service = get_service()
+        stats = _stats(service)
         text_ok = service.supports_text
         link = from_link(dict(request.query_params) if request else {}, default_k, settings.max_top_k)
         f = link.filters
@@ -481,8 +487,8 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
             gr.Warning(_escape(" ".join(link.problems)))
         key_box = gr.update(visible=access.has_keys and not access.reads_need_key)
         return (
-            collection_line(service),
-            about_text(service, access),
+            collection_line(service, stats),
+            about_text(service, access, stats),
             text_note(service.embedder.model_id, text_ok),
             gr.update(interactive=text_ok, value=(link.query.text or "") if link.query and text_ok else ""),
             gr.update(interactive=text_ok, value=(link.query.negative or "") if link.query and text_ok else ""),
