@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from starlette.routing import Mount
+
 from app.api.site import UI_PATH
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ def build_and_mount(
         **login,
     )
     app.router.lifespan_context = parent_lifespan  # see gradio_lifespan
-    return app.routes[-1].app  # the Mount that mount_gradio_app appended
+    return next(r.app for r in app.routes if isinstance(r, Mount) and r.path == UI_PATH)
 
 
 @asynccontextmanager
