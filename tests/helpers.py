@@ -281,6 +281,45 @@ class MotoS3:
         return re.findall(r"<Key>([^<]+)</Key>", text)
 
 
+@contextmanager
+def milvus_lite_server(data_dir: Path) -> Iterator[tuple[str, object]]:
+    """Milvus Lite's own gRPC server (``python -m milvus_lite server``) as a process of its own on a free loopback
+    port: a Milvus server that several service processes reach by ``MILVUS_URI`` (Lite 3 otherwise runs inside one
+    process) and that a test can stop (``SIGSTOP``). Yields ``(uri, psutil.Popen)``; terminated (resumed first) at
+    the end. Raises ``AssertionError`` if it does not listen within 60 s."""
+    import sys
+
+    import psutil
+
+    port = free_port()
+    server = psutil.Popen(
+        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir)]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # importing milvus_lite takes seconds on a loaded machine
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        try:
+            server.resume()  # never leave it stopped
+        except psutil.NoSuchProcess:
+            pass
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except psutil.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test-access-key-AKIA", "AWS_SECRET_ACCESS_KEY": "test-secret-do-not-leak"}
 """Credentials the object-store tests configure (moto accepts any), so they can check none of them leaks."""
 
