@@ -27,7 +27,7 @@ from app.service import SearchService
 from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, free_port, s3_settings
 from tests.test_write_races import _OTHER_PROCESS
 
-ROUNDS = 100
+ROUNDS = 200
 
 
 @pytest.fixture
