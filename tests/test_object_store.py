@@ -6,11 +6,8 @@ down under a running service."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ from app.main import create_app
 from app.service import SearchService
 from app.storage.s3 import S3ImageStore
 from app.vectordb import create_handler
-from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, MotoS3, make_settings, s3_settings
+from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, MotoS3, make_settings, run_fsck, s3_settings
 
 PREFIX = "originals"
 
@@ -139,20 +136,18 @@ def test_fsck_check_and_repair_against_the_bucket_and_the_sweep(
             EMBEDDER="efficientnet",
             **S3_TEST_ENV,
         )
-        cmd = [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json"]
-        found = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        found, result = run_fsck(env, timeout_s=120)
         assert found.returncode == 1, found.stderr
-        mismatches = json.loads(found.stdout.splitlines()[-1])["mismatches"]
-        assert sorted(mismatches) == sorted(
+        assert sorted(result["mismatches"]) == sorted(
             [
                 f"row without original: {id_a}",
                 f"original without row: {base}/{id_b[:2]}/{id_b[2:4]}/{id_b}.jpg",
                 f"original without row: {base}/{id_c[:2]}/{id_c[2:4]}/{id_c}.jpg",
             ]
         )
-        repaired = subprocess.run([*cmd, "--repair"], env=env, capture_output=True, text=True, timeout=300)
+        repaired, result = run_fsck(env, "--repair")
         assert repaired.returncode == 0, repaired.stderr
-        assert json.loads(repaired.stdout.splitlines()[-1])["remaining"] == []
+        assert result["remaining"] == []
         assert service.db.existing_ids([id_a, id_b, id_c]) == {id_b, id_c}
         assert check(service.db, service.store).clean
 
@@ -166,7 +161,7 @@ def test_fsck_check_and_repair_against_the_bucket_and_the_sweep(
 
     # The store down: fsck says so (exit 2) without credentials.
     env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"
-    down = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    down, _ = run_fsck(env, timeout_s=120)
     assert down.returncode == 2 and "cannot be reached" in down.stderr and "Traceback" not in down.stderr
     _assert_no_credentials(down.stdout + down.stderr)
 
