@@ -419,11 +419,14 @@ class WriterProcess:
             self.kill()
 
 
-def race_index_and_delete(service, datas: list[bytes], rounds: int, seed: int, indexers: int = 1) -> list[str]:
+def race_index_and_delete(
+    service, datas: list[bytes], rounds: int, seed: int, indexers: int = 1, deleter=None
+) -> list[str]:
     """``rounds`` races on ``service`` (a :class:`app.service.SearchService`), each of one of ``datas`` drawn at
     random (``seed``): ``indexers`` threads index it while one deletes it after a random 0-0.1 s delay (so the delete
     lands anywhere inside an index's decode-embed-save-upsert), all released at once by a barrier; a thread left
-    running after 60 s fails the test.
+    running after 60 s fails the test. ``deleter``: another service (another replica) that deletes; default
+    ``service``.
 
     After each round, under the id's write lock (no writer that respects the locks, thread or process, on this
     machine or another, is between original and row then), the row and the original must both exist or neither.
@@ -446,7 +449,7 @@ def race_index_and_delete(service, datas: list[bytes], rounds: int, seed: int, i
             barrier.wait()
             time.sleep(delay)
             try:
-                service.delete_image(image_id)
+                (deleter or service).delete_image(image_id)
             except ImageNotFoundError:
                 pass
 

@@ -9,7 +9,6 @@ Manticore (the locks and the graph never touch the vector database); no Manticor
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 
@@ -23,7 +22,7 @@ from app.indexing.fsck import check
 from app.indexing.locks import PgAdvisoryLocks
 from app.service import SearchService
 from app.vectordb.guard import GuardedHandler
-from tests.helpers import INSTANCE, make_settings, milvus_lite_server, s3_settings
+from tests.helpers import INSTANCE, make_settings, milvus_lite_server, race_index_and_delete, s3_settings
 
 ROUNDS = 200
 
@@ -62,35 +61,7 @@ def test_two_replicas_on_one_milvus_share_locks_originals_and_the_graph(
             # Index through A and delete through B, the same bytes at once, ROUNDS times: the advisory locks in
             # PostgreSQL keep every round whole (row and original both there, or both gone).
             datas = [p.read_bytes() for p in sorted(INSTANCE.rglob("*.jpg"))[:3]]
-            rng = random.Random(21)
-            broken: list[str] = []
-            for _ in range(ROUNDS):
-                data = rng.choice(datas)
-                image_id = image_id_for(data)
-                barrier = threading.Barrier(2)
-                delay = rng.uniform(0, 0.1)  # lands anywhere inside A's decode-embed-save-upsert
-
-                def index(data=data, barrier=barrier) -> None:
-                    barrier.wait()
-                    a.index_image(data, "race")
-
-                def delete(image_id=image_id, barrier=barrier, delay=delay) -> None:
-                    barrier.wait()
-                    time.sleep(delay)
-                    try:
-                        b.delete_image(image_id)
-                    except ImageNotFoundError:
-                        pass
-
-                threads = [threading.Thread(target=f) for f in (index, delete)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(timeout=60)
-                    assert not t.is_alive()
-                with a.store.locks.hold([image_id]):  # no writer of either replica is between original and row
-                    if bool(a.db.existing_ids([image_id])) != (a.store.head(image_id) is not None):
-                        broken.append(image_id)
+            broken = race_index_and_delete(a, datas, ROUNDS, seed=21, deleter=b)
             assert broken == [], f"{len(broken)} of {ROUNDS} rounds left a row without its original or the reverse"
             assert check(b.db, b.store).clean
 
