@@ -166,7 +166,9 @@ def test_locks_beside_milvus_fail_fast_while_their_database_is_down(tmp_path, of
     dead = f"postgresql://nobody:nothing@127.0.0.1:{free_port()}/none"
     service = SearchService.open(make_settings(tmp_path, dead, vector_db="milvus"), embedder=offline_embedder)
     try:
-        assert service.health().shared_state == "unavailable"
+        health = service.health()
+        assert health.shared_state == "unavailable" and health.status == "degraded"
+        assert "nothing" not in health.model_dump_json()  # the URL's password is never shown
         started = time.monotonic()
         with pytest.raises(DatabaseUnavailableError, match="shared-state database"):
             service.index_image(sorted(INSTANCE.rglob("*.jpg"))[0].read_bytes(), "x.jpg")
