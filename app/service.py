@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -42,7 +45,7 @@ from app.search.paging import SearchOptions, search_page
 from app.search.query import QueryTerm, combined_query, unit_vector
 from app.storage import from_settings as store_from_settings
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream
-from app.storage.cache import LocalCopies
+from app.storage.cache import LocalCopies, copy_verified
 from app.storage.local import LocalImageStore
 from app.vectordb.base import SearchHit, VectorDBHandler
 from app.vectordb.guard import GuardedHandler
@@ -551,6 +554,27 @@ class SearchService:
         if self._copies is None:
             self._copies = LocalCopies(self.store, self.settings.data_dir / "cache" / "originals")
         return self._copies.path(image_id)
+
+    def save_original(self, image_id: str, target: Path) -> None:
+        """Put the stored original's bytes in the file ``target``, atomically (a reader never sees part of it).
+
+        From the file store: a hard link when both are on one file system (no copy, even for a 50 MB TIFF), else
+        one copy. From an object store: one stream from the store straight into ``target`` (chunks, never whole
+        in memory; checked against the id), not through :meth:`image_file`'s local copy, so a download is written
+        to disk once. Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
+        """
+        if not isinstance(self.store, LocalImageStore):
+            if not is_valid_image_id(image_id):
+                raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+            copy_verified(self.store, image_id, target)
+            return
+        source = self.image_file(image_id)
+        part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            os.link(source, part)
+        except OSError:
+            shutil.copyfile(source, part)
+        os.replace(part, target)
 
     def original_info(self, image_id: str) -> ObjectInfo:
         """Name (``<id>.<ext>``), size (bytes) and modification time of the stored original.

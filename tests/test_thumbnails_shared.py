@@ -1,7 +1,8 @@
 """Thumbnails with the originals in object storage (moto's standalone S3 server) and several replicas: the shared
 layer in a real redis-server (app/cache/thumbnails.py) -- replica A builds, replica B hits, garbage under a key is
 rebuilt, Redis killed still answers 200, a deleted image is 404 though Redis still holds its thumbnail; and
-``GET /image/{id}`` of a >= 50 MB TIFF streamed from the bucket without holding it in memory;"""
+``GET /image/{id}`` of a >= 50 MB TIFF streamed from the bucket without holding it in memory; and the web UI's
+"Download original" written to disk once from an object store."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
@@ -63,7 +63,6 @@ def _count_decodes(client: TestClient) -> list[int]:
     return decodes
 
 
-@pytest.mark.slow
 def test_replica_a_builds_replica_b_hits_and_a_dead_redis_still_answers(
     tmp_path, database_url, moto_s3, offline_embedder
 ):
@@ -141,7 +140,6 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.slow
 def test_a_50_mb_tiff_is_streamed_from_the_bucket_not_held_in_memory(tmp_path, database_url, moto_s3, offline_embedder):
     """``GET /image/{id}`` through a real HTTP server: this process's RSS (server and client) grows by far less
     than the original while the whole of it goes through."""
@@ -194,3 +192,24 @@ def test_a_50_mb_tiff_is_streamed_from_the_bucket_not_held_in_memory(tmp_path, d
     print(f"streamed {size / 1e6:.1f} MB: peak RSS growth {growth / 1e6:.1f} MB (read whole: {held / 1e6:.1f} MB)")
     assert received == size and held > size * 0.8
     assert growth < size / 4, f"RSS grew by {growth / 1e6:.1f} MB for a {size / 1e6:.1f} MB original"
+
+
+def test_ui_download_of_an_s3_original_is_written_once(tmp_path, database_url, moto_s3, offline_embedder, monkeypatch):
+    from ui.files import original_file
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    data = HEIC.read_bytes()
+    settings = s3_settings(tmp_path / "data", database_url, moto_s3, moto_s3.create_bucket())
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        image_id = client.post("/index_image", files={"file": ("trips/IMG_0001.HEIC", data)}).json()["id"]
+        service = client.app.state.service
+        gets = []
+        real_get = service.store.get
+        service.store.get = lambda *a, **kw: gets.append(a) or real_get(*a, **kw)
+        path = Path(original_file(service, image_id, "trips/IMG_0001.HEIC"))
+        assert path.name == "IMG_0001.HEIC" and path.read_bytes() == data
+        assert path.is_relative_to(tmp_path / "gradio")
+        assert len(gets) == 1  # one GET from the bucket ...
+        assert not (settings.data_dir / "cache" / "originals").exists()  # ... straight into the file, no 2nd copy
+        assert [p.name for p in path.parent.iterdir()] == ["IMG_0001.HEIC"]  # no temporary file left
+        assert original_file(service, image_id, "trips/IMG_0001.HEIC") == str(path) and len(gets) == 1
