@@ -114,8 +114,11 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         None,
-        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). Unset: start the embedded "
-        "PostgreSQL 18 + pgvector under DATA_DIR/pgdata.",
+        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). With VECTOR_DB=pgvector it holds the "
+        "vectors (unset: start the embedded PostgreSQL 18 + pgvector under DATA_DIR/pgdata). With every backend it "
+        "also holds what replicas share besides vectors and originals: the per-id write locks (advisory locks), the "
+        "neighbour graph, duplicate groups and job progress; with Milvus or Manticore any PostgreSQL 12+ will do "
+        "(no pgvector needed), and unset keeps those on this machine (flock files, SQLite): one replica only.",
     )
     db_pool_min: int = Field(1, ge=1)
     db_pool_max: int = Field(10, ge=1)
@@ -337,8 +340,8 @@ class Settings(BaseSettings):
     neighbours_store: Literal["auto", "sqlite"] = Field(
         "auto",
         description="Where the neighbour graph, duplicate groups and job progress live: auto = tables in PostgreSQL "
-        "when VECTOR_DB=pgvector with a DATABASE_URL (shared by every replica; one builds at a time, under a lease "
-        "a killed replica loses), else a SQLite file under DATA_DIR (one machine); sqlite = always the file.",
+        "when DATABASE_URL is set, with every VECTOR_DB (shared by every replica; one builds at a time, under a "
+        "lease a killed replica loses), else a SQLite file under DATA_DIR (one machine); sqlite = always the file.",
     )
     duplicate_threshold: float = Field(
         0.92,
@@ -441,6 +444,20 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """CORS_ORIGINS split at commas; empty: CORS stays off."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def shared_state_url(self) -> str | None:
+        """The PostgreSQL URL that holds the state replicas share besides vectors and originals (the per-id write
+        locks, the neighbour graph, duplicate groups and job progress): ``DATABASE_URL``, whatever ``VECTOR_DB``
+        is. ``None``: that state stays on this machine (``flock`` files, SQLite), which is right for one replica.
+
+        Why PostgreSQL and not Redis or the object store's conditional writes for Milvus and Manticore, which have
+        no locks of their own: an advisory lock belongs to a connection, so a holder killed with ``kill -9`` loses
+        it at once (a Redis lock or a lock object lasts until its TTL, and a holder paused past the TTL writes on
+        without knowing it lost it), and the graph needs a durable, queryable store (the Compose Redis evicts under
+        ``allkeys-lfu``; a bucket cannot answer "edges with score >= t"). The Compose stack runs ``db`` in every
+        profile, so there it costs nothing."""
+        return self.database_url
 
     @cached_property
     def resolved_milvus_uri(self) -> str:

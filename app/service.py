@@ -38,6 +38,7 @@ from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_i
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
 from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
 from app.indexing.fsck import start_sweep
+from app.indexing.locks import PgAdvisoryLocks
 from app.indexing.write import write_batch
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
@@ -95,6 +96,7 @@ class HealthReport(BaseModel):
                     "database": "ok",
                     "storage": "ok",
                     "cache": "ok",
+                    "shared_state": "local",
                     "problems": [],
                     "backend": "pgvector",
                     "model": {
@@ -109,8 +111,9 @@ class HealthReport(BaseModel):
     )
     status: Literal["ok", "degraded", "unavailable"] = Field(
         description="ok; degraded when storage is low (reads work, writes answer 507), the object store does not "
-        "answer (searches work, writes answer 503), or the Redis cache is unreachable or full (everything works, "
-        "from memory only); unavailable when the database is down (HTTP 503)."
+        "answer (searches work, writes answer 503), the Redis cache is unreachable or full (everything works, "
+        "from memory only), or the shared-state PostgreSQL beside Milvus/Manticore does not answer (searches "
+        "work, writes answer 503); unavailable when the database is down (HTTP 503)."
     )
     database: Literal["ok", "unavailable"]
     storage: Literal["ok", "low", "degraded"] = Field(
@@ -122,6 +125,13 @@ class HealthReport(BaseModel):
         "off",
         description="The Redis layer of the embedding cache: off without CACHE_REDIS_URL (memory only); degraded "
         "while Redis is unreachable or full (memory only, reconnects by itself); ok.",
+    )
+    shared_state: Literal["ok", "unavailable", "local"] = Field(
+        "local",
+        description="Where the write locks, neighbour graph and job progress live: ok = in the PostgreSQL of "
+        "DATABASE_URL, shared by every replica, and it answers; unavailable = that PostgreSQL does not answer "
+        "(with Milvus or Manticore: searches work, writes and duplicates answer 503); local = on this machine "
+        "(no DATABASE_URL with Milvus or Manticore, or the embedded PostgreSQL): one replica only.",
     )
     problems: list[str] = Field(default_factory=list, description="What is down or low, and why, in words.")
     backend: str
@@ -264,6 +274,17 @@ class SearchService:
             max_wait_s=settings.batch_wait_ms / 1000,
         )
         store = store_from_settings(settings)  # contacts nothing: start-up works while an object store is down
+        remote_vectors = settings.vector_db == "manticore" or (
+            settings.vector_db == "milvus" and "://" in settings.resolved_milvus_uri
+        )
+        if remote_vectors and store.url.startswith("s3://") and not settings.shared_state_url:
+            # The set-up of several replicas, minus what makes them safe: say so once, loudly.
+            log.warning(
+                "Originals in object storage and %s on a server, but no DATABASE_URL: the write locks and the "
+                "neighbour graph stay on this machine, so run ONE replica, or set DATABASE_URL to a PostgreSQL "
+                "every replica reaches (README: Running on several machines).",
+                settings.vector_db,
+            )
         service = cls(settings, embedder, db, store, batcher, observer)
         service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
         if service.shared_thumbnails is not None:
@@ -684,12 +705,17 @@ class SearchService:
         cache = self.cache.health()
         if cache.problem:
             problems.append(f"cache (redis): {cache.problem}")
-        degraded = storage.state != "ok" or cache.state == "degraded"
+        shared_state = self._shared_state(db_ok)
+        if shared_state == "unavailable" and db_ok:
+            reason = getattr(self.store.locks, "down_reason", None) or "it does not answer"
+            problems.append(f"shared state (DATABASE_URL): {reason}")
+        degraded = storage.state != "ok" or cache.state == "degraded" or shared_state == "unavailable"
         return HealthReport(
             status="unavailable" if not db_ok else "degraded" if degraded else "ok",
             database="ok" if db_ok else "unavailable",
             storage=storage.state,
             cache=cache.state,
+            shared_state=shared_state,
             problems=problems,
             backend=self.db.backend_name,
             model=ModelInfo(
@@ -699,6 +725,16 @@ class SearchService:
                 supports_text=self.embedder.supports_text,
             ),
         )
+
+    def _shared_state(self, db_ok: bool) -> Literal["ok", "unavailable", "local"]:
+        """``/health``'s ``shared_state``: the locks' own probe beside Milvus or Manticore (a guard), the vector
+        database's answer when the locks live in that same PostgreSQL, ``local`` for ``flock`` files."""
+        locks = self.store.locks
+        if isinstance(locks, GuardedHandler):
+            return "ok" if locks.check_now() else "unavailable"
+        if isinstance(locks, PgAdvisoryLocks):
+            return "ok" if db_ok else "unavailable"
+        return "local"
 
     def stats(self) -> ServiceStats:
         """Counts and model facts for ``/stats``; raises :class:`app.errors.DatabaseUnavailableError`."""

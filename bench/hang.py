@@ -39,17 +39,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+from live_server import free_port, server_env, start_server, stop_server, wait_healthy  # bench/ is on sys.path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "datasets" / "caltech101_subset" / "images"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_process(process: subprocess.Popen) -> None:
@@ -114,21 +107,14 @@ def main() -> int:
     images = sorted(args.images.rglob("*.jpg"))[:60]
 
     with tempfile.TemporaryDirectory(prefix="hang-") as tmp:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMAGE_DIR")}
-        env.update(
-            PYTHONPATH=str(args.project_root.resolve()),
-            DATA_DIR=tmp,
-            MODEL_CACHE_DIR=str(args.model_cache_dir.resolve()),
-            EMBEDDER="efficientnet",
-            UI_ENABLED="false",
-            PORT=str(port),
-            LOG_LEVEL="ERROR",
+        env = server_env(
+            tmp, port, project_root=args.project_root, model_cache_dir=args.model_cache_dir, log_level="ERROR"
         )
         milvus = None
         if args.backend == "milvus":
-            milvus_port = _free_port()
+            milvus_port = free_port()
             milvus = subprocess.Popen(
                 [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(Path(tmp) / "milvus.db")]
                 + ["--host", "127.0.0.1", "--port", str(milvus_port)],
@@ -138,7 +124,7 @@ def main() -> int:
             atexit.register(_stop_process, milvus)  # also when the bench fails (SIGCONT first: see the finally below)
             env.update(VECTOR_DB="milvus", MILVUS_URI=f"http://127.0.0.1:{milvus_port}")
             _wait_for_port(milvus_port, milvus)
-        server = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=tmp)
+        server = start_server(env, tmp)
         stopped: list[float] = []
         resumed: list[float] = []
         records: list[tuple[str, float, float, int]] = []  # (kind, start, end, status) in monotonic seconds
@@ -146,16 +132,7 @@ def main() -> int:
         done = threading.Event()
         processes: list[psutil.Process] = []
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the server did not start")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
+            wait_healthy(url, server)
             with httpx.Client(timeout=60) as http:
                 for path in images[:5]:
                     r = http.post(f"{url}/index_image", files={"file": (path.name, path.read_bytes())})
@@ -226,11 +203,7 @@ def main() -> int:
                 existing = set(http.post(f"{url}/images/exists", json={"ids": acknowledged}).json()["existing"])
         finally:
             done.set()
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
         fsck = subprocess.run(
             [sys.executable, str(PROJECT_ROOT / "scripts" / "fsck.py"), "--json"],
             env={**env, "PYTHONPATH": str(PROJECT_ROOT)},

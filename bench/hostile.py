@@ -28,9 +28,6 @@ import argparse
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +38,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+from live_server import free_port, server_env, start_server, stop_server, wait_healthy  # bench/ is on sys.path
 from PIL import Image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -59,26 +57,6 @@ def make_png(seed: int, megapixels: float) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG", compress_level=6)
     return out.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited during start-up (code {proc.returncode})")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the server did not become healthy")
 
 
 class RssSampler(threading.Thread):
@@ -137,19 +115,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "IMAGE_DIR")}
-        env.update(
-            PYTHONPATH=str(args.project_root.resolve()),
-            DATA_DIR=tmp,
-            MODEL_CACHE_DIR=str(args.model_cache_dir.resolve()),
-            EMBEDDER="efficientnet",
-            UI_ENABLED="false",
-            PORT=str(port),
-            LOG_LEVEL="WARNING",
+        env = server_env(
+            tmp,
+            port,
+            project_root=args.project_root,
+            model_cache_dir=args.model_cache_dir,
+            log_level="WARNING",
             MAX_UPLOAD_MB="50",
         )
         env.update(dict(item.split("=", 1) for item in args.env))
-        server = subprocess.Popen([sys.executable, "-m", "app"], env=env, cwd=tmp)
+        server = start_server(env, tmp)
         try:
             wait_healthy(url, server)
             warm = make_png(1000, 0.25)
@@ -186,11 +161,7 @@ def main() -> int:
             sampler.join()
             after = psutil.Process(server.pid).memory_info().rss
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
 
     answered = [s for s in statuses if isinstance(s, int)]
     ok = [s for s in answered if 200 <= s < 300 or s == 503]

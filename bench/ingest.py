@@ -15,7 +15,10 @@ PostgreSQL this script starts in a temporary folder (deleted at the end):
   unbatched model (``EMBED_BATCH_SIZE=1``, ``BATCH_WAIT_MS=0``);
 - ``direct_s3_ips``, ``api_s3_ips``: the same two paths with the originals in object storage
   (``IMAGE_STORE_URL=s3://...``) on moto's standalone S3 server, started here as its own process (skip: ``s3``);
-  ``api_s3_vs_file`` is their ratio to the file store's; ``moto_cpu_s_direct`` / ``moto_cpu_s_api``: CPU seconds
+  ``api_s3_vs_file`` is their ratio to the file store's (with ``--repeat N``, the API parts run N times
+  alternating, each figure is the median, and ``api_s3_vs_file_median_pair`` is the median of the N pairwise
+  ratios); ``api_server_cpu_s`` / ``api_s3_server_cpu_s``: CPU seconds the server (with its child processes) used
+  for the ingest; ``moto_cpu_s_direct`` / ``moto_cpu_s_api``: CPU seconds
   the moto server itself used during each (on the same cores as the model: a real object store would not);
 - ``get_image_p50_ms`` / ``get_image_s3_p50_ms``: ``GET /image/{id}`` of every indexed original, one at a time,
   from the API servers above after their ingest (median, ms).
@@ -134,11 +137,27 @@ def _serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"the server did not start; see {log}")
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds a process and its living children (decode workers, the model export) have used so far."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def through_api(
     folder: Path, files: list[Path], env: dict[str, str], port: int, log: Path, *, seed: bool
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Images/s through a server started with ``env``: bulk_index.py batches, or (``seed``) one request per image;
-    and the median ms of ``GET /image/{id}`` of every file afterwards."""
+    the median ms of ``GET /image/{id}`` of every file afterwards; and the CPU seconds the server used for the
+    ingest (not the GETs)."""
     import hashlib
     import statistics
 
@@ -147,6 +166,7 @@ def through_api(
     proc = _serve(env, port, log)
     api = f"http://127.0.0.1:{port}"
     try:
+        cpu = _tree_cpu_s(proc.pid)
         if seed:
             with httpx.Client(base_url=api, timeout=120) as client:
                 start = time.perf_counter()
@@ -160,6 +180,7 @@ def through_api(
             out = subprocess.run(cmd, cwd=log.parent, capture_output=True, text=True, check=True).stdout
             elapsed = time.perf_counter() - start
             assert f"{len(files)} indexed, 0 failed" in out, out
+        cpu = _tree_cpu_s(proc.pid) - cpu
         times = []
         with httpx.Client(base_url=api, timeout=60) as client:
             for p in files:
@@ -171,7 +192,7 @@ def through_api(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return len(files) / elapsed, statistics.median(times) * 1000
+    return len(files) / elapsed, statistics.median(times) * 1000, cpu
 
 
 def main() -> int:
@@ -180,7 +201,14 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes for --direct")
     parser.add_argument("--embedder", default="efficientnet")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: model,direct,api,seed")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: model,direct,api,seed,s3")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the API parts (file store, then object store) this many times, alternating, and report the "
+        "median of each figure and of the per-pair ratios: on a shared machine the load changes within minutes",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -249,26 +277,43 @@ def main() -> int:
             ("seed_baseline_ips", True, {"EMBED_BATCH_SIZE": "1", "BATCH_WAIT_MS": "0"}),
         ]
         if moto is not None:
-            parts.insert(1, ("api_s3_ips", False, {**s3_env, "IMAGE_STORE_URL": f"s3://{moto.create_bucket()}/o"}))
-        for name, seed, extra in parts:
+            parts.insert(1, ("api_s3_ips", False, s3_env))
+        runs: dict[str, list[float]] = {}
+        # --repeat: file store, object store, file store, ... (the seed baseline once, last)
+        schedule = [p for p in parts if not p[1]] * max(args.repeat, 1) + [p for p in parts if p[1]]
+        for n, (name, seed, extra) in enumerate(schedule):
             if name.split("_")[0] in skip:
                 continue
+            if name == "api_s3_ips":  # a fresh bucket each time, as each run gets a fresh database
+                extra = {**extra, "IMAGE_STORE_URL": f"s3://{moto.create_bucket()}/o"}
             url = _fresh_database(server)
             from tests.conftest import free_port
 
             port = free_port()
-            run_env = {**env, **extra, "DATABASE_URL": url, "DATA_DIR": str(tmp / name), "PORT": str(port)}
-            (tmp / name).mkdir()
+            data_dir = tmp / f"{name}-{n}"
+            run_env = {**env, **extra, "DATABASE_URL": url, "DATA_DIR": str(data_dir), "PORT": str(port)}
+            data_dir.mkdir()
             cpu = _cpu_s(moto.process.pid) if moto is not None else 0.0
-            ips, get_ms = through_api(folder, files, run_env, port, tmp / name / "server.log", seed=seed)
+            ips, get_ms, server_cpu = through_api(folder, files, run_env, port, data_dir / "server.log", seed=seed)
             if name == "api_s3_ips":
-                result["moto_cpu_s_api"] = round(_cpu_s(moto.process.pid) - cpu, 1)
-            result[name] = round(ips, 2)
+                runs.setdefault("moto_cpu_s_api", []).append(_cpu_s(moto.process.pid) - cpu)
+            runs.setdefault(name, []).append(ips)
+            runs.setdefault(name.replace("_ips", "_server_cpu_s"), []).append(server_cpu)
             if name == "api_ips":
-                result["get_image_p50_ms"] = round(get_ms, 2)
+                runs.setdefault("get_image_p50_ms", []).append(get_ms)
             elif name == "api_s3_ips":
-                result["get_image_s3_p50_ms"] = round(get_ms, 2)
+                runs.setdefault("get_image_s3_p50_ms", []).append(get_ms)
             assert _count(url) == len(files)
+        import statistics
+
+        for key, values in runs.items():
+            result[key] = round(statistics.median(values), 1 if key.endswith("cpu_s") else 2)
+        if args.repeat > 1 and "api_ips" in runs and "api_s3_ips" in runs:
+            pairs = [s3 / f for f, s3 in zip(runs["api_ips"], runs["api_s3_ips"], strict=True)]
+            result["api_ips_runs"] = [round(v, 2) for v in runs["api_ips"]]
+            result["api_s3_ips_runs"] = [round(v, 2) for v in runs["api_s3_ips"]]
+            result["api_s3_vs_file_pairs"] = [round(v, 3) for v in pairs]
+            result["api_s3_vs_file_median_pair"] = round(statistics.median(pairs), 3)
     finally:
         server.cleanup()
         if moto is not None:

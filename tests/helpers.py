@@ -6,6 +6,7 @@ place (``from tests.helpers import ...``) instead of from each other.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +28,8 @@ from PIL import Image, ImageOps
 from psycopg import sql
 
 from app.config import Settings
+from app.errors import ImageNotFoundError
+from app.ids import image_id_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DATASETS = PROJECT_ROOT.parent / "shared" / "datasets"
@@ -281,6 +285,45 @@ class MotoS3:
         return re.findall(r"<Key>([^<]+)</Key>", text)
 
 
+@contextmanager
+def milvus_lite_server(data_dir: Path) -> Iterator[tuple[str, object]]:
+    """Milvus Lite's own gRPC server (``python -m milvus_lite server``) as a process of its own on a free loopback
+    port: a Milvus server that several service processes reach by ``MILVUS_URI`` (Lite 3 otherwise runs inside one
+    process) and that a test can stop (``SIGSTOP``). Yields ``(uri, psutil.Popen)``; terminated (resumed first) at
+    the end. Raises ``AssertionError`` if it does not listen within 60 s."""
+    import sys
+
+    import psutil
+
+    port = free_port()
+    server = psutil.Popen(
+        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir)]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # importing milvus_lite takes seconds on a loaded machine
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        try:
+            server.resume()  # never leave it stopped
+        except psutil.NoSuchProcess:
+            pass
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except psutil.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test-access-key-AKIA", "AWS_SECRET_ACCESS_KEY": "test-secret-do-not-leak"}
 """Credentials the object-store tests configure (moto accepts any), so they can check none of them leaks."""
 
@@ -296,3 +339,141 @@ def s3_settings(data_dir: Path, database_url: str, moto: MotoS3, bucket: str, pr
         aws_secret_access_key=S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
         **kw,
     )
+
+
+# --- write races: index and delete of the same bytes from threads and from a second process -------------------
+WRITER_PROCESS = """
+import random, sys, time
+from pathlib import Path
+from app.config import Settings
+from app.errors import ImageNotFoundError
+from app.ids import image_id_for
+from app.service import SearchService
+
+files = [Path(p).read_bytes() for p in sys.argv[2:]]
+stop = Path(sys.argv[1])
+service = SearchService.open(Settings())
+print("ready", flush=True)
+ops = 0
+try:
+    while not stop.exists():
+        data = random.choice(files)
+        if random.random() < 0.5:
+            service.index_image(data, "other-process")
+        else:
+            try:
+                service.delete_image(image_id_for(data))
+            except ImageNotFoundError:
+                pass
+        ops += 1
+finally:
+    service.close()
+print("ops", ops, flush=True)
+"""
+"""The second writer of the race tests: the service's own code, with the settings of its environment (the same
+database and image store as the test's service, or another replica's ``DATA_DIR``), indexing and deleting the same
+files at random until a stop file appears; then it prints how many operations it made."""
+
+
+class WriterProcess:
+    """:data:`WRITER_PROCESS` in a process of its own, started here; a context manager that always stops it.
+
+    Args:
+        env: its whole environment (the settings it opens the service with).
+        files: the images it indexes and deletes.
+        stop: a path that does not exist yet; :meth:`finish` creates it.
+    """
+
+    def __init__(self, env: dict[str, str], files: list[Path], stop: Path) -> None:
+        self.stop = stop
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WRITER_PROCESS, str(stop), *map(str, files)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self) -> None:
+        """Block until its service is open and it writes (fails the test with its stderr if it died first)."""
+        assert self.process.stdout.readline().strip() == "ready", self.process.stderr.read()
+
+    def finish(self, timeout_s: float = 120) -> int:
+        """Stop it by the stop file; asserts it exited 0 and returns how many index/delete operations it made."""
+        self.stop.touch()
+        out, err = self.process.communicate(timeout=timeout_s)
+        assert self.process.returncode == 0, err
+        return int(out.split()[-1])
+
+    def kill(self) -> None:
+        """``kill -9``, wherever it is in a write."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def __enter__(self) -> WriterProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.touch()
+        if self.process.poll() is None:
+            self.kill()
+
+
+def race_index_and_delete(
+    service, datas: list[bytes], rounds: int, seed: int, indexers: int = 1, deleter=None
+) -> list[str]:
+    """``rounds`` races on ``service`` (a :class:`app.service.SearchService`), each of one of ``datas`` drawn at
+    random (``seed``): ``indexers`` threads index it while one deletes it after a random 0-0.1 s delay (so the delete
+    lands anywhere inside an index's decode-embed-save-upsert), all released at once by a barrier; a thread left
+    running after 60 s fails the test. ``deleter``: another service (another replica) that deletes; default
+    ``service``.
+
+    After each round, under the id's write lock (no writer that respects the locks, thread or process, on this
+    machine or another, is between original and row then), the row and the original must both exist or neither.
+    Returns the ids of the rounds where they did not (an empty list when every round left them consistent).
+    """
+    rng = random.Random(seed)
+    broken: list[str] = []
+    for _ in range(rounds):
+        data = rng.choice(datas)
+        image_id = image_id_for(data)
+        barrier = threading.Barrier(indexers + 1)
+
+        def index(data=data, barrier=barrier) -> None:
+            barrier.wait()
+            service.index_image(data, "race")
+
+        delay = rng.uniform(0, 0.1)
+
+        def delete(image_id=image_id, barrier=barrier, delay=delay) -> None:
+            barrier.wait()
+            time.sleep(delay)
+            try:
+                (deleter or service).delete_image(image_id)
+            except ImageNotFoundError:
+                pass
+
+        threads = [threading.Thread(target=f) for f in (index, delete, *[index] * (indexers - 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+            assert not t.is_alive()
+        with service.store.locks.hold([image_id]):
+            row = bool(service.db.existing_ids([image_id]))
+            if row != (service.store.head(image_id) is not None):
+                broken.append(image_id)
+    return broken
+
+
+def run_fsck(env: dict[str, str], *args: str, timeout_s: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
+    """``scripts/fsck.py --json *args`` in its own process with ``env`` (its whole environment); returns the process
+    and its JSON report (``{}`` when it exits with another code than 0 or 1: then it printed none)."""
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    return proc, json.loads(proc.stdout.splitlines()[-1]) if proc.returncode in (0, 1) else {}

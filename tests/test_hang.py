@@ -11,8 +11,6 @@ hung Manticore case, without an engine, is in ``tests/test_manticore_sql.py``.
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -310,35 +308,11 @@ def test_sigstop_of_a_milvus_lite_server_under_search_and_index_load(tmp_path, o
     """Milvus Lite 3 runs inside the service's process (threads), so a stoppable Milvus is Lite's own gRPC server in
     a process of its own (``milvus-lite server``), reached over loopback as a Milvus server is."""
     from app.main import create_app
-    from tests.helpers import free_port, make_settings
+    from tests.helpers import make_settings, milvus_lite_server
 
     images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
-    port = free_port()
-    server = psutil.Popen(
-        [
-            sys.executable,
-            "-m",
-            "milvus_lite",
-            "server",
-            "--data-dir",
-            str(tmp_path / "milvus.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # importing milvus_lite takes seconds on a loaded machine
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
-            time.sleep(0.2)
-        settings = make_settings(tmp_path / "data", "", vector_db="milvus", milvus_uri=f"http://127.0.0.1:{port}")
+    with milvus_lite_server(tmp_path / "milvus.db") as (uri, server):
+        settings = make_settings(tmp_path / "data", "", vector_db="milvus", milvus_uri=uri)
         application = create_app(settings, embedder=offline_embedder)
         acknowledged = _hang_under_load(application, images, server.suspend, server.resume)
 
@@ -347,7 +321,7 @@ def test_sigstop_of_a_milvus_lite_server_under_search_and_index_load(tmp_path, o
         from app.errors import DatabaseTimeoutError
         from app.vectordb.milvus import MilvusHandler
 
-        handler = MilvusHandler(f"http://127.0.0.1:{port}", timeout_s=10, request_timeout_s=0.3)
+        handler = MilvusHandler(uri, timeout_s=10, request_timeout_s=0.3)
         try:
             record = handler.get(acknowledged[0])
             assert record is not None
@@ -364,14 +338,3 @@ def test_sigstop_of_a_milvus_lite_server_under_search_and_index_load(tmp_path, o
             assert handler.health() is True and handler.get(record.id) is not None
         finally:
             handler.close()
-    finally:
-        try:
-            server.resume()  # never leave it stopped
-        except psutil.NoSuchProcess:
-            pass
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except psutil.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)

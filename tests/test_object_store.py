@@ -1,15 +1,13 @@
 """The service with its originals in S3-compatible object storage (IMAGE_STORE_URL=s3://bucket/prefix), against
 moto's standalone S3 server (its own process, the S3 protocol over HTTP): the API, GET /image as a stream with
 Range / ETag / Cache-Control on both stores, thumbnails, delete, fsck.py check and repair against the bucket, the
-start-up sweep, bulk_index.py --direct, re-index; and the object store going down under a running service."""
+start-up sweep, bulk_index.py --direct, re-index, migrate.py to Milvus Lite and back; and the object store going
+down under a running service."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from app.main import create_app
 from app.service import SearchService
 from app.storage.s3 import S3ImageStore
 from app.vectordb import create_handler
-from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, MotoS3, make_settings, s3_settings
+from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, MotoS3, make_settings, run_fsck, s3_settings
 
 PREFIX = "originals"
 
@@ -138,20 +136,18 @@ def test_fsck_check_and_repair_against_the_bucket_and_the_sweep(
             EMBEDDER="efficientnet",
             **S3_TEST_ENV,
         )
-        cmd = [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json"]
-        found = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        found, result = run_fsck(env, timeout_s=120)
         assert found.returncode == 1, found.stderr
-        mismatches = json.loads(found.stdout.splitlines()[-1])["mismatches"]
-        assert sorted(mismatches) == sorted(
+        assert sorted(result["mismatches"]) == sorted(
             [
                 f"row without original: {id_a}",
                 f"original without row: {base}/{id_b[:2]}/{id_b[2:4]}/{id_b}.jpg",
                 f"original without row: {base}/{id_c[:2]}/{id_c[2:4]}/{id_c}.jpg",
             ]
         )
-        repaired = subprocess.run([*cmd, "--repair"], env=env, capture_output=True, text=True, timeout=300)
+        repaired, result = run_fsck(env, "--repair")
         assert repaired.returncode == 0, repaired.stderr
-        assert json.loads(repaired.stdout.splitlines()[-1])["remaining"] == []
+        assert result["remaining"] == []
         assert service.db.existing_ids([id_a, id_b, id_c]) == {id_b, id_c}
         assert check(service.db, service.store).clean
 
@@ -165,7 +161,7 @@ def test_fsck_check_and_repair_against_the_bucket_and_the_sweep(
 
     # The store down: fsck says so (exit 2) without credentials.
     env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"
-    down = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    down, _ = run_fsck(env, timeout_s=120)
     assert down.returncode == 2 and "cannot be reached" in down.stderr and "Traceback" not in down.stderr
     _assert_no_credentials(down.stdout + down.stderr)
 
@@ -207,6 +203,68 @@ def test_bulk_index_direct_and_reindex_into_the_bucket(
     finally:
         store.close()
         db.close()
+
+
+@pytest.mark.slow
+def test_migrate_to_milvus_lite_and_back_with_the_originals_in_the_bucket(
+    tmp_path, pg_server, database_url, moto_s3, offline_embedder, model_cache_dir, files
+):
+    # migrate.py copies rows only: the originals stay where they are, in the bucket, addressed by id. After each
+    # copy the target backend serves the same ids and the same bytes from the bucket, and fsck.py finds it agrees.
+    from tests.helpers import create_database
+    from tests.test_cli import run_cli
+
+    bucket = moto_s3.create_bucket()
+    milvus_uri, back_url = str(tmp_path / "milvus.db"), create_database(pg_server)
+    datas = [f.read_bytes() for f in files]
+    ids = sorted(image_id_for(d) for d in datas)
+    source = s3_settings(tmp_path / "data", database_url, moto_s3, bucket)
+    with TestClient(create_app(source, embedder=offline_embedder)) as client:
+        for i, data in enumerate(datas):
+            assert client.post("/index_image", files={"file": (f"{i}.jpg", data)}).status_code == 201
+    keys = sorted(moto_s3.keys(bucket))
+    env = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": database_url,
+        "MILVUS_URI": milvus_uri,
+        "EMBEDDER": "efficientnet",
+        "MODEL_CACHE_DIR": str(model_cache_dir),
+        "IMAGE_STORE_URL": source.image_store_url,
+        "AWS_ENDPOINT_URL": moto_s3.endpoint,
+        **S3_TEST_ENV,
+    }
+
+    def assert_serves_the_collection(settings) -> None:
+        with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+            assert client.get("/stats").json()["count"] == len(ids)
+            assert sorted(client.post("/images/exists", json={"ids": ids}).json()["existing"]) == ids
+            for data in datas:
+                image_id = image_id_for(data)
+                assert client.get(f"/image/{image_id}").content == data
+                hits = client.post("/search_image", files={"file": ("q.jpg", data)}, params={"exclude_self": "false"})
+                assert hits.json()["results"][0]["id"] == image_id
+        assert sorted(moto_s3.keys(bucket)) == keys  # nothing copied, moved or removed in the bucket
+
+    forward = run_cli("migrate.py", "--from", "pgvector", "--to", "milvus", "--no-progress", env=env, check_rc=0)
+    assert f"copied {len(ids)} records from pgvector to milvus" in forward.stdout
+    _assert_no_credentials(forward.stdout + forward.stderr)
+    assert_serves_the_collection(source.model_copy(update={"vector_db": "milvus", "milvus_uri": milvus_uri}))
+    on_milvus = {**env, "VECTOR_DB": "milvus"}
+    assert "0 mismatches" in run_cli("fsck.py", env=on_milvus, check_rc=0).stdout
+
+    back = run_cli(
+        "migrate.py",
+        "--from",
+        "milvus",
+        "--to",
+        "pgvector",
+        "--no-progress",
+        env={**env, "DATABASE_URL": back_url},
+        check_rc=0,
+    )
+    assert f"copied {len(ids)} records from milvus to pgvector" in back.stdout
+    assert_serves_the_collection(source.model_copy(update={"database_url": back_url}))
+    assert "0 mismatches" in run_cli("fsck.py", env={**env, "DATABASE_URL": back_url}, check_rc=0).stdout
 
 
 def test_the_object_store_down_makes_writes_503_and_searches_work(

@@ -88,11 +88,17 @@ def test_a_database_that_is_down_is_503_not_a_hang():
         locks.close()
 
 
-def test_the_service_uses_them_with_pgvector_and_a_database_url(tmp_path, database_url):
+def test_the_service_uses_them_whenever_a_database_url_is_set(tmp_path, database_url):
+    from app.vectordb.guard import GuardedHandler
+
     shared = from_settings(make_settings(tmp_path / "a", database_url))
     assert isinstance(shared.locks, PgAdvisoryLocks)
     shared.close()
+    # Milvus has no locks: the PostgreSQL beside it provides them, behind a breaker of their own.
     milvus = from_settings(make_settings(tmp_path / "b", database_url, vector_db="milvus"))
-    assert isinstance(milvus.locks, IdLocks)  # no locks in Milvus: flock files, one machine
+    assert isinstance(milvus.locks, GuardedHandler) and isinstance(milvus.locks.db, PgAdvisoryLocks)
+    milvus.close()
+    alone = from_settings(make_settings(tmp_path / "d", "", vector_db="milvus"))
+    assert isinstance(alone.locks, IdLocks)  # no DATABASE_URL: flock files, one machine
     embedded = from_settings(make_settings(tmp_path / "c", ""))
     assert isinstance(embedded.locks, IdLocks)  # the embedded PostgreSQL serves one machine anyway

@@ -8,7 +8,6 @@ standalone S3 server."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,10 +23,17 @@ from app.ids import image_id_for
 from app.indexing.fsck import check
 from app.indexing.locks import PgAdvisoryLocks
 from app.service import SearchService
-from tests.helpers import INSTANCE, PROJECT_ROOT, S3_TEST_ENV, free_port, s3_settings
-from tests.test_write_races import _OTHER_PROCESS
+from tests.helpers import (
+    INSTANCE,
+    PROJECT_ROOT,
+    S3_TEST_ENV,
+    WriterProcess,
+    free_port,
+    race_index_and_delete,
+    s3_settings,
+)
 
-ROUNDS = 100
+ROUNDS = 200
 
 
 @pytest.fixture
@@ -76,61 +82,19 @@ def test_index_and_delete_races_through_two_replicas_leave_no_mismatch(
         UI_ENABLED="false",
         **S3_TEST_ENV,
     )
-    stop = tmp_path / "stop"
-    other = subprocess.Popen(
-        [sys.executable, "-c", _OTHER_PROCESS, str(stop), *map(str, files)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    service = SearchService.open(settings, embedder=offline_embedder)
-    try:
-        assert other.stdout.readline().strip() == "ready", other.stderr.read()
-        datas = [p.read_bytes() for p in files]
-        rng = random.Random(21)
-        broken: list[str] = []
-        for _ in range(ROUNDS):
-            data = rng.choice(datas)
-            image_id = image_id_for(data)
-            barrier = threading.Barrier(2)
-
-            def index(data=data, barrier=barrier) -> None:
-                barrier.wait()
-                service.index_image(data, "race")
-
-            delay = rng.uniform(0, 0.1)  # lands anywhere inside the index's decode-embed-save-upsert
-
-            def delete(image_id=image_id, barrier=barrier, delay=delay) -> None:
-                barrier.wait()
-                time.sleep(delay)
-                try:
-                    service.delete_image(image_id)
-                except ImageNotFoundError:
-                    pass
-
-            threads = [threading.Thread(target=f) for f in (index, delete)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
-                assert not t.is_alive()
-            with service.store.locks.hold([image_id]):  # no writer on either machine is between original and row
-                row = bool(service.db.existing_ids([image_id]))
-                if row != (service.store.head(image_id) is not None):
-                    broken.append(image_id)
-        stop.touch()
-        out, err = other.communicate(timeout=120)
-        assert other.returncode == 0, err
-        assert int(out.split()[-1]) > ROUNDS / 4, out  # the other replica really raced along
-        assert broken == [], f"{len(broken)} of {ROUNDS} rounds left a row without its original or the reverse"
-        report = check(service.db, service.store)
-        assert report.clean, report.lines()
-    finally:
-        stop.touch()
-        if other.poll() is None:
-            other.kill()
-        service.close()
+    # The other replica (its own DATA_DIR) indexes and deletes the same bytes at random all along.
+    with WriterProcess(env, files, tmp_path / "stop") as other:
+        service = SearchService.open(settings, embedder=offline_embedder)
+        try:
+            other.wait_ready()
+            broken = race_index_and_delete(service, [p.read_bytes() for p in files], ROUNDS, seed=21)
+            other_ops = other.finish()
+            assert other_ops > ROUNDS / 4, other_ops  # the other replica really raced along
+            assert broken == [], f"{len(broken)} of {ROUNDS} rounds left a row without its original or the reverse"
+            report = check(service.db, service.store)
+            assert report.clean, report.lines()
+        finally:
+            service.close()
 
 
 # --- kill -9 of one replica in the middle of a batch -----------------------------------------------------------

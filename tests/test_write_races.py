@@ -4,60 +4,25 @@ sweep removes what a kill -9 during a write leaves. Real database, real files, r
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.errors import ImageNotFoundError
 from app.ids import image_id_for
 from app.indexing.fsck import check, sweep
 from app.indexing.store import ImageStore
 from app.search.paging import SearchOptions
 from app.service import SearchService
-from tests.helpers import PROJECT_ROOT, make_settings
+from tests.helpers import PROJECT_ROOT, WriterProcess, make_settings, race_index_and_delete, run_fsck
 
 pytestmark = pytest.mark.slow
 
 ROUNDS = 200
-
-# The second process: the same service code on the same database and IMAGE_DIR, indexing and deleting the same
-# files at random until told to stop (a file appears).
-_OTHER_PROCESS = """
-import random, sys, time
-from pathlib import Path
-from app.config import Settings
-from app.errors import ImageNotFoundError
-from app.ids import image_id_for
-from app.service import SearchService
-
-files = [Path(p).read_bytes() for p in sys.argv[2:]]
-stop = Path(sys.argv[1])
-service = SearchService.open(Settings())
-print("ready", flush=True)
-ops = 0
-try:
-    while not stop.exists():
-        data = random.choice(files)
-        if random.random() < 0.5:
-            service.index_image(data, "other-process")
-        else:
-            try:
-                service.delete_image(image_id_for(data))
-            except ImageNotFoundError:
-                pass
-        ops += 1
-finally:
-    service.close()
-print("ops", ops, flush=True)
-"""
 
 
 def _env(settings, model_cache_dir: Path) -> dict[str, str]:
@@ -93,69 +58,21 @@ def _assert_consistent(service: SearchService, ids: set[str]) -> None:
 
 
 def test_index_delete_race_threads_and_a_second_process(service, settings, small_files, model_cache_dir, tmp_path):
-    stop = tmp_path / "stop"
-    other = subprocess.Popen(
-        [sys.executable, "-c", _OTHER_PROCESS, str(stop), *map(str, small_files)],
-        env=_env(settings, model_cache_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert other.stdout.readline().strip() == "ready", other.stderr.read()
+    # Two threads index and one deletes the same bytes each round, while a second process indexes and deletes them.
+    env = _env(settings, model_cache_dir)
+    with WriterProcess(env, small_files, tmp_path / "stop") as other:
+        other.wait_ready()
         datas = [p.read_bytes() for p in small_files]
-        ids = {image_id_for(d) for d in datas}
-        rng = random.Random(8)
-        broken: list[str] = []
-        for _ in range(ROUNDS):
-            data = rng.choice(datas)
-            image_id = image_id_for(data)
-            barrier = threading.Barrier(3)
-
-            def index(data=data, barrier=barrier) -> None:
-                barrier.wait()
-                service.index_image(data, "race")
-
-            delay = rng.uniform(0, 0.1)  # lands anywhere inside the index's decode-embed-save-upsert
-
-            def delete(image_id=image_id, barrier=barrier, delay=delay) -> None:
-                barrier.wait()
-                time.sleep(delay)
-                try:
-                    service.delete_image(image_id)
-                except ImageNotFoundError:
-                    pass
-
-            threads = [threading.Thread(target=f) for f in (index, delete, index)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=60)
-                assert not t.is_alive()
-            # A consistent snapshot: no lock-respecting writer (thread or process) is between file and row now.
-            with service.store.locks.hold([image_id]):
-                row = bool(service.db.db.existing_ids([image_id]))
-                if row != (service.store.find(image_id) is not None):
-                    broken.append(image_id)
-    finally:
-        stop.touch()
-        out, err = other.communicate(timeout=60)
-    assert other.returncode == 0, err
+        broken = race_index_and_delete(service, datas, ROUNDS, seed=8, indexers=2)
+        other_ops = other.finish(timeout_s=60)
     assert broken == [], f"{len(broken)} of {ROUNDS} rounds left a row without its original or the reverse"
-    other_ops = int(out.split()[-1])
-    assert other_ops > ROUNDS / 4, out  # the second process really raced along
-    _assert_consistent(service, ids)
+    assert other_ops > ROUNDS / 4, other_ops  # the second process really raced along
+    _assert_consistent(service, {image_id_for(d) for d in datas})
     report = check(service.db, service.store)
     assert report.clean, report.lines()
-    fsck = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json"],
-        env=_env(settings, model_cache_dir),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    fsck, result = run_fsck(env, timeout_s=120)
     assert fsck.returncode == 0, fsck.stderr
-    assert json.loads(fsck.stdout.splitlines()[-1])["mismatches"] == []
+    assert result["mismatches"] == []
 
 
 def test_exists_rechecks_the_original(service, small_files):
@@ -178,12 +95,10 @@ def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files,
     temp = service.store.root / id_c[:2] / id_c[2:4] / ".upload-deadbeef"
     temp.write_bytes(b"half a file")  # a kill -9 during the file write
     env = _env(settings, model_cache_dir)
-    cmd = [sys.executable, str(PROJECT_ROOT / "scripts/fsck.py"), "--json"]
 
-    found = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    found, result = run_fsck(env, timeout_s=120)
     assert found.returncode == 1, found.stderr
-    mismatches = json.loads(found.stdout.splitlines()[-1])["mismatches"]
-    assert sorted(mismatches) == sorted(
+    assert sorted(result["mismatches"]) == sorted(
         [
             f"row without original: {id_a}",
             f"original without row: {service.store.find(id_b)}",
@@ -192,9 +107,8 @@ def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files,
         ]
     )
 
-    repaired = subprocess.run([*cmd, "--repair"], env=env, capture_output=True, text=True, timeout=300)
+    repaired, result = run_fsck(env, "--repair")
     assert repaired.returncode == 0, repaired.stderr
-    result = json.loads(repaired.stdout.splitlines()[-1])
     assert f"deleted row without original: {id_a}" in result["repaired"]
     assert result["remaining"] == []
     assert service.db.existing_ids([id_a, id_b, id_c]) == {id_b, id_c}  # indexed again, searchable
@@ -243,17 +157,10 @@ def test_kill_9_mid_write_leaves_only_what_fsck_cleans(settings, small_files, mo
     env = _env(settings, model_cache_dir)
     datas = [p.read_bytes() for p in small_files]
     for attempt in range(3):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _OTHER_PROCESS, str(tmp_path / f"never-{attempt}"), *map(str, small_files)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(0.3 + 0.2 * attempt)
-        proc.kill()
-        proc.wait(timeout=30)
+        with WriterProcess(env, small_files, tmp_path / f"never-{attempt}") as writer:
+            writer.wait_ready()
+            time.sleep(0.3 + 0.2 * attempt)
+            writer.kill()
     sweep(service.db, service.store, grace_s=0)
     report = check(service.db, service.store)
     assert report.clean, report.lines()

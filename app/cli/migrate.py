@@ -8,8 +8,10 @@ Connection settings come from the same environment variables (or ``.env``) as th
 ``DATA_DIR`` / ``VECTOR_TYPE`` for pgvector, ``MILVUS_URI`` / ``MILVUS_TOKEN`` for Milvus, ``MANTICORE_HOST`` /
 ``MANTICORE_PORT`` for Manticore. The ``--to-...`` options override them for the target only, which is how a
 collection moves within one backend: to another PostgreSQL database, between ``vector`` and ``halfvec`` storage,
-to another Milvus URI or Manticore server. Source and target must be different databases. The originals under
-``IMAGE_DIR`` are addressed by content hash and need no copying.
+to another Milvus URI or Manticore server. Source and target must be different databases. The originals (under
+``IMAGE_DIR``, or in ``IMAGE_STORE_URL``'s bucket) are addressed by content hash and need no copying: this tool
+reads and writes only the vector databases, never the image store, so the service on the target serves the same
+originals from the same place.
 
 Stop the service first when either side is Milvus Lite (one process per database file) or the embedded
 PostgreSQL is shared. The copy is idempotent (upserts by image id), so an interrupted run can simply be run again.

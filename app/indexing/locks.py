@@ -5,8 +5,9 @@ and "write the row" left a row whose original was gone), whoever runs them: the 
 ``bulk_index.py --direct`` next to a running server, ``fsck.py --repair``. :class:`IdLocks` live with the image
 store (under ``IMAGE_DIR/.locks``, or ``DATA_DIR/.locks`` with object storage), so they work the same with every
 vector database backend, on one machine. :class:`PgAdvisoryLocks` are PostgreSQL advisory locks, shared by every
-machine using the same database: :func:`app.storage.from_settings` uses them with ``VECTOR_DB=pgvector`` and a
-``DATABASE_URL`` (Milvus and Manticore have no locks: there the ``flock`` files, one machine, remain).
+machine using the same database: :func:`app.storage.from_settings` uses them whenever a ``DATABASE_URL`` is set,
+with every ``VECTOR_DB`` (Milvus and Manticore have no locks of their own, so a PostgreSQL beside them provides the
+exclusion; without one the ``flock`` files remain, one machine).
 
 ``flock`` locks belong to an open file description, so two ``open()`` calls in one process exclude each other just
 as two processes do, and the kernel drops a lock when its holder dies (``kill -9`` included): nothing goes stale.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -89,7 +91,13 @@ class PgAdvisoryLocks:
     def __init__(self, database_url: str, *, max_holders: int = 32, wait_s: float = 10.0) -> None:
         from psycopg_pool import ConnectionPool
 
+        from app.vectordb.deadline import Deadlines
+
         self.wait_s = wait_s
+        self._url = database_url
+        self._probe_lock = threading.Lock()
+        self._probe_conn = None
+        self._deadlines: Deadlines | None = None  # created by the first health probe (the CLIs never probe)
         self._pool = ConnectionPool(
             database_url,
             min_size=0,
@@ -140,6 +148,42 @@ class PgAdvisoryLocks:
                 f"The write locks in PostgreSQL cannot be taken: {type(exc).__name__}"
             ) from None
 
+    def health(self) -> bool:
+        """Whether the database answers ``SELECT 1`` within 1 s, on a connection of its own (not the pool's: holders
+        may occupy it all). Reconnects (libpq ``connect_timeout`` 2 s) after a failure; a server that hangs has the
+        probe's socket shut down at the deadline (app/vectordb/deadline.py). Never raises.
+
+        What ``GET /health`` reports as ``shared_state`` when the vectors live elsewhere (Milvus, Manticore): then
+        no other probe watches this database (:class:`app.vectordb.guard.GuardedHandler` calls this)."""
+        import psycopg
+
+        from app.vectordb.deadline import Deadlines, shutdown_socket
+
+        with self._probe_lock:
+            if self._deadlines is None:
+                self._deadlines = Deadlines("lock-db-deadlines")
+            conn = self._probe_conn
+            try:
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._probe_conn = psycopg.connect(self._url, autocommit=True, connect_timeout=2)
+                with self._deadlines.bound(lambda: shutdown_socket(conn.pgconn.socket), 1.0):
+                    conn.execute("SELECT 1").fetchone()
+                return True
+            except Exception:  # noqa: BLE001 - health must report, never raise
+                self._probe_conn = None
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is gone either way
+                        pass
+                return False
+
     def close(self) -> None:
-        """Close the pool (dropping any lock still held)."""
+        """Close the pool (dropping any lock still held) and the health probe's connection."""
         self._pool.close()
+        with self._probe_lock:
+            if self._probe_conn is not None:
+                self._probe_conn.close()
+                self._probe_conn = None
+            if self._deadlines is not None:
+                self._deadlines.close()

@@ -7,11 +7,12 @@
 ``interrupted`` and resumes, skipping the images already done, when the service starts again (a ``kill -9`` leaves it
 ``running`` in the file, which the next start reads the same way).
 
-Where the graph lives (``NEIGHBOURS_STORE``): with pgvector and a ``DATABASE_URL``, in PostgreSQL tables every
-replica shares (:class:`app.neighbours.pgstore.PgGraphStore`): one replica builds at a time, holding a lease (an
-advisory lock) that a killed replica loses; every replica serves the same groups and shows the same job progress,
-and a job whose builder died shows ``interrupted`` everywhere until a ``POST /jobs/neighbours`` on any replica
-resumes it. Otherwise in a SQLite file under ``DATA_DIR`` (:class:`app.neighbours.store.GraphStore`), one machine.
+Where the graph lives (``NEIGHBOURS_STORE``): with a ``DATABASE_URL`` (``Settings.shared_state_url``, with every
+``VECTOR_DB``), in PostgreSQL tables every replica shares (:class:`app.neighbours.pgstore.PgGraphStore`): one
+replica builds at a time, holding a lease (an advisory lock) that a killed replica loses; every replica serves the
+same groups and shows the same job progress, and a job whose builder died shows ``interrupted`` everywhere until a
+``POST /jobs/neighbours`` on any replica resumes it. Otherwise in a SQLite file under ``DATA_DIR``
+(:class:`app.neighbours.store.GraphStore`), one machine.
 """
 
 from __future__ import annotations
@@ -74,9 +75,7 @@ class NeighbourJobs:
         collection = getattr(db, "collection_name", DEFAULT_COLLECTION)
         self.collection = collection
         #: the graph lives in PostgreSQL, shared by every replica (see the module docstring)
-        self.shared = (
-            settings.neighbours_store == "auto" and settings.vector_db == "pgvector" and bool(settings.database_url)
-        )
+        self.shared = settings.neighbours_store == "auto" and bool(settings.shared_state_url)
         name = FILENAME if collection == DEFAULT_COLLECTION else FILENAME.replace(".sqlite3", f".{collection}.sqlite3")
         self.path: Path = settings.data_dir.resolve() / name
         self._store: GraphStore | PgGraphStore | None = None
@@ -96,10 +95,10 @@ class NeighbourJobs:
                 if self.shared:
                     from app.neighbours.pgstore import PgGraphStore
 
-                    assert self.settings.database_url is not None
+                    assert self.settings.shared_state_url is not None
                     # Bounded like the other requests' database waits: a database that is down answers 503 fast.
                     wait_s = max(self.settings.db_request_timeout_s, 1.0)
-                    self._store = PgGraphStore(self.settings.database_url, self.collection, wait_s=wait_s)
+                    self._store = PgGraphStore(self.settings.shared_state_url, self.collection, wait_s=wait_s)
                 elif create or self.path.exists():
                     self._store = GraphStore(self.path)
             return self._store

@@ -42,9 +42,10 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
     ``DATA_DIR/images``.
 
     ``with_space_check``: apply ``MIN_FREE_MB`` to the file store (the tools that only read or repair pass
-    ``False``). The per-id write locks are PostgreSQL advisory locks with ``VECTOR_DB=pgvector`` and a
-    ``DATABASE_URL`` (shared by every machine), else ``flock`` files (one machine). Raises ``ValueError`` for a
-    malformed URL; never contacts an object store (start-up works while it is down).
+    ``False``). The per-id write locks are PostgreSQL advisory locks in ``Settings.shared_state_url`` (the
+    ``DATABASE_URL``, with every ``VECTOR_DB``: shared by every machine; beside Milvus or Manticore behind a breaker
+    of their own), else ``flock`` files (one machine). Raises ``ValueError`` for a malformed URL; never waits for an
+    object store or the database (start-up works while they are down).
     """
     scheme, location, prefix = parse_store_url(settings.image_store_url)
     store: ImageStore
@@ -57,9 +58,17 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
 
         root = Path(location) if location else settings.resolved_image_dir
         store = LocalImageStore(root, min_free_bytes=settings.min_free_bytes if with_space_check else 0)
-    if settings.vector_db == "pgvector" and settings.database_url:
+    if settings.shared_state_url:
         # A database every replica shares: its advisory locks exclude writers on every machine, not just this one.
+        # Milvus and Manticore have no locks of their own, so with them too the locks live in this PostgreSQL.
         from app.indexing.locks import PgAdvisoryLocks
 
-        store.locks = PgAdvisoryLocks(settings.database_url, wait_s=settings.db_connect_timeout_s)
+        locks = PgAdvisoryLocks(settings.shared_state_url, wait_s=settings.db_connect_timeout_s)
+        if settings.vector_db != "pgvector":
+            # No vector-database guard watches this PostgreSQL: a breaker of its own makes writes answer 503 at
+            # once while it is down and tells /health (``shared_state``).
+            from app.vectordb.guard import GuardedHandler
+
+            locks = GuardedHandler(locks, name="shared-state database (DATABASE_URL)")
+        store.locks = locks
     return store

@@ -21,7 +21,7 @@ conditional writes (``If-None-Match: *``), byte ranges, streamed reads, timeouts
 
 The per-id write locks are ``flock`` files under ``DATA_DIR/.locks`` (app/indexing/locks.py), which exclude the
 writers of one machine, unless :func:`app.storage.from_settings` replaces them with PostgreSQL advisory locks
-(pgvector with a ``DATABASE_URL``), which exclude the writers of every machine sharing the bucket.
+(whenever a ``DATABASE_URL`` is set, with every backend), which exclude the writers of every machine sharing the bucket.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Fail fast while the database is down: a circuit breaker in front of any :class:`VectorDBHandler`.
 
-:class:`GuardedHandler` wraps a handler (pgvector, Milvus, Manticore; embedded or remote). A monitor thread asks
+:class:`GuardedHandler` wraps a handler (pgvector, Milvus, Manticore; embedded or remote), or anything else with
+``health()`` and ``close()`` that talks to a database: the PostgreSQL write locks beside Milvus or Manticore
+(app/storage/__init__.py). A monitor thread asks
 the handler's ``health()`` once a second (every 0.5 s while the database is down, and at once when a request just
 failed with :class:`app.errors.DatabaseUnavailableError`) and caches the answer, so:
 
