@@ -289,6 +289,13 @@ class Settings(BaseSettings):
         "dropped first: a repeated GET /image/{id}/thumbnail does not decode the original again (about 1,000 "
         "thumbnails of 256 px); 0 disables.",
     )
+    thumbnail_redis_ttl_s: int = Field(
+        604800,
+        ge=0,
+        description="Seconds a thumbnail lives in the Redis of CACHE_REDIS_URL, shared by every replica behind the "
+        "in-memory THUMBNAIL_CACHE_MB (a HEIC or large PNG is rebuilt once for all replicas, not once per replica); "
+        "604800 = 7 days; 0: thumbnails are not put in Redis. Without CACHE_REDIS_URL: unused.",
+    )
     rate_limit: str = Field(
         "",
         description="Per-client limit on the expensive routes a client can call without a key (searches by image, "

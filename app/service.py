@@ -9,10 +9,12 @@ the model runtime and the connection pool both allow concurrent callers.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.batching import DynamicBatcher
 from app.cache import CacheStats, EmbeddingCache
 from app.cache.memory import QueryCacheStats
+from app.cache.thumbnails import ThumbnailRedisLayer
 from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidParameterError
@@ -33,7 +36,7 @@ from app.ids import image_id_for, is_valid_image_id
 from app.imaging.admission import PixelAdmission
 from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
-from app.imaging.thumbnails import ThumbnailCache
+from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
 from app.indexing.fsck import start_sweep
 from app.indexing.locks import PgAdvisoryLocks
 from app.indexing.write import write_batch
@@ -43,7 +46,7 @@ from app.search.paging import SearchOptions, search_page
 from app.search.query import QueryTerm, combined_query, unit_vector
 from app.storage import from_settings as store_from_settings
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream
-from app.storage.cache import LocalCopies
+from app.storage.cache import LocalCopies, copy_verified
 from app.storage.local import LocalImageStore
 from app.vectordb.base import SearchHit, VectorDBHandler
 from app.vectordb.guard import GuardedHandler
@@ -219,6 +222,9 @@ class SearchService:
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
         # Thumbnails of stored images (THUMBNAIL_CACHE_MB): a repeated request does not decode the original again.
         self.thumbnails = ThumbnailCache(int(settings.thumbnail_cache_mb * 1_000_000))
+        # ... and behind it, the thumbnails every replica shares in Redis (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S):
+        # built once for all replicas instead of once per replica (app/cache/thumbnails.py).
+        self.shared_thumbnails = ThumbnailRedisLayer.from_settings(settings)
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
@@ -281,6 +287,8 @@ class SearchService:
             )
         service = cls(settings, embedder, db, store, batcher, observer)
         service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
+        if service.shared_thumbnails is not None:
+            service.shared_thumbnails.start()
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
         service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
         service.neighbours.resume_interrupted()  # a graph job a restart or kill -9 cut short goes on
@@ -305,6 +313,8 @@ class SearchService:
             self.batcher.close()
         self.store.close()
         self.cache.close()
+        if self.shared_thumbnails is not None:
+            self.shared_thumbnails.close()
         self.db.close()
 
     def _embed(self, images: list[Image.Image]) -> np.ndarray:
@@ -566,6 +576,27 @@ class SearchService:
             self._copies = LocalCopies(self.store, self.settings.data_dir / "cache" / "originals")
         return self._copies.path(image_id)
 
+    def save_original(self, image_id: str, target: Path) -> None:
+        """Put the stored original's bytes in the file ``target``, atomically (a reader never sees part of it).
+
+        From the file store: a hard link when both are on one file system (no copy, even for a 50 MB TIFF), else
+        one copy. From an object store: one stream from the store straight into ``target`` (chunks, never whole
+        in memory; checked against the id), not through :meth:`image_file`'s local copy, so a download is written
+        to disk once. Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
+        """
+        if not isinstance(self.store, LocalImageStore):
+            if not is_valid_image_id(image_id):
+                raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+            copy_verified(self.store, image_id, target)
+            return
+        source = self.image_file(image_id)
+        part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            os.link(source, part)
+        except OSError:
+            shutil.copyfile(source, part)
+        os.replace(part, target)
+
     def original_info(self, image_id: str) -> ObjectInfo:
         """Name (``<id>.<ext>``), size (bytes) and modification time of the stored original.
 
@@ -596,20 +627,31 @@ class SearchService:
     def thumbnail(self, image_id: str, size: int = 256) -> bytes:
         """A JPEG of the stored image, at most ``size`` x ``size`` pixels, for browsers that cannot show HEIC/TIFF.
 
-        Served from the thumbnail cache (THUMBNAIL_CACHE_MB) when this size was made before: no decode, one cheap
-        existence check of the original. Raises :class:`ImageNotFoundError` (also for a cached thumbnail whose
-        original is gone) and :class:`app.errors.StorageUnavailableError`.
+        Served from this process's thumbnail cache (THUMBNAIL_CACHE_MB), then from the replicas' shared one in
+        Redis (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S) when this size was made before, by any replica: no decode,
+        one cheap existence check of the original. Otherwise the whole original is read (decoders need it) and
+        decoded under the pixel admission, and the JPEG fills both caches. A Redis that fails is a miss, never an
+        error. Raises :class:`ImageNotFoundError` (also for a cached thumbnail whose original is gone) and
+        :class:`app.errors.StorageUnavailableError`.
         """
         if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
         jpeg = self.thumbnails.get(image_id, size)
+        from_redis = False
+        if jpeg is None and self.shared_thumbnails is not None:
+            jpeg = self.shared_thumbnails.get_thumbnail(image_id, size)
+            from_redis = jpeg is not None
         if jpeg is not None:
             if self.store.head(image_id) is None:  # deleted meanwhile, perhaps through another replica
                 self.thumbnails.forget(image_id)
                 raise ImageNotFoundError(f"No image with id '{image_id}'.")
+            if from_redis:
+                self.thumbnails.put(image_id, size, jpeg)
             return jpeg
         jpeg = self._thumbnail(self.store.read(image_id), size)
         self.thumbnails.put(image_id, size, jpeg)
+        if self.shared_thumbnails is not None:
+            self.shared_thumbnails.put_thumbnail(image_id, size, jpeg)
         return jpeg
 
     def preview(self, data: bytes, size: int = 512) -> bytes:
@@ -629,15 +671,7 @@ class SearchService:
     def _thumbnail(self, data: bytes, size: int) -> bytes:
         """The JPEG of :meth:`thumbnail` and :meth:`preview`, decoded under the pixel admission."""
         with self.admission.admit(self._pixels(data, draft_size=size)):
-            return self._encode_thumbnail(data, size)
-
-    def _encode_thumbnail(self, data: bytes, size: int) -> bytes:
-        # Draft mode decodes a large JPEG straight to about the thumbnail's size instead of its full resolution.
-        image = decode_image(data, max_pixels=self.settings.max_image_pixels, draft_size=size).image
-        image.thumbnail((size, size))
-        out = io.BytesIO()
-        image.save(out, format="JPEG", quality=85)
-        return out.getvalue()
+            return render_thumbnail(data, size, max_pixels=self.settings.max_image_pixels)
 
     def delete_image(self, image_id: str) -> None:
         """Remove the vector and the original; raises :class:`ImageNotFoundError` if neither existed."""

@@ -11,7 +11,6 @@ Gradio's ``delete_cache`` (set in :func:`ui.app.build_ui`) removes them when the
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,20 +69,14 @@ def original_file(service: SearchService, image_id: str, filename: str) -> str:
     """Path of the stored original under its original base name (``trips/IMG_0001.HEIC`` -> ``IMG_0001.HEIC``),
     for "Download original": the browser saves a file under the name its URL ends with.
 
-    A hard link to the stored file when both are on one file system (no copy, even for a 50 MB TIFF), a copy
-    otherwise. Raises :class:`app.errors.ImageNotFoundError`.
+    Written once (``SearchService.save_original``): a hard link to the file store's file when both are on one file
+    system (no copy, even for a 50 MB TIFF), else one copy; from an object store, one stream from the store into
+    this file. Raises :class:`app.errors.ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
     """
-    source = service.image_file(image_id)
-    name = Path(filename.replace("\\", "/")).name or source.name
+    name = Path(filename.replace("\\", "/")).name or service.original_info(image_id).name
     if name.startswith("."):
         name = "_" + name[1:]  # Gradio refuses to serve dot files
     target = ui_folder("originals", image_id) / name
-    if target.is_file():
-        return str(target)
-    part = target.with_name(f".{name}.{uuid.uuid4().hex}.part")
-    try:
-        os.link(source, part)
-    except OSError:
-        shutil.copyfile(source, part)
-    os.replace(part, target)
+    if not target.is_file():
+        service.save_original(image_id, target)
     return str(target)

@@ -76,6 +76,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 class RedisLayer:
     """``key -> (D,) float32`` embedding in Redis; :meth:`get` and :meth:`put` never raise.
 
+    The value codec is :meth:`_encode` / :meth:`_decode`: :class:`app.cache.thumbnails.ThumbnailRedisLayer` keeps
+    JPEG thumbnails with the same timeouts, breaker and counters.
+
     Args:
         url: a redis-py URL (``redis://host:6379/0``, ``rediss://``, ``unix://``).
         dim: the embedding dimension D every value must have.
@@ -87,6 +90,8 @@ class RedisLayer:
     """
 
     name = "redis"
+    what = "embeddings"
+    """What the layer holds, for its log lines."""
 
     def __init__(
         self,
@@ -162,7 +167,7 @@ class RedisLayer:
             with self._lock:
                 self._misses += 1
             return None
-        vector = decode(raw, self.dim)
+        vector = self._decode(raw)
         with self._lock:
             if vector is None:
                 self._invalid += 1
@@ -178,14 +183,14 @@ class RedisLayer:
         if self.breaker.is_open:
             return
         try:
-            self._timed("set", self.client.set, key, encode(vector), ex=self.ttl_s)
+            self._timed("set", self.client.set, key, self._encode(vector), ex=self.ttl_s)
         except OutOfMemoryError as exc:  # maxmemory with noeviction: Redis answers, it only refuses writes
             with self._lock:
                 self._errors += 1
                 first = self._full is None
                 self._full = str(exc)[:200]
             if first:
-                log.warning("Redis cache is full (%s): new embeddings stay in memory only", exc)
+                log.warning("Redis cache is full (%s): new %s stay in memory only", exc, self.what)
             return
         except RedisError as exc:
             self._failed(exc)
@@ -228,6 +233,14 @@ class RedisLayer:
             )
 
     # --- internals ---------------------------------------------------------------------------------------------
+    def _encode(self, value) -> bytes:  # noqa: ANN001 - the value type of the layer (a subclass may hold others)
+        """The stored bytes of ``value``."""
+        return encode(value)
+
+    def _decode(self, raw: bytes):  # noqa: ANN202 - see _encode
+        """The value in ``raw``, or ``None`` for anything this layer did not write (never raises)."""
+        return decode(raw, self.dim)
+
     def _timed(self, operation: str, call: Callable, *args, **kwargs):
         start = time.perf_counter()
         failed = True
@@ -250,9 +263,10 @@ class RedisLayer:
     def _opened(self, error: BaseException) -> None:
         """The breaker opened: one warning, drop the pooled sockets, PING in the background until Redis answers."""
         log.warning(
-            "Redis cache unreachable (%s: %s): serving embeddings from memory only, retrying every %g s",
+            "Redis cache unreachable (%s: %s): serving %s from memory only, retrying every %g s",
             type(error).__name__,
             error,
+            self.what,
             self.retry_s,
         )
         self.client.connection_pool.disconnect()

@@ -10,11 +10,33 @@ exists before answering from it, so a deleted image's thumbnail is a 404 at once
 
 from __future__ import annotations
 
+import io
 import threading
 
 from cachetools import LRUCache
 
-__all__ = ["ThumbnailCache"]
+from app.imaging.decode import decode_image
+
+__all__ = ["JPEG_QUALITY", "ThumbnailCache", "render_thumbnail"]
+
+#: JPEG quality of thumbnails and previews
+JPEG_QUALITY = 85
+
+
+def render_thumbnail(data: bytes, size: int, *, max_pixels: int) -> bytes:
+    """A JPEG of the image ``data``, at most ``size`` x ``size`` pixels, EXIF orientation applied.
+
+    The whole encoded image must be in memory: decoders need it (a TIFF's strips, a HEIC's tiles, a PNG's zlib
+    stream); decoded pixels are bounded by the caller's admission (MAX_DECODE_PIXELS_IN_FLIGHT, MAX_DECODE_MB).
+    Draft mode decodes a large JPEG straight to about the thumbnail's size instead of its full resolution.
+
+    Raises :class:`app.errors.ImageDecodeError` (unknown format, corrupt, over ``max_pixels``).
+    """
+    image = decode_image(data, max_pixels=max_pixels, draft_size=size).image
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
 
 
 class ThumbnailCache:

@@ -3,7 +3,8 @@ components): ``DATA_DIR/cache/originals/<id>.<ext>``, at most :data:`MAX_FILES` 
 
 A cache, local to each replica by design: anything in it may be deleted at any time. Each copy is streamed from the
 store into a temporary file, checked against its id (SHA-256) and renamed into place, so a reader never sees part
-of one.
+of one (:func:`copy_verified`, which the web UI's "Download original" also uses to write its file straight from the
+store).
 """
 
 from __future__ import annotations
@@ -17,10 +18,32 @@ from pathlib import Path
 from app.errors import ImageNotFoundError
 from app.storage.base import ImageStore
 
-__all__ = ["MAX_FILES", "LocalCopies"]
+__all__ = ["MAX_FILES", "LocalCopies", "copy_verified"]
 
 #: most originals kept (a few hundred MB at most with typical photos)
 MAX_FILES = 256
+
+
+def copy_verified(store: ImageStore, image_id: str, target: Path) -> None:
+    """Stream the original of ``image_id`` from ``store`` into the file ``target`` (in chunks: never whole in
+    memory), checked against its id (SHA-256), through a temporary file in ``target``'s folder renamed into place:
+    a reader never sees part of it, and a failure leaves nothing.
+
+    Raises :class:`app.errors.ImageNotFoundError` (also when the stored bytes do not match the id) and
+    :class:`app.errors.StorageUnavailableError`.
+    """
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".copy-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in store.get(image_id):
+                digest.update(chunk)
+                f.write(chunk)
+        if digest.hexdigest() != image_id:
+            raise ImageNotFoundError(f"The stored original of '{image_id}' does not match its id.")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 class LocalCopies:
@@ -44,18 +67,7 @@ class LocalCopies:
             os.utime(target)  # recently used: kept longest
             return target
         self.directory.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".copy-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                for chunk in self.store.get(image_id):
-                    digest.update(chunk)
-                    f.write(chunk)
-            if digest.hexdigest() != image_id:
-                raise ImageNotFoundError(f"The stored original of '{image_id}' does not match its id.")
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        copy_verified(self.store, image_id, target)
         self._evict()
         return target
 
