@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.batching import DynamicBatcher
 from app.cache import CacheStats, EmbeddingCache
 from app.cache.memory import QueryCacheStats
+from app.cache.redis_layer import RedisLayerStats
 from app.cache.thumbnails import ThumbnailRedisLayer
 from app.config import Settings
 from app.embedders.base import Embedder
@@ -138,6 +139,19 @@ class HealthReport(BaseModel):
     model: ModelInfo
 
 
+class ThumbnailCacheStats(BaseModel):
+    """The thumbnail caches: this process's memory (``THUMBNAIL_CACHE_MB``) and, with ``CACHE_REDIS_URL``, the
+    replicas' shared layer in Redis (app/cache/thumbnails.py)."""
+
+    bytes: int = Field(description="Bytes of JPEG held in this process's memory.")
+    capacity_bytes: int = Field(description="THUMBNAIL_CACHE_MB in bytes; 0 = the memory layer is off.")
+    hits: int = Field(description="Thumbnails served from memory since start.")
+    misses: int = Field(description="Lookups the memory layer did not have.")
+    redis: RedisLayerStats | None = Field(
+        None, description="The shared layer's counters; null without CACHE_REDIS_URL or with THUMBNAIL_REDIS_TTL_S=0."
+    )
+
+
 class ServiceStats(BaseModel):
     """What ``GET /stats`` answers: collection size, the model and backend serving it, the query-embedding cache."""
 
@@ -188,6 +202,7 @@ class ServiceStats(BaseModel):
         "cache.memory; kept for the clients that read it here."
     )
     cache: CacheStats = Field(description="The embedding cache: hits and misses of every layer (app/cache/).")
+    thumbnail_cache: ThumbnailCacheStats = Field(description="The thumbnail caches, memory and shared (Redis).")
 
 
 class SearchService:
@@ -747,4 +762,17 @@ class SearchService:
             supports_text=self.embedder.supports_text,
             query_cache=self.cache.memory.stats(),
             cache=self.cache.stats(),
+            thumbnail_cache=self.thumbnail_stats(),
+        )
+
+    def thumbnail_stats(self) -> ThumbnailCacheStats:
+        """The thumbnail caches' counters (``/stats``, ``/metrics``); never raises, touches no server."""
+        memory = self.thumbnails
+        shared = self.shared_thumbnails
+        return ThumbnailCacheStats(
+            bytes=memory.bytes_held,
+            capacity_bytes=memory.max_bytes,
+            hits=memory.hits,
+            misses=memory.misses,
+            redis=None if shared is None else shared.stats(),
         )

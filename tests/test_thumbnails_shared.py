@@ -83,6 +83,12 @@ def test_replica_a_builds_replica_b_hits_and_a_dead_redis_still_answers(
             assert hit.status_code == 200 and hit.content == built.content
             assert decodes_a == [256] and decodes_b == []  # built once for both replicas
             assert b.app.state.service.shared_thumbnails.stats().hits == 1
+            # ... as /stats and /metrics tell (B: one miss in memory, one hit in Redis)
+            shown = b.get("/stats").json()["thumbnail_cache"]
+            assert (shown["misses"], shown["hits"], shown["redis"]["hits"]) == (1, 0, 1) and shown["bytes"] > 0
+            metrics = b.get("/metrics").text
+            assert 'image_search_thumbnail_cache_hits_total{layer="redis"} 1.0' in metrics
+            assert 'image_search_thumbnail_cache_misses_total{layer="memory"} 1.0' in metrics
             assert b.app.state.service.thumbnails.get(image_id, 256) == built.content  # and now in B's memory
             with Image.open(io.BytesIO(hit.content)) as im:
                 assert max(im.size) == 256 and im.size[0] < im.size[1]  # portrait, as the phone held it

@@ -100,6 +100,7 @@ class _ServiceCollector(Collector):
         if service is None:  # before the lifespan has run
             return
         yield from _cache_metrics(service.cache.stats())
+        yield from _thumbnail_metrics(service.thumbnail_stats())
         depth = _queue_depth(service.batcher)
         if depth is not None:
             queue = GaugeMetricFamily(f"{PREFIX}_embed_queue_depth", "Embed requests waiting for the model.")
@@ -114,6 +115,25 @@ class _ServiceCollector(Collector):
         size = GaugeMetricFamily(f"{PREFIX}_collection_images", "Images in the collection.")
         size.add_metric([], count)
         yield size
+
+
+def _thumbnail_metrics(stats: Any) -> Iterator[Metric]:
+    """The thumbnail caches (:class:`app.service.ThumbnailCacheStats`): hits and misses per layer (``memory``, and
+    ``redis`` when the shared layer is on), bytes held in memory."""
+    hits = CounterMetricFamily(
+        f"{PREFIX}_thumbnail_cache_hits", "Thumbnails served from a cache, by layer (memory, redis).", labels=["layer"]
+    )
+    misses = CounterMetricFamily(
+        f"{PREFIX}_thumbnail_cache_misses", "Thumbnail lookups a layer did not have, by layer.", labels=["layer"]
+    )
+    hits.add_metric(["memory"], stats.hits)
+    misses.add_metric(["memory"], stats.misses)
+    if stats.redis is not None:
+        hits.add_metric(["redis"], stats.redis.hits)
+        misses.add_metric(["redis"], stats.redis.misses)
+    held = GaugeMetricFamily(f"{PREFIX}_thumbnail_cache_bytes", "Bytes of thumbnails held in this process's memory.")
+    held.add_metric([], stats.bytes)
+    yield from (hits, misses, held)
 
 
 def _cache_metrics(stats: Any) -> Iterator[Metric]:
