@@ -167,34 +167,44 @@ def test_a_50_mb_tiff_is_streamed_from_the_bucket_not_held_in_memory(tmp_path, d
         app.state.service.store.put(image_id, data, "tif")  # over MAX_UPLOAD_MB: put straight into the bucket
         del data
         assert client.get(f"/image/{image_id}", headers={"Range": "bytes=0-1023"}).status_code == 206  # warm up
-        gc.collect()
-        baseline = peak = _rss_bytes()
-        done = threading.Event()
 
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, _rss_bytes())
-                time.sleep(0.002)
+        def peak_growth(read) -> int:  # noqa: ANN001 - a callable that reads the original
+            """Peak RSS growth (bytes) of this process, sampled every 2 ms while ``read()`` runs."""
+            gc.collect()
+            baseline = peak = _rss_bytes()
+            done = threading.Event()
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+            def sample() -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, _rss_bytes())
+                    time.sleep(0.002)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                read()
+            finally:
+                done.set()
+                sampler.join()
+            return peak - baseline
+
         received = 0
-        try:
+
+        def stream() -> None:
+            nonlocal received
             with client.stream("GET", f"/image/{image_id}") as response:
                 assert response.status_code == 200 and int(response.headers["content-length"]) == size
                 assert response.headers["content-type"] == "image/tiff"
                 for chunk in response.iter_raw():
                     received += len(chunk)
-        finally:
-            done.set()
-            sampler.join()
-        growth = peak - baseline
+
+        def read_whole() -> None:
+            assert image_id_for(client.get(f"/image/{image_id}").content) == image_id
+
+        growth = peak_growth(stream)
         # The control: the same answer read whole by the client shows up in the same measure.
-        whole = client.get(f"/image/{image_id}").content
-        held = _rss_bytes() - baseline
-        assert image_id_for(whole) == image_id
-        del whole
+        held = peak_growth(read_whole)
     print(f"streamed {size / 1e6:.1f} MB: peak RSS growth {growth / 1e6:.1f} MB (read whole: {held / 1e6:.1f} MB)")
     assert received == size and held > size * 0.8
     assert growth < size / 4, f"RSS grew by {growth / 1e6:.1f} MB for a {size / 1e6:.1f} MB original"
