@@ -26,13 +26,15 @@ test-fast: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m pytest -m "not slow"
 
-# The Compose stack end to end (tests/docker): builds the image, runs app + db + redis, checks the Gradio UI and
-# the cache, indexes, searches, restarts, scales the app to two replicas, and prints one JSON line of timings. Not
+# The Compose stack end to end (tests/docker): builds the image once, runs app + db + redis, checks the Gradio UI and
+# the cache, indexes, searches, restarts, scales the app to two replicas, then runs the `scale` profile (two replicas
+# behind nginx, originals in MinIO) on the same image, and prints one JSON line of timings per stack. Not
 # part of `make test` / .ci/run: it downloads several GB and takes many minutes. Where ../shared/tools/docker exists
 # (machines with no container registry), its scripts first install and start a Docker engine and build local
 # stand-ins for the base images, and afterwards the build cache of that engine is pruned (each --no-cache build adds
 # over 10 GB; the disk is shared); elsewhere a running engine is used and its build cache is left alone. The test
-# itself builds a stand-in for the redis image when that can be neither found nor pulled (tests/docker/redis-standin).
+# itself builds stand-ins for the redis, minio and nginx images when they can be neither found nor pulled
+# (tests/docker/*-standin), and removes them afterwards.
 # PYTEST_ARGS adds pytest options, e.g. PYTEST_ARGS=--basetemp=/tmp/pt-docker where other pytest runs share /tmp.
 DOCKER_TOOLS ?= ../shared/tools/docker
 PYTEST_ARGS ?=

@@ -676,11 +676,13 @@ def test_docker_stack_test_runs_in_make_test_docker_only() -> None:
     target = re.search(r"^test-docker:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert target and "pytest -m docker tests/docker" in target.group(1), "make test-docker runs tests/docker"
     assert "test-docker" not in CI_RUN.read_text(encoding="utf-8"), "make test-docker is not part of .ci/run"
-    module = ROOT / "tests" / "docker" / "test_compose_stack.py"
-    text = module.read_text(encoding="utf-8")
-    assert "pytest.mark.docker" in text
-    # `make test-fast` passes -m "not slow", which replaces addopts' -m: the slow marker keeps the stack out there.
-    assert "pytest.mark.slow" in text
+    modules = sorted((ROOT / "tests" / "docker").glob("test_*.py"))
+    assert {m.name for m in modules} >= {"test_compose_stack.py", "test_scale_profile.py"}
+    for module in modules:
+        text = module.read_text(encoding="utf-8")
+        assert "pytest.mark.docker" in text, module.name
+        # `make test-fast` passes -m "not slow", which replaces addopts' -m: the slow marker keeps them out there.
+        assert "pytest.mark.slow" in text, module.name
 
 
 # ------------------------------------------------------------------------------------------------------------

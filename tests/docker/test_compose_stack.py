@@ -10,7 +10,8 @@ What it proves, in order, on the default stack (``docker-compose.yml`` with no p
 
 1. the image builds with no container registry reachable: once with ``--no-cache`` (every layer rebuilt; the
    report counts the files pip downloaded and those it took from its cache mount) and once more, unchanged, with
-   the layer cache;
+   the layer cache (``conftest.py``'s session fixture builds it once for every module here;
+   ``test_scale_profile.py`` starts the same image);
 2. ``docker compose up --wait`` with ``API_KEY`` set turns healthy; ``/health`` (database and ``cache: ok``),
    ``/docs`` and the Gradio UI answer: ``/ui/``, its ``/ui/config`` (Gradio 6) and API info (``/search``), an
    upload into Gradio's temp folder and a ``/search`` call through ``gradio_client``; the app container writes
@@ -28,14 +29,14 @@ What it proves, in order, on the default stack (``docker-compose.yml`` with no p
 7. ``APP_PORT=<a range> docker compose up --scale app=2`` (README, Docker Compose): two app containers on one
    database, images volume and Redis; a photo embedded by one is a Redis hit in the other, and each serves the
    other's counts and originals;
-8. ``docker compose down -v`` removes everything the project made (containers, network, volumes); then the test
-   removes its image too (and the Redis stand-in, when it built one).
+8. ``docker compose down -v`` removes everything the project made (containers, network, volumes); at the end of
+   the session the image is removed too (and the Redis stand-in, when the session built one).
 
 The ``redis`` image docker-compose.yml names is used when the local store has it or it can be pulled; otherwise
-(no container registry) the test builds a stand-in under that name from ``debian:trixie-slim`` and Debian's
-redis-server (``tests/docker/redis-standin``, with ``--network host``) and removes it at the end.
+(no container registry) the session builds a stand-in under that name from ``debian:trixie-slim`` and Debian's
+redis-server (``tests/docker/redis-standin``, with ``--network host``) and removes it at the end (dockerlib.py).
 
-``TEST_DOCKER_REUSE_IMAGE=1`` is for working on this test: it starts the image already tagged
+``TEST_DOCKER_REUSE_IMAGE=1`` is for working on these tests: it starts the image already tagged
 ``image-similarity-search:compose-test`` (if there is one), builds nothing and keeps it; its report says so.
 
 At the end it prints one JSON line: image size, build times (cold and cached), time to healthy, restart time and
@@ -45,7 +46,7 @@ machine may be shared).
 Isolation: a dedicated Compose project name, its own image tag, free ports, an empty ``--env-file`` and no
 ``env_file`` (a developer's ``.env`` changes nothing here), no profile. The only other things it adds are a
 temporary override file (``build: network: host``, for engines whose bridge networks have no outside access, as on
-this project's machines) and a build log, both under pytest's temporary directory.
+this project's machines) and the build logs, all under pytest's temporary directory.
 
 Every HTTP request carries ``Authorization: Bearer <API_KEY>`` and ``bulk_index.py`` gets ``IMAGE_SEARCH_API_KEY``,
 so the test stays right once the service enforces API keys (the server ignores them until then).
@@ -53,297 +54,53 @@ so the test stays right once the service enforces API keys (the server ignores t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
+from tests.docker.dockerlib import (
+    IMAGE,
+    AppImage,
+    Stack,
+    compose_env,
+    docker_inspect,
+    engine_versions,
+    say,
+    service_image,
+    sha256,
+)
 from tests.helpers import BULK_SUMMARY, DATASETS, INSTANCE, PROJECT_ROOT, free_port, symlink
 
 # `slow` too, so that `make test-fast` (-m "not slow", which replaces addopts' -m "not docker") leaves it out.
 # Building a multi-GB image on a shared 2-core machine takes well over pytest-timeout's default of 600 s; the
-# module fixture's set-up (both builds, first start) is charged to the first test.
+# session fixture's set-up (both builds) and the module fixture's first start are charged to the first test.
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(5400)]
 
-COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 SCRIPTS = PROJECT_ROOT / "scripts"
 PROJECT = "image-similarity-search-compose-test"  # never the default project name: it must touch nothing else
-IMAGE = "image-similarity-search:compose-test"  # nor overwrite the image a developer built as :latest
-TORCH_INDEX_CPU = "https://download.pytorch.org/whl/cpu"  # the Dockerfile's default
 N_IMAGES = 50
 APP_UID = "10001"
-REDIS_STANDIN = Path(__file__).resolve().parent / "redis-standin"  # Dockerfile + entrypoint of the stand-in
-STANDIN_BY = "image-similarity-search tests/docker"  # its label local.standin.by
 # Query photos that are not among the indexed ones (another dataset), so the model embeds them: the cache's cases.
 QUERY_PHOTOS = sorted((DATASETS / "caltech101_subset" / "images").rglob("*.jpg"))
 
-REUSE_IMAGE = "TEST_DOCKER_REUSE_IMAGE"
-BUILD_TIMEOUT_S = 3600
-UP_TIMEOUT_S = 900  # first start: database initialisation, model load, ONNX export, on a busy machine
-
-# Points the build at the host network (this machine's dockerd runs without NAT, so a bridge network cannot
-# reach PyPI; harmless elsewhere), tags the image for this test only, and drops the app's `.env` env_file
-# (`!reset`, Compose 2.24+) so a developer's settings cannot change what is tested.
+# The session's image (conftest.py builds it), and no `.env` env_file (`!reset`, Compose 2.24+), so a developer's
+# settings cannot change what is tested.
 OVERRIDE = f"""\
 services:
   app:
     image: {IMAGE}
-    build:
-      network: host
     env_file: !reset []
 """
-
-
-def _docker_unavailable() -> str | None:
-    """Why the stack cannot run here, or None when a Docker engine and Compose v2 answer."""
-    if shutil.which("docker") is None:
-        return "no `docker` command on PATH (make test-docker sets up an engine where ../shared/tools/docker exists)"
-    try:
-        info = subprocess.run(
-            ["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=30
-        )
-    except subprocess.TimeoutExpired:
-        return "`docker info` did not answer within 30 s"
-    if info.returncode != 0 or not info.stdout.strip():
-        return f"no Docker engine answers: {(info.stderr or info.stdout).strip()[:300]}"
-    compose = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
-    if compose.returncode != 0:
-        return f"Docker Compose v2 (`docker compose`) is missing: {compose.stderr.strip()[:300]}"
-    return None
-
-
-def _reachable(url: str) -> bool:
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
-        return True
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _torch_index() -> tuple[str, str]:
-    """(index URL for the TORCH_INDEX_URL build arg, a label for the report).
-
-    TORCH_INDEX_URL from the environment wins; otherwise the Dockerfile's CPU-only PyTorch index when it answers;
-    otherwise the index pip itself uses (PIP_INDEX_URL, else PyPI), whose torch is the CUDA build: it runs on the
-    CPU, but brings the nvidia-* wheels, several GB. PyPI has no CPU-only torch wheel for Linux.
-    """
-    if os.environ.get("TORCH_INDEX_URL"):
-        return os.environ["TORCH_INDEX_URL"], "TORCH_INDEX_URL from the environment"
-    if _reachable(TORCH_INDEX_CPU + "/torch/"):
-        return TORCH_INDEX_CPU, "PyTorch CPU index (the Dockerfile's default)"
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"], "PIP_INDEX_URL (CUDA torch build; the PyTorch index is unreachable)"
-    from pip._internal.models.index import PyPI  # pip's own default index, so no host is written down here
-
-    return PyPI.simple_url, "PyPI (CUDA torch build; the PyTorch index is unreachable)"
-
-
-def _remove_image() -> None:
-    """Remove this test's image. Each build re-tags it, so a kept one would turn into a dangling 6-7 GB image on the
-    next run; the layer cache that the cached build needs lives in the build cache, not in the image."""
-    subprocess.run(["docker", "image", "rm", "--force", IMAGE], capture_output=True, text=True, timeout=300)
-
-
-def _image_labels(name: str) -> dict[str, str] | None:
-    """The labels of a local image, or None when the local store does not have it."""
-    proc = subprocess.run(
-        ["docker", "image", "inspect", name, "--format", "{{json .Config.Labels}}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return (json.loads(proc.stdout) or {}) if proc.returncode == 0 else None
-
-
-def _ensure_redis_image(say) -> tuple[str, bool]:
-    """Make the ``redis`` image docker-compose.yml names available: (what it is, for the report; whether this run
-    built a stand-in, which the caller removes afterwards).
-
-    Used as found when the local store has it, pulled when a registry answers, and otherwise built as a stand-in
-    from ``debian:trixie-slim`` + Debian's redis-server (``tests/docker/redis-standin``; ``--network host``, for
-    engines whose bridge networks reach nothing outside). The stand-in is tagged with the official name, so the
-    compose file runs unchanged.
-    """
-    name = redis_image_name()
-    labels, kind = _image_labels(name), "local image"
-    pull = None
-    if labels is None:
-        pull = subprocess.run(["docker", "pull", name], capture_output=True, text=True, timeout=600)
-    if pull is not None and pull.returncode == 0:
-        kind = "pulled"
-    elif pull is not None:
-        say(f"[test-docker] {name} cannot be pulled ({pull.stderr.strip()[-200:]}); building a local stand-in ...")
-        build = subprocess.run(
-            ["docker", "build", "--network", "host", "--tag", name, str(REDIS_STANDIN)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**os.environ, "DOCKER_BUILDKIT": "1"},
-        )
-        assert build.returncode == 0, f"building the stand-in failed:\n{build.stdout[-3000:]}{build.stderr[-3000:]}"
-    labels = _image_labels(name) or {}
-    # Ours, built now or left by an interrupted run: removed at the end, like the test's own image.
-    ours = labels.get("local.standin.by") == STANDIN_BY
-    if "local.standin.of" in labels:
-        kind = f"stand-in: {labels.get('local.standin.built-from', '?')}"
-    version = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--entrypoint", "redis-server", name, "--version"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout.strip()
-    match = re.search(r"v=(\S+)", version)
-    return f"{name} ({kind}; Redis {match.group(1) if match else '?'})", ours
-
-
-def redis_image_name() -> str:
-    """The image of docker-compose.yml's ``redis`` service."""
-    return yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]["redis"]["image"]
-
-
-def _inspect(container: str) -> dict:
-    out = subprocess.run(["docker", "inspect", container], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)[0]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _pip_fetches(build_log: str) -> dict[str, int]:
-    """How many files pip downloaded and took from its cache mount in a build log: a `--no-cache` build is only
-    cold when nothing came from the cache (engines differ in whether they keep cache mounts between builds)."""
-    return {
-        "pip_downloaded": len(re.findall(r"^#\d+ [\d.]+\s+Downloading ", build_log, re.M)),
-        "pip_from_cache": len(re.findall(r"^#\d+ [\d.]+\s+Using cached ", build_log, re.M)),
-    }
-
-
-@dataclass
-class Stack:
-    """The running project: how to reach it and drive it, and what was measured."""
-
-    base_url: str
-    api_key: str
-    env: dict[str, str]
-    override: Path
-    env_file: Path
-    log_dir: Path
-    report: dict = field(default_factory=dict)
-    indexed: dict[str, Path] = field(default_factory=dict)  # image id -> dataset file
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-    def compose(
-        self,
-        *args: str,
-        timeout: float = 300,
-        log: str | None = None,
-        env: dict[str, str] | None = None,
-        overrides: tuple[Path, ...] = (),
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``docker compose`` on this project; with ``log``, its output goes to that file in log_dir; ``env``
-        adds to (or replaces) the stack's environment for this command, ``overrides`` are more compose files."""
-        env = {**self.env, **(env or {})}
-        command = [
-            "docker",
-            "compose",
-            "--project-name",
-            PROJECT,
-            "--env-file",
-            str(self.env_file),
-            "-f",
-            str(COMPOSE_FILE),
-            "-f",
-            str(self.override),
-            *(arg for path in overrides for arg in ("-f", str(path))),
-            *args,
-        ]
-        if log is None:
-            return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        path = self.log_dir / log
-        with path.open("a", encoding="utf-8") as out:
-            out.write(f"$ {' '.join(command)}\n")
-            out.flush()
-            proc = subprocess.run(
-                command,
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=timeout,
-            )
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return subprocess.CompletedProcess(command, proc.returncode, text[-6000:], "")
-
-    def check(self, *args: str, timeout: float = 300, log: str | None = None) -> str:
-        proc = self.compose(*args, timeout=timeout, log=log)
-        assert proc.returncode == 0, (
-            f"docker compose {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-        return proc.stdout
-
-    def container(self, service: str) -> dict:
-        """`docker inspect` of the service's (single) container."""
-        ids = self.check("ps", "-q", service).split()
-        assert len(ids) == 1, f"{service}: expected one container, got {ids}"
-        return _inspect(ids[0])
-
-    def up(self, *args: str, env: dict[str, str] | None = None, overrides: tuple[Path, ...] = ()) -> float:
-        """``up -d --wait`` (no build: the image is built by the fixture); seconds until every service is healthy."""
-        start = time.monotonic()
-        proc = self.compose(
-            "up", "-d", "--wait", "--no-build", *args, timeout=UP_TIMEOUT_S, log="up.log", env=env, overrides=overrides
-        )
-        elapsed = time.monotonic() - start
-        if proc.returncode != 0:
-            logs = self.compose("logs", "--no-color", "--tail", "80")
-            pytest.fail(f"docker compose up --wait failed:\n{proc.stdout}\n--- logs ---\n{logs.stdout}{logs.stderr}")
-        return elapsed
-
-    def get(self, path: str, base_url: str | None = None, **kwargs) -> httpx.Response:
-        return httpx.get((base_url or self.base_url) + path, headers=self.headers, timeout=60, **kwargs)
-
-    def search_image(self, path: Path, base_url: str | None = None, **data: str) -> list[dict]:
-        """``POST /search_image`` with the file at ``path``; its results."""
-        with path.open("rb") as fh:
-            answer = httpx.post(
-                (base_url or self.base_url) + "/search_image",
-                headers=self.headers,
-                files={"file": (path.name, fh)},
-                data={"exclude_self": "false", **data},  # an indexed query stays in its own results
-                timeout=120,
-            )
-        assert answer.status_code == 200, answer.text
-        return answer.json()["results"]
-
-    def cache(self, base_url: str | None = None) -> dict:
-        """``/stats``' ``cache`` block of one app container."""
-        stats = self.get("/stats", base_url)
-        assert stats.status_code == 200, stats.text
-        return stats.json()["cache"]
-
-    def redis_keys(self) -> list[str]:
-        """The embedding-cache keys in the stack's Redis (``redis-cli --scan`` in the redis container)."""
-        return self.check("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "*:emb:v1:*").split()
 
 
 def _cache_delta(before: dict, after: dict) -> dict[str, int]:
@@ -372,100 +129,51 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def _say(request: pytest.FixtureRequest, line: str) -> None:
-    """Print past pytest's capture, so progress and the JSON line show without ``-s`` too."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print(line, flush=True)
+def _redis_version(image: str) -> str:
+    """The Redis version in an image (``redis-server --version``)."""
+    version = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--entrypoint", "redis-server", image, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.strip()
+    match = re.search(r"v=(\S+)", version)
+    return match.group(1) if match else "?"
 
 
 @pytest.fixture(scope="module")
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Build the image (cold, then cached), start the default stack with API_KEY set, and tear it all down."""
-    reason = _docker_unavailable()
-    if reason:
-        pytest.skip(reason)
-
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, app_image: AppImage, standins
+) -> Iterator[Stack]:
+    """Start the default stack with API_KEY set on the session's image, and tear it all down."""
     work = tmp_path_factory.mktemp("compose")
     override = work / "compose.override.yml"
     override.write_text(OVERRIDE, encoding="utf-8")
     env_file = work / "empty.env"
     env_file.write_text("", encoding="utf-8")
-    torch_index, torch_label = _torch_index()
     port = free_port()
     api_key = "compose-test-" + secrets.token_hex(16)
+    env = compose_env(APP_PORT=str(port), API_KEY=api_key, TORCH_INDEX_URL=app_image.torch_index_url)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
-    for name in ("VECTOR_DB", "APP_BIND", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
-        env.pop(name, None)  # the defaults are what is tested; APP_BIND's is 127.0.0.1
-    env.update(APP_PORT=str(port), API_KEY=api_key, TORCH_INDEX_URL=torch_index, DOCKER_BUILDKIT="1")
-
-    s = Stack(f"http://127.0.0.1:{port}", api_key, env, override, env_file, work)
-    versions = subprocess.run(
-        ["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30
-    ).stdout.strip()
-    compose_version = subprocess.run(
-        ["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30
-    ).stdout.strip()
-    s.report.update(
-        benchmark="compose_stack",
-        date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
-        docker_engine=versions,
-        compose=compose_version,
-        torch_index=torch_label,
-    )
-    _say(request, f"\n[test-docker] project {PROJECT}, port {port}, logs in {work}")
+    s = Stack(PROJECT, f"http://127.0.0.1:{port}", api_key, env, override, env_file, work)
+    s.report.update(benchmark="compose_stack", date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"), **engine_versions())
+    say(request, f"\n[test-docker] project {PROJECT}, port {port}, logs in {work}")
 
     # Leftovers of an interrupted earlier run of this same project (never anything else).
     s.compose("down", "--volumes", "--remove-orphans", timeout=300)
-    # TEST_DOCKER_REUSE_IMAGE=1 (to work on this test): start the image already tagged IMAGE, build nothing, keep it.
-    reuse = os.environ.get(REUSE_IMAGE) == "1" and _image_labels(IMAGE) is not None
-    if not reuse:
-        _remove_image()
-    remove_redis = False
     try:
-        start = time.monotonic()
-        s.report["redis"], remove_redis = _ensure_redis_image(lambda line: _say(request, line))
-        s.report["redis_image_s"] = round(time.monotonic() - start, 1)
-        s.report["loadavg_1m_at_build"] = round(os.getloadavg()[0], 1)  # the machine may be shared: say how busy
-        if reuse:
-            s.report["builds"] = f"skipped ({REUSE_IMAGE}=1): not a full run"
-        else:
-            _say(request, f"[test-docker] building {IMAGE} with --no-cache (torch from: {torch_label}) ...")
-            start = time.monotonic()
-            s.check("--progress", "plain", "build", "--no-cache", "app", timeout=BUILD_TIMEOUT_S, log="cold-build.log")
-            s.report["build_cold_s"] = round(time.monotonic() - start, 1)
-            s.report.update(_pip_fetches((work / "cold-build.log").read_text(encoding="utf-8", errors="replace")))
-            start = time.monotonic()
-            s.check("--progress", "plain", "build", "app", timeout=BUILD_TIMEOUT_S, log="cached-build.log")
-            s.report["build_cached_s"] = round(time.monotonic() - start, 1)
-        size = subprocess.run(
-            ["docker", "image", "inspect", IMAGE, "--format", "{{.Size}}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        s.report["image_gb"] = round(int(size) / 1e9, 2)
-        _say(request, f"[test-docker] built: {json.dumps(s.report)}; starting the stack ...")
+        redis, seconds = standins("redis")
+        s.report["redis"] = f"{redis[:-1]}; Redis {_redis_version(service_image('redis'))})"
+        s.report["redis_image_s"] = seconds
+        s.report.update(app_image.report)
         s.report["loadavg_1m_at_up"] = round(os.getloadavg()[0], 1)
+        say(request, "[test-docker] starting the default stack ...")
         s.report["healthy_s"] = round(s.up(), 1)
         yield s
     finally:
-        down = s.compose("down", "--volumes", "--remove-orphans", timeout=300)
-        left = subprocess.run(
-            ["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.split()
-        s.report["down_v_ok"] = down.returncode == 0 and not left
-        if not reuse:
-            _remove_image()
-        if remove_redis:
-            subprocess.run(["docker", "image", "rm", redis_image_name()], capture_output=True, text=True, timeout=300)
-        _say(request, "\n" + json.dumps(s.report))
-    assert s.report["down_v_ok"], f"docker compose down -v left volumes {left}: {down.stdout}{down.stderr}"
+        s.report["down_v_ok"], down = s.down_volumes()
+        say(request, "\n" + json.dumps(s.report))
+    assert s.report["down_v_ok"], f"docker compose down -v did not remove everything: {down}"
 
 
 def test_stack_is_healthy_and_serves_api_docs_and_ui(stack: Stack) -> None:
@@ -555,7 +263,7 @@ def test_bulk_index_50_real_images_through_the_published_port_and_search(stack: 
     chosen: dict[str, Path] = {}
     for src in sorted(INSTANCE.rglob("*")):
         if src.is_file() and len(chosen) < N_IMAGES:
-            chosen.setdefault(_sha256(src), src)
+            chosen.setdefault(sha256(src), src)
     assert len(chosen) == N_IMAGES
     for src in chosen.values():
         symlink(src, folder / src.parent.name / src.name)
@@ -637,7 +345,7 @@ def test_repeated_search_is_a_cache_hit_and_the_embedding_is_in_redis(stack: Sta
     assert repeat["lookups"] == 1 and repeat["computed"] == 0, (middle, after)
     assert repeat["memory_hits"] + repeat["redis_hits"] == 1, (middle, after)
     assert after["redis_state"] == "ok", after
-    assert any(key.endswith(":" + _sha256(photo)) for key in stack.redis_keys())
+    assert any(key.endswith(":" + sha256(photo)) for key in stack.redis_keys())
     stack.report["cache_after_repeat"] = {"hit_rate": after["hit_rate"], "redis_writes": after["redis"]["writes"]}
 
 
@@ -697,7 +405,7 @@ def test_two_app_replicas_share_the_database_images_and_redis(stack: Stack) -> N
     assert len(ids) == 2, ids
     urls = []
     for container in ids:
-        bindings = _inspect(container)["NetworkSettings"]["Ports"].get("8000/tcp") or []
+        bindings = docker_inspect(container)["NetworkSettings"]["Ports"].get("8000/tcp") or []
         assert len(bindings) == 1 and bindings[0]["HostIp"] == "127.0.0.1", bindings
         urls.append(f"http://127.0.0.1:{bindings[0]['HostPort']}")
     assert sorted(int(u.rsplit(":", 1)[1]) for u in urls) == [port, port + 1], urls
