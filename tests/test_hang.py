@@ -304,6 +304,63 @@ def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, 
 
 
 @pytest.mark.slow
+def test_sigstop_of_a_postgres_server_reached_by_database_url(tmp_path, offline_embedder, datasets):
+    """With a ``DATABASE_URL`` the per-id write locks are advisory locks on the same server (what replicas share),
+    so an index request also waits on the server in ``app/indexing/locks.py``: those calls keep the same bounds."""
+    from app.main import create_app
+    from app.vectordb.embedded_pg import start_embedded_postgres
+    from tests.helpers import make_settings
+
+    images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
+    pgdata = tmp_path / "pg"
+    server = start_embedded_postgres(pgdata)
+    processes: list[psutil.Process] = []
+
+    def suspend() -> None:
+        processes.extend(_server_processes(pgdata))
+        for p in processes:
+            p.suspend()
+
+    def resume() -> None:
+        for p in processes:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
+    try:
+        application = create_app(make_settings(tmp_path / "data", server.url), embedder=offline_embedder)
+        _hang_under_load(application, images, suspend, resume)
+
+        # The lock call itself, deterministically: on a pooled connection to a server that stops, it is cut at
+        # call_s + 0.5 s (a 503), where pg_advisory_lock alone would wait for the server to come back.
+        from app.errors import DatabaseUnavailableError
+        from app.indexing.locks import PgAdvisoryLocks
+
+        image_id = "ab" * 32
+        locks = PgAdvisoryLocks(server.url, wait_s=5, call_s=0.5)
+        try:
+            with locks.hold([image_id]):  # a pooled connection exists now
+                pass
+            processes.clear()
+            suspend()
+            try:
+                start = time.monotonic()
+                with pytest.raises(DatabaseUnavailableError), locks.hold([image_id]):
+                    pass
+                assert time.monotonic() - start < 2.0
+            finally:
+                resume()
+            with locks.hold([image_id]):  # and the locks work again once it is back
+                pass
+        finally:
+            locks.close()
+    finally:
+        resume()
+        server.stop()
+
+
+@pytest.mark.slow
 def test_sigstop_of_a_milvus_lite_server_under_search_and_index_load(tmp_path, offline_embedder, datasets):
     """Milvus Lite 3 runs inside the service's process (threads), so a stoppable Milvus is Lite's own gRPC server in
     a process of its own (``milvus-lite server``), reached over loopback as a Milvus server is."""

@@ -102,3 +102,28 @@ def test_the_service_uses_them_whenever_a_database_url_is_set(tmp_path, database
     assert isinstance(alone.locks, IdLocks)  # no DATABASE_URL: flock files, one machine
     embedded = from_settings(make_settings(tmp_path / "c", ""))
     assert isinstance(embedded.locks, IdLocks)  # the embedded PostgreSQL serves one machine anyway
+
+
+def test_a_lock_held_longer_than_the_call_deadline_is_still_waited_for(database_url):
+    """call_s bounds each call on the server (lock_timeout), not the wait for a lock another writer holds: the
+    second writer asks again after each lock_timeout and gets the lock once the first lets go."""
+    first = PgAdvisoryLocks(database_url, call_s=0.2)
+    second = PgAdvisoryLocks(database_url, call_s=0.2)
+    got_at: list[float] = []
+    try:
+        with first.hold([A]):
+            start = time.monotonic()
+
+            def take() -> None:
+                with second.hold([A]):
+                    got_at.append(time.monotonic() - start)
+
+            t = threading.Thread(target=take)
+            t.start()
+            time.sleep(1.0)  # five lock_timeouts
+            assert got_at == []  # still excluded
+        t.join(timeout=10)
+        assert got_at and 1.0 <= got_at[0] < 3.0
+    finally:
+        first.close()
+        second.close()

@@ -79,34 +79,71 @@ class PgAdvisoryLocks:
     disappears, once its TCP connection times out) never leaves one behind. Keys are the first 32 bits of the id, so
     unrelated ids almost never share one; several are taken in key order, so holders never deadlock.
 
+    A server that *hangs* (a stopped process, a network dropping packets) must not hold a writer forever, while a
+    lock another writer holds may rightly take a while: each lock call waits at most ``call_s`` on the server
+    (``lock_timeout``; then it is asked again, so the wait for a held lock stays unbounded) and is cut by the client
+    ``call_s`` + 0.5 s later (:mod:`app.vectordb.deadline`), which raises
+    :class:`app.errors.DatabaseUnavailableError` (HTTP 503) within about 2 s of a hang.
+
     Args:
         database_url: the PostgreSQL URL (``DATABASE_URL``). max_holders: holds at once in this process (pool size).
         wait_s: longest wait for a pooled connection (seconds), after which
-            :class:`app.errors.DatabaseUnavailableError` is raised; waiting for a lock itself is unbounded.
+            :class:`app.errors.DatabaseUnavailableError` is raised.
+        call_s: seconds one lock call may wait on the server (``DB_STATEMENT_TIMEOUT_S``); ``None`` or 0: no
+            deadline (a hung server then blocks the writer).
     """
 
     #: advisory-lock namespace (first key) of this service's id locks
     NAMESPACE = 0x1D5E_A7C4 - 2**31
 
-    def __init__(self, database_url: str, *, max_holders: int = 32, wait_s: float = 10.0) -> None:
+    def __init__(
+        self, database_url: str, *, max_holders: int = 32, wait_s: float = 10.0, call_s: float | None = None
+    ) -> None:
         from psycopg_pool import ConnectionPool
 
         from app.vectordb.deadline import Deadlines
 
         self.wait_s = wait_s
+        self.call_s = call_s or None
         self._url = database_url
         self._probe_lock = threading.Lock()
         self._probe_conn = None
-        self._deadlines: Deadlines | None = None  # created by the first health probe (the CLIs never probe)
+        self._deadlines = Deadlines("lock-db-deadlines")  # its thread starts with the first bounded call
+        lock_timeout_ms = int(self.call_s * 1000) if self.call_s else 0
+
+        def configure(conn) -> None:  # noqa: ANN001 - psycopg.Connection; runs once per new pooled connection
+            conn.execute(f"SET lock_timeout = {lock_timeout_ms}")
+
         self._pool = ConnectionPool(
             database_url,
             min_size=0,
             max_size=max_holders,
             kwargs={"autocommit": True},
+            configure=configure,
             open=False,
             name="id-locks",
         )
         self._pool.open(wait=False)
+
+    def _bounded(self, conn):  # noqa: ANN001, ANN202 - psycopg.Connection; a context manager
+        """The client deadline of one call on ``conn``: its socket is shut down ``call_s`` + 0.5 s after the start."""
+        from app.vectordb.deadline import shutdown_socket
+
+        seconds = self.call_s + 0.5 if self.call_s else None
+        return self._deadlines.bound(lambda: shutdown_socket(conn.pgconn.socket), seconds)
+
+    def _lock(self, conn, key: int) -> None:  # noqa: ANN001 - psycopg.Connection
+        """``pg_advisory_lock`` of ``key`` on ``conn``, asked again after each ``lock_timeout`` (a live server whose
+        lock another writer holds); a hung server's call is cut by :meth:`_bounded` (``psycopg.OperationalError``)."""
+        import psycopg
+
+        while True:
+            try:
+                with self._bounded(conn):
+                    conn.execute("SELECT pg_advisory_lock(%s, %s)", (self.NAMESPACE, key))
+                return
+            except psycopg.errors.LockNotAvailable:
+                continue
 
     @staticmethod
     def key(image_id: str) -> int:
@@ -133,12 +170,13 @@ class PgAdvisoryLocks:
             with self._pool.connection(timeout=self.wait_s) as conn:
                 try:
                     for key in keys:
-                        conn.execute("SELECT pg_advisory_lock(%s, %s)", (self.NAMESPACE, key))
+                        self._lock(conn, key)
                     held = True
                     yield
                 finally:
                     try:
-                        conn.execute("SELECT pg_advisory_unlock_all()")
+                        with self._bounded(conn):
+                            conn.execute("SELECT pg_advisory_unlock_all()")
                     except psycopg.Error:
                         pass  # a broken connection is closed by the pool, which drops its locks
         except (PoolTimeout, psycopg.OperationalError) as exc:
@@ -157,11 +195,9 @@ class PgAdvisoryLocks:
         no other probe watches this database (:class:`app.vectordb.guard.GuardedHandler` calls this)."""
         import psycopg
 
-        from app.vectordb.deadline import Deadlines, shutdown_socket
+        from app.vectordb.deadline import shutdown_socket
 
         with self._probe_lock:
-            if self._deadlines is None:
-                self._deadlines = Deadlines("lock-db-deadlines")
             conn = self._probe_conn
             try:
                 if conn is None or conn.closed or conn.broken:
@@ -185,5 +221,4 @@ class PgAdvisoryLocks:
             if self._probe_conn is not None:
                 self._probe_conn.close()
                 self._probe_conn = None
-            if self._deadlines is not None:
-                self._deadlines.close()
+        self._deadlines.close()

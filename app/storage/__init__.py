@@ -63,7 +63,9 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
         # Milvus and Manticore have no locks of their own, so with them too the locks live in this PostgreSQL.
         from app.indexing.locks import PgAdvisoryLocks
 
-        locks = PgAdvisoryLocks(settings.shared_state_url, wait_s=settings.db_connect_timeout_s)
+        locks = PgAdvisoryLocks(
+            settings.shared_state_url, wait_s=settings.db_connect_timeout_s, call_s=settings.db_statement_timeout_s
+        )
         if settings.vector_db != "pgvector":
             # No vector-database guard watches this PostgreSQL: a breaker of its own makes writes answer 503 at
             # once while it is down and tells /health (``shared_state``).
