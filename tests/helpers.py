@@ -285,6 +285,37 @@ class MotoS3:
         return re.findall(r"<Key>([^<]+)</Key>", text)
 
 
+class PostgresFreeze:
+    """``SIGSTOP`` / ``SIGCONT`` of the embedded PostgreSQL whose data directory is ``pgdata`` (its postmaster and
+    every child at the time of :meth:`suspend`): a database that hangs without closing its sockets. :meth:`resume`
+    may be called more than once (put it in a ``finally``)."""
+
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata
+        self.processes: list = []
+
+    def suspend(self) -> None:
+        import psutil
+
+        from app.vectordb.watchdog import postmaster_pid
+
+        pid = postmaster_pid(self.pgdata)
+        assert pid is not None, f"no postmaster in {self.pgdata}"
+        postmaster = psutil.Process(pid)
+        self.processes = [postmaster, *postmaster.children(recursive=True)]
+        for p in self.processes:
+            p.suspend()
+
+    def resume(self) -> None:
+        import psutil
+
+        for p in self.processes:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
+
 @contextmanager
 def milvus_lite_server(data_dir: Path) -> Iterator[tuple[str, object]]:
     """Milvus Lite's own gRPC server (``python -m milvus_lite server``) as a process of its own on a free loopback

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from app.errors import DatabaseUnavailableError
@@ -133,15 +132,6 @@ def test_statement_timeout_cancels_a_slow_statement_on_a_live_server(database_ur
         assert handler._run(lambda c: c.execute("SHOW statement_timeout").fetchone()[0]) == "200ms"
     finally:
         handler.close()
-
-
-def _server_processes(pgdata: Path) -> list[psutil.Process]:
-    from app.vectordb.watchdog import postmaster_pid
-
-    pid = postmaster_pid(pgdata)
-    assert pid is not None
-    postmaster = psutil.Process(pid)
-    return [postmaster, *postmaster.children(recursive=True)]
 
 
 def _hang_under_load(application, images: list[Path], suspend, resume) -> list[str]:
@@ -280,27 +270,13 @@ def _fsck_is_clean(application) -> None:
 @pytest.mark.slow
 def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, offline_embedder, datasets):
     from app.main import create_app
-    from tests.helpers import make_settings
+    from tests.helpers import PostgresFreeze, make_settings
 
     images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
     settings = make_settings(tmp_path / "data", None)  # its own embedded server: stopping it freezes no other test
-    pgdata = settings.data_dir / "pgdata"
-    processes: list[psutil.Process] = []
-
-    def suspend() -> None:
-        processes.extend(_server_processes(pgdata))
-        for p in processes:
-            p.suspend()
-
-    def resume() -> None:
-        for p in processes:
-            try:
-                p.resume()
-            except psutil.NoSuchProcess:
-                pass
-
+    freeze = PostgresFreeze(settings.data_dir / "pgdata")
     application = create_app(settings, embedder=offline_embedder)
-    _hang_under_load(application, images, suspend, resume)
+    _hang_under_load(application, images, freeze.suspend, freeze.resume)
 
 
 @pytest.mark.slow
@@ -309,28 +285,14 @@ def test_sigstop_of_a_postgres_server_reached_by_database_url(tmp_path, offline_
     so an index request also waits on the server in ``app/indexing/locks.py``: those calls keep the same bounds."""
     from app.main import create_app
     from app.vectordb.embedded_pg import start_embedded_postgres
-    from tests.helpers import make_settings
+    from tests.helpers import PostgresFreeze, make_settings
 
     images = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:40]
-    pgdata = tmp_path / "pg"
-    server = start_embedded_postgres(pgdata)
-    processes: list[psutil.Process] = []
-
-    def suspend() -> None:
-        processes.extend(_server_processes(pgdata))
-        for p in processes:
-            p.suspend()
-
-    def resume() -> None:
-        for p in processes:
-            try:
-                p.resume()
-            except psutil.NoSuchProcess:
-                pass
-
+    server = start_embedded_postgres(tmp_path / "pg")
+    freeze = PostgresFreeze(tmp_path / "pg")
     try:
         application = create_app(make_settings(tmp_path / "data", server.url), embedder=offline_embedder)
-        _hang_under_load(application, images, suspend, resume)
+        _hang_under_load(application, images, freeze.suspend, freeze.resume)
 
         # The lock call itself, deterministically: on a pooled connection to a server that stops, it is cut at
         # call_s + 0.5 s (a 503), where pg_advisory_lock alone would wait for the server to come back.
@@ -342,21 +304,20 @@ def test_sigstop_of_a_postgres_server_reached_by_database_url(tmp_path, offline_
         try:
             with locks.hold([image_id]):  # a pooled connection exists now
                 pass
-            processes.clear()
-            suspend()
+            freeze.suspend()
             try:
                 start = time.monotonic()
                 with pytest.raises(DatabaseUnavailableError), locks.hold([image_id]):
                     pass
                 assert time.monotonic() - start < 2.0
             finally:
-                resume()
+                freeze.resume()
             with locks.hold([image_id]):  # and the locks work again once it is back
                 pass
         finally:
             locks.close()
     finally:
-        resume()
+        freeze.resume()
         server.stop()
 
 

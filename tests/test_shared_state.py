@@ -13,7 +13,6 @@ import threading
 import time
 
 import httpx
-import psutil
 import pytest
 
 from app.errors import DatabaseUnavailableError, ImageNotFoundError
@@ -101,8 +100,7 @@ def test_a_hung_shared_state_database_beside_milvus_degrades_writes_not_searches
     and all is well again after SIGCONT."""
     from app.main import create_app
     from app.vectordb.embedded_pg import start_embedded_postgres
-    from app.vectordb.watchdog import postmaster_pid
-    from tests.helpers import run_live_server
+    from tests.helpers import PostgresFreeze, run_live_server
 
     pgdata = tmp_path / "state-pg"
     state = start_embedded_postgres(pgdata)
@@ -115,10 +113,8 @@ def test_a_hung_shared_state_database_beside_milvus_degrades_writes_not_searches
             image_id = first.json()["id"]
             assert http.get(f"{url}/health").json()["shared_state"] == "ok"
 
-            processes = [psutil.Process(postmaster_pid(pgdata))]
-            processes += processes[0].children(recursive=True)
-            for p in processes:
-                p.suspend()
+            freeze = PostgresFreeze(pgdata)
+            freeze.suspend()
             try:
                 deadline = time.monotonic() + 10
                 while (health := http.get(f"{url}/health")).json()["shared_state"] != "unavailable":
@@ -135,8 +131,7 @@ def test_a_hung_shared_state_database_beside_milvus_degrades_writes_not_searches
                 assert time.monotonic() - started < 3
                 assert http.delete(f"{url}/image/{image_id}").status_code == 503
             finally:
-                for p in processes:
-                    p.resume()
+                freeze.resume()
             deadline = time.monotonic() + 15
             while http.get(f"{url}/health").json()["shared_state"] != "ok":
                 assert time.monotonic() < deadline, "the shared state did not recover"
