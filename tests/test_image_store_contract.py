@@ -69,12 +69,27 @@ def test_put_is_idempotent_and_head_describes_the_original(store, images):
     assert store.head(image_id) is None
     assert store.put(image_id, data, "jpg") is True
     assert store.put(image_id, data, "jpg") is False  # the same bytes again: stored once
-    assert store.put(image_id, data, "png") is False  # under any extension
     info = store.head(image_id)
     assert (info.image_id, info.name, info.size) == (image_id, f"{image_id}.jpg", len(data))
     assert abs(info.mtime - time.time()) < 120
     assert store.read(image_id) == data
     assert store.existing([image_id, image_id_for(images[1]), "nope"]) == {image_id}
+
+
+def test_delete_removes_every_copy_of_an_id(store, images):
+    """One id has one extension (it is a function of the bytes); were an original ever stored under a second one,
+    the file store refuses it and the object store (which saves a LIST per put) keeps both, so delete removes every
+    copy and nothing of the id is left."""
+    data = images[0]
+    image_id = image_id_for(data)
+    assert store.put(image_id, data, "jpg") is True
+    second = store.put(image_id, data, "png")
+    assert second is (not isinstance(store, LocalImageStore))
+    assert store.head(image_id).size == len(data)
+    assert store.delete(image_id) is True
+    assert store.head(image_id) is None and store.existing([image_id]) == set()
+    assert image_id not in {entry.image_id for entry in store.walk()}
+    assert store.delete(image_id) is False
 
 
 def test_get_streams_whole_originals_and_byte_ranges(store, images):

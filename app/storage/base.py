@@ -129,8 +129,10 @@ class ImageStore(ABC):
 
     @abstractmethod
     def put(self, image_id: str, data: bytes, extension: str) -> bool:
-        """Store ``data`` as ``<id>.<extension>`` atomically; ``False`` if the id was already stored (nothing is
-        written then).
+        """Store ``data`` as ``<id>.<extension>`` atomically; ``False`` if the id was already stored under this
+        extension (nothing is written then). Callers pass the extension the bytes decode to, so one id has one
+        extension (the file store also refuses the id under another one; the object store does not look, to save a
+        request, and :meth:`delete` removes every copy).
 
         Raises ``ValueError`` for a malformed id or extension, :class:`app.errors.StorageFullError` (nothing kept)
         and :class:`app.errors.StorageUnavailableError`. Callers hold ``locks.hold([image_id])``.
