@@ -80,8 +80,20 @@ UPDATE_ADDRESS_JS = """(query) => {
     if (next !== location.pathname + location.search) history.replaceState(null, "", next);
 }"""
 
+
 #: Runs after a search on a phone: the photo box and the word boxes fill the screen, so the page scrolls to the
 #: results (the search status line above them).
+def stamp_js(n_inputs: int) -> str:
+    """Frontend code run when a search is triggered, before it is sent: the last of its ``n_inputs`` inputs (a
+    hidden number) becomes this tab's next trigger number. The server runs searches on several threads, which may
+    start in another order than the browser triggered them (a filter's blur and the next filter's Enter within a few
+    ms); the number lets the server drop one that an already started, later-triggered search supersedes."""
+    return (
+        f"(...args) => {{ const a = args.slice(0, {n_inputs}); "
+        f"a[{n_inputs - 1}] = (window.__imageSearchSeq = (window.__imageSearchSeq || 0) + 1); return a; }}"
+    )
+
+
 SHOW_RESULTS_JS = """() => {
     if (window.innerWidth > 640) return;
     const status = document.getElementById("search-status");
@@ -370,16 +382,25 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
 
     # Searches of one page can overlap (a filter typed, then another; several run at once, CONCURRENCY_LIMIT) and
     # finish in any order: only the one started last may write the results, or an older answer would overwrite a
-    # newer one. Numbered per Gradio session (a browser tab), in memory, forgotten after an hour.
+    # newer one. Numbered per Gradio session (a browser tab), in memory, forgotten after an hour. The form's
+    # searches also carry the browser's trigger number (stamp_js): one that starts after a later-triggered one has
+    # started is dropped at once (threads may start in another order than the triggers).
     latest: TTLCache[str, int] = TTLCache(maxsize=10_000, ttl=3600)
+    last_trigger: TTLCache[str, int] = TTLCache(maxsize=10_000, ttl=3600)
     numbers = itertools.count()
     latest_lock = threading.Lock()
 
-    def begin(request: gr.Request | None) -> int:
+    def begin(request: gr.Request | None, trigger: float | None = None) -> int | None:
+        """This search's number, or ``None`` when a search the browser triggered later has already started."""
         number = next(numbers)
         if request is not None and request.session_hash:
+            session = request.session_hash
             with latest_lock:
-                latest[request.session_hash] = number
+                if trigger:
+                    if trigger < last_trigger.get(session, 0):
+                        return None
+                    last_trigger[session] = int(trigger)
+                latest[session] = number
         return number
 
     def superseded(request: gr.Request | None, number: int) -> bool:
@@ -388,8 +409,12 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         with latest_lock:
             return latest.get(request.session_hash, number) != number
 
-    def search(query: UiQuery | None, filters: UiFilters, request: gr.Request | None = None) -> tuple[Any, ...]:
-        number = begin(request)
+    def search(
+        query: UiQuery | None, filters: UiFilters, request: gr.Request | None = None, trigger: float | None = None
+    ) -> tuple[Any, ...]:
+        number = begin(request, trigger)
+        if number is None:
+            return (gr.skip(),) * N_OUTPUTS
         service = get_service()
         errors: list[str] = []
         shown = Shown(query, filters)
@@ -415,15 +440,36 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         expand: bool,
         top_k: float,
         request: gr.Request,
+        trigger: float | None = None,
     ):
         """Search with what the form holds: the photo (or the stored image shown as the query), the words, the
-        "but not" words; filters and page size."""
+        "but not" words; filters and page size. ``trigger``: the browser's trigger number (none through the API)."""
         current = shown.query.image_id if shown.query is not None else None
         query = UiQuery.from_form(upload, text, negative, current)
         filters = _filters(folder, formats, after, before, min_score, expand, top_k)
         if query is None:
             return show(Shown(None, filters), ["Choose, drop or paste a photo, or type words, to search."], 0)
-        return search(query, filters, request)
+        return search(query, filters, request, trigger)
+
+    def search_form_stamped(
+        shown,
+        upload,
+        text,
+        negative,
+        folder,
+        formats,
+        after,
+        before,
+        min_score,
+        expand,
+        top_k,
+        trigger,
+        request: gr.Request,
+    ):
+        """:func:`search_form` from the page's button and Enter keys, with the browser's trigger number."""
+        return search_form(
+            shown, upload, text, negative, folder, formats, after, before, min_score, expand, top_k, request, trigger
+        )
 
     def preview(upload: str | None) -> Any:
         """The query photo as a JPEG the server makes (HEIC and TIFF show too); nothing when it cannot decode."""
@@ -440,18 +486,19 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         filters = _filters(folder, formats, after, before, min_score, expand, top_k)
         return search(UiQuery("id", image_id=image_id), filters, request)
 
-    def rerun(shown: Shown, folder, formats, after, before, min_score, expand, top_k, request: gr.Request):
+    def rerun(shown: Shown, folder, formats, after, before, min_score, expand, top_k, trigger, request: gr.Request):
         """A filter changed: run the shown query again with the new filters (nothing when they did not change)."""
         filters = _filters(folder, formats, after, before, min_score, expand, top_k)
         if shown.query is None or filters == shown.filters:
             return (gr.skip(),) * N_OUTPUTS
-        return search(shown.query, filters, request)
+        return search(shown.query, filters, request, trigger)
 
     def load_more(shown: Shown, request: gr.Request) -> tuple[Any, ...]:
         """The next page, appended."""
         if shown.query is None or shown.filters is None:
             return (gr.skip(),) * N_OUTPUTS
         number = begin(request)
+        assert number is not None  # no trigger number: never dropped at the start
         service = get_service()
         errors: list[str] = []
         start = time.perf_counter()
@@ -777,6 +824,10 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         assert len(outputs) == N_OUTPUTS
         run = dict(outputs=outputs, concurrency_limit=CONCURRENCY_LIMIT, concurrency_id="search")
         form = [shown_state, query_file, words, negative, *filters]
+        # The browser's trigger number of each search of the form (stamp_js; the "search" API has none).
+        trigger = gr.Number(value=0, precision=0, visible=False)
+        stamped_form = [*form, trigger]
+        stamped_rerun = [shown_state, *filters, trigger]
 
         share.change(None, share, js=UPDATE_ADDRESS_JS, api_visibility="private", queue=False)
         status.change(None, js=SHOW_RESULTS_JS, api_visibility="private", queue=False)
@@ -784,14 +835,15 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         query_file.upload(search_form, form, api_name="search", **run)
         query_file.upload(preview, query_file, query_preview, api_visibility="private")
         query_file.clear(lambda: None, None, query_preview, api_visibility="private")
-        search_button.click(search_form, form, api_visibility="private", **run)
-        words.submit(search_form, form, api_visibility="private", **run)
-        negative.submit(search_form, form, api_visibility="private", **run)
+        for submitted in (search_button.click, words.submit, negative.submit):
+            submitted(
+                search_form_stamped, stamped_form, js=stamp_js(len(stamped_form)), api_visibility="private", **run
+            )
         for textbox in (folder, taken_after, taken_before):
             for event in (textbox.submit, textbox.blur):
-                event(rerun, [shown_state, *filters], api_visibility="private", **run)
+                event(rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
         for changed in (formats.input, expand.input, min_score.release, top_k.release):
-            changed(rerun, [shown_state, *filters], api_visibility="private", **run)
+            changed(rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
         more_button.click(load_more, shown_state, api_visibility="private", **run)
         results.select(open_view, shown_state, [view, view_image, view_details, download, selected_id])
         more_like.click(similar, [selected_id, *filters], api_name="similar", **run)
