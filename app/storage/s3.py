@@ -242,12 +242,18 @@ class S3ImageStore(ImageStore):
                 if key is not None:
                     self._keys.move_to_end(image_id)
                     return key, None
+        for meta in self._listed(image_id):
+            self._remember(image_id, meta["path"])
+            return meta["path"], meta
+        return None
+
+    def _listed(self, image_id: str) -> Iterator[dict]:
+        """The listing entries of the id's originals (normally one key; see :meth:`put`): one ``LIST`` of its
+        shard."""
         for meta in self._list(shard_dir(image_id)):
             name = meta["path"].rsplit("/", 1)[-1]
             if name.startswith(image_id + ".") and ORIGINAL_NAME.fullmatch(name):
-                self._remember(image_id, meta["path"])
-                return meta["path"], meta
-        return None
+                yield meta
 
     def _remember(self, image_id: str, key: str) -> None:
         with self._lock:
@@ -379,11 +385,7 @@ class S3ImageStore(ImageStore):
         if not is_valid_image_id(image_id):
             return False
         self._forget(image_id)
-        keys = [
-            meta["path"]
-            for meta in self._list(shard_dir(image_id))
-            if (name := meta["path"].rsplit("/", 1)[-1]).startswith(image_id + ".") and ORIGINAL_NAME.fullmatch(name)
-        ]
+        keys = [meta["path"] for meta in self._listed(image_id)]
         if not keys:
             return False
         try:
