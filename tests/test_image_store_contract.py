@@ -246,7 +246,7 @@ def test_a_store_that_is_down_answers_503_within_a_bounded_time_and_recovers(tmp
         start = time.monotonic()
         with pytest.raises(StorageUnavailableError):  # refused at once while it is known to be down
             store.ensure_space()
-        assert time.monotonic() - start < 0.1
+        assert time.monotonic() - start < 0.5  # microseconds in fact; room for a stall of a shared CI machine
         health = store.health()
         assert health.state == "degraded" and "503" in health.problem
         _assert_no_credentials(health.problem)
