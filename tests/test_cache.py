@@ -20,7 +20,7 @@ from app.cache.breaker import CircuitBreaker
 from app.cache.keys import KEY_VERSION, cache_key, decode, encode, text_digest
 from app.cache.memory import MemoryLayer
 from app.cache.redis_layer import RedisLayer
-from tests.helpers import RedisServer
+from tests.helpers import LIVE_REDIS_TIMEOUT_MS, RedisServer
 
 MODEL, DIM = "efficientnet-lite2:imagenet", 8
 DIGEST = "ab" * 32
@@ -345,7 +345,7 @@ def test_two_app_instances_share_embeddings_through_redis(tmp_path, database_url
     photos = _caltech(datasets, 5)
     indexed, queries = photos[:3], photos[3:]
     with RedisServer(tmp_path / "redis") as server:
-        options = dict(cache_redis_url=server.url, cache_retry_s=0.5)
+        options = dict(cache_redis_url=server.url, cache_retry_s=0.5, cache_redis_timeout_ms=LIVE_REDIS_TIMEOUT_MS)
         with (
             _app(tmp_path, database_url, offline_embedder, **options) as a,
             _app(tmp_path, database_url, offline_embedder, **options) as b,
@@ -480,7 +480,7 @@ def test_text_queries_and_a_model_change_through_the_api(tmp_path, pg_server, da
     photo = _caltech(datasets, 1)[0]
     query = _caltech(datasets, 3)[2].read_bytes()
     with RedisServer(tmp_path / "redis") as server:
-        options = dict(cache_redis_url=server.url)
+        options = dict(cache_redis_url=server.url, cache_redis_timeout_ms=LIVE_REDIS_TIMEOUT_MS)
         with _app(tmp_path / "effnet", database_url, offline_embedder, **options) as effnet:
             assert effnet.post("/index_image", files={"file": (photo.name, photo.read_bytes())}).status_code == 201
             _search(effnet, query)  # efficientnet's vector of `query` is now in Redis

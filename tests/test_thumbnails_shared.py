@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from app.cache.thumbnails import MAGIC, ThumbnailRedisLayer, decode_thumbnail, encode_thumbnail
 from app.ids import image_id_for
 from app.main import create_app
-from tests.helpers import FORMATS, INSTANCE, RedisServer, run_live_server, s3_settings
+from tests.helpers import FORMATS, INSTANCE, LIVE_REDIS_TIMEOUT_MS, RedisServer, run_live_server, s3_settings
 
 HEIC = FORMATS / "heic" / "iphone_13_pro_max.HEIC"  # a real 12 MP HEIC: about 240 ms to rebuild its thumbnail
 PHOTO = INSTANCE / "pdq_desk_exif" / "exif-rotn-1.jpg"  # a real 12 MP JPEG
@@ -68,7 +68,7 @@ def test_replica_a_builds_replica_b_hits_and_a_dead_redis_still_answers(
 ):
     bucket = moto_s3.create_bucket()
     with RedisServer(tmp_path / "redis") as redis_server:
-        options = dict(cache_redis_url=redis_server.url)
+        options = dict(cache_redis_url=redis_server.url, cache_redis_timeout_ms=LIVE_REDIS_TIMEOUT_MS)
         with (
             _replica(tmp_path, "a", database_url, moto_s3, bucket, offline_embedder, **options) as a,
             _replica(tmp_path, "b", database_url, moto_s3, bucket, offline_embedder, **options) as b,
@@ -133,7 +133,9 @@ def test_replica_a_builds_replica_b_hits_and_a_dead_redis_still_answers(
 def test_thumbnails_stay_out_of_redis_when_their_ttl_is_zero(tmp_path, database_url, moto_s3, offline_embedder):
     bucket = moto_s3.create_bucket()
     with RedisServer(tmp_path / "redis") as redis_server:
-        options = dict(cache_redis_url=redis_server.url, thumbnail_redis_ttl_s=0)
+        options = dict(
+            cache_redis_url=redis_server.url, thumbnail_redis_ttl_s=0, cache_redis_timeout_ms=LIVE_REDIS_TIMEOUT_MS
+        )
         with _replica(tmp_path, "a", database_url, moto_s3, bucket, offline_embedder, **options) as a:
             assert a.app.state.service.shared_thumbnails is None
             image_id = a.post("/index_image", files={"file": (PHOTO.name, PHOTO.read_bytes())}).json()["id"]
