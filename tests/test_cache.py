@@ -34,9 +34,8 @@ def unit(seed: int, dim: int = DIM) -> np.ndarray:
 def make_cache(
     url: str | None, model: str = MODEL, dim: int = DIM, memory: int = 16, **redis_options
 ) -> EmbeddingCache:
-    # A live loopback Redis answers in well under 1 ms; 0.5 s rides out a stall of a shared CI machine, which at
-    # 50 ms would count as an error in the tests that count them exactly. The hung-Redis test sets 50 ms itself.
-    options = dict(ttl_s=60, timeout_s=0.5, failure_threshold=3, retry_s=0.2) | redis_options
+    # The hung-Redis test passes a 50 ms timeout of its own.
+    options = dict(ttl_s=60, timeout_s=LIVE_REDIS_TIMEOUT_MS / 1000, failure_threshold=3, retry_s=0.2) | redis_options
     layer = RedisLayer(url, dim, **options) if url else None
     cache = EmbeddingCache(model, dim, MemoryLayer(memory), layer)
     cache.start()
