@@ -138,7 +138,7 @@ def test_layers_fill_in_order_and_a_second_process_hits_redis(redis_server):
         assert (stats.memory.hits, stats.memory.misses) == (1, 2)
         assert (stats.redis.hits, stats.redis.misses, stats.redis.writes, stats.redis.errors) == (0, 2, 2, 0)
         assert stats.store.hits == 1 and stats.store.misses == 1 and stats.redis_state == "ok"
-        assert 0 < stats.redis.p50_ms <= stats.redis.p95_ms < 50
+        assert 0 < stats.redis.p50_ms <= stats.redis.p95_ms < LIVE_REDIS_TIMEOUT_MS  # a slower command is an error
 
         # What Redis holds: compact float32 values with a TTL.
         client = redis_server.client()
