@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-docker lint bench-quality bench-latency clean venv
+.PHONY: run test test-fast test-docker lint docs docs-serve bench-quality bench-latency clean venv
 
 venv: $(STAMP)
 
@@ -48,6 +48,17 @@ test-docker: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m ruff format --check app ui scripts bench tests
+	$(MAKE) docs
+
+# The documentation site (mkdocs.yml, docs/) into build/site/, strict: a broken link or anchor, or a page missing from
+# the navigation, fails it. It needs no network to build or to view. NO_MKDOCS_2_WARNING hides Material's notice
+# about its end of life (May 2027) and its successor, which would otherwise print at every build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# The same site with live reload at http://127.0.0.1:8001/ while you edit docs/.
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict --dev-addr 127.0.0.1:8001
 
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py --api http://localhost:$${PORT:-8000} --dataset ../shared/datasets/instance_small
