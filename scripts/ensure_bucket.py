@@ -1,6 +1,6 @@
 """Create the bucket of IMAGE_STORE_URL=s3://bucket/prefix if it does not exist yet; idempotent.
 
-The service itself never creates buckets (README, Object storage: "The bucket must exist"). The Compose `scale`
+The service itself never creates buckets (docs/object-storage.md: "The bucket must exist"). The Compose `scale`
 profile runs this before each app replica starts, so that a fresh MinIO needs no `mc` and no extra image: it is
 one signed `PUT /bucket` (AWS Signature Version 4, path-style, as MinIO expects) with the standard library only.
 An answer of 200 (created) or 409 BucketAlreadyOwnedByYou (both replicas race; a restart) is success.

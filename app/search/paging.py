@@ -3,7 +3,7 @@
 No backend pages or thresholds natively through :class:`app.vectordb.base.VectorDBHandler`, so a page is cut from
 one search for ``offset + top_k`` results (plus the ids to leave out): a page deep in the ranking costs a search of
 that depth. HNSW returns at most ``ef_search`` candidates, and the backends raise ``ef_search`` to the number asked
-for, so the cost grows with ``offset + top_k`` (see README, "Search features").
+for, so the cost grows with ``offset + top_k`` (see docs/search.md).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ What Milvus Lite (3.2) does differently, checked against the installed code:
   (``milvus_lite/search/executor_indexed.py``) first loops in Python over every stored row twice (the newest copy
   of each primary key across segments, then a per-segment validity mask), before FAISS searches each segment.
   Measured with this handler (``bench/search_scale.py``): about 0.8 ms per 1,000 rows, independent of the
-  dimension and of ``ef`` (see the README for the figures and when to move to a Milvus server).
+  dimension and of ``ef`` (see docs/backends.md for the figures and when to move to a Milvus server).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ What it proves, in order, on the default stack (``docker-compose.yml`` with no p
    a Redis hit in the new app container (the ``redis-data`` volume kept the cache);
 6. with ``read_only: true`` and a tmpfs on ``/tmp`` (an extra override file) the app starts, takes a Gradio upload
    and searches: it needs nothing writable outside its volumes and ``/tmp``;
-7. ``APP_PORT=<a range> docker compose up --scale app=2`` (README, Docker Compose): two app containers on one
+7. ``APP_PORT=<a range> docker compose up --scale app=2`` (docs/docker.md): two app containers on one
    database, images volume and Redis; a photo embedded by one is a Redis hit in the other, and each serves the
    other's counts and originals;
 8. ``docker compose down -v`` removes everything the project made (containers, network, volumes); at the end of
@@ -397,7 +397,7 @@ def test_app_runs_with_a_read_only_root_filesystem(stack: Stack) -> None:
 
 
 def test_two_app_replicas_share_the_database_images_and_redis(stack: Stack) -> None:
-    """README, Docker Compose: ``APP_PORT=8000-8001 docker compose up -d --scale app=2``."""
+    """docs/docker.md: ``APP_PORT=8000-8001 docker compose up -d --scale app=2``."""
     assert stack.indexed, "needs the images indexed by the earlier test"
     port = _free_port_pair()
     stack.report["scale2_up_s"] = round(stack.up("--scale", "app=2", env={"APP_PORT": f"{port}-{port + 1}"}), 1)

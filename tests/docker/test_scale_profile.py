@@ -1,6 +1,6 @@
 """The Compose ``scale`` profile end to end: two app replicas behind the load balancer, originals in MinIO.
 
-``docker compose --profile scale up -d --wait lb`` (README, Running on several machines) on the app image the
+``docker compose --profile scale up -d --wait lb`` (docs/scaling.md) on the app image the
 session built once (``conftest.py``; ``test_compose_stack.py`` starts it too), under its own project name, with
 ``API_KEY`` and non-default MinIO root credentials set, and only ``lb`` published, on a free port. Everything below
 goes through that one port, as a client would:
