@@ -56,14 +56,15 @@ def build_and_mount(
 
     - ``API_KEY_READS=true``: every Gradio route (page, config, uploads, files, queue) sits behind Gradio's login,
       whose password is the API key (any user name). Otherwise the page is open and writes ask for the key in a
-      key box, checked on the server (:func:`ui.app.build_ui`).
+      key box, checked on the server (:meth:`ui.context.UiContext.may_write`).
     - Gradio's upload limit is ``MAX_UPLOAD_MB``; no server-side rendering (no Node.js; and gradio-app/gradio#11008).
-    - No analytics, no update check, no fonts or scripts from outside the service (:func:`ui.app.theme`).
+    - No analytics, no update check, no fonts or scripts from outside the service (:func:`ui.assets.theme`).
     """
     _quiet_gradio()
     import gradio as gr
 
-    from ui.app import CSS, PASTE_JS, build_ui, theme
+    from ui.app import build_ui
+    from ui.assets import CSS, PASTE_JS, theme
 
     blocks = build_ui(get_service, settings, access)
     login = (

@@ -1,0 +1,68 @@
+"""The About tab: what the service runs (collection size, model, dimensions, database, device) and its key rules,
+in plain words, and "Refresh", which also refreshes the header's collection line (the ``stats`` API name)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import gradio as gr
+
+from app.api.security import AccessPolicy
+from ui.context import UiContext, collection_line, escape, read_stats
+from ui.query import photos
+
+if TYPE_CHECKING:
+    from app.service import SearchService, ServiceStats
+
+
+def about_text(service: SearchService, access: AccessPolicy, stats: ServiceStats | str | None = None) -> str:
+    """The About tab: the collection in plain words, the model, its dimensions, the database, the key rules."""
+    stats = read_stats(service) if stats is None else stats
+    count = stats if isinstance(stats, str) else f"The collection holds **{photos(stats.count)}**."
+    model = service.embedder
+    if access.has_keys:
+        keys = "Adding and deleting photos need the service's API key" + (
+            "; so does everything else." if access.reads_need_key else "; searching does not."
+        )
+    elif refusal := access.write_refusal():
+        keys = escape(refusal)
+    else:
+        keys = "No API key is set: anyone who can reach this page may add and delete photos."
+    return "\n".join(
+        [
+            count,
+            "",
+            f"- Model: **{escape(model.model_id)}** ({'photos and words' if model.supports_text else 'photos only'})",
+            f"- Dimensions: **{model.dim}**",
+            f"- Database: **{service.db.backend_name}**",
+            f"- Runs on: {model.device}",
+            f"- {keys}",
+            "",
+            "Scores are cosine similarity: 1 is identical, higher is closer. Everything here is also in the "
+            "[REST API](/docs).",
+        ]
+    )
+
+
+class AboutTab:
+    """The About tab's components (made by :meth:`layout`), events (:meth:`wire`) and handler; the load event
+    fills :attr:`text` first."""
+
+    def __init__(self, ctx: UiContext) -> None:
+        self.ctx = ctx
+
+    def layout(self) -> None:
+        """The tab and its components, inside the page's ``gr.Tabs``."""
+        with gr.Tab("About", id="about", elem_id="tab-about"):
+            self.text = gr.Markdown(elem_id="about")
+            self.refresh = gr.Button("Refresh", size="sm")
+
+    def wire(self, collection: gr.Markdown) -> None:
+        """``collection``: the header's collection line, refreshed with the tab."""
+        ctx = self.ctx
+        self.refresh.click(self.stats, None, collection, api_name="stats")
+        self.refresh.click(lambda: about_text(ctx.get_service(), ctx.access), None, self.text, api_visibility="private")
+
+    def stats(self) -> str:
+        """The collection line, ``273 photos · model X (D dimensions) · backend B``."""
+        return collection_line(self.ctx.get_service())

@@ -1,0 +1,156 @@
+"""The Search tab: the photo box, the words boxes, the filters, the search status, the large view
+(:mod:`ui.large_view`), the results gallery and "Load more", and the events that run :class:`ui.search.Searches`.
+The ``search`` and ``similar`` API names are these events'."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from ui.assets import SHOW_RESULTS_JS, UPDATE_ADDRESS_JS, stamp_js
+from ui.context import UiContext, escape
+from ui.large_view import LargeView
+from ui.query import FORMAT_CHOICES
+from ui.search import N_OUTPUTS, Searches
+
+#: How many runs of the search events may be in flight at once, all search events together. Gradio's default of 1
+#: per event would queue every visitor behind each other although the service is thread-safe; a small bound keeps a
+#: burst of large uploads from decoding many big images at once (the service's decode admission bounds it too).
+CONCURRENCY_LIMIT = 4
+
+
+def text_note(model_id: str, supports_text: bool) -> str:
+    """What the words boxes say: a hint, or why they are off."""
+    if supports_text:
+        return "Describe what you look for (*a red bicycle by a wall*); add words to avoid under **But not**."
+    return (
+        f"Searching by words needs a CLIP model. This service runs **{escape(model_id)}**, which compares photos "
+        "only: search with a photo."
+    )
+
+
+class SearchTab:
+    """The Search tab's components (made by :meth:`layout`) and events (:meth:`wire`).
+
+    ``shown_state`` (:class:`ui.search.Shown`), ``selected_id`` (the result in the large view) and ``share`` (the
+    search's address query string, ``ui.query.to_link``; a change puts it in the address bar) are made by
+    :func:`ui.app.build_ui` with the page's other per-tab state.
+    """
+
+    def __init__(
+        self, ctx: UiContext, searches: Searches, shown_state: gr.State, selected_id: gr.State, share: gr.Textbox
+    ) -> None:
+        self.ctx = ctx
+        self.searches = searches
+        self.shown_state = shown_state
+        self.share = share
+        self.large_view = LargeView(ctx, searches, selected_id)
+
+    def layout(self) -> None:
+        """The tab and its components, inside the page's ``gr.Tabs``."""
+        with gr.Tab("Search", id="search", elem_id="tab-search"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=260):
+                    self.query_file = gr.File(
+                        label="Photo: choose, drop here or paste (Ctrl+V)",
+                        file_count="single",
+                        type="filepath",
+                        height=140,
+                        elem_id="query-file",
+                    )
+                    self.query_preview = gr.Image(
+                        label="Query", interactive=False, height=180, elem_id="query-preview", buttons=[]
+                    )
+                with gr.Column(scale=2, min_width=260):
+                    self.words_note = gr.Markdown(elem_id="words-note")
+                    # Off until the load event knows whether the model reads words.
+                    self.words = gr.Textbox(
+                        label="Words", placeholder="a dog on a beach", interactive=False, elem_id="words"
+                    )
+                    self.negative = gr.Textbox(
+                        label="But not", placeholder="people", interactive=False, elem_id="negative"
+                    )
+                    self.search_button = gr.Button("Search", variant="primary", elem_id="search-button")
+            self._filters_layout()
+            self.status = gr.Markdown(elem_id="search-status")
+            self.large_view.layout()
+            self.results = gr.Gallery(
+                label="Results (rank · score · file name)",
+                columns=4,
+                height="auto",
+                object_fit="cover",
+                allow_preview=False,
+                interactive=False,
+                elem_id="results",
+                elem_classes=["photo-grid"],
+            )
+            self.more_button = gr.Button("Load more", visible=False, elem_id="load-more")
+
+    def _filters_layout(self) -> None:
+        with gr.Accordion("Filters and options", open=False, elem_id="filters"):
+            with gr.Row():
+                self.folder = gr.Textbox(label="Folder", placeholder="trips/2024", elem_id="filter-folder")
+                self.taken_after = gr.Textbox(label="Taken from (YYYY-MM-DD)", elem_id="filter-taken-after")
+                self.taken_before = gr.Textbox(label="Taken until (YYYY-MM-DD)", elem_id="filter-taken-before")
+            self.formats = gr.CheckboxGroup(list(FORMAT_CHOICES), label="Formats", elem_id="filter-formats")
+            with gr.Row():
+                self.min_score = gr.Slider(0, 1, value=0, step=0.01, label="Minimum score", elem_id="filter-min-score")
+                self.top_k = gr.Slider(
+                    1,
+                    self.ctx.settings.max_top_k,
+                    value=self.ctx.default_k,
+                    step=1,
+                    label="Results per page",
+                    elem_id="top-k",
+                )
+                self.expand = gr.Checkbox(label="Query expansion (αQE)", elem_id="filter-expand")
+
+    @property
+    def filters(self) -> list[Any]:
+        """The filter and page-size components, in the order the handlers take them."""
+        return [self.folder, self.formats, self.taken_after, self.taken_before, self.min_score, self.expand, self.top_k]
+
+    @property
+    def outputs(self) -> list[Any]:
+        """The outputs of every search event, in the order :meth:`ui.search.Searches.show` returns them."""
+        outputs = [
+            self.results,
+            self.status,
+            self.more_button,
+            self.share,
+            self.shown_state,
+            self.large_view.view,
+            self.query_file,
+            self.query_preview,
+        ]
+        assert len(outputs) == N_OUTPUTS
+        return outputs
+
+    def wire(self) -> None:
+        """The tab's events; called in the page's Blocks after the tabs are laid out."""
+        s, filters = self.searches, self.filters
+        run = dict(outputs=self.outputs, concurrency_limit=CONCURRENCY_LIMIT, concurrency_id="search")
+        form = [self.shown_state, self.query_file, self.words, self.negative, *filters]
+        # The browser's trigger number of each search of the form (stamp_js; the "search" API has none).
+        trigger = gr.Number(value=0, precision=0, visible=False)
+        stamped_form = [*form, trigger]
+        stamped_rerun = [self.shown_state, *filters, trigger]
+
+        self.share.change(None, self.share, js=UPDATE_ADDRESS_JS, api_visibility="private", queue=False)
+        self.status.change(None, js=SHOW_RESULTS_JS, api_visibility="private", queue=False)
+
+        self.query_file.upload(s.search_form, form, api_name="search", **run)
+        self.query_file.upload(s.preview, self.query_file, self.query_preview, api_visibility="private")
+        self.query_file.clear(lambda: None, None, self.query_preview, api_visibility="private")
+        for submitted in (self.search_button.click, self.words.submit, self.negative.submit):
+            submitted(
+                s.search_form_stamped, stamped_form, js=stamp_js(len(stamped_form)), api_visibility="private", **run
+            )
+        for textbox in (self.folder, self.taken_after, self.taken_before):
+            for event in (textbox.submit, textbox.blur):
+                event(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+        for changed in (self.formats.input, self.expand.input, self.min_score.release, self.top_k.release):
+            changed(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+        self.more_button.click(s.load_more, self.shown_state, api_visibility="private", **run)
+        self.large_view.wire(self.results, self.shown_state, filters, run)
