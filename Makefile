@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-docker lint bench-quality bench-latency clean venv
+.PHONY: run test test-fast test-docker lint docs-settings bench-quality bench-latency clean venv
 
 venv: $(STAMP)
 
@@ -48,6 +48,12 @@ test-docker: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m ruff format --check app ui scripts bench tests
+
+# .env.example and docs/configuration/settings.md are generated from app.config.Settings (and the compose-only
+# variables of app/cli/gen_settings_docs.py): regenerate them after changing a setting. tests/test_settings_docs.py
+# fails while either is stale; `$(PY) scripts/gen_settings_docs.py --check` shows the difference.
+docs-settings: $(STAMP)
+	$(PY) scripts/gen_settings_docs.py
 
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py --api http://localhost:$${PORT:-8000} --dataset ../shared/datasets/instance_small
