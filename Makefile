@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-docker lint docs docs-serve bench-quality bench-latency clean venv
+.PHONY: run test test-fast test-docker lint docs docs-serve docs-settings bench-quality bench-latency clean venv
 
 venv: $(STAMP)
 
@@ -59,6 +59,12 @@ docs: $(STAMP)
 # The same site with live reload at http://127.0.0.1:8001/ while you edit docs/.
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --strict --dev-addr 127.0.0.1:8001
+
+# .env.example and docs/configuration/settings.md are generated from app.config.Settings (and the compose-only
+# variables of app/cli/gen_settings_docs.py): regenerate them after changing a setting. tests/test_settings_docs.py
+# fails while either is stale; `$(PY) scripts/gen_settings_docs.py --check` shows the difference.
+docs-settings: $(STAMP)
+	$(PY) scripts/gen_settings_docs.py
 
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py --api http://localhost:$${PORT:-8000} --dataset ../shared/datasets/instance_small

@@ -19,184 +19,318 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
+    # Each field's description, group (json_schema_extra) and, for an optional one, example value are the text of
+    # .env.example and docs/configuration/settings.md: `make docs-settings` writes both from here
+    # (app/cli/gen_settings_docs.py), and tests/test_settings_docs.py fails when they drift.
+
     # --- server ---------------------------------------------------------------------------------------------
-    host: str = Field("127.0.0.1", description="Interface uvicorn binds to; 0.0.0.0 inside Docker.")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface uvicorn binds to (0.0.0.0 to accept connections from other machines; the image uses "
+        "0.0.0.0).",
+        json_schema_extra={"group": "server"},
+    )
+    port: int = Field(
+        8000, ge=1, le=65535, description="HTTP port of the API, docs and UI.", json_schema_extra={"group": "server"}
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.", json_schema_extra={"group": "server"}
+    )
     ui_enabled: bool = Field(
-        True, description="Serve the Gradio web UI at /ui/; false serves the API alone and never imports Gradio."
+        True,
+        description="Serve the Gradio web UI at /ui/ (true/false); false serves the API alone and never imports "
+        "Gradio. Gradio keeps uploads and the UI's thumbnails in GRADIO_TEMP_DIR (default <tmp>/gradio) and deletes "
+        "them after an hour.",
+        json_schema_extra={"group": "server"},
     )
 
     # --- access (app/api/security.py applies these) ---------------------------------------------------------
     # SecretStr: the keys never show in a repr, a log line or a traceback of the settings.
     api_key: SecretStr | None = Field(
         None,
-        description="Key(s) that writes need (Authorization: Bearer KEY or X-API-Key: KEY); several separated by "
-        "commas, so a key can be rotated. The web UI asks for it in a key box to add or delete (with API_KEY_READS: "
-        "at its login, as the password). Unset: no key.",
+        description="Key(s) writes need (Authorization: Bearer KEY or X-API-Key: KEY), comma-separated to rotate; the "
+        "web UI asks for it to add or delete, and with API_KEY_READS=true at its login (any user name, the key as "
+        "password).",
+        json_schema_extra={"group": "access"},
     )
-    api_key_reads: bool = Field(False, description="Require the key for every endpoint except /health too.")
+    api_key_reads: bool = Field(
+        False,
+        description="Require the key for every endpoint except /health too (true/false; needs API_KEY).",
+        json_schema_extra={"group": "access"},
+    )
     allow_anonymous_writes: bool = Field(
         False,
-        description="Accept writes without a key although HOST is not a loopback address (otherwise they get 403).",
+        description="Accept writes without a key although HOST is not loopback (otherwise they answer 403 until "
+        "API_KEY is set).",
+        json_schema_extra={"group": "access"},
     )
     cors_origins: str = Field(
-        "", description="Origins allowed to call the API from a browser, comma-separated ('*' = any); empty: no CORS."
+        "",
+        description="Browser origins allowed to call the API, comma-separated (* = any); empty: no CORS headers. "
+        "Pages of other origins cannot POST/DELETE here (403), except these (and PUBLIC_URL's origin).",
+        json_schema_extra={"group": "access"},
     )
     allowed_hosts: str = Field(
         "",
-        description="Host names (the Host header, without port) the service answers, comma-separated; '*.example.com' "
-        "matches subdomains, '*' any. Other hosts get 400 (DNS rebinding). Empty: the loopback names (localhost, "
-        "127.0.0.1, [::1] and HOST) when HOST is a loopback address, otherwise any host (with a start-up WARNING). "
-        "Behind a reverse proxy: the public name(s) the proxy forwards in Host.",
+        description="Host names the service answers (Host header without port), comma-separated; *.example.com for "
+        "subdomains, * any. Other hosts get 400 (DNS rebinding). Empty: localhost, 127.0.0.1, [::1] and HOST when "
+        "HOST is a loopback address; any host (with a WARNING) otherwise. Behind a reverse proxy: the public name(s) "
+        "the proxy passes in Host.",
+        json_schema_extra={"group": "access"},
     )
     public_url: str = Field(
         "",
-        description="Base URL clients reach the service at (https://images.example.com, or with a path prefix "
-        "behind a proxy); the image_url of search results is built from it, and its origin may make state-changing "
-        "requests from a browser. Empty: image_url follows the request's Host when ALLOWED_HOSTS restricts it (the "
-        "loopback default does), else it is a path (/image/ID).",
+        description="Base URL clients reach the service at (https://images.example.com[/prefix]); image_url of "
+        "results is built from it. Empty: from the request's (allowed) Host when ALLOWED_HOSTS restricts it, else a "
+        "path (/image/ID).",
+        json_schema_extra={"group": "access"},
     )
     sla_p95_ms: float = Field(
-        500.0, gt=0, description="Latency target, ms: GET /stats reports per route whether its recent p95 meets it."
+        500.0,
+        gt=0,
+        description="Latency target in ms: GET /stats reports per route whether its recent p95 meets it.",
+        json_schema_extra={"group": "access"},
     )
 
     # --- storage --------------------------------------------------------------------------------------------
-    data_dir: Path = Field(Path("./data"), description="Root of everything the service writes by default.")
-    image_dir: Path | None = Field(None, description="Originals, by content hash. Default: DATA_DIR/images.")
-    model_cache_dir: Path | None = Field(None, description="Downloaded model weights. Default: DATA_DIR/models.")
+    data_dir: Path = Field(
+        Path("./data"),
+        description="Root of everything the service writes by default (images, model cache, embedded database).",
+        json_schema_extra={"group": "storage"},
+    )
+    image_dir: Path | None = Field(
+        None,
+        description="Stored originals, by content hash. Default (unset): DATA_DIR/images.",
+        examples=["./data/images"],
+        json_schema_extra={"group": "storage"},
+    )
+    model_cache_dir: Path | None = Field(
+        None,
+        description="Downloaded model weights. Default (unset): DATA_DIR/models.",
+        examples=["./data/models"],
+        json_schema_extra={"group": "storage"},
+    )
     min_free_mb: float = Field(
         500.0,
         ge=0,
-        description="Free space under IMAGE_DIR, MB (10^6 bytes), below which writes answer 507 before they start "
-        "and /health reports storage: low; 0 disables the check (a write that hits a full disk still answers 507).",
+        description="Free space under IMAGE_DIR, MB, below which writes answer 507 before they start and /health says "
+        "storage: low (0 disables the check; a write that hits a full disk answers 507 anyway and stores nothing).",
+        json_schema_extra={"group": "storage"},
     )
     orphan_grace_s: float = Field(
         600.0,
         ge=0,
         description="Start-up sweep: temporary upload files and originals without a database row older than this "
-        "many seconds are removed (what a kill -9 during a write leaves).",
+        "many seconds are removed (what a kill -9 during a write leaves; scripts/fsck.py checks and repairs the rest).",
+        json_schema_extra={"group": "storage"},
     )
 
     # --- object storage of the originals (app/storage/) ---------------------------------------------------
     image_store_url: str | None = Field(
         None,
-        description="Where the originals live: unset or file:///path = the file store (IMAGE_DIR, or the path); "
+        description="Where the originals live: unset or file:///path = the file store (IMAGE_DIR, or that path); "
         "s3://bucket/prefix = S3-compatible object storage (AWS S3, MinIO, R2, B2...), configured by the AWS_* "
         "settings below. The bucket must exist.",
+        json_schema_extra={"group": "object storage"},
     )
     aws_endpoint_url: str | None = Field(
-        None, description="S3 endpoint, e.g. http://minio:9000; unset: AWS S3 of AWS_REGION. http:// is allowed."
+        None,
+        description="S3 endpoint, e.g. http://minio:9000 (http:// is allowed); unset: AWS S3 in AWS_REGION.",
+        json_schema_extra={"group": "object storage"},
     )
-    aws_access_key_id: SecretStr | None = Field(None, description="S3 access key id; unset: none is sent.")
-    aws_secret_access_key: SecretStr | None = Field(None, description="S3 secret access key.")
-    aws_region: str = Field("us-east-1", description="S3 region (MinIO accepts any).")
+    aws_access_key_id: SecretStr | None = Field(
+        None,
+        description="S3 access key id (never logged, never in errors or /health); unset: none sent.",
+        json_schema_extra={"group": "object storage"},
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        None,
+        description="S3 secret access key (never logged, never in errors or /health).",
+        json_schema_extra={"group": "object storage"},
+    )
+    aws_region: str = Field(
+        "us-east-1", description="S3 region (MinIO accepts any).", json_schema_extra={"group": "object storage"}
+    )
     s3_path_style: bool = Field(
         True,
-        description="Path-style addressing (http://endpoint/bucket/key), as MinIO and most self-hosted stores "
-        "need; false: virtual-hosted style (http://bucket.endpoint/key).",
+        description="Path-style addressing (http://endpoint/bucket/key), as MinIO and most self-hosted stores need; "
+        "false: virtual-hosted.",
+        json_schema_extra={"group": "object storage"},
     )
-    s3_connect_timeout_s: float = Field(2.0, gt=0, le=60, description="Seconds to wait for a connection to S3.")
+    s3_connect_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="Seconds to wait for a connection to S3.",
+        json_schema_extra={"group": "object storage"},
+    )
     s3_read_timeout_s: float = Field(
-        30.0, gt=0, le=600, description="Seconds one S3 request may take in all (a large original included)."
+        30.0,
+        gt=0,
+        le=600,
+        description="Seconds one whole S3 request may take (a large original included).",
+        json_schema_extra={"group": "object storage"},
     )
     s3_max_retries: int = Field(
         1,
         ge=0,
         le=10,
-        description="Retries of a failed S3 request; with the timeouts this bounds how long a write waits before "
-        "it answers 503 while the object store is down.",
+        description="Retries of a failed S3 request; with the timeouts this bounds how long a write waits before it "
+        "answers 503 while the object store is down.",
+        json_schema_extra={"group": "object storage"},
     )
 
     # --- vector database ------------------------------------------------------------------------------------
     vector_db: Literal["pgvector", "milvus", "manticore"] = Field(
-        "pgvector", description="Vector database backend: pgvector, milvus or manticore."
+        "pgvector",
+        description="Vector database backend: pgvector, milvus or manticore (in Compose it defaults to "
+        "COMPOSE_PROFILES, see below).",
+        json_schema_extra={"group": "vector database"},
     )
     database_url: str | None = Field(
         None,
-        description="PostgreSQL URL (postgresql://user:pass@host:5432/db). With VECTOR_DB=pgvector it holds the "
-        "vectors (unset: start the embedded PostgreSQL 18 + pgvector under DATA_DIR/pgdata). With every backend it "
-        "also holds what replicas share besides vectors and originals: the per-id write locks (advisory locks), the "
-        "neighbour graph, duplicate groups and job progress; with Milvus or Manticore any PostgreSQL 12+ will do "
-        "(no pgvector needed), and unset keeps those on this machine (flock files, SQLite): one replica only.",
+        description="PostgreSQL URL. With VECTOR_DB=pgvector it holds the vectors (unset: start an embedded "
+        "PostgreSQL 18 + pgvector under DATA_DIR/pgdata). With every backend it also holds what several replicas "
+        "share: the write locks, the neighbour graph and job progress (with milvus/manticore any PostgreSQL 12+; "
+        "unset: this machine only).",
+        examples=["postgresql://imagesearch:imagesearch@localhost:5432/imagesearch"],
+        json_schema_extra={"group": "vector database"},
     )
-    db_pool_min: int = Field(1, ge=1)
-    db_pool_max: int = Field(10, ge=1)
-    db_connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    db_pool_min: int = Field(
+        1, ge=1, description="Minimum connections kept in the pool.", json_schema_extra={"group": "vector database"}
+    )
+    db_pool_max: int = Field(
+        10, ge=1, description="Maximum connections in the pool.", json_schema_extra={"group": "vector database"}
+    )
+    db_connect_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds to wait for a pooled connection.",
+        json_schema_extra={"group": "vector database"},
+    )
     db_request_timeout_s: float = Field(
         0.5,
         gt=0,
         le=30,
-        description="Seconds a request waits for a pooled PostgreSQL connection before it answers 503 (start-up "
-        "waits DB_CONNECT_TIMEOUT_S instead). 0.5 keeps every 503 under 1 s while the database is down.",
+        description="Seconds a request waits for a pooled PostgreSQL connection before it answers 503 (fail fast "
+        "while the database is down; start-up waits DB_CONNECT_TIMEOUT_S).",
+        json_schema_extra={"group": "vector database"},
     )
     db_statement_timeout_s: float = Field(
         1.5,
         ge=0,
         le=600,
-        description="Deadline, seconds, of every database call a request makes (index builds and collection switches "
-        "excepted): PostgreSQL's statement_timeout, and the client gives up DEADLINE_GRACE_S (0.5 s) later if the "
-        "server does not answer at all (a hung server answers 503 within about 2 s instead of holding requests). "
-        "Milvus: the gRPC deadline of each call of a request (search, get, exists, count, upsert, delete, health); "
-        "Manticore: the read/write timeout of the request connections (neither has a server-side limit to wait "
-        "for, so no 0.5 s grace). Long "
-        "operations (index builds, loading, scans, collection switches) keep DB_CONNECT_TIMEOUT_S or longer. For "
-        "every backend a health probe unanswered for 1.5 s turns /health and requests to 503. 0 disables "
-        "(Milvus then uses DB_CONNECT_TIMEOUT_S per call, Manticore its 60 s read timeout).",
+        description="Deadline, seconds, of each database call of a request: PostgreSQL statement_timeout, plus 0.5 s "
+        "after which the client drops a connection whose server does not answer at all (a hung server gives 503 "
+        "within about 2 s). Index builds and collection switches have none. Milvus: the gRPC deadline of each call of "
+        "a request; Manticore: the read/write timeout of request connections (no grace: no server-side limit there); "
+        "their long operations keep DB_CONNECT_TIMEOUT_S or longer. For every backend a health probe unanswered for "
+        "1.5 s turns /health and requests to 503. 0 disables.",
+        json_schema_extra={"group": "vector database"},
     )
     milvus_uri: str = Field(
         "",
-        description="A file path runs embedded Milvus Lite (default DATA_DIR/milvus.db, one process per file); "
-        "http://host:19530 uses Milvus standalone or distributed.",
+        description="Milvus: a file path runs embedded Milvus Lite (unset: DATA_DIR/milvus.db); http://host:19530 "
+        "uses a Milvus server.",
+        json_schema_extra={"group": "vector database"},
     )
-    milvus_token: str | None = Field(None, description="Milvus credentials, 'user:password' or an API key.")
-    manticore_host: str = Field("127.0.0.1", description="Manticore Search host (MySQL protocol).")
-    manticore_port: int = Field(9306, ge=1, le=65535, description="Manticore Search MySQL-protocol port.")
+    milvus_token: str | None = Field(
+        None,
+        description="Milvus credentials, user:password or an API key (unset: no authentication, as in Milvus "
+        "standalone's default).",
+        examples=["root:Milvus"],
+        json_schema_extra={"group": "vector database"},
+    )
+    manticore_host: str = Field(
+        "127.0.0.1",
+        description="Manticore Search host (MySQL protocol).",
+        json_schema_extra={"group": "vector database"},
+    )
+    manticore_port: int = Field(
+        9306,
+        ge=1,
+        le=65535,
+        description="Manticore Search MySQL-protocol port.",
+        json_schema_extra={"group": "vector database"},
+    )
     # Defaults measured with bench/search_scale.py (docs/benchmarks.md, "Search at scale"): with m=16 and
     # ef_construction=64, 1M 512-d vectors need ef_search 120-160 for recall@10 >= 0.95 (0.951 at 120, 0.971 at
     # 160), at a p50 under 10 ms on 2 cores; smaller collections reach it with less and pay little for 160.
-    hnsw_m: int = Field(16, ge=2, le=100, description="HNSW graph degree (pgvector default 16).")
-    hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW build beam width (pgvector default 64).")
+    hnsw_m: int = Field(
+        16,
+        ge=2,
+        le=100,
+        description="HNSW graph degree, m (pgvector default 16).",
+        json_schema_extra={"group": "vector database"},
+    )
+    hnsw_ef_construction: int = Field(
+        64,
+        ge=4,
+        le=1000,
+        description="HNSW build beam width, ef_construction (pgvector default 64).",
+        json_schema_extra={"group": "vector database"},
+    )
     hnsw_ef_search: int = Field(
         160,
         ge=1,
         le=1000,
-        description="HNSW query beam width (raised to top_k per query when smaller); 160 keeps recall@10 >= 0.95 "
-        "up to 1M vectors (bench/search_scale.py).",
+        description="HNSW query beam width, ef_search (raised to top_k per query); 160 keeps recall@10 >= 0.95 up to "
+        "1M vectors.",
+        json_schema_extra={"group": "vector database"},
     )
     vector_type: Literal["vector", "halfvec"] = Field(
         "vector",
-        description="pgvector storage of embeddings: vector (float32) or halfvec (float16: half the table and "
-        "index size). Fixed when the collection is created; a different value later is a startup error. "
-        "pgvector only (Milvus and Manticore store float32).",
+        description="pgvector storage of embeddings: vector (float32) or halfvec (float16, half the table and index); "
+        "fixed when the collection is created (a different value later stops the service with a message). pgvector "
+        "only.",
+        json_schema_extra={"group": "vector database"},
     )
 
     # --- model ----------------------------------------------------------------------------------------------
     embedder: Literal["auto", "clip", "efficientnet", "none"] = Field(
         "auto",
-        description="auto: CLIP when its weights load, otherwise the offline EfficientNet-Lite2. none: load no "
-        "model and serve an existing collection by vector only (POST /search_vector); indexing answers 400.",
+        description="Embedder: auto (CLIP when its weights load, otherwise the offline EfficientNet-Lite2), clip, "
+        "efficientnet, or none (load no model; serve an existing collection through POST /search_vector only).",
+        json_schema_extra={"group": "model"},
     )
-    clip_model: str = Field("ViT-B-32", description="open_clip architecture name.")
+    clip_model: str = Field(
+        "ViT-B-32", description="open_clip architecture name.", json_schema_extra={"group": "model"}
+    )
     clip_pretrained: str = Field(
-        "laion2b_s34b_b79k", description="open_clip pretrained tag, or a path to a local checkpoint file."
+        "laion2b_s34b_b79k",
+        description="open_clip pretrained tag, or a path to a local checkpoint file.",
+        json_schema_extra={"group": "model"},
     )
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda > mps > cpu.")
-    embed_batch_size: int = Field(32, ge=1, le=1024, description="Images per model call.")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto",
+        description="Torch device: auto (cuda > mps > cpu), cpu, cuda or mps.",
+        json_schema_extra={"group": "model"},
+    )
+    embed_batch_size: int = Field(
+        32, ge=1, le=1024, description="Images per model call.", json_schema_extra={"group": "model"}
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of the model on CPU (ONNX Runtime or torch); 0 = one per core.",
+        json_schema_extra={"group": "model"},
+    )
     cpu_encoder: Literal["torch", "bf16", "int8", "onnx"] = Field(
         "onnx",
-        description="How the image model runs on CPU (ignored on CUDA/MPS): onnx (ONNX Runtime on a graph exported "
-        "once into MODEL_CACHE_DIR/onnx), torch (fp32), bf16 (autocast; fast only with AVX512-BF16/AMX), int8 "
-        "(dynamic quantization of Linear layers; nothing to quantize in EfficientNet). See docs/benchmarks.md.",
+        description="How the model runs on CPU (ignored on CUDA/MPS): onnx (ONNX Runtime, without torch in the "
+        "server: the model is exported once, in a child process, into MODEL_CACHE_DIR/onnx; CLIP's image and text "
+        "towers both), torch (fp32), bf16 (autocast; fast only on CPUs with AVX512-BF16/AMX) or int8 (dynamic "
+        "quantization of Linear layers: nothing to quantize in EfficientNet). Same weights and model id on every "
+        "path.",
+        json_schema_extra={"group": "model"},
     )
     batch_wait_ms: float = Field(
         5.0,
         ge=0,
         le=1000,
-        description="Dynamic batching: how long, in ms, the first embed request waits for concurrent ones "
-        "(/index_image, /index_images, /search_image) to share one model call of up to EMBED_BATCH_SIZE images; "
-        "0 = no waiting (requests already queued are still combined).",
+        description="Dynamic batching: ms the first embed request waits for concurrent ones to share one model call; "
+        "0 = no waiting.",
+        json_schema_extra={"group": "model"},
     )
 
     # --- embedding cache (app/cache/): memory (L1) -> Redis (L2) -> stored vector (L3) -> model ----------------
@@ -204,114 +338,169 @@ class Settings(BaseSettings):
         1024,
         ge=0,
         description="Query embeddings (images by SHA-256 of the bytes, texts by the exact string) kept in this "
-        "process's memory, the cache's first layer; 0 disables it. 1024 x 1280-d float32 is about 5 MB.",
+        "process's memory; 0 = off.",
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_policy: Literal["lru", "lfu"] = Field(
         "lru",
-        description="Eviction policy of the memory layer: lru (least recently used) or lfu (least frequently used; "
-        "docs/benchmarks.md, Embedding cache, compares them on a Zipf query stream).",
+        description="Eviction policy of the memory layer: lru or lfu (compared in docs/benchmarks.md, Embedding "
+        "cache).",
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_redis_url: str | None = Field(
         None,
-        description="Redis shared by every API process as the cache's second layer (redis://host:6379/0); unset: "
-        "memory only. Redis faults never fail a request: the cache falls back to memory and reconnects by itself.",
+        description="Redis shared by all API processes as the second layer, e.g. redis://redis:6379/0 (Compose sets "
+        "it); unset: memory only.",
+        examples=["redis://127.0.0.1:6379/0"],
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_ttl_s: int = Field(
-        604800, ge=1, description="Seconds an embedding lives in Redis (SET ... EX); 604800 = 7 days."
+        604800,
+        ge=1,
+        description="Seconds an embedding lives in Redis (SET ... EX); 604800 = 7 days.",
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_redis_timeout_ms: float = Field(
         50.0,
         gt=0,
         le=1000,
-        description="Connect and read/write timeout of each Redis command, ms: the most a request waits on a slow "
-        "or dead Redis before it counts as a miss.",
+        description="Connect and read/write timeout of each Redis command, ms: the most a request waits on a slow or "
+        "dead Redis.",
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_breaker_failures: int = Field(
         3,
         ge=1,
         le=1000,
-        description="Consecutive failed Redis commands that open the circuit breaker: Redis is then skipped (memory "
-        "only, /health cache: degraded) until a background PING answers.",
+        description="Consecutive failed Redis commands that open the circuit breaker (memory only, /health cache: "
+        "degraded).",
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_retry_s: float = Field(
-        2.0, gt=0, le=600, description="Seconds between those PINGs while the breaker is open."
+        2.0,
+        gt=0,
+        le=600,
+        description="Seconds between reconnection PINGs while the breaker is open; the first answer restores the "
+        "Redis layer.",
+        json_schema_extra={"group": "embedding cache"},
     )
     cache_key_prefix: str = Field(
         "imgsearch",
         min_length=1,
         max_length=64,
         pattern=r"^[A-Za-z0-9_.-]+$",
-        description="First part of every Redis key (then emb:v1:<kind>:<model>:<dim>:<sha256>): deployments that "
-        "share one Redis use different prefixes.",
+        description="First part of every Redis key: deployments sharing one Redis use different prefixes.",
+        json_schema_extra={"group": "embedding cache"},
     )
 
     # --- limits ---------------------------------------------------------------------------------------------
-    max_upload_mb: float = Field(50.0, gt=0, description="Largest accepted upload, MB (10^6 bytes).")
-    max_batch_files: int = Field(64, ge=1, le=1024, description="Most files in one POST /index_images request.")
+    max_upload_mb: float = Field(
+        50.0,
+        gt=0,
+        description="Largest accepted upload, in MB (10^6 bytes).",
+        json_schema_extra={"group": "limits"},
+    )
+    max_batch_files: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most files in one POST /index_images request (bulk_index.py uploads batches of --batch-size "
+        "files).",
+        json_schema_extra={"group": "limits"},
+    )
     max_batch_mb: float = Field(
-        200.0, gt=0, description="Largest POST /index_images request body, MB (10^6 bytes), all files together."
+        200.0,
+        gt=0,
+        description="Largest POST /index_images request body, in MB (10^6 bytes), all files together.",
+        json_schema_extra={"group": "limits"},
     )
     max_image_pixels: int = Field(
         100_000_000,
         ge=1,
         # Pillow refuses more than 2 * Image.MAX_IMAGE_PIXELS (178,956,970) whatever we allow; say so up front.
         le=178_956_970,
-        description="Largest accepted width*height, read from the header before decoding (at most 178956970).",
+        description="Largest accepted width*height, read from the image header before decoding (at most 178956970, "
+        "Pillow's own guard).",
+        json_schema_extra={"group": "limits"},
     )
     max_decode_mb: float = Field(
         1100.0,
         ge=0,
-        description="Largest decode memory one uploaded image may need, MB (10^6 bytes), estimated from its header "
-        "before decoding (size x the measured cost of its format and mode, app/imaging/decode.py); more answers 413. "
-        "1100 accepts any RGB or RGBA photo up to MAX_IMAGE_PIXELS (100 MP: 0.8-0.9 GB) and WebP or 32-bit TIFF up to "
-        "about 64 MP, so that one image cannot take the server past about 1.5 GB (bench/hostile.py). 0: no limit.",
+        description="Largest decode memory one image may need, MB, estimated from its header (size x measured cost of "
+        "its format and mode); more answers 413. 1100 takes any RGB/RGBA photo up to MAX_IMAGE_PIXELS, WebP and "
+        "32-bit TIFF up to ~64 MP, so that one image cannot take the server past about 1.5 GB. 0: no limit.",
+        json_schema_extra={"group": "limits"},
     )
     max_decode_pixels_in_flight: int = Field(
         100_000_000,
         ge=1,
-        description="Decode memory held by requests at once, counted in pixels of an 8-bit RGB photo (about 8 bytes "
-        "each while decoding, measured); more waits in line, first come first served. Each image is charged its "
-        "measured cost from the header's size, format and mode (a WebP with alpha or a float TIFF about 2.1 times "
-        "its pixels, an RGBA PNG 1.1 times, a GIF 0.6 times: app/imaging/decode.py). An image costing more than "
-        "this is decoded alone. 100 MP: about 0.8 GB, one 100 MP JPEG or about eight 12 MP photos.",
+        description="Decode memory held by all requests at once, in pixels of an 8-bit RGB photo (about 8 bytes each "
+        "while it decodes, measured); more wait in line (first come, first served). Each image is charged its "
+        "measured cost from its header (size, format, mode): a WebP with alpha or a float TIFF 2.1x its pixels, an "
+        "RGBA PNG 1.1x, a GIF 0.6x. 100000000: about 0.8 GB.",
+        json_schema_extra={"group": "limits"},
     )
     decode_wait_s: float = Field(
         30.0,
         gt=0,
         le=600,
-        description="Longest wait, in seconds, for decode capacity (MAX_DECODE_PIXELS_IN_FLIGHT) before a request "
-        "answers 503 with Retry-After.",
+        description="Longest wait in the line for decode memory (MAX_DECODE_PIXELS_IN_FLIGHT), seconds, before a "
+        "request answers 503 with Retry-After.",
+        json_schema_extra={"group": "limits"},
     )
     thumbnail_cache_mb: float = Field(
         32.0,
         ge=0,
-        description="Thumbnails of stored images kept in memory, MB (10^6 bytes) of JPEG, least recently used "
-        "dropped first: a repeated GET /image/{id}/thumbnail does not decode the original again (about 1,000 "
-        "thumbnails of 256 px); 0 disables.",
+        description="Thumbnails of stored images kept in memory, MB of JPEG (least recently used dropped): a repeated "
+        "thumbnail request does not decode the original again. 0 disables.",
+        json_schema_extra={"group": "limits"},
     )
     thumbnail_redis_ttl_s: int = Field(
         604800,
         ge=0,
-        description="Seconds a thumbnail lives in the Redis of CACHE_REDIS_URL, shared by every replica behind the "
-        "in-memory THUMBNAIL_CACHE_MB (a HEIC or large PNG is rebuilt once for all replicas, not once per replica); "
-        "604800 = 7 days; 0: thumbnails are not put in Redis. Without CACHE_REDIS_URL: unused.",
+        description="Seconds a thumbnail lives in the Redis of CACHE_REDIS_URL, shared by all replicas behind "
+        "THUMBNAIL_CACHE_MB: a HEIC or large PNG is decoded once for all replicas, not once per replica (about "
+        "10-20 KB a thumbnail); 0: not in Redis. Unused without CACHE_REDIS_URL.",
+        json_schema_extra={"group": "limits"},
     )
     rate_limit: str = Field(
         "",
-        description="Per-client limit on the expensive routes a client can call without a key (searches by image, "
-        "text or vector, /preview, thumbnails), in the 'limits' library's notation: '120/minute', '10/second;"
-        "300/hour'. Counted per client address in memory (one process); requests with a valid API key are not "
-        "counted. Over it: 429 with Retry-After. Empty: no limit.",
+        description='Per-client limit on searches, previews, thumbnails, "more like this" and indexing, e.g. '
+        "120/minute or 10/second;600/hour (the limits library's notation), counted per client address in memory; "
+        "requests with a valid API key are not counted; over it: 429 with Retry-After. Empty: no limit.",
+        json_schema_extra={"group": "limits"},
     )
-    default_top_k: int = Field(5, ge=1)
-    max_top_k: int = Field(100, ge=1)
+    default_top_k: int = Field(
+        5,
+        ge=1,
+        description="Results returned when a search does not say how many.",
+        json_schema_extra={"group": "limits"},
+    )
+    max_top_k: int = Field(
+        100,
+        ge=1,
+        description="Largest number of results a search may ask for.",
+        json_schema_extra={"group": "limits"},
+    )
 
     # --- search features ------------------------------------------------------------------------------------
     # Query expansion (expand=true, app/search/expansion.py); defaults measured with bench/quality.py --expand on
     # caltech101_subset (P@10) and instance_small (mAP): docs/benchmarks.md, "Query expansion".
-    expand_n: int = Field(2, ge=1, le=100, description="αQE: neighbours added to the query (expand=true).")
+    expand_n: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Query expansion (expand=true, αQE): stored neighbours added to the query (measured: "
+        "docs/benchmarks.md).",
+        json_schema_extra={"group": "search features"},
+    )
     expand_alpha: float = Field(
-        1.0, ge=0, le=20, description="αQE: each neighbour weighs (cosine similarity)^EXPAND_ALPHA; 0 = plain average."
+        1.0,
+        ge=0,
+        le=20,
+        description="Query expansion: each neighbour weighs (cosine similarity)^EXPAND_ALPHA; 0 = plain average of "
+        "the neighbours.",
+        json_schema_extra={"group": "search features"},
     )
 
     # --- neighbour graph, near-duplicates, DBA (app/neighbours/) -------------------------------------------
@@ -320,51 +509,65 @@ class Settings(BaseSettings):
         15,
         ge=1,
         le=100,
-        description="Neighbours per image in the k-nearest-neighbour graph (POST /jobs/neighbours); at least DBA_N.",
+        description="Neighbour graph (POST /jobs/neighbours): neighbours kept per image (at least DBA_N).",
+        json_schema_extra={"group": "search features"},
     )
     neighbours_ef_search: int = Field(
         64,
         ge=1,
         le=1000,
-        description="HNSW beam width of the graph job's searches (at least NEIGHBOURS_K + 1); user searches keep "
-        "HNSW_EF_SEARCH. 64 finds 99 % of the true 15 neighbours at 100k vectors in about 60 % of the time of 160 "
-        "(docs/benchmarks.md, Neighbour graph).",
+        description="HNSW beam width of the graph job's searches (user searches keep HNSW_EF_SEARCH): 64 finds 99 % "
+        "of the true neighbours at 100k vectors in about 60 % of the time of 160.",
+        json_schema_extra={"group": "search features"},
     )
     neighbours_threads: int = Field(
         4,
         ge=1,
         le=64,
-        description="Searches the graph job runs at once (it waits on the database most of the time, so a few more "
-        "than the cores).",
+        description="Searches the graph job runs at once.",
+        json_schema_extra={"group": "search features"},
     )
     neighbours_store: Literal["auto", "sqlite"] = Field(
         "auto",
-        description="Where the neighbour graph, duplicate groups and job progress live: auto = tables in PostgreSQL "
-        "when DATABASE_URL is set, with every VECTOR_DB (shared by every replica; one builds at a time, under a "
-        "lease a killed replica loses), else a SQLite file under DATA_DIR (one machine); sqlite = always the file.",
+        description="Where the graph, duplicate groups and job progress live: auto = PostgreSQL tables shared by every "
+        "replica when DATABASE_URL is set, with every VECTOR_DB (one replica builds at a time), else "
+        "DATA_DIR/neighbours*.sqlite3; sqlite = always the file.",
+        json_schema_extra={"group": "search features"},
     )
     duplicate_threshold: float = Field(
         0.92,
         ge=-1,
         le=1,
-        description="GET /duplicates: images whose cosine similarity is at least this are near-duplicates (groups "
-        "are connected components of such pairs).",
+        description="GET /duplicates: cosine similarity at or above which two images are near-duplicates (measured "
+        "on instance_small).",
+        json_schema_extra={"group": "search features"},
     )
     dba: bool = Field(
         False,
-        description="Database-side augmentation: searches re-rank their candidates by each image's DBA vector "
-        "(its embedding averaged with its DBA_N graph neighbours). Needs the neighbour graph (POST /jobs/neighbours), "
-        "built while DBA=true.",
+        description="DBA (database-side augmentation): re-rank search results by each image's vector averaged with "
+        "its graph neighbours. Needs the neighbour graph, built while DBA=true (POST /jobs/neighbours).",
+        json_schema_extra={"group": "search features"},
     )
-    dba_n: int = Field(15, ge=1, le=100, description="DBA: graph neighbours averaged into each image's vector.")
+    dba_n: int = Field(
+        15,
+        ge=1,
+        le=100,
+        description="DBA: graph neighbours averaged into each image's vector.",
+        json_schema_extra={"group": "search features"},
+    )
     dba_alpha: float = Field(
-        3.0, ge=0, le=20, description="DBA: each neighbour weighs (cosine similarity)^DBA_ALPHA; 0 = plain average."
+        3.0,
+        ge=0,
+        le=20,
+        description="DBA: each neighbour weighs (cosine similarity)^DBA_ALPHA.",
+        json_schema_extra={"group": "search features"},
     )
     dba_depth: int = Field(
         100,
         ge=1,
         le=1000,
-        description="DBA: search results re-ranked by DBA vectors (at least the page asked for, at most 1000).",
+        description="DBA: search results re-ranked (at least the page asked for, at most 1000).",
+        json_schema_extra={"group": "search features"},
     )
 
     @field_validator("database_url", "milvus_token", "cache_redis_url", "image_store_url", "aws_endpoint_url")
