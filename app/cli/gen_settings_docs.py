@@ -63,9 +63,7 @@ GROUPS: dict[str, Group] = {
     "object storage": Group("object storage of the originals", "object-storage.md"),
     "vector database": Group("vector database"),
     "model": Group("model"),
-    "embedding cache": Group(
-        "embedding cache: memory (L1) -> Redis (L2) -> stored vector (L3) -> model", "caching.md"
-    ),
+    "embedding cache": Group("embedding cache: memory (L1) -> Redis (L2) -> stored vector (L3) -> model", "caching.md"),
     "limits": Group("limits"),
     "search features": Group("search features"),
 }
