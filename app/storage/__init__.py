@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.config import Settings
+from app.locks import PgAdvisoryLocks
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream, StoreEntry, StoreHealth
 from app.storage.local import LocalImageStore
 from app.storage.s3 import S3ImageStore
@@ -43,8 +44,6 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
     if settings.shared_state_url:
         # A database every replica shares: its advisory locks exclude writers on every machine, not just this one.
         # Milvus and Manticore have no locks of their own, so with them too the locks live in this PostgreSQL.
-        from app.indexing.locks import PgAdvisoryLocks
-
         locks = PgAdvisoryLocks(
             settings.shared_state_url, wait_s=settings.db_connect_timeout_s, call_s=settings.db_statement_timeout_s
         )
