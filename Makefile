@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The import contracts in pyproject.toml ([tool.importlinter]: layers, no cycles); import-linter has no `python -m`.
+LINT_IMPORTS := $(VENV)/bin/lint-imports
 
 .PHONY: run test test-fast test-docker lint docs docs-serve docs-settings bench-quality bench-latency clean venv
 
@@ -19,11 +21,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
+	$(LINT_IMPORTS)
 	$(PY) -m pytest
 
 # The tests that need no model, database or server (unmarked `slow`): under a minute, for quick iterations.
 test-fast: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
+	$(LINT_IMPORTS)
 	$(PY) -m pytest -m "not slow"
 
 # The Compose stack end to end (tests/docker): builds the image once, runs app + db + redis, checks the Gradio UI and
@@ -48,6 +52,7 @@ test-docker: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check app ui scripts bench tests
 	$(PY) -m ruff format --check app ui scripts bench tests
+	$(LINT_IMPORTS)
 	$(MAKE) docs
 
 # The documentation site (mkdocs.yml, docs/) into build/site/, strict: a broken link or anchor, or a page missing from
@@ -73,4 +78,4 @@ bench-latency: $(STAMP)
 	$(PY) bench/latency.py --api http://localhost:$${PORT:-8000}
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .import_linter_cache

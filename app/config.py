@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.store_url import parse_store_url
+
 
 class Settings(BaseSettings):
     """Service configuration. Field names map to upper-case environment variables (``PORT``, ``DATA_DIR``...)."""
@@ -579,8 +581,6 @@ class Settings(BaseSettings):
     @classmethod
     def _image_store_url_is_known(cls, v: str | None) -> str | None:
         # A field validator, not a model one: its error quotes this value only, never the other settings (secrets).
-        from app.storage import parse_store_url  # here: app.storage imports this module
-
         parse_store_url(v)  # ValueError: only file:///path and s3://bucket/prefix
         return v
 

@@ -39,8 +39,8 @@ from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_i
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
 from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
 from app.indexing.fsck import start_sweep
-from app.indexing.locks import PgAdvisoryLocks
 from app.indexing.write import write_batch
+from app.locks import PgAdvisoryLocks
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.search.paging import SearchOptions, search_page

@@ -121,7 +121,8 @@ def _rss() -> int:
 
 def child(path: str) -> None:
     """Decode ``path`` once (after a warm-up decode of a small image of the same kind) and print the peak growth."""
-    from app.imaging.decode import decode_image, header_pixels, register_plugins
+    from app.imaging.decode import decode_image, header_pixels
+    from app.imaging.plugins import register_plugins
 
     register_plugins()  # HEIF, AVIF... as the service has them
     data = Path(path).read_bytes()

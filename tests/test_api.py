@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.errors import CollectionMismatchError
 from app.ids import image_id_for
-from app.indexing.locks import LOCK_DIR_NAME
+from app.locks import LOCK_DIR_NAME
 from app.main import create_app
 from app.vectordb.pgvector import PgVectorHandler
 from tests.helpers import make_settings

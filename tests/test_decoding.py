@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageFile, features
 
 from app.errors import CorruptImageError, ImageDecodeError, ImageTooLargeError, UnsupportedFormatError
-from app.imaging.decode import DecodedImage, decode_image, register_plugins, sniff_format
+from app.imaging.decode import DecodedImage, decode_image, sniff_format
+from app.imaging.plugins import register_plugins
 from tests.helpers import FORMATS
 
 MAX_PIXELS = 100_000_000  # the Settings.max_image_pixels default

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.indexing.locks import LOCK_DIR_NAME
+from app.locks import LOCK_DIR_NAME
 from app.main import create_app
 from tests.helpers import make_settings
 

@@ -284,7 +284,7 @@ def test_sigstop_of_the_embedded_postgres_under_search_and_index_load(tmp_path, 
 @pytest.mark.slow
 def test_sigstop_of_a_postgres_server_reached_by_database_url(tmp_path, offline_embedder, datasets):
     """With a ``DATABASE_URL`` the per-id write locks are advisory locks on the same server (what replicas share),
-    so an index request also waits on the server in ``app/indexing/locks.py``: those calls keep the same bounds."""
+    so an index request also waits on the server in ``app/locks.py``: those calls keep the same bounds."""
     from app.main import create_app
     from app.vectordb.embedded_pg import start_embedded_postgres
     from tests.helpers import PostgresFreeze, make_settings
@@ -299,7 +299,7 @@ def test_sigstop_of_a_postgres_server_reached_by_database_url(tmp_path, offline_
         # The lock call itself, deterministically: on a pooled connection to a server that stops, it is cut at
         # call_s + 0.5 s (a 503), where pg_advisory_lock alone would wait for the server to come back.
         from app.errors import DatabaseUnavailableError
-        from app.indexing.locks import PgAdvisoryLocks
+        from app.locks import PgAdvisoryLocks
 
         image_id = "ab" * 32
         locks = PgAdvisoryLocks(server.url, wait_s=5, call_s=0.5)

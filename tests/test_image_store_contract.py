@@ -17,10 +17,11 @@ import pytest
 
 from app.errors import ImageNotFoundError, StorageFullError, StorageUnavailableError
 from app.ids import image_id_for
-from app.storage import from_settings, parse_store_url
+from app.storage import from_settings
 from app.storage.base import CHUNK_BYTES, ImageStore
 from app.storage.local import LocalImageStore
 from app.storage.s3 import S3ImageStore
+from app.store_url import parse_store_url
 from tests.helpers import FORMATS, INSTANCE, S3_TEST_ENV, MotoS3, free_port, make_settings
 
 STORES = ["file", "s3"]

@@ -21,9 +21,10 @@ from fastapi.testclient import TestClient
 from app.ids import image_id_for
 from app.main import create_app
 from app.neighbours import graph as graph_module
-from app.neighbours.dba import DbaRerank, dba_vector, rerank
+from app.neighbours.dba import dba_vector
 from app.neighbours.duplicates import duplicate_groups
 from app.neighbours.store import Edge
+from app.search.dba import DbaRerank, rerank
 from app.vectordb.base import ImageMetadata, SearchHit
 from tests.helpers import INSTANCE, make_settings, run_live_server
 from tests.test_cli import run_cli

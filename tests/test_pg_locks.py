@@ -12,7 +12,7 @@ import time
 import pytest
 
 from app.errors import DatabaseUnavailableError
-from app.indexing.locks import IdLocks, PgAdvisoryLocks
+from app.locks import IdLocks, PgAdvisoryLocks
 from app.storage import from_settings
 from tests.helpers import PROJECT_ROOT, free_port, make_settings
 
@@ -51,7 +51,7 @@ def test_two_machines_exclude_each_other_per_id(database_url):
 def test_a_holder_killed_with_kill_9_leaves_no_lock(database_url):
     code = (
         "import sys, time\n"
-        "from app.indexing.locks import PgAdvisoryLocks\n"
+        "from app.locks import PgAdvisoryLocks\n"
         f"locks = PgAdvisoryLocks({database_url!r})\n"
         f"with locks.hold([{A!r}]):\n"
         "    print('held', flush=True)\n"

@@ -21,7 +21,7 @@ import pytest
 from app.errors import ImageNotFoundError
 from app.ids import image_id_for
 from app.indexing.fsck import check
-from app.indexing.locks import PgAdvisoryLocks
+from app.locks import PgAdvisoryLocks
 from app.service import SearchService
 from tests.helpers import (
     INSTANCE,

@@ -18,7 +18,7 @@ import pytest
 from app.errors import DatabaseUnavailableError, ImageNotFoundError
 from app.ids import image_id_for
 from app.indexing.fsck import check
-from app.indexing.locks import PgAdvisoryLocks
+from app.locks import PgAdvisoryLocks
 from app.service import SearchService
 from app.vectordb.guard import GuardedHandler
 from tests.helpers import INSTANCE, make_settings, milvus_lite_server, race_index_and_delete, s3_settings

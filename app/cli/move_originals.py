@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
-    from app.storage import parse_store_url
+    from app.store_url import parse_store_url
 
     for url in (args.to, args.source):
         if url is not None:

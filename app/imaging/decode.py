@@ -6,24 +6,23 @@ untrusted bytes.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import struct
-import threading
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError, features
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from app.errors import CorruptImageError, ImageTooLargeError, UnsupportedFormatError
 from app.imaging.exif import taken_at_of
+from app.imaging.plugins import register_plugins
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DecodedImage", "decode_image", "header_pixels", "register_plugins", "sniff_format"]
+__all__ = ["DecodedImage", "decode_image", "header_pixels", "sniff_format"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,48 +96,6 @@ _HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis"}
 
 _JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 _WHITE = (255, 255, 255)
-
-_plugins_lock = threading.Lock()
-_plugins_registered = False
-
-
-def register_plugins() -> None:
-    """Register the optional Pillow decoders once per process; later calls return at once (thread-safe).
-
-    Registers HEIF/HEIC (``pillow_heif``), AVIF (Pillow's own plugin when this Pillow was built with libavif, else
-    ``pillow_avif`` if installed) and JPEG XL (``pillow_jxl`` or ``jxlpy`` if installed). A missing optional
-    package only means its format is reported as unsupported; this function raises nothing for it.
-    """
-    global _plugins_registered
-    if _plugins_registered:
-        return
-    with _plugins_lock:
-        if _plugins_registered:
-            return
-        try:
-            import pillow_heif
-
-            pillow_heif.register_heif_opener()
-        except ImportError:
-            log.warning("pillow-heif is not installed: HEIC/HEIF uploads will be refused")
-        # pillow_avif registers its own "AVIF" opener on import, which would replace Pillow's native one.
-        if not features.check_module("avif"):
-            _import_first("pillow_avif")
-        _import_first("pillow_jxl", "jxlpy.JXLImagePlugin")
-        # Image.open only falls back to init() when given no format list; we always pass one (see _allowed_formats).
-        Image.init()
-        _plugins_registered = True
-
-
-def _import_first(*modules: str) -> bool:
-    # These plugins register their openers as an import side effect.
-    for name in modules:
-        try:
-            importlib.import_module(name)
-            return True
-        except ImportError:
-            continue
-    return False
 
 
 def _allowed_formats() -> list[str]:

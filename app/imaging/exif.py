@@ -18,6 +18,8 @@ from io import BytesIO
 
 from PIL import ExifTags, Image
 
+from app.imaging.plugins import register_plugins
+
 log = logging.getLogger(__name__)
 
 __all__ = ["parse_exif_datetime", "read_taken_at", "taken_at_of"]
@@ -85,8 +87,6 @@ def taken_at_of(image: Image.Image) -> datetime | None:
 def read_taken_at(data: bytes) -> datetime | None:
     """:func:`taken_at_of` for a file's bytes, reading the header only (no pixels are decoded); ``None`` for any
     file Pillow cannot open. Used by ``fsck --backfill`` on stored originals."""
-    from app.imaging.decode import register_plugins
-
     register_plugins()
     try:
         with Image.open(BytesIO(data)) as image:

@@ -11,7 +11,7 @@ What can disagree, and how it is fixed:
 :func:`backfill_taken_at` (``fsck.py --backfill``) fills ``taken_at`` into rows indexed before it was stored, from
 the EXIF of their originals, without re-embedding.
 
-Every fix re-checks its finding under the id's lock (:class:`app.indexing.locks.IdLocks`), so a check or a repair
+Every fix re-checks its finding under the id's lock (:class:`app.locks.IdLocks`), so a check or a repair
 may run next to a live server or ``bulk_index.py --direct``: a write in progress is never mistaken for a mismatch.
 """
 

@@ -6,7 +6,7 @@ and a failed upsert deletes the originals it had just created. So the only thing
 without a row, which is never visible (search and ``/images/exists`` go by rows); re-indexing the same bytes finds
 the id missing, re-embeds it, keeps the existing file and writes the row.
 
-Races: the whole write holds the ids' locks (:class:`app.indexing.locks.IdLocks`, shared with ``DELETE`` and
+Races: the whole write holds the ids' locks (:class:`app.locks.IdLocks`, shared with ``DELETE`` and
 ``fsck.py --repair``, across processes), so an index and a delete of one id never interleave: either the row and
 its original both exist afterwards, or neither does.
 """

@@ -4,5 +4,6 @@
 - :mod:`app.neighbours.graph`: the job's work (ANN search of every stored vector, then DBA vectors);
 - :mod:`app.neighbours.jobs`: the background job runner the service owns (one job at a time, resumable);
 - :mod:`app.neighbours.duplicates`: near-duplicate groups, connected components over a score threshold;
-- :mod:`app.neighbours.dba`: database-side augmentation and the search re-ranking that serves it.
+- :mod:`app.neighbours.dba`: database-side augmentation, the DBA vectors the job computes (searches re-rank by them
+  in :mod:`app.search.dba`, through :meth:`app.neighbours.jobs.NeighbourJobs.dba_rerank`).
 """

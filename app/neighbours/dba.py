@@ -1,4 +1,4 @@
-"""Database-side augmentation (DBA) and the re-ranking that serves it.
+"""Database-side augmentation (DBA): the DBA vector of each stored image, which the neighbour-graph job computes.
 
 DBA replaces each stored vector, for search only, by the L2-normalised weighted sum of itself and its ``n`` nearest
 neighbours, each weighted by its cosine similarity to the vector raised to ``α``:
@@ -8,24 +8,20 @@ neighbours, each weighted by its cosine similarity to the vector raised to ``α`
 retrieval", IJCV 2017). The original embeddings stay in the backend untouched; the DBA vectors are kept beside the
 neighbour graph (:mod:`app.neighbours.store`), so they can be rebuilt after the collection grows.
 
-Serving without a backend schema change: the ANN search of the (possibly expanded) query returns a candidate set,
-which :func:`rerank` orders by cosine similarity to the candidates' DBA vectors; a candidate without one (indexed
-after the last build) keeps its search score, the cosine to its original vector. ``DBA_N``/``DBA_ALPHA``/``DBA_DEPTH``
-were chosen by measurement (``bench/dba_grid.py``, docs/benchmarks.md "DBA").
+``DBA_N``/``DBA_ALPHA`` were chosen by measurement (``bench/dba_grid.py``, docs/benchmarks.md "DBA").
+
+Where it sits: with the graph job that computes the vectors (:mod:`app.neighbours.graph`), above the search
+features, whose αQE formula it applies (:func:`app.search.expansion.alpha_qe`). Searches re-rank by these vectors
+in :mod:`app.search.dba`, which reads them through a lookup and so never imports this package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-
 import numpy as np
 
 from app.search.expansion import alpha_qe
-from app.vectordb.base import SearchHit
 
-#: ``{id: (D,) DBA vector}`` for some of the ids asked for (missing ones have none).
-DbaLookup = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
+__all__ = ["dba_matrix", "dba_vector"]
 
 
 def dba_vector(vector: np.ndarray, neighbours: np.ndarray, scores: np.ndarray, n: int, alpha: float) -> np.ndarray:
@@ -62,42 +58,3 @@ def dba_matrix(x: np.ndarray, nbr_rows: np.ndarray, nbr_scores: np.ndarray, n: i
     out = x.astype(np.float64) + np.einsum("nk,nkd->nd", w, x[nbr_rows[:, :n]].astype(np.float64))
     out /= np.linalg.norm(out, axis=1, keepdims=True)
     return out.astype(np.float32)
-
-
-def rerank(query: np.ndarray, hits: Sequence[SearchHit], lookup: DbaLookup) -> list[SearchHit]:
-    """``hits`` re-scored by cosine similarity of ``query`` to each hit's DBA vector, best first.
-
-    Args:
-        query: ``(D,)`` float32, L2-normalised: the query that was searched (the expanded one with ``expand``).
-        hits: the candidates from the ANN search of ``query``; their ``score`` is the cosine to the original vector.
-        lookup: gives the DBA vectors of the ids it has (:meth:`app.neighbours.store.GraphStore.dba_vectors`).
-
-    Returns:
-        New :class:`SearchHit` objects (same ids and metadata), sorted by the new score, ties broken by the old
-        order. A hit without a DBA vector (indexed after the last build) keeps its original score.
-    """
-    if not hits:
-        return []
-    vectors = lookup([h.id for h in hits])
-    q = np.asarray(query, dtype=np.float32)
-    rescored = []
-    for position, hit in enumerate(hits):
-        v = vectors.get(hit.id)
-        usable = v is not None and np.shape(v) == q.shape  # another model's vector (never served) counts as none
-        score = float(np.dot(q, np.asarray(v, dtype=np.float32))) if usable else hit.score
-        rescored.append((-score, position, SearchHit(hit.id, score, hit.metadata)))
-    rescored.sort(key=lambda t: (t[0], t[1]))
-    return [t[2] for t in rescored]
-
-
-@dataclass(frozen=True, slots=True)
-class DbaRerank:
-    """What :func:`app.search.paging.search_page` needs to serve DBA: where the DBA vectors are, and how deep to
-    re-rank (``DBA_DEPTH``: the search asks for ``max(page window, depth)`` candidates, at most 1000)."""
-
-    lookup: DbaLookup
-    depth: int
-
-    def rerank(self, query: np.ndarray, hits: Sequence[SearchHit]) -> list[SearchHit]:
-        """:func:`rerank` with this lookup."""
-        return rerank(query, hits, self.lookup)

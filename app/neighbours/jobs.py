@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 from app.config import Settings
 from app.errors import DatabaseUnavailableError, GraphNotBuiltError, InvalidParameterError, JobNotFoundError
-from app.neighbours.dba import DbaRerank
 from app.neighbours.duplicates import DuplicateGroup, duplicate_groups
 from app.neighbours.graph import JobStopped, build_dba, build_graph
 from app.neighbours.store import FILENAME, GraphStore, JobRecord, utc_now
+from app.search.dba import DbaRerank
 from app.vectordb.base import DEFAULT_COLLECTION, VectorDBHandler
 
 if TYPE_CHECKING:

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app.errors import InvalidParameterError
+from app.search.dba import DbaRerank
 from app.search.expansion import expand_query
 from app.vectordb.base import SearchFilter, SearchHit, VectorDBHandler
-
-if TYPE_CHECKING:
-    from app.neighbours.dba import DbaRerank
 
 MAX_OFFSET = 1000
 """Largest ``offset`` (issue #9): a page starts at most 1000 results down the ranking."""
@@ -86,7 +83,7 @@ def search_page(
             ``options.exclude_self``, and never used as expansion neighbours.
         expand_n, expand_alpha: ``EXPAND_N`` and ``EXPAND_ALPHA``, used when ``options.expand``.
         dba: with ``DBA=true`` and a built graph: the candidates (``max(window, dba.depth)`` of them, at most
-            :data:`MAX_SEARCH_WINDOW`) are re-ranked by cosine to their DBA vectors (:mod:`app.neighbours.dba`)
+            :data:`MAX_SEARCH_WINDOW`) are re-ranked by cosine to their DBA vectors (:mod:`app.search.dba`)
             before the page is cut; scores are then those cosines.
 
     Returns:

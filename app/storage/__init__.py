@@ -4,7 +4,8 @@
   head, delete, walk for fsck) and the shapes it returns;
 - :mod:`app.storage.local`: today's file store under ``IMAGE_DIR`` (``ab/cd/<sha256>.<ext>``);
 - :mod:`app.storage.s3`: S3-compatible object storage (AWS S3, MinIO, R2, B2...) through ``obstore``, same keys;
-- :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store).
+- :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store; the URL's
+  grammar is :func:`app.store_url.parse_store_url`, below the settings and the stores alike).
 - :mod:`app.storage.move`: the resumable, hash-verified move of the originals from one store to another
   (``scripts/move_originals.py``).
 """
@@ -12,29 +13,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from app.config import Settings
+from app.locks import PgAdvisoryLocks
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream, StoreEntry, StoreHealth
+from app.storage.local import LocalImageStore
+from app.storage.s3 import S3ImageStore
+from app.store_url import parse_store_url
 
-__all__ = ["ImageStore", "ObjectInfo", "ObjectStream", "StoreEntry", "StoreHealth", "from_settings", "parse_store_url"]
-
-
-def parse_store_url(url: str | None) -> tuple[str, str, str]:
-    """``(scheme, location, prefix)`` of an ``IMAGE_STORE_URL``: ``("file", "/path", "")`` or
-    ``("s3", "bucket", "prefix")``. Raises ``ValueError`` for any other form."""
-    if not url:
-        return "file", "", ""
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path:
-            raise ValueError(f"IMAGE_STORE_URL {url!r}: a file URL is file:///absolute/path")
-        return "file", unquote(parts.path), ""
-    if parts.scheme == "s3":
-        if not parts.netloc or parts.query or parts.fragment:
-            raise ValueError(f"IMAGE_STORE_URL {url!r}: an S3 URL is s3://bucket or s3://bucket/prefix")
-        return "s3", parts.netloc, parts.path.strip("/")
-    raise ValueError(f"IMAGE_STORE_URL {url!r}: only file:///path and s3://bucket/prefix are supported")
+__all__ = ["ImageStore", "ObjectInfo", "ObjectStream", "StoreEntry", "StoreHealth", "from_settings"]
 
 
 def from_settings(settings: Settings, *, with_space_check: bool = True) -> ImageStore:
@@ -50,19 +37,13 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
     scheme, location, prefix = parse_store_url(settings.image_store_url)
     store: ImageStore
     if scheme == "s3":
-        from app.storage.s3 import S3ImageStore
-
         store = S3ImageStore.from_settings(settings, bucket=location, prefix=prefix)
     else:
-        from app.storage.local import LocalImageStore
-
         root = Path(location) if location else settings.resolved_image_dir
         store = LocalImageStore(root, min_free_bytes=settings.min_free_bytes if with_space_check else 0)
     if settings.shared_state_url:
         # A database every replica shares: its advisory locks exclude writers on every machine, not just this one.
         # Milvus and Manticore have no locks of their own, so with them too the locks live in this PostgreSQL.
-        from app.indexing.locks import PgAdvisoryLocks
-
         locks = PgAdvisoryLocks(
             settings.shared_state_url, wait_s=settings.db_connect_timeout_s, call_s=settings.db_statement_timeout_s
         )

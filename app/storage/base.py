@@ -12,7 +12,7 @@ checked for each by ``tests/test_image_store_contract.py``:
   one that cannot be reached or refuses raises :class:`app.errors.StorageUnavailableError` (HTTP 503 +
   ``Retry-After``) within a bounded time. No error message holds credentials.
 
-Writers of one id (save + row, delete) serialise on :attr:`ImageStore.locks` (app/indexing/locks.py).
+Writers of one id (save + row, delete) serialise on :attr:`ImageStore.locks` (app/locks.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from app.ids import is_valid_image_id
-from app.indexing.locks import IdLocks
+from app.locks import IdLocks
 
 __all__ = ["CHUNK_BYTES", "ImageStore", "ObjectInfo", "ObjectStream", "StoreEntry", "StoreHealth", "key_for"]
 

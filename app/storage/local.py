@@ -3,7 +3,7 @@
 Two levels of 256 fan-out keep directories small at a million files. Ids are validated before any path is built,
 so no id can name a file outside the store. A write that does not fit on the disk raises
 :class:`app.errors.StorageFullError` and leaves nothing behind. The per-id write locks live under
-``IMAGE_DIR/.locks`` (app/indexing/locks.py).
+``IMAGE_DIR/.locks`` (app/locks.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.errors import ImageNotFoundError, StorageFullError
 from app.ids import is_valid_image_id
-from app.indexing.locks import IdLocks
+from app.locks import IdLocks
 from app.storage.base import (
     CHUNK_BYTES,
     ORIGINAL_NAME,

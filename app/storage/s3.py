@@ -19,7 +19,7 @@ conditional writes (``If-None-Match: *``), byte ranges, streamed reads, timeouts
   Messages are written here (store URL, endpoint, HTTP status); the client's own text, and so any credential, is
   never passed on.
 
-The per-id write locks are ``flock`` files under ``DATA_DIR/.locks`` (app/indexing/locks.py), which exclude the
+The per-id write locks are ``flock`` files under ``DATA_DIR/.locks`` (app/locks.py), which exclude the
 writers of one machine, unless :func:`app.storage.from_settings` replaces them with PostgreSQL advisory locks
 (whenever a ``DATABASE_URL`` is set, with every backend), which exclude the writers of every machine sharing the
 bucket.
@@ -39,7 +39,7 @@ from pathlib import Path
 from app.config import Settings
 from app.errors import ImageNotFoundError, StorageFullError, StorageUnavailableError
 from app.ids import is_valid_image_id
-from app.indexing.locks import IdLocks
+from app.locks import IdLocks
 from app.storage.base import (
     CHUNK_BYTES,
     ORIGINAL_NAME,

@@ -14,6 +14,11 @@ as two processes do, and the kernel drops a lock when its holder dies (``kill -9
 Ids are sharded by their first two hex characters (256 lock files); ids in one shard share a lock, which only
 serialises writes that are already rare to collide. Several ids are locked in shard order, so two batches can never
 deadlock.
+
+Where it sits: below the image stores, which own their writers' locks (:attr:`app.storage.base.ImageStore.locks`),
+and above only what it uses: the client deadline of database calls (:mod:`app.vectordb.deadline`), the errors and
+the ids. Whoever writes (the indexing code, the service) takes the locks through its store (``store.locks.hold``),
+so nothing here knows about indexing.
 """
 
 from __future__ import annotations
