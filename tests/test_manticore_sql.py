@@ -720,7 +720,9 @@ def test_a_hung_engine_gives_a_timeout_error_within_the_request_deadline():
             ManticoreHandler("127.0.0.1", server.port, table="images", timeout_s=30, request_timeout_s=0.5)
         took = time.monotonic() - start
         assert server.statements == 1  # logged in, sent one statement, not retried on a fresh connection
-        assert 0.45 < took < 1.0, took
+        # Bounded by the 0.5 s request deadline, not the 30 s timeout; the upper bound leaves room for a stall of a
+        # shared 2-core CI machine (1.10 s was seen at load 7.5), while a retry is caught by the count above.
+        assert 0.45 < took < 5.0, took
         assert "did not answer within 0.5 s" in str(err.value)
     finally:
         server.close()
@@ -732,7 +734,7 @@ def test_an_engine_silent_from_the_first_byte_is_unavailable_within_the_request_
         start = time.monotonic()
         with pytest.raises(DatabaseUnavailableError):  # connected, but no greeting: not reachable as Manticore
             ManticoreHandler("127.0.0.1", server.port, table="images", timeout_s=30, request_timeout_s=0.2)
-        assert time.monotonic() - start < 1.2
+        assert time.monotonic() - start < 5.0  # the request deadline, not the 30 s timeout (room for a CI stall)
     finally:
         server.close()
 
