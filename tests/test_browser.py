@@ -15,6 +15,7 @@ recorded in docs/benchmarks.md. They are not asserted.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import time
@@ -172,16 +173,68 @@ def page(browser, server, request, tmp_path):
     _finish(request, context, tab, tmp_path)
 
 
+#: What Gradio 6.31's StatusTracker (statustracker-*.js) shows in an output component's block while an event for it
+#: is queued or runs: a ``[data-testid=status-tracker]`` without the ``hide`` class, holding the progress text
+#: (``queue: 1/1 | 0.1s``, ``processing | 0.1s``, ``2/3 photos | 0.2s`` with ``Adding - 66.7%``) or, after a
+#: ``gr.Error``, ``Error``; a Markdown's ``[data-testid=markdown-wrapper]`` has the ``pending`` class meanwhile. Once
+#: the event is complete the tracker has ``hide`` and no text.
+PENDING = '[data-testid="status-tracker"]:not(.hide), [data-testid="markdown-wrapper"].pending'
+#: How long a component's text must stay the same, its status gone, before a test reads it.
+SETTLE_MS = 250
+_settle_tokens = itertools.count()
+
+_SETTLED_JS = """([selector, pending, pattern, quietMs, token]) => {
+    const block = document.querySelector(selector);
+    const state = (window.__settledText = window.__settledText || {});
+    const busy = !block || block.querySelector(pending) !== null;
+    const text = block ? block.innerText : null;
+    state[token + '/seen'] = {text, busy};
+    if (busy || !new RegExp(pattern).test(text)) { delete state[token]; return false; }
+    const now = performance.now();
+    const seen = state[token];
+    if (!seen || seen.text !== text) { state[token] = {text, since: now}; return false; }
+    return now - seen.since >= quietMs ? text : false;
+}"""
+
+
+def _settled_text(page, selector: str, pattern: str) -> str:
+    """The text (``innerText``) of the component ``selector`` once a person would read it: Gradio's status gone from
+    it (no :data:`PENDING` marker) and its text matching ``pattern`` (a regular expression, JavaScript's syntax)
+    and unchanged for :data:`SETTLE_MS`.
+
+    Why: Gradio writes an event's new value into the component a frame or more (10 to 30 ms here, longer on a busy
+    machine) before it hides the StatusTracker, whose text sits in the same block, above the value. Reading as soon
+    as the new value showed read both: a fresh-clone CI run failed test_login_when_reads_need_the_key when its
+    collection line read ``processing | 0.1s`` followed by ``3 photos · ...``.
+    Fails with the last text seen when the text does not settle within the page's default timeout."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    token = f"t{next(_settle_tokens)}"
+    try:
+        handle = page.wait_for_function(_SETTLED_JS, arg=[selector, PENDING, pattern, SETTLE_MS, token], polling=50)
+    except PlaywrightTimeoutError:
+        seen = page.evaluate("t => (window.__settledText || {})[t + '/seen']", token) or {}
+        raise AssertionError(
+            f"{selector} did not settle on /{pattern}/: last text {seen.get('text')!r}, "
+            f"Gradio status {'pending' if seen.get('busy') else 'gone'}"
+        ) from None
+    return handle.json_value()
+
+
+#: The collection line's text once its event wrote it: ``8 photos · model ... · backend ...``.
+COLLECTION = r"\bphotos? ·"
+
+
 def _open(page, url: str, query: str = "") -> None:
-    """Open the UI (``query``: the address's ``?...``) and wait until its load event filled the collection line."""
+    """Open the UI (``query``: the address's ``?...``) and wait until its load event filled the collection line and
+    is complete (its status gone)."""
     page.goto(f"{url}/ui/{query}")
-    page.wait_for_function(
-        "() => { const e = document.querySelector('#collection-line'); return e && /photo/.test(e.textContent); }"
-    )
+    _settled_text(page, "#collection-line", COLLECTION)
 
 
 def _collection(page) -> str:
-    return page.inner_text("#collection-line").split("·")[0].strip()
+    """``8 photos``: the collection line's count, read once the event that writes it is complete."""
+    return _settled_text(page, "#collection-line", COLLECTION).split("·")[0].strip()
 
 
 def _type_and_enter(page, box: str, text: str) -> None:
