@@ -253,10 +253,13 @@ def _type_and_enter(page, box: str, text: str) -> None:
 
 
 def _wait_results(page, count: int | None = None, at_least: int = 1) -> list[dict]:
-    """Wait until the results (exactly ``count``, or at least ``at_least``) show with their thumbnails decoded;
-    their captions split into rank, score and name."""
+    """Wait until the results (exactly ``count``, or at least ``at_least``) show with their thumbnails decoded and
+    the search's status is gone from the gallery (:data:`PENDING`: the same count can be the last search's while
+    the next one runs); their captions split into rank, score and name."""
     page.wait_for_function(
-        """([count, atLeast]) => {
+        """([count, atLeast, pending]) => {
+            const gallery = document.querySelector('#results');
+            if (!gallery || gallery.querySelector(pending)) return false;
             const items = [...document.querySelectorAll('#results .thumbnail-item')];
             if (count !== null ? items.length !== count : items.length < atLeast) return false;
             return items.every(b => {
@@ -264,7 +267,7 @@ def _wait_results(page, count: int | None = None, at_least: int = 1) -> list[dic
                 return i && i.complete && i.naturalWidth > 0;
             });
         }""",
-        arg=[count, at_least],
+        arg=[count, at_least, PENDING],
     )
     captions = page.eval_on_selector_all("#results .caption-label", "cs => cs.map(c => c.textContent.trim())")
     results = []
