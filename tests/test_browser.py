@@ -583,9 +583,20 @@ def test_text_and_combined_search(clip_server, browser, request, tmp_path):
 
 
 # --- add, duplicates ----------------------------------------------------------------------------------------------
+TOAST = ".toast-body, [data-testid='toast-body']"
+
+
 def _toast(page) -> str:
-    page.wait_for_selector(".toast-body, [data-testid='toast-body']")
-    return page.inner_text(".toast-body, [data-testid='toast-body']")
+    page.wait_for_selector(TOAST)
+    return page.inner_text(TOAST)
+
+
+def _close_toasts(page) -> None:
+    """Close the messages shown, as a person does, and wait until they are gone: Gradio 6 adds a message of the same
+    kind to the open one (``Error (2)``), so a new message can only be waited for once the old one is closed. A
+    click in the page (not Playwright's): a message that closed itself meanwhile is no error."""
+    page.evaluate("() => document.querySelectorAll('[data-testid=\"toast-close\"]').forEach(b => b.click())")
+    page.wait_for_selector(TOAST, state="detached")
 
 
 def test_add_reports_a_corrupt_file(server, page, tmp_path):
@@ -665,8 +676,11 @@ def test_writes_need_the_key(pg_server, offline_embedder, tmp_path, browser, req
             assert "API key" in _toast(page)
             assert httpx.get(f"{url}/stats", timeout=10).json()["count"] == 0
             page.fill("#key-add input", "wrong")
+            # Close the first refusal, then wait for the second one before counting: after a fixed 500 ms a slow
+            # machine may not have run the add yet, and the count would prove nothing.
+            _close_toasts(page)
             page.click("#add-button")
-            page.wait_for_timeout(500)
+            _toast(page)
             assert httpx.get(f"{url}/stats", timeout=10).json()["count"] == 0
             page.fill("#key-add input", KEY)
             page.click("#add-button")
