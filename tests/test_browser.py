@@ -15,6 +15,7 @@ recorded in docs/benchmarks.md. They are not asserted.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import time
@@ -172,16 +173,72 @@ def page(browser, server, request, tmp_path):
     _finish(request, context, tab, tmp_path)
 
 
+#: What Gradio 6.31's StatusTracker (statustracker-*.js) shows in an output component's block while an event for it
+#: is queued or runs: a ``[data-testid=status-tracker]`` without the ``hide`` class, holding the progress text
+#: (``queue: 1/1 | 0.1s``, ``processing | 0.1s``, ``2/3 photos | 0.2s`` with ``Adding - 66.7%``) or, after a
+#: ``gr.Error``, ``Error``; a Markdown's ``[data-testid=markdown-wrapper]`` has the ``pending`` class meanwhile. Once
+#: the event is complete the tracker has ``hide`` and no text.
+PENDING = '[data-testid="status-tracker"]:not(.hide), [data-testid="markdown-wrapper"].pending'
+#: How long a component's text must stay the same, its status gone, before a test reads it.
+SETTLE_MS = 250
+_settle_tokens = itertools.count()
+
+_SETTLED_JS = """([selector, pending, pattern, quietMs, token]) => {
+    const block = document.querySelector(selector);
+    const state = (window.__settledText = window.__settledText || {});
+    const busy = !block || block.querySelector(pending) !== null;
+    const text = block ? block.innerText : null;
+    state[token + '/seen'] = {text, busy};
+    if (busy || !new RegExp(pattern).test(text)) { delete state[token]; return false; }
+    const now = performance.now();
+    const seen = state[token];
+    if (!seen || seen.text !== text) { state[token] = {text, since: now}; return false; }
+    return now - seen.since >= quietMs ? text : false;
+}"""
+
+
+def _settled_text(page, selector: str, pattern: str) -> str:
+    """The text (``innerText``) of the component ``selector`` once a person would read it: Gradio's status gone from
+    it (no :data:`PENDING` marker) and its text matching ``pattern`` (a regular expression, JavaScript's syntax)
+    and unchanged for :data:`SETTLE_MS`.
+
+    Why: Gradio writes an event's new value into the component a frame or more (10 to 30 ms here, longer on a busy
+    machine) before it hides the StatusTracker, whose text sits in the same block, above the value. Reading as soon
+    as the new value showed read both: a fresh-clone CI run failed test_login_when_reads_need_the_key when its
+    collection line read ``processing | 0.1s`` followed by ``3 photos · ...``.
+    Fails with the last text seen when the text does not settle within the page's default timeout."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    token = f"t{next(_settle_tokens)}"
+    try:
+        handle = page.wait_for_function(_SETTLED_JS, arg=[selector, PENDING, pattern, SETTLE_MS, token], polling=50)
+    except PlaywrightTimeoutError:
+        seen = page.evaluate("t => (window.__settledText || {})[t + '/seen']", token) or {}
+        raise AssertionError(
+            f"{selector} did not settle on /{pattern}/: last text {seen.get('text')!r}, "
+            f"Gradio status {'pending' if seen.get('busy') else 'gone'}"
+        ) from None
+    return handle.json_value()
+
+
+#: The collection line's text once its event wrote it: ``8 photos · model ... · backend ...``.
+COLLECTION = r"\bphotos? ·"
+#: The search status line once a search wrote it: ``8 results · 12 ms``, ``No results: ...`` or ``✗ why``.
+SEARCH_STATUS = r"\d+ results|No results|✗"
+#: The large view's details once a result's were written (their last lines: ``Indexed: ...``, ``Id: ...``).
+DETAILS = r"Indexed"
+
+
 def _open(page, url: str, query: str = "") -> None:
-    """Open the UI (``query``: the address's ``?...``) and wait until its load event filled the collection line."""
+    """Open the UI (``query``: the address's ``?...``) and wait until its load event filled the collection line and
+    is complete (its status gone)."""
     page.goto(f"{url}/ui/{query}")
-    page.wait_for_function(
-        "() => { const e = document.querySelector('#collection-line'); return e && /photo/.test(e.textContent); }"
-    )
+    _settled_text(page, "#collection-line", COLLECTION)
 
 
 def _collection(page) -> str:
-    return page.inner_text("#collection-line").split("·")[0].strip()
+    """``8 photos``: the collection line's count, read once the event that writes it is complete."""
+    return _settled_text(page, "#collection-line", COLLECTION).split("·")[0].strip()
 
 
 def _type_and_enter(page, box: str, text: str) -> None:
@@ -196,10 +253,13 @@ def _type_and_enter(page, box: str, text: str) -> None:
 
 
 def _wait_results(page, count: int | None = None, at_least: int = 1) -> list[dict]:
-    """Wait until the results (exactly ``count``, or at least ``at_least``) show with their thumbnails decoded;
-    their captions split into rank, score and name."""
+    """Wait until the results (exactly ``count``, or at least ``at_least``) show with their thumbnails decoded and
+    the search's status is gone from the gallery (:data:`PENDING`: the same count can be the last search's while
+    the next one runs); their captions split into rank, score and name."""
     page.wait_for_function(
-        """([count, atLeast]) => {
+        """([count, atLeast, pending]) => {
+            const gallery = document.querySelector('#results');
+            if (!gallery || gallery.querySelector(pending)) return false;
             const items = [...document.querySelectorAll('#results .thumbnail-item')];
             if (count !== null ? items.length !== count : items.length < atLeast) return false;
             return items.every(b => {
@@ -207,7 +267,7 @@ def _wait_results(page, count: int | None = None, at_least: int = 1) -> list[dic
                 return i && i.complete && i.naturalWidth > 0;
             });
         }""",
-        arg=[count, at_least],
+        arg=[count, at_least, PENDING],
     )
     captions = page.eval_on_selector_all("#results .caption-label", "cs => cs.map(c => c.textContent.trim())")
     results = []
@@ -271,7 +331,7 @@ def test_search_by_jpeg_upload(server, page):
     assert [r["rank"] for r in results] == [f"#{i}" for i in range(1, 9)]
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True)
-    assert page.inner_text("#search-status").startswith("8 results")
+    assert _settled_text(page, "#search-status", SEARCH_STATUS).startswith("8 results")
     # The query shows as the server's JPEG.
     page.wait_for_function(
         "() => { const i = document.querySelector('#query-preview img'); return i && i.naturalWidth > 0; }"
@@ -285,10 +345,10 @@ def test_search_by_jpeg_upload(server, page):
     assert page.eval_on_selector("#results .caption-label", "e => getComputedStyle(e).whiteSpace") == "normal"
     # The words boxes are off, and say why, for this image-only model.
     assert page.is_disabled("#words textarea, #words input")
-    assert "compares photos only" in page.inner_text("#words-note")
+    assert "compares photos only" in _settled_text(page, "#words-note", r"\w")
     # About says what runs, in plain words.
     page.get_by_role("tab", name="About").click()
-    about = page.inner_text("#about")
+    about = _settled_text(page, "#about", r"photo")
     assert "8 photos" in about and "efficientnet-lite2:imagenet" in about and "1280" in about and "pgvector" in about
 
 
@@ -329,7 +389,7 @@ def test_large_view_download_and_more_like_this(server, page, browser, request, 
     page.wait_for_function(
         "() => { const i = document.querySelector('#view-image img'); return i && i.naturalWidth > 0; }"
     )
-    details = page.inner_text("#view-details")
+    details = _settled_text(page, "#view-details", DETAILS)
     assert "pillow_hopper.heif" in details and "HEIF" in details and "128 × 128 pixels" in details
     assert "Taken" in details and "Indexed" in details
     # HEIC is shown as the server's JPEG; the download is the original bytes under the original name.
@@ -494,7 +554,7 @@ def test_text_and_combined_search(clip_server, browser, request, tmp_path):
     words, negative = "#words textarea, #words input", "#negative textarea, #negative input"
     try:
         _open(page, clip_server.url)
-        assert page.is_enabled(words) and "Describe" in page.inner_text("#words-note")
+        assert page.is_enabled(words) and "Describe" in _settled_text(page, "#words-note", r"\w")
         page.fill(words, "a woman in uniform")
         page.press(words, "Enter")
         assert len(_wait_results(page, count=5)) == 5
@@ -502,7 +562,7 @@ def test_text_and_combined_search(clip_server, browser, request, tmp_path):
 
         # Like this result, but not these words: the stored image (shown as the query) minus the words.
         page.locator("#results .thumbnail-item").first.click()
-        first = page.inner_text("#view-details").splitlines()[0]
+        first = _settled_text(page, "#view-details", DETAILS).splitlines()[0]
         page.click("#more-like-this")
         _wait_results(page, count=4)
         page.fill(words, "")
@@ -511,21 +571,32 @@ def test_text_and_combined_search(clip_server, browser, request, tmp_path):
         page.wait_for_function("() => location.search.includes('not=a+flag') && location.search.includes('id=')")
         results = _wait_results(page, count=4)
         assert first.split("/")[-1] not in _names(results)  # the query image is left out
-        assert not page.inner_text("#search-status").startswith("✗")
+        assert not _settled_text(page, "#search-status", SEARCH_STATUS).startswith("✗")
 
         # A photo that is not in the collection combines with words too (its embedding is used).
         _choose(page, HOPPER / "pillow_hopper.jpg")
         page.wait_for_function("() => location.search === ''")  # an uploaded photo cannot travel in a link
         assert len(_wait_results(page, count=5)) == 5
-        assert not page.inner_text("#search-status").startswith("✗")
+        assert not _settled_text(page, "#search-status", SEARCH_STATUS).startswith("✗")
     finally:
         _finish(request, context, tab, tmp_path)
 
 
 # --- add, duplicates ----------------------------------------------------------------------------------------------
+TOAST = ".toast-body, [data-testid='toast-body']"
+
+
 def _toast(page) -> str:
-    page.wait_for_selector(".toast-body, [data-testid='toast-body']")
-    return page.inner_text(".toast-body, [data-testid='toast-body']")
+    page.wait_for_selector(TOAST)
+    return page.inner_text(TOAST)
+
+
+def _close_toasts(page) -> None:
+    """Close the messages shown, as a person does, and wait until they are gone: Gradio 6 adds a message of the same
+    kind to the open one (``Error (2)``), so a new message can only be waited for once the old one is closed. A
+    click in the page (not Playwright's): a message that closed itself meanwhile is no error."""
+    page.evaluate("() => document.querySelectorAll('[data-testid=\"toast-close\"]').forEach(b => b.click())")
+    page.wait_for_selector(TOAST, state="detached")
 
 
 def test_add_reports_a_corrupt_file(server, page, tmp_path):
@@ -539,7 +610,7 @@ def test_add_reports_a_corrupt_file(server, page, tmp_path):
     page.click("#add-button")
     page.wait_for_function("() => document.querySelector('#add-summary').textContent.includes('refused')")
     # One ✓/✗ row per file, in the order chosen, with the reason.
-    table = page.inner_text("#add-results")
+    table = _settled_text(page, "#add-results", r"pillow_hopper\.png")
     cells = [c.strip() for c in table.replace("\t", "\n").splitlines() if c.strip()]
     assert cells[cells.index("pillow_hopper_gray.jpg") - 1 :][:3] == ["✓", "pillow_hopper_gray.jpg", "added"]
     broken = cells.index("broken.jpg")
@@ -555,6 +626,9 @@ def test_duplicates_lists_a_known_group_and_deletes_after_confirmation(server, p
     page.get_by_role("tab", name="Duplicates").click()
     page.click("#find-duplicates")
     page.wait_for_selector(".dup-group")
+    # The groups are drawn (gr.render) from the state the event wrote: read them once its status is gone from the
+    # tab and the tab's text (status line, groups, their captions) stays the same.
+    _settled_text(page, "#tab-duplicates", r"groups at similarity")
     groups = page.eval_on_selector_all(
         ".dup-group", "gs => gs.map(g => [...g.querySelectorAll('.caption-label')].map(c => c.textContent.trim()))"
     )
@@ -567,7 +641,7 @@ def test_duplicates_lists_a_known_group_and_deletes_after_confirmation(server, p
     group.locator(".dup-choose label", has_text="pillow_hopper.heif").click()
     group.locator(".dup-delete").click()
     page.wait_for_selector("#confirm-delete", state="visible")
-    assert "Delete 1 photo?" in page.inner_text("#confirm-delete")
+    assert "Delete 1 photo?" in _settled_text(page, "#confirm-delete", r"cannot be undone")
     page.click("#cancel-delete-button")
     page.wait_for_selector("#confirm-delete", state="hidden")
     assert heif in server.ids().values()
@@ -602,8 +676,11 @@ def test_writes_need_the_key(pg_server, offline_embedder, tmp_path, browser, req
             assert "API key" in _toast(page)
             assert httpx.get(f"{url}/stats", timeout=10).json()["count"] == 0
             page.fill("#key-add input", "wrong")
+            # Close the first refusal, then wait for the second one before counting: after a fixed 500 ms a slow
+            # machine may not have run the add yet, and the count would prove nothing.
+            _close_toasts(page)
             page.click("#add-button")
-            page.wait_for_timeout(500)
+            _toast(page)
             assert httpx.get(f"{url}/stats", timeout=10).json()["count"] == 0
             page.fill("#key-add input", KEY)
             page.click("#add-button")
