@@ -450,7 +450,7 @@ def test_filters_narrow_the_results(server, page):
     _type_and_enter(page, "#filter-taken-before", "2017-11-07")
     assert _names(_wait_results(page, count=1)) == ["exif-rotn-6.jpg"]
     page.wait_for_function("() => location.search.includes('taken_before=2017-11-07')")
-    # Each of those searches carried the tab's trigger number (ui/app.py stamp_js): the server drops a search
+    # Each of those searches carried the tab's trigger number (ui/assets.py stamp_js): the server drops a search
     # that starts after a later-triggered one (the blur of "from" and the Enter of "until" came within a few ms).
     assert page.evaluate("window.__imageSearchSeq") >= 4
 
