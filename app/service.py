@@ -28,8 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.batching import DynamicBatcher
 from app.cache import CacheStats, EmbeddingCache
 from app.cache.memory import QueryCacheStats
-from app.cache.redis_layer import RedisLayerStats
-from app.cache.thumbnails import ThumbnailRedisLayer
+from app.cache.thumbnails import ThumbnailCaches, ThumbnailCacheStats, ThumbnailRedisLayer
 from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidParameterError
@@ -139,19 +138,6 @@ class HealthReport(BaseModel):
     model: ModelInfo
 
 
-class ThumbnailCacheStats(BaseModel):
-    """The thumbnail caches: this process's memory (``THUMBNAIL_CACHE_MB``) and, with ``CACHE_REDIS_URL``, the
-    replicas' shared layer in Redis (app/cache/thumbnails.py)."""
-
-    bytes: int = Field(description="Bytes of JPEG held in this process's memory.")
-    capacity_bytes: int = Field(description="THUMBNAIL_CACHE_MB in bytes; 0 = the memory layer is off.")
-    hits: int = Field(description="Thumbnails served from memory since start.")
-    misses: int = Field(description="Lookups the memory layer did not have.")
-    redis: RedisLayerStats | None = Field(
-        None, description="The shared layer's counters; null without CACHE_REDIS_URL or with THUMBNAIL_REDIS_TTL_S=0."
-    )
-
-
 class ServiceStats(BaseModel):
     """What ``GET /stats`` answers: collection size, the model and backend serving it, the query-embedding cache."""
 
@@ -235,11 +221,9 @@ class SearchService:
         self.cache = EmbeddingCache.from_settings(settings, embedder.model_id, embedder.dim, observer)
         # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
-        # Thumbnails of stored images (THUMBNAIL_CACHE_MB): a repeated request does not decode the original again.
-        self.thumbnails = ThumbnailCache(int(settings.thumbnail_cache_mb * 1_000_000))
-        # ... and behind it, the thumbnails every replica shares in Redis (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S):
-        # built once for all replicas instead of once per replica (app/cache/thumbnails.py).
-        self.shared_thumbnails = ThumbnailRedisLayer.from_settings(settings)
+        # Thumbnails of stored images: this process's memory (THUMBNAIL_CACHE_MB), then the replicas' shared Redis
+        # (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S), so a repeated request does not decode the original again.
+        self.thumbnail_caches = ThumbnailCaches.from_settings(settings)
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
@@ -302,8 +286,7 @@ class SearchService:
             )
         service = cls(settings, embedder, db, store, batcher, observer)
         service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
-        if service.shared_thumbnails is not None:
-            service.shared_thumbnails.start()
+        service.thumbnail_caches.start()
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
         service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
         service.neighbours.resume_interrupted()  # a graph job a restart or kill -9 cut short goes on
@@ -328,9 +311,19 @@ class SearchService:
             self.batcher.close()
         self.store.close()
         self.cache.close()
-        if self.shared_thumbnails is not None:
-            self.shared_thumbnails.close()
+        self.thumbnail_caches.close()
         self.db.close()
+
+    @property
+    def thumbnails(self) -> ThumbnailCache:
+        """This process's thumbnail cache (``THUMBNAIL_CACHE_MB``)."""
+        return self.thumbnail_caches.memory
+
+    @property
+    def shared_thumbnails(self) -> ThumbnailRedisLayer | None:
+        """The replicas' thumbnail layer in Redis; ``None`` without ``CACHE_REDIS_URL`` or with
+        ``THUMBNAIL_REDIS_TTL_S=0``."""
+        return self.thumbnail_caches.shared
 
     def _embed(self, images: list[Image.Image]) -> np.ndarray:
         """``(N, D)`` float32 embeddings, through the dynamic batcher when there is one."""
@@ -640,34 +633,17 @@ class SearchService:
         return data, name or self.original_info(image_id).name
 
     def thumbnail(self, image_id: str, size: int = 256) -> bytes:
-        """A JPEG of the stored image, at most ``size`` x ``size`` pixels, for browsers that cannot show HEIC/TIFF.
-
-        Served from this process's thumbnail cache (THUMBNAIL_CACHE_MB), then from the replicas' shared one in
-        Redis (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S) when this size was made before, by any replica: no decode,
-        one cheap existence check of the original. Otherwise the whole original is read (decoders need it) and
-        decoded under the pixel admission, and the JPEG fills both caches. A Redis that fails is a miss, never an
-        error. Raises :class:`ImageNotFoundError` (also for a cached thumbnail whose original is gone) and
-        :class:`app.errors.StorageUnavailableError`.
-        """
+        """A JPEG of the stored image, at most ``size`` x ``size`` pixels, for browsers that cannot show HEIC/TIFF:
+        from the thumbnail caches (:meth:`ThumbnailCaches.lookup`), else decoded from the original under the pixel
+        admission. Raises :class:`ImageNotFoundError` (also for a cached thumbnail whose original is gone)."""
         if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        jpeg = self.thumbnails.get(image_id, size)
-        from_redis = False
-        if jpeg is None and self.shared_thumbnails is not None:
-            jpeg = self.shared_thumbnails.get_thumbnail(image_id, size)
-            from_redis = jpeg is not None
-        if jpeg is not None:
-            if self.store.head(image_id) is None:  # deleted meanwhile, perhaps through another replica
-                self.thumbnails.forget(image_id)
-                raise ImageNotFoundError(f"No image with id '{image_id}'.")
-            if from_redis:
-                self.thumbnails.put(image_id, size, jpeg)
-            return jpeg
-        jpeg = self._thumbnail(self.store.read(image_id), size)
-        self.thumbnails.put(image_id, size, jpeg)
-        if self.shared_thumbnails is not None:
-            self.shared_thumbnails.put_thumbnail(image_id, size, jpeg)
-        return jpeg
+        return self.thumbnail_caches.lookup(
+            image_id,
+            size,
+            exists=lambda: self.store.head(image_id) is not None,
+            render=lambda: self._thumbnail(self.store.read(image_id), size),
+        )
 
     def preview(self, data: bytes, size: int = 512) -> bytes:
         """A JPEG of uploaded image bytes, at most ``size`` x ``size`` pixels, EXIF orientation applied: how the web
@@ -696,7 +672,7 @@ class SearchService:
             self.store.head(image_id)  # an object store that is down answers 503 here, before anything changes
             removed_row = self.db.delete(image_id)
             removed_file = self.store.delete(image_id)
-        self.thumbnails.forget(image_id)
+        self.thumbnail_caches.forget(image_id)
         if not (removed_row or removed_file):
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
@@ -767,12 +743,4 @@ class SearchService:
 
     def thumbnail_stats(self) -> ThumbnailCacheStats:
         """The thumbnail caches' counters (``/stats``, ``/metrics``); never raises, touches no server."""
-        memory = self.thumbnails
-        shared = self.shared_thumbnails
-        return ThumbnailCacheStats(
-            bytes=memory.bytes_held,
-            capacity_bytes=memory.max_bytes,
-            hits=memory.hits,
-            misses=memory.misses,
-            redis=None if shared is None else shared.stats(),
-        )
+        return self.thumbnail_caches.stats()
