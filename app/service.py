@@ -23,27 +23,26 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from app.batching import DynamicBatcher
-from app.cache import CacheStats, EmbeddingCache
-from app.cache.memory import QueryCacheStats
+from app.cache import EmbeddingCache
 from app.cache.thumbnails import ThumbnailCaches, ThumbnailCacheStats, ThumbnailRedisLayer
 from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidParameterError
+from app.health import HealthReport, check_health
 from app.ids import image_id_for, is_valid_image_id
 from app.imaging.admission import PixelAdmission
 from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
 from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
 from app.indexing.fsck import start_sweep
-from app.indexing.locks import PgAdvisoryLocks
 from app.indexing.write import write_batch
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.search.paging import SearchOptions, search_page
 from app.search.query import QueryTerm, combined_query, unit_vector
+from app.stats import ServiceStats, collect_stats
 from app.storage import from_settings as store_from_settings
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream
 from app.storage.cache import LocalCopies, copy_verified
@@ -74,121 +73,6 @@ class BatchItemResult:
     id: str
     status: Literal["indexed", "exists", "error"]
     error: ImageDecodeError | None = None
-
-
-class ModelInfo(BaseModel):
-    """The loaded model, as ``/health`` reports it."""
-
-    id: str = Field(description="Model and weights, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k.")
-    dimension: int = Field(description="Embedding dimension D.")
-    device: str = Field(description="Where the model runs: cpu, cuda, mps (none with EMBEDDER=none).")
-    supports_text: bool = Field(description="Whether text search works.")
-
-
-class HealthReport(BaseModel):
-    """What ``GET /health`` answers: ``status`` is ``ok`` only when every dependency is."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "status": "ok",
-                    "database": "ok",
-                    "storage": "ok",
-                    "cache": "ok",
-                    "shared_state": "local",
-                    "problems": [],
-                    "backend": "pgvector",
-                    "model": {
-                        "id": "efficientnet-lite2:imagenet",
-                        "dimension": 1280,
-                        "device": "cpu",
-                        "supports_text": False,
-                    },
-                }
-            ]
-        }
-    )
-    status: Literal["ok", "degraded", "unavailable"] = Field(
-        description="ok; degraded when storage is low (reads work, writes answer 507), the object store does not "
-        "answer (searches work, writes answer 503), the Redis cache is unreachable or full (everything works, "
-        "from memory only), or the shared-state PostgreSQL beside Milvus/Manticore does not answer (searches "
-        "work, writes answer 503); unavailable when the database is down (HTTP 503)."
-    )
-    database: Literal["ok", "unavailable"]
-    storage: Literal["ok", "low", "degraded"] = Field(
-        "ok",
-        description="low when free space under IMAGE_DIR is below MIN_FREE_MB (writes answer 507); degraded when "
-        "the object store (IMAGE_STORE_URL=s3://...) does not answer (writes answer 503, searches work).",
-    )
-    cache: Literal["ok", "degraded", "off"] = Field(
-        "off",
-        description="The Redis layer of the embedding cache: off without CACHE_REDIS_URL (memory only); degraded "
-        "while Redis is unreachable or full (memory only, reconnects by itself); ok.",
-    )
-    shared_state: Literal["ok", "unavailable", "local"] = Field(
-        "local",
-        description="Where the write locks, neighbour graph and job progress live: ok = in the PostgreSQL of "
-        "DATABASE_URL, shared by every replica, and it answers; unavailable = that PostgreSQL does not answer "
-        "(with Milvus or Manticore: searches work, writes and duplicates answer 503); local = on this machine "
-        "(no DATABASE_URL with Milvus or Manticore, or the embedded PostgreSQL): one replica only.",
-    )
-    problems: list[str] = Field(default_factory=list, description="What is down or low, and why, in words.")
-    backend: str
-    model: ModelInfo
-
-
-class ServiceStats(BaseModel):
-    """What ``GET /stats`` answers: collection size, the model and backend serving it, the query-embedding cache."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "count": 273,
-                    "model": "efficientnet-lite2:imagenet",
-                    "dimension": 1280,
-                    "backend": "pgvector",
-                    "device": "cpu",
-                    "supports_text": False,
-                    "query_cache": {"size": 12, "capacity": 1024, "hits": 30, "misses": 12, "hit_rate": 0.7143},
-                    "cache": {
-                        "policy": "lru",
-                        "redis_state": "ok",
-                        "lookups": 42,
-                        "computed": 5,
-                        "hit_rate": 0.881,
-                        "memory": {"size": 12, "capacity": 1024, "hits": 30, "misses": 12, "hit_rate": 0.7143},
-                        "redis": {
-                            "state": "ok",
-                            "hits": 6,
-                            "misses": 6,
-                            "hit_rate": 0.5,
-                            "skipped": 0,
-                            "invalid": 0,
-                            "errors": 0,
-                            "writes": 6,
-                            "p50_ms": 0.21,
-                            "p95_ms": 0.48,
-                        },
-                        "store": {"hits": 1, "misses": 5, "hit_rate": 0.1667},
-                    },
-                }
-            ]
-        }
-    )
-    count: int = Field(description="Images indexed.")
-    model: str = Field(description="Model id that filled the collection.")
-    dimension: int = Field(description="Embedding dimension D.")
-    backend: str = Field(description="VECTOR_DB: pgvector, milvus or manticore.")
-    device: str = Field(description="Where the model runs.")
-    supports_text: bool = Field(description="Whether text search works.")
-    query_cache: QueryCacheStats = Field(
-        description="The memory layer of the embedding cache (QUERY_CACHE_SIZE; capacity 0 = disabled), as in "
-        "cache.memory; kept for the clients that read it here."
-    )
-    cache: CacheStats = Field(description="The embedding cache: hits and misses of every layer (app/cache/).")
-    thumbnail_cache: ThumbnailCacheStats = Field(description="The thumbnail caches, memory and shared (Redis).")
 
 
 class SearchService:
@@ -676,70 +560,15 @@ class SearchService:
         if not (removed_row or removed_file):
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
+    # --- health and stats (app/health.py, app/stats.py) ----------------------------------------------------
     def health(self) -> HealthReport:
         """Whether the database answers, the store has room and the Redis cache works, and the loaded model; never
-        raises.
-
-        The database's answer is a probe made for this call (never a cached "ok"), bounded by the guard's
-        ``probe_timeout_s`` (1.5 s): a hung database reports down within it; one already known down answers at
-        once (app/vectordb/guard.py). Redis's state is the cache breaker's (it never waits on a Redis that is
-        down)."""
-        check_now = getattr(self.db, "check_now", None)  # a GuardedHandler; a bare handler probes itself
-        db_ok = check_now() if check_now is not None else self.db.health()
-        problems = []
-        if not db_ok:
-            reason = getattr(self.db, "down_reason", None) or "it does not answer"
-            problems.append(f"database ({self.db.backend_name}): {reason}")
-        storage = self.store.health()
-        if storage.problem:
-            problems.append(f"storage: {storage.problem}")
-        cache = self.cache.health()
-        if cache.problem:
-            problems.append(f"cache (redis): {cache.problem}")
-        shared_state = self._shared_state(db_ok)
-        if shared_state == "unavailable" and db_ok:
-            reason = getattr(self.store.locks, "down_reason", None) or "it does not answer"
-            problems.append(f"shared state (DATABASE_URL): {reason}")
-        degraded = storage.state != "ok" or cache.state == "degraded" or shared_state == "unavailable"
-        return HealthReport(
-            status="unavailable" if not db_ok else "degraded" if degraded else "ok",
-            database="ok" if db_ok else "unavailable",
-            storage=storage.state,
-            cache=cache.state,
-            shared_state=shared_state,
-            problems=problems,
-            backend=self.db.backend_name,
-            model=ModelInfo(
-                id=self.embedder.model_id,
-                dimension=self.embedder.dim,
-                device=self.embedder.device,
-                supports_text=self.embedder.supports_text,
-            ),
-        )
-
-    def _shared_state(self, db_ok: bool) -> Literal["ok", "unavailable", "local"]:
-        """``/health``'s ``shared_state``: the locks' own probe beside Milvus or Manticore (a guard), the vector
-        database's answer when the locks live in that same PostgreSQL, ``local`` for ``flock`` files."""
-        locks = self.store.locks
-        if isinstance(locks, GuardedHandler):
-            return "ok" if locks.check_now() else "unavailable"
-        if isinstance(locks, PgAdvisoryLocks):
-            return "ok" if db_ok else "unavailable"
-        return "local"
+        raises, waits at most the database guard's probe timeout (:func:`app.health.check_health`)."""
+        return check_health(self.db, self.store, self.cache, self.embedder)
 
     def stats(self) -> ServiceStats:
         """Counts and model facts for ``/stats``; raises :class:`app.errors.DatabaseUnavailableError`."""
-        return ServiceStats(
-            count=self.db.count(),
-            model=self.embedder.model_id,
-            dimension=self.embedder.dim,
-            backend=self.db.backend_name,
-            device=self.embedder.device,
-            supports_text=self.embedder.supports_text,
-            query_cache=self.cache.memory.stats(),
-            cache=self.cache.stats(),
-            thumbnail_cache=self.thumbnail_stats(),
-        )
+        return collect_stats(self.db, self.embedder, self.cache, self.thumbnail_stats())
 
     def thumbnail_stats(self) -> ThumbnailCacheStats:
         """The thumbnail caches' counters (``/stats``, ``/metrics``); never raises, touches no server."""

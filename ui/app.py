@@ -55,7 +55,8 @@ from ui.query import (
 )
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
-    from app.service import SearchService, ServiceStats
+    from app.service import SearchService
+    from app.stats import ServiceStats
     from app.vectordb.base import SearchHit
 
 log = logging.getLogger(__name__)
