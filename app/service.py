@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -45,8 +42,7 @@ from app.search.query import QueryTerm, combined_query, unit_vector
 from app.stats import ServiceStats, collect_stats
 from app.storage import from_settings as store_from_settings
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream
-from app.storage.cache import LocalCopies, copy_verified
-from app.storage.local import LocalImageStore
+from app.storage.originals import Originals
 from app.vectordb.base import SearchHit, VectorDBHandler
 from app.vectordb.guard import GuardedHandler
 
@@ -108,11 +104,11 @@ class SearchService:
         # Thumbnails of stored images: this process's memory (THUMBNAIL_CACHE_MB), then the replicas' shared Redis
         # (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S), so a repeated request does not decode the original again.
         self.thumbnail_caches = ThumbnailCaches.from_settings(settings)
+        self.originals = Originals(store, settings.data_dir / "cache" / "originals")
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
         self.neighbours = NeighbourJobs(settings, db)
-        self._copies: LocalCopies | None = None  # local files of an object store's originals (image_file)
 
     @classmethod
     def open(
@@ -449,68 +445,27 @@ class SearchService:
         vector, query_ids = combined_query(positive, negative, self.db, self.embedder, embed_texts)
         return self._page(vector, top_k, options, query_ids=query_ids)
 
-    # --- stored images ------------------------------------------------------------------------------------
+    # --- stored images (app/storage/originals.py): ImageNotFoundError (404), StorageUnavailableError (503) -
     def image_file(self, image_id: str) -> Path:
-        """A local file with the stored original's bytes, named ``<id>.<ext>``: the file itself in the file store; a
-        cached copy (``DATA_DIR/cache/originals``, app/storage/cache.py) of an object store's original.
-
-        Raises :class:`ImageNotFoundError` for unknown or malformed ids and
-        :class:`app.errors.StorageUnavailableError` while the object store is down.
-        """
-        if isinstance(self.store, LocalImageStore):
-            path = self.store.find(image_id)
-            if path is None:
-                raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-            return path
-        if not is_valid_image_id(image_id):
-            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        if self._copies is None:
-            self._copies = LocalCopies(self.store, self.settings.data_dir / "cache" / "originals")
-        return self._copies.path(image_id)
+        """A local file with the stored original's bytes, named ``<id>.<ext>`` (:meth:`Originals.file`)."""
+        return self.originals.file(image_id)
 
     def save_original(self, image_id: str, target: Path) -> None:
-        """Put the stored original's bytes in the file ``target``, atomically (a reader never sees part of it).
-
-        From the file store: a hard link when both are on one file system (no copy, even for a 50 MB TIFF), else
-        one copy. From an object store: one stream from the store straight into ``target`` (chunks, never whole
-        in memory; checked against the id), not through :meth:`image_file`'s local copy, so a download is written
-        to disk once. Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
-        """
-        if not isinstance(self.store, LocalImageStore):
-            if not is_valid_image_id(image_id):
-                raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-            copy_verified(self.store, image_id, target)
-            return
-        source = self.image_file(image_id)
-        part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
-        try:
-            os.link(source, part)
-        except OSError:
-            shutil.copyfile(source, part)
-        os.replace(part, target)
+        """Put the stored original's bytes in the file ``target``, atomically (:meth:`Originals.save`)."""
+        self.originals.save(image_id, target)
 
     def original_info(self, image_id: str) -> ObjectInfo:
-        """Name (``<id>.<ext>``), size (bytes) and modification time of the stored original.
-
-        Raises :class:`ImageNotFoundError` and :class:`app.errors.StorageUnavailableError`.
-        """
-        info = self.store.head(image_id)
-        if info is None:
-            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        return info
+        """Name (``<id>.<ext>``), size (bytes) and modification time of the stored original."""
+        return self.originals.info(image_id)
 
     def open_original(self, image_id: str, start: int = 0, end: int | None = None) -> ObjectStream:
         """The stored original (bytes ``start``..``end``, end exclusive) as a stream of chunks, never whole in
-        memory; iterate it, or ``read()`` it. Raises :class:`ImageNotFoundError` and
-        :class:`app.errors.StorageUnavailableError`."""
-        if not is_valid_image_id(image_id):
-            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        return self.store.get(image_id, start, end)
+        memory; iterate it, or ``read()`` it."""
+        return self.originals.open(image_id, start, end)
 
     def read_original(self, image_id: str) -> tuple[bytes, str]:
         """``(bytes, filename)`` of a stored image: its original's bytes and the file name it was indexed under
-        (``<id>.<ext>`` when the row has none). Raises :class:`ImageNotFoundError` and
-        :class:`app.errors.StorageUnavailableError`."""
+        (``<id>.<ext>`` when the row has none)."""
         data = self.open_original(image_id).read()
         row = self.db.get(image_id)
         name = row.metadata.filename if row is not None and row.metadata.filename else None

@@ -5,6 +5,7 @@
 - :mod:`app.storage.local`: today's file store under ``IMAGE_DIR`` (``ab/cd/<sha256>.<ext>``);
 - :mod:`app.storage.s3`: S3-compatible object storage (AWS S3, MinIO, R2, B2...) through ``obstore``, same keys;
 - :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store).
+- :mod:`app.storage.originals`: the originals as the service hands them out (a local file, a saved copy, a stream);
 - :mod:`app.storage.move`: the resumable, hash-verified move of the originals from one store to another
   (``scripts/move_originals.py``).
 """
