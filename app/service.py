@@ -8,33 +8,29 @@ the model runtime and the connection pool both allow concurrent callers.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from app.batching import DynamicBatcher
 from app.cache import EmbeddingCache
 from app.cache.thumbnails import ThumbnailCaches, ThumbnailCacheStats, ThumbnailRedisLayer
 from app.config import Settings
 from app.embedders.base import Embedder
-from app.errors import ImageDecodeError, ImageNotFoundError, ImageTooLargeError, InvalidParameterError
+from app.errors import ImageNotFoundError, InvalidParameterError
 from app.health import HealthReport, check_health
 from app.ids import image_id_for, is_valid_image_id
 from app.imaging.admission import PixelAdmission
-from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost, decode_image
-from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
+from app.imaging.prepare import check_upload_size
 from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
 from app.indexing.fsck import start_sweep
-from app.indexing.write import write_batch
+from app.indexing.uploads import BatchItemResult, IndexResult, UploadIndexer
+from app.indexing.write import remove_image
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.search.paging import SearchOptions, search_page
@@ -47,28 +43,6 @@ from app.vectordb.base import SearchHit, VectorDBHandler
 from app.vectordb.guard import GuardedHandler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class IndexResult:
-    """Outcome of indexing one upload: ``status`` is ``indexed`` (new) or ``exists`` (same bytes already stored)."""
-
-    id: str
-    status: Literal["indexed", "exists"]
-
-
-@dataclass(frozen=True, slots=True)
-class BatchItemResult:
-    """Outcome of one file of a batch upload.
-
-    ``status`` is ``indexed``, ``exists`` or ``error``; ``id`` is the SHA-256 of the bytes (also for errors);
-    ``error`` is the domain error that refused the file (``None`` unless ``status == "error"``).
-    """
-
-    filename: str
-    id: str
-    status: Literal["indexed", "exists", "error"]
-    error: ImageDecodeError | None = None
 
 
 class SearchService:
@@ -101,6 +75,8 @@ class SearchService:
         self.cache = EmbeddingCache.from_settings(settings, embedder.model_id, embedder.dim, observer)
         # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
+        embed = batcher.embed if batcher is not None else embedder.embed_images
+        self.indexer = UploadIndexer(settings, embedder, embed, db, store, self.admission, observer)
         # Thumbnails of stored images: this process's memory (THUMBNAIL_CACHE_MB), then the replicas' shared Redis
         # (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S), so a repeated request does not decode the original again.
         self.thumbnail_caches = ThumbnailCaches.from_settings(settings)
@@ -205,12 +181,6 @@ class SearchService:
         ``THUMBNAIL_REDIS_TTL_S=0``."""
         return self.thumbnail_caches.shared
 
-    def _embed(self, images: list[Image.Image]) -> np.ndarray:
-        """``(N, D)`` float32 embeddings, through the dynamic batcher when there is one."""
-        if self.batcher is not None:
-            return self.batcher.embed(images)
-        return self.embedder.embed_images(images)
-
     @property
     def supports_text(self) -> bool:
         """Whether :meth:`search_text` works with the loaded model."""
@@ -227,114 +197,38 @@ class SearchService:
     def _check_size(self, data: bytes) -> None:
         check_upload_size(len(data), self.settings.max_upload_bytes)
 
+    def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
+        """What decoding ``data`` costs the pixel admission (:meth:`UploadIndexer.pixels`)."""
+        return self.indexer.pixels(data, draft_size)
+
     # --- index --------------------------------------------------------------------------------------------
     def index_image(self, data: bytes, filename: str | None) -> IndexResult:
-        """Decode, embed and store one image; idempotent by content hash.
+        """Decode, embed and store one image; idempotent by content hash (:meth:`UploadIndexer.index_one`).
 
-        Raises the :class:`app.errors.ImageDecodeError` subclasses for bad input (nothing is stored then) and
-        :class:`app.errors.DatabaseUnavailableError`; a failed database write removes the file it just saved.
-        :class:`app.errors.StorageFullError` (nothing stored) when the disk is full or under ``MIN_FREE_MB``;
-        :class:`app.errors.ServiceBusyError` when decode capacity stays taken for ``DECODE_WAIT_S``.
+        Raises the :class:`app.errors.ImageDecodeError` subclasses (nothing stored),
+        :class:`app.errors.DatabaseUnavailableError`, :class:`app.errors.StorageFullError` and
+        :class:`app.errors.ServiceBusyError`.
         """
-        self._check_size(data)
-        self.store.ensure_space()
-        image_id = image_id_for(data)
-        if self._indexed({image_id}):
-            return IndexResult(image_id, "exists")
-        with self.admission.admit(self._pixels(data)):
-            written = self._index_one(data, filename, image_id)  # the decoded image dies inside, before admission ends
-        # Not written: a simultaneous upload of the same bytes stored it while this one decoded (write_batch).
-        return IndexResult(image_id, "indexed" if written else "exists")
-
-    def _index_one(self, data: bytes, filename: str | None, image_id: str) -> bool:
-        """Whether this call wrote the image (``False``: it was stored meanwhile by another request)."""
-        prepared = self._prepare(data, filename, image_id, fit_size=None)
-        # write_batch saves the original, then the row, and removes the file again if the row fails.
-        return image_id in write_batch(self.db, self.store, [prepared], self._embed([prepared.image]))
-
-    def _indexed(self, ids: set[str]) -> set[str]:
-        # A row counts only with its original: a row whose file is gone is indexed again, which restores the file.
-        return self.store.existing(self.db.existing_ids(ids))
-
-    def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
-        """What decoding ``data`` costs the admission, in pixels of an 8-bit RGB photo (the unit of
-        MAX_DECODE_PIXELS_IN_FLIGHT): its measured decode memory (:func:`app.imaging.decode.decode_cost`, by format
-        and mode, from the header) over :data:`RGB_DECODE_BYTES_PER_PIXEL`. A WebP with alpha or a float TIFF counts
-        about 2.1 times its pixels, a palette GIF about 0.6 times; JPEGs count at the embedder's draft scale.
-
-        Raises :class:`ImageTooLargeError` (413) when that cost is over ``MAX_DECODE_MB``."""
-        cost = decode_cost(
-            data, max_pixels=self.settings.max_image_pixels, draft_size=draft_size or self.embedder.draft_size
-        )
-        limit = self.settings.max_decode_mb * 1_000_000
-        if limit and cost > limit:
-            raise ImageTooLargeError(
-                f"Decoding this image would take about {cost / 1e6:,.0f} MB of memory, over the limit of "
-                f"{self.settings.max_decode_mb:g} MB (MAX_DECODE_MB); send it smaller or in another format."
-            )
-        return -int(-cost // RGB_DECODE_BYTES_PER_PIXEL)
-
-    def _prepare(self, data: bytes, filename: str | None, image_id: str, fit_size: int | None) -> PreparedImage:
-        # JPEGs are decoded in draft mode at about the model's input size: same embedding, a fraction of the work.
-        with self._timed_decode():
-            return prepare_bytes(
-                data,
-                filename,
-                max_pixels=self.settings.max_image_pixels,
-                max_bytes=self.settings.max_upload_bytes,
-                draft_size=self.embedder.draft_size,
-                fit_size=fit_size,
-                image_id=image_id,
-            )
-
-    @contextlib.contextmanager
-    def _timed_decode(self) -> Iterator[None]:
-        """Report the wall time of the decode inside to the observer (``/metrics``), whether it succeeds or not."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.observer.observe_decode(time.perf_counter() - start)
+        return self.indexer.index_one(data, filename)
 
     def index_images(self, uploads: list[tuple[bytes, str | None]]) -> list[BatchItemResult]:
-        """Index several uploads with one model call and one database write; one result per upload, in order.
-
-        Each upload is ``(bytes, filename)``. A file the decoder refuses (or over MAX_UPLOAD_MB) gets ``error`` and
-        does not affect the others; the same bytes twice in one batch are stored once (the later ones ``exists``).
-        Raises :class:`app.errors.DatabaseUnavailableError` (or another store/database error) for the whole batch,
-        after removing the originals it had saved: nothing is half-written.
-        """
-        self.store.ensure_space()
-        results: list[BatchItemResult | None] = [None] * len(uploads)
-        ids = [image_id_for(data) for data, _ in uploads]
-        have = self._indexed(set(ids))
-        todo: list[tuple[int, PreparedImage]] = []
-        first_in_batch: set[str] = set()
-        for i, ((data, filename), image_id) in enumerate(zip(uploads, ids, strict=True)):
-            name = clean_filename(filename)
-            if image_id in have or image_id in first_in_batch:
-                results[i] = BatchItemResult(name, image_id, "exists")
-                continue
-            try:
-                # Fitted to the model right after decoding, so only one full-size raster exists at a time.
-                with self.admission.admit(self._pixels(data)):
-                    prepared = self._prepare(data, filename, image_id, fit_size=self.embedder.fit_size)
-            except ImageDecodeError as exc:
-                results[i] = BatchItemResult(name, image_id, "error", exc)
-                continue
-            first_in_batch.add(image_id)
-            todo.append((i, prepared))
-        if todo:
-            vectors = self._embed([p.image for _, p in todo])
-            written = write_batch(self.db, self.store, [p for _, p in todo], vectors)
-            for i, prepared in todo:
-                status = "indexed" if prepared.image_id in written else "exists"  # else stored meanwhile by another
-                results[i] = BatchItemResult(prepared.name, prepared.image_id, status)
-        return [r for r in results if r is not None]
+        """Index ``(bytes, filename)`` uploads with one model call and one database write; one result per upload,
+        in order (:meth:`UploadIndexer.index_many`). A refused file gets ``error``; a store or database error fails
+        the whole batch, with nothing half-written."""
+        return self.indexer.index_many(uploads)
 
     def existing_ids(self, ids: Iterable[str]) -> set[str]:
         """Which of these ids are indexed with their original (invalid ids are never indexed)."""
-        return self._indexed({i for i in ids if is_valid_image_id(i)})
+        return self.indexer.indexed({i for i in ids if is_valid_image_id(i)})
+
+    def delete_image(self, image_id: str) -> None:
+        """Remove the vector and the original; raises :class:`ImageNotFoundError` if neither existed."""
+        if not is_valid_image_id(image_id):
+            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+        removed = remove_image(self.db, self.store, image_id)
+        self.thumbnail_caches.forget(image_id)
+        if not removed:
+            raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
     # --- search -------------------------------------------------------------------------------------------
     # Every search takes ``options`` (offset, min_score, exclude_self, expand: app/search/paging.py) and returns
@@ -381,18 +275,7 @@ class SearchService:
             record = self.db.get(image_id)
             return None if record is None else record.vector
 
-        def compute() -> np.ndarray:
-            with self.admission.admit(self._pixels(data)):
-                return self._embed_upload(data)  # the decoded image dies inside, before the admission ends
-
-        return self.cache.image(image_id, compute, stored).vector
-
-    def _embed_upload(self, data: bytes) -> np.ndarray:
-        with self._timed_decode():
-            image = decode_image(
-                data, max_pixels=self.settings.max_image_pixels, draft_size=self.embedder.draft_size
-            ).image
-        return self._embed([image])[0]
+        return self.cache.image(image_id, lambda: self.indexer.embed_upload(data), stored).vector
 
     def search_text(self, query: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
         """The ``top_k`` images that best match a text description (CLIP models only).
@@ -502,18 +385,6 @@ class SearchService:
         """The JPEG of :meth:`thumbnail` and :meth:`preview`, decoded under the pixel admission."""
         with self.admission.admit(self._pixels(data, draft_size=size)):
             return render_thumbnail(data, size, max_pixels=self.settings.max_image_pixels)
-
-    def delete_image(self, image_id: str) -> None:
-        """Remove the vector and the original; raises :class:`ImageNotFoundError` if neither existed."""
-        if not is_valid_image_id(image_id):
-            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        with self.store.locks.hold([image_id]):  # never between another writer's original and its row
-            self.store.head(image_id)  # an object store that is down answers 503 here, before anything changes
-            removed_row = self.db.delete(image_id)
-            removed_file = self.store.delete(image_id)
-        self.thumbnail_caches.forget(image_id)
-        if not (removed_row or removed_file):
-            raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
     # --- health and stats (app/health.py, app/stats.py) ----------------------------------------------------
     def health(self) -> HealthReport:
