@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageNotFoundError, InvalidParameterError
 from app.health import HealthReport, check_health
-from app.ids import image_id_for, is_valid_image_id
+from app.ids import is_valid_image_id
 from app.imaging.admission import PixelAdmission
 from app.imaging.prepare import check_upload_size
 from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
@@ -33,8 +31,9 @@ from app.indexing.uploads import BatchItemResult, IndexResult, UploadIndexer
 from app.indexing.write import remove_image
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
-from app.search.paging import SearchOptions, search_page
-from app.search.query import QueryTerm, combined_query, unit_vector
+from app.search.paging import SearchOptions
+from app.search.query import QueryTerm
+from app.search.searcher import Searcher
 from app.stats import ServiceStats, collect_stats
 from app.storage import from_settings as store_from_settings
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream
@@ -85,6 +84,9 @@ class SearchService:
         self.sweep_thread: threading.Thread | None = None
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
         self.neighbours = NeighbourJobs(settings, db)
+        self.searcher = Searcher(
+            settings, embedder, db, self.cache, self.indexer.embed_upload, self.neighbours.dba_rerank
+        )
 
     @classmethod
     def open(
@@ -194,9 +196,6 @@ class SearchService:
             raise InvalidParameterError(f"top_k must be between 1 and {self.settings.max_top_k} (MAX_TOP_K), got {k}.")
         return k
 
-    def _check_size(self, data: bytes) -> None:
-        check_upload_size(len(data), self.settings.max_upload_bytes)
-
     def _pixels(self, data: bytes, draft_size: int | None = None) -> int:
         """What decoding ``data`` costs the pixel admission (:meth:`UploadIndexer.pixels`)."""
         return self.indexer.pixels(data, draft_size)
@@ -230,84 +229,34 @@ class SearchService:
         if not removed:
             raise ImageNotFoundError(f"No image with id '{image_id}'.")
 
-    # --- search -------------------------------------------------------------------------------------------
-    # Every search takes ``options`` (offset, min_score, exclude_self, expand: app/search/paging.py) and returns
-    # one page of hits, best first, scored by cosine similarity to the query searched.
-    def _page(
-        self, vector: np.ndarray, top_k: int, options: SearchOptions | None, query_ids: Iterable[str] = ()
-    ) -> list[SearchHit]:
-        return search_page(
-            self.db,
-            vector,
-            top_k,
-            options or SearchOptions(),
-            query_ids=frozenset(query_ids),
-            expand_n=self.settings.expand_n,
-            expand_alpha=self.settings.expand_alpha,
-            dba=self.neighbours.dba_rerank(),
-        )
-
+    # --- search (app/search/searcher.py): one page of hits, best first, by cosine similarity ---------------
     def search_image(self, data: bytes, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
-        """The ``top_k`` most similar indexed images to the uploaded one, best first (cosine similarity).
-
-        The upload's embedding comes from :attr:`cache` (memory, then Redis, then the stored vector of an indexed
-        image with the same bytes), and only then from decode + model. The upload counts as a query image: when
-        its bytes are indexed it is left out of the results unless ``options.exclude_self`` is false (so it takes
-        one place of the MAX_SEARCH_WINDOW of a page, indexed or not).
-        Raises the decoding errors for bad input (nothing is cached then) and :class:`InvalidParameterError`.
-        """
-        self._check_size(data)
-        image_id = image_id_for(data)
-        return self._page(self.embed_query_image(data, image_id), top_k, options, query_ids=[image_id])
+        """The ``top_k`` indexed images most similar to the uploaded one, its own bytes left out
+        (:meth:`Searcher.by_image`). Raises the decoding errors and :class:`InvalidParameterError`."""
+        return self.searcher.by_image(data, top_k, options)
 
     def embed_query_image(self, data: bytes, image_id: str | None = None) -> np.ndarray:
-        """The ``(D,)`` float32, L2-normalised embedding of uploaded image bytes through the embedding cache (memory,
-        Redis, the stored vector of the same bytes, then the model); nothing is stored. ``image_id``: the bytes'
-        SHA-256 if known.
-
-        The web UI's combined search ("like this photo but not these words") uses it for a photo that is not
-        indexed. Raises the decoding errors (nothing is cached then) and :class:`ServiceBusyError`.
-        """
-        self._check_size(data)
-        image_id = image_id or image_id_for(data)
-
-        def stored() -> np.ndarray | None:
-            record = self.db.get(image_id)
-            return None if record is None else record.vector
-
-        return self.cache.image(image_id, lambda: self.indexer.embed_upload(data), stored).vector
+        """The ``(D,)`` float32, L2-normalised embedding of uploaded bytes through the embedding cache; nothing is
+        stored (:meth:`Searcher.embed_image`). ``image_id``: the bytes' SHA-256 if known. The web UI's combined
+        search uses it for a photo that is not indexed."""
+        return self.searcher.embed_image(data, image_id)
 
     def search_text(self, query: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
-        """The ``top_k`` images that best match a text description (CLIP models only).
-
-        The text's embedding is cached like an image's (by the exact string). Raises
-        :class:`app.errors.NoTextTowerError` when the model has no text encoder.
-        """
-        if not self.embedder.supports_text:
-            self.embedder.embed_texts([query])  # raises NoTextTowerError / NoModelError, without a cache lookup
-        vector = self.cache.text(query, lambda: self.embedder.embed_texts([query])[0]).vector
-        return self._page(vector, top_k, options)
+        """The ``top_k`` images that best match a text description (CLIP models only; :meth:`Searcher.by_text`).
+        Raises :class:`app.errors.NoTextTowerError` when the model has no text encoder."""
+        return self.searcher.by_text(query, top_k, options)
 
     def search_vector(
         self, values: Sequence[float], top_k: int, options: SearchOptions | None = None
     ) -> list[SearchHit]:
-        """The ``top_k`` images nearest to an embedding computed elsewhere (same model as the collection).
-
-        ``values`` must have ``D`` (the collection's dimension) finite values, not all zero; they are L2-normalised
-        here (as float32), so any scale works. Raises :class:`app.errors.InvalidVectorError` otherwise.
-        """
-        return self._page(unit_vector(values, self.embedder.dim, self.embedder.model_id), top_k, options)
+        """The ``top_k`` images nearest to an embedding of ``D`` finite values computed elsewhere by the same model
+        (:meth:`Searcher.by_vector`). Raises :class:`app.errors.InvalidVectorError`."""
+        return self.searcher.by_vector(values, top_k, options)
 
     def similar(self, image_id: str, top_k: int, options: SearchOptions | None = None) -> list[SearchHit]:
-        """More like this: the neighbours of a stored image by its stored vector, the image itself left out.
-
-        Raises :class:`ImageNotFoundError` for an unknown or malformed id.
-        """
-        stored = self.db.get(image_id) if is_valid_image_id(image_id) else None
-        if stored is None or stored.vector is None:
-            raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
-        options = replace(options or SearchOptions(), exclude_self=True)
-        return self._page(stored.vector, top_k, options, query_ids=[image_id])
+        """More like this: the neighbours of a stored image by its stored vector, the image itself left out
+        (:meth:`Searcher.similar`). Raises :class:`ImageNotFoundError` for an unknown or malformed id."""
+        return self.searcher.similar(image_id, top_k, options)
 
     def search_combined(
         self,
@@ -316,17 +265,8 @@ class SearchService:
         top_k: int,
         options: SearchOptions | None = None,
     ) -> list[SearchHit]:
-        """Search by weighted images, texts and vectors minus weighted negative ones (:mod:`app.search.query`).
-
-        The positive ``image_id`` terms are the query images ``exclude_self`` leaves out. Raises
-        :class:`ImageNotFoundError`, :class:`app.errors.NoTextTowerError`, :class:`InvalidParameterError` and
-        :class:`app.errors.InvalidVectorError` (see :func:`app.search.query.combined_query`).
-        """
-        embed_texts = self.embedder.embed_texts
-        if self.embedder.supports_text:
-            embed_texts = partial(self.cache.texts, compute=self.embedder.embed_texts)
-        vector, query_ids = combined_query(positive, negative, self.db, self.embedder, embed_texts)
-        return self._page(vector, top_k, options, query_ids=query_ids)
+        """Search by weighted images, texts and vectors minus weighted negative ones (:meth:`Searcher.combined`)."""
+        return self.searcher.combined(positive, negative, top_k, options)
 
     # --- stored images (app/storage/originals.py): ImageNotFoundError (404), StorageUnavailableError (503) -
     def image_file(self, image_id: str) -> Path:
@@ -378,7 +318,7 @@ class SearchService:
             ImageDecodeError: over MAX_UPLOAD_MB, an unknown format, a corrupt file or too many pixels (413/415/422),
                 or :class:`ServiceBusyError` when the decode admission waits longer than DECODE_WAIT_S (503).
         """
-        self._check_size(data)
+        check_upload_size(len(data), self.settings.max_upload_bytes)
         return self._thumbnail(data, size)
 
     def _thumbnail(self, data: bytes, size: int) -> bytes:

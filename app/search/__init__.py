@@ -2,5 +2,6 @@
 
 ``paging.py`` (offset, score threshold, leaving query images out, one search page), ``expansion.py`` (average query
 expansion, αQE) and ``query.py`` (combined and negative queries) need nothing from a backend beyond ``search`` and
-``get``; :class:`app.service.SearchService` calls them.
+``get``. ``searcher.py`` (:class:`app.search.searcher.Searcher`) puts them behind one object per kind of query,
+which :class:`app.service.SearchService` calls.
 """
