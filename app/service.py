@@ -1,9 +1,18 @@
-"""The data path in one place: upload -> decode -> embed -> store -> search.
+"""The data path in one place: upload -> decode -> embed -> store -> search -> respond.
 
 :class:`SearchService` is the one front door of the service: the FastAPI lifespan opens it
 (:meth:`SearchService.open`) and closes it, and the REST API (and through it the web UI) calls only its methods,
-so every client gets the same behaviour. It is thread-safe: FastAPI runs the sync endpoints in a thread pool, and
-the model runtime and the connection pool both allow concurrent callers.
+so every client gets the same behaviour. It holds the parts and hands each job to the module that owns it:
+
+- indexing uploads (decode under the pixel admission, embed, write): :class:`app.indexing.uploads.UploadIndexer`;
+  deleting: :func:`app.indexing.write.remove_image`;
+- searching: :class:`app.search.searcher.Searcher`, through the embedding cache (:mod:`app.cache`);
+- originals: :class:`app.storage.originals.Originals`; thumbnails: :class:`app.cache.thumbnails.ThumbnailCaches`
+  over :func:`app.imaging.thumbnails.render_thumbnail`;
+- ``/health`` and ``/stats``: :mod:`app.health` and :mod:`app.stats`, with their response models.
+
+It is thread-safe: FastAPI runs the sync endpoints in a thread pool, and the model runtime and the connection pool
+both allow concurrent callers.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from app.search.query import QueryTerm
 from app.search.searcher import Searcher
 from app.stats import ServiceStats, collect_stats
 from app.storage import from_settings as store_from_settings
+from app.storage import warn_if_replicas_unsafe
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream
 from app.storage.originals import Originals
 from app.vectordb.base import SearchHit, VectorDBHandler
@@ -76,17 +86,17 @@ class SearchService:
         self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
         embed = batcher.embed if batcher is not None else embedder.embed_images
         self.indexer = UploadIndexer(settings, embedder, embed, db, store, self.admission, observer)
+        # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
+        self.neighbours = NeighbourJobs(settings, db)
+        self.searcher = Searcher(
+            settings, embedder, db, self.cache, self.indexer.embed_upload, self.neighbours.dba_rerank
+        )
         # Thumbnails of stored images: this process's memory (THUMBNAIL_CACHE_MB), then the replicas' shared Redis
         # (CACHE_REDIS_URL, THUMBNAIL_REDIS_TTL_S), so a repeated request does not decode the original again.
         self.thumbnail_caches = ThumbnailCaches.from_settings(settings)
         self.originals = Originals(store, settings.data_dir / "cache" / "originals")
         self._sweep_stop = threading.Event()
         self.sweep_thread: threading.Thread | None = None
-        # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().
-        self.neighbours = NeighbourJobs(settings, db)
-        self.searcher = Searcher(
-            settings, embedder, db, self.cache, self.indexer.embed_upload, self.neighbours.dba_rerank
-        )
 
     @classmethod
     def open(
@@ -104,23 +114,13 @@ class SearchService:
             app.errors.DatabaseUnavailableError: the database cannot be reached.
             RuntimeError: ``EMBEDDER=none`` with no collection yet, or the model cannot be loaded.
         """
-        from app.embedders import load_embedder
+        from app.embedders import embedder_for_collection
         from app.vectordb import create_handler
 
         db = GuardedHandler(create_handler(settings))  # fail fast (503 + Retry-After) while the database is down
         try:
             if embedder is None:
-                info = db.collection_info()
-                embedder = load_embedder(settings, collection_model=None if info is None else info.model_id)
-                if embedder is None:  # EMBEDDER=none: stand in for whichever model filled the collection
-                    from app.embedders.none import VectorOnlyEmbedder
-
-                    if info is None:
-                        raise RuntimeError(
-                            "EMBEDDER=none serves an existing collection, but the database has none yet: index "
-                            "images first with a model (EMBEDDER=auto, clip or efficientnet)."
-                        )
-                    embedder = VectorOnlyEmbedder(info.model_id, info.dim)
+                embedder = embedder_for_collection(settings, db.collection_info())
             db.ensure_collection(embedder.model_id, embedder.dim)
         except BaseException:
             db.close()
@@ -131,17 +131,7 @@ class SearchService:
             max_wait_s=settings.batch_wait_ms / 1000,
         )
         store = store_from_settings(settings)  # contacts nothing: start-up works while an object store is down
-        remote_vectors = settings.vector_db == "manticore" or (
-            settings.vector_db == "milvus" and "://" in settings.resolved_milvus_uri
-        )
-        if remote_vectors and store.url.startswith("s3://") and not settings.shared_state_url:
-            # The set-up of several replicas, minus what makes them safe: say so once, loudly.
-            log.warning(
-                "Originals in object storage and %s on a server, but no DATABASE_URL: the write locks and the "
-                "neighbour graph stay on this machine, so run ONE replica, or set DATABASE_URL to a PostgreSQL "
-                "every replica reaches (README: Running on several machines).",
-                settings.vector_db,
-            )
+        warn_if_replicas_unsafe(settings, store)  # several replicas, minus what makes them safe: say so once
         service = cls(settings, embedder, db, store, batcher, observer)
         service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
         service.thumbnail_caches.start()

@@ -4,7 +4,8 @@
   head, delete, walk for fsck) and the shapes it returns;
 - :mod:`app.storage.local`: today's file store under ``IMAGE_DIR`` (``ab/cd/<sha256>.<ext>``);
 - :mod:`app.storage.s3`: S3-compatible object storage (AWS S3, MinIO, R2, B2...) through ``obstore``, same keys;
-- :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store).
+- :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store), and
+  :func:`warn_if_replicas_unsafe` when its write locks cannot be shared by replicas that share everything else;
 - :mod:`app.storage.originals`: the originals as the service hands them out (a local file, a saved copy, a stream);
 - :mod:`app.storage.move`: the resumable, hash-verified move of the originals from one store to another
   (``scripts/move_originals.py``).
@@ -12,13 +13,25 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from app.config import Settings
 from app.storage.base import ImageStore, ObjectInfo, ObjectStream, StoreEntry, StoreHealth
 
-__all__ = ["ImageStore", "ObjectInfo", "ObjectStream", "StoreEntry", "StoreHealth", "from_settings", "parse_store_url"]
+__all__ = [
+    "ImageStore",
+    "ObjectInfo",
+    "ObjectStream",
+    "StoreEntry",
+    "StoreHealth",
+    "from_settings",
+    "parse_store_url",
+    "warn_if_replicas_unsafe",
+]
+
+log = logging.getLogger(__name__)
 
 
 def parse_store_url(url: str | None) -> tuple[str, str, str]:
@@ -75,3 +88,19 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
             locks = GuardedHandler(locks, name="shared-state database (DATABASE_URL)")
         store.locks = locks
     return store
+
+
+def warn_if_replicas_unsafe(settings: Settings, store: ImageStore) -> None:
+    """Log one WARNING when the originals are in object storage and the vectors on a server (Milvus or Manticore:
+    the set-up of several replicas) but no ``DATABASE_URL`` shares the write locks and the neighbour graph, which
+    then stay on this machine. Raises nothing."""
+    remote_vectors = settings.vector_db == "manticore" or (
+        settings.vector_db == "milvus" and "://" in settings.resolved_milvus_uri
+    )
+    if remote_vectors and store.url.startswith("s3://") and not settings.shared_state_url:
+        log.warning(
+            "Originals in object storage and %s on a server, but no DATABASE_URL: the write locks and the "
+            "neighbour graph stay on this machine, so run ONE replica, or set DATABASE_URL to a PostgreSQL "
+            "every replica reaches (README: Running on several machines).",
+            settings.vector_db,
+        )
