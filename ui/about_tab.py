@@ -12,7 +12,8 @@ from ui.context import UiContext, collection_line, escape, read_stats
 from ui.query import photos
 
 if TYPE_CHECKING:
-    from app.service import SearchService, ServiceStats
+    from app.service import SearchService
+    from app.stats import ServiceStats
 
 
 def about_text(service: SearchService, access: AccessPolicy, stats: ServiceStats | str | None = None) -> str:

@@ -20,7 +20,8 @@ from app.imaging.prepare import check_upload_size
 from ui.query import photos
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
-    from app.service import SearchService, ServiceStats
+    from app.service import SearchService
+    from app.stats import ServiceStats
 
 #: Results per page unless the link or the slider says otherwise (at most MAX_TOP_K): about five rows on a laptop.
 UI_TOP_K = 20

@@ -118,8 +118,8 @@ class _ServiceCollector(Collector):
 
 
 def _thumbnail_metrics(stats: Any) -> Iterator[Metric]:
-    """The thumbnail caches (:class:`app.service.ThumbnailCacheStats`): hits and misses per layer (``memory``, and
-    ``redis`` when the shared layer is on), bytes held in memory."""
+    """The thumbnail caches (:class:`app.cache.thumbnails.ThumbnailCacheStats`): hits and misses per layer
+    (``memory``, and ``redis`` when the shared layer is on), bytes held in memory."""
     hits = CounterMetricFamily(
         f"{PREFIX}_thumbnail_cache_hits", "Thumbnails served from a cache, by layer (memory, redis).", labels=["layer"]
     )

@@ -31,9 +31,10 @@ from app.api.schemas import (
 from app.api.search_params import SearchParamsForm, SearchParamsQuery
 from app.api.security import cache_headers, image_url, require_write
 from app.api.uploads import UploadRoute
+from app.health import HealthReport
 from app.imaging.prepare import check_upload_size
 from app.search.query import QueryTerm
-from app.service import HealthReport, SearchService
+from app.service import SearchService
 from app.vectordb.base import SearchHit
 
 router = APIRouter(route_class=UploadRoute)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Stri
 
 from app.api.search_params import SearchOptionsBody
 from app.search.query import MAX_TERMS
-from app.service import ServiceStats
+from app.stats import ServiceStats
 
 _EXAMPLE_ID = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 

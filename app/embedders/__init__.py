@@ -1,4 +1,5 @@
-"""Image (and text) embedders, and the one model lifecycle: :func:`load_embedder` picks, exports and loads.
+"""Image (and text) embedders, and the one model lifecycle: :func:`load_embedder` picks, exports and loads;
+:func:`embedder_for_collection` does so for an existing collection (``EMBEDDER=none`` included).
 
 On a CPU with ``CPU_ENCODER=onnx`` (the default) the server runs the model from its ONNX export with ONNX Runtime
 (:class:`app.embedders.onnx_model.OnnxEmbedder`) and never imports torch or open_clip: the export is made once, in
@@ -33,8 +34,16 @@ from app.embedders.onnx_model import (
 if TYPE_CHECKING:
     from app.embedders.clip import OpenClipEmbedder
     from app.embedders.efficientnet import EfficientNetLiteEmbedder
+    from app.vectordb.base import CollectionInfo
 
-__all__ = ["EfficientNetLiteEmbedder", "Embedder", "OnnxEmbedder", "OpenClipEmbedder", "load_embedder"]
+__all__ = [
+    "EfficientNetLiteEmbedder",
+    "Embedder",
+    "OnnxEmbedder",
+    "OpenClipEmbedder",
+    "embedder_for_collection",
+    "load_embedder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +129,25 @@ def load_embedder(settings: Settings, collection_model: str | None = None) -> Em
 
             return load_torch_embedder(settings.model_copy(update={"embedder": family}), collection_model)
     return OnnxEmbedder(manifest, batch_size=settings.embed_batch_size, threads=settings.torch_threads)
+
+
+def embedder_for_collection(settings: Settings, collection: CollectionInfo | None) -> Embedder:
+    """The model that serves ``collection`` (``None``: the database has none yet): :func:`load_embedder`'s, or with
+    ``EMBEDDER=none`` a :class:`app.embedders.none.VectorOnlyEmbedder` that stands in for whichever model filled it.
+
+    Raises ``RuntimeError`` for ``EMBEDDER=none`` with no collection yet, and what :func:`load_embedder` raises.
+    """
+    embedder = load_embedder(settings, collection_model=None if collection is None else collection.model_id)
+    if embedder is not None:
+        return embedder
+    from app.embedders.none import VectorOnlyEmbedder
+
+    if collection is None:
+        raise RuntimeError(
+            "EMBEDDER=none serves an existing collection, but the database has none yet: index "
+            "images first with a model (EMBEDDER=auto, clip or efficientnet)."
+        )
+    return VectorOnlyEmbedder(collection.model_id, collection.dim)
 
 
 def _clip(settings: Settings) -> tuple[str, str]:

@@ -5,7 +5,7 @@ buffers: 8 bytes per pixel measured, more for other modes and formats, up to 17 
 :data:`app.imaging.decode.DECODE_BYTES_PER_PIXEL_BY_MODE`). Eight of them at once took the process from 2.7 GB to
 8.5 GB. :class:`PixelAdmission` lets a request decode only while the cost held by all requests stays within
 ``MAX_DECODE_PIXELS_IN_FLIGHT``; the service charges each image its measured decode cost in pixels of an RGB photo
-(:func:`app.imaging.decode.decode_cost` from the image header, before anything is decoded). Others wait in line, first
+(:func:`decode_charge`, from the image header, before anything is decoded). Others wait in line, first
 come first served, up to ``DECODE_WAIT_S``; then, or when :data:`MAX_WAITERS` requests already wait, the request
 answers 503 with ``Retry-After`` (:class:`app.errors.ServiceBusyError`).
 
@@ -26,11 +26,12 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from app.errors import ServiceBusyError
+from app.errors import ImageTooLargeError, ServiceBusyError
+from app.imaging.decode import RGB_DECODE_BYTES_PER_PIXEL, decode_cost
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_WAITERS", "TRIM_AFTER_PIXELS", "PixelAdmission", "release_memory"]
+__all__ = ["MAX_WAITERS", "TRIM_AFTER_PIXELS", "PixelAdmission", "decode_charge", "release_memory"]
 
 #: most requests waiting for decode capacity at once. Each waits on one of the web server's worker threads (anyio's
 #: default limit is 40), so this leaves more than half of them to requests that decode nothing (search by vector,
@@ -64,6 +65,30 @@ def release_memory() -> bool:
     if _malloc_trim is None:
         return False
     return bool(_malloc_trim(0))
+
+
+def decode_charge(data: bytes, *, max_pixels: int, draft_size: int | None, max_decode_mb: float) -> int:
+    """What decoding ``data`` costs the admission, in pixels of an 8-bit RGB photo (the unit of
+    MAX_DECODE_PIXELS_IN_FLIGHT): its measured decode memory (:func:`app.imaging.decode.decode_cost`, by format and
+    mode, from the header) over :data:`app.imaging.decode.RGB_DECODE_BYTES_PER_PIXEL`. A WebP with alpha or a float
+    TIFF counts about 2.1 times its pixels, a palette GIF about 0.6 times; JPEGs count at ``draft_size`` (the
+    embedder's input size, or the thumbnail's).
+
+    Args:
+        max_pixels: ``MAX_IMAGE_PIXELS``; an image over it costs 0 (it is refused before decoding).
+        draft_size: the JPEG draft target in pixels, ``None`` for full resolution.
+        max_decode_mb: ``MAX_DECODE_MB``; 0 = no limit.
+
+    Raises :class:`app.errors.ImageTooLargeError` (413) when the decode memory is over ``max_decode_mb``.
+    """
+    cost = decode_cost(data, max_pixels=max_pixels, draft_size=draft_size)
+    limit = max_decode_mb * 1_000_000
+    if limit and cost > limit:
+        raise ImageTooLargeError(
+            f"Decoding this image would take about {cost / 1e6:,.0f} MB of memory, over the limit of "
+            f"{max_decode_mb:g} MB (MAX_DECODE_MB); send it smaller or in another format."
+        )
+    return -int(-cost // RGB_DECODE_BYTES_PER_PIXEL)  # rounded up: a tiny image still holds a place
 
 
 class PixelAdmission:

@@ -1,4 +1,5 @@
-"""Writing a batch of prepared images: originals first, then one upsert of their rows; all or nothing.
+"""Writing a batch of prepared images: originals first, then one upsert of their rows; all or nothing. And the
+inverse, :func:`remove_image`: one image's row and original, under the same lock.
 
 Crash safety (``kill -9`` at any moment): an original is written (atomically: temp file + rename on disk, one PUT in
 an object store) BEFORE its row,
@@ -23,7 +24,7 @@ from app.imaging.prepare import PreparedImage
 from app.storage.base import ImageStore
 from app.vectordb.base import ImageMetadata, ImageRecord, VectorDBHandler
 
-__all__ = ["write_batch"]
+__all__ = ["remove_image", "write_batch"]
 
 
 def write_batch(
@@ -90,3 +91,17 @@ def write_batch(
                     pass  # an original without a row is invisible; fsck.py and the start-up sweep remove it
             raise
         return {item.image_id for item, _ in pairs}
+
+
+def remove_image(db: VectorDBHandler, store: ImageStore, image_id: str) -> bool:
+    """Delete the row and the original of ``image_id`` under its lock; whether either existed.
+
+    The lock keeps a delete from landing between another writer's original and its row. Raises
+    :class:`app.errors.StorageUnavailableError` (an object store that is down, checked before anything changes) and
+    the database's errors.
+    """
+    with store.locks.hold([image_id]):
+        store.head(image_id)  # an object store that is down answers 503 here, before anything changes
+        removed_row = db.delete(image_id)
+        removed_file = store.delete(image_id)
+    return removed_row or removed_file

@@ -5,13 +5,16 @@
 - :mod:`app.storage.local`: today's file store under ``IMAGE_DIR`` (``ab/cd/<sha256>.<ext>``);
 - :mod:`app.storage.s3`: S3-compatible object storage (AWS S3, MinIO, R2, B2...) through ``obstore``, same keys;
 - :func:`from_settings`: the store ``IMAGE_STORE_URL`` names (unset or ``file:///path``: the file store; the URL's
-  grammar is :func:`app.store_url.parse_store_url`, below the settings and the stores alike).
+  grammar is :func:`app.store_url.parse_store_url`, below the settings and the stores alike), and
+  :func:`warn_if_replicas_unsafe` when its write locks cannot be shared by replicas that share everything else;
+- :mod:`app.storage.originals`: the originals as the service hands them out (a local file, a saved copy, a stream);
 - :mod:`app.storage.move`: the resumable, hash-verified move of the originals from one store to another
   (``scripts/move_originals.py``).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from app.config import Settings
@@ -21,7 +24,17 @@ from app.storage.local import LocalImageStore
 from app.storage.s3 import S3ImageStore
 from app.store_url import parse_store_url
 
-__all__ = ["ImageStore", "ObjectInfo", "ObjectStream", "StoreEntry", "StoreHealth", "from_settings"]
+__all__ = [
+    "ImageStore",
+    "ObjectInfo",
+    "ObjectStream",
+    "StoreEntry",
+    "StoreHealth",
+    "from_settings",
+    "warn_if_replicas_unsafe",
+]
+
+log = logging.getLogger(__name__)
 
 
 def from_settings(settings: Settings, *, with_space_check: bool = True) -> ImageStore:
@@ -55,3 +68,19 @@ def from_settings(settings: Settings, *, with_space_check: bool = True) -> Image
             locks = GuardedHandler(locks, name="shared-state database (DATABASE_URL)")
         store.locks = locks
     return store
+
+
+def warn_if_replicas_unsafe(settings: Settings, store: ImageStore) -> None:
+    """Log one WARNING when the originals are in object storage and the vectors on a server (Milvus or Manticore:
+    the set-up of several replicas) but no ``DATABASE_URL`` shares the write locks and the neighbour graph, which
+    then stay on this machine. Raises nothing."""
+    remote_vectors = settings.vector_db == "manticore" or (
+        settings.vector_db == "milvus" and "://" in settings.resolved_milvus_uri
+    )
+    if remote_vectors and store.url.startswith("s3://") and not settings.shared_state_url:
+        log.warning(
+            "Originals in object storage and %s on a server, but no DATABASE_URL: the write locks and the "
+            "neighbour graph stay on this machine, so run ONE replica, or set DATABASE_URL to a PostgreSQL "
+            "every replica reaches (docs/scaling.md).",
+            settings.vector_db,
+        )
