@@ -62,6 +62,13 @@ class _Fetches(HTMLParser):
                 self.urls.append(value)
 
 
+class _QuietHandler(SimpleHTTPRequestHandler):
+    """Serves the built site without a log line per request."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's signature
+        pass
+
+
 def _is_outside(url: str) -> bool:
     return url.startswith(("http://", "https://", "//"))
 
@@ -107,9 +114,7 @@ def test_every_page_shows_in_a_browser_with_the_network_blocked(site: Path) -> N
 
     asked: list[str] = []
     errors: list[str] = []
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(site)))
     base = f"http://127.0.0.1:{server.server_port}/"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     with server, sync_playwright() as p:
