@@ -75,6 +75,15 @@ def create_database(pg_server) -> str:
     return pg_server.get_uri(name)
 
 
+#: Database deadlines for tests of what a search or an index answers, not of how the service meets a slow database:
+#: a stall of the shared 2-core CI machine (over a second has been seen) must not turn a pooled-connection wait
+#: (DB_REQUEST_TIMEOUT_S, 0.5 s) or a query (DB_STATEMENT_TIMEOUT_S, 1.5 s) into a 503 there. One fresh-clone run
+#: of two failed so (issue #25): test_search_features' second /search answered without results and logged nothing,
+#: as a one-off 503 from a deadline does (the breaker's probe then succeeds; a 500 would log its traceback).
+#: The fault tests (test_hang, test_self_healing, test_shared_state, ...) keep the production defaults.
+CI_STALL_DEADLINES = {"db_request_timeout_s": 5.0, "db_statement_timeout_s": 10.0}
+
+
 def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
     """Settings for a test: its own data dir and database, the offline model, no UI unless asked, and TestClient's
     Host (``testserver``) allowed next to the loopback names of live servers (ALLOWED_HOSTS)."""

@@ -25,7 +25,7 @@ from app.imaging.exif import parse_exif_datetime, read_taken_at
 from app.indexing.fsck import backfill_taken_at
 from app.main import create_app
 from app.vectordb.base import ImageMetadata, SearchFilter
-from tests.helpers import PROJECT_ROOT, create_database, make_settings
+from tests.helpers import CI_STALL_DEADLINES, PROJECT_ROOT, create_database, make_settings
 
 ROTATED = "formats/jpeg_exif_orientation"  # phone shots taken 2017-11-07, no UTC offset recorded
 FILES = {
@@ -108,7 +108,7 @@ def test_filter_matches_is_the_reference_meaning():
 def indexed(tmp_path_factory, pg_server, offline_embedder, datasets):
     """A client on the FILES above; yields ``(client, {stored name: id})``."""
     tmp = tmp_path_factory.mktemp("filters")
-    settings = make_settings(tmp / "data", create_database(pg_server))
+    settings = make_settings(tmp / "data", create_database(pg_server), **CI_STALL_DEADLINES)
     kites = sorted((datasets / "instance_small/images/plasma_Kite").iterdir())[:2]
     sources = {name: datasets / rel for name, rel in FILES.items() if rel is not None}
     sources["work/kite1.png"], sources["work/kite2.png"] = kites
@@ -235,7 +235,7 @@ def test_search_options_refuse_a_bad_filter_as_a_domain_error():
 # --- fsck --backfill --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_backfill_gives_old_rows_their_taken_at(tmp_path, database_url, offline_embedder, datasets):
-    settings = make_settings(tmp_path / "data", database_url)
+    settings = make_settings(tmp_path / "data", database_url, **CI_STALL_DEADLINES)
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         service = client.app.state.service
         names = ["exif-rotn-1.jpg", "exif-rotn-3.jpg"]

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from app.cache.memory import MemoryLayer
 from app.main import create_app
-from tests.helpers import make_settings
+from tests.helpers import CI_STALL_DEADLINES, make_settings
 
 HOPPER = "formats/jpeg"  # indexed
 QUERIES = ["formats/tiff/hopper.tif", "formats/webp/hopper_orientation_6.webp", "formats/gif/hopper.gif"]
@@ -101,7 +101,7 @@ def test_thread_safe_under_concurrent_use(policy):
 
 
 def _app_client(tmp_path: Path, database_url: str, embedder, **overrides) -> TestClient:
-    settings = make_settings(tmp_path / "data", database_url, **overrides)
+    settings = make_settings(tmp_path / "data", database_url, **{**CI_STALL_DEADLINES, **overrides})
     return TestClient(create_app(settings, embedder=embedder))
 
 

@@ -19,7 +19,7 @@ from app.main import create_app
 from app.search.expansion import alpha_qe
 from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import combine
-from tests.helpers import make_settings
+from tests.helpers import CI_STALL_DEADLINES, make_settings
 from tests.test_cli import run_cli
 
 FOLDERS = [
@@ -37,7 +37,9 @@ EXPAND_N, EXPAND_ALPHA = 2, 3.0
 def collection(tmp_path, database_url, offline_embedder, datasets):
     """A client (EXPAND_N=2, EXPAND_ALPHA=3) on 12 indexed photos, two of each of 6 scenes; yields
     ``(client, {filename: id}, {id: stored (D,) float32 vector}, {filename: path})``."""
-    settings = make_settings(tmp_path / "data", database_url, expand_n=EXPAND_N, expand_alpha=EXPAND_ALPHA)
+    settings = make_settings(
+        tmp_path / "data", database_url, expand_n=EXPAND_N, expand_alpha=EXPAND_ALPHA, **CI_STALL_DEADLINES
+    )
     paths = {p.name: p for folder in FOLDERS for p in sorted((datasets / folder).iterdir())[:2]}
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         for name, path in paths.items():

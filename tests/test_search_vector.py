@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.ids import image_id_for
 from app.imaging.decode import decode_image
 from app.main import create_app
-from tests.helpers import make_settings
+from tests.helpers import CI_STALL_DEADLINES, make_settings
 
 # Loads a model, a database or a server: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -102,6 +102,6 @@ def test_embedder_none_serves_an_existing_collection_by_vector_only(client, sett
 
 
 def test_embedder_none_refuses_to_start_on_an_empty_database(tmp_path, database_url):
-    settings = make_settings(tmp_path / "data", database_url, embedder="none")
+    settings = make_settings(tmp_path / "data", database_url, embedder="none", **CI_STALL_DEADLINES)
     with pytest.raises(RuntimeError, match="EMBEDDER=none"), TestClient(create_app(settings)):
         pass
