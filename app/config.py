@@ -15,6 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.store_url import parse_store_url
 
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``12h`` or ``1d`` (a non-negative number, then an optional unit).
+    Raises ``ValueError`` for anything else."""
+    value = str(text).strip().lower()
+    unit = value[-1:] if value[-1:] in ("s", "m", "h", "d") else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise ValueError(f"a duration is a number with s, m, h or d (e.g. 30m, 1d), got {str(text)[:40]!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"a duration must be >= 0, got {str(text)[:40]!r}")
+    return number * _DURATION_UNITS[unit]
+
 
 class Settings(BaseSettings):
     """Service configuration. Field names map to upper-case environment variables (``PORT``, ``DATA_DIR``...)."""
@@ -571,6 +587,82 @@ class Settings(BaseSettings):
         description="DBA: search results re-ranked (at least the page asked for, at most 1000).",
         json_schema_extra={"group": "search features"},
     )
+
+    # --- photo libraries indexed in place (app/library/) --------------------------------------------------
+    library_roots: str = Field(
+        "",
+        description="Libraries created (or updated) at start: comma-separated name=/absolute/folder entries; a name "
+        "given twice gets both folders (photos=/nas1,photos=/nas2). Compose mounts PHOTOS_DIR read-only at /photos "
+        "and sets photos=/photos. Libraries can also be created with POST /libraries or image-search-library add.",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_exclude: str = Field(
+        "**/@eaDir/**,**/#recycle/**,**/#snapshot/**",
+        description="Globs (comma-separated, ** spans folders) of files and folders no library indexes, besides each "
+        "library's own; hidden names (a leading dot) are always skipped. The default leaves out Synology's thumbnail "
+        "folders, recycle bins and snapshots.",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_watch: bool = Field(
+        False,
+        description="Follow changes in the libraries' folders with inotify (watchdog) and scan a library once its "
+        "files have been quiet for LIBRARY_SETTLE_S (true/false). Network mounts send no events: the periodic scan "
+        "covers them.",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_settle_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="Watching and periodic scans leave a new or changed file alone until its size and mtime have been "
+        "stable this many seconds, so a file still being copied is not indexed half-written.",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_scan_interval: str = Field(
+        "1d",
+        description="How often each library is scanned in the background: a number with s, m, h or d (90s, 30m, 12h, "
+        "1d), or 0 for never (scans then run only when asked for, or when watching sees a change).",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_offline_grace: str = Field(
+        "30d",
+        description="How long a library file that went missing stays offline (hidden from results, its vector kept, "
+        "back with no model call if it returns) before it is forgotten: s, m, h or d as above; 0 forgets at the next "
+        "scan. POST /libraries/{name}/purge forgets the offline files at once.",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_max_offline_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Mount safety: when a scan finds more than this fraction of a library's files missing (and at "
+        "least 20), it marks none offline and says why in the library's status and /health; a scan with force "
+        "marks them.",
+        json_schema_extra={"group": "libraries"},
+    )
+    library_scan_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Processes that decode a scan's new photos (as bulk_index.py --direct --workers).",
+        json_schema_extra={"group": "libraries"},
+    )
+
+    @field_validator("library_scan_interval", "library_offline_grace")
+    @classmethod
+    def _duration_parses(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @property
+    def library_scan_interval_s(self) -> float:
+        """LIBRARY_SCAN_INTERVAL in seconds (0: never)."""
+        return parse_duration(self.library_scan_interval)
+
+    @property
+    def library_offline_grace_s(self) -> float:
+        """LIBRARY_OFFLINE_GRACE in seconds."""
+        return parse_duration(self.library_offline_grace)
 
     @field_validator("database_url", "milvus_token", "cache_redis_url", "image_store_url", "aws_endpoint_url")
     @classmethod

@@ -140,3 +140,18 @@ class JobNotFoundError(ServiceError):
 
 class GraphNotBuiltError(ServiceError):
     """``GET /duplicates`` before any neighbour graph was built: start one with ``POST /jobs/neighbours`` (HTTP 409)."""
+
+
+class LibraryNotFoundError(ServiceError):
+    """No library with this name (HTTP 404)."""
+
+
+class LibraryConflictError(ServiceError):
+    """The request conflicts with a library's state (HTTP 409): a library of that name exists with other roots, a
+    scan is running where the request needs none, or ``DELETE /image/{id}`` of a photo a library holds (remove or
+    exclude the file in the library instead; the next scan would index it again)."""
+
+
+class LibraryFileChangedError(ServiceError):
+    """A library file no longer has the size or modification time it was indexed with (HTTP 409): its bytes may
+    not be the image's any more, so none are served; the next scan of its library reads it again."""

@@ -5,6 +5,7 @@ turn and never raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +77,11 @@ class HealthReport(BaseModel):
         "(with Milvus or Manticore: searches work, writes and duplicates answer 503); local = on this machine "
         "(no DATABASE_URL with Milvus or Manticore, or the embedded PostgreSQL): one replica only.",
     )
+    libraries: Literal["ok", "warning", "none"] = Field(
+        "none",
+        description="The photo libraries indexed in place: none = no library; warning = a library's last scan failed "
+        "or found a root missing, unreadable or mostly empty and marked nothing offline (problems says which); ok.",
+    )
     problems: list[str] = Field(default_factory=list, description="What is down or low, and why, in words.")
     backend: str
     model: ModelInfo
@@ -88,9 +94,17 @@ def model_info(embedder: Embedder) -> ModelInfo:
     )
 
 
-def check_health(db: VectorDBHandler, store: ImageStore, cache: EmbeddingCache, embedder: Embedder) -> HealthReport:
-    """Whether the database answers, the store has room and the Redis cache works, and the loaded model; never
-    raises.
+def check_health(
+    db: VectorDBHandler,
+    store: ImageStore,
+    cache: EmbeddingCache,
+    embedder: Embedder,
+    libraries: Callable[[], tuple[int, list[str]]] | None = None,
+) -> HealthReport:
+    """Whether the database answers, the store has room and the Redis cache works, the libraries' scans found their
+    roots, and the loaded model; never raises.
+
+    ``libraries()``: ``(number of libraries, problem lines)`` (:meth:`app.library.libraries.Libraries.problems`).
 
     The database's answer is a probe made for this call (never a cached "ok"), bounded by the guard's
     ``probe_timeout_s`` (1.5 s): a hung database reports down within it; one already known down answers at once
@@ -112,13 +126,17 @@ def check_health(db: VectorDBHandler, store: ImageStore, cache: EmbeddingCache, 
     if shared == "unavailable" and db_ok:
         reason = getattr(store.locks, "down_reason", None) or "it does not answer"
         problems.append(f"shared state (DATABASE_URL): {reason}")
+    library_count, library_problems = libraries() if libraries is not None and db_ok else (0, [])
+    problems += [f"library {line}" for line in library_problems]
     degraded = storage.state != "ok" or cache_health.state == "degraded" or shared == "unavailable"
+    degraded = degraded or bool(library_problems)
     return HealthReport(
         status="unavailable" if not db_ok else "degraded" if degraded else "ok",
         database="ok" if db_ok else "unavailable",
         storage=storage.state,
         cache=cache_health.state,
         shared_state=shared,
+        libraries="warning" if library_problems else "ok" if library_count else "none",
         problems=problems,
         backend=db.backend_name,
         model=model_info(embedder),

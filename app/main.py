@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 import app as app_package
 from app.api.errors import install_error_handlers
 from app.api.jobs import router as jobs_router
+from app.api.libraries import router as libraries_router
 from app.api.limits import install_limits
 from app.api.metrics import install_metrics
 from app.api.params import no_repeated_query_parameters
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
     app.include_router(jobs_router)  # POST /jobs/neighbours, GET /jobs/{id}, GET /duplicates
+    app.include_router(libraries_router)  # photo libraries indexed in place: /libraries...
     app.include_router(site_router(ui_enabled=settings.ui_enabled))  # the UI itself is mounted by the lifespan
     return app
 

@@ -29,7 +29,7 @@ from app.cache import EmbeddingCache
 from app.cache.thumbnails import ThumbnailCaches, ThumbnailCacheStats, ThumbnailRedisLayer
 from app.config import Settings
 from app.embedders.base import Embedder
-from app.errors import ImageNotFoundError, InvalidParameterError
+from app.errors import ImageNotFoundError, InvalidParameterError, LibraryConflictError
 from app.health import HealthReport, check_health
 from app.ids import is_valid_image_id
 from app.imaging.admission import PixelAdmission
@@ -38,6 +38,8 @@ from app.imaging.thumbnails import ThumbnailCache, render_thumbnail
 from app.indexing.fsck import start_sweep
 from app.indexing.uploads import BatchItemResult, IndexResult, UploadIndexer
 from app.indexing.write import remove_image
+from app.library.files import WithLibraries
+from app.library.libraries import Libraries
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.search.paging import SearchOptions
@@ -77,7 +79,12 @@ class SearchService:
         self.observer = observer
         self.embedder = embedder
         self.db = db
-        self.store = store
+        # Photo libraries indexed in place (app/library/): their files are read where they are, so the store the
+        # service reads originals from is the store of uploads with the library files beside it.
+        self.uploads = store
+        self.libraries = Libraries(settings, db, store, None if embedder.device == "none" else embedder)
+        self.store: ImageStore = WithLibraries(store, self.libraries.files)
+        store = self.store
         self.batcher = batcher
         # Query embeddings by content: memory -> Redis -> stored vector -> model (app/cache/). Keys carry the model id
         # and dimension, so a shared Redis never hands one model's vectors to another.
@@ -138,6 +145,7 @@ class SearchService:
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
         service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
         service.neighbours.resume_interrupted()  # a graph job a restart or kill -9 cut short goes on
+        service.libraries.start()  # LIBRARY_ROOTS, scans cut short, periodic scans, LIBRARY_WATCH
         log.info(
             "Ready: model %s (dim %d, %s), backend %s, %d images",
             embedder.model_id,
@@ -151,6 +159,7 @@ class SearchService:
     def close(self) -> None:
         """Stop the neighbour-graph job between two batches, finish the embed calls already queued, then close the
         database (and its embedded server, if any)."""
+        self.libraries.close()
         self.neighbours.close()
         self._sweep_stop.set()
         if self.sweep_thread is not None:
@@ -211,9 +220,16 @@ class SearchService:
         return self.indexer.indexed({i for i in ids if is_valid_image_id(i)})
 
     def delete_image(self, image_id: str) -> None:
-        """Remove the vector and the original; raises :class:`ImageNotFoundError` if neither existed."""
+        """Remove the vector and the original; raises :class:`ImageNotFoundError` if neither existed and
+        :class:`app.errors.LibraryConflictError` for a photo a library holds (its next scan would bring it back)."""
         if not is_valid_image_id(image_id):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
+        holder = self.libraries.holder(image_id)
+        if holder is not None:
+            raise LibraryConflictError(
+                f"Image '{image_id}' is the library file {holder}: delete or exclude the file in its library "
+                "instead (the next scan would index it again)."
+            )
         removed = remove_image(self.db, self.store, image_id)
         self.thumbnail_caches.forget(image_id)
         if not removed:
@@ -320,7 +336,7 @@ class SearchService:
     def health(self) -> HealthReport:
         """Whether the database answers, the store has room and the Redis cache works, and the loaded model; never
         raises, waits at most the database guard's probe timeout (:func:`app.health.check_health`)."""
-        return check_health(self.db, self.store, self.cache, self.embedder)
+        return check_health(self.db, self.store, self.cache, self.embedder, self.libraries.problems)
 
     def stats(self) -> ServiceStats:
         """Counts and model facts for ``/stats``; raises :class:`app.errors.DatabaseUnavailableError`."""

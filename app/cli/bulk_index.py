@@ -35,11 +35,8 @@ from tqdm import tqdm
 
 from app.cli.client import add_api_arguments, error_detail, make_client, request
 from app.ids import image_id_of_file
+from app.imaging.extensions import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = frozenset(
-    "jpg jpeg jpe jfif png apng gif webp bmp dib tif tiff heic heif avif jxl jp2 j2k "
-    "ppm pgm pbm pnm psd ico qoi mpo tga".split()
-)
 EXISTS_BATCH = 1000  # the most ids POST /images/exists accepts at once
 DEFAULT_BATCH_SIZE = 32  # files per POST /index_images (the server's MAX_BATCH_FILES defaults to 64)
 BATCH_BYTES = 100_000_000  # most bytes per POST /index_images (the server's MAX_BATCH_MB defaults to 200)

@@ -66,6 +66,7 @@ GROUPS: dict[str, Group] = {
     "embedding cache": Group("embedding cache: memory (L1) -> Redis (L2) -> stored vector (L3) -> model", "caching.md"),
     "limits": Group("limits"),
     "search features": Group("search features"),
+    "libraries": Group("photo libraries indexed in place", "libraries.md"),
 }
 
 
