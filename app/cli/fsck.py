@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.config import Settings
     from app.errors import DatabaseUnavailableError, StorageUnavailableError
     from app.indexing.fsck import backfill_taken_at, check, repair
+    from app.library.files import library_view
     from app.storage import from_settings
     from app.vectordb import create_handler
 
@@ -81,15 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     except DatabaseUnavailableError as exc:
         print(f"error: the database is unavailable: {exc}", file=sys.stderr)
         return 2
+    libraries = None
     try:
-        store = from_settings(settings, with_space_check=False)
-        report = check(db, store)
+        # Photo libraries' rows have no original in the store: their scans own them (docs/libraries.md).
+        store, libraries = library_view(settings, from_settings(settings, with_space_check=False))
+        held = libraries.held_ids() if libraries is not None else set()
+        report = check(db, store, held)
         found = report.lines()
         actions: list[str] = []
         remaining = found
         if args.repair and not report.clean:
             actions = repair(db, store, report, _reindexer(settings, db, store))
-            remaining = check(db, store).lines()
+            remaining = check(db, store, held).lines()
         backfilled = backfill_taken_at(db, store) if args.backfill else None
     except DatabaseUnavailableError as exc:
         print(f"error: the database is unavailable: {exc}", file=sys.stderr)
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
+        if libraries is not None:
+            libraries.close()
         db.close()
     if args.json:
         print(
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "rows": report.rows,
                     "originals": report.originals,
+                    "library_rows": report.library_rows,
                     "mismatches": found,
                     "repaired": actions,
                     "remaining": remaining,
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in actions:
             print(f"repaired: {line}")
         summary = f"checked {report.rows} rows and {report.originals} originals: {len(found)} mismatches"
+        if report.library_rows:
+            summary += f" ({report.library_rows} rows are photo-library files, read in place: no original to check)"
         if args.repair:
             summary += f", {len(actions)} repaired, {len(remaining)} remaining"
         print(summary)

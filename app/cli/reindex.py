@@ -140,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             bar.n = done
             bar.refresh()
 
+        # Photo libraries' images are read from their files (app/library/files.py), uploads from the store.
+        from app.library.files import library_view
+
+        store, libraries = library_view(settings, from_settings(settings, with_space_check=False))
         try:
             result = reindex(
                 db,
                 embedder,
-                from_settings(settings, with_space_check=False),
+                store,
                 target_name=args.target,
                 source_name=args.source,
                 workers=args.workers,
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bar.close()
             embedder.close()
+            if libraries is not None:
+                libraries.close()
     except NothingToReindex as exc:
         print(str(exc))
         others = [line for line in _describe(db) if not line.endswith("(active)")]

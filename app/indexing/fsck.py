@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from app.errors import ImageDecodeError, ImageNotFoundError
@@ -63,6 +63,7 @@ class FsckReport:
     temp_files: list[StoreFile] = field(default_factory=list)
     rows: int = 0
     originals: int = 0
+    library_rows: int = 0
 
     @property
     def clean(self) -> bool:
@@ -85,8 +86,12 @@ def _missing_rows(db: VectorDBHandler, ids: Sequence[str]) -> set[str]:
     return missing
 
 
-def check(db: VectorDBHandler, store: ImageStore) -> FsckReport:
+def check(db: VectorDBHandler, store: ImageStore, library_ids: Collection[str] = ()) -> FsckReport:
     """Compare every row with every file of the store; read-only.
+
+    ``library_ids``: image ids that photo libraries hold (:meth:`app.library.state.LibraryState.held_ids`): their
+    rows have no original in the store by design, and their library's scans keep them right; they are counted in
+    ``library_rows`` and not checked.
 
     Holds the store's ids in memory (about 100 bytes per original). With writers running, a write in progress
     can show up as a mismatch; :func:`repair` re-checks each under the id's lock. Raises
@@ -103,7 +108,9 @@ def check(db: VectorDBHandler, store: ImageStore) -> FsckReport:
     for batch in db.scan(batch_size=_CHUNK):
         for record in batch:
             report.rows += 1
-            if record.id not in originals and store.head(record.id) is None:
+            if record.id in library_ids and record.id not in originals:
+                report.library_rows += 1
+            elif record.id not in originals and store.head(record.id) is None:
                 report.rows_without_original.append(record.id)
     missing = _missing_rows(db, sorted(originals))
     report.originals_without_row = [originals[i] for i in sorted(missing)]

@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from app.config import Settings
 from app.errors import ImageNotFoundError, LibraryFileChangedError
 from app.ids import is_valid_image_id
 from app.library.model import Library, display_name
@@ -26,7 +27,7 @@ from app.library.state import LibraryState, PathRow
 from app.library.walk import resolve
 from app.storage.base import CHUNK_BYTES, ImageStore, ObjectInfo, ObjectStream, StoreEntry, StoreHealth
 
-__all__ = ["LibraryFiles", "WithLibraries"]
+__all__ = ["LibraryFiles", "WithLibraries", "library_view"]
 
 _EXTENSION = re.compile(rb"\.([A-Za-z0-9]{1,8})$")
 _LIBRARIES_TTL_S = 5.0  # how long the roots of the libraries are cached: they change only on create/delete
@@ -201,3 +202,13 @@ class WithLibraries(ImageStore):
     def close(self) -> None:
         """Close the store of uploads."""
         self.uploads.close()
+
+
+def library_view(settings: Settings, uploads: ImageStore) -> tuple[ImageStore, LibraryState | None]:
+    """For the maintenance tools (``fsck.py``, ``reindex.py``): the store of uploads with the library files beside
+    it, and the libraries' state (close it after use), when libraries may exist; else ``(uploads, None)``. Raises
+    :class:`app.errors.DatabaseUnavailableError` (the state's PostgreSQL)."""
+    if not LibraryState.exists(settings):
+        return uploads, None
+    state = LibraryState.open(settings)
+    return WithLibraries(uploads, LibraryFiles(lambda: state)), state

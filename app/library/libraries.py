@@ -154,6 +154,7 @@ class Libraries:
                         self.scan(row.name)
         except DatabaseUnavailableError as exc:
             log.error("Libraries: cannot read their state at start (%s); retrying in the background", exc)
+        self.run_due_scans()  # a library never scanned (a new LIBRARY_ROOTS one) or overdue starts now
         self._scheduler = threading.Thread(target=self._schedule, name="library-scheduler", daemon=True)
         self._scheduler.start()
         if self.settings.library_watch:

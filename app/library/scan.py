@@ -227,15 +227,18 @@ def scan_library(
     ]
 
     # Offline files found again with the size and mtime they had: the same bytes, online again, nothing read.
+    old_names: dict[str, str] = {}  # ids a changed file no longer holds -> the name it had
+    to_index: dict[str, list[tuple[bytes, int, int]]] = {}
     if back:
         ctx.state.put_files(name, [(p, row.image_id, row.size, row.mtime_ns, row.error) for p, row in back])
         result.back_online = len(back)
-        result.note(reconcile(ctx.db, ctx.uploads, ctx.state, [r.image_id for _, r in back if r.image_id]))
+        done = reconcile(ctx.db, ctx.uploads, ctx.state, [r.image_id for _, r in back if r.image_id])
+        result.note(done)
+        for image_id in done.unindexed or ():  # hidden in another collection (re-indexed since): embed them
+            to_index[image_id] = [(p, row.size, row.mtime_ns) for p, row in back if row.image_id == image_id]
     check_stop()
 
     # New and changed files: hash, then record known bytes at once and ingest the rest.
-    old_names: dict[str, str] = {}  # ids a changed file no longer holds -> the name it had
-    to_index: dict[str, list[tuple[bytes, int, int]]] = {}
     with ThreadPoolExecutor(max_workers=max(1, ctx.hash_threads), thread_name_prefix="library-hash") as pool:
         for start in range(0, len(to_read), _HASH_CHUNK):
             check_stop()
