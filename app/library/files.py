@@ -89,6 +89,27 @@ class LibraryFiles:
             )
         return None
 
+    def existing(self, image_ids: Iterable[str]) -> set[str]:
+        """Which of ``image_ids`` have an online file that still matches its record (one query for the batch, then
+        a ``stat`` per file); a file that changed does not count (its next scan reads it again)."""
+        state = self._state()
+        ids = [i for i in set(image_ids) if is_valid_image_id(i)]
+        if state is None or not ids:
+            return set()
+        found = set()
+        for image_id, rows in state.paths_of(ids).items():
+            for row in rows:
+                library = None if row.offline_since is not None else self._library(state, row.library)
+                full = None if library is None else resolve(library, row.path)
+                try:
+                    st = None if full is None else os.stat(full)
+                except OSError:
+                    continue
+                if st is not None and st.st_size == row.size and st.st_mtime_ns == row.mtime_ns:
+                    found.add(image_id)
+                    break
+        return found
+
     def head(self, image_id: str) -> ObjectInfo | None:
         """The file's :class:`ObjectInfo` (``<id>.<extension of the file>``, size, mtime), or ``None``."""
         found = self.locate(image_id)
@@ -171,13 +192,7 @@ class WithLibraries(ImageStore):
         """Which ids have an uploaded original or a matching online library file."""
         ids = set(image_ids)
         found = self.uploads.existing(ids)
-        for image_id in ids - found:
-            try:
-                if self.files.locate(image_id) is not None:
-                    found.add(image_id)
-            except LibraryFileChangedError:
-                pass  # not servable now; its row stays (the next scan reads the file again)
-        return found
+        return found | self.files.existing(ids - found)
 
     def delete(self, image_id: str) -> bool:
         """Remove the uploaded original (library files are never touched)."""
