@@ -335,3 +335,50 @@ def test_fsck_leaves_library_rows_to_the_scans(tmp_path, database_url, offline_e
     assert fsck.main(["--repair"]) == 0
     with TestClient(create_app(settings, embedder=offline_embedder)) as c:
         assert _count(c) == 5  # nothing "repaired" away
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def library_state(request, tmp_path):
+    from app.library.state import LibraryState
+
+    url = request.getfixturevalue("database_url") if request.param == "postgresql" else None
+    state = LibraryState(database_url=url, data_dir=tmp_path / "data", wait_s=5)
+    yield state
+    state.close()
+
+
+def test_library_state_on_both_stores(library_state):
+    """The one SQL text on SQLite (one machine) and PostgreSQL (replicas): files, offline, counts, hidden, leases."""
+    s = library_state
+    lib = Library.create("p", ["/photos"], ["**/@eaDir/**"])
+    assert s.create_library(lib) and not s.create_library(lib)
+    assert s.library("p").library == lib and [r.name for r in s.libraries()] == ["p"]
+    a, b = "a" * 64, "b" * 64
+    s.put_files("p", [(b"x/1.jpg", a, 10, 111, None), (b"x/2.jpg", a, 10, 111, None), (b"caf\xe9.jpg", b, 5, 7, None)])
+    s.put_files("p", [(b"bad.jpg", None, 3, 4, "CorruptImageError: truncated")])
+    assert s.files("p")[b"caf\xe9.jpg"].image_id == b and s.files("p")[b"bad.jpg"].error.startswith("Corrupt")
+    s.set_offline("p", [b"x/2.jpg"], 1000.0)
+    assert s.counts("p") == {"files": 4, "online": 2, "offline": 1, "failed": 1, "images": 2}
+    assert [(r.path, r.offline_since) for r in s.paths_of([a])[a]] == [(b"x/1.jpg", None), (b"x/2.jpg", 1000.0)]
+    assert s.expired("p", 2000.0) == [(b"x/2.jpg", a)] and s.expired("p", 500.0) == []
+    assert s.held_ids() == {a, b}
+    s.hide("images", [(b, b"\0" * 8, "{}")])
+    assert s.hidden("images", [a, b]) == {b: (b"\0" * 8, "{}")} and s.count_hidden("images") == 1
+    s.unhide("images", [b])
+    assert s.hidden("images", [b]) == {}
+    s.update_library("p", state="scanning", phase="hash", done=3, total=9, last_result={"files": 3}, warning="w")
+    row = s.library("p")
+    assert (row.state, row.phase, row.done, row.total, row.last_result, row.warning) == (
+        "scanning",
+        "hash",
+        3,
+        9,
+        {"files": 3},
+        "w",
+    )
+    lease = s.acquire_lease("p")
+    assert lease is not None and s.acquire_lease("p") is None and s.lease_held("p")
+    lease.close()
+    assert not s.lease_held("p")
+    assert sorted(s.delete_library("p")) == [a, b]
+    assert s.library("p") is None and s.files("p") == {}

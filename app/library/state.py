@@ -172,14 +172,28 @@ class _FileLease:
 class _PgLease:
     """A scan lease held as an advisory lock by a connection of its own until :meth:`close`."""
 
-    def __init__(self, conn) -> None:  # noqa: ANN001 - psycopg.Connection
-        self._conn = conn
+    def __init__(self, conn, key: int) -> None:  # noqa: ANN001 - psycopg.Connection
+        self._conn, self._key = conn, key
 
     def close(self) -> None:
-        """Give the lease up (closing the connection drops the lock). Idempotent."""
+        """Give the lease up: unlocked first, so that a scan asked for right after finds it free (a closed
+        connection's lock lingers until its server process has exited); closing the connection drops it anyway.
+        Idempotent."""
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        if conn is None:
+            return
+
+        def unlock() -> None:
+            try:
+                conn.execute("SELECT pg_advisory_unlock(%s, %s)", (NAMESPACE, self._key))
+            except Exception:  # noqa: BLE001 - the database is gone: closing the connection is all there is
+                pass
+
+        # On a thread, at most a second: a hung database must not keep a scan's thread from ending.
+        thread = threading.Thread(target=unlock, name="library-lease-unlock", daemon=True)
+        thread.start()
+        thread.join(1.0)
+        conn.close()
 
 
 class LibraryState:
@@ -308,7 +322,7 @@ class LibraryState:
                     f"A library's scan lease cannot be taken: {type(exc).__name__}"
                 ) from None
             if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, self._lease_key(name))).fetchone()[0]:
-                return _PgLease(conn)
+                return _PgLease(conn, self._lease_key(name))
             conn.close()
             return None
         folder = self.data_dir / "libraries"
