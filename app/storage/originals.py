@@ -39,15 +39,22 @@ class Originals:
 
     def __init__(self, store: ImageStore, copies_dir: Path) -> None:
         self.store = store
-        self._copies = None if isinstance(store, LocalImageStore) else LocalCopies(store, copies_dir)
+        # The file store's own files, where they can be used as they are (a path, a hard link): the store itself,
+        # or the store of uploads inside a store that also reads photo-library files (its ``uploads``).
+        uploads = getattr(store, "uploads", None)
+        self._local = store if isinstance(store, LocalImageStore) else uploads
+        if not isinstance(self._local, LocalImageStore):
+            self._local = None
+        self._copies = None if self._local is store else LocalCopies(store, copies_dir)
+
+    def _local_file(self, image_id: str) -> Path | None:
+        return None if self._local is None else self._local.find(image_id)
 
     def file(self, image_id: str) -> Path:
         """A local file with the original's bytes, named ``<id>.<ext>``: the file itself in the file store; a cached
-        copy (:class:`app.storage.cache.LocalCopies`) of an object store's original."""
-        if isinstance(self.store, LocalImageStore):
-            path = self.store.find(image_id)
-            if path is None:
-                raise _not_found(image_id)
+        copy (:class:`app.storage.cache.LocalCopies`) of an object store's original or a library file."""
+        path = self._local_file(image_id)
+        if path is not None:
             return path
         if not is_valid_image_id(image_id) or self._copies is None:
             raise _not_found(image_id)
@@ -61,12 +68,12 @@ class Originals:
         memory; checked against the id), not through :meth:`file`'s local copy, so a download is written to disk
         once.
         """
-        if not isinstance(self.store, LocalImageStore):
+        source = self._local_file(image_id)
+        if source is None:
             if not is_valid_image_id(image_id):
                 raise _not_found(image_id)
             copy_verified(self.store, image_id, target)
             return
-        source = self.file(image_id)
         part = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
         try:
             os.link(source, part)
