@@ -392,12 +392,14 @@ class Libraries:
 
     def _run(self, state: LibraryState, library: Library, lease, force: bool, settle: bool) -> None:  # noqa: ANN001
         name = library.name
-        last = [0.0]
+        last: list = [0.0, ""]  # when progress was last written, and its phase
 
         def progress(phase: str, done: int, total: int) -> None:
             now = time.monotonic()
-            if now - last[0] >= _PROGRESS_EVERY_S or done == total:
-                last[0] = now
+            # A new phase is written at once: its first step may take long (the index phase starts the decoding
+            # processes and embeds a whole batch first), and meanwhile the status must not show the last one done.
+            if phase != last[1] or now - last[0] >= _PROGRESS_EVERY_S or done == total:
+                last[0], last[1] = now, phase
                 try:
                     state.update_library(name, phase=phase, done=done, total=total)
                 except DatabaseUnavailableError:
