@@ -208,10 +208,13 @@ def test_mount_safety_marks_nothing_offline_when_a_root_cannot_be_trusted(lib_cl
     root.mkdir()
     status = _scan(c, "nas")
     assert "is empty" in status["warning"] and status["counts"]["offline"] == 0
+    status = _scan(c, "nas", force="true")  # really emptied: force believes it (files offline, kept)
+    assert status["warning"] is None and status["counts"]["offline"] == 24 and _count(c) == 0
     root.rmdir()
     os.rename(tmp_path / "elsewhere", root)
     status = _scan(c, "nas")
     assert status["warning"] is None and c.get("/health").json()["libraries"] == "ok"
+    assert status["last_scan"]["back_online"] == 24 and status["last_scan"]["indexed"] == 0 and _count(c) == 24
 
     # Most files vanish at once: nothing goes offline unless the scan is forced.
     removed = sorted(root.rglob("*.jpg"))[:15]
@@ -347,6 +350,7 @@ def library_state(request, tmp_path):
     state.close()
 
 
+@pytest.mark.slow
 def test_library_state_on_both_stores(library_state):
     """The one SQL text on SQLite (one machine) and PostgreSQL (replicas): files, offline, counts, hidden, leases."""
     s = library_state

@@ -187,7 +187,7 @@ def scan_library(
             raise ScanStopped
 
     known = ctx.state.files(name)
-    problem = _root_problem(library, known)
+    problem = _root_problem(library, known, force)
     if problem:
         result.warning = problem
         result.seconds = round(time.monotonic() - started, 3)
@@ -195,7 +195,7 @@ def scan_library(
     report("walk", 0, 0)
     walk = walk_library(library, ctx.extra_excludes, progress=lambda n: report("walk", n, 0), stop=stop.is_set)
     check_stop()
-    problem = _root_problem(library, known)  # a root that went away during the walk
+    problem = _root_problem(library, known, force)  # a root that went away during the walk
     if problem:
         result.warning = problem
         result.seconds = round(time.monotonic() - started, 3)
@@ -304,13 +304,15 @@ def purge_offline(ctx: ScanContext, library: Library, older_than_s: float = 0.0)
     return len(expired), reconcile(ctx.db, ctx.uploads, ctx.state, [i for _, i in expired if i])
 
 
-def _root_problem(library: Library, known: dict[bytes, FileRow]) -> str | None:
-    """Why the roots cannot be trusted (missing, unreadable, or empty while files were known there), or ``None``."""
+def _root_problem(library: Library, known: dict[bytes, FileRow], force: bool = False) -> str | None:
+    """Why the roots cannot be trusted (missing, unreadable, or empty while files were known there), or ``None``.
+    With ``force``, an empty root is believed (its files really were deleted); a missing one never is."""
     problems = []
     prefixes = dict(library.root_prefixes())
     for p in check_roots(library):
         prefix = prefixes.get(p.root, b"")
-        if p.empty and not any(row.offline_since is None and path.startswith(prefix) for path, row in known.items()):
+        knew_files = any(row.offline_since is None and path.startswith(prefix) for path, row in known.items())
+        if p.empty and (force or not knew_files):
             continue  # an empty root of a library that knows nothing there is just empty
         problems.append(f"root {p.root} {p.reason}")
     if not problems:
