@@ -69,10 +69,12 @@ FROM python:3.12-slim AS runtime
 # --system: system accounts live below SYS_UID_MAX (999), and useradd warns about 10001. --no-log-init keeps
 # /var/log/lastlog and faillog from growing a sparse entry for a high uid (hadolint DL3046).
 # /data/images and /models are created here, owned by that user: Docker copies a path's ownership into a new
-# named volume mounted on it, so the compose volumes start out writable by the service.
+# named volume mounted on it, so the compose volumes start out writable by the service. /photos, where
+# docker-compose.yml mounts PHOTOS_DIR read-only (the library indexed in place), stays root's: the service only
+# reads it, and as part of the image the mount point adds nothing to the container's own layer.
 RUN groupadd --gid 10001 app \
     && useradd --no-log-init --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
-    && mkdir -p /data/images /models/hf /models/torch \
+    && mkdir -p /data/images /models/hf /models/torch /photos \
     && chown -R app:app /data /models
 
 COPY --from=builder /opt/venv /opt/venv

@@ -593,7 +593,8 @@ class Settings(BaseSettings):
         "",
         description="Libraries created (or updated) at start: comma-separated name=/absolute/folder entries; a name "
         "given twice gets both folders (photos=/nas1,photos=/nas2). Compose mounts PHOTOS_DIR read-only at /photos "
-        "and sets photos=/photos. Libraries can also be created with POST /libraries or image-search-library add.",
+        "and defaults this to photos=/photos (empty: none). Libraries can also be created with POST /libraries or "
+        "image-search-library add.",
         json_schema_extra={"group": "libraries"},
     )
     library_exclude: str = Field(

@@ -769,6 +769,35 @@ def test_compose_scale_replicas_share_postgres_minio_and_redis() -> None:
     assert _depends_on(services["app-b"])["app-a"]["condition"] == "service_healthy", "one model download, not two"
 
 
+def _bind_mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """Bind mounts of a compose service (short syntax): container path -> (host path as written, read-only)."""
+    binds: dict[str, tuple[str, bool]] = {}
+    for entry in service.get("volumes", []):
+        match = isinstance(entry, str) and re.fullmatch(r"(\$\{[^}]*\}|[./~][^:]*):([^:]+)(?::(\S+))?", entry)
+        if match:
+            source, target, mode = match.groups()
+            binds[target] = (source, "ro" in (mode or "").split(","))
+    return binds
+
+
+def test_compose_mounts_the_photo_folder_read_only_in_every_app_container() -> None:
+    """PHOTOS_DIR (default ./photos) read-only at /photos and the library photos=/photos from LIBRARY_ROOTS, in
+    the app and in both replicas of the scale profile alike: replicas must see the roots at the same path."""
+    services = _compose()["services"]
+    for name in ("app", *SCALE_REPLICAS):
+        binds = _bind_mounts(services[name])
+        assert binds.get("/photos") == ("${PHOTOS_DIR:-./photos}", True), (name, binds)
+        roots = _environment(services[name])["LIBRARY_ROOTS"]
+        # `-`, not `:-`: an empty LIBRARY_ROOTS means no library rather than the default.
+        assert roots == "${LIBRARY_ROOTS-photos=/photos}", (name, roots)
+    assert "/photos/" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines(), "./photos is the user's"
+    # The mount point is part of the image (root-owned: the service only reads it), so the container's own layer
+    # stays unchanged (`docker diff`) and a read-only root filesystem needs no new folder.
+    runs = " ".join(args for keyword, args in _dockerfile_instructions() if keyword == "RUN")
+    assert re.search(r"mkdir -p [^&]*/photos\b", runs), "the image creates /photos"
+    assert not re.search(r"chown[^&]*/photos\b", runs), "/photos stays root's"
+
+
 def test_compose_scale_profile_is_documented() -> None:
     header = COMPOSE_FILE.read_text(encoding="utf-8").split("\nname:", 1)[0]
     assert "Profile `scale`" in header and "--profile scale up" in header and " lb" in header

@@ -149,6 +149,15 @@ COMPOSE_VARIABLES: tuple[ComposeVariable, ...] = (
         "Memory limit of the redis service (the embedding cache's shared layer); allkeys-lfu evicts beyond it.",
     ),
     ComposeVariable(
+        "PHOTOS_DIR",
+        "services",
+        "./photos",
+        "Host folder of photos indexed in place (docs/docker.md): mounted read-only at /photos in the app containers "
+        "(the scale profile's replicas too), the library `photos` of LIBRARY_ROOTS' Compose default, scanned at the "
+        "first start; nothing is copied. A relative path is relative to docker-compose.yml. Docker creates a missing "
+        "folder, owned by root; the service (uid 10001) must be able to read the photos.",
+    ),
+    ComposeVariable(
         "MINIO_ROOT_USER",
         "scale",
         "minioadmin",

@@ -142,7 +142,9 @@ class Libraries:
     # --- start and stop ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """At service start: create or update the ``LIBRARY_ROOTS`` libraries, resume scans that a stop or
-        ``kill -9`` cut short, start the periodic scans and (``LIBRARY_WATCH``) the watcher. A database that is
+        ``kill -9`` cut short, start the scans that are due now (a library never scanned, such as one just created
+        from ``LIBRARY_ROOTS``, or one whose last scan is older than ``LIBRARY_SCAN_INTERVAL``) rather than at the
+        scheduler's first tick, start the periodic scans and (``LIBRARY_WATCH``) the watcher. A database that is
         down is logged, not raised: the scheduler tries again."""
         try:
             self._sync_env_libraries()
@@ -154,7 +156,9 @@ class Libraries:
                         self.scan(row.name)
         except DatabaseUnavailableError as exc:
             log.error("Libraries: cannot read their state at start (%s); retrying in the background", exc)
-        self.run_due_scans()  # a library never scanned (a new LIBRARY_ROOTS one) or overdue starts now
+        # A library never scanned (a new LIBRARY_ROOTS one) or overdue starts now; never raises for a database that
+        # is down (the scheduler's ticks try again).
+        self.run_due_scans()
         self._scheduler = threading.Thread(target=self._schedule, name="library-scheduler", daemon=True)
         self._scheduler.start()
         if self.settings.library_watch:
@@ -204,7 +208,10 @@ class Libraries:
                     interval > 0 and row.scan_finished_at is not None and time.time() - row.scan_finished_at > interval
                 )
                 if (never or due) and not self._running(row.name):
-                    _, ok = self.scan(row.name, settle=True)
+                    try:
+                        _, ok = self.scan(row.name, settle=True)
+                    except LibraryNotFoundError:  # deleted meanwhile (by another replica)
+                        continue
                     if ok:
                         started.append(row.name)
         except (DatabaseUnavailableError, LibraryConflictError) as exc:

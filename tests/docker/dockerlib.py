@@ -194,6 +194,9 @@ class Stack:
     profiles: tuple[str, ...] = ()
     report: dict = field(default_factory=dict)
     indexed: dict[str, Path] = field(default_factory=dict)  # image id -> dataset file
+    photos_dir: Path | None = None  # PHOTOS_DIR: the folder mounted read-only at /photos (the library `photos`)
+    library: dict[str, Path] = field(default_factory=dict)  # image id -> its file in photos_dir, once scanned
+    healthy_at: float = 0.0  # time.time() when the first `up --wait` returned
 
     @property
     def headers(self) -> dict[str, str]:
@@ -322,6 +325,9 @@ def compose_env(**extra: str) -> dict[str, str]:
     for name in ("VECTOR_DB", "APP_BIND", "APP_PORT", "API_KEY", "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
         env.pop(name, None)  # the defaults are what is tested; APP_BIND's is 127.0.0.1
     for name in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "SCALE_BUCKET"):
+        env.pop(name, None)
+    # Each test sets PHOTOS_DIR to a folder of its own: unset, Compose would create ./photos in the checkout.
+    for name in ("PHOTOS_DIR", "LIBRARY_ROOTS"):
         env.pop(name, None)
     env["DOCKER_BUILDKIT"] = "1"
     env.update(extra)

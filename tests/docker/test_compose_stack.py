@@ -17,19 +17,25 @@ What it proves, in order, on the default stack (``docker-compose.yml`` with no p
    upload into Gradio's temp folder and a ``/search`` call through ``gradio_client``; the app container writes
    nothing outside ``/tmp`` and its volumes (``docker diff``: the image's files stay as built, Gradio's uploads
    go to ``/tmp/gradio``) and reaches nothing outside the Compose network, so the UI needs no internet;
-3. the app runs as uid/gid 10001, the database and Redis ports are not published, and the app port only on
+3. ``PHOTOS_DIR`` (20 real photos copied into a temporary folder) is mounted read-only at ``/photos`` and is the
+   library ``photos`` (``LIBRARY_ROOTS``' Compose default), whose first scan started before the app first
+   answered: ``GET /libraries/photos`` shows the 20 indexed, searches find them as ``photos/<path>``,
+   ``GET /image/{id}`` answers the file's bytes, and the images volume holds no file (nothing was copied); a
+   photo added to the folder is indexed by ``POST /libraries/photos/scan``;
+4. the app runs as uid/gid 10001, the database and Redis ports are not published, and the app port only on
    127.0.0.1 (``APP_BIND``'s default);
-4. ``scripts/bulk_index.py`` indexes 50 real images from ``../shared/datasets`` through the published port, and
+5. ``scripts/bulk_index.py`` indexes 50 real images from ``../shared/datasets`` through the published port, and
    searching finds them; a photo that is not indexed, searched twice, is computed once and then a cache hit
    (``/stats`` ``cache``), and its embedding is in Redis;
-5. after ``docker compose down`` and ``up`` the count and an original survive (named volumes), and that photo is
-   a Redis hit in the new app container (the ``redis-data`` volume kept the cache);
-6. with ``read_only: true`` and a tmpfs on ``/tmp`` (an extra override file) the app starts, takes a Gradio upload
+6. after ``docker compose down`` and ``up`` the count and an original survive (named volumes), and that photo is
+   a Redis hit in the new app container (the ``redis-data`` volume kept the cache); the library is not scanned
+   again (its state is in the database) and still serves its files;
+7. with ``read_only: true`` and a tmpfs on ``/tmp`` (an extra override file) the app starts, takes a Gradio upload
    and searches: it needs nothing writable outside its volumes and ``/tmp``;
-7. ``APP_PORT=<a range> docker compose up --scale app=2`` (docs/docker.md): two app containers on one
-   database, images volume and Redis; a photo embedded by one is a Redis hit in the other, and each serves the
-   other's counts and originals;
-8. ``docker compose down -v`` removes everything the project made (containers, network, volumes); at the end of
+8. ``APP_PORT=<a range> docker compose up --scale app=2`` (docs/docker.md): two app containers on one
+   database, images volume, photo folder and Redis; a photo embedded by one is a Redis hit in the other, and each
+   serves the other's counts and originals, and the library's files;
+9. ``docker compose down -v`` removes everything the project made (containers, network, volumes); at the end of
    the session the image is removed too (and the Redis stand-in, when the session built one).
 
 The ``redis`` image docker-compose.yml names is used when the local store has it or it can be pulled; otherwise
@@ -39,14 +45,16 @@ redis-server (``tests/docker/redis-standin``, with ``--network host``) and remov
 ``TEST_DOCKER_REUSE_IMAGE=1`` is for working on these tests: it starts the image already tagged
 ``image-similarity-search:compose-test`` (if there is one), builds nothing and keeps it; its report says so.
 
-At the end it prints one JSON line: image size, build times (cold and cached), time to healthy, restart time and
-the two-replica start, which Redis ran, with the load average when the builds and the first start began (the
-machine may be shared).
+At the end it prints one JSON line: image size, build times (cold and cached), time to healthy, the library's
+first scan (when it started after the app container, how long it took) and the rescan, restart time and the
+two-replica start, which Redis ran, with the load average when the builds and the first start began (the machine
+may be shared).
 
 Isolation: a dedicated Compose project name, its own image tag, free ports, an empty ``--env-file`` and no
 ``env_file`` (a developer's ``.env`` changes nothing here), no profile. The only other things it adds are a
 temporary override file (``build: network: host``, for engines whose bridge networks have no outside access, as on
-this project's machines) and the build logs, all under pytest's temporary directory.
+this project's machines), the build logs and the photo folder (``PHOTOS_DIR``; never the default ``./photos`` in
+the checkout), all under pytest's temporary directory.
 
 Every HTTP request carries ``Authorization: Bearer <API_KEY>`` and ``bulk_index.py`` gets ``IMAGE_SEARCH_API_KEY``,
 so the test stays right once the service enforces API keys (the server ignores them until then).
@@ -58,6 +66,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +101,11 @@ N_IMAGES = 50
 APP_UID = "10001"
 # Query photos that are not among the indexed ones (another dataset), so the model embeds them: the cache's cases.
 QUERY_PHOTOS = sorted((DATASETS / "caltech101_subset" / "images").rglob("*.jpg"))
+# PHOTOS_DIR: the first photo of N_LIBRARY categories of the same dataset, after the Faces ones the queries come
+# from; one more category's photo is added to the folder during the test.
+N_LIBRARY = 20
+LIBRARY_CATEGORIES = sorted(p for p in (DATASETS / "caltech101_subset" / "images").iterdir() if p.is_dir())[4:]
+LIBRARY_SCAN_TIMEOUT_S = 300
 
 # The session's image (conftest.py builds it), and no `.env` env_file (`!reset`, Compose 2.24+), so a developer's
 # settings cannot change what is tested.
@@ -115,6 +129,60 @@ def _cache_delta(before: dict, after: dict) -> dict[str, int]:
         "redis_writes": after["redis"]["writes"] - before["redis"]["writes"],
         "redis_errors": after["redis"]["errors"] - before["redis"]["errors"],
     }
+
+
+def _place(src: Path, folder: Path) -> Path:
+    """Copy a photo into the photo folder, as ``<category>/<name>``, readable by everyone as in a user's folder (the
+    service runs as uid 10001). Copied, not linked: a link out of the folder is not followed inside the container."""
+    dest = folder / src.parent.name / src.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.chmod(0o755)
+    shutil.copy2(src, dest)  # keeps the mtime: an old photo, not one still being copied
+    dest.chmod(0o644)
+    return dest
+
+
+def _photo_folder(folder: Path) -> dict[str, Path]:
+    """PHOTOS_DIR with N_LIBRARY real photos: image id -> file."""
+    folder.mkdir()
+    folder.chmod(0o755)
+    placed = {}
+    for category in LIBRARY_CATEGORIES[:N_LIBRARY]:
+        src = sorted(category.glob("*.jpg"))[0]
+        placed[sha256(src)] = _place(src, folder)
+    assert len(placed) == N_LIBRARY, "the library's photos must be distinct images"
+    assert not placed.keys() & {sha256(p) for p in QUERY_PHOTOS[:3]}, "the cache tests' queries must not be indexed"
+    return placed
+
+
+def _library(stack: Stack, base_url: str | None = None) -> dict:
+    answer = stack.get("/libraries/photos", base_url)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _wait_until_scanned(stack: Stack) -> dict:
+    """``GET /libraries/photos`` until its scan (running or not yet started) has ended; the library then."""
+    deadline = time.monotonic() + LIBRARY_SCAN_TIMEOUT_S
+    while True:
+        library = _library(stack)
+        if library["state"] == "idle" and library["scan_finished_at"]:
+            return library
+        assert library["state"] in ("idle", "scanning"), library  # failed, waiting, interrupted: at once
+        assert time.monotonic() < deadline, f"the scan of photos did not end in {LIBRARY_SCAN_TIMEOUT_S} s: {library}"
+        time.sleep(0.5)
+
+
+def _epoch(iso: str) -> float:
+    """Epoch seconds of an ISO 8601 UTC time; Docker's nanoseconds are cut to whole seconds (the API's precision)."""
+    return datetime.fromisoformat(iso[:19]).replace(tzinfo=UTC).timestamp()
+
+
+def _store_files(stack: Stack, service: str = "app") -> list[str]:
+    """Every file under the images volume (IMAGE_DIR, /data/images) of the service's container, less the write
+    locks' shard files (``.locks/``, unused with DATABASE_URL: the locks are PostgreSQL's then)."""
+    found = stack.check("exec", "-T", service, "find", "/data/images", "-type", "f", "-not", "-path", "*/.locks/*")
+    return found.split()
 
 
 def _free_port_pair() -> int:
@@ -153,9 +221,14 @@ def stack(
     env_file.write_text("", encoding="utf-8")
     port = free_port()
     api_key = "compose-test-" + secrets.token_hex(16)
-    env = compose_env(APP_PORT=str(port), API_KEY=api_key, TORCH_INDEX_URL=app_image.torch_index_url)
+    photos = work / "photos"
+    in_folder = _photo_folder(photos)
+    env = compose_env(
+        APP_PORT=str(port), API_KEY=api_key, TORCH_INDEX_URL=app_image.torch_index_url, PHOTOS_DIR=str(photos)
+    )
 
-    s = Stack(PROJECT, f"http://127.0.0.1:{port}", api_key, env, override, env_file, work)
+    s = Stack(PROJECT, f"http://127.0.0.1:{port}", api_key, env, override, env_file, work, photos_dir=photos)
+    s.library = in_folder
     s.report.update(benchmark="compose_stack", date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"), **engine_versions())
     say(request, f"\n[test-docker] project {PROJECT}, port {port}, logs in {work}")
 
@@ -169,6 +242,7 @@ def stack(
         s.report["loadavg_1m_at_up"] = round(os.getloadavg()[0], 1)
         say(request, "[test-docker] starting the default stack ...")
         s.report["healthy_s"] = round(s.up(), 1)
+        s.healthy_at = time.time()
         yield s
     finally:
         s.report["down_v_ok"], down = s.down_volumes()
@@ -183,6 +257,7 @@ def test_stack_is_healthy_and_serves_api_docs_and_ui(stack: Stack) -> None:
     assert body["status"] == "ok" and body["database"] == "ok" and body["backend"] == "pgvector", body
     # The app reaches the compose `redis` service through CACHE_REDIS_URL.
     assert body["cache"] == "ok" and not body["problems"], body
+    assert body["libraries"] == "ok", body  # the library `photos` from LIBRARY_ROOTS, created at start
     stack.report["model"] = body["model"]["id"]
 
     docs = stack.get("/docs")
@@ -228,6 +303,69 @@ def test_stack_is_healthy_and_serves_api_docs_and_ui(stack: Stack) -> None:
         "exec", "-T", "app", "python", "-c", "import socket; socket.create_connection(('pypi.org', 443), timeout=5)"
     )
     stack.report["app_reaches_internet"] = probe.returncode == 0
+
+
+def test_photos_dir_is_a_library_indexed_in_place_from_the_first_start(stack: Stack) -> None:
+    """docs/docker.md, "Indexing a photo folder in place": PHOTOS_DIR read-only at /photos, the library `photos`
+    created from LIBRARY_ROOTS and scanned at the first start; its photos are searched and served from the folder,
+    never copied into the images volume; a photo added to the folder comes in with a scan."""
+    assert stack.photos_dir is not None
+    mounts = {m["Destination"]: m for m in stack.container("app")["Mounts"]}
+    photos = mounts["/photos"]
+    assert (photos["Type"], photos["Source"], photos["RW"]) == ("bind", str(stack.photos_dir), False), photos
+    assert "Read-only file system" in stack.compose("exec", "-T", "app", "touch", "/photos/x").stderr
+
+    # The first scan started with the service, before it first answered (not at the scheduler's first tick, 30 s
+    # on); here it runs on, or has ended.
+    first = _library(stack)
+    assert (first["source"], first["roots"]) == ("env", ["/photos"]), first
+    assert first["scan_started_at"] is not None, first
+    started = _epoch(first["scan_started_at"])
+    assert started <= stack.healthy_at + 1, (first, stack.healthy_at)
+    container_started = _epoch(stack.container("app")["State"]["StartedAt"])
+    stack.report["library_scan_started_s"] = round(started - container_started, 1)  # after the container's start
+    waited = time.monotonic()
+    library = _wait_until_scanned(stack)
+    stack.report["library_waited_s"] = round(time.monotonic() - waited, 1)  # after `up --wait` and the checks above
+    n = len(stack.library)
+    assert library["counts"] == {"files": n, "online": n, "offline": 0, "failed": 0, "images": n}, library
+    scan = library["last_scan"]
+    assert (scan["files"], scan["new"], scan["indexed"], scan["failed"]) == (n, n, n, 0), scan
+    assert library["error"] is None and library["warning"] is None, library
+    stack.report["library_scan_s"] = scan["seconds"]
+    assert stack.get("/stats").json()["count"] == n
+
+    def check_served(image_id: str, src: Path) -> None:
+        """The photo finds itself as photos/<path>, and GET /image/{id} answers the file's bytes."""
+        name = "photos/" + src.relative_to(stack.photos_dir).as_posix()
+        results = stack.search_image(src, top_k="5", path_prefix="photos/")
+        assert all(r["filename"].startswith("photos/") for r in results), results
+        mine = next((r for r in results if r["id"] == image_id), None)
+        assert mine and mine["filename"] == name and mine["score"] > 0.999, (name, results)
+        original = stack.get(f"/image/{image_id}")
+        assert original.status_code == 200 and original.content == src.read_bytes(), (src, original.status_code)
+
+    for image_id, src in list(stack.library.items())[:: n // 4]:
+        check_served(image_id, src)
+    # Not copied: the images volume (IMAGE_DIR) holds no file at all (this test runs before any upload), so every
+    # byte served above came from the folder.
+    assert _store_files(stack) == [], "the library's originals must stay in PHOTOS_DIR, not be copied"
+
+    # A photo added to the folder: a scan indexes it (and only it: the others are unchanged, not read again).
+    src = sorted(LIBRARY_CATEGORIES[N_LIBRARY].glob("*.jpg"))[0]
+    image_id = sha256(src)
+    added = _place(src, stack.photos_dir)
+    answer = httpx.post(stack.base_url + "/libraries/photos/scan", headers=stack.headers, timeout=60)
+    assert answer.status_code == 202 and answer.json()["state"] == "scanning", answer.text
+    start = time.monotonic()
+    library = _wait_until_scanned(stack)
+    stack.report["library_rescan_s"] = round(time.monotonic() - start, 1)
+    scan = library["last_scan"]
+    assert (scan["files"], scan["unchanged"], scan["new"], scan["indexed"]) == (n + 1, n, 1, 1), scan
+    assert library["counts"]["online"] == library["counts"]["images"] == n + 1, library
+    check_served(image_id, added)
+    assert _store_files(stack) == []
+    stack.library[image_id] = added
 
 
 def test_app_runs_as_uid_10001_and_only_the_app_port_is_published(stack: Stack) -> None:
@@ -299,7 +437,8 @@ def test_bulk_index_50_real_images_through_the_published_port_and_search(stack: 
     assert bulk_index() == (N_IMAGES, N_IMAGES, 0, 0), "a second run must find every image already indexed"
 
     stats = stack.get("/stats").json()
-    assert stats["count"] == N_IMAGES, stats
+    assert stats["count"] == N_IMAGES + len(stack.library), stats  # the uploads and the library's photos
+    assert len(_store_files(stack)) == N_IMAGES, "one original per upload in the images volume, none per library file"
     for image_id, src in list(chosen.items())[:: N_IMAGES // 5]:
         results = stack.search_image(src, top_k="5")
         # Some files embed identically (e.g. one photo in several formats), so the query need not be first.
@@ -351,11 +490,18 @@ def test_repeated_search_is_a_cache_hit_and_the_embedding_is_in_redis(stack: Sta
 
 def test_count_and_originals_survive_down_and_up(stack: Stack) -> None:
     assert stack.indexed, "needs the images indexed by the previous test"
+    library = _library(stack)
     stack.check("down", timeout=300)
     assert not stack.check("ps", "-q", "--all").split(), "down must remove the containers"
     stack.report["restart_s"] = round(stack.up(), 1)
 
-    assert stack.get("/stats").json()["count"] == N_IMAGES
+    assert stack.get("/stats").json()["count"] == N_IMAGES + len(stack.library)
+    # The library's state is in the database: the new container knows it as scanned, so its start scans nothing
+    # (LIBRARY_SCAN_INTERVAL is 1d), and it serves the folder's files.
+    again = _library(stack)
+    assert again["scan_started_at"] == library["scan_started_at"] and again["counts"] == library["counts"], again
+    for image_id, src in list(stack.library.items())[:2]:
+        assert stack.get(f"/image/{image_id}").content == src.read_bytes(), src
     for image_id, src in list(stack.indexed.items())[:3]:
         original = stack.get(f"/image/{image_id}")
         assert original.status_code == 200 and original.content == src.read_bytes(), (src, original.status_code)
@@ -394,6 +540,8 @@ def test_app_runs_with_a_read_only_root_filesystem(stack: Stack) -> None:
     assert upload.status_code == 200 and upload.json()[0].startswith("/tmp/gradio/"), upload.text
     image_id, src = next(iter(stack.indexed.items()))
     assert image_id in {r["id"] for r in stack.search_image(src)}
+    library_id, library_src = next(iter(stack.library.items()))  # the read-only bind mount reads the same
+    assert stack.get(f"/image/{library_id}").content == library_src.read_bytes()
 
 
 def test_two_app_replicas_share_the_database_images_and_redis(stack: Stack) -> None:
@@ -414,8 +562,12 @@ def test_two_app_replicas_share_the_database_images_and_redis(stack: Stack) -> N
     for url in urls:  # one database and one images volume behind both
         health = stack.get("/health", url).json()
         assert health["status"] == "ok" and health["cache"] == "ok", (url, health)
-        assert stack.get("/stats", url).json()["count"] == N_IMAGES
+        assert stack.get("/stats", url).json()["count"] == N_IMAGES + len(stack.library)
         assert stack.get(f"/image/{image_id}", url).content == src.read_bytes()
+        # Each replica mounts the photo folder at /photos and reads the library's files itself.
+        library_id, library_src = next(iter(stack.library.items()))
+        assert stack.get(f"/image/{library_id}", url).content == library_src.read_bytes(), url
+        assert _library(stack, url)["counts"]["online"] == len(stack.library), url
 
     # A photo embedded by one replica is a Redis hit in the other, both ways.
     for photo, (one, other) in zip(QUERY_PHOTOS[1:3], (urls, urls[::-1]), strict=True):

@@ -6,7 +6,8 @@ session built once (``conftest.py``; ``test_compose_stack.py`` starts it too), u
 goes through that one port, as a client would:
 
 1. every service is healthy and only ``lb`` is published (on 127.0.0.1); ``/health`` through it: database, the
-   bucket (``storage``) and Redis ``ok``;
+   bucket (``storage``) and Redis ``ok``; both replicas mount ``PHOTOS_DIR`` (here an empty folder) read-only at
+   the same path, ``/photos``, and share the one library ``photos`` created from ``LIBRARY_ROOTS``;
 2. ``scripts/bulk_index.py`` indexes 20 real images through ``lb``; their originals are objects in the bucket (listed
    with the replicas' own credentials from inside ``app-a``), and neither replica's ``DATA_DIR`` holds a copy;
 3. originals (``GET /image/{id}``) and searches answer the same bytes and the same results through ``lb`` whichever
@@ -134,8 +135,11 @@ def scale(
         MINIO_ROOT_USER="scale-test",
         MINIO_ROOT_PASSWORD=secrets.token_hex(16),
         TORCH_INDEX_URL=app_image.torch_index_url,
+        PHOTOS_DIR=str(work / "photos"),  # an empty photo folder (default: ./photos, created in the checkout)
     )
+    (work / "photos").mkdir(mode=0o755)
     s = Scale(PROJECT, f"http://127.0.0.1:{port}", api_key, env, override, env_file, work, profiles=("scale",))
+    s.photos_dir = work / "photos"
     s.report.update(benchmark="compose_scale", date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"), **engine_versions())
     say(request, f"\n[test-docker] scale profile: project {PROJECT}, lb on port {port}, logs in {work}")
     s.compose("down", "--volumes", "--remove-orphans", timeout=300)  # leftovers of an interrupted run of this project
@@ -167,6 +171,16 @@ def test_only_the_load_balancer_is_published_and_the_replicas_are_healthy(scale:
         assert health.status_code == 200, health.text
         body = health.json()
         assert (body["status"], body["database"], body["storage"], body["cache"]) == ("ok", "ok", "ok", "ok"), body
+        assert body["libraries"] == "ok", body
+    # The photo folder, read-only at the same path in both replicas: one library (its state in db) for both.
+    for service in REPLICAS:
+        photos = {m["Destination"]: m for m in scale.container(service)["Mounts"]}["/photos"]
+        assert (photos["Type"], photos["Source"], photos["RW"]) == ("bind", str(scale.photos_dir), False), photos
+    for service in REPLICAS:
+        status, _ = scale.get_inside(service, "/libraries/photos")
+        assert status == 200, service
+    library = scale.get("/libraries").json()
+    assert [(lib["name"], lib["source"], lib["roots"]) for lib in library] == [("photos", "env", ["/photos"])]
 
 
 def test_bulk_index_through_the_load_balancer_lands_in_the_bucket(scale: Scale, tmp_path: Path) -> None:
