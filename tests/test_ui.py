@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -41,15 +42,18 @@ def caltech_folder(folder: Path, n: int = 6) -> Path:
 
 def gate_scans(monkeypatch) -> threading.Event:
     """Hold every library scan started from now on before its first step until the returned event is set (the
-    library shows ``scanning`` meanwhile): a test then sees a running scan for sure, however fast the machine."""
+    library shows ``scanning`` meanwhile): a test then sees a running scan for sure, however fast the machine. A
+    service that stops meanwhile (the test failed) lets the scan go at once, to stop at its first step."""
     import app.library.libraries as libraries_module
 
     gate = threading.Event()
     real = libraries_module.scan_library
 
-    def gated(*args, **kwargs):
-        assert gate.wait(120), "the test never let the scan go"
-        return real(*args, **kwargs)
+    def gated(*args, stop: threading.Event | None = None, **kwargs):
+        deadline = time.monotonic() + 120
+        while not gate.wait(0.05) and not (stop is not None and stop.is_set()):
+            assert time.monotonic() < deadline, "the test never let the scan go"
+        return real(*args, stop=stop, **kwargs)
 
     monkeypatch.setattr(libraries_module, "scan_library", gated)
     return gate
@@ -153,37 +157,41 @@ def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offl
     app = create_app(settings, embedder=offline_embedder)
     with run_live_server(app) as url:
         ui = Client(f"{url}/ui/", verbose=False)
-        text, *_ = ui.predict(None, api_name="/libraries")
-        assert "No photo library yet" in text and "image-search-library add NAME FOLDER" in text
-        folder = caltech_folder(tmp_path / "photos")
-        libraries = app.state.service.libraries
-        libraries.create("photos", [str(folder)])
-        assert libraries.wait("photos", 300)
-        text, chosen, _ = ui.predict(None, api_name="/libraries")
-        assert chosen["value"] == "photos" and chosen["choices"] == [["photos", "photos"]]  # chosen for "Scan now"
-        assert "#### photos" in text and "✓ **Idle**" in text
-        assert "**6 online** · **0 offline** · 0 failed · 6 distinct photos" in text
-        assert "6 files found; 6 new, 6 indexed (model calls)" in text
+        try:
+            text, *_ = ui.predict(None, api_name="/libraries")
+            assert "No photo library yet" in text and "image-search-library add NAME FOLDER" in text
+            folder = caltech_folder(tmp_path / "photos")
+            libraries = app.state.service.libraries
+            libraries.create("photos", [str(folder)])
+            assert libraries.wait("photos", 300)
+            text, chosen, _ = ui.predict(None, api_name="/libraries")
+            assert chosen["value"] == "photos" and chosen["choices"] == [["photos", "photos"]]  # chosen for "Scan now"
+            assert "#### photos" in text and "✓ **Idle**" in text
+            assert "**6 online** · **0 offline** · 0 failed · 6 distinct photos" in text
+            assert "6 files found; 6 new, 6 indexed (model calls)" in text
 
-        (folder / "Faces.jpg").unlink()
-        gate = gate_scans(monkeypatch)
-        # A scan is a write: refused without the key, with a wrong one, and for a library that does not exist.
-        for key in ("", "wrong"):
-            with pytest.raises(Exception, match="Scanning a library needs the service's API key"):
-                ui.predict("photos", False, key, "", "", api_name="/scan_library")
-        assert libraries.status("photos").state == "idle"
-        with pytest.raises(Exception, match="No library called 'nope'"):
-            ui.predict("nope", False, KEY, "", "", api_name="/scan_library")
-        # The key typed into another tab's key box counts.
-        message, text, _ = ui.predict("photos", False, "", KEY, "", api_name="/scan_library")
-        assert message == "Scan of **photos** started." and "⏳ **Scanning**" in text
-        message, *_ = ui.predict("photos", False, KEY, "", "", api_name="/scan_library")
-        assert message.startswith("A scan of **photos** is already running")
-        gate.set()
-        assert libraries.wait("photos", 300)
-        text, *_ = ui.predict("photos", api_name="/libraries")
-        assert "**5 online** · **1 offline**" in text and "5 unchanged, 1 newly offline" in text
-        assert "**1 file offline**: missing since a scan. It is hidden from search results and kept for 30 days" in text
+            (folder / "Faces.jpg").unlink()
+            gate = gate_scans(monkeypatch)
+            # A scan is a write: refused without the key, with a wrong one, and for a library that does not exist.
+            for key in ("", "wrong"):
+                with pytest.raises(Exception, match="Scanning a library needs the service's API key"):
+                    ui.predict("photos", False, key, "", "", api_name="/scan_library")
+            assert libraries.status("photos").state == "idle"
+            with pytest.raises(Exception, match="No library called 'nope'"):
+                ui.predict("nope", False, KEY, "", "", api_name="/scan_library")
+            # The key typed into another tab's key box counts.
+            message, text, _ = ui.predict("photos", False, "", KEY, "", api_name="/scan_library")
+            assert message == "Scan of **photos** started." and "⏳ **Scanning**" in text
+            message, *_ = ui.predict("photos", False, KEY, "", "", api_name="/scan_library")
+            assert message.startswith("A scan of **photos** is already running")
+            gate.set()
+            assert libraries.wait("photos", 300)
+            text, *_ = ui.predict("photos", api_name="/libraries")
+            assert "**5 online** · **1 offline**" in text and "5 unchanged, 1 newly offline" in text
+            offline = "**1 file offline**: missing since a scan. It is hidden from search results and kept for 30 days"
+            assert offline in text
+        finally:
+            ui.close()  # else its heartbeat stream holds the server's shutdown 30 s (now: until the next beat)
 
 
 def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, database_url, offline_embedder):
