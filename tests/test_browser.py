@@ -480,7 +480,8 @@ def test_phone_reaches_every_tab(server, browser, request, tmp_path):
     page = tab.page
     try:
         _open(page, server.url)
-        for name, shows in (("Add", "#add-files"), ("Duplicates", "#find-duplicates"), ("About", "#about")):
+        tabs = (("Add", "#add-files"), ("Duplicates", "#find-duplicates"), ("Libraries", "#libraries-list"))
+        for name, shows in (*tabs, ("About", "#about")):
             button = page.get_by_role("tab", name=name)
             box = button.bounding_box()  # a visible tab, not an entry of an overflow menu
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, name

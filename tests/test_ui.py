@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import httpx
 import pillow_heif
@@ -16,7 +20,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from app.main import create_app
-from tests.helpers import FORMATS, INSTANCE, PROJECT_ROOT, make_settings, run_live_server
+from tests.helpers import DATASETS, FORMATS, INSTANCE, PROJECT_ROOT, make_settings, run_live_server
 
 # Loads a model and a database: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -25,6 +29,34 @@ pillow_heif.register_heif_opener()  # to read the HEIC test file's size here
 
 HOPPER = INSTANCE / "grace_hopper"
 KEY = "ui-test-key-81c2"
+CALTECH = DATASETS / "caltech101_subset" / "images"
+
+
+def caltech_folder(folder: Path, n: int = 6) -> Path:
+    """``folder`` made with ``n`` caltech photos of distinct categories (``Faces.jpg``...): a library's root."""
+    folder.mkdir(parents=True)
+    for source in sorted(CALTECH.glob("*/image_0001.jpg"))[:n]:
+        shutil.copyfile(source, folder / f"{source.parent.name}.jpg")
+    return folder
+
+
+def gate_scans(monkeypatch) -> threading.Event:
+    """Hold every library scan started from now on before its first step until the returned event is set (the
+    library shows ``scanning`` meanwhile): a test then sees a running scan for sure, however fast the machine. A
+    service that stops meanwhile (the test failed) lets the scan go at once, to stop at its first step."""
+    import app.library.libraries as libraries_module
+
+    gate = threading.Event()
+    real = libraries_module.scan_library
+
+    def gated(*args, stop: threading.Event | None = None, **kwargs):
+        deadline = time.monotonic() + 120
+        while not gate.wait(0.05) and not (stop is not None and stop.is_set()):
+            assert time.monotonic() < deadline, "the test never let the scan go"
+        return real(*args, stop=stop, **kwargs)
+
+    monkeypatch.setattr(libraries_module, "scan_library", gated)
+    return gate
 
 
 @pytest.fixture
@@ -46,9 +78,9 @@ def test_ui_is_the_gradio_app(ui_client):
     assert config["version"].startswith("6.") and config["title"] == "Image similarity search"
     assert config["analytics_enabled"] is False and not config.get("auth_required")
     labels = {c.get("props", {}).get("label") for c in config["components"]}
-    assert {"Words", "But not", "Formats", "Results per page", "API key"} <= labels
+    assert {"Words", "But not", "Formats", "Results per page", "API key", "Library to scan"} <= labels
     endpoints = set(ui_client.get("/ui/gradio_api/info").json()["named_endpoints"])
-    assert {"/search", "/similar", "/add", "/find_duplicates", "/stats"} <= endpoints
+    assert {"/search", "/similar", "/add", "/find_duplicates", "/stats", "/libraries", "/scan_library"} <= endpoints
     # Nothing in the page's theme is fetched from outside (the default theme would load Google Fonts).
     theme = ui_client.get("/ui/theme.css").text
     assert "googleapis" not in theme and "@import" not in theme
@@ -116,6 +148,50 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path):
     gallery, status, *_ = ui.predict(handle_file(str(corrupt)), "", "", "", [], "", "", 0, False, 5, api_name="/search")
     assert gallery == [] and status.startswith("✗")
     assert "**3 photos**" in ui.predict(api_name="/stats")
+
+
+def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offline_embedder, monkeypatch):
+    from gradio_client import Client
+
+    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY)
+    app = create_app(settings, embedder=offline_embedder)
+    with run_live_server(app) as url:
+        ui = Client(f"{url}/ui/", verbose=False)
+        try:
+            text, *_ = ui.predict(None, api_name="/libraries")
+            assert "No photo library yet" in text and "image-search-library add NAME FOLDER" in text
+            folder = caltech_folder(tmp_path / "photos")
+            libraries = app.state.service.libraries
+            libraries.create("photos", [str(folder)])
+            assert libraries.wait("photos", 300)
+            text, chosen, _ = ui.predict(None, api_name="/libraries")
+            assert chosen["value"] == "photos" and chosen["choices"] == [["photos", "photos"]]  # chosen for "Scan now"
+            assert "#### photos" in text and "✓ **Idle**" in text
+            assert "**6 online** · **0 offline** · 0 failed · 6 distinct photos" in text
+            assert "6 files found; 6 new, 6 indexed (model calls)" in text
+
+            (folder / "Faces.jpg").unlink()
+            gate = gate_scans(monkeypatch)
+            # A scan is a write: refused without the key, with a wrong one, and for a library that does not exist.
+            for key in ("", "wrong"):
+                with pytest.raises(Exception, match="Scanning a library needs the service's API key"):
+                    ui.predict("photos", False, key, "", "", api_name="/scan_library")
+            assert libraries.status("photos").state == "idle"
+            with pytest.raises(Exception, match="No library called 'nope'"):
+                ui.predict("nope", False, KEY, "", "", api_name="/scan_library")
+            # The key typed into another tab's key box counts.
+            message, text, _ = ui.predict("photos", False, "", KEY, "", api_name="/scan_library")
+            assert message == "Scan of **photos** started." and "⏳ **Scanning**" in text
+            message, *_ = ui.predict("photos", False, KEY, "", "", api_name="/scan_library")
+            assert message.startswith("A scan of **photos** is already running")
+            gate.set()
+            assert libraries.wait("photos", 300)
+            text, *_ = ui.predict("photos", api_name="/libraries")
+            assert "**5 online** · **1 offline**" in text and "5 unchanged, 1 newly offline" in text
+            offline = "**1 file offline**: missing since a scan. It is hidden from search results and kept for 30 days"
+            assert offline in text
+        finally:
+            ui.close()  # else its heartbeat stream holds the server's shutdown 30 s (now: until the next beat)
 
 
 def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, database_url, offline_embedder):

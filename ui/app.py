@@ -1,5 +1,5 @@
 """The Gradio web UI mounted at ``/ui``: search by photo, words or both, results, large view, filters, links,
-adding photos, duplicates and what the service runs.
+adding photos, duplicates, photo libraries and what the service runs.
 
 A thin face on :class:`app.service.SearchService`, the object the REST API calls, in the same process (no HTTP to
 itself): both decode, embed, rank and refuse identically. The service exists only once the lifespan has opened it,
@@ -9,8 +9,8 @@ the search a link holds (:mod:`ui.query`).
 
 This module only composes the page: each tab is a module of its own (:mod:`ui.search_tab` with
 :mod:`ui.large_view` and the handlers in :mod:`ui.search`, :mod:`ui.add_tab`, :mod:`ui.duplicates_tab`,
-:mod:`ui.about_tab`), sharing a :class:`ui.context.UiContext`; the CSS, the JavaScript and the theme are in
-:mod:`ui.assets`.
+:mod:`ui.libraries_tab`, :mod:`ui.about_tab`), sharing a :class:`ui.context.UiContext`; the CSS, the JavaScript
+and the theme are in :mod:`ui.assets`.
 
 The events a script may want have an ``api_name`` and can be driven with ``gradio_client``::
 
@@ -20,6 +20,8 @@ The events a script may want have an ``api_name`` and can be driven with ``gradi
                                      api_name="/search")   # photo, words, but-not words, filters, top_k
     ui.predict(image_id, "", [], "", "", 0, False, 20, api_name="/similar")
     ui.predict(api_name="/stats")                          # "273 photos · model ... · backend pgvector"
+    ui.predict(None, api_name="/libraries")                # every library as Markdown, names, poll
+    ui.predict("photos", False, KEY, "", "", api_name="/scan_library")   # library, force, key boxes
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ui.about_tab import AboutTab, about_text
 from ui.add_tab import AddTab
 from ui.context import UiContext, collection_line, escape, read_stats
 from ui.duplicates_tab import DuplicatesTab
+from ui.libraries_tab import LibrariesTab
 from ui.query import from_link
 from ui.search import N_OUTPUTS, Searches, Shown
 from ui.search_tab import SearchTab, text_note
@@ -67,21 +70,25 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         search = SearchTab(ctx, searches, shown_state, selected_id, share)
         add = AddTab(ctx)
         duplicates = DuplicatesTab(ctx, groups_state, pending_delete)
+        libraries = LibrariesTab(ctx)
         about = AboutTab(ctx)
 
         with gr.Row(equal_height=True):
             gr.Markdown("## Image similarity search", elem_id="title")
             collection = gr.Markdown("Loading…", elem_id="collection-line")
-        with gr.Tabs():
+        # Wrapped, never an overflow menu: every tab stays one tap away on a phone (390 px).
+        with gr.Tabs(overflow_behavior="wrap"):
             search.layout()
             add.layout()
             duplicates.layout()
+            libraries.layout()
             about.layout()
 
-        # Wired once all tabs exist: the Add and Duplicates tabs each read the other's key box.
+        # Wired once all tabs exist: the Add and Duplicates tabs each read the other's key box; Libraries reads both.
         search.wire()
         add.wire(collection, other_key=duplicates.key)
         duplicates.wire(collection, other_key=add.key)
+        libraries.wire(other_keys=[add.key, duplicates.key])
         about.wire(collection)
         demo.load(
             _page_load(ctx, searches),
@@ -95,6 +102,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
                 *search.filters,
                 add.key,
                 duplicates.key,
+                libraries.key,
                 *search.outputs,
             ],
             api_visibility="private",
@@ -130,6 +138,7 @@ def _page_load(ctx: UiContext, searches: Searches) -> Callable[[gr.Request], tup
             f.min_score or 0,
             f.expand,
             gr.update(value=f.top_k, maximum=settings.max_top_k),
+            key_box,
             key_box,
             key_box,
             *results,

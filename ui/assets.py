@@ -63,7 +63,7 @@ PASTE_JS = """() => {
 }"""
 
 #: Layout rules Gradio has no parameter for: results fill the page's width in as many columns as fit, grow with the
-#: page instead of scrolling inside a box, and show the whole file name; the four tabs stay visible on a phone.
+#: page instead of scrolling inside a box, and show the whole file name; the tabs stay visible on a phone (they wrap).
 CSS = """
 .photo-grid .grid-wrap { max-height: none !important; min-height: 0 !important; height: auto !important;
     overflow: visible !important; }

@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the de
     from app.service import SearchService
     from app.stats import ServiceStats
 
+#: The refusal of a write without the key starts with this (``may_write``'s ``what``).
+WRITES = "Adding and deleting photos need"
+
 #: Results per page unless the link or the slider says otherwise (at most MAX_TOP_K): about five rows on a laptop.
 UI_TOP_K = 20
 
@@ -48,9 +51,10 @@ class UiContext:
         """Results per page when the link or the slider does not say."""
         return min(UI_TOP_K, self.settings.max_top_k)
 
-    def may_write(self, keys: Sequence[str | None], request: gr.Request | None) -> None:
+    def may_write(self, keys: Sequence[str | None], request: gr.Request | None, what: str = WRITES) -> None:
         """Raise ``gr.Error`` unless this write may go on: the same rules as the REST API's writes. ``keys``: what
-        the page's key boxes hold (one on each tab that writes; a key typed in either counts)."""
+        the page's key boxes hold (one on each tab that writes; a key typed in any counts); ``what``: the write,
+        for the refusal (``Scanning a library needs the service's API key: ...``)."""
         access = self.access
         key = next((k.strip() for k in keys if k and k.strip()), None)
         if access.has_keys:
@@ -58,7 +62,7 @@ class UiContext:
             # has shown it.
             logged_in = access.reads_need_key and request is not None and getattr(request, "username", None)
             if not (logged_in or access.key_is_valid(key)):
-                raise gr.Error("Adding and deleting photos need the service's API key: type it into the key box.")
+                raise gr.Error(f"{what} the service's API key: type it into the key box.")
         elif refusal := access.write_refusal():
             raise gr.Error(escape(refusal))
 
