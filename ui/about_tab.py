@@ -22,13 +22,13 @@ def about_text(service: SearchService, access: AccessPolicy, stats: ServiceStats
     count = stats if isinstance(stats, str) else f"The collection holds **{photos(stats.count)}**."
     model = service.embedder
     if access.has_keys:
-        keys = "Adding and deleting photos need the service's API key" + (
+        keys = "Adding and deleting photos, and scanning libraries, need the service's API key" + (
             "; so does everything else." if access.reads_need_key else "; searching does not."
         )
     elif refusal := access.write_refusal():
         keys = escape(refusal)
     else:
-        keys = "No API key is set: anyone who can reach this page may add and delete photos."
+        keys = "No API key is set: anyone who can reach this page may add and delete photos and scan libraries."
     return "\n".join(
         [
             count,

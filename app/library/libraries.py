@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Libraries", "LibraryStatus"]
 
 _SCHEDULER_TICK_S = 30.0  # how often the periodic scans are looked at
+_FAILED_RETRY_S = 600.0  # a failed scan is started again this long after it started
 _PROGRESS_EVERY_S = 1.0  # most one progress write per second
 
 
@@ -204,6 +205,11 @@ class Libraries:
                 return started
             for row in state.libraries():
                 never = row.scan_finished_at is None and row.state == "idle"
+                # With periodic scans on, a failed scan is tried again after _FAILED_RETRY_S (or the interval, if
+                # shorter), not at every tick.
+                retry = min(_FAILED_RETRY_S, interval)
+                failed = row.state == "failed" and time.time() - (row.scan_started_at or 0) > retry
+                never = never or (interval > 0 and failed)
                 due = (
                     interval > 0 and row.scan_finished_at is not None and time.time() - row.scan_finished_at > interval
                 )
