@@ -1,0 +1,292 @@
+"""Photo libraries indexed in place (issue #26) under bad input and faults: each case ends with a clear status (the
+library's state, ``last_scan``, ``warning``, a log line) and loses nothing.
+
+Real folders in ``tmp_path`` (real images from ``../shared/datasets``), real PostgreSQL, real service processes
+(``python -m app``, killed with ``kill -9``), real permission checks (a service process without the DAC
+capabilities: root would read anything), real FIFOs, symlinks and inotify. Where a fault must land between two
+steps of a scan (a file replaced after the walk, a root renamed mid-walk), the scan runs in this process and its
+``progress`` callback, called by the scan between those steps, makes the change: the only hook, no mock.
+
+The functional tests of libraries (lifecycle, moves, offline and back, mount safety, purge, reads) are in
+``tests/test_library.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from app.ids import image_id_for
+from app.library.model import Library
+from app.library.scan import ScanResult, scan_library
+from app.service import SearchService
+from tests.helpers import DATASETS, make_settings
+
+CALTECH = DATASETS / "caltech101_subset" / "images"
+SCAN_TIMEOUT_S = 120.0
+
+
+def _photos(n: int, skip: int = 0) -> list[Path]:
+    """``n`` distinct caltech photos (sorted, after the first ``skip``)."""
+    return sorted(CALTECH.rglob("*.jpg"))[skip : skip + n]
+
+
+def _fill(root: Path, photos: list[Path], folder: str = "") -> dict[str, Path]:
+    """Copy ``photos`` under ``root/folder`` (one folder per caltech class); returns library path -> copy."""
+    made = {}
+    for p in photos:
+        rel = f"{folder}/{p.parent.name}/{p.name}" if folder else f"{p.parent.name}/{p.name}"
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dest)
+        made[rel] = dest
+    return made
+
+
+@contextmanager
+def _service(settings, embedder) -> Iterator[SearchService]:
+    service = SearchService.open(settings, embedder=embedder)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def _run_scan(
+    service: SearchService, library: Library, hook: Callable[[str, int, int], None] | None = None, **kw
+) -> ScanResult:
+    """One scan of ``library`` in this process, holding its lease (so no background scan of the service runs
+    beside it), in a thread that must end within :data:`SCAN_TIMEOUT_S` (a scan blocked on a FIFO would not)."""
+    state = service.libraries._open_state()
+    if state.library(library.name) is None:
+        state.create_library(library)
+    lease = state.acquire_lease(library.name)
+    assert lease is not None
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(scan_library(service.libraries._context(state), library, progress=hook, **kw))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(SCAN_TIMEOUT_S)
+    lease.close()
+    assert not thread.is_alive(), "the scan hangs"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _once(changes: dict[str, Callable[[], None]]) -> Callable[[str, int, int], None]:
+    """A ``progress`` callback that runs ``changes[phase]`` the first time the scan reports ``phase``."""
+    done: set[str] = set()
+
+    def hook(phase: str, _done: int, _total: int) -> None:
+        if phase in changes and phase not in done:
+            done.add(phase)
+            changes[phase]()
+
+    return hook
+
+
+def _sha(path: Path) -> str:
+    return image_id_for(path.read_bytes())
+
+
+def _assert_consistent(service: SearchService, library: Library) -> dict[bytes, str]:
+    """What a finished scan must leave: every online record whose size and mtime match its file names the file's
+    bytes, its image has a row, and reading the image through the service gives exactly those bytes. Returns
+    path -> image id of the online records."""
+    state = service.libraries._open_state()
+    root = Path(library.roots[0])
+    online = {p: r for p, r in state.files(library.name).items() if r.offline_since is None and r.image_id}
+    for path, row in online.items():
+        full = root / os.fsdecode(path)
+        st = full.stat()
+        assert (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns), path
+        assert _sha(full) == row.image_id, path
+    ids = {r.image_id for r in online.values()}
+    assert service.db.existing_ids(ids) == ids
+    for image_id in ids:
+        assert image_id_for(service.store.read(image_id)) == image_id
+    return {p: r.image_id for p, r in online.items()}
+
+
+def _release_fifos(root: Path) -> None:
+    """Open every FIFO under ``root`` for writing and close it: a reader blocked on one (a bug) gets end-of-file."""
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            path = os.path.join(dirpath, n)
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass  # no reader: nobody is blocked on it
+
+
+# --- files that change while a scan reads them -------------------------------------------------------------------
+def test_files_deleted_truncated_or_replaced_between_the_walk_the_hash_and_the_decode(
+    tmp_path, database_url, offline_embedder
+):
+    root = tmp_path / "photos"
+    files = list(_fill(root, _photos(10)).values())
+    others = _photos(2, skip=50)
+    library = Library.create("photos", [str(root)])
+
+    def truncate(p: Path) -> None:
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+
+    def fifo(p: Path) -> None:
+        p.unlink()
+        os.mkfifo(p)
+
+    full = {p: _sha(p) for p in files}
+    half_ids = {image_id_for(p.read_bytes()[: p.stat().st_size // 2]) for p in files[4:5]}
+    between_walk_and_hash = lambda: (  # noqa: E731
+        files[0].unlink(),
+        truncate(files[1]),
+        fifo(files[2]),
+        shutil.copyfile(others[0], files[3]),
+    )
+    between_hash_and_decode = lambda: (  # noqa: E731
+        truncate(files[4]),
+        fifo(files[5]),
+        files[6].unlink(),
+        shutil.copyfile(others[1], files[7]),
+    )
+    settings = make_settings(tmp_path / "data", database_url)
+    try:
+        with _service(settings, offline_embedder) as service:
+            result = _run_scan(
+                service, library, _once({"hash": between_walk_and_hash, "index": between_hash_and_decode})
+            )
+            print(result)
+            recorded = _assert_consistent(service, library)
+            names = {os.fsdecode(p) for p in recorded}
+            rel = {f: str(f.relative_to(root)) for f in files}
+            # Untouched, or replaced before the hash (then its new bytes are what it holds): indexed.
+            assert {rel[f] for f in (files[3], files[8], files[9])} <= names
+            assert recorded[os.fsencode(rel[files[3]])] == image_id_for(others[0].read_bytes())
+            # Changed after the hash: left for the next scan, and nothing read from them was written.
+            assert not {rel[f] for f in (files[0], files[2], files[4], files[5], files[6], files[7])} & names
+            assert service.db.existing_ids(half_ids | {image_id_for(others[1].read_bytes())}) == set()
+            # Deleted or made a FIFO before the hash, replaced after it: deferred; deleted or made a FIFO after the
+            # hash: failed for now (an OS error, not recorded: the next scan tries again).
+            assert result.deferred >= 3, result
+            assert result.files == 10 and result.failed >= 2, result
+
+            # The next scan finishes the work: every regular file recorded with its bytes, FIFOs skipped.
+            result = _run_scan(service, library)
+            print(result)
+            recorded = _assert_consistent(service, library)
+            regular = {str(f.relative_to(root)) for f in root.rglob("*.jpg") if f.is_file()}
+            assert {os.fsdecode(p) for p in recorded} | {
+                os.fsdecode(p) for p, r in service.libraries._open_state().files("photos").items() if r.error
+            } == regular
+            assert result.skipped == 2  # the two FIFOs
+            del full
+    finally:
+        _release_fifos(root)
+
+
+# --- names -----------------------------------------------------------------------------------------------------
+def _make_deep(root: Path, levels: int, component: bytes, leaf: bytes, data: bytes) -> bytes:
+    """``levels`` nested folders named ``component`` under ``root`` and a file ``leaf`` at the bottom, made with
+    ``dir_fd`` (the absolute path may pass PATH_MAX); returns its library path."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir(component, dir_fd=fd)
+            inner = os.open(component, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        out = os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+    return b"/".join([component] * levels + [leaf])
+
+
+def test_non_utf8_control_and_very_long_names(tmp_path, database_url, offline_embedder):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    photos = _photos(9)
+    root_b = os.fsencode(root)
+    names = [
+        b"caf\xe9.jpg",  # Latin-1, not UTF-8: shown as caf\xe9.jpg
+        b"caf\\xe9.jpg",  # UTF-8 and spelled like the escaped one above: two files, one display name
+        b"\xff" * 251 + b".jpg",  # a 255-byte component, not UTF-8 (shown 4 characters a byte)
+        b"tab\there.jpg",  # control characters: dropped from the stored name
+        b"new\nline.jpg",
+        "é".encode() * 125 + b".jpg",  # 254 bytes of UTF-8
+    ]
+    for name, photo in zip(names, photos, strict=False):
+        with open(os.path.join(root_b, name), "wb") as f:
+            f.write(photo.read_bytes())
+    deep = _make_deep(root, 15, b"d" * 250, b"deep.jpg", photos[6].read_bytes())  # 3,773 bytes: within PATH_MAX
+    paths = {p.read_bytes(): n for p, n in zip(photos, [*names, deep], strict=False)}
+    too_deep = _make_deep(root, 17, b"e" * 250, b"too-deep.jpg", photos[7].read_bytes())  # past PATH_MAX
+    ids = {image_id_for(p.read_bytes()): n for p, n in zip(photos, [*names, deep], strict=False)}
+    settings = make_settings(tmp_path / "data", database_url)
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        service = client.app.state.service
+        r = client.post("/libraries", json={"name": "photos", "roots": [str(root)]})
+        assert r.status_code == 201, r.text
+        status = _wait_idle(client, "photos")
+        print(status["last_scan"])
+        assert status["state"] == "idle" and status["error"] is None, status
+        assert status["counts"] == {"files": 7, "online": 7, "offline": 0, "failed": 0, "images": 7}, status
+        # The folders past PATH_MAX: not indexed, and said so (skipped, or a folder that cannot be listed).
+        last = status["last_scan"]
+        assert last["skipped"] + len(last["unreadable_dirs"]) >= 1, last
+        assert not any(b"too-deep" in p for p in service.libraries._open_state().files("photos"))
+        del too_deep
+        recorded = _assert_consistent(service, Library.create("photos", [str(root)]))
+        assert {v: k for k, v in recorded.items()} == {i: n for i, n in ids.items()}
+        del paths
+        for image_id in ids:  # every file served, byte for byte, with its stored name
+            r = client.get(f"/image/{image_id}")
+            assert r.status_code == 200 and image_id_for(r.content) == image_id
+            name = service.db.get(image_id).metadata.filename
+            assert name.startswith("photos/") and len(name) <= 1024 and name.isprintable(), name
+        by_name = {service.db.get(i).metadata.filename: n for i, n in ids.items()}
+        assert by_name["photos/caf\\xe9.jpg"] in (names[0], names[1])
+        assert "photos/tabhere.jpg" in by_name and "photos/newline.jpg" in by_name
+
+        # A non-UTF-8 file renamed to another non-UTF-8 name: followed by its bytes, no model call.
+        moved = os.path.join(root_b, b"\xfe\xfd-renamed.jpg")
+        os.rename(os.path.join(root_b, names[2]), moved)
+        assert client.post("/libraries/photos/scan").status_code == 202
+        status = _wait_idle(client, "photos")
+        last = status["last_scan"]
+        assert (last["indexed"], last["moved_away"], last["linked"]) == (0, 1, 1), last
+        image_id = image_id_for(photos[2].read_bytes())
+        assert service.db.get(image_id).metadata.filename == "photos/\\xfe\\xfd-renamed.jpg"
+        assert client.get(f"/image/{image_id}").content == photos[2].read_bytes()
+
+
+def _wait_idle(client, name: str, timeout: float = SCAN_TIMEOUT_S) -> dict:
+    """``GET /libraries/{name}`` once its scan has ended (``client``: a TestClient or an httpx client with a
+    base URL)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/libraries/{name}").json()
+        if status["state"] not in ("scanning", "waiting"):
+            return status
+        assert time.monotonic() < deadline, f"the scan of {name} did not end: {status}"
+        time.sleep(0.1)
