@@ -290,3 +290,96 @@ def _wait_idle(client, name: str, timeout: float = SCAN_TIMEOUT_S) -> dict:
             return status
         assert time.monotonic() < deadline, f"the scan of {name} did not end: {status}"
         time.sleep(0.1)
+
+
+# --- symlinks ---------------------------------------------------------------------------------------------------
+def test_symlink_loops_and_links_out_of_the_root_are_skipped_and_never_served(tmp_path, database_url, offline_embedder):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    root = tmp_path / "photos"
+    photos = _photos(4)
+    made = _fill(root, photos[:3])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(photos[3], outside / "x.jpg")
+    first = next(iter(made))  # e.g. Faces/image_0001.jpg
+    (root / "Faces" / "loop").symlink_to("..")  # a loop back to the root
+    (root / "self").symlink_to(".")
+    (root / "etc").symlink_to("/etc")
+    (root / "passwd.jpg").symlink_to("/etc/passwd")
+    (root / "outside.jpg").symlink_to(outside / "x.jpg")
+    (root / "dangling.jpg").symlink_to(root / "nothing.jpg")
+    (root / "inside.jpg").symlink_to(root / first)  # inside the root: followed, a second path of the same bytes
+    settings = make_settings(tmp_path / "data", database_url)
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        assert client.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        status = _wait_idle(client, "photos")
+        last = status["last_scan"]
+        print(last)
+        assert status["state"] == "idle" and (last["files"], last["indexed"], last["linked"]) == (4, 3, 1), last
+        assert last["skipped"] == 6, last  # loop, self, etc, passwd.jpg, outside.jpg, dangling.jpg
+        state = client.app.state.service.libraries._open_state()
+        assert sorted(state.files("photos")) == sorted([*(p.encode() for p in made), b"inside.jpg"])
+
+        # A file swapped for a link to a copy outside the root, size and mtime kept: never served from there.
+        victim = root / list(made)[1]
+        image_id = image_id_for(victim.read_bytes())
+        shutil.copy2(victim, outside / "copy.jpg")
+        victim.unlink()
+        victim.symlink_to(outside / "copy.jpg")
+        assert client.get(f"/image/{image_id}").status_code == 404
+        assert client.get(f"/image/{image_id}/thumbnail?size=64").status_code == 404
+        assert client.post("/libraries/photos/scan").status_code == 202
+        last = _wait_idle(client, "photos")["last_scan"]
+        assert (last["files"], last["offline"], last["skipped"]) == (3, 1, 7), last
+
+
+# --- a root that goes away mid-scan -------------------------------------------------------------------------------
+def _empty_files(folder: Path, n: int, prefix: str = "") -> None:
+    """``n`` empty ``.jpg`` files in ``folder``: listed and hashed like photos, one content (so one decode, which
+    fails: recorded as failed once, unchanged afterwards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{prefix}{i:06d}.jpg").touch()
+
+
+def test_a_root_that_disappears_mid_walk_or_mid_hash_marks_nothing_offline(tmp_path, database_url, offline_embedder):
+    root = tmp_path / "photos"
+    moved = tmp_path / "moved"
+    made = _fill(root, _photos(6))
+    for i in range(4):
+        _empty_files(root / f"empty{i}", 400)
+    library = Library.create("photos", [str(root)])
+    settings = make_settings(tmp_path / "data", database_url)
+    with _service(settings, offline_embedder) as service:
+        state = service.libraries._open_state()
+        result = _run_scan(service, library)
+        assert (result.files, result.indexed, result.failed) == (1606, 6, 1600), result
+        assert state.counts("photos")["failed"] == 1600
+        before = state.files("photos")
+        assert sum(1 for r in before.values() if r.image_id) == 6
+
+        # Renamed while the walk is half-way (its 1,000th file): the rest of the walk finds nothing.
+        result = _run_scan(service, library, _once({"walk": lambda: root.rename(moved)}))
+        print(result)
+        assert result.warning and str(root) in result.warning, result
+        assert result.offline == 0 and state.files("photos") == before
+        moved.rename(root)
+
+        # Renamed after the walk, while new files are read: nothing read, nothing offline, and the scan says why.
+        new = _fill(root, _photos(3, skip=20), folder="new")
+        (root / list(made)[0]).unlink()  # missing for real: still not marked offline while the root is gone
+        result = _run_scan(service, library, _once({"hash": lambda: root.rename(moved)}))
+        print(result)
+        assert result.warning and str(root) in result.warning, result
+        assert (result.offline, result.indexed, result.deferred) == (0, 0, 3), result
+        after = state.files("photos")
+        assert after == before and not any(p.startswith(b"new/") for p in after)
+        moved.rename(root)
+
+        # Back: the next scan finishes the work.
+        result = _run_scan(service, library)
+        assert (result.indexed, result.offline, result.warning) == (3, 1, None), result
+        assert len(_assert_consistent(service, library)) == 5 + len(new)

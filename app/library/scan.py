@@ -18,10 +18,11 @@ the next scan, which finds its bytes known and records it with no model call. No
 stopping it, so "resume" is "scan again".
 
 Mount safety: if a root is missing, unreadable, not a folder, or empty while the library knew files in it, the scan
-changes nothing and says why (:attr:`ScanResult.warning`). If more than ``LIBRARY_MAX_OFFLINE_FRACTION`` of the
-library's online files are missing (and at least :data:`MASS_CHECK_MIN_FILES`), new files are still indexed but
-nothing is marked offline, unless the scan was started with ``force``. Folders that could not be listed never make
-their files offline.
+changes nothing and says why (:attr:`ScanResult.warning`); the roots are checked again after the walk and after the
+files were read, so a root that goes away mid-scan marks nothing offline either. If more than
+``LIBRARY_MAX_OFFLINE_FRACTION`` of the library's online files are missing (and at least
+:data:`MASS_CHECK_MIN_FILES`), new files are still indexed but nothing is marked offline, unless the scan was started
+with ``force``. Folders that could not be listed never make their files offline.
 """
 
 from __future__ import annotations
@@ -252,6 +253,14 @@ def scan_library(
     if old_names:
         result.note(reconcile(ctx.db, ctx.uploads, ctx.state, old_names, old_names))
     check_stop()
+    # A root that went away while the files were read (a share unmounted mid-scan): what could not be read is left
+    # for the next scan, and nothing is marked offline or purged on the word of a root that cannot be trusted now.
+    problem = _root_problem(library, known, "it went away during the scan: no file was marked offline")
+    if problem:
+        result.warning = problem
+        log.warning("Library %s: %s", name, problem)
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
 
     # Missing files: offline (vector kept, hidden from results) unless the roots cannot be trusted.
     report("offline", 0, len(missing))
@@ -302,8 +311,11 @@ def purge_offline(ctx: ScanContext, library: Library, older_than_s: float = 0.0)
     return len(expired), reconcile(ctx.db, ctx.uploads, ctx.state, [i for _, i in expired if i])
 
 
-def _root_problem(library: Library, known: dict[bytes, FileRow]) -> str | None:
-    """Why the roots cannot be trusted (missing, unreadable, or empty while files were known there), or ``None``."""
+def _root_problem(
+    library: Library, known: dict[bytes, FileRow], outcome: str = "nothing was changed (no file was marked offline)"
+) -> str | None:
+    """Why the roots cannot be trusted (missing, unreadable, or empty while files were known there), followed by
+    ``outcome`` (what the scan did about it), or ``None``."""
     problems = []
     prefixes = dict(library.root_prefixes())
     for p in check_roots(library):
@@ -313,7 +325,7 @@ def _root_problem(library: Library, known: dict[bytes, FileRow]) -> str | None:
         problems.append(f"root {p.root} {p.reason}")
     if not problems:
         return None
-    return "; ".join(problems) + ": nothing was changed (no file was marked offline)."
+    return "; ".join(problems) + f": {outcome}."
 
 
 def _hash(library: Library, item: tuple[bytes, int, int], max_bytes: int) -> tuple[bytes, str | None, int, int, str]:
@@ -459,6 +471,7 @@ def _ingest(
             return
         shown, _, files = by_key[key]
         result.error(f"{shown}: {reason}")
+        result.failed += len(files) - 1  # every file of these bytes failed (counts are of files)
         if reason and reason.split(":", 1)[0] in _OS_ERRORS:
             return  # unreadable now (permission, I/O): tried again by the next scan
         ctx.state.put_files(name, [(p, None, s, m, (reason or "")[:500]) for p, s, m in files])
