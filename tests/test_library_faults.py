@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from app.ids import image_id_for
 from app.library.model import Library
 from app.library.scan import ScanResult, scan_library
@@ -383,3 +385,197 @@ def test_a_root_that_disappears_mid_walk_or_mid_hash_marks_nothing_offline(tmp_p
         result = _run_scan(service, library)
         assert (result.indexed, result.offline, result.warning) == (3, 1, None), result
         assert len(_assert_consistent(service, library)) == 5 + len(new)
+
+
+# --- scale ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fifty_thousand_files_in_one_folder(tmp_path, database_url, offline_embedder):
+    """50,000 files in one folder: 49,995 empty ``.jpg`` files (one content: one failed decode, recorded for every
+    file) and 5 photos. What is measured is the part that grows with the folder: the walk, the hash, the records,
+    and the rescan that finds everything unchanged (one ``stat`` per file, nothing read)."""
+    root = tmp_path / "photos"
+    folder = root / "all"
+    _empty_files(folder, 49_995)
+    for p in _photos(5):
+        shutil.copyfile(p, folder / f"{p.parent.name}-{p.name}")
+    library = Library.create("photos", [str(root)])
+    settings = make_settings(tmp_path / "data", database_url)
+    with _service(settings, offline_embedder) as service:
+        start = time.monotonic()
+        first = _run_scan(service, library)
+        first_s = time.monotonic() - start
+        assert (first.files, first.new, first.indexed, first.failed) == (50_000, 50_000, 5, 49_995), first
+        start = time.monotonic()
+        again = _run_scan(service, library)
+        again_s = time.monotonic() - start
+        print(f"first scan {first_s:.1f} s ({first.seconds} s inside), unchanged rescan {again_s:.1f} s")
+        assert (again.files, again.unchanged, again.new, again.indexed) == (50_000, 50_000, 0, 0), again
+        counts = service.libraries._open_state().counts("photos")
+        assert counts == {"files": 50_000, "online": 5, "offline": 0, "failed": 49_995, "images": 5}, counts
+        assert first_s < 60 and again_s < 10
+
+
+# --- watching -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_watch_never_indexes_a_file_while_it_is_written_slowly(tmp_path, database_url, offline_embedder):
+    """LIBRARY_WATCH with LIBRARY_SETTLE_S=1: a photo written in 6 parts, 0.6 s apart (as a slow copy over the
+    network does), while scans with the settle time (what the watcher and the periodic scans start) run all along:
+    none of the partial files is ever indexed or recorded, and the whole photo is indexed once it settles."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    root = tmp_path / "photos"
+    _fill(root, _photos(3))
+    data = _photos(1, skip=30)[0].read_bytes()
+    parts = [data[: len(data) * k // 6] for k in range(1, 7)]
+    partial_ids = {image_id_for(p) for p in parts[:-1]}
+    full_id = image_id_for(data)
+    settings = make_settings(tmp_path / "data", database_url, library_watch=True, library_settle_s=1.0)
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        service = client.app.state.service
+        assert client.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        assert _wait_idle(client, "photos")["counts"]["images"] == 3
+        assert client.get("/libraries/photos").json()["watching"] is True
+        state = service.libraries._open_state()
+        seen: set[str] = set()
+        scans = deferred = 0
+        target = root / "slow.jpg"
+        with open(target, "wb") as f:
+            for k, part in enumerate(parts):
+                f.write(part[len(parts[k - 1]) if k else 0 :])
+                f.flush()
+                until = time.monotonic() + 0.6
+                while time.monotonic() < until:
+                    _, started = service.libraries.scan("photos", settle=True)
+                    if started:
+                        scans += 1
+                        service.libraries.wait("photos", 30)
+                        deferred += client.get("/libraries/photos").json()["last_scan"]["deferred"]
+                    seen |= service.db.existing_ids(partial_ids | {full_id})
+                    seen |= {r.image_id for r in state.files("photos").values() if r.image_id}
+                    time.sleep(0.05)
+        print(f"{scans} scans while the file was written, {deferred} deferrals")
+        assert scans >= 3 and deferred >= 3
+        assert not seen & partial_ids
+        deadline = time.monotonic() + 30  # the watcher's scan, once the file has been quiet for 1 s
+        while state.files("photos").get(b"slow.jpg") is None:
+            assert time.monotonic() < deadline, "the watcher never indexed the finished file"
+            seen |= service.db.existing_ids(partial_ids)
+            time.sleep(0.1)
+        assert state.files("photos")[b"slow.jpg"].image_id == full_id
+        assert not seen & partial_ids
+        assert client.get(f"/image/{full_id}").content == data
+
+
+# --- the database down or hung mid-scan ---------------------------------------------------------------------------
+def _wait_for(http, name: str, ok: Callable[[dict], bool], timeout: float = 60.0) -> dict:
+    """Poll ``GET /libraries/{name}`` until ``ok(status)``; fails the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = http.get(f"/libraries/{name}")
+        if r.status_code == 200 and ok(r.json()):
+            return r.json()
+        assert time.monotonic() < deadline, f"gave up waiting: {r.status_code} {r.text[:500]}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_database_hung_mid_scan_pauses_the_scan_which_then_finishes(tmp_path, offline_embedder):
+    """The embedded PostgreSQL (no DATABASE_URL: the libraries' state is DATA_DIR's SQLite file) stopped with
+    SIGSTOP in the middle of the index phase: the scan shows ``waiting`` with the reason, writes answer 503, and
+    once the database is back the scan finishes on its own with every photo indexed once."""
+    import httpx
+
+    from app.main import create_app
+    from tests.helpers import PostgresFreeze, run_live_server
+
+    root = tmp_path / "photos"
+    made = _fill(root, _photos(60))
+    upload = _photos(1, skip=100)[0].read_bytes()
+    settings = make_settings(tmp_path / "data", None, embed_batch_size=4)
+    freeze = PostgresFreeze(settings.data_dir / "pgdata")
+    with (
+        run_live_server(create_app(settings, embedder=offline_embedder)) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        assert http.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        _wait_for(http, "photos", lambda s: s["phase"] == "index" and s["done"] > 0)
+        try:
+            freeze.suspend()
+            stopped = time.monotonic()
+            status = _wait_for(http, "photos", lambda s: s["state"] == "waiting", timeout=15)
+            print(f"waiting {time.monotonic() - stopped:.1f} s after the stop: {status['error']}")
+            assert status["error"] and "unavailable" in status["error"], status
+            start = time.monotonic()
+            r = http.post("/index_image", files={"file": ("u.jpg", upload)})
+            assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+            assert time.monotonic() - start < 2.5
+            r = http.post("/libraries/photos/scan")  # the scan that waits is the one scan of the library
+            assert r.status_code == 200 and r.json()["state"] == "waiting", r.text
+            time.sleep(3)
+        finally:
+            freeze.resume()
+        status = _wait_for(http, "photos", lambda s: s["state"] == "idle", timeout=90)
+        print(status["last_scan"])
+        assert status["error"] is None and status["warning"] is None
+        assert status["counts"] == {"files": 60, "online": 60, "offline": 0, "failed": 0, "images": 60}
+        assert http.get("/stats").json()["count"] == 60
+        ids = [image_id_for(p.read_bytes()) for p in made.values()]
+        assert sorted(http.post("/images/exists", json={"ids": ids}).json()["existing"]) == sorted(ids)
+
+
+@pytest.mark.slow
+def test_a_shared_database_hung_mid_scan_answers_503_and_the_scan_finishes(tmp_path, offline_embedder):
+    """With DATABASE_URL the libraries' state lives in that PostgreSQL, beside the vectors. Stopped (SIGSTOP) in
+    the middle of a scan: the libraries' routes answer 503 within the service's database deadline instead of
+    hanging on a connection to a server that never answers, and the scan finishes once it is back."""
+    import httpx
+
+    from app.main import create_app
+    from app.vectordb.embedded_pg import start_embedded_postgres
+    from tests.helpers import PostgresFreeze, run_live_server
+
+    root = tmp_path / "photos"
+    _fill(root, _photos(60))
+    server = start_embedded_postgres(tmp_path / "pg")  # its own server: stopping it freezes no other test
+    freeze = PostgresFreeze(tmp_path / "pg")
+    try:
+        settings = make_settings(tmp_path / "data", server.url, embed_batch_size=4)
+        with (
+            run_live_server(create_app(settings, embedder=offline_embedder)) as url,
+            httpx.Client(base_url=url, timeout=30) as http,
+        ):
+            assert http.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+            _wait_for(http, "photos", lambda s: s["phase"] == "index" and s["done"] > 0)
+            slow = []
+            try:
+                freeze.suspend()
+                time.sleep(0.5)
+                for method, path in [
+                    ("GET", "/libraries/photos"),
+                    ("GET", "/libraries"),
+                    ("POST", "/libraries/photos/scan"),
+                ] * 2:
+                    start = time.monotonic()
+                    try:
+                        r = http.request(method, path, timeout=8)
+                        answer = (r.status_code, "Retry-After" in r.headers)
+                    except httpx.TimeoutException:
+                        answer = ("timeout", False)
+                    took = time.monotonic() - start
+                    print(method, path, answer, f"{took:.2f} s")
+                    assert answer == (503, True), (method, path, answer)
+                    if took > 3.0:
+                        slow.append((method, path, took))
+            finally:
+                freeze.resume()
+            assert slow == []
+            status = _wait_for(http, "photos", lambda s: s["state"] == "idle", timeout=90)
+            print(status["last_scan"])
+            assert status["error"] is None
+            assert status["counts"] == {"files": 60, "online": 60, "offline": 0, "failed": 0, "images": 60}
+            assert http.get("/stats").json()["count"] == 60
+    finally:
+        freeze.resume()
+        server.stop()
