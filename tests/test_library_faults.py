@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -579,3 +580,278 @@ def test_a_shared_database_hung_mid_scan_answers_503_and_the_scan_finishes(tmp_p
     finally:
         freeze.resume()
         server.stop()
+
+
+# --- one scan per library, across threads and replicas ------------------------------------------------------------
+@pytest.mark.slow
+def test_one_scan_at_a_time_across_requests_and_replicas(tmp_path, database_url, offline_embedder):
+    """Two replicas (a DATA_DIR each) on one DATABASE_URL. Scans asked for at once, twice on each replica: one
+    answers 202 and runs, the others answer 200 with its progress; the other replica shows the scan running with
+    the scanning replica's progress, refuses to delete the library meanwhile, and every new photo is embedded once."""
+    import httpx
+
+    from app.main import create_app
+    from tests.helpers import CI_STALL_DEADLINES, run_live_server
+
+    root = tmp_path / "photos"
+    _fill(root, _photos(4))
+
+    def replica(name: str):
+        settings = make_settings(tmp_path / name, database_url, embed_batch_size=4, **CI_STALL_DEADLINES)
+        return run_live_server(create_app(settings, embedder=offline_embedder))
+
+    with (
+        replica("a") as url_a,
+        replica("b") as url_b,
+        httpx.Client(base_url=url_a, timeout=30) as a,
+        httpx.Client(base_url=url_b, timeout=30) as b,
+    ):
+        assert a.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        _wait_idle(a, "photos")
+        assert b.get("/libraries/photos").json()["counts"]["images"] == 4
+        _fill(root, _photos(60, skip=4), folder="new")
+
+        barrier = threading.Barrier(4)
+        answers: list[tuple[str, int, dict]] = []
+
+        def ask(client, label: str) -> None:
+            barrier.wait()
+            r = client.post("/libraries/photos/scan")
+            answers.append((label, r.status_code, r.json()))
+
+        threads = [threading.Thread(target=ask, args=(c, n)) for c, n in ((a, "a"), (a, "a"), (b, "b"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        codes = sorted(code for _, code, _ in answers)
+        assert codes == [200, 200, 200, 202], answers
+        assert all(body["state"] in ("scanning", "idle") for _, _, body in answers), answers
+        scanner = next(label for label, code, _ in answers if code == 202)
+        other = b if scanner == "a" else a
+
+        # The other replica: the scan runs (not "interrupted"), with the scanner's progress; no delete meanwhile.
+        status = _wait_for(other, "photos", lambda s: s["phase"] == "index" and s["done"] > 0)
+        assert status["state"] == "scanning" and status["total"] == 60, status
+        r = other.post("/libraries/photos/scan")
+        assert r.status_code == 200 and r.json()["state"] == "scanning", r.text
+        assert other.delete("/libraries/photos").status_code == 409
+
+        done = _wait_idle(other, "photos")
+        last = done["last_scan"]
+        assert (last["new"], last["indexed"], last["unchanged"]) == (60, 60, 4), last
+        assert done["counts"] == {"files": 64, "online": 64, "offline": 0, "failed": 0, "images": 64}
+        assert a.get("/libraries/photos").json() == b.get("/libraries/photos").json()
+        assert a.get("/stats").json()["count"] == 64
+
+
+# --- kill -9 mid-scan ---------------------------------------------------------------------------------------------
+def _service_env(data_dir: Path, port: int, model_cache_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a service process (``python -m app``): its DATA_DIR and port, the offline model from
+    the session's cache, and ``extra`` settings (DATABASE_URL, VECTOR_DB...)."""
+    from tests.helpers import PROJECT_ROOT
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DATABASE_", "IMAGE_", "DATA_", "EMBEDDER", "VECTOR_DB", "MILVUS_", "LIBRARY_"))
+    }
+    env.update(
+        PYTHONPATH=str(PROJECT_ROOT),
+        DATA_DIR=str(data_dir),
+        MODEL_CACHE_DIR=str(model_cache_dir),
+        EMBEDDER="efficientnet",
+        UI_ENABLED="false",
+        PORT=str(port),
+        LOG_LEVEL="INFO",
+        LIBRARY_SCAN_INTERVAL="0",
+        **extra,
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@contextmanager
+def _service_process(env: dict[str, str], log: Path, prefix: list[str] | None = None) -> Iterator:
+    """``python -m app`` (after ``prefix``, e.g. ``setpriv ...``) with ``env``, its output appended to ``log``;
+    yields ``(process, httpx client)`` once ``/health`` answers 200; killed (``kill -9``) at the end if still
+    running."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    url = f"http://127.0.0.1:{env['PORT']}"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "app"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the service exited at start: {log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not become healthy"
+            time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            yield proc, client
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_scan_then_the_restart_resumes_without_redoing_what_was_written(
+    tmp_path, database_url, offline_embedder, model_cache_dir
+):
+    """A service process killed with ``kill -9`` in the index phase of a scan of 80 photos: another replica shows
+    the scan ``interrupted`` at once; the restarted service resumes it by itself, and the resumed scan embeds only
+    the photos whose rows were not written: nothing written is embedded again."""
+    import signal
+
+    from app.library.state import LibraryState
+    from app.main import create_app
+    from app.vectordb import create_handler
+    from tests.helpers import CI_STALL_DEADLINES, free_port, run_live_server
+
+    root = tmp_path / "photos"
+    made = _fill(root, _photos(80))
+    ids = {image_id_for(p.read_bytes()) for p in made.values()}
+    env = _service_env(tmp_path / "a", free_port(), model_cache_dir, DATABASE_URL=database_url, EMBED_BATCH_SIZE="4")
+    log = tmp_path / "service.log"
+    other_settings = make_settings(tmp_path / "b", database_url, **CI_STALL_DEADLINES)
+    with run_live_server(create_app(other_settings, embedder=offline_embedder)) as url_b:
+        import httpx
+
+        other = httpx.Client(base_url=url_b, timeout=30)
+        with _service_process(env, log) as (proc, a):
+            assert a.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+            status = _wait_for(other, "photos", lambda s: s["phase"] == "index" and s["done"] >= 8)
+            assert status["state"] == "scanning"  # the other replica follows the progress
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = time.time()
+            proc.wait(30)
+        status = _wait_for(other, "photos", lambda s: s["state"] == "interrupted", timeout=10)
+        state = LibraryState(database_url=database_url, data_dir=tmp_path / "unused")
+        handler = create_handler(make_settings(tmp_path / "unused", database_url))
+        try:
+            recorded = {p for p, r in state.files("photos").items() if r.image_id}
+            written = handler.existing_ids(ids)
+        finally:
+            handler.close()
+            state.close()
+        print(f"killed with {len(written)} rows written, {len(recorded)} files recorded; {status['counts']}")
+        assert 0 < len(written) < 80 and len(recorded) <= len(written)
+
+        with _service_process(env, log) as (proc, a):  # the restart resumes the scan by itself
+            status = _wait_idle(a, "photos")
+        last = status["last_scan"]
+        print(last)
+        assert "resuming the scan a stop or kill -9 cut short" in log.read_text()
+        started = datetime.fromisoformat(status["scan_started_at"].replace("Z", "+00:00")).timestamp()
+        assert status["state"] == "idle" and started >= killed_at - 1  # a scan started after the kill finished
+        assert status["counts"] == {"files": 80, "online": 80, "offline": 0, "failed": 0, "images": 80}
+        assert last["indexed"] + len(written) == 80, last  # what was written is not embedded again
+        assert (last["unchanged"], last["linked"]) == (len(recorded), len(written) - len(recorded)), last
+        assert other.get("/stats").json()["count"] == 80
+        other.close()
+
+
+# --- permission denied ----------------------------------------------------------------------------------------------
+def _without_root_reads(tmp_path: Path) -> list[str]:
+    """A command prefix under which a process obeys file permissions: nothing for a user that is not root; for root
+    (which reads anything), ``setpriv`` dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding set
+    (still uid 0, so it owns and reaches this test's files, the model cache and the virtualenv, but a mode of 000
+    stops it). Skips the test when neither works here."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+    probe = tmp_path / "probe"
+    probe.write_text("secret")
+    probe.chmod(0)
+    try:
+        run = subprocess.run([*prefix, "cat", str(probe)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"running as root, and setpriv cannot drop the DAC capabilities here: {exc}")
+    finally:
+        probe.unlink()
+    if run.returncode == 0:
+        pytest.skip("running as root, and a process without the DAC capabilities still reads a file of mode 000")
+    return prefix
+
+
+@pytest.mark.slow
+def test_permission_denied_on_a_folder_a_file_and_the_root(tmp_path, offline_embedder, model_cache_dir):
+    """A service process that obeys file permissions (see :func:`_without_root_reads`; Milvus Lite and the SQLite
+    state in its DATA_DIR, so it needs no other process's files). A folder it cannot list: its files are neither
+    offline nor forgotten, and the status names it; a new file it cannot read: failed with the reason, not
+    recorded, indexed once readable; a known file that became unreadable: not read (unchanged), never served as
+    something else; a root it cannot list: nothing changed, and the warning says why."""
+    from tests.helpers import free_port
+
+    prefix = _without_root_reads(tmp_path)
+    root = tmp_path / "photos"
+    made = _fill(root, _photos(3) + _photos(3, skip=500))
+    folders = sorted({Path(p).parent.name for p in made})
+    assert len(folders) == 2
+    locked = root / folders[0]
+    in_locked = [p for p in made if p.startswith(folders[0] + "/")]
+    top = root / "top.jpg"
+    shutil.copyfile(_photos(1, skip=40)[0], top)
+    env = _service_env(tmp_path / "data", free_port(), model_cache_dir, VECTOR_DB="milvus")
+    try:
+        with _service_process(env, tmp_path / "service.log", prefix) as (_, http):
+            assert http.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+            status = _wait_idle(http, "photos")
+            assert status["counts"] == {"files": 7, "online": 7, "offline": 0, "failed": 0, "images": 7}, status
+
+            unreadable_ids = [_sha(root / in_locked[0]), _sha(top)]
+            locked.chmod(0)
+            top.chmod(0)
+            new_ok, new_locked = root / "new-ok.jpg", root / "new-locked.jpg"
+            shutil.copyfile(_photos(1, skip=41)[0], new_ok)
+            shutil.copyfile(_photos(1, skip=42)[0], new_locked)
+            new_locked.chmod(0)
+            assert http.post("/libraries/photos/scan").status_code == 202
+            status = _wait_idle(http, "photos")
+            last = status["last_scan"]
+            print(last)
+            assert last["unreadable_dirs"] == [f"photos/{folders[0]}/"], last
+            assert (last["indexed"], last["offline"], last["failed"]) == (1, 0, 1), last
+            assert "photos/new-locked.jpg: PermissionError" in last["errors"][0], last
+            assert status["counts"] == {"files": 8, "online": 8, "offline": 0, "failed": 0, "images": 8}, status
+            assert last["unchanged"] == 4  # the readable folder's 3 and top.jpg (not read: same size and mtime)
+            for image_id, name in zip(unreadable_ids, [in_locked[0], "top.jpg"], strict=True):
+                for path in (f"/image/{image_id}", f"/image/{image_id}/thumbnail?size=64"):
+                    r = http.get(path)  # not a 404 for an image that results show: 503, naming the file and why
+                    assert r.status_code == 503 and "Retry-After" in r.headers, r.text
+                    assert f"photos/{name} cannot be read (Permission denied)" in r.json()["detail"], r.text
+            assert "cannot be read (Permission denied)" in (tmp_path / "service.log").read_text()  # and logged
+            readable = next(p for p in made if not p.startswith(folders[0] + "/"))
+            assert http.get(f"/image/{_sha(root / readable)}").status_code == 200
+
+            root.chmod(0)
+            assert http.post("/libraries/photos/scan").status_code == 202
+            status = _wait_idle(http, "photos")
+            assert "permission denied" in (status["warning"] or ""), status
+            assert status["counts"]["online"] == 8 and status["last_scan"]["offline"] == 0
+            assert "permission denied" in http.get("/health").text
+
+            for p in (root, locked, top, new_locked):
+                p.chmod(0o755 if p.is_dir() else 0o644)
+            assert http.post("/libraries/photos/scan").status_code == 202
+            status = _wait_idle(http, "photos")
+            last = status["last_scan"]
+            assert (last["indexed"], last["unreadable_dirs"], status["warning"]) == (1, [], None), last
+            assert status["counts"] == {"files": 9, "online": 9, "offline": 0, "failed": 0, "images": 9}, status
+    finally:
+        for p in (root, locked, top):
+            if p.exists():
+                p.chmod(0o755 if p.is_dir() else 0o644)
