@@ -89,6 +89,18 @@ def _run_scan(
     return outcome[0]
 
 
+def _wait_idle(client, name: str, timeout: float = SCAN_TIMEOUT_S) -> dict:
+    """``GET /libraries/{name}`` once its scan has ended (``client``: a TestClient or an httpx client with a
+    base URL)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/libraries/{name}").json()
+        if status["state"] not in ("scanning", "waiting"):
+            return status
+        assert time.monotonic() < deadline, f"the scan of {name} did not end: {status}"
+        time.sleep(0.1)
+
+
 def _once(changes: dict[str, Callable[[], None]]) -> Callable[[str, int, int], None]:
     """A ``progress`` callback that runs ``changes[phase]`` the first time the scan reports ``phase``."""
     done: set[str] = set()
@@ -153,7 +165,6 @@ def test_files_deleted_truncated_or_replaced_between_the_walk_the_hash_and_the_d
         p.unlink()
         os.mkfifo(p)
 
-    full = {p: _sha(p) for p in files}
     half_ids = {image_id_for(p.read_bytes()[: p.stat().st_size // 2]) for p in files[4:5]}
     between_walk_and_hash = lambda: (  # noqa: E731
         files[0].unlink(),
@@ -197,7 +208,6 @@ def test_files_deleted_truncated_or_replaced_between_the_walk_the_hash_and_the_d
                 os.fsdecode(p) for p, r in service.libraries._open_state().files("photos").items() if r.error
             } == regular
             assert result.skipped == 2  # the two FIFOs
-            del full
     finally:
         _release_fifos(root)
 
@@ -237,14 +247,14 @@ def test_non_utf8_control_and_very_long_names(tmp_path, database_url, offline_em
         b"tab\there.jpg",  # control characters: dropped from the stored name
         b"new\nline.jpg",
         "é".encode() * 125 + b".jpg",  # 254 bytes of UTF-8
+        "👩\u200d💻.jpg".encode(),  # an emoji sequence: its zero-width joiner is not printable
     ]
-    for name, photo in zip(names, photos, strict=False):
+    for name, photo in zip(names, photos[:7], strict=True):
         with open(os.path.join(root_b, name), "wb") as f:
             f.write(photo.read_bytes())
-    deep = _make_deep(root, 15, b"d" * 250, b"deep.jpg", photos[6].read_bytes())  # 3,773 bytes: within PATH_MAX
-    paths = {p.read_bytes(): n for p, n in zip(photos, [*names, deep], strict=False)}
-    too_deep = _make_deep(root, 17, b"e" * 250, b"too-deep.jpg", photos[7].read_bytes())  # past PATH_MAX
-    ids = {image_id_for(p.read_bytes()): n for p, n in zip(photos, [*names, deep], strict=False)}
+    deep = _make_deep(root, 15, b"d" * 250, b"deep.jpg", photos[8].read_bytes())  # 3,773 bytes: within PATH_MAX
+    _make_deep(root, 17, b"e" * 250, b"too-deep.jpg", photos[7].read_bytes())  # past PATH_MAX
+    ids = {image_id_for(p.read_bytes()): n for p, n in zip([*photos[:7], photos[8]], [*names, deep], strict=True)}
     settings = make_settings(tmp_path / "data", database_url)
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         service = client.app.state.service
@@ -253,15 +263,13 @@ def test_non_utf8_control_and_very_long_names(tmp_path, database_url, offline_em
         status = _wait_idle(client, "photos")
         print(status["last_scan"])
         assert status["state"] == "idle" and status["error"] is None, status
-        assert status["counts"] == {"files": 7, "online": 7, "offline": 0, "failed": 0, "images": 7}, status
+        assert status["counts"] == {"files": 8, "online": 8, "offline": 0, "failed": 0, "images": 8}, status
         # The folders past PATH_MAX: not indexed, and said so (skipped, or a folder that cannot be listed).
         last = status["last_scan"]
         assert last["skipped"] + len(last["unreadable_dirs"]) >= 1, last
         assert not any(b"too-deep" in p for p in service.libraries._open_state().files("photos"))
-        del too_deep
         recorded = _assert_consistent(service, Library.create("photos", [str(root)]))
-        assert {v: k for k, v in recorded.items()} == {i: n for i, n in ids.items()}
-        del paths
+        assert {v: k for k, v in recorded.items()} == ids
         for image_id in ids:  # every file served, byte for byte, with its stored name
             r = client.get(f"/image/{image_id}")
             assert r.status_code == 200 and image_id_for(r.content) == image_id
@@ -281,18 +289,6 @@ def test_non_utf8_control_and_very_long_names(tmp_path, database_url, offline_em
         image_id = image_id_for(photos[2].read_bytes())
         assert service.db.get(image_id).metadata.filename == "photos/\\xfe\\xfd-renamed.jpg"
         assert client.get(f"/image/{image_id}").content == photos[2].read_bytes()
-
-
-def _wait_idle(client, name: str, timeout: float = SCAN_TIMEOUT_S) -> dict:
-    """``GET /libraries/{name}`` once its scan has ended (``client``: a TestClient or an httpx client with a
-    base URL)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = client.get(f"/libraries/{name}").json()
-        if status["state"] not in ("scanning", "waiting"):
-            return status
-        assert time.monotonic() < deadline, f"the scan of {name} did not end: {status}"
-        time.sleep(0.1)
 
 
 # --- symlinks ---------------------------------------------------------------------------------------------------
@@ -348,6 +344,7 @@ def _empty_files(folder: Path, n: int, prefix: str = "") -> None:
         (folder / f"{prefix}{i:06d}.jpg").touch()
 
 
+@pytest.mark.slow
 def test_a_root_that_disappears_mid_walk_or_mid_hash_marks_nothing_offline(tmp_path, database_url, offline_embedder):
     root = tmp_path / "photos"
     moved = tmp_path / "moved"
@@ -674,8 +671,8 @@ def _service_env(data_dir: Path, port: int, model_cache_dir: Path, **extra: str)
 @contextmanager
 def _service_process(env: dict[str, str], log: Path, prefix: list[str] | None = None) -> Iterator:
     """``python -m app`` (after ``prefix``, e.g. ``setpriv ...``) with ``env``, its output appended to ``log``;
-    yields ``(process, httpx client)`` once ``/health`` answers 200; killed (``kill -9``) at the end if still
-    running."""
+    yields ``(process, httpx client)`` once ``/health`` answers 200; stopped (SIGTERM, then SIGKILL after 60 s) at
+    the end if still running."""
     import subprocess
     import sys
 
@@ -700,9 +697,13 @@ def _service_process(env: dict[str, str], log: Path, prefix: list[str] | None = 
         with httpx.Client(base_url=url, timeout=30) as client:
             yield proc, client
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        if proc.poll() is None:  # a clean stop: it stops the embedded PostgreSQL it started or adopted
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
 
 
 @pytest.mark.slow
@@ -855,3 +856,192 @@ def test_permission_denied_on_a_folder_a_file_and_the_root(tmp_path, offline_emb
         for p in (root, locked, top):
             if p.exists():
                 p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+# --- the other vector databases, through the same contract -------------------------------------------------------
+def _manticore_address() -> tuple[str, int] | None:
+    """MANTICORE_HOST/MANTICORE_PORT when set and accepting connections (as tests/test_vectordb_contract.py)."""
+    import socket
+
+    host = os.environ.get("MANTICORE_HOST")
+    if not host:
+        return None
+    port = int(os.environ.get("MANTICORE_PORT", "9306"))
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        return None
+    return host, port
+
+
+def _library_flow(scan: Callable[[], dict], exists: Callable[[set[str]], set[str]], name_of, root: Path) -> None:
+    """Create-scan, move, offline, back online, on whatever backend ``exists`` (ids with a row) and ``name_of``
+    (id -> the row's filename, or ``None``) read."""
+    made = _fill(root, _photos(3) + _photos(2, skip=500))
+    ids = {rel: _sha(p) for rel, p in made.items()}
+    last = scan()
+    assert (last["indexed"], last["failed"]) == (5, 0), last
+    assert exists(set(ids.values())) == set(ids.values())
+
+    moved_rel, gone_rel = list(made)[0], list(made)[-1]
+    (root / "moved").mkdir()
+    (root / moved_rel).rename(root / "moved" / "x.jpg")  # a move: followed by its bytes, no model call
+    last = scan()
+    assert (last["indexed"], last["linked"], last["moved_away"], last["offline"]) == (0, 1, 1, 0), last
+    assert name_of(ids[moved_rel]) == "photos/moved/x.jpg"
+
+    aside = root.parent / "aside.jpg"
+    (root / gone_rel).rename(aside)  # missing: offline, hidden, vector kept
+    last = scan()
+    assert (last["offline"], last["images_hidden"]) == (1, 1), last
+    assert exists({ids[gone_rel]}) == set() and name_of(ids[gone_rel]) is None
+
+    aside.rename(root / gone_rel)  # back: online again with no model call
+    last = scan()
+    assert (last["back_online"], last["images_restored"], last["indexed"]) == (1, 1, 0), last
+    assert exists(set(ids.values())) == set(ids.values())
+    assert name_of(ids[gone_rel]) == f"photos/{gone_rel}"
+
+
+@pytest.mark.parametrize("backend", ["milvus", "manticore"])
+def test_library_flow_through_the_handler_contract(backend, tmp_path, offline_embedder):
+    """A scan talks to the vector database only through the handler contract: the same flow on Milvus Lite and,
+    where an engine is reachable (MANTICORE_HOST), on Manticore (a fresh table, dropped afterwards)."""
+    import uuid
+
+    from app.library.scan import ScanContext
+    from app.library.state import LibraryState
+    from app.storage import from_settings as store_from_settings
+    from app.vectordb.guard import GuardedHandler
+
+    if backend == "milvus":
+        from app.vectordb.milvus import MilvusHandler
+
+        handler = MilvusHandler(str(tmp_path / "milvus.db"))
+        drop = None
+    else:
+        address = _manticore_address()
+        if address is None:
+            pytest.skip("Manticore Search is not reachable: set MANTICORE_HOST (and MANTICORE_PORT) to a real engine")
+        import pymysql
+
+        from app.vectordb.manticore import ManticoreHandler
+
+        table = f"t_{uuid.uuid4().hex[:12]}"
+        handler = ManticoreHandler(*address, table=table)
+
+        def drop() -> None:
+            with pymysql.connect(host=address[0], port=address[1], autocommit=True) as conn, conn.cursor() as cur:
+                for name in (table, f"{table}_meta"):
+                    cur.execute(f"DROP TABLE IF EXISTS {name}")
+
+    db = GuardedHandler(handler)
+    state = LibraryState(database_url=None, data_dir=tmp_path / "data")
+    uploads = store_from_settings(make_settings(tmp_path / "data", None))
+    root = tmp_path / "photos"
+    root.mkdir()
+    library = Library.create("photos", [str(root)])
+    state.create_library(library)
+    try:
+        db.ensure_collection(offline_embedder.model_id, offline_embedder.dim)
+        ctx = ScanContext(db=db, uploads=uploads, state=state, embedder=offline_embedder, workers=1)
+
+        def name_of(image_id: str) -> str | None:
+            record = db.get(image_id)
+            return None if record is None else record.metadata.filename
+
+        _library_flow(lambda: scan_library(ctx, library).as_dict(), db.existing_ids, name_of, root)
+    finally:
+        state.close()
+        uploads.close()
+        db.close()
+        if drop is not None:
+            drop()
+
+
+@pytest.mark.slow
+def test_library_flow_on_milvus_lite_through_the_service(tmp_path, offline_embedder):
+    """The same flow through the REST API of a service with VECTOR_DB=milvus (Milvus Lite in DATA_DIR, the
+    libraries' state in SQLite), searches included: an offline photo is not found, and found again once back."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    settings = make_settings(tmp_path / "data", None, vector_db="milvus")
+    with TestClient(create_app(settings, embedder=offline_embedder)) as client:
+        assert client.get("/health").json()["backend"] == "milvus"
+        assert client.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        _wait_idle(client, "photos")
+
+        def scan() -> dict:
+            assert client.post("/libraries/photos/scan").status_code == 202
+            status = _wait_idle(client, "photos")
+            assert status["state"] == "idle" and status["error"] is None, status
+            return status["last_scan"]
+
+        def exists(ids: set[str]) -> set[str]:
+            return set(client.post("/images/exists", json={"ids": sorted(ids)}).json()["existing"])
+
+        def name_of(image_id: str) -> str | None:
+            query = client.get(f"/image/{image_id}")
+            if query.status_code != 200:
+                return None
+            r = client.post("/search_image?top_k=3&exclude_self=false", files={"file": ("q.jpg", query.content)})
+            hits = [h for h in r.json()["results"] if h["id"] == image_id]
+            return hits[0]["filename"] if hits else None
+
+        _library_flow(scan, exists, name_of, root)
+        assert client.get("/stats").json()["count"] == 5
+
+
+@pytest.mark.slow
+def test_kill_9_mid_scan_of_a_single_machine_service_then_the_restart_resumes(tmp_path, model_cache_dir):
+    """The same without DATABASE_URL: the libraries' state in DATA_DIR's SQLite file, the lease an ``flock`` (lost
+    with the process), the vectors in the embedded PostgreSQL the killed service leaves running (the restart adopts
+    it, and stops it at its own clean stop)."""
+    import signal
+
+    import psycopg
+
+    from app.library.state import LibraryState
+    from app.vectordb.embedded_pg import DEFAULT_DATABASE
+    from app.vectordb.watchdog import postmaster_pid
+    from tests.helpers import free_port
+
+    root = tmp_path / "photos"
+    made = _fill(root, _photos(80))
+    ids = {image_id_for(p.read_bytes()) for p in made.values()}
+    data = tmp_path / "data"
+    env = _service_env(data, free_port(), model_cache_dir, EMBED_BATCH_SIZE="4")
+    log = tmp_path / "service.log"
+    with _service_process(env, log) as (proc, http):
+        assert http.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        _wait_for(http, "photos", lambda s: s["phase"] == "index" and s["done"] >= 8)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    state = LibraryState(database_url=None, data_dir=data)
+    try:
+        row = state.library("photos")
+        assert row.state == "scanning" and not state.lease_held("photos")  # what GET shows as "interrupted"
+        recorded = {p for p, r in state.files("photos").items() if r.image_id}
+    finally:
+        state.close()
+    pgdata = data / "pgdata"
+    with psycopg.connect(f"postgresql://postgres@/{DEFAULT_DATABASE}?host={pgdata}") as conn:
+        written = {r[0] for r in conn.execute("SELECT id FROM images").fetchall()} & ids
+    print(f"killed with {len(written)} rows written, {len(recorded)} files recorded")
+    assert 0 < len(written) < 80 and len(recorded) <= len(written)
+
+    with _service_process(env, log) as (_, http):
+        status = _wait_idle(http, "photos")
+    last = status["last_scan"]
+    assert "resuming the scan a stop or kill -9 cut short" in log.read_text()
+    assert status["counts"] == {"files": 80, "online": 80, "offline": 0, "failed": 0, "images": 80}
+    assert last["indexed"] + len(written) == 80, last
+    assert (last["unchanged"], last["linked"]) == (len(recorded), len(written) - len(recorded)), last
+    deadline = time.monotonic() + 15
+    while postmaster_pid(pgdata) is not None:  # the clean stop stopped the server it adopted
+        assert time.monotonic() < deadline, "the embedded PostgreSQL outlived the service"
+        time.sleep(0.2)
