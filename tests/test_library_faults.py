@@ -231,7 +231,12 @@ def _make_deep(root: Path, levels: int, component: bytes, leaf: bytes, data: byt
     return b"/".join([component] * levels + [leaf])
 
 
-def test_non_utf8_control_and_very_long_names(tmp_path, database_url, offline_embedder):
+@pytest.mark.parametrize("backend", ["pgvector", "milvus"])
+def test_non_utf8_control_and_very_long_names(backend, tmp_path, request, offline_embedder):
+    """Names that are not UTF-8, that hold control characters or a zero-width joiner, a 255-byte component, a path
+    of 3,773 bytes and one past PATH_MAX: every file is indexed once (the last one is left out, and said so), its
+    stored name is printable and at most 1,024 characters (what Milvus' 4,096-byte field holds), it is served byte
+    for byte, and a rename of a non-UTF-8 name is followed with no model call."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -255,7 +260,10 @@ def test_non_utf8_control_and_very_long_names(tmp_path, database_url, offline_em
     deep = _make_deep(root, 15, b"d" * 250, b"deep.jpg", photos[8].read_bytes())  # 3,773 bytes: within PATH_MAX
     _make_deep(root, 17, b"e" * 250, b"too-deep.jpg", photos[7].read_bytes())  # past PATH_MAX
     ids = {image_id_for(p.read_bytes()): n for p, n in zip([*photos[:7], photos[8]], [*names, deep], strict=True)}
-    settings = make_settings(tmp_path / "data", database_url)
+    if backend == "milvus":
+        settings = make_settings(tmp_path / "data", None, vector_db="milvus")
+    else:
+        settings = make_settings(tmp_path / "data", request.getfixturevalue("database_url"))
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         service = client.app.state.service
         r = client.post("/libraries", json={"name": "photos", "roots": [str(root)]})
@@ -564,7 +572,7 @@ def test_a_shared_database_hung_mid_scan_answers_503_and_the_scan_finishes(tmp_p
                     took = time.monotonic() - start
                     print(method, path, answer, f"{took:.2f} s")
                     assert answer == (503, True), (method, path, answer)
-                    if took > 3.0:
+                    if took > 4.0:  # the deadline is 2 s (DB_STATEMENT_TIMEOUT_S + 0.5): room for a stall
                         slow.append((method, path, took))
             finally:
                 freeze.resume()
@@ -761,6 +769,57 @@ def test_kill_9_mid_scan_then_the_restart_resumes_without_redoing_what_was_writt
         assert (last["unchanged"], last["linked"]) == (len(recorded), len(written) - len(recorded)), last
         assert other.get("/stats").json()["count"] == 80
         other.close()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_scan_of_a_single_machine_service_then_the_restart_resumes(tmp_path, model_cache_dir):
+    """The same without DATABASE_URL: the libraries' state in DATA_DIR's SQLite file, the lease an ``flock`` (lost
+    with the process), the vectors in the embedded PostgreSQL the killed service leaves running (the restart adopts
+    it, and stops it at its own clean stop)."""
+    import signal
+
+    import psycopg
+
+    from app.library.state import LibraryState
+    from app.vectordb.embedded_pg import DEFAULT_DATABASE
+    from app.vectordb.watchdog import postmaster_pid
+    from tests.helpers import free_port
+
+    root = tmp_path / "photos"
+    made = _fill(root, _photos(80))
+    ids = {image_id_for(p.read_bytes()) for p in made.values()}
+    data = tmp_path / "data"
+    env = _service_env(data, free_port(), model_cache_dir, EMBED_BATCH_SIZE="4")
+    log = tmp_path / "service.log"
+    with _service_process(env, log) as (proc, http):
+        assert http.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
+        _wait_for(http, "photos", lambda s: s["phase"] == "index" and s["done"] >= 8)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    state = LibraryState(database_url=None, data_dir=data)
+    try:
+        row = state.library("photos")
+        assert row.state == "scanning" and not state.lease_held("photos")  # what GET shows as "interrupted"
+        recorded = {p for p, r in state.files("photos").items() if r.image_id}
+    finally:
+        state.close()
+    pgdata = data / "pgdata"
+    with psycopg.connect(f"postgresql://postgres@/{DEFAULT_DATABASE}?host={pgdata}") as conn:
+        written = {r[0] for r in conn.execute("SELECT id FROM images").fetchall()} & ids
+    print(f"killed with {len(written)} rows written, {len(recorded)} files recorded")
+    assert 0 < len(written) < 80 and len(recorded) <= len(written)
+
+    with _service_process(env, log) as (_, http):
+        status = _wait_idle(http, "photos")
+    last = status["last_scan"]
+    assert "resuming the scan a stop or kill -9 cut short" in log.read_text()
+    assert status["counts"] == {"files": 80, "online": 80, "offline": 0, "failed": 0, "images": 80}
+    assert last["indexed"] + len(written) == 80, last
+    assert (last["unchanged"], last["linked"]) == (len(recorded), len(written) - len(recorded)), last
+    deadline = time.monotonic() + 15
+    while postmaster_pid(pgdata) is not None:  # the clean stop stopped the server it adopted
+        assert time.monotonic() < deadline, "the embedded PostgreSQL outlived the service"
+        time.sleep(0.2)
 
 
 # --- permission denied ----------------------------------------------------------------------------------------------
@@ -994,54 +1053,3 @@ def test_library_flow_on_milvus_lite_through_the_service(tmp_path, offline_embed
 
         _library_flow(scan, exists, name_of, root)
         assert client.get("/stats").json()["count"] == 5
-
-
-@pytest.mark.slow
-def test_kill_9_mid_scan_of_a_single_machine_service_then_the_restart_resumes(tmp_path, model_cache_dir):
-    """The same without DATABASE_URL: the libraries' state in DATA_DIR's SQLite file, the lease an ``flock`` (lost
-    with the process), the vectors in the embedded PostgreSQL the killed service leaves running (the restart adopts
-    it, and stops it at its own clean stop)."""
-    import signal
-
-    import psycopg
-
-    from app.library.state import LibraryState
-    from app.vectordb.embedded_pg import DEFAULT_DATABASE
-    from app.vectordb.watchdog import postmaster_pid
-    from tests.helpers import free_port
-
-    root = tmp_path / "photos"
-    made = _fill(root, _photos(80))
-    ids = {image_id_for(p.read_bytes()) for p in made.values()}
-    data = tmp_path / "data"
-    env = _service_env(data, free_port(), model_cache_dir, EMBED_BATCH_SIZE="4")
-    log = tmp_path / "service.log"
-    with _service_process(env, log) as (proc, http):
-        assert http.post("/libraries", json={"name": "photos", "roots": [str(root)]}).status_code == 201
-        _wait_for(http, "photos", lambda s: s["phase"] == "index" and s["done"] >= 8)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    state = LibraryState(database_url=None, data_dir=data)
-    try:
-        row = state.library("photos")
-        assert row.state == "scanning" and not state.lease_held("photos")  # what GET shows as "interrupted"
-        recorded = {p for p, r in state.files("photos").items() if r.image_id}
-    finally:
-        state.close()
-    pgdata = data / "pgdata"
-    with psycopg.connect(f"postgresql://postgres@/{DEFAULT_DATABASE}?host={pgdata}") as conn:
-        written = {r[0] for r in conn.execute("SELECT id FROM images").fetchall()} & ids
-    print(f"killed with {len(written)} rows written, {len(recorded)} files recorded")
-    assert 0 < len(written) < 80 and len(recorded) <= len(written)
-
-    with _service_process(env, log) as (_, http):
-        status = _wait_idle(http, "photos")
-    last = status["last_scan"]
-    assert "resuming the scan a stop or kill -9 cut short" in log.read_text()
-    assert status["counts"] == {"files": 80, "online": 80, "offline": 0, "failed": 0, "images": 80}
-    assert last["indexed"] + len(written) == 80, last
-    assert (last["unchanged"], last["linked"]) == (len(recorded), len(written) - len(recorded)), last
-    deadline = time.monotonic() + 15
-    while postmaster_pid(pgdata) is not None:  # the clean stop stopped the server it adopted
-        assert time.monotonic() < deadline, "the embedded PostgreSQL outlived the service"
-        time.sleep(0.2)
