@@ -6,11 +6,12 @@ Runtime nor the database drivers.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from app.errors import ImageDecodeError
 from app.ids import image_id_for
@@ -53,8 +54,14 @@ def prepare_file(
     the decoder refuses (the upload-size rule is checked on the file size before the file is read).
     """
     try:
-        check_upload_size(os.path.getsize(path), max_bytes, what="file")
-        data = Path(path).read_bytes()
+        # O_NONBLOCK and the S_ISREG check: a FIFO (or a device) put in the file's place since it was listed must
+        # not block the worker for ever, in the open or in the read; the flag changes nothing for a regular file.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            check_upload_size(st.st_size, max_bytes, what="file")
+            data = f.read()
     except OSError as exc:
         return FailedItem(name, None, f"{type(exc).__name__}: {exc}")
     except ImageDecodeError as exc:

@@ -5,7 +5,9 @@ file of the id (:meth:`app.library.state.LibraryState.paths_of`), resolves it in
 (:func:`app.library.walk.resolve`: no ``..``, no symlink out of the root) and checks that its size and
 modification time are still the ones recorded when it was hashed. A file that changed answers
 :class:`app.errors.LibraryFileChangedError` (409) rather than bytes that may not be the image's any more; the next
-scan of its library reads it again. It stores nothing: ``put``/``delete`` are not its job.
+scan of its library reads it again. A file the service may not read (permission denied, an I/O error on a network
+mount) answers :class:`app.errors.StorageUnavailableError` (503, logged) naming the file and the reason, not a 404
+for an image that search results show. It stores nothing: ``put``/``delete`` are not its job.
 
 :class:`WithLibraries` is the store the service hands out: the image store of uploads first, then the library files,
 so ``GET /image/{id}`` (Range and ETag included), thumbnails, the web UI's large view and download, ``reindex.py``
@@ -14,18 +16,21 @@ and ``fsck.py`` read a library photo exactly as an uploaded one. Every write goe
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 from app.config import Settings
-from app.errors import ImageNotFoundError, LibraryFileChangedError
+from app.errors import ImageNotFoundError, LibraryFileChangedError, StorageUnavailableError
 from app.ids import is_valid_image_id
 from app.library.model import Library, display_name
 from app.library.state import LibraryState, PathRow
 from app.library.walk import resolve
 from app.storage.base import CHUNK_BYTES, ImageStore, ObjectInfo, ObjectStream, StoreEntry, StoreHealth
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LibraryFiles", "WithLibraries", "library_view"]
 
@@ -61,11 +66,13 @@ class LibraryFiles:
     def locate(self, image_id: str) -> tuple[bytes, os.stat_result, PathRow] | None:
         """``(absolute path, stat, the file's record)`` of an online file of ``image_id`` that still matches its
         record, or ``None`` when no library file holds it (or every one is missing). Raises
-        :class:`LibraryFileChangedError` when the only files found changed since they were hashed."""
+        :class:`LibraryFileChangedError` when the only files found changed since they were hashed, and
+        :class:`StorageUnavailableError` when the others cannot be reached (permission denied, I/O error)."""
         state = self._state()
         if state is None or not is_valid_image_id(image_id):
             return None
         changed: PathRow | None = None
+        unreadable: tuple[PathRow, OSError] | None = None
         for row in state.paths_of([image_id]).get(image_id, []):
             if row.offline_since is not None:
                 continue
@@ -75,7 +82,10 @@ class LibraryFiles:
                 continue
             try:
                 st = os.stat(full)
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # missing: the next scan marks it offline
+            except OSError as exc:
+                unreadable = unreadable or (row, exc)
                 continue
             if st.st_size == row.size and st.st_mtime_ns == row.mtime_ns:
                 return full, st, row
@@ -87,6 +97,8 @@ class LibraryFiles:
                 f"{display_name(changed.library, changed.path)} changed since it was indexed; the next scan of "
                 f"library '{changed.library}' reads it again."
             )
+        if unreadable is not None:
+            _unreadable(*unreadable)
         return None
 
     def existing(self, image_ids: Iterable[str]) -> set[str]:
@@ -121,7 +133,8 @@ class LibraryFiles:
     def get(self, image_id: str, start: int = 0, end: int | None = None) -> ObjectStream:
         """Bytes ``start``..``end`` (end exclusive) of the file, streamed in chunks. The open file is checked
         against the record once more (``fstat``), so a file replaced between the lookup and the open is refused.
-        Raises :class:`ImageNotFoundError` and :class:`LibraryFileChangedError`."""
+        Raises :class:`ImageNotFoundError`, :class:`LibraryFileChangedError` and :class:`StorageUnavailableError`
+        (a file the service may not read)."""
         found = self.locate(image_id)
         if found is None:
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
@@ -129,8 +142,10 @@ class LibraryFiles:
         info = _info(image_id, st, row)
         try:
             f = open(full, "rb")  # noqa: SIM115 - closed by the stream
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.") from None
+        except OSError as exc:
+            _unreadable(row, exc)
         fst = os.fstat(f.fileno())
         if fst.st_size != row.size or fst.st_mtime_ns != row.mtime_ns:
             f.close()
@@ -150,6 +165,17 @@ class LibraryFiles:
                 yield chunk
 
         return ObjectStream(info, start, stop, chunks(), close=f.close)
+
+
+def _unreadable(row: PathRow, exc: OSError) -> None:
+    """Log and raise :class:`StorageUnavailableError` for a library file the service may not read."""
+    shown = display_name(row.library, row.path)
+    reason = exc.strerror or type(exc).__name__
+    log.warning("Library %s: %s cannot be read (%s)", row.library, shown, reason)
+    raise StorageUnavailableError(
+        f"The library file {shown} cannot be read ({reason}): check its permissions and the mount of library "
+        f"'{row.library}'."
+    )
 
 
 def _info(image_id: str, st: os.stat_result, row: PathRow) -> ObjectInfo:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from wcmatch import glob as wcglob
 
+from app.imaging.prepare import clean_filename
+
 __all__ = [
     "GLOB_FLAGS",
     "Library",
@@ -47,8 +49,10 @@ def validate_library_name(name: str) -> str:
 
 def display_name(library: str, path: bytes) -> str:
     """``<library>/<library path>`` as text: how a library file is shown and stored as the row's ``filename``.
-    Bytes that are not UTF-8 show as ``\\xNN`` escapes (the file itself is found by its exact bytes)."""
-    return f"{library}/{path.decode('utf-8', 'backslashreplace')}"
+    Bytes that are not UTF-8 show as ``\\xNN`` escapes (the file itself is found by its exact bytes); like an
+    upload's name (:func:`app.imaging.prepare.clean_filename`), control characters are dropped and the name is cut
+    to 1,024 characters, which every backend stores (Milvus: at most 4,096 UTF-8 bytes)."""
+    return clean_filename(f"{library}/{path.decode('utf-8', 'backslashreplace')}")
 
 
 def split_patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:

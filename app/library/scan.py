@@ -18,16 +18,19 @@ the next scan, which finds its bytes known and records it with no model call. No
 stopping it, so "resume" is "scan again".
 
 Mount safety: if a root is missing, unreadable, not a folder, or empty while the library knew files in it, the scan
-changes nothing and says why (:attr:`ScanResult.warning`). If more than ``LIBRARY_MAX_OFFLINE_FRACTION`` of the
-library's online files are missing (and at least :data:`MASS_CHECK_MIN_FILES`), new files are still indexed but
-nothing is marked offline, unless the scan was started with ``force``. Folders that could not be listed never make
-their files offline.
+changes nothing and says why (:attr:`ScanResult.warning`); the roots are checked again after the walk and after the
+files were read, so a root that goes away mid-scan marks nothing offline either. If more than
+``LIBRARY_MAX_OFFLINE_FRACTION`` of the library's online files are missing (and at least
+:data:`MASS_CHECK_MIN_FILES`), new files are still indexed but nothing is marked offline, unless the scan was started
+with ``force``. Folders that could not be listed never make their files offline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import stat as stat_module
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +42,6 @@ from pathlib import Path
 import numpy as np
 
 from app.embedders.base import Embedder
-from app.ids import image_id_of_file
 from app.imaging.prepare import PreparedImage
 from app.indexing.pipeline import IngestItem, IngestPipeline
 from app.library.model import Library, display_name
@@ -254,6 +256,14 @@ def scan_library(
     if old_names:
         result.note(reconcile(ctx.db, ctx.uploads, ctx.state, old_names, old_names))
     check_stop()
+    # A root that went away while the files were read (a share unmounted mid-scan): what could not be read is left
+    # for the next scan, and nothing is marked offline or purged on the word of a root that cannot be trusted now.
+    problem = _root_problem(library, known, force, "it went away during the scan: no file was marked offline")
+    if problem:
+        result.warning = problem
+        log.warning("Library %s: %s", name, problem)
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
 
     # Missing files: offline (vector kept, hidden from results) unless the roots cannot be trusted.
     report("offline", 0, len(missing))
@@ -304,9 +314,15 @@ def purge_offline(ctx: ScanContext, library: Library, older_than_s: float = 0.0)
     return len(expired), reconcile(ctx.db, ctx.uploads, ctx.state, [i for _, i in expired if i])
 
 
-def _root_problem(library: Library, known: dict[bytes, FileRow], force: bool = False) -> str | None:
-    """Why the roots cannot be trusted (missing, unreadable, or empty while files were known there), or ``None``.
-    With ``force``, an empty root is believed (its files really were deleted); a missing one never is."""
+def _root_problem(
+    library: Library,
+    known: dict[bytes, FileRow],
+    force: bool = False,
+    outcome: str = "nothing was changed (no file was marked offline)",
+) -> str | None:
+    """Why the roots cannot be trusted (missing, unreadable, or empty while files were known there), followed by
+    ``outcome`` (what the scan did about it), or ``None``. With ``force``, an empty root is believed (its files
+    really were deleted); a missing one never is."""
     problems = []
     prefixes = dict(library.root_prefixes())
     for p in check_roots(library):
@@ -317,29 +333,34 @@ def _root_problem(library: Library, known: dict[bytes, FileRow], force: bool = F
         problems.append(f"root {p.root} {p.reason}")
     if not problems:
         return None
-    return "; ".join(problems) + ": nothing was changed (no file was marked offline)."
+    return "; ".join(problems) + f": {outcome}."
 
 
 def _hash(library: Library, item: tuple[bytes, int, int], max_bytes: int) -> tuple[bytes, str | None, int, int, str]:
     """``(path, image id or None, size, mtime_ns, status)``: status ``ok``, ``deferred`` (changed while read),
-    ``gone``, ``failed: <reason>`` (recorded: the same file will fail again) or ``error: <reason>`` (not recorded:
-    permission or I/O, worth trying again)."""
+    ``gone`` (deleted, or no longer a regular file), ``failed: <reason>`` (recorded: the same file will fail
+    again) or ``error: <reason>`` (not recorded: permission or I/O, worth trying again)."""
     path, size, mtime = item
     full = resolve(library, path)
     if full is None:
         return path, None, size, mtime, "gone"
     try:
-        before = os.stat(full)
-        if before.st_size > max_bytes:
-            reason = f"over MAX_UPLOAD_MB ({before.st_size:,} bytes)"
-            return path, None, before.st_size, before.st_mtime_ns, f"failed: {reason}"
-        image_id = image_id_of_file(os.fsdecode(full))
-        after = os.stat(full)
+        # O_NONBLOCK: a FIFO put in the file's place since the walk must not block the open, nor the read (refused
+        # below: not a regular file); the flag changes nothing for a regular file.
+        with open(os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            before = os.fstat(f.fileno())
+            if not stat_module.S_ISREG(before.st_mode):
+                return path, None, size, mtime, "gone"  # no longer a file: the next walk skips it
+            if before.st_size > max_bytes:
+                reason = f"over MAX_UPLOAD_MB ({before.st_size:,} bytes)"
+                return path, None, before.st_size, before.st_mtime_ns, f"failed: {reason}"
+            image_id = hashlib.file_digest(f, "sha256").hexdigest()  # as app.ids.image_id_of_file
+            after = os.stat(full)
     except FileNotFoundError:
         return path, None, size, mtime, "gone"
     except OSError as exc:
         return path, None, size, mtime, f"error: {type(exc).__name__}: {exc.strerror or exc}"
-    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+    if (before.st_ino, before.st_size, before.st_mtime_ns) != (after.st_ino, after.st_size, after.st_mtime_ns):
         return path, None, size, mtime, "deferred"  # still being written: the next scan (or watch) reads it
     return path, image_id, after.st_size, after.st_mtime_ns, "ok"
 
@@ -360,8 +381,8 @@ def _record_hashed(
         (p, None, s, m, status[len("failed: ") :]) for p, _, s, m, status in hashed if status.startswith("failed")
     ]
     for p, _, _, _, status in hashed:
-        if status == "deferred":
-            result.deferred += 1
+        if status in ("deferred", "gone"):
+            result.deferred += 1  # changed, replaced or deleted since the walk: the next scan sees what it is now
         elif status.startswith(("failed", "error")):
             result.error(f"{display_name(name, p)}: {status.split(': ', 1)[1]}")
     if failed:
@@ -396,8 +417,13 @@ def _ingest(
     report: Progress,
 ) -> None:
     """Embed and store the new images through the bulk pipeline, one file per image (its other copies are
-    recorded with it)."""
-    by_name: dict[str, tuple[str, list[tuple[bytes, int, int]]]] = {}
+    recorded with it). A file whose bytes at the decode are not the ones hashed (rewritten, truncated, replaced in
+    between) is written nowhere and counted ``deferred``: the next scan reads it as it is then.
+
+    The pipeline's item names are keys of our own (``"0"``, ``"1"``...), not the display names: two files may show
+    alike (a non-UTF-8 name and its escaped spelling), and the pipeline stores a name cleaned of control characters
+    and cut to 1,024 characters, which would then name no file here."""
+    by_key: dict[str, tuple[str, str, list[tuple[bytes, int, int]]]] = {}  # key -> (shown, hashed id, files)
     items: list[IngestItem] = []
     for image_id, files in to_index.items():
         files.sort()
@@ -405,18 +431,25 @@ def _ingest(
         full = resolve(library, path)
         if full is None:
             continue
-        shown = display_name(name, path)
-        by_name[shown] = (image_id, files)
-        items.append(IngestItem(Path(os.fsdecode(full)), shown))
+        key = str(len(items))
+        by_key[key] = (display_name(name, path), image_id, files)
+        items.append(IngestItem(Path(os.fsdecode(full)), key))
     if ctx.embedder is None:
-        for shown in by_name:
+        for shown, _, _ in by_key.values():
             result.error(f"{shown}: no model is loaded (EMBEDDER=none), so new images cannot be indexed")
         return
     done = [0]
     report("index", 0, len(items))
 
     def write(db: VectorDBHandler, store: ImageStore, batch: list[PreparedImage], vectors: object) -> None:
-        ids = sorted({item.image_id for item in batch})
+        done[0] += len(batch)
+        pairs = [(item, vector) for item, vector in zip(batch, vectors, strict=True)]  # type: ignore[call-overload]
+        same = [(item, vector) for item, vector in pairs if item.image_id == by_key[item.name][1]]
+        result.deferred += len(pairs) - len(same)  # changed since the hash: nothing of it is written
+        if not same:
+            report("index", done[0], len(items))
+            return
+        ids = sorted({item.image_id for item, _ in same})
         now = datetime.now(UTC)
         with ctx.uploads.locks.hold(ids):
             present = db.existing_ids(ids)
@@ -424,33 +457,31 @@ def _ingest(
                 ImageRecord(
                     item.image_id,
                     np.asarray(vector, dtype=np.float32),
-                    ImageMetadata(item.name, item.format, item.width, item.height, len(item.data), now, item.taken_at),
+                    ImageMetadata(
+                        by_key[item.name][0], item.format, item.width, item.height, len(item.data), now, item.taken_at
+                    ),
                 )
-                for item, vector in zip(batch, vectors, strict=True)  # type: ignore[call-overload]
+                for item, vector in same
                 if item.image_id not in present
             ]
             if records:
                 db.upsert(records)  # the rows first: a file record never points at a row that was not written
             rows = []
-            for item in batch:
-                hashed_id, files = by_name[item.name]
-                first = files[0]
-                rows.append((first[0], item.image_id, first[1], first[2], None))
-                if item.image_id == hashed_id:  # the copies hold the same bytes (unless the file changed meanwhile)
-                    rows.extend((p, item.image_id, s, m, None) for p, s, m in files[1:])
+            for item, _ in same:
+                rows.extend((p, item.image_id, s, m, None) for p, s, m in by_key[item.name][2])
             ctx.state.put_files(name, rows)
         result.indexed += len(records)
-        result.linked += sum(len(by_name[item.name][1]) for item in batch) - len(records)
-        done[0] += len(batch)
+        result.linked += sum(len(by_key[item.name][2]) for item, _ in same) - len(records)
         report("index", done[0], len(items))
 
-    def on_result(shown: str, status: str, reason: str | None) -> None:
+    def on_result(key: str, status: str, reason: str | None) -> None:
         if status != "failed":
             return
+        shown, _, files = by_key[key]
         result.error(f"{shown}: {reason}")
+        result.failed += len(files) - 1  # every file of these bytes failed (counts are of files)
         if reason and reason.split(":", 1)[0] in _OS_ERRORS:
             return  # unreadable now (permission, I/O): tried again by the next scan
-        _, files = by_name[shown]
         ctx.state.put_files(name, [(p, None, s, m, (reason or "")[:500]) for p, s, m in files])
         done[0] += 1
 

@@ -19,7 +19,11 @@ Leases (one scanner per library across processes): a session-level advisory lock
 PostgreSQL, an ``flock`` on ``DATA_DIR/libraries/<name>.lock`` otherwise; both are lost with their process, so a
 scan cut short by ``kill -9`` is seen as interrupted at once.
 
-Errors: a database that cannot be reached raises :class:`app.errors.DatabaseUnavailableError` (HTTP 503).
+Errors: a database that cannot be reached raises :class:`app.errors.DatabaseUnavailableError` (HTTP 503). A server
+that hangs (a stopped process, a network dropping packets) answers nothing and closes nothing, so every transaction
+on PostgreSQL has a client deadline (:mod:`app.vectordb.deadline`): ``DB_STATEMENT_TIMEOUT_S`` + 0.5 s for what a
+request reads or writes (then 503, as for the vectors), :data:`BULK_CALL_S` for the bulk statements of scans and
+deletes (a scan then waits and retries).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ FILENAME = "libraries.sqlite3"
 _CHUNK = 500  # ids or paths per IN (...): under SQLite's historical limit of 999 bound parameters
 #: advisory-lock namespace (first key) of the scan leases; the id locks and the neighbour graph use others
 NAMESPACE = 0x6C69_6272 - 2**31
+#: client deadline, seconds, of a transaction whose size grows with the library (every file of it, a batch of
+#: records, a deleted library): long on a live server, yet bounded on a hung one
+BULK_CALL_S = 120.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {s}libraries (
@@ -203,26 +210,34 @@ class LibraryState:
     cannot be reached within ``wait_s``.
     """
 
-    def __init__(self, *, database_url: str | None, data_dir: Path, wait_s: float = 10.0) -> None:
+    def __init__(
+        self, *, database_url: str | None, data_dir: Path, wait_s: float = 10.0, call_s: float | None = None
+    ) -> None:
         self.database_url, self.data_dir, self.wait_s = database_url, data_dir, wait_s
+        self.call_s = call_s or None  # a request's transaction on PostgreSQL; None: no deadline
         self.shared = database_url is not None
         self._lock = threading.Lock()
         self._sqlite: sqlite3.Connection | None = None
         self._pool = None
+        self._deadlines = None
         if self.shared:
             from psycopg_pool import ConnectionPool
 
+            from app.vectordb.deadline import Deadlines
+
+            self._deadlines = Deadlines("library-db-deadlines")  # its thread starts with the first bounded call
             self._pool = ConnectionPool(
                 database_url, min_size=0, max_size=8, kwargs={"autocommit": True}, open=False, name="libraries"
             )
             self._pool.open(wait=False)
             schema = _SCHEMA.format(s="public.", blob="BYTEA")
             try:
-                with self._tx() as conn:
+                with self._tx(bulk=True) as conn:  # another replica may be creating them: wait for it
                     conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (NAMESPACE, -(2**31)))
                     conn.execute(schema)
             except BaseException:
                 self._pool.close()
+                self._deadlines.close()
                 raise
         else:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +254,7 @@ class LibraryState:
             database_url=settings.shared_state_url,
             data_dir=settings.data_dir.resolve(),
             wait_s=max(settings.db_request_timeout_s, 1.0),
+            call_s=settings.db_statement_timeout_s + 0.5 if settings.db_statement_timeout_s else None,
         )
 
     @staticmethod
@@ -251,22 +267,36 @@ class LibraryState:
         """Close the connections. Idempotent."""
         if self._pool is not None:
             self._pool.close()
+        if self._deadlines is not None:
+            self._deadlines.close()
         if self._sqlite is not None:
             with self._lock:
                 self._sqlite.close()
                 self._sqlite = None
 
     # --- connections ------------------------------------------------------------------------------------------
+    def _bounded(self, conn, bulk: bool = False):  # noqa: ANN001, ANN202 - psycopg.Connection; a context manager
+        """The client deadline of a call on ``conn``: its socket is shut down (the call then raises
+        ``psycopg.OperationalError``) :attr:`call_s` (``bulk``: :data:`BULK_CALL_S`) after the start."""
+        from app.vectordb.deadline import shutdown_socket
+
+        seconds = (BULK_CALL_S if bulk else self.call_s) if self.call_s else None
+        return self._deadlines.bound(lambda: shutdown_socket(conn.pgconn.socket), seconds)
+
     @contextmanager
-    def _tx(self) -> Iterator:
-        """A connection inside one transaction: psycopg for PostgreSQL (``%s`` parameters), else the SQLite
-        connection under the lock (``?`` parameters; :meth:`_sql` converts)."""
+    def _tx(self, bulk: bool = False) -> Iterator:
+        """A connection inside one transaction: psycopg for PostgreSQL (``%s`` parameters; bounded by
+        :meth:`_bounded`), else the SQLite connection under the lock (``?`` parameters; :meth:`_sql` converts)."""
         if self._pool is not None:
             import psycopg
             from psycopg_pool import PoolTimeout
 
             try:
-                with self._pool.connection(timeout=self.wait_s) as conn, conn.transaction():
+                with (
+                    self._pool.connection(timeout=self.wait_s) as conn,
+                    self._bounded(conn, bulk),
+                    conn.transaction(),
+                ):
                     yield conn
             except (PoolTimeout, psycopg.OperationalError) as exc:
                 raise DatabaseUnavailableError(
@@ -288,8 +318,8 @@ class LibraryState:
     def _sql(self, query: str) -> str:
         return query.replace("?", "%s") if self.shared else query
 
-    def _read(self, query: str, params: Sequence = ()) -> list[tuple]:
-        with self._tx() as conn:
+    def _read(self, query: str, params: Sequence = (), bulk: bool = False) -> list[tuple]:
+        with self._tx(bulk) as conn:
             return list(conn.execute(self._sql(query), tuple(params)).fetchall())
 
     def _write(self, query: str, params: Sequence = ()) -> int:
@@ -299,7 +329,7 @@ class LibraryState:
     def _write_many(self, query: str, rows: Sequence[Sequence]) -> None:
         if not rows:
             return
-        with self._tx() as conn:
+        with self._tx(bulk=True) as conn:
             if self.shared:
                 with conn.cursor() as cur:
                     cur.executemany(self._sql(query), [tuple(r) for r in rows])
@@ -321,7 +351,16 @@ class LibraryState:
                 raise DatabaseUnavailableError(
                     f"A library's scan lease cannot be taken: {type(exc).__name__}"
                 ) from None
-            if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, self._lease_key(name))).fetchone()[0]:
+            try:
+                with self._bounded(conn):
+                    key = (NAMESPACE, self._lease_key(name))
+                    taken = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()[0]
+            except psycopg.OperationalError as exc:
+                conn.close()
+                raise DatabaseUnavailableError(
+                    f"A library's scan lease cannot be taken: {type(exc).__name__}"
+                ) from None
+            if taken:
                 return _PgLease(conn, self._lease_key(name))
             conn.close()
             return None
@@ -395,7 +434,7 @@ class LibraryState:
     def delete_library(self, name: str) -> list[str]:
         """Delete the library and its file rows in one transaction; returns the image ids its files had (the
         caller reconciles them: :func:`app.library.visibility.reconcile`)."""
-        with self._tx() as conn:
+        with self._tx(bulk=True) as conn:
             ids = conn.execute(
                 self._sql("SELECT DISTINCT image_id FROM library_files WHERE library = ? AND image_id IS NOT NULL"),
                 (name,),
@@ -410,6 +449,7 @@ class LibraryState:
         rows = self._read(
             "SELECT path, image_id, size, mtime_ns, offline_since, error FROM library_files WHERE library = ?",
             (name,),
+            bulk=True,
         )
         return {bytes(r[0]): FileRow(_hex(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
 
@@ -460,6 +500,7 @@ class LibraryState:
             "SELECT path, image_id FROM library_files WHERE library = ? AND offline_since IS NOT NULL "
             "AND offline_since < ?",
             (name, before),
+            bulk=True,
         )
         return [(bytes(r[0]), _hex(r[1])) for r in rows]
 
@@ -476,7 +517,8 @@ class LibraryState:
     def held_ids(self) -> set[str]:
         """Every image id some library file holds, online or offline (``fsck.py`` leaves their rows to the scans)."""
         return {
-            _hex(r[0]) for r in self._read("SELECT DISTINCT image_id FROM library_files WHERE image_id IS NOT NULL")
+            _hex(r[0])
+            for r in self._read("SELECT DISTINCT image_id FROM library_files WHERE image_id IS NOT NULL", bulk=True)
         }
 
     # --- hidden vectors ---------------------------------------------------------------------------------------
