@@ -226,7 +226,8 @@ def main() -> int:
             limit = time.monotonic() + args.recover_s
             while time.monotonic() < limit and recovered is None:
                 after = [r for r in records if r[1] > resumed[0]]
-                ok_search = [r for r in after if r[0] == "search" and r[3] == 200]
+                healed = "read" if moto is not None else "search"  # with s3, /health is 200 while degraded
+                ok_search = [r for r in after if r[0] == healed and r[3] == 200]
                 ok_health = [r for r in after if r[0] == "health" and r[3] == 200]
                 if ok_search and ok_health:
                     recovered = max(min(r[2] for r in ok_search), min(r[2] for r in ok_health)) - resumed[0]

@@ -261,12 +261,14 @@ class S3ImageStore(ImageStore):
         if reason is not None:
             raise StorageUnavailableError(reason)
 
-    def _call(self, what: str, fn: Callable, *args, until: float | None = None, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _call(self, what: str, fn: Callable, *args, until: float | None = None, gate: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN202
         """``fn(*args, **kwargs)`` on an I/O thread, waited for until ``until`` (monotonic; default
-        ``S3_REQUEST_TIMEOUT_S`` from now). Refused at once while the store is down; past the deadline, marks it down
-        and raises :class:`app.errors.StorageUnavailableError` (the call itself is left to end on its own). The
-        call's own exceptions are raised as they are."""
-        self._raise_if_down()
+        ``S3_REQUEST_TIMEOUT_S`` from now). Refused at once while the store is down (unless ``gate`` is false: the
+        next chunk of a stream that flows); past the deadline, marks it down and raises
+        :class:`app.errors.StorageUnavailableError` (the call itself is left to end on its own). The call's own
+        exceptions are raised as they are."""
+        if gate:
+            self._raise_if_down()
         if until is None:
             until = time.monotonic() + self.request_timeout_s
         future = self._io.submit(fn, *args, **kwargs)
@@ -436,7 +438,7 @@ class S3ImageStore(ImageStore):
         import obstore
 
         check_id(image_id)
-        until = time.monotonic() + self.request_timeout_s  # one deadline up to the response's headers
+        until = time.monotonic() + self.request_timeout_s  # one deadline up to the body's first chunk
         for _ in range(2):
             found = self._find(image_id, until=until)
             if found is None:
@@ -449,6 +451,10 @@ class S3ImageStore(ImageStore):
                 options["range"] = {"offset": start}
             try:
                 result = self._call("read an original", obstore.get, self._store, key, options=options, until=until)
+                # The first chunk within the same deadline: a store that hangs after its headers still answers 503
+                # here, before the response has started (a small original is one chunk).
+                stream = result.stream(min_chunk_size=64 * 1024)
+                first = self._call("read an original", next, stream, None, until=until)
             except FileNotFoundError:
                 self._forget(image_id)  # deleted meanwhile: look again once
                 continue
@@ -458,18 +464,19 @@ class S3ImageStore(ImageStore):
             meta = result.meta
             info = ObjectInfo(image_id, key.rsplit("/", 1)[-1], int(meta["size"]), _mtime(meta))
             lo, hi = result.range
-            return ObjectStream(info, lo, hi, self._chunks(result))
+            return ObjectStream(info, lo, hi, self._chunks(stream, first))
         raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
 
-    def _chunks(self, result) -> Iterator[bytes]:  # noqa: ANN001 - obstore GetResult
-        """The body, each chunk within ``S3_REQUEST_TIMEOUT_S`` of asking (not the whole transfer: a large original
-        downloads as long as the store keeps sending)."""
+    def _chunks(self, stream, chunk) -> Iterator[bytes]:  # noqa: ANN001 - obstore BytesStream, Bytes | None
+        """The body from its first ``chunk`` on, each further chunk within ``S3_REQUEST_TIMEOUT_S`` of asking (not
+        the whole transfer: a large original downloads as long as the store keeps sending; a stream that flows is
+        not cut when the store is marked down meanwhile by another request)."""
         try:
-            stream = result.stream(min_chunk_size=64 * 1024)
-            while (chunk := self._call("read an original", next, stream, None)) is not None:
+            while chunk is not None:
                 view = memoryview(chunk)
                 for at in range(0, len(view), CHUNK_BYTES):  # the client may hand over more at once
                     yield bytes(view[at : at + CHUNK_BYTES])
+                chunk = self._call("read an original", next, stream, None, gate=False)
         except Exception as exc:  # noqa: BLE001 - translated
             raise self._failed("read an original", exc) from None
 
