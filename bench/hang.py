@@ -22,7 +22,9 @@ of its own (``milvus-lite server``, loopback) and points ``MILVUS_URI`` at it, a
 instead, with ``--clients`` more loops reading originals (``GET /image/{id}``); the server sweeps originals without a
 row every 2 s after a 1 s grace (``ORPHAN_SWEEP_INTERVAL_S``, ``ORPHAN_GRACE_S``), and fsck runs ``--settle-s``
 (default 4 s with s3) after the recovery, so an upload given up on that the resumed store completed is gone by then.
-``longest_answer_s`` and ``longest_by_kind`` cover every answer during the hang, ``/health`` included.
+``longest_answer_s`` and ``longest_by_kind`` cover every answer during the hang, ``/health`` included;
+``storage_degraded_s`` is when ``/health`` first said ``storage: degraded`` (it stays 200 for a store),
+``storage_ok_while_stopped`` how often it said ``ok`` more than 2.5 s into the hang.
 
 Usage: python bench/hang.py [--backend pgvector|milvus|s3] [--hang-s 6] [--clients 2] [--images DIR]
     [--model-cache-dir DIR] [--project-root DIR]
@@ -156,6 +158,7 @@ def main() -> int:
         resumed: list[float] = []
         records: list[tuple[str, float, float, int]] = []  # (kind, start, end, status) in monotonic seconds
         acknowledged: list[str] = []
+        storage: list[tuple[float, str]] = []  # (answered at, /health's storage) with s3
         done = threading.Event()
         processes: list[psutil.Process] = []
         try:
@@ -189,6 +192,8 @@ def main() -> int:
                                     queue.pop(0)
                             else:
                                 r = http.get(f"{url}/health")
+                                if r.status_code == 200 and moto is not None:
+                                    storage.append((time.monotonic(), r.json().get("storage")))
                             status = r.status_code
                         except httpx.HTTPError:
                             status = 0
@@ -283,6 +288,8 @@ def main() -> int:
         if any(r[3] == 503 for r in health)
         else None,
         "health_ok_while_stopped": sum(1 for r in health if r[3] == 200 and r[1] > t_stop + 0.5),
+        "storage_degraded_s": _pct([t - t_stop for t, s in storage if s != "ok" and t_stop < t < t_resume], 0.0),
+        "storage_ok_while_stopped": sum(1 for t, s in storage if s == "ok" and t_stop + 2.5 < t < t_resume),
         "recovered_s": round(recovered, 2) if recovered is not None else None,
         "statuses_during": by_status,
         "acknowledged": len(set(acknowledged)),
