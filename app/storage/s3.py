@@ -20,11 +20,12 @@ conditional writes (``If-None-Match: *``), byte ranges, streamed reads, timeouts
 - Request deadlines (``S3_REQUEST_TIMEOUT_S``): a store that hangs (a stopped server, a network that drops
   packets) answers nothing, and the client's own timeout (``S3_READ_TIMEOUT_S``) is meant for a whole large
   transfer. So each call runs on an I/O thread and the request waits for it at most ``S3_REQUEST_TIMEOUT_S``
-  (one deadline for a read's ``LIST`` + ``GET`` up to its response headers; a fresh one for each further chunk of
+  (one deadline for a read's ``LIST`` + ``GET`` up to the body's first chunk; a fresh one for each further chunk of
   a stream, so a large original still downloads; a ``PUT`` gets one more second per
   :data:`UPLOAD_BYTES_PER_S` of its body), then answers 503 and marks the store down. The abandoned call ends on
-  its own within ``S3_READ_TIMEOUT_S``. A ``PUT`` given up on may still complete once a stopped store resumes:
-  the periodic orphan sweep (``ORPHAN_SWEEP_INTERVAL_S``, app/indexing/fsck.py) removes what it leaves.
+  its own within ``S3_READ_TIMEOUT_S``. A ``PUT`` given up on may still complete once a stopped store resumes
+  (through that call, if within ``S3_READ_TIMEOUT_S``, which logs a WARNING; or later, by a store that had received
+  it whole): the periodic orphan sweep (``ORPHAN_SWEEP_INTERVAL_S``, app/indexing/fsck.py) removes what it leaves.
   Messages are written here (store URL, endpoint, HTTP status); the client's own text, and so any credential, is
   never passed on.
 
@@ -36,6 +37,7 @@ bucket.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -275,7 +277,7 @@ class S3ImageStore(ImageStore):
         try:
             return future.result(timeout=max(0.0, until - time.monotonic()))
         except FutureTimeout:
-            future.add_done_callback(_drop_result)
+            future.add_done_callback(functools.partial(_late, self.url, what))
             raise self._down(
                 f"The object store {self.url} did not answer within {self.request_timeout_s:g} s ({what}); retry later."
             ) from None
@@ -533,9 +535,15 @@ class S3ImageStore(ImageStore):
         super().close()
 
 
-def _drop_result(future) -> None:  # noqa: ANN001 - Future
-    """Retrieve an abandoned call's outcome (so no "exception never retrieved" noise); nothing else."""
-    future.exception()
+def _late(url: str, what: str, future) -> None:  # noqa: ANN001 - Future
+    """An abandoned call's outcome: an upload that completed after the request gave up is logged (its original has
+    no row; the periodic sweep removes it after ORPHAN_GRACE_S); anything else is dropped."""
+    if future.exception() is None and what == "store an original":
+        log.warning(
+            "An upload to %s given up on (503) completed late; the sweep removes its original once older than "
+            "ORPHAN_GRACE_S unless it gets a row",
+            url,
+        )
 
 
 def _content_type(extension: str) -> str:
