@@ -293,6 +293,7 @@ class S3ImageStore(ImageStore):
         down by itself."""
         now = time.monotonic()
         if self._down_reason is None and now - self._probed_at >= _PROBE_EVERY_S:
+            self._probed_at = now  # before the probe: /health callers meanwhile answer from the state
             self._probe()
         reason = self._down_reason
         if reason is None:
