@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         "many seconds are removed (what a kill -9 during a write leaves; scripts/fsck.py checks and repairs the rest).",
         json_schema_extra={"group": "storage"},
     )
+    orphan_sweep_interval_s: float = Field(
+        3600.0,
+        ge=0,
+        description="Seconds between two sweeps (as at start-up, with ORPHAN_GRACE_S) while the service runs: they "
+        "remove what an object store leaves when it completes an upload the service already gave up on (it hung, "
+        "the client answered 503). Replicas sharing a DATABASE_URL take turns (one sweeps per interval). 0: only "
+        "at start-up.",
+        json_schema_extra={"group": "storage"},
+    )
 
     # --- object storage of the originals (app/storage/) ---------------------------------------------------
     image_store_url: str | None = Field(
@@ -187,6 +196,15 @@ class Settings(BaseSettings):
         gt=0,
         le=600,
         description="Seconds one whole S3 request may take (a large original included).",
+        json_schema_extra={"group": "object storage"},
+    )
+    s3_request_timeout_s: float = Field(
+        1.5,
+        gt=0,
+        le=60,
+        description="Seconds a request waits for the object store before it answers 503 (a hung store: a read up to "
+        "its first byte, each further chunk, a LIST or DELETE; an upload gets 1 s more per 4 MB). After that the "
+        "store counts as down and every request answers 503 at once until a probe succeeds.",
         json_schema_extra={"group": "object storage"},
     )
     s3_max_retries: int = Field(

@@ -32,10 +32,28 @@ from pathlib import Path
 
 from app.ids import is_valid_image_id
 
-__all__ = ["LOCK_DIR_NAME", "IdLocks", "PgAdvisoryLocks"]
+__all__ = ["LOCK_DIR_NAME", "SWEEP_NAMESPACE", "IdLocks", "PgAdvisoryLocks", "pg_try_lease"]
 
 #: directory under the store root that holds the shard lock files; the store never names an original like this
 LOCK_DIR_NAME = ".locks"
+#: advisory-lock namespace (first key) of the periodic orphan sweep's lease (app/indexing/fsck.py)
+SWEEP_NAMESPACE = 0x5357_4550 - 2**31
+
+
+@contextmanager
+def pg_try_lease(database_url: str, name: str, *, connect_timeout_s: float = 5.0) -> Iterator[bool]:
+    """A lease for the ``with`` block: a session-level advisory lock (:data:`SWEEP_NAMESPACE`, a key from ``name``)
+    on a connection of its own, taken only if no process holds it (never waits). Yields ``True`` when this process
+    holds it, ``False`` when another does. Closing the connection drops the lock, so a holder killed with
+    ``kill -9`` gives it up. Raises ``psycopg.OperationalError`` when the database cannot be reached."""
+    import zlib
+
+    import psycopg
+
+    key = zlib.crc32(name.encode()) - 2**31
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s))) as conn:
+        held = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (SWEEP_NAMESPACE, key)).fetchone()[0]
+        yield bool(held)
 
 
 class IdLocks:

@@ -17,6 +17,7 @@ both allow concurrent callers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,7 @@ from app.indexing.uploads import BatchItemResult, IndexResult, UploadIndexer
 from app.indexing.write import remove_image
 from app.library.files import WithLibraries
 from app.library.libraries import Libraries
+from app.locks import pg_try_lease
 from app.neighbours.jobs import NeighbourJobs
 from app.observe import NULL_OBSERVER, Observer, timed_embed
 from app.search.paging import SearchOptions
@@ -143,7 +145,20 @@ class SearchService:
         service.cache.start()  # one PING bounded by CACHE_REDIS_TIMEOUT_MS; a Redis that is down only degrades it
         service.thumbnail_caches.start()
         # What a kill -9 during a write left behind, removed in the background (app/indexing/fsck.py).
-        service.sweep_thread = start_sweep(db, store, settings.orphan_grace_s, service._sweep_stop)
+        # Then every ORPHAN_SWEEP_INTERVAL_S: what a hung object store completed after the 503. Replicas sharing a
+        # database take turns through a lease.
+        lease = None
+        if settings.shared_state_url:
+            url, name = settings.shared_state_url, store.url
+            lease = functools.partial(pg_try_lease, url, name, connect_timeout_s=settings.db_connect_timeout_s)
+        service.sweep_thread = start_sweep(
+            db,
+            store,
+            settings.orphan_grace_s,
+            service._sweep_stop,
+            interval_s=settings.orphan_sweep_interval_s,
+            lease=lease,
+        )
         service.neighbours.resume_interrupted()  # a graph job a restart or kill -9 cut short goes on
         service.libraries.start()  # LIBRARY_ROOTS, scans cut short, periodic scans, LIBRARY_WATCH
         log.info(

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""A database that hangs instead of dying: SIGSTOP of the embedded PostgreSQL (or Milvus) under load, one JSON line.
+"""A database or object store that hangs instead of dying: SIGSTOP of the embedded PostgreSQL (or Milvus, or the S3
+server) under load, one JSON line.
 
 Starts its own server (``python -m app``, embedded PostgreSQL under a temporary ``DATA_DIR``, offline model) on a
 loopback port, indexes a few real images, then runs ``--clients`` search loops, one index loop (new images from
@@ -17,8 +18,15 @@ a row, left by a write the deadline cut, is expected and harmless: the start-up 
 ``--project-root`` runs the server from another checkout (a baseline). ``--backend milvus`` stops a Milvus Lite
 server instead: Milvus Lite 3 runs inside the service's process, so the bench starts Lite's gRPC server as a process
 of its own (``milvus-lite server``, loopback) and points ``MILVUS_URI`` at it, as for a Milvus server.
+``--backend s3`` keeps the originals in a bucket of moto's S3 server (its own process, loopback) and stops that
+instead, with ``--clients`` more loops reading originals (``GET /image/{id}``); the server sweeps originals without a
+row every 2 s after a 1 s grace (``ORPHAN_SWEEP_INTERVAL_S``, ``ORPHAN_GRACE_S``), and fsck runs ``--settle-s``
+(default 4 s with s3) after the recovery, so an upload given up on that the resumed store completed is gone by then.
+``longest_answer_s`` and ``longest_by_kind`` cover every answer during the hang, ``/health`` included;
+``storage_degraded_s`` is when ``/health`` first said ``storage: degraded`` (it stays 200 for a store),
+``storage_ok_while_stopped`` how often it said ``ok`` more than 2.5 s into the hang.
 
-Usage: python bench/hang.py [--backend pgvector|milvus] [--hang-s 6] [--clients 2] [--images DIR]
+Usage: python bench/hang.py [--backend pgvector|milvus|s3] [--hang-s 6] [--clients 2] [--images DIR]
     [--model-cache-dir DIR] [--project-root DIR]
 """
 
@@ -95,7 +103,8 @@ def _fsck_mismatches(stdout: str) -> list[str] | str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["pgvector", "milvus"], default="pgvector")
+    parser.add_argument("--backend", choices=["pgvector", "milvus", "s3"], default="pgvector")
+    parser.add_argument("--settle-s", type=float, default=None, help="wait before fsck (default 4 with s3, else 0)")
     parser.add_argument("--hang-s", type=float, default=6.0)
     parser.add_argument("--warm-s", type=float, default=2.0)
     parser.add_argument("--recover-s", type=float, default=20.0)
@@ -124,11 +133,32 @@ def main() -> int:
             atexit.register(_stop_process, milvus)  # also when the bench fails (SIGCONT first: see the finally below)
             env.update(VECTOR_DB="milvus", MILVUS_URI=f"http://127.0.0.1:{milvus_port}")
             _wait_for_port(milvus_port, milvus)
+        moto = None
+        if args.backend == "s3":
+            moto_port = free_port()
+            moto = subprocess.Popen(
+                [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(moto_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            atexit.register(_stop_process, moto)
+            _wait_for_port(moto_port, moto)
+            endpoint = f"http://127.0.0.1:{moto_port}"
+            httpx.put(f"{endpoint}/hang-bench", timeout=10).raise_for_status()
+            env.update(
+                IMAGE_STORE_URL="s3://hang-bench/originals",
+                AWS_ENDPOINT_URL=endpoint,
+                AWS_ACCESS_KEY_ID="bench",
+                AWS_SECRET_ACCESS_KEY="bench",
+                ORPHAN_GRACE_S="1",
+                ORPHAN_SWEEP_INTERVAL_S="2",
+            )
         server = start_server(env, tmp)
         stopped: list[float] = []
         resumed: list[float] = []
         records: list[tuple[str, float, float, int]] = []  # (kind, start, end, status) in monotonic seconds
         acknowledged: list[str] = []
+        storage: list[tuple[float, str]] = []  # (answered at, /health's storage) with s3
         done = threading.Event()
         processes: list[psutil.Process] = []
         try:
@@ -148,6 +178,8 @@ def main() -> int:
                         try:
                             if kind == "search":
                                 r = http.post(f"{url}/search_image?top_k=3", files={"file": ("q.jpg", query)})
+                            elif kind == "read":
+                                r = http.get(f"{url}/image/{acknowledged[len(records) % 5]}")
                             elif kind == "index":
                                 if not queue:
                                     time.sleep(0.05)
@@ -160,18 +192,26 @@ def main() -> int:
                                     queue.pop(0)
                             else:
                                 r = http.get(f"{url}/health")
+                                if r.status_code == 200 and moto is not None:
+                                    storage.append((time.monotonic(), r.json().get("storage")))
                             status = r.status_code
                         except httpx.HTTPError:
                             status = 0
                         records.append((kind, start, time.monotonic(), status))
+                        if status == 200 and kind == "read":
+                            r.read()
                         time.sleep(0.1 if kind == "health" else 0.02)
 
             kinds = ["search"] * args.clients + ["index", "health"]
+            if moto is not None:
+                kinds += ["read"] * args.clients
             threads = [threading.Thread(target=loop, args=(k,), daemon=True) for k in kinds]
             for t in threads:
                 t.start()
             time.sleep(args.warm_s)
-            if milvus is not None:
+            if moto is not None:
+                processes = [psutil.Process(moto.pid)]
+            elif milvus is not None:
                 processes = [psutil.Process(milvus.pid)]
             else:
                 processes = _postgres_processes(Path(tmp) / "pgdata")
@@ -191,7 +231,8 @@ def main() -> int:
             limit = time.monotonic() + args.recover_s
             while time.monotonic() < limit and recovered is None:
                 after = [r for r in records if r[1] > resumed[0]]
-                ok_search = [r for r in after if r[0] == "search" and r[3] == 200]
+                healed = "read" if moto is not None else "search"  # with s3, /health is 200 while degraded
+                ok_search = [r for r in after if r[0] == healed and r[3] == 200]
                 ok_health = [r for r in after if r[0] == "health" and r[3] == 200]
                 if ok_search and ok_health:
                     recovered = max(min(r[2] for r in ok_search), min(r[2] for r in ok_health)) - resumed[0]
@@ -201,6 +242,7 @@ def main() -> int:
                 t.join(timeout=60)
             with httpx.Client(timeout=60) as http:
                 existing = set(http.post(f"{url}/images/exists", json={"ids": acknowledged}).json()["existing"])
+            time.sleep(args.settle_s if args.settle_s is not None else (4.0 if moto is not None else 0.0))
         finally:
             done.set()
             stop_server(server)
@@ -213,6 +255,8 @@ def main() -> int:
         )
         if milvus is not None:
             _stop_process(milvus)
+        if moto is not None:
+            _stop_process(moto)
 
     t_stop, t_resume = stopped[0], resumed[0]
     during = [r for r in records if r[2] > t_stop and r[1] < t_resume and r[0] != "health"]
@@ -235,10 +279,17 @@ def main() -> int:
             "max": _pct([r[2] - r[1] for r in failed], 1.0),
         },
         "longest_request_s": _pct([r[2] - r[1] for r in during], 1.0),
+        "longest_answer_s": _pct([r[2] - r[1] for r in during + health], 1.0),
+        "longest_by_kind": {
+            kind: _pct([r[2] - r[1] for r in during + health if r[0] == kind], 1.0)
+            for kind in sorted({r[0] for r in during + health})
+        },
         "health_503_s": round(min(r[2] for r in health if r[3] == 503) - t_stop, 2)
         if any(r[3] == 503 for r in health)
         else None,
         "health_ok_while_stopped": sum(1 for r in health if r[3] == 200 and r[1] > t_stop + 0.5),
+        "storage_degraded_s": _pct([t - t_stop for t, s in storage if s != "ok" and t_stop < t < t_resume], 0.0),
+        "storage_ok_while_stopped": sum(1 for t, s in storage if s == "ok" and t_stop + 2.5 < t < t_resume),
         "recovered_s": round(recovered, 2) if recovered is not None else None,
         "statuses_during": by_status,
         "acknowledged": len(set(acknowledged)),

@@ -8,6 +8,7 @@ pass every test here unchanged. Faults that only an object store has (down, full
 from __future__ import annotations
 
 import http.server
+import os
 import socketserver
 import threading
 import time
@@ -347,3 +348,63 @@ def test_put_many_is_all_or_nothing(store, images):
     assert store.existing(ids) == {ids[0]}  # the one stored before stays
     assert store.put_many([(i, d, "jpg") for i, d in zip(ids, images, strict=True)]) == [False, True, True, True]
     assert store.existing(ids) == set(ids)
+
+
+def test_a_large_original_downloads_past_the_request_deadline(tmp_path, moto_s3):
+    """S3_REQUEST_TIMEOUT_S bounds the wait for the first chunk and for each further one, not the whole transfer."""
+    store = _s3(tmp_path, moto_s3.endpoint, moto_s3.create_bucket(), request_timeout_s=0.5)
+    try:
+        data = os.urandom(64_000_000)
+        image_id = image_id_for(data)
+        assert store.put(image_id, data, "jpg") is True  # the PUT's deadline grows with its body (+16 s here)
+        start = time.monotonic()
+        stream = store.get(image_id)
+        chunks = 0
+        got = bytearray()
+        for chunk in stream:
+            got += chunk
+            chunks += 1
+            time.sleep(0.005)  # a slow reader: the whole transfer takes longer than the deadline
+        took = time.monotonic() - start
+        print(f"64 MB in {chunks} chunks, {took:.2f} s with a 0.5 s request deadline")
+        assert bytes(got) == data and chunks > 1 and took > 1.0
+        assert store.health().state == "ok"
+    finally:
+        store.close()
+
+
+def test_a_stopped_store_is_refused_fast_and_heals_after_sigcont(tmp_path, images):
+    """The store alone, moto's server stopped (SIGSTOP): the first calls give up after S3_REQUEST_TIMEOUT_S, later
+    ones (reads too) are refused at once, and the background probe lets calls through again after SIGCONT."""
+    import signal
+
+    moto = MotoS3().start()
+    try:
+        store = _s3(tmp_path, moto.endpoint, moto.create_bucket(), request_timeout_s=1.0)
+        image_id = image_id_for(images[0])
+        store.put(image_id, images[0], "jpg")
+        assert store.get(image_id).read() == images[0]
+        moto.process.send_signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(StorageUnavailableError, match="did not answer within 1 s"):
+                store.get(image_id)
+            assert 0.9 < time.monotonic() - start < 2.0
+            start = time.monotonic()
+            for call in (lambda: store.get(image_id), lambda: store.head(image_id), store.ensure_space):
+                with pytest.raises(StorageUnavailableError):
+                    call()
+            assert time.monotonic() - start < 0.1  # refused at once: the store is known down
+            assert store.health().state == "degraded"
+        finally:
+            moto.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while store.health().state != "ok":
+            assert time.monotonic() < deadline, "the store did not heal after SIGCONT"
+            time.sleep(0.05)
+        assert store.get(image_id).read() == images[0]
+        store.close()
+    finally:
+        if moto.process is not None:
+            moto.process.send_signal(signal.SIGCONT)
+        moto.stop()

@@ -2,7 +2,8 @@
 moto's standalone S3 server (its own process, the S3 protocol over HTTP): the API, GET /image as a stream with
 Range / ETag / Cache-Control on both stores, thumbnails, delete, fsck.py check and repair against the bucket, the
 start-up sweep, bulk_index.py --direct, re-index, migrate.py to Milvus Lite and back; and the object store going
-down under a running service."""
+down (killed, or stopped with SIGSTOP: a hung store, whose given-up uploads the periodic sweep removes) under a
+running service."""
 
 from __future__ import annotations
 
@@ -376,4 +377,154 @@ def test_the_object_store_killed_under_16_searching_clients_fails_no_search(
         assert failures == [], failures[:5]
         assert sum(done) > 50, done
     finally:
+        moto.stop()
+
+
+#: issue #27: every answer while the object store hangs, and the time reads take to heal after it resumes
+HUNG_ANSWER_S = 2.5
+HEAL_S = 10.0
+
+
+@pytest.mark.slow
+def test_a_hung_object_store_answers_every_request_fast_and_heals(tmp_path, database_url, offline_embedder):
+    """moto's server stopped with SIGSTOP (its sockets stay open, nothing answers) under readers, an uploader and a
+    /health watcher: every answer within 2.5 s (not S3_READ_TIMEOUT_S), reads 200 again after SIGCONT. Then an
+    upload given up on while the store is stopped, which the store completes once resumed: the periodic sweep
+    removes that original without a row while the service runs."""
+    import signal
+
+    from tests.helpers import run_live_server
+
+    paths = sorted(INSTANCE.rglob("*.jpg"))[:24]
+    moto = MotoS3().start()
+    try:
+        bucket = moto.create_bucket()
+        settings = s3_settings(
+            tmp_path / "data",
+            database_url,
+            moto,
+            bucket,
+            s3_connect_timeout_s=1.0,
+            orphan_grace_s=1.0,
+            orphan_sweep_interval_s=1.0,
+        )
+        application = create_app(settings, embedder=offline_embedder)
+        with run_live_server(application) as url:
+            with httpx.Client(base_url=url, timeout=60) as http:
+                ids = [
+                    http.post("/index_image", files={"file": (p.name, p.read_bytes())}).json()["id"] for p in paths[:4]
+                ]
+            to_upload = list(paths[4:20])
+            answers: list[tuple[float, float, str, int]] = []  # (start since the stop, seconds, route, status)
+            bad: list[str] = []
+            stop = threading.Event()
+            stopped_at: list[float] = []
+
+            def since(t: float) -> float:
+                return t - stopped_at[0] if stopped_at else -1e9
+
+            def client(kind: str, n: int) -> None:
+                with httpx.Client(base_url=url, timeout=60) as c:
+                    while not stop.is_set():
+                        start = time.monotonic()
+                        if kind == "read":
+                            n += 1
+                            try:
+                                r = c.get(f"/image/{ids[n % len(ids)]}")
+                            except httpx.RemoteProtocolError:  # a 200 whose body the hang cut: it had started
+                                answers.append((since(start), time.monotonic() - start, kind, 0))
+                                continue
+                        elif kind == "health":
+                            r = c.get("/health")
+                        else:
+                            if not to_upload:
+                                time.sleep(0.05)
+                                continue
+                            p = to_upload[0]
+                            r = c.post("/index_image", files={"file": (p.name, p.read_bytes())})
+                            if r.status_code == 201:
+                                to_upload.pop(0)
+                        answers.append((since(start), time.monotonic() - start, kind, r.status_code))
+                        if r.status_code not in (200, 201, 503):
+                            bad.append(f"{kind}: {r.status_code} {r.text[:200]}")
+                        time.sleep(0.05)
+
+            threads = [
+                threading.Thread(target=client, args=(kind, n))
+                for n, kind in enumerate(["read", "read", "read", "upload", "health"])
+            ]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(1.0)
+                try:
+                    moto.process.send_signal(signal.SIGSTOP)
+                    stopped_at.append(time.monotonic())
+                    time.sleep(6.0)
+                finally:
+                    moto.process.send_signal(signal.SIGCONT)
+                resumed = since(time.monotonic())
+                healed = None
+                deadline = time.monotonic() + HEAL_S
+                while healed is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    ok = [s for s, _, kind, status in answers if kind == "read" and status == 200 and s > resumed]
+                    healed = min(ok) - resumed if ok else None
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=60)
+            assert bad == []
+            during = [(s, took, kind, status) for s, took, kind, status in answers if 0 < s + took and s < resumed]
+            slow = [a for a in during if a[1] > HUNG_ANSWER_S]
+            by_kind = {k: [a for a in during if a[2] == k] for k in ("read", "upload", "health")}
+            took = sorted(a[1] for a in during)
+            print(
+                f"hung store: {len(during)} answers ({', '.join(f'{k} {len(v)}' for k, v in by_kind.items())}), "
+                f"max {took[-1]:.2f} s, p99 {took[int(0.99 * (len(took) - 1))]:.2f} s, "
+                f"503s {sum(a[3] == 503 for a in during)}; reads 200 again {healed} s after SIGCONT"
+            )
+            assert slow == [], slow
+            assert all(by_kind.values()), by_kind  # every kind answered while it was stopped
+            assert any(a[3] == 503 for a in by_kind["read"])
+            assert healed is not None and healed <= HEAL_S
+
+            # An upload given up on while the store is stopped; the resumed store completes its PUT.
+            with httpx.Client(base_url=url, timeout=60) as http:
+                for _ in range(50):  # the breaker closed again: the next upload reaches the store
+                    if http.get("/health").json()["storage"] == "ok":
+                        break
+                    time.sleep(0.1)
+                data = paths[20].read_bytes()
+                new_id = image_id_for(data)
+                key = f"{PREFIX}/{new_id[:2]}/{new_id[2:4]}/{new_id}.jpg"
+                moto.process.send_signal(signal.SIGSTOP)
+                try:
+                    start = time.monotonic()
+                    r = http.post("/index_image", files={"file": ("late.jpg", data)})
+                    given_up = time.monotonic() - start
+                    time.sleep(0.5)
+                finally:
+                    moto.process.send_signal(signal.SIGCONT)
+                assert r.status_code == 503 and given_up <= HUNG_ANSWER_S, (r.status_code, given_up)
+                seen = gone = None
+                start = time.monotonic()
+                while time.monotonic() - start < 15:
+                    present = key in moto.keys(bucket)
+                    if present and seen is None:
+                        seen = time.monotonic() - start
+                    if seen is not None and not present:
+                        gone = time.monotonic() - start
+                        break
+                    time.sleep(0.1)
+                print(f"given-up upload: 503 after {given_up:.2f} s; landed {seen} s, swept {gone} s after SIGCONT")
+                assert seen is not None, "the resumed store did not complete the given-up PUT (nothing to sweep)"
+                assert gone is not None, "the periodic sweep did not remove the original without a row"
+                assert http.get(f"/image/{new_id}").status_code == 404
+            service: SearchService = application.state.service
+            report = check(service.db, service.store)
+            assert report.clean, report.lines()
+    finally:
+        if moto.process is not None:
+            moto.process.send_signal(signal.SIGCONT)
         moto.stop()

@@ -127,3 +127,33 @@ def test_a_lock_held_longer_than_the_call_deadline_is_still_waited_for(database_
     finally:
         first.close()
         second.close()
+
+
+def test_the_sweep_lease_is_held_by_one_process_at_a_time(database_url, tmp_path, caplog):
+    """The periodic orphan sweep's lease (app/locks.py pg_try_lease): one holder per store; another store's lease is
+    independent; closing the holder's connection frees it; a sweep that does not get it skips its round."""
+    import logging
+
+    from app.indexing.fsck import start_sweep
+    from app.locks import pg_try_lease
+    from app.storage.local import LocalImageStore
+
+    with pg_try_lease(database_url, "s3://a/x") as first:
+        assert first is True
+        with pg_try_lease(database_url, "s3://a/x") as second, pg_try_lease(database_url, "s3://b/y") as other:
+            assert second is False and other is True
+
+        store = LocalImageStore(tmp_path / "images")
+        caplog.set_level(logging.DEBUG, logger="app.indexing.fsck")
+        stop = threading.Event()
+        thread = start_sweep(
+            None, store, 1.0, stop, interval_s=0.1, lease=lambda: pg_try_lease(database_url, "s3://a/x")
+        )
+        time.sleep(0.5)
+        stop.set()
+        thread.join(timeout=10)
+        store.close()
+        skipped = [r for r in caplog.records if "another replica holds the lease" in r.getMessage()]
+        assert len(skipped) >= 2  # the start-up round and periodic ones, none of which touched db (None)
+    with pg_try_lease(database_url, "s3://a/x") as again:
+        assert again is True

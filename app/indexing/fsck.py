@@ -5,7 +5,8 @@ What can disagree, and how it is fixed:
 
 - a **row without its original** (searchable, but ``GET /image`` is 404): the row is deleted;
 - an **original without a row** (invisible, what a ``kill -9`` between the two writes leaves): ``fsck.py --repair``
-  indexes it again; the start-up :func:`sweep` removes it once older than ``ORPHAN_GRACE_S``;
+  indexes it again; the start-up :func:`sweep` removes it once older than ``ORPHAN_GRACE_S``, and so does the
+  periodic one every ``ORPHAN_SWEEP_INTERVAL_S`` while the service runs (:func:`start_sweep`);
 - a **temporary upload file** (``.upload-*``, what a ``kill -9`` during a file write leaves): removed.
 
 :func:`backfill_taken_at` (``fsck.py --backfill``) fills ``taken_at`` into rows indexed before it was stored, from
@@ -21,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 
 from app.errors import ImageDecodeError, ImageNotFoundError
@@ -245,22 +247,47 @@ def _sweep(
     return result
 
 
-def start_sweep(db: VectorDBHandler, store: ImageStore, grace_s: float, stop: threading.Event) -> threading.Thread:
-    """Run :func:`sweep` on a daemon thread (start-up must not wait for a walk of a million files); logs a summary
-    and never raises."""
+def start_sweep(
+    db: VectorDBHandler,
+    store: ImageStore,
+    grace_s: float,
+    stop: threading.Event,
+    *,
+    interval_s: float = 0.0,
+    lease: Callable[[], AbstractContextManager[bool]] | None = None,
+) -> threading.Thread:
+    """Run :func:`sweep` on a daemon thread (start-up must not wait for a walk of a million files), then again every
+    ``interval_s`` seconds until ``stop`` is set (0: once). Logs a summary and never raises.
 
-    def run() -> None:
+    Why again while the service runs: an object store that hung may complete an upload the service already gave up
+    on (it answered 503), which leaves an original without a row; a conditional PUT cannot prevent that (the store
+    had the whole request) and a multipart upload only narrows the window to its last request, so the sweep
+    removes what is left, after the same ``grace_s``. ``lease``: a context manager factory yielding whether this
+    process may sweep now (:func:`app.locks.pg_try_lease` when replicas share a database: one of them sweeps per
+    interval); the start-up sweep takes it too."""
+
+    def once(when: str) -> None:
         try:
-            result = sweep(db, store, grace_s, stop)
-        except Exception as exc:  # noqa: BLE001 - a sweep that fails is retried at the next start
-            log.error("Start-up sweep of %s failed: %s", store.url, exc)
+            with lease() if lease is not None else nullcontext(True) as mine:
+                if not mine:
+                    log.debug("%s sweep of %s skipped: another replica holds the lease", when, store.url)
+                    return
+                result = sweep(db, store, grace_s, stop)
+        except Exception as exc:  # noqa: BLE001 - a sweep that fails is retried at the next one (or start)
+            log.error("%s sweep of %s failed: %s", when, store.url, exc)
             return
         if result.temp_files or result.originals_without_row:
             log.warning(
-                "Start-up sweep removed %d temporary upload files and %d originals without a row",
+                "%s sweep removed %d temporary upload files and %d originals without a row",
+                when,
                 result.temp_files,
                 result.originals_without_row,
             )
+
+    def run() -> None:
+        once("Start-up")
+        while interval_s > 0 and not stop.wait(interval_s):
+            once("Periodic")
 
     thread = threading.Thread(target=run, name="store-sweep", daemon=True)
     thread.start()

@@ -14,8 +14,18 @@ conditional writes (``If-None-Match: *``), byte ranges, streamed reads, timeouts
 - Failures: a full store (HTTP 507, ``XMinioStorageFull``, quota errors) raises
   :class:`app.errors.StorageFullError`; a store that cannot be reached, times out (``S3_CONNECT_TIMEOUT_S``,
   ``S3_READ_TIMEOUT_S``, ``S3_MAX_RETRIES``) or refuses raises :class:`app.errors.StorageUnavailableError` (503)
-  and marks the store down: for :data:`DOWN_HOLD_S` seconds after that, writes are refused at once (no waiting on
-  a dead endpoint), and :meth:`S3ImageStore.health` probes it again (at most once a second) until it answers.
+  and marks the store down: from then on every call (reads and writes) is refused at once, with no wait on a dead
+  or hung endpoint, and a background probe (one ``LIST``, 1 s at most, every :data:`DOWN_PROBE_EVERY_S`) marks it
+  up again as soon as it answers; :meth:`S3ImageStore.health` reports the state.
+- Request deadlines (``S3_REQUEST_TIMEOUT_S``): a store that hangs (a stopped server, a network that drops
+  packets) answers nothing, and the client's own timeout (``S3_READ_TIMEOUT_S``) is meant for a whole large
+  transfer. So each call runs on an I/O thread and the request waits for it at most ``S3_REQUEST_TIMEOUT_S``
+  (one deadline for a read's ``LIST`` + ``GET`` up to the body's first chunk; a fresh one for each further chunk of
+  a stream, so a large original still downloads; a ``PUT`` gets one more second per
+  :data:`UPLOAD_BYTES_PER_S` of its body), then answers 503 and marks the store down. The abandoned call ends on
+  its own within ``S3_READ_TIMEOUT_S``. A ``PUT`` given up on may still complete once a stopped store resumes
+  (through that call, if within ``S3_READ_TIMEOUT_S``, which logs a WARNING; or later, by a store that had received
+  it whole): the periodic orphan sweep (``ORPHAN_SWEEP_INTERVAL_S``, app/indexing/fsck.py) removes what it leaves.
   Messages are written here (store URL, endpoint, HTTP status); the client's own text, and so any credential, is
   never passed on.
 
@@ -27,12 +37,15 @@ bucket.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,10 +67,15 @@ from app.storage.base import (
     shard_dir,
 )
 
-__all__ = ["DOWN_HOLD_S", "S3ImageStore"]
+log = logging.getLogger(__name__)
 
-#: seconds after a failure during which writes are refused at once instead of waiting on the store again
-DOWN_HOLD_S = 2.0
+__all__ = ["DOWN_PROBE_EVERY_S", "S3ImageStore", "UPLOAD_BYTES_PER_S"]
+
+#: seconds between the background probes while the store is down
+DOWN_PROBE_EVERY_S = 0.5
+#: a PUT's deadline is ``S3_REQUEST_TIMEOUT_S`` plus one second per this many bytes of its body (a floor for the
+#: upload rate: 50 MB get 12.5 s more)
+UPLOAD_BYTES_PER_S = 4_000_000
 _PROBE_EVERY_S = 1.0
 _KEY_CACHE = 65536  # ids whose key is remembered (about 200 bytes each)
 _STATUS = re.compile(r"status code: (\d{3})")
@@ -77,6 +95,7 @@ class S3ImageStore(ImageStore):
         endpoint: ``AWS_ENDPOINT_URL`` (``None``: AWS). access_key_id, secret_access_key: credentials or ``None``.
         region, path_style, connect_timeout_s, read_timeout_s, max_retries: see :class:`app.config.Settings`.
         lock_dir: folder of the per-id write lock files.
+        request_timeout_s: ``S3_REQUEST_TIMEOUT_S``, the most a request waits for the store (see above).
     """
 
     def __init__(
@@ -93,6 +112,7 @@ class S3ImageStore(ImageStore):
         read_timeout_s: float,
         max_retries: int,
         lock_dir: Path,
+        request_timeout_s: float = 1.5,
     ) -> None:
         self.bucket, self.prefix, self.endpoint = bucket, prefix.strip("/"), endpoint
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/") + (f" at {endpoint}" if endpoint else "")
@@ -110,9 +130,15 @@ class S3ImageStore(ImageStore):
         self._keys: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._down_reason: str | None = None
-        self._down_at = 0.0
         self._probed_at = 0.0
-        self._pool = ThreadPoolExecutor(16, thread_name_prefix="s3-io")
+        self._watching = False  # the background probe runs (while the store is down)
+        self._closed = threading.Event()
+        self.request_timeout_s = float(request_timeout_s)
+        self._pool = ThreadPoolExecutor(16, thread_name_prefix="s3-batch")
+        # Where every call to the store runs, so that a request can stop waiting for it (see the module's docstring).
+        # Sized for the 16 of a batch plus the requests of the API's threads; calls a hung store holds end within
+        # S3_READ_TIMEOUT_S, and new ones are refused at once meanwhile (the store is down).
+        self._io = ThreadPoolExecutor(64, thread_name_prefix="s3-io")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, bucket: str, prefix: str) -> S3ImageStore:
@@ -134,6 +160,7 @@ class S3ImageStore(ImageStore):
             read_timeout_s=settings.s3_read_timeout_s,
             max_retries=settings.s3_max_retries,
             lock_dir=settings.data_dir.resolve(),
+            request_timeout_s=settings.s3_request_timeout_s,
         )
 
     def _client(self, *, endpoint, access_key_id, secret_access_key, region, path_style, connect_s, total_s, retries):  # noqa: ANN001
@@ -169,6 +196,8 @@ class S3ImageStore(ImageStore):
     # --- failures -------------------------------------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> Exception:
         """The domain error for a client error; marks the store down unless the store only said it is full."""
+        if isinstance(exc, (StorageUnavailableError, StorageFullError)):
+            return exc  # already translated (a deadline, a store known down)
         text = str(exc)
         status = _STATUS.search(text)
         code = int(status.group(1)) if status else None
@@ -184,56 +213,113 @@ class S3ImageStore(ImageStore):
             reason = f"did not answer in time ({what})"
         else:
             reason = f"cannot be reached ({what}: connection failed)"
-        message = f"The object store {self.url} {reason}; retry later."
+        return self._down(f"The object store {self.url} {reason}; retry later.")
+
+    def _down(self, message: str) -> StorageUnavailableError:
+        """Mark the store down (every call refused at once) and start the background probe that marks it up."""
         with self._lock:
-            self._down_reason, self._down_at = message, time.monotonic()
+            if self._down_reason is None:
+                log.error("%s Requests needing it answer 503 until it answers a probe again.", message)
+            self._down_reason = message
+            start = not self._watching and not self._closed.is_set()
+            self._watching = self._watching or start
+        if start:
+            threading.Thread(target=self._watch, name="s3-probe", daemon=True).start()
         return StorageUnavailableError(message)
 
     def _up(self) -> None:
         if self._down_reason is not None:
             with self._lock:
+                if self._down_reason is not None:
+                    log.warning("The object store %s answers again", self.url)
                 self._down_reason = None
 
-    def ensure_space(self) -> None:
-        """Refuse a write at once (:class:`app.errors.StorageUnavailableError`) for :data:`DOWN_HOLD_S` seconds
-        after the store failed; object stores report no free space, so there is no ``MIN_FREE_MB`` check."""
+    def _watch(self) -> None:
+        """Probe the store every :data:`DOWN_PROBE_EVERY_S` while it is down (each probe gives up after 1 s)."""
+        try:
+            while self._down_reason is not None and not self._closed.wait(DOWN_PROBE_EVERY_S):
+                self._probe()
+        finally:
+            with self._lock:
+                self._watching = False
+            if self._down_reason is not None and not self._closed.is_set():
+                self._down(self._down_reason)  # marked down again between the loop's end and the flag
+
+    def _probe(self) -> bool:
+        import obstore
+
+        self._probed_at = time.monotonic()
+        try:  # a LIST of a prefix that holds nothing: answers for the bucket too (HEAD would not)
+            for _ in obstore.list(self._probe_store, prefix=".health-probe", chunk_size=1):
+                break
+        except Exception as exc:  # noqa: BLE001 - every failure is a degraded store
+            self._failed("answer a probe", exc)
+            return False
+        self._up()
+        return True
+
+    def _raise_if_down(self) -> None:
         reason = self._down_reason
-        if reason is not None and time.monotonic() - self._down_at < DOWN_HOLD_S:
+        if reason is not None:
             raise StorageUnavailableError(reason)
 
-    def health(self) -> StoreHealth:
-        """``degraded`` with the reason while the store fails; probes it (one ``LIST``, about 1 s at most) at most
-        once a second, so it notices a store that went down or came back by itself."""
-        now = time.monotonic()
-        if now - self._probed_at >= _PROBE_EVERY_S:
-            self._probed_at = now
-            import obstore
+    def _call(self, what: str, fn: Callable, *args, until: float | None = None, gate: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        """``fn(*args, **kwargs)`` on an I/O thread, waited for until ``until`` (monotonic; default
+        ``S3_REQUEST_TIMEOUT_S`` from now). Refused at once while the store is down (unless ``gate`` is false: the
+        next chunk of a stream that flows); past the deadline, marks it down and raises
+        :class:`app.errors.StorageUnavailableError` (the call itself is left to end on its own). The call's own
+        exceptions are raised as they are."""
+        if gate:
+            self._raise_if_down()
+        if until is None:
+            until = time.monotonic() + self.request_timeout_s
+        future = self._io.submit(fn, *args, **kwargs)
+        try:
+            return future.result(timeout=max(0.0, until - time.monotonic()))
+        except FutureTimeout:
+            future.add_done_callback(functools.partial(_late, self.url, what))
+            raise self._down(
+                f"The object store {self.url} did not answer within {self.request_timeout_s:g} s ({what}); retry later."
+            ) from None
 
-            try:  # a LIST of a prefix that holds nothing: answers for the bucket too (HEAD would not)
-                for _ in obstore.list(self._probe_store, prefix=".health-probe", chunk_size=1):
-                    break
-            except Exception as exc:  # noqa: BLE001 - every failure is a degraded store
-                self._failed("answer a probe", exc)
-            else:
-                self._up()
+    def ensure_space(self) -> None:
+        """Refuse a write at once (:class:`app.errors.StorageUnavailableError`) while the store is down; object
+        stores report no free space, so there is no ``MIN_FREE_MB`` check."""
+        self._raise_if_down()
+
+    def health(self) -> StoreHealth:
+        """``degraded`` with the reason while the store fails (the background probe watches it then); while it
+        answers, probes it (one ``LIST``, about 1 s at most) at most once a second, so it notices a store that went
+        down by itself."""
+        now = time.monotonic()
+        if self._down_reason is None and now - self._probed_at >= _PROBE_EVERY_S:
+            self._probed_at = now  # before the probe: /health callers meanwhile answer from the state
+            self._probe()
         reason = self._down_reason
-        return StoreHealth("ok") if reason is None else StoreHealth("degraded", f"{reason} Writes answer 503.")
+        if reason is None:
+            return StoreHealth("ok")
+        return StoreHealth("degraded", f"{reason} Reads and writes answer 503.")
 
     # --- keys -----------------------------------------------------------------------------------------------
     def _location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
 
-    def _list(self, prefix: str | None) -> Iterator[dict]:
+    def _list(self, prefix: str | None, until: float | None = None) -> Iterator[dict]:
+        """The listing under ``prefix``, a page (1000 keys) a request; every page by ``until`` if given, else each
+        within ``S3_REQUEST_TIMEOUT_S``."""
         import obstore
 
         try:
-            for batch in obstore.list(self._store, prefix=prefix, chunk_size=1000):
+            pages = self._call("list objects", obstore.list, self._store, prefix=prefix, chunk_size=1000, until=until)
+            while (batch := self._call("list objects", next, pages, None, until=until)) is not None:
                 yield from batch
         except Exception as exc:  # noqa: BLE001 - translated
             raise self._failed("list objects", exc) from None
         self._up()
 
-    def _find(self, image_id: str, *, cached: bool = True) -> tuple[str, dict | None] | None:
+    def _find(
+        self, image_id: str, *, cached: bool = True, until: float | None = None
+    ) -> tuple[str, dict | None] | None:
         """``(key, meta or None)`` of the id's object, or ``None``; the cache answers without ``meta`` (its key may
         have been deleted since, by another replica: callers that read it handle a missing object)."""
         if cached:
@@ -242,15 +328,15 @@ class S3ImageStore(ImageStore):
                 if key is not None:
                     self._keys.move_to_end(image_id)
                     return key, None
-        for meta in self._listed(image_id):
+        for meta in self._listed(image_id, until):
             self._remember(image_id, meta["path"])
             return meta["path"], meta
         return None
 
-    def _listed(self, image_id: str) -> Iterator[dict]:
+    def _listed(self, image_id: str, until: float | None = None) -> Iterator[dict]:
         """The listing entries of the id's originals (normally one key; see :meth:`put`): one ``LIST`` of its
         shard."""
-        for meta in self._list(shard_dir(image_id)):
+        for meta in self._list(shard_dir(image_id), until):
             name = meta["path"].rsplit("/", 1)[-1]
             if name.startswith(image_id + ".") and ORIGINAL_NAME.fullmatch(name):
                 yield meta
@@ -282,8 +368,18 @@ class S3ImageStore(ImageStore):
         check_id(image_id)
         check_extension(extension)
         key = key_for(image_id, extension)
+        until = time.monotonic() + self.request_timeout_s + len(data) / UPLOAD_BYTES_PER_S
         try:
-            obstore.put(self._store, key, data, mode="create", attributes={"Content-Type": _content_type(extension)})
+            self._call(
+                "store an original",
+                obstore.put,
+                self._store,
+                key,
+                data,
+                mode="create",
+                attributes={"Content-Type": _content_type(extension)},
+                until=until,
+            )
         except (AlreadyExistsError, PreconditionError):
             self._remember(image_id, key)
             return False  # another writer stored the same bytes first
@@ -300,13 +396,14 @@ class S3ImageStore(ImageStore):
 
         if not is_valid_image_id(image_id):
             return None
-        found = self._find(image_id)
+        until = time.monotonic() + self.request_timeout_s
+        found = self._find(image_id, until=until)
         if found is None:
             return None
         key, meta = found
         if meta is None:
             try:
-                meta = obstore.head(self._store, key)
+                meta = self._call("read an original's size", obstore.head, self._store, key, until=until)
             except FileNotFoundError:
                 self._forget(image_id)  # deleted meanwhile (maybe by another replica)
                 return self.head(image_id)
@@ -344,8 +441,9 @@ class S3ImageStore(ImageStore):
         import obstore
 
         check_id(image_id)
+        until = time.monotonic() + self.request_timeout_s  # one deadline up to the body's first chunk
         for _ in range(2):
-            found = self._find(image_id)
+            found = self._find(image_id, until=until)
             if found is None:
                 break
             key = found[0]
@@ -355,7 +453,11 @@ class S3ImageStore(ImageStore):
             elif start:
                 options["range"] = {"offset": start}
             try:
-                result = obstore.get(self._store, key, options=options)
+                result = self._call("read an original", obstore.get, self._store, key, options=options, until=until)
+                # The first chunk within the same deadline: a store that hangs after its headers still answers 503
+                # here, before the response has started (a small original is one chunk).
+                stream = result.stream(min_chunk_size=64 * 1024)
+                first = self._call("read an original", next, stream, None, until=until)
             except FileNotFoundError:
                 self._forget(image_id)  # deleted meanwhile: look again once
                 continue
@@ -365,15 +467,19 @@ class S3ImageStore(ImageStore):
             meta = result.meta
             info = ObjectInfo(image_id, key.rsplit("/", 1)[-1], int(meta["size"]), _mtime(meta))
             lo, hi = result.range
-            return ObjectStream(info, lo, hi, self._chunks(result))
+            return ObjectStream(info, lo, hi, self._chunks(stream, first))
         raise ImageNotFoundError(f"No image with id '{image_id[:80]}'.")
 
-    def _chunks(self, result) -> Iterator[bytes]:  # noqa: ANN001 - obstore GetResult
+    def _chunks(self, stream, chunk) -> Iterator[bytes]:  # noqa: ANN001 - obstore BytesStream, Bytes | None
+        """The body from its first ``chunk`` on, each further chunk within ``S3_REQUEST_TIMEOUT_S`` of asking (not
+        the whole transfer: a large original downloads as long as the store keeps sending; a stream that flows is
+        not cut when the store is marked down meanwhile by another request)."""
         try:
-            for chunk in result.stream(min_chunk_size=64 * 1024):
+            while chunk is not None:
                 view = memoryview(chunk)
                 for at in range(0, len(view), CHUNK_BYTES):  # the client may hand over more at once
                     yield bytes(view[at : at + CHUNK_BYTES])
+                chunk = self._call("read an original", next, stream, None, gate=False)
         except Exception as exc:  # noqa: BLE001 - translated
             raise self._failed("read an original", exc) from None
 
@@ -390,7 +496,7 @@ class S3ImageStore(ImageStore):
             return False
         try:
             for key in keys:  # one key but for the rare case in put(); no bulk DeleteObjects (not every store has it)
-                obstore.delete(self._store, key)
+                self._call("delete an original", obstore.delete, self._store, key)
         except Exception as exc:  # noqa: BLE001 - translated
             raise self._failed("delete an original", exc) from None
         self._forget(image_id)
@@ -418,14 +524,27 @@ class S3ImageStore(ImageStore):
         if entry.image_id is not None:
             self._forget(entry.image_id)
         try:
-            obstore.delete(self._store, entry.location[len(base) :])
+            self._call("delete an original", obstore.delete, self._store, entry.location[len(base) :])
         except Exception as exc:  # noqa: BLE001 - translated
             raise self._failed("delete an original", exc) from None
 
     def close(self) -> None:
-        """Stop the request pool and close the locks."""
+        """Stop the request pools and the background probe, and close the locks."""
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
         super().close()
+
+
+def _late(url: str, what: str, future) -> None:  # noqa: ANN001 - Future
+    """An abandoned call's outcome: an upload that completed after the request gave up is logged (its original has
+    no row; the periodic sweep removes it after ORPHAN_GRACE_S); anything else is dropped."""
+    if future.exception() is None and what == "store an original":
+        log.warning(
+            "An upload to %s given up on (503) completed late; the sweep removes its original once older than "
+            "ORPHAN_GRACE_S unless it gets a row",
+            url,
+        )
 
 
 def _content_type(extension: str) -> str:
