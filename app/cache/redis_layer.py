@@ -130,7 +130,7 @@ class RedisLayer:
             socket_timeout=max(confirm_timeout_s, timeout_s),
             socket_connect_timeout=max(confirm_timeout_s, timeout_s),
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            max_connections=2,
+            max_connections=4,  # one confirmation at a time, the reconnection thread, start()
             client_name="image-search-probe",
         )
         self.breaker = CircuitBreaker(
