@@ -409,7 +409,16 @@ class Settings(BaseSettings):
         ge=1,
         le=1000,
         description="Consecutive failed Redis commands that open the circuit breaker (memory only, /health cache: "
-        "degraded).",
+        "degraded), once a confirming PING (CACHE_BREAKER_CONFIRM_MS) fails too.",
+        json_schema_extra={"group": "embedding cache"},
+    )
+    cache_breaker_confirm_ms: float = Field(
+        250.0,
+        ge=0,
+        le=5000,
+        description="Timeout of the PING that confirms a failing Redis before the breaker opens (and of the "
+        "reconnection PINGs), ms. A healthy Redis on a busy host can miss the 50 ms command timeout; it answers this "
+        "PING, so the breaker stays closed. 0: open at the threshold without confirming.",
         json_schema_extra={"group": "embedding cache"},
     )
     cache_retry_s: float = Field(

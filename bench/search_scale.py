@@ -32,9 +32,11 @@ the background compaction and per-segment HNSW builds, and opening a new one, wh
 ``index_mb`` is the size of Lite's index files, ``table_mb`` the whole database directory (``None`` on a server).
 
 Steps (manticore, where ``MANTICORE_HOST`` answers): a fresh table ``bench_<hex>`` (dropped afterwards), rows
-through :meth:`ManticoreHandler.upsert`, then ``FLUSH RAMCHUNK`` and ``OPTIMIZE TABLE ... OPTION sync=1`` (timed
-as ``build_s``: the engine builds HNSW per disk chunk); ``index_mb``/``table_mb`` from ``SHOW TABLE ... STATUS``
-(``disk_bytes``; ``index_mb`` is ``None``, the engine does not report the HNSW part separately).
+through :meth:`ManticoreHandler.upsert`, then ``FLUSH RAMCHUNK`` and ``OPTIMIZE TABLE ... OPTION cutoff=1, sync=1``
+(timed as ``build_s``: the engine builds HNSW per disk chunk; ``cutoff=1`` merges them into one, so a search walks
+one graph: without it a 29.x engine stops at two disk chunks, see docs/backends.md; ``--optimize-cutoff 0`` leaves
+the cutoff to the engine, as before issue #27); ``disk_chunks`` and ``index_mb``/``table_mb`` from ``SHOW TABLE
+... STATUS`` (``disk_bytes``; ``index_mb`` is ``None``, the engine does not report the HNSW part separately).
 
 The handler pass is the same for every backend: for each ``ef_search`` a new handler with that ``ef_search``,
 a warm-up, then ``--queries`` top-10 searches; the API pass starts the server with ``VECTOR_DB`` set to the
@@ -597,11 +599,13 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
         t0 = time.perf_counter()
         with pymysql.connect(host=host, port=port, autocommit=True, read_timeout=3600) as conn, conn.cursor() as cur:
             cur.execute(f"FLUSH RAMCHUNK {table}")  # into a disk chunk, where the HNSW graph is built
-            cur.execute(f"OPTIMIZE TABLE {table} OPTION sync=1")
+            cutoff = f"cutoff={int(args.optimize_cutoff)}, " if args.optimize_cutoff > 0 else ""
+            cur.execute(f"OPTIMIZE TABLE {table} OPTION {cutoff}sync=1")
             build_s = time.perf_counter() - t0
             cur.execute(f"SHOW TABLE {table} STATUS")
             status = {str(k): v for k, v in cur.fetchall()}
         table_b = int(status.get("disk_bytes", 0)) or None
+        disk_chunks = int(status["disk_chunks"]) if str(status.get("disk_chunks", "")).isdigit() else None
         results = measure_searches(
             args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), queries, exact, None, tmp
         )
@@ -619,6 +623,8 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
         "build_s": round(build_s, 1),
         "index_mb": None,
         "table_mb": None if table_b is None else round(table_b / 1e6, 1),
+        "optimize_cutoff": args.optimize_cutoff or None,
+        "disk_chunks": disk_chunks,
         "server_pss_mb": None,
         "results": results,
         "filtered": filtered,
@@ -647,6 +653,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-api", dest="api", action="store_false", help="skip the POST /search_vector pass")
     parser.add_argument("--check-scan", action="store_true", help="read every row back through scan(), timed")
+    parser.add_argument(
+        "--optimize-cutoff",
+        type=int,
+        default=1,
+        help="manticore: OPTIMIZE ... OPTION cutoff=N after the load (1: one disk chunk; 0: the engine's default)",
+    )
     parser.add_argument(
         "--filter-selectivity",
         type=lambda s: [float(x) for x in s.split(",")],

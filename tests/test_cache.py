@@ -9,6 +9,7 @@ search load.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -34,8 +35,9 @@ def unit(seed: int, dim: int = DIM) -> np.ndarray:
 def make_cache(
     url: str | None, model: str = MODEL, dim: int = DIM, memory: int = 16, **redis_options
 ) -> EmbeddingCache:
-    # The hung-Redis test passes a 50 ms timeout of its own.
-    options = dict(ttl_s=60, timeout_s=LIVE_REDIS_TIMEOUT_MS / 1000, failure_threshold=3, retry_s=0.2) | redis_options
+    # The hung-Redis test passes a 50 ms timeout of its own; a failure is confirmed by a PING of 100 ms.
+    options = dict(ttl_s=60, timeout_s=LIVE_REDIS_TIMEOUT_MS / 1000, failure_threshold=3, retry_s=0.2)
+    options = options | dict(confirm_timeout_s=0.1) | redis_options
     layer = RedisLayer(url, dim, **options) if url else None
     cache = EmbeddingCache(model, dim, MemoryLayer(memory), layer)
     cache.start()
@@ -58,6 +60,14 @@ class Counted:
 def redis_server(tmp_path):
     with RedisServer(tmp_path / "redis") as server:
         yield server
+
+
+def _spin(stop) -> None:  # noqa: ANN001 - a multiprocessing Event
+    """Burn one CPU until ``stop`` is set (the busy host of the load test)."""
+    x = 0
+    while not stop.is_set():
+        for _ in range(200_000):
+            x += 1
 
 
 # --- keys and values -------------------------------------------------------------------------------------------
@@ -115,6 +125,24 @@ def test_breaker_opens_after_consecutive_failures_and_closes():
 
 
 # --- the layers with a real Redis ------------------------------------------------------------------------------
+
+
+def test_breaker_confirms_before_opening():
+    answers = [True, False]
+    calls = []
+    opened = []
+
+    def confirm() -> bool:
+        calls.append(1)
+        return answers.pop(0)
+
+    breaker = CircuitBreaker(3, on_open=opened.append, confirm=confirm)
+    error = TimeoutError("Timeout reading from 127.0.0.1:6379")
+    assert not any(breaker.record_failure(error) for _ in range(3))  # the threshold: Redis answered the confirmation
+    assert not breaker.is_open and calls == [1] and breaker.false_alarms == 1 and opened == []
+    assert not breaker.record_failure(error) and not breaker.record_failure(error)  # the count started again
+    assert breaker.record_failure(error) and breaker.is_open and opened == [error]  # not answered: open
+    assert calls == [1, 1] and breaker.false_alarms == 1
 
 
 def test_layers_fill_in_order_and_a_second_process_hits_redis(redis_server):
@@ -267,6 +295,59 @@ def test_hung_redis_costs_at_most_the_timeout_then_nothing(redis_server):
             time.sleep(0.05)
         assert cache.image(DIGEST, compute).source == "redis"
     finally:
+        cache.close()
+
+
+@pytest.mark.slow
+def test_a_busy_host_does_not_open_the_breaker_and_a_hung_redis_still_does(redis_server):
+    """Issue #27, item 7: real CPU load (four spinning processes per core) and a healthy real Redis: 12,000 lookups
+    from 16 threads with the 50 ms timeout never open the breaker (timeouts happen, the confirming PING answers);
+    under the same load a SIGSTOPped Redis still opens it within the three timeouts plus one confirmation."""
+    import multiprocessing as mp
+
+    cache = make_cache(redis_server.url, memory=0, timeout_s=0.05, confirm_timeout_s=0.25, retry_s=60)
+    stop = mp.Event()
+    busy = [mp.Process(target=_spin, args=(stop,), daemon=True) for _ in range(4 * (os.cpu_count() or 1))]
+    try:
+        cache.image(DIGEST, Counted(unit(10)))  # stored in Redis
+        layer = cache.redis
+        for process in busy:
+            process.start()
+        time.sleep(0.5)
+        degraded = []
+
+        def lookups() -> None:
+            for _ in range(750):
+                layer.get(cache.key("image", DIGEST))
+                if cache.health().state != "ok":
+                    degraded.append(time.monotonic())
+                time.sleep(0.002)
+
+        threads = [threading.Thread(target=lookups) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stats = layer.stats()
+        print(
+            f"\nbusy host: {stats.errors} timeouts, {layer.breaker.false_alarms} confirmed by a PING, "
+            f"load {os.getloadavg()}"
+        )
+        assert not degraded and stats.skipped == 0 and not layer.breaker.is_open, stats
+        assert stats.hits + stats.errors == 16 * 750
+
+        redis_server.pause()  # really hung, same load: open within 3 x 50 ms + one 250 ms confirmation (+ slack)
+        start = time.perf_counter()
+        while not layer.breaker.is_open:
+            layer.get(cache.key("image", DIGEST))
+            assert time.perf_counter() - start < 2.0, "a hung Redis did not open the breaker under load"
+        print(f"hung Redis detected in {(time.perf_counter() - start) * 1000:.0f} ms under load")
+        assert cache.health().state == "degraded"
+        redis_server.resume()
+    finally:
+        stop.set()
+        for process in busy:
+            process.join(timeout=10)
         cache.close()
 
 

@@ -451,6 +451,9 @@ def test_compose_manticore_service() -> None:
     assert set(_named_volume_mounts(manticore).values()) == {"/var/lib/manticore"}
     check = _healthcheck_text(manticore)
     assert "mysql" in check and "9306" in check
+    # Issue #27, item 9: more searchd workers than CPUs, so a disk-chunk save (HNSW build) does not hold every
+    # worker and block searches; set through the image's searchd_<name> variables.
+    assert int(_environment(manticore)["searchd_threads"]) >= 8
 
 
 def test_compose_app_waits_for_the_backend_of_an_active_profile_only() -> None:

@@ -95,7 +95,8 @@ class EmbeddingCache:
         cls, settings: Settings, model_id: str, dim: int, observer: Observer = NULL_OBSERVER
     ) -> EmbeddingCache:
         """The cache the settings describe: QUERY_CACHE_SIZE entries by CACHE_POLICY in memory, and Redis at
-        CACHE_REDIS_URL when set (CACHE_TTL_S, CACHE_REDIS_TIMEOUT_MS, CACHE_BREAKER_FAILURES, CACHE_RETRY_S).
+        CACHE_REDIS_URL when set (CACHE_TTL_S, CACHE_REDIS_TIMEOUT_MS, CACHE_BREAKER_FAILURES,
+        CACHE_BREAKER_CONFIRM_MS, CACHE_RETRY_S).
         Connects nothing yet (see :meth:`start`). Raises ValueError for a malformed CACHE_REDIS_URL."""
         redis_layer = None
         if settings.cache_redis_url:
@@ -106,6 +107,7 @@ class EmbeddingCache:
                 timeout_s=settings.cache_redis_timeout_ms / 1000,
                 failure_threshold=settings.cache_breaker_failures,
                 retry_s=settings.cache_retry_s,
+                confirm_timeout_s=settings.cache_breaker_confirm_ms / 1000,
                 on_redis_call=observer.observe_cache_redis,
             )
         return cls(

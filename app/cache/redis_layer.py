@@ -5,9 +5,12 @@ Faults never reach a request: every command is bounded by redis-py's own ``socke
 connection broke (redis-py's ``Retry`` on ``ConnectionError``: a connection left over from before a Redis restart
 reconnects instead of failing), and any :class:`redis.exceptions.RedisError` becomes a miss.
 ``CACHE_BREAKER_FAILURES`` consecutive failures open a :class:`app.cache.breaker.CircuitBreaker` (one warning in
-the log): the layer is then skipped without any socket call, and a background thread PINGs Redis every
-``CACHE_RETRY_S`` until it answers, then closes the breaker (one info line); that thread starts at the first
-opening and ends with :meth:`RedisLayer.close`. A Redis at ``maxmemory`` with ``noeviction`` refuses writes with an
+the log) once a confirming PING with the longer ``CACHE_BREAKER_CONFIRM_MS`` timeout fails too: on a busy host a
+healthy Redis can miss the 50 ms timeout (it was not scheduled in time), and it answers that PING, so the breaker
+stays closed and ``/health`` does not flap (issue #27, item 7; docs/caching.md). Once open, the layer is skipped
+without any socket call, and a background thread PINGs Redis (with the confirming timeout) every ``CACHE_RETRY_S``
+until it answers, then closes the breaker (one info line); that thread starts at the first opening and ends with
+:meth:`RedisLayer.close`. A Redis at ``maxmemory`` with ``noeviction`` refuses writes with an
 OOM error: that is counted and shown (``/health`` cache ``degraded``), reads go on, and the breaker stays closed.
 
 Values are written with ``SET key value EX CACHE_TTL_S``; eviction beyond that is Redis's own (``maxmemory`` +
@@ -84,7 +87,9 @@ class RedisLayer:
         dim: the embedding dimension D every value must have.
         ttl_s: seconds each value lives (``EX``).
         timeout_s: socket connect and read/write timeout, seconds.
-        failure_threshold: consecutive failures that open the breaker.
+        failure_threshold: consecutive failures that open the breaker (after a failed confirmation).
+        confirm_timeout_s: timeout of the PING that confirms a failing Redis before the breaker opens (and of the
+            reconnection PINGs); 0: no confirmation, the threshold opens it at once (the rule before issue #27).
         retry_s: seconds between reconnection PINGs while the breaker is open.
         on_redis_call: ``(operation, seconds, failed)`` after each command (metrics); must not raise.
     """
@@ -102,10 +107,12 @@ class RedisLayer:
         timeout_s: float,
         failure_threshold: int,
         retry_s: float,
+        confirm_timeout_s: float = 0.0,
         on_redis_call: Callable[[str, float, bool], None] | None = None,
     ) -> None:
         self.dim = dim
         self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
         self.retry_s = retry_s
         self._on_call = on_redis_call
         self.client = redis.Redis.from_url(
@@ -116,7 +123,19 @@ class RedisLayer:
             max_connections=MAX_CONNECTIONS,
             client_name="image-search",
         )
-        self.breaker = CircuitBreaker(failure_threshold, on_open=self._opened)
+        # PINGs that confirm a failure (and reconnect) get their own small pool and the longer timeout.
+        self.confirm_timeout_s = confirm_timeout_s
+        self._probe_client = redis.Redis.from_url(
+            url,
+            socket_timeout=max(confirm_timeout_s, timeout_s),
+            socket_connect_timeout=max(confirm_timeout_s, timeout_s),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            max_connections=4,  # one confirmation at a time, the reconnection thread, start()
+            client_name="image-search-probe",
+        )
+        self.breaker = CircuitBreaker(
+            failure_threshold, on_open=self._opened, confirm=self._confirm if confirm_timeout_s > 0 else None
+        )
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._hits = self._misses = self._skipped = self._invalid = self._errors = self._writes = 0
@@ -131,7 +150,8 @@ class RedisLayer:
         try:
             self._timed("ping", self.client.ping)
         except RedisError as exc:
-            self.breaker.trip(exc)
+            if not (self.confirm_timeout_s > 0 and self._confirm()):  # a busy host at start-up is not a dead Redis
+                self.breaker.trip(exc)
 
     def close(self) -> None:
         """Stop the reconnection thread and close the pooled connections."""
@@ -139,10 +159,11 @@ class RedisLayer:
         prober = self._prober
         if prober is not None:
             prober.join(timeout=5)
-        try:
-            self.client.close()
-        except RedisError:  # pragma: no cover - closing sockets of a dead server
-            pass
+        for client in (self.client, self._probe_client):
+            try:
+                client.close()
+            except RedisError:  # pragma: no cover - closing sockets of a dead server
+                pass
 
     # --- the layer ---------------------------------------------------------------------------------------------
     def get(self, key: str) -> np.ndarray | None:
@@ -260,6 +281,21 @@ class RedisLayer:
             self._errors += 1
         self.breaker.record_failure(exc)
 
+    def _confirm(self) -> bool:
+        """One PING bounded by ``confirm_timeout_s``: True when Redis answers (the failures were a slow host)."""
+        start = time.perf_counter()
+        try:
+            self._probe_client.ping()
+        except RedisError:
+            return False
+        log.debug(
+            "Redis missed its %g ms timeout but answered a confirming PING in %.1f ms: a busy host, breaker stays "
+            "closed",
+            self.timeout_s * 1000,
+            (time.perf_counter() - start) * 1000,
+        )
+        return True
+
     def _opened(self, error: BaseException) -> None:
         """The breaker opened: one warning, drop the pooled sockets, PING in the background until Redis answers."""
         log.warning(
@@ -281,7 +317,7 @@ class RedisLayer:
             if not self.breaker.is_open:
                 continue
             try:
-                self.client.ping()
+                self._probe_client.ping()
             except RedisError:
                 continue
             self.breaker.close()

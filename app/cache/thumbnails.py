@@ -16,8 +16,8 @@ Behind a load balancer, per-process caches rebuild every thumbnail once per repl
 - ``SET ... EX THUMBNAIL_REDIS_TTL_S`` (0: thumbnails are not put in Redis at all). Redis's own ``maxmemory``
   policy evicts beyond that (docker-compose.yml: ``allkeys-lfu``).
 - Faults: the same bounded timeouts and circuit breaker as the embedding layer (:class:`app.cache.redis_layer.
-  RedisLayer`, ``CACHE_REDIS_TIMEOUT_MS``, ``CACHE_BREAKER_FAILURES``, ``CACHE_RETRY_S``): a dead or slow Redis is
-  a miss, and the thumbnail is rebuilt from the original; never an error.
+  RedisLayer`, ``CACHE_REDIS_TIMEOUT_MS``, ``CACHE_BREAKER_FAILURES``, ``CACHE_BREAKER_CONFIRM_MS``,
+  ``CACHE_RETRY_S``): a dead or slow Redis is a miss, and the thumbnail is rebuilt from the original; never an error.
 - Deleted images: the service checks that the original exists before answering from any cache, so a thumbnail
   left in Redis is never served; it expires with its TTL.
 """
@@ -87,9 +87,25 @@ class ThumbnailRedisLayer(RedisLayer):
     what = "thumbnails"
 
     def __init__(
-        self, url: str, key_prefix: str, *, ttl_s: int, timeout_s: float, failure_threshold: int, retry_s: float
+        self,
+        url: str,
+        key_prefix: str,
+        *,
+        ttl_s: int,
+        timeout_s: float,
+        failure_threshold: int,
+        retry_s: float,
+        confirm_timeout_s: float = 0.0,
     ) -> None:
-        super().__init__(url, 0, ttl_s=ttl_s, timeout_s=timeout_s, failure_threshold=failure_threshold, retry_s=retry_s)
+        super().__init__(
+            url,
+            0,
+            ttl_s=ttl_s,
+            timeout_s=timeout_s,
+            failure_threshold=failure_threshold,
+            retry_s=retry_s,
+            confirm_timeout_s=confirm_timeout_s,
+        )
         self.key_prefix = key_prefix
 
     @classmethod
@@ -105,6 +121,7 @@ class ThumbnailRedisLayer(RedisLayer):
             timeout_s=settings.cache_redis_timeout_ms / 1000,
             failure_threshold=settings.cache_breaker_failures,
             retry_s=settings.cache_retry_s,
+            confirm_timeout_s=settings.cache_breaker_confirm_ms / 1000,
         )
 
     def key(self, image_id: str, size: int) -> str:
