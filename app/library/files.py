@@ -104,9 +104,11 @@ class LibraryFiles:
     def existing(self, image_ids: Iterable[str]) -> set[str]:
         """Which of ``image_ids`` have an online file that still matches its record (one query for the batch, then
         a ``stat`` per file); a file that changed does not count (its next scan reads it again)."""
-        state = self._state()
         ids = [i for i in set(image_ids) if is_valid_image_id(i)]
-        if state is None or not ids:
+        if not ids:
+            return set()  # asks nothing: an upload of new bytes never waits on the libraries' database
+        state = self._state()
+        if state is None:
             return set()
         found = set()
         for image_id, rows in state.paths_of(ids).items():
