@@ -246,6 +246,17 @@ class Settings(BaseSettings):
         "1.5 s turns /health and requests to 503. 0 disables.",
         json_schema_extra={"group": "vector database"},
     )
+    tool_statement_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="Deadline, seconds, of each database call of the operator tools (fsck, reindex, migrate, "
+        "move_originals, bulk_index --direct), in place of DB_STATEMENT_TIMEOUT_S, which is meant for interactive "
+        "requests: beside a running service under write load a tool's scans and checks may wait longer than a "
+        "request should. They also wait up to DB_CONNECT_TIMEOUT_S (not DB_REQUEST_TIMEOUT_S) for a pooled "
+        "connection. A hung database still ends a tool (exit 2) after this long. 0 disables.",
+        json_schema_extra={"group": "vector database"},
+    )
     milvus_uri: str = Field(
         "",
         description="Milvus: a file path runs embedded Milvus Lite (unset: DATA_DIR/milvus.db); http://host:19530 "
@@ -690,6 +701,17 @@ class Settings(BaseSettings):
         if self.dba and self.dba_n > self.neighbours_k:
             raise ValueError(f"DBA_N ({self.dba_n}) must not exceed NEIGHBOURS_K ({self.neighbours_k}).")
         return self
+
+    def for_operator_tool(self) -> Settings:
+        """These settings as an operator tool (fsck, reindex, migrate, move_originals, bulk_index --direct) uses
+        them: TOOL_STATEMENT_TIMEOUT_S as the deadline of each database call, DB_CONNECT_TIMEOUT_S (when longer) as
+        the wait for a pooled connection."""
+        return self.model_copy(
+            update={
+                "db_statement_timeout_s": self.tool_statement_timeout_s,
+                "db_request_timeout_s": max(self.db_request_timeout_s, self.db_connect_timeout_s),
+            }
+        )
 
     @model_validator(mode="after")
     def _reads_need_a_key(self) -> Settings:
