@@ -51,6 +51,25 @@ class Settings(BaseSettings):
     port: int = Field(
         8000, ge=1, le=65535, description="HTTP port of the API, docs and UI.", json_schema_extra={"group": "server"}
     )
+    http_header_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Seconds a client has to send a request's head (request line and headers) after it opens a "
+        "connection, or after the first byte of its next request on a kept-alive one; past it the connection is "
+        "closed after a 408. Bounds slow clients (slowloris) that uvicorn alone would keep forever. python -m app "
+        "and the Docker image apply it; 0 disables.",
+        json_schema_extra={"group": "server"},
+    )
+    http_keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds an idle kept-alive connection stays open between two requests (uvicorn's "
+        "--timeout-keep-alive). Behind a reverse proxy that keeps connections to the service, make it longer than "
+        "the proxy's own idle timeout.",
+        json_schema_extra={"group": "server"},
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.", json_schema_extra={"group": "server"}
     )
