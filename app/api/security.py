@@ -8,8 +8,9 @@ The rules, all owned here:
   (:func:`require_write`) a new write route cannot forget.
 - ``API_KEY_READS=true`` also protects every other endpoint (``/docs``, ``/metrics``...) except ``/health``, through
   :class:`ReadKeyMiddleware`. The Gradio UI under ``/ui/`` is guarded by Gradio's own login instead (the key is the
-  password, :mod:`ui.mount`), which answers ``401`` on every route with data (app config, uploads, files, queue), so
-  a browser can show the login form; its writes pass :meth:`AccessPolicy.key_is_valid` / :meth:`write_refusal`.
+  password, :mod:`ui.mount`), which answers ``401`` on every route but the login page's own (``ui.mount.LoginGate``:
+  app config, uploads, files, queue, heartbeat...), so a browser can show the login form; its writes pass
+  :meth:`AccessPolicy.key_is_valid` / :meth:`write_refusal`.
 - Secure by default: with no key and ``HOST`` not a loopback address, writes answer ``403`` naming ``API_KEY``
   (``ALLOW_ANONYMOUS_WRITES=true`` opts out), and start-up logs one WARNING.
 - Host allow-list (DNS rebinding): a request whose ``Host`` is not one of :func:`allowed_hosts` (``ALLOWED_HOSTS``;
