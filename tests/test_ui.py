@@ -9,7 +9,6 @@ import io
 import re
 import subprocess
 import sys
-from urllib.parse import urljoin
 
 import httpx
 import pillow_heif
@@ -162,6 +161,8 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
         # What the login page itself loads still does: its theme, scripts and the login form.
         page = anonymous.get("/ui/").text
         assert anonymous.get("/ui/theme.css").status_code == 200
+        from urllib.parse import urljoin
+
         scripts = [src for src in re.findall(r'(?:src|href)="([^"]+)"', page) if "assets/" in src]
         assert scripts, page[:500]
         for src in scripts:
