@@ -51,6 +51,25 @@ class Settings(BaseSettings):
     port: int = Field(
         8000, ge=1, le=65535, description="HTTP port of the API, docs and UI.", json_schema_extra={"group": "server"}
     )
+    http_header_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Seconds a client has to send a request's head (request line and headers) after it opens a "
+        "connection, or after the first byte of its next request on a kept-alive one; past it the connection is "
+        "closed after a 408. Bounds slow clients (slowloris) that uvicorn alone would keep forever. python -m app "
+        "and the Docker image apply it; 0 disables.",
+        json_schema_extra={"group": "server"},
+    )
+    http_keep_alive_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds an idle kept-alive connection stays open between two requests (uvicorn's "
+        "--timeout-keep-alive). Behind a reverse proxy that keeps connections to the service, make it longer than "
+        "the proxy's own idle timeout.",
+        json_schema_extra={"group": "server"},
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.", json_schema_extra={"group": "server"}
     )
@@ -262,6 +281,17 @@ class Settings(BaseSettings):
         "a request; Manticore: the read/write timeout of request connections (no grace: no server-side limit there); "
         "their long operations keep DB_CONNECT_TIMEOUT_S or longer. For every backend a health probe unanswered for "
         "1.5 s turns /health and requests to 503. 0 disables.",
+        json_schema_extra={"group": "vector database"},
+    )
+    tool_statement_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="Deadline, seconds, of each database call of the operator tools (fsck, reindex, migrate, "
+        "move_originals, bulk_index --direct), in place of DB_STATEMENT_TIMEOUT_S, which is meant for interactive "
+        "requests: beside a running service under write load a tool's scans and checks may wait longer than a "
+        "request should. They also wait up to DB_CONNECT_TIMEOUT_S (not DB_REQUEST_TIMEOUT_S) for a pooled "
+        "connection. A hung database still ends a tool (exit 2) after this long. 0 disables.",
         json_schema_extra={"group": "vector database"},
     )
     milvus_uri: str = Field(
@@ -717,6 +747,17 @@ class Settings(BaseSettings):
         if self.dba and self.dba_n > self.neighbours_k:
             raise ValueError(f"DBA_N ({self.dba_n}) must not exceed NEIGHBOURS_K ({self.neighbours_k}).")
         return self
+
+    def for_operator_tool(self) -> Settings:
+        """These settings as an operator tool (fsck, reindex, migrate, move_originals, bulk_index --direct) uses
+        them: TOOL_STATEMENT_TIMEOUT_S as the deadline of each database call, DB_CONNECT_TIMEOUT_S (when longer) as
+        the wait for a pooled connection."""
+        return self.model_copy(
+            update={
+                "db_statement_timeout_s": self.tool_statement_timeout_s,
+                "db_request_timeout_s": max(self.db_request_timeout_s, self.db_connect_timeout_s),
+            }
+        )
 
     @model_validator(mode="after")
     def _reads_need_a_key(self) -> Settings:

@@ -115,13 +115,14 @@ def free_port(ports: range | None = None) -> int:
 
 
 @contextmanager
-def run_live_server(app, ports: range | None = None) -> Iterator[str]:
+def run_live_server(app, ports: range | None = None, **options) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free loopback port (one of ``ports`` if given) in a thread; yields the base
-    URL."""
+    URL. ``options``: more ``uvicorn.Config`` arguments (e.g. :func:`app.api.connections.server_options`)."""
     import uvicorn
 
     port = free_port(ports)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    options.setdefault("log_level", "warning")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 120

@@ -212,16 +212,46 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
             ("POST", "/ui/gradio_api/run/predict"),
             ("POST", "/ui/gradio_api/component_server"),
             ("GET", "/ui/monitoring"),
+            # Routes Gradio itself leaves open (issue #27 item 6): behind the login too.
+            ("POST", "/ui/gradio_api/reset"),
+            ("POST", "/ui/gradio_api/cancel"),
+            ("GET", "/ui/gradio_api/app_id"),
+            ("GET", "/ui/gradio_api/user"),
+            ("GET", "/ui/gradio_api/token"),
+            ("GET", "/ui/gradio_api/startup-events"),
+            ("POST", "/ui/gradio_api/stream/x"),
+            ("POST", "/ui/gradio_api/stream/x/close"),
+            ("GET", "/ui/gradio_api/login_check"),
+            ("GET", "/ui/monitoring/summary"),
         ]:
-            assert anonymous.request(method, path).status_code == 401, path
-        # Gradio's event stream refuses too (read with a timeout: an accepted stream would stay open).
-        with anonymous.stream("GET", "/ui/gradio_api/queue/data?session_hash=x") as r:
-            assert r.status_code == 401
+            r = anonymous.request(method, path)
+            assert r.status_code == 401, path
+            assert "Log in" in str(r.json()["detail"]), (path, r.text)
+        # Gradio's event streams refuse too (read with a timeout: an accepted stream would stay open).
+        for path in ("/ui/gradio_api/queue/data?session_hash=x", "/ui/gradio_api/heartbeat/x"):
+            with anonymous.stream("GET", path) as r:
+                assert r.status_code == 401, path
+        # A forged or stale session cookie is no login.
+        forged = httpx.Client(base_url=url, timeout=10, cookies={"access-token-x": "y"})
+        assert forged.get("/ui/gradio_api/app_id").status_code == 401
+        # What the login page itself loads still does: its theme, scripts and the login form.
+        page = anonymous.get("/ui/").text
+        assert anonymous.get("/ui/theme.css").status_code == 200
+        from urllib.parse import urljoin
+
+        scripts = [src for src in re.findall(r'(?:src|href)="([^"]+)"', page) if "assets/" in src]
+        assert scripts, page[:500]
+        for src in scripts:
+            assert anonymous.get(urljoin(f"{url}/ui/", src)).status_code == 200, src
         assert anonymous.post("/ui/login", data={"username": "me", "password": "wrong"}).status_code == 400
         logged_in = httpx.Client(base_url=url, timeout=30)
         assert logged_in.post("/ui/login", data={"username": "me", "password": KEY}).json() == {"success": True}
         assert logged_in.get("/ui/config").status_code == 200
         assert logged_in.get("/ui/gradio_api/info").status_code == 200
+        assert logged_in.get("/ui/gradio_api/app_id").status_code == 200
+        assert logged_in.get("/ui/gradio_api/user").json() == "me"
+        with logged_in.stream("GET", "/ui/gradio_api/heartbeat/s1") as r:  # the session's heartbeat opens
+            assert r.status_code == 200 and next(r.iter_text()).startswith("data: ALIVE")
 
         # gradio_client logs in the same way, and a logged-in user may write: the login was the key.
         from gradio_client import Client, handle_file

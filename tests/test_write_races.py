@@ -202,3 +202,143 @@ def test_bulk_index_direct_next_to_a_running_server_racing_deletes(
         finally:
             service.close()
     assert deleted > 0  # the deletes really raced the bulk writes
+
+
+class _StallingProxy:
+    """A TCP proxy in front of PostgreSQL that forwards everything, except that the first client message holding
+    ``marker`` (a query's text) is held ``stall_s`` seconds before it goes on: a database that answers one query
+    slowly, as one under write load can. Real sockets, real server; ``url`` is ``database_url`` through it."""
+
+    def __init__(self, database_url: str, marker: bytes, stall_s: float) -> None:
+        import socket
+        import threading
+        from urllib.parse import parse_qs, urlsplit
+
+        self.marker, self.stall_s, self.stalled = marker, stall_s, threading.Event()
+        parts = urlsplit(database_url)
+        socket_dir = parse_qs(parts.query).get("host", [""])[0]
+        if socket_dir.startswith("/"):  # the session's embedded server listens on a Unix socket
+            self.target = str(next(Path(socket_dir).glob(".s.PGSQL.*")))
+        else:
+            self.target = (parts.hostname, parts.port or 5432)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        user = parts.netloc.rpartition("@")[0]
+        self.url = f"postgresql://{user}@127.0.0.1:{self.listener.getsockname()[1]}{parts.path}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if isinstance(self.target, str):
+                server = socket.socket(socket.AF_UNIX)
+                server.connect(self.target)
+            else:
+                server = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self.marker in data and not self.stalled.is_set():
+                    self.stalled.set()
+                    time.sleep(self.stall_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_fsck_beside_a_live_service_under_write_load_waits_out_a_slow_database(
+    settings, offline_embedder, datasets, model_cache_dir
+):
+    """Issue #27 item 5: fsck (its own process) beside a live service that indexes and deletes, while the database
+    answers fsck's scan 4 s late (a proxy holds the query: what a write burst can make a scan wait): with the request
+    deadline (1.5 s + 0.5 s) the check gave up with exit 2, "PostgreSQL did not answer within 2 s"; operator tools
+    take TOOL_STATEMENT_TIMEOUT_S (60 s) and finish. Every difference between its row and original counts is
+    accounted for in its report."""
+    import threading
+
+    import httpx
+
+    from app.main import create_app
+    from tests.helpers import run_live_server
+
+    photos = sorted((datasets / "caltech101_subset/images").rglob("*.jpg"))[:24]
+    env = _env(settings, model_cache_dir)
+
+    def fsck_while_locked(stall_s: float, **extra: str) -> tuple[subprocess.CompletedProcess, dict, float]:
+        proxy = _StallingProxy(settings.database_url, b"SELECT id, embedding", stall_s)
+        try:
+            started = time.monotonic()
+            proc, result = run_fsck({**env, "DATABASE_URL": proxy.url, **extra}, timeout_s=120)
+            assert proxy.stalled.is_set()  # the scan really was held
+            return proc, result, time.monotonic() - started
+        finally:
+            proxy.close()
+
+    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+        stop = threading.Event()
+        writes = [0]
+
+        def write_load(offset: int) -> None:
+            with httpx.Client(base_url=url, timeout=30) as http:
+                n = offset
+                while not stop.is_set():
+                    path = photos[n % len(photos)]
+                    r = http.post("/index_image", files={"file": (path.name, path.read_bytes())})
+                    if r.status_code in (200, 201) and n % 3 == 0:
+                        http.delete(f"/image/{r.json()['id']}")
+                    writes[0] += 1
+                    n += 2
+
+        for path in photos[:8]:
+            assert httpx.post(f"{url}/index_image", files={"file": (path.name, path.read_bytes())}).status_code == 201
+        threads = [threading.Thread(target=write_load, args=(i,), daemon=True) for i in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            # The request deadline, as fsck had it before: the held scan is given up, exit 2.
+            proc, _, _ = fsck_while_locked(4.0, TOOL_STATEMENT_TIMEOUT_S="1.5")
+            assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+            assert "did not answer within 2 s" in proc.stderr, proc.stderr
+            # The default tool deadline (60 s) waits the slow answer out.
+            for _ in range(2):
+                proc, result, took = fsck_while_locked(4.0)
+                assert proc.returncode in (0, 1), (proc.returncode, proc.stderr)  # 1: a write caught half-done
+                assert took >= 3.5, took
+                matched_by_rows = (
+                    result["rows"]
+                    - result["library_rows"]
+                    - result["rows_written_during"]
+                    - result["rows_deleted_during"]
+                    - sum(m.startswith("row without original") for m in result["remaining"])
+                )
+                matched_by_originals = (
+                    result["originals"]
+                    - result["originals_written_during"]
+                    - result["originals_deleted_during"]
+                    - sum(m.startswith("original without row") for m in result["remaining"])
+                )
+                assert matched_by_rows == matched_by_originals, result
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        assert writes[0] > 10, writes  # the service really wrote meanwhile
+        proc, result = run_fsck(env, timeout_s=120)  # quiet now: clean, and the counts agree
+        assert proc.returncode == 0 and result["rows"] == result["originals"], (proc.stderr, result)

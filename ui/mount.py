@@ -34,6 +34,56 @@ if TYPE_CHECKING:
 LOGIN_MESSAGE = "Log in with the service's API key as the password (any user name)."
 """What Gradio's login page says when API_KEY_READS=true."""
 
+#: Gradio routes (below /ui) the login page itself loads before anyone logged in: the page shell, its scripts,
+#: styles and icons (no data), and the login and logout forms. Every other route waits for a login
+#: (:class:`LoginGate`).
+LOGIN_PAGE_PATHS = frozenset(
+    {"", "/", "/login", "/login/", "/logout", "/theme.css", "/favicon.ico", "/robots.txt", "/manifest.json"}
+)
+LOGIN_PAGE_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+
+
+class LoginGate:
+    """With API_KEY_READS, the Gradio app's outermost middleware: every route but :data:`LOGIN_PAGE_PATHS` /
+    :data:`LOGIN_PAGE_PREFIXES` answers ``401`` (JSON ``detail``; a WebSocket is closed) without a session of
+    Gradio's login, whose password is the API key.
+
+    Gradio's own ``login_check`` guards the routes with data, not the others (the heartbeat event stream,
+    ``reset``, ``cancel``, ``app_id``, ``user``, ``token``, ``startup-events``, ``stream/...``): no data leaks
+    there, but an event stream held open per anonymous client is a resource anyone could hold. Deny by default, so
+    a route a later Gradio adds is covered too.
+
+    Args:
+        app: the Gradio app inside.
+        gradio_app: the same Gradio app (``tokens`` and ``cookie_id``: who logged in).
+    """
+
+    def __init__(self, app, gradio_app) -> None:  # noqa: ANN001 - ASGI app, Gradio's App
+        self.app = app
+        self.gradio_app = gradio_app
+
+    def _logged_in(self, scope) -> bool:  # noqa: ANN001
+        from starlette.requests import HTTPConnection
+
+        cookies = HTTPConnection(scope).cookies
+        cookie_id = self.gradio_app.cookie_id
+        token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+        return token is not None and self.gradio_app.tokens.get(token) is not None
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] in ("http", "websocket"):
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            route = path[len(root) :] if root and path.startswith(root) else path
+            if not (route in LOGIN_PAGE_PATHS or route.startswith(LOGIN_PAGE_PREFIXES) or self._logged_in(scope)):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008, "reason": "log in first"})
+                    return
+                from app.api.errors import error_response
+
+                await error_response(401, "Log in first: " + LOGIN_MESSAGE)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 def _quiet_gradio() -> None:
     # Gradio reads these when it is imported and when it serves; the service never wants them on.
@@ -54,8 +104,9 @@ def build_and_mount(
 ) -> FastAPI:
     """Import Gradio, build the UI and mount it at ``/ui`` of ``app``; returns Gradio's own (sub-)app. Blocking.
 
-    - ``API_KEY_READS=true``: every Gradio route (page, config, uploads, files, queue) sits behind Gradio's login,
-      whose password is the API key (any user name). Otherwise the page is open and writes ask for the key in a
+    - ``API_KEY_READS=true``: every Gradio route (config, uploads, files, queue, heartbeat...) but the login page's
+      own sits behind Gradio's login, whose password is the API key (any user name; :class:`LoginGate`).
+      Otherwise the page is open and writes ask for the key in a
       key box, checked on the server (:meth:`ui.context.UiContext.may_write`).
     - Gradio's upload limit is ``MAX_UPLOAD_MB``; no server-side rendering (no Node.js; and gradio-app/gradio#11008).
     - No analytics, no update check, no fonts or scripts from outside the service (:func:`ui.assets.theme`).
@@ -88,7 +139,10 @@ def build_and_mount(
         **login,
     )
     app.router.lifespan_context = parent_lifespan  # see gradio_lifespan
-    return next(r.app for r in app.routes if isinstance(r, Mount) and r.path == UI_PATH)
+    gradio_app = next(r.app for r in app.routes if isinstance(r, Mount) and r.path == UI_PATH)
+    if login:
+        gradio_app.add_middleware(LoginGate, gradio_app=gradio_app)
+    return gradio_app
 
 
 @asynccontextmanager

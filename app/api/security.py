@@ -8,8 +8,9 @@ The rules, all owned here:
   (:func:`require_write`) a new write route cannot forget.
 - ``API_KEY_READS=true`` also protects every other endpoint (``/docs``, ``/metrics``...) except ``/health``, through
   :class:`ReadKeyMiddleware`. The Gradio UI under ``/ui/`` is guarded by Gradio's own login instead (the key is the
-  password, :mod:`ui.mount`), which answers ``401`` on every route with data (app config, uploads, files, queue), so
-  a browser can show the login form; its writes pass :meth:`AccessPolicy.key_is_valid` / :meth:`write_refusal`.
+  password, :mod:`ui.mount`), which answers ``401`` on every route but the login page's own (``ui.mount.LoginGate``:
+  app config, uploads, files, queue, heartbeat...), so a browser can show the login form; its writes pass
+  :meth:`AccessPolicy.key_is_valid` / :meth:`write_refusal`.
 - Secure by default: with no key and ``HOST`` not a loopback address, writes answer ``403`` naming ``API_KEY``
   (``ALLOW_ANONYMOUS_WRITES=true`` opts out), and start-up logs one WARNING.
 - Host allow-list (DNS rebinding): a request whose ``Host`` is not one of :func:`allowed_hosts` (``ALLOWED_HOSTS``;
@@ -20,7 +21,8 @@ The rules, all owned here:
   (``Origin`` equal to the request's own, allowed, host or to ``PUBLIC_URL``'s origin, or ``Sec-Fetch-Site:
   same-origin``/``none``), or listed in ``CORS_ORIGINS``. A request carrying a key header passes (a browser sends
   one cross-origin only after a CORS preflight, which only ``CORS_ORIGINS`` pass), as does one with neither
-  ``Origin`` nor ``Sec-Fetch-Site`` (not a browser: curl, scripts, the CLI).
+  ``Origin``, ``Referer`` nor ``Sec-Fetch-Site`` (not a browser: curl, scripts, the CLI). Without ``Origin``, the
+  origin of ``Referer`` is checked in its place (a ``Referer`` that names no http(s) origin counts as ``null``).
 - Keys are compared in constant time (``hmac.compare_digest`` over SHA-256 digests, so neither the content nor the
   length of a key leaks through timing) and never logged.
 """
@@ -242,6 +244,11 @@ class OriginPolicy:
         if presented_key(headers) is not None:
             return None  # custom headers need a CORS preflight cross-origin; the key itself is checked later
         origin = headers.get("origin")
+        named_by = "origin"
+        if origin is None and (referer := headers.get("referer")) is not None:
+            # No Origin (an older browser, or a client that only sends Referer): the Referer's origin stands in
+            # for it, checked the same way (OWASP CSRF cheat sheet, "Verifying origin with standard headers").
+            origin, named_by = _origin_of(referer) or "null", "referring page"
         site = (headers.get("sec-fetch-site") or "").strip().lower()
         if origin is None and not site:
             return None  # not sent by a browser
@@ -253,7 +260,7 @@ class OriginPolicy:
             # The Host passed the allow-list already, so an Origin naming the same host:port is this service's.
             if own is not None and (self.any_origin or own in self.origins or urlsplit(own).netloc == host):
                 return None
-        sender = f"the origin {origin[:100]!r}" if origin is not None else f"a {site[:20]} page"
+        sender = f"the {named_by} {origin[:100]!r}" if origin is not None else f"a {site[:20]} page"
         return (
             f"Cross-origin request refused: {sender} may not send {method} requests to this service. Add the origin "
             "to CORS_ORIGINS, or send the API key in a header."

@@ -314,7 +314,7 @@ def index_direct(
     from app.storage import from_settings
     from app.vectordb import create_handler
 
-    settings = settings or Settings()
+    settings = (settings or Settings()).for_operator_tool()
     store = from_settings(settings)
     store.ensure_space()  # refuse at once, not after loading the model and decoding the first batch
     embedder = load_embedder(settings)

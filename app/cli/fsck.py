@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.storage import from_settings
     from app.vectordb import create_handler
 
-    settings = Settings()
+    settings = Settings().for_operator_tool()
     try:
         db = create_handler(settings)
     except DatabaseUnavailableError as exc:
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                     "rows": report.rows,
                     "originals": report.originals,
                     "library_rows": report.library_rows,
+                    "rows_written_during": report.rows_written_during,
+                    "originals_written_during": report.originals_written_during,
+                    "rows_deleted_during": report.rows_deleted_during,
+                    "originals_deleted_during": report.originals_deleted_during,
                     "mismatches": found,
                     "repaired": actions,
                     "remaining": remaining,
@@ -125,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in actions:
             print(f"repaired: {line}")
         summary = f"checked {report.rows} rows and {report.originals} originals: {len(found)} mismatches"
-        if report.library_rows:
-            summary += f" ({report.library_rows} rows are photo-library files, read in place: no original to check)"
+        if why := report.count_difference():
+            summary += f" ({why})"
         if args.repair:
             summary += f", {len(actions)} repaired, {len(remaining)} remaining"
         print(summary)

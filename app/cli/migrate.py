@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    settings = Settings()
+    settings = Settings().for_operator_tool()
     overrides = {
         "database_url": args.to_database_url,
         "vector_type": args.to_vector_type,

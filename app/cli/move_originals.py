@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.storage import from_settings
     from app.storage.move import MoveResult, Outcome, move_originals
 
-    settings = Settings()
+    settings = Settings().for_operator_tool()
     source = from_settings(
         settings.model_copy(update={"image_store_url": args.source}) if args.source else settings,
         with_space_check=False,

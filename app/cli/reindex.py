@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from app.storage import from_settings
     from app.vectordb import create_handler
 
-    settings = Settings()
+    settings = Settings().for_operator_tool()
     try:
         db = create_handler(settings)
     except DatabaseUnavailableError as exc:

@@ -66,6 +66,38 @@ class FsckReport:
     rows: int = 0
     originals: int = 0
     library_rows: int = 0
+    #: rows whose original was not in the store's listing but was there when looked up: written during the check.
+    rows_written_during: int = 0
+    #: originals whose row the database scan did not see but which had one afterwards: written during the check.
+    originals_written_during: int = 0
+    #: rows seen without their original, and originals seen without their row, whose other half and themselves
+    #: were both gone when re-checked: deleted during the check (a delete removes the row and the original one
+    #: after the other), so no mismatch.
+    rows_deleted_during: int = 0
+    originals_deleted_during: int = 0
+
+    def count_difference(self) -> str | None:
+        """Why ``rows`` and ``originals`` differ although no mismatch was found (photo-library rows, writes and
+        deletes that ran during the check), for people; ``None`` when there is nothing to explain."""
+        parts = []
+        if self.library_rows:
+            parts.append(f"{self.library_rows} rows are photo-library files, read in place: no original to check")
+        if self.rows_written_during:
+            parts.append(
+                f"{self.rows_written_during} rows were written during the check (their originals after the store "
+                "was listed)"
+            )
+        if self.originals_written_during:
+            parts.append(
+                f"{self.originals_written_during} originals were written during the check (their rows after the "
+                "database was read)"
+            )
+        if self.rows_deleted_during or self.originals_deleted_during:
+            parts.append(
+                f"{self.rows_deleted_during} rows and {self.originals_deleted_during} originals were deleted during "
+                "the check (seen without their other half, then both gone)"
+            )
+        return "; ".join(parts) or None
 
     @property
     def clean(self) -> bool:
@@ -96,7 +128,11 @@ def check(db: VectorDBHandler, store: ImageStore, library_ids: Collection[str] =
     ``library_rows`` and not checked.
 
     Holds the store's ids in memory (about 100 bytes per original). With writers running, a write in progress
-    can show up as a mismatch; :func:`repair` re-checks each under the id's lock. Raises
+    can show up as a mismatch; :func:`repair` re-checks each under the id's lock. What makes ``rows`` and
+    ``originals`` differ without a mismatch is counted: ``library_rows``, ``rows_written_during``,
+    ``originals_written_during``, ``rows_deleted_during``, ``originals_deleted_during`` (so that ``rows`` less
+    those of its side and ``rows_without_original`` equals ``originals`` less those of its side and
+    ``originals_without_row``: the pairs found). Raises
     :class:`app.errors.DatabaseUnavailableError` when the database cannot be read.
     """
     report = FsckReport()
@@ -107,15 +143,28 @@ def check(db: VectorDBHandler, store: ImageStore, library_ids: Collection[str] =
         else:
             originals[f.image_id] = f
     report.originals = len(originals)
+    matched = 0
     for batch in db.scan(batch_size=_CHUNK):
         for record in batch:
             report.rows += 1
-            if record.id in library_ids and record.id not in originals:
+            if record.id in originals:
+                matched += 1
+            elif record.id in library_ids:
                 report.library_rows += 1
-            elif record.id not in originals and store.head(record.id) is None:
+            elif store.head(record.id) is None:
                 report.rows_without_original.append(record.id)
+            else:
+                report.rows_written_during += 1
     missing = _missing_rows(db, sorted(originals))
-    report.originals_without_row = [originals[i] for i in sorted(missing)]
+    report.originals_written_during = len(originals) - matched - len(missing)
+    # A delete running during the check removes the row and the original one after the other: what it left half
+    # seen is gone entirely when looked at again, and is no mismatch.
+    gone_rows = _missing_rows(db, report.rows_without_original)
+    report.rows_without_original = [i for i in report.rows_without_original if i not in gone_rows]
+    still = [originals[i] for i in sorted(missing) if store.head(i) is not None]
+    report.rows_deleted_during = len(gone_rows)
+    report.originals_deleted_during = len(missing) - len(still)
+    report.originals_without_row = still
     return report
 
 
