@@ -54,7 +54,7 @@ def service(settings, offline_embedder):
 def _assert_consistent(service: SearchService, ids: set[str]) -> None:
     rows = service.db.db.existing_ids(ids)
     for image_id in ids:
-        assert (image_id in rows) == (service.store.find(image_id) is not None), image_id
+        assert (image_id in rows) == (service.uploads.find(image_id) is not None), image_id
 
 
 def test_index_delete_race_threads_and_a_second_process(service, settings, small_files, model_cache_dir, tmp_path):
@@ -81,7 +81,7 @@ def test_exists_rechecks_the_original(service, small_files):
     service.store.delete(image_id)  # what the old race left: a row whose original is gone
     assert service.existing_ids([image_id]) == set()
     assert service.index_image(data, "a.jpg").status == "indexed"  # indexed again, original restored
-    assert service.store.find(image_id) is not None and service.existing_ids([image_id]) == {image_id}
+    assert service.uploads.find(image_id) is not None and service.existing_ids([image_id]) == {image_id}
 
 
 def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files, model_cache_dir):
@@ -91,8 +91,8 @@ def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files,
     service.store.delete(id_a)  # row without original
     service.db.delete(id_b)  # original without row
     id_c = image_id_for(c)
-    service.store.save(id_c, c, "jpg")  # another original without row (a kill -9 between file and row)
-    temp = service.store.root / id_c[:2] / id_c[2:4] / ".upload-deadbeef"
+    service.uploads.save(id_c, c, "jpg")  # another original without row (a kill -9 between file and row)
+    temp = service.uploads.root / id_c[:2] / id_c[2:4] / ".upload-deadbeef"
     temp.write_bytes(b"half a file")  # a kill -9 during the file write
     env = _env(settings, model_cache_dir)
 
@@ -101,8 +101,8 @@ def test_fsck_reports_and_repairs_every_mismatch(service, settings, small_files,
     assert sorted(result["mismatches"]) == sorted(
         [
             f"row without original: {id_a}",
-            f"original without row: {service.store.find(id_b)}",
-            f"original without row: {service.store.find(id_c)}",
+            f"original without row: {service.uploads.find(id_b)}",
+            f"original without row: {service.uploads.find(id_c)}",
             f"temporary upload file: {temp}",
         ]
     )
@@ -146,10 +146,10 @@ def test_sweep_keeps_originals_with_rows(service, small_files):
     data = small_files[0].read_bytes()
     image_id = service.index_image(data, "a.jpg").id
     an_hour_ago = time.time() - 3600
-    os.utime(service.store.find(image_id), (an_hour_ago, an_hour_ago))
+    os.utime(service.uploads.find(image_id), (an_hour_ago, an_hour_ago))
     result = sweep(service.db, service.store, grace_s=0)
     assert (result.temp_files, result.originals_without_row) == (0, 0)
-    assert service.store.find(image_id) is not None
+    assert service.uploads.find(image_id) is not None
 
 
 def test_kill_9_mid_write_leaves_only_what_fsck_cleans(settings, small_files, model_cache_dir, tmp_path, service):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from app.embedders.base import Embedder
-from app.errors import ImageNotFoundError, ServiceError
+from app.errors import ImageNotFoundError, LibraryFileChangedError, ServiceError
 from app.imaging.prepare import PreparedImage
 from app.indexing.pipeline import IngestItem, IngestPipeline
 from app.storage.base import ImageStore
@@ -121,13 +121,15 @@ class _Run:
         for image_id, metadata in rows:
             # The file store's decode workers read the file themselves; an object store's bytes are read here.
             path, data = None, None
-            if isinstance(self.store, LocalImageStore):
-                path = self.store.find(image_id)
-            else:
+            # The store of uploads inside a store that also reads photo-library files (app/library/files.py).
+            local = getattr(self.store, "uploads", self.store)
+            if isinstance(local, LocalImageStore):
+                path = local.find(image_id)
+            if (path is None and local is not self.store) or not isinstance(local, LocalImageStore):
                 try:
                     data = self.store.read(image_id)
-                except ImageNotFoundError:
-                    pass
+                except (ImageNotFoundError, LibraryFileChangedError):
+                    pass  # a library file that changed since its scan: the scan re-reads it
             if path is None and data is None and self.skip_gone:
                 self.gone.add(image_id)
                 self.advance(1)
