@@ -386,3 +386,39 @@ def test_library_state_on_both_stores(library_state):
     assert not s.lease_held("p")
     assert sorted(s.delete_library("p")) == [a, b]
     assert s.library("p") is None and s.files("p") == {}
+
+
+@pytest.mark.slow
+def test_reindex_reads_library_photos_from_their_files(
+    tmp_path, database_url, offline_embedder, model_cache_dir, monkeypatch
+):
+    """scripts/reindex.py re-embeds library photos from the library files (nothing copied) and uploads from the
+    store, into a new collection it switches to."""
+    from app.cli import reindex
+
+    root = tmp_path / "photos"
+    placed = _fill(root, _photos(4))
+    settings = make_settings(tmp_path / "data", database_url, library_scan_workers=1, library_scan_interval="0")
+    with TestClient(create_app(settings, embedder=offline_embedder)) as c:
+        c.post("/libraries", json={"name": "photos", "roots": [str(root)]})
+        assert _wait(c, "photos")["counts"]["online"] == 4
+        upload = _photos(1, offset=40)[0].read_bytes()
+        assert c.post("/index_image", files={"file": ("up.jpg", upload)}).status_code == 201
+    env = {
+        "DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": database_url,
+        "EMBEDDER": "efficientnet",
+        "MODEL_CACHE_DIR": str(model_cache_dir),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    assert reindex.main(["--target", "second", "--workers", "1", "--no-progress"]) == 0
+    with TestClient(create_app(settings, embedder=offline_embedder)) as c:
+        assert c.app.state.service.db.collection_name == "second" and _count(c) == 5
+        rel, path = next(iter(placed.items()))
+        hits = c.post(
+            "/search_image", files={"file": ("q.jpg", path.read_bytes())}, data={"exclude_self": "false"}
+        ).json()["results"]
+        assert hits[0]["filename"] == f"photos/{rel}" and hits[0]["score"] > 0.999
+        assert c.get(f"/image/{hits[0]['id']}").content == path.read_bytes()
