@@ -24,7 +24,8 @@ in an upsert of its own as before this benchmark's fix, :class:`RenamesBeforeFix
 moved at once) and a last ``unchanged``. Per phase: the scan's own counts (:class:`ScanResult`), ``seconds`` (wall,
 from the scan request to the end of the scan thread), ``model_images`` (images the embedder was given, counted by
 the embedder) and ``expected_new`` (files whose bytes the collection has never seen); ``ok`` says
-``indexed == model_images == expected_new``.
+``indexed == model_images == expected_new``; ``db``: the vector database's ``upsert``, ``get``, ``delete`` and
+``existing_ids`` calls during the phase (calls, rows or ids, seconds summed over threads).
 
 THE EMBEDDER OF ``--part scan`` IS NOT A MODEL: :class:`PixelEmbedder` (``bench:pixels-8x8``) returns each image's
 8x8 RGB pixels, centred and L2-normalised (192 dimensions). The real model would need hours for 200,000 images on
@@ -55,7 +56,8 @@ follow symlinks that leave its root) into a fresh ``DATA_DIR`` (embedded Postgre
 house figure of ``bench/ingest.py`` (from the moment the decode processes have started to the last row);
 ``library_ips`` is the whole scan (walk, hashing, starting the decode processes, ingest) and
 ``library_ips_like_direct`` the same scan without the time its pipeline spent starting the decode processes (the
-clock of ``direct_ips``).
+clock of ``direct_ips``). Each round runs both back to back (direct first in even rounds, the library first in odd
+ones); ``library_vs_direct_pairs`` are the rounds' ratios, less exposed to a load that changes within minutes.
 
 The LAST line printed by each part is its JSON object; progress goes to stderr. Temporary data goes under
 ``--tmp`` (default: a new folder in the system's temporary directory), deleted at the end unless ``--keep``.
@@ -272,7 +274,9 @@ class Service:
     """The parts a library scan runs with, as :meth:`SearchService.open` builds them (the vector database behind its
     guard, the image store with its id locks) plus the libraries facade. ``close()`` it."""
 
-    def __init__(self, settings, embedder) -> None:  # noqa: ANN001
+    DB_CALLS = ("upsert", "get", "delete", "existing_ids")
+
+    def __init__(self, settings, embedder, account_db: bool = False) -> None:  # noqa: ANN001
         from app.library.libraries import Libraries
         from app.storage import from_settings
         from app.vectordb import create_handler
@@ -283,6 +287,34 @@ class Service:
         self.db.ensure_collection(embedder.model_id, embedder.dim)
         self.store = from_settings(settings)
         self.libraries = Libraries(settings, self.db, self.store, embedder)
+        self.db_time: dict[str, list[float]] = {}  # call -> [calls, rows or ids, seconds] (account_db)
+        self._db_lock = threading.Lock()
+        if account_db:
+            for name in self.DB_CALLS:
+                setattr(self.db, name, self._accounted(name, getattr(self.db, name)))
+
+    def _accounted(self, name: str, fn):  # noqa: ANN001, ANN202
+        def call(arg, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(arg, *a, **kw)
+            finally:
+                seconds = time.perf_counter() - t0
+                n = len(arg) if isinstance(arg, list | tuple | set) else 1
+                with self._db_lock:
+                    entry = self.db_time.setdefault(name, [0, 0, 0.0])
+                    entry[0] += 1
+                    entry[1] += n
+                    entry[2] += seconds
+
+        return call
+
+    def take_db_time(self) -> dict:
+        """``{call: {"calls", "n", "s"}}`` since the last take (vector-database calls, any thread)."""
+        with self._db_lock:
+            out = {k: {"calls": v[0], "n": v[1], "s": round(v[2], 2)} for k, v in self.db_time.items()}
+            self.db_time.clear()
+        return out
 
     def scan(self, create_roots: list[str] | None = None) -> tuple[dict, float]:
         """Create the library (first scan) or scan it again; wait; ``(last_scan dict, wall seconds)``."""
@@ -541,15 +573,17 @@ def run_scan_state(args, kind: str, pristine: Path, paths: list[str], tmp: Path)
         embedded = start_embedded_postgres(tmp / "pg" / "pgdata", database="bench_pgstate")
         values.update(database_url=embedded.url, data_dir=tmp / "data-pg")
     settings = Settings(**values)
-    svc = Service(settings, embedder)
+    svc = Service(settings, embedder, account_db=True)
     phases = []
     k = max(1, args.n // 100)
     try:
 
         def phase(name: str, expected_new: int, first: bool = False, **changed: int) -> dict:
             before = embedder.images
+            svc.take_db_time()
             with RenamesBeforeFix() if name.endswith("before_fix") else contextlib.nullcontext():
                 result, wall = svc.scan([str(work)] if first else None)
+            db_time = svc.take_db_time()
             row = {"phase": name, **changed, "expected_new": expected_new, "seconds": round(wall, 2)}
             row["scan_seconds"] = result["seconds"]
             row.update({c: result[c] for c in _COUNTS if result[c] or c in ("files", "indexed")})
@@ -557,6 +591,7 @@ def run_scan_state(args, kind: str, pristine: Path, paths: list[str], tmp: Path)
             row["ok"] = result["indexed"] == row["model_images"] == expected_new and result["failed"] == 0
             if result.get("warning"):
                 row["warning"] = result["warning"]
+            row["db"] = db_time
             log(f"[{kind}] {json.dumps(row)}")
             phases.append(row)
             return row
@@ -793,6 +828,10 @@ def part_ingest(args, tmp: Path) -> dict:  # noqa: ANN001
             result[f"{key}_runs"] = [round(v, 2) for v in values]
     result["library_vs_direct"] = round(result["library_ips"] / result["direct_ips"], 3)
     result["library_like_direct_vs_direct"] = round(result["library_ips_like_direct"] / result["direct_ips"], 3)
+    if args.repeat > 1:  # each round ran both, back to back: the load changes less within a pair than across pairs
+        pairs = [lib / d for lib, d in zip(runs["library_ips"], runs["direct_ips"], strict=True)]
+        result["library_vs_direct_pairs"] = [round(v, 3) for v in pairs]
+        result["library_vs_direct_median_pair"] = round(statistics.median(pairs), 3)
     return result
 
 
