@@ -171,7 +171,7 @@ def _reconcile_chunk(
                 drop_hidden.append(image_id)
                 if image_id not in rows:
                     done.removed += 1
-    if renamed:  # one upsert for the chunk: a transaction (and a commit) per moved file made moves 5 ms each
+    if renamed:  # one upsert (one transaction and commit) for the chunk, not one per moved file (bench/library.py)
         db.upsert(renamed)
         done.renamed = len(renamed)
     if restore:
