@@ -185,22 +185,35 @@ class _PgLease:
     def close(self) -> None:
         """Give the lease up: unlocked first, so that a scan asked for right after finds it free (a closed
         connection's lock lingers until its server process has exited); closing the connection drops it anyway.
-        Idempotent."""
+        Waits at most about a second. Idempotent."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
 
-        def unlock() -> None:
+        closing = threading.Lock()  # the close and the shutdown below exclude each other
+
+        def unlock_and_close() -> None:
+            # The connection is used and closed by this thread alone: closing it from another thread while a call
+            # still waits on its socket would free the descriptor for reuse under that call.
             try:
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", (NAMESPACE, self._key))
             except Exception:  # noqa: BLE001 - the database is gone: closing the connection is all there is
                 pass
+            finally:
+                with closing:
+                    conn.close()
 
-        # On a thread, at most a second: a hung database must not keep a scan's thread from ending.
-        thread = threading.Thread(target=unlock, name="library-lease-unlock", daemon=True)
+        # On a thread, at most a second: a hung database must not keep a scan's thread from ending. A thread
+        # still waiting then is cut loose by shutting the socket down (the descriptor stays its own).
+        thread = threading.Thread(target=unlock_and_close, name="library-lease-unlock", daemon=True)
         thread.start()
         thread.join(1.0)
-        conn.close()
+        if thread.is_alive():
+            from app.vectordb.deadline import shutdown_socket
+
+            with closing:
+                if not conn.closed:
+                    shutdown_socket(conn.pgconn.socket)
 
 
 class LibraryState:
