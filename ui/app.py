@@ -35,6 +35,7 @@ from app.api.security import AccessPolicy
 from app.config import Settings
 from ui.about_tab import AboutTab, about_text
 from ui.add_tab import AddTab
+from ui.api import ApiEndpoints
 from ui.context import UiContext, collection_line, escape, read_stats
 from ui.duplicates_tab import DuplicatesTab
 from ui.libraries_tab import LibrariesTab
@@ -72,10 +73,11 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         duplicates = DuplicatesTab(ctx, groups_state, pending_delete)
         libraries = LibrariesTab(ctx)
         about = AboutTab(ctx)
+        api = ApiEndpoints(ctx, searches, search, add, duplicates)
 
         with gr.Row(equal_height=True):
             gr.Markdown("## Image similarity search", elem_id="title")
-            collection = gr.Markdown("Loading…", elem_id="collection-line")
+            collection = gr.Markdown("Loading…", label="Collection", elem_id="collection-line")
         # Wrapped, never an overflow menu: every tab stays one tap away on a phone (390 px).
         with gr.Tabs(overflow_behavior="wrap"):
             search.layout()
@@ -83,8 +85,12 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
             duplicates.layout()
             libraries.layout()
             about.layout()
+        api.layout()
 
         # Wired once all tabs exist: the Add and Duplicates tabs each read the other's key box; Libraries reads both.
+        # The API's endpoints first: Gradio names private events after their function too, and the first event of a
+        # name gets it (/similar, /add, /find_duplicates).
+        api.wire()
         search.wire()
         add.wire(collection, other_key=duplicates.key)
         duplicates.wire(collection, other_key=add.key)

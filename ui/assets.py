@@ -71,8 +71,12 @@ CSS = """
 .photo-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
 .dup-group .photo-grid .grid-container { grid-template-columns: repeat(auto-fill, minmax(120px, 1fr)) !important; }
 .photo-grid .caption-label {
-    white-space: normal !important; overflow-wrap: anywhere; max-width: 100% !important;
+    white-space: normal !important; overflow-wrap: break-word; word-break: normal; max-width: 100% !important;
 }
+/* The results' label above the thumbnails, not floating over the first row. */
+#results label[data-testid="block-label"] { position: static !important; margin-bottom: var(--spacing-sm); }
+/* A 64-character image id wraps inside the large view's details instead of running out of them. */
+#view-details code { overflow-wrap: anywhere; word-break: break-all; white-space: normal; }
 .tab-wrapper .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }
 .tab-wrapper .overflow-menu { display: none !important; }
 #large-view img { max-height: 80vh; object-fit: contain; }

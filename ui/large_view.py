@@ -1,15 +1,18 @@
 """The large view of the Search tab: a result chosen in the gallery, shown big with its details, its original to
-download, "More like this" (the ``similar`` API name) and "Close". It sits between the search status and the
-results, hidden until a result is chosen; every search hides it again (:meth:`ui.search.Searches.show`)."""
+download, "More like this" and "Close" (``/open`` and ``/similar`` of :mod:`ui.api` for scripts). It sits between
+the search status and the results, hidden until a result is chosen; every search hides it again
+(:meth:`ui.search.Searches.show`)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from app.errors import ServiceError
-from ui.context import UiContext, escape
+from ui.context import UiContext, escape, refuse
 from ui.files import LARGE_SIZE, original_file, thumbnail_file
 from ui.query import BROWSER_FORMATS, file_size, when
 from ui.search import Searches, Shown
@@ -27,7 +30,7 @@ def view_content(service: SearchService, hit: SearchHit) -> tuple[str, str, str]
     details = "\n".join(
         [
             f"### {escape(meta.filename)}",
-            f"- Score: **{hit.score:.4f}**",
+            *([f"- Score: **{hit.score:.4f}**"] if math.isfinite(hit.score) else []),  # NaN: opened by id
             f"- Format: {meta.format} · {meta.width} × {meta.height} pixels · {file_size(meta.bytes)}",
             f"- Taken: {when(meta.taken_at)}",
             f"- Indexed: {when(meta.indexed_at)}",
@@ -62,9 +65,12 @@ class LargeView:
         """Choosing a result opens the view; "More like this" searches with ``filters`` as a search event (``run``:
         the search events' outputs and concurrency); "Close" hides it."""
         results.select(
-            self.open_view, shown_state, [self.view, self.image, self.details, self.download, self.selected_id]
+            self.open_view,
+            shown_state,
+            [self.view, self.image, self.details, self.download, self.selected_id],
+            api_visibility="private",
         )
-        self.more_like.click(self.searches.similar, [self.selected_id, *filters], api_name="similar", **run)
+        self.more_like.click(self.searches.similar, [self.selected_id, *filters], api_visibility="private", **run)
         self.close.click(lambda: gr.update(visible=False), None, self.view, api_visibility="private")
 
     def open_view(self, shown: Shown, event: gr.SelectData) -> tuple[Any, ...]:
@@ -76,5 +82,5 @@ class LargeView:
         try:
             image, details, original = view_content(self.ctx.get_service(), hit)
         except ServiceError as exc:
-            raise gr.Error(escape(str(exc))) from exc
+            refuse(escape(str(exc)), logging.WARNING)
         return gr.update(visible=True), image, details, gr.update(value=original, visible=True), hit.id

@@ -19,10 +19,11 @@ from cachetools import TTLCache
 
 from app.errors import ServiceError
 from app.ids import image_id_for
+from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import QueryTerm
 from ui.context import UiContext, as_message, escape, read_upload
 from ui.files import preview_file, thumbnail_file
-from ui.query import UiFilters, UiQuery, caption, to_link
+from ui.query import UiFilters, UiQuery, caption, to_link, with_top_k
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
     from app.service import SearchService
@@ -76,9 +77,48 @@ def gallery(service: SearchService, hits: Sequence[SearchHit]) -> list[tuple[str
     return [item for item in items if item is not None]
 
 
+def results_data(hits: Sequence[SearchHit], first_rank: int = 1) -> list[dict[str, Any]]:
+    """Hits as plain data for the Gradio API (``gradio_client``): one dict per result, best first, with the
+    ``id`` that ``/similar`` and ``/open`` take, the cosine ``score`` and the stored metadata (sizes in pixels and
+    bytes, times in ISO 8601, ``taken_at`` ``None`` without EXIF date), as the REST API's results carry them."""
+    return [
+        {
+            "rank": rank,
+            "id": hit.id,
+            "score": hit.score,
+            "filename": hit.metadata.filename,
+            "format": hit.metadata.format,
+            "width": hit.metadata.width,
+            "height": hit.metadata.height,
+            "bytes": hit.metadata.bytes,
+            "taken_at": hit.metadata.taken_at.isoformat() if hit.metadata.taken_at else None,
+            "indexed_at": hit.metadata.indexed_at.isoformat(),
+        }
+        for rank, hit in enumerate(hits, start=first_rank)
+    ]
+
+
+def status_line(query: UiQuery | None, hits: Sequence[SearchHit], errors: Sequence[str], elapsed: float) -> str:
+    """The search status: ``8 results · 12 ms``, why there are none, or ``✗`` and what went wrong."""
+    if errors:
+        return "✗ " + escape(errors[0])
+    if query is None:
+        return ""
+    if not hits:
+        return "No results: the collection is empty, or nothing passes the filters."
+    return f"{len(hits)} results · {elapsed * 1000:.0f} ms"
+
+
 def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset: int) -> list[SearchHit]:
-    """One page of results for ``query``: the same service call the REST endpoint for that kind makes."""
+    """One page of results for ``query``: the same service call the REST endpoint for that kind makes.
+
+    A page that would reach past the one search window a page is cut from (MAX_SEARCH_WINDOW results, the query
+    image left out) is shortened to end there; past its end there are no more pages (``[]``)."""
     k = service.resolve_top_k(filters.top_k)
+    # One more slot for the query image, which the service may leave out of its own results.
+    k = min(k, MAX_SEARCH_WINDOW - 1 - offset)
+    if k <= 0:
+        return []
     options = filters.options(offset)
     if query.kind == "id":
         return service.similar(query.image_id or "", k, options)
@@ -158,17 +198,11 @@ class Searches:
                 preview_image = thumbnail_file(service, shown.query.image_id or "")
             except ServiceError:
                 preview_image = None
-        if errors:
-            status = "✗ " + escape(errors[0])
-        elif shown.query is None:
-            status = ""
-        elif not shown.hits:
-            status = "No results: the collection is empty, or nothing passes the filters."
-        else:
-            status = f"{len(shown.hits)} results · {elapsed * 1000:.0f} ms"
+        status = status_line(shown.query, shown.hits, errors, elapsed)
         link = to_link(shown.query, shown.filters, self.ctx.default_k) if shown.filters and not errors else ""
         return (
-            items,
+            # New results, none chosen: the gallery would otherwise keep the old "selected" mark on that position.
+            gr.update(value=items, selected_index=None),
             status,
             gr.update(visible=shown.more and not errors),
             link,
@@ -267,10 +301,13 @@ class Searches:
             return (gr.skip(),) * N_OUTPUTS
         return self.search(shown.query, filters, request, trigger)
 
-    def load_more(self, shown: Shown, request: gr.Request) -> tuple[Any, ...]:
-        """The next page, appended."""
+    def load_more(self, shown: Shown, top_k: float, request: gr.Request) -> tuple[Any, ...]:
+        """The next page, appended, of the size "Results per page" shows now (``top_k``): the search that a change
+        of it started may not have answered yet, and the shown state still holds the old size."""
         if shown.query is None or shown.filters is None:
             return (gr.skip(),) * N_OUTPUTS
+        if top_k and int(top_k) != shown.filters.top_k:
+            shown = replace(shown, filters=with_top_k(shown.filters, int(top_k)))
         number = self.order.begin(request)
         assert number is not None  # no trigger number: never dropped at the start
         service = self.ctx.get_service()

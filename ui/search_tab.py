@@ -1,6 +1,6 @@
 """The Search tab: the photo box, the words boxes, the filters, the search status, the large view
 (:mod:`ui.large_view`), the results gallery and "Load more", and the events that run :class:`ui.search.Searches`.
-The ``search`` and ``similar`` API names are these events'."""
+Scripts use the endpoints of :mod:`ui.api` instead of these events."""
 
 from __future__ import annotations
 
@@ -140,7 +140,8 @@ class SearchTab:
         self.share.change(None, self.share, js=UPDATE_ADDRESS_JS, api_visibility="private", queue=False)
         self.status.change(None, js=SHOW_RESULTS_JS, api_visibility="private", queue=False)
 
-        self.query_file.upload(s.search_form, form, api_name="search", **run)
+        # The page's events are private: a script uses the endpoints of ui.api, which take what they need.
+        self.query_file.upload(s.search_form, form, api_visibility="private", **run)
         self.query_file.upload(s.preview, self.query_file, self.query_preview, api_visibility="private")
         self.query_file.clear(lambda: None, None, self.query_preview, api_visibility="private")
         for submitted in (self.search_button.click, self.words.submit, self.negative.submit):
@@ -152,5 +153,5 @@ class SearchTab:
                 event(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
         for changed in (self.formats.input, self.expand.input, self.min_score.release, self.top_k.release):
             changed(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
-        self.more_button.click(s.load_more, self.shown_state, api_visibility="private", **run)
+        self.more_button.click(s.load_more, [self.shown_state, self.top_k], api_visibility="private", **run)
         self.large_view.wire(self.results, self.shown_state, filters, run)
