@@ -6,6 +6,7 @@ browser in tests/test_browser.py; the pure query/link rules are tested in tests/
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -390,3 +391,106 @@ def test_preview_waits_for_decode_capacity(tmp_path, database_url, offline_embed
             assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
         assert client.post("/preview", files={"file": (path.name, path.read_bytes())}).status_code == 200
         assert gate.in_flight == 0
+
+
+def _serve_in_a_process(tmp_path: Path, name: str, database_url: str, model_cache_dir: Path, **env: str):
+    """``python -m app`` with the UI, in a process of its own (its own environment, as an instance on a host), on a
+    free port; no GRADIO_TEMP_DIR in its environment. Returns ``(process, base URL, data dir)``."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    data = tmp_path / name
+    environment = {k: v for k, v in os.environ.items() if k not in ("GRADIO_TEMP_DIR", "DATABASE_URL")}
+    environment.update(
+        DATA_DIR=str(data),
+        DATABASE_URL=database_url,
+        MODEL_CACHE_DIR=str(model_cache_dir),
+        EMBEDDER="efficientnet",
+        UI_ENABLED="true",
+        HOST="127.0.0.1",
+        PORT=str(port),
+        LOG_LEVEL="WARNING",
+        HF_HUB_OFFLINE="1",
+        **env,
+    )
+    log = (tmp_path / f"{name}.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=log)
+    return process, f"http://127.0.0.1:{port}", data
+
+
+def _wait_healthy_then_ui(process, url: str) -> list[int]:
+    """Wait for ``/health`` to answer 200, then ask for ``/ui/`` at once: the status codes ``/ui/`` answered until
+    the page came (the UI is built after the API is healthy; meanwhile a request waits for it)."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    codes = []
+    while not codes or codes[-1] != 200:
+        codes.append(httpx.get(f"{url}/ui/", timeout=60).status_code)
+        assert len(codes) < 20 and time.monotonic() < deadline, codes
+    return codes
+
+
+def test_two_instances_on_one_host_keep_their_ui_files_apart(tmp_path, pg_server, offline_embedder, model_cache_dir):
+    """Instance A asks for a key for everything (API_KEY_READS); B, on the same host, asks for none. A's uploads,
+    thumbnails and originals are under A's DATA_DIR, and B neither serves them nor accepts them in a call."""
+    from gradio_client import Client, handle_file
+
+    from tests.helpers import create_database
+
+    a, a_url, a_data = _serve_in_a_process(
+        tmp_path, "a", create_database(pg_server), model_cache_dir, API_KEY=KEY, API_KEY_READS="true"
+    )
+    b, b_url, b_data = _serve_in_a_process(tmp_path, "b", create_database(pg_server), model_cache_dir)
+    try:
+        # /ui/ right after /health: it waits for the UI being built, never a 404 or a 500.
+        assert _wait_healthy_then_ui(a, a_url)[-1] == 200 and _wait_healthy_then_ui(b, b_url) == [200]
+        photo = HOPPER / "pillow_hopper.png"
+        r = httpx.post(
+            f"{a_url}/index_images", files=[("files", (photo.name, photo.read_bytes()))], headers={"X-API-Key": KEY}
+        )
+        assert r.status_code == 200, r.text
+        ui = Client(f"{a_url}/ui/", auth=("me", KEY), verbose=False)
+        try:
+            results, _ = ui.predict(photo=handle_file(str(HOPPER / "pillow_hopper.jpg")), api_name="/search")
+            ui.predict(image_id=results[0]["id"], api_name="/open")  # A makes its large view and original
+        finally:
+            ui.close()
+        made = [p for p in (a_data / "ui-files").rglob("*") if p.is_file()]
+        names = {p.name for p in made}
+        assert {"pillow_hopper.jpg", "pillow_hopper.png"} <= names, names  # the upload, the original
+        assert not any((b_data / "ui-files").rglob("pillow_hopper*")), "B's folder holds A's files"
+        for path in made:
+            # Not through B's file route (a 403 of Gradio's own), nor named in a call to B.
+            assert httpx.get(f"{b_url}/ui/gradio_api/file={path}").status_code == 403, path
+        named = {"path": str(made[0]), "meta": {"_type": "gradio.FileData"}}
+        answer = _gradio_call(b_url, "search", [named, "", "", "", [], "", "", 0, False, 5])
+        assert "event: error" in answer and "not uploaded by a user" in answer, answer
+        # And A serves its own only after the login.
+        assert httpx.get(f"{a_url}/ui/gradio_api/file={made[0]}").status_code == 401
+    finally:
+        for process in (a, b):
+            process.terminate()
+        for process in (a, b):
+            process.wait(timeout=60)
+
+
+def test_ui_gate_answers_503_with_retry_after_when_the_ui_cannot_start():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ui.mount import UI_RETRY_AFTER_S, UiGate
+
+    gate = UiGate()
+    app = FastAPI()
+    app.mount("/ui", gate)
+    gate.fail("ImportError")
+    r = TestClient(app).get("/ui/")
+    assert r.status_code == 503 and r.headers["retry-after"] == str(UI_RETRY_AFTER_S)
+    assert "could not start (ImportError)" in r.json()["detail"]

@@ -75,6 +75,16 @@ CSS = """
 }
 /* The results' label above the thumbnails, not floating over the first row. */
 #results label[data-testid="block-label"] { position: static !important; margin-bottom: var(--spacing-sm); }
+/* The "chosen" mark only while the large view shows that result: Gradio's gallery keeps the marked position when
+   its results are replaced (a null selected_index never reaches the page), and every search closes the view. */
+body:not(:has(#large-view)) #results .thumbnail-item.selected {
+    --ring-color: transparent; border-color: var(--border-color-primary);
+}
+/* The Add table fits its column (a phone's 390 px too): fixed layout, the reasons wrap instead of being cut off. */
+#add-results table { width: 100% !important; table-layout: fixed; }
+#add-results th, #add-results td { width: auto !important; min-width: 0 !important; max-width: none !important; }
+#add-results th:first-child, #add-results td:first-child { width: 2.5em !important; }
+#add-results .cell-wrap { white-space: normal !important; overflow-wrap: anywhere; }
 /* A 64-character image id wraps inside the large view's details instead of running out of them. */
 #view-details code { overflow-wrap: anywhere; word-break: break-all; white-space: normal; }
 .tab-wrapper .tab-container { flex-wrap: wrap !important; height: auto !important; overflow: visible !important; }

@@ -77,7 +77,7 @@ class LargeView:
         """A result was chosen: its large view."""
         index = event.index if isinstance(event.index, int) else 0
         if not 0 <= index < len(shown.hits):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 5
         hit = shown.hits[index]
         try:
             image, details, original = view_content(self.ctx.get_service(), hit)

@@ -201,8 +201,7 @@ class Searches:
         status = status_line(shown.query, shown.hits, errors, elapsed)
         link = to_link(shown.query, shown.filters, self.ctx.default_k) if shown.filters and not errors else ""
         return (
-            # New results, none chosen: the gallery would otherwise keep the old "selected" mark on that position.
-            gr.update(value=items, selected_index=None),
+            items,
             status,
             gr.update(visible=shown.more and not errors),
             link,
