@@ -12,16 +12,13 @@ This module only composes the page: each tab is a module of its own (:mod:`ui.se
 :mod:`ui.libraries_tab`, :mod:`ui.about_tab`), sharing a :class:`ui.context.UiContext`; the CSS, the JavaScript
 and the theme are in :mod:`ui.assets`.
 
-The events a script may want have an ``api_name`` and can be driven with ``gradio_client``::
+Scripts use the Gradio API of :mod:`ui.api` (``/search``, ``/similar``, ``/open``, ``/add``, ``/duplicates``,
+``/find_duplicates``, ``/stats``) with ``gradio_client``; docs/web-ui.md#gradio-api has an example per endpoint::
 
     from gradio_client import Client, handle_file
     ui = Client("http://localhost:8000/ui/")
-    gallery, status, *_ = ui.predict(handle_file("cat.jpg"), "", "", "", [], "", "", 0, False, 20,
-                                     api_name="/search")   # photo, words, but-not words, filters, top_k
-    ui.predict(image_id, "", [], "", "", 0, False, 20, api_name="/similar")
-    ui.predict(api_name="/stats")                          # "273 photos · model ... · backend pgvector"
-    ui.predict(None, api_name="/libraries")                # every library as Markdown, names, poll
-    ui.predict("photos", False, KEY, "", "", api_name="/scan_library")   # library, force, key boxes
+    results, status = ui.predict(photo=handle_file("cat.jpg"), results_per_page=5, api_name="/search")
+    similar, status = ui.predict(image_id=results[0]["id"], api_name="/similar")
 """
 
 from __future__ import annotations
