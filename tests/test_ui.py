@@ -342,8 +342,11 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
         from gradio_client import Client, handle_file
 
         ui = Client(f"{url}/ui/", auth=("me", KEY), verbose=False)
-        _, entries, line = ui.predict(photos=[handle_file(str(HOPPER / "pillow_hopper.png"))], api_name="/add")
-        assert entries[0]["ok"] and "**1 photo**" in line
+        try:
+            _, entries, line = ui.predict(photos=[handle_file(str(HOPPER / "pillow_hopper.png"))], api_name="/add")
+            assert entries[0]["ok"] and "**1 photo**" in line
+        finally:
+            ui.close()  # else its heartbeat stream holds the server's shutdown until the next beat
 
 
 @pytest.mark.parametrize(
