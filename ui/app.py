@@ -74,7 +74,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         about = AboutTab(ctx)
 
         with gr.Row(equal_height=True):
-            gr.Markdown("## Image similarity search", elem_id="title")
+            gr.Markdown("# Image similarity search", elem_id="title")  # the page's one h1 (styled in ui.assets)
             collection = gr.Markdown("Loading…", elem_id="collection-line")
         # Wrapped, never an overflow menu: every tab stays one tap away on a phone (390 px).
         with gr.Tabs(overflow_behavior="wrap"):

@@ -60,7 +60,12 @@ class SearchTab:
                         elem_id="query-file",
                     )
                     self.query_preview = gr.Image(
-                        label="Query", interactive=False, height=180, elem_id="query-preview", buttons=[]
+                        label="Query",
+                        interactive=False,
+                        height=180,
+                        elem_id="query-preview",
+                        buttons=[],
+                        alt_text="The photo searched with",  # its wrapping button's name (axe-core's button-name)
                     )
                 with gr.Column(scale=2, min_width=260):
                     self.words_note = gr.Markdown(elem_id="words-note")
@@ -82,6 +87,7 @@ class SearchTab:
                 object_fit="cover",
                 allow_preview=False,
                 interactive=False,
+                buttons=[],  # no download/share/fullscreen icons: fewer Tab stops before the first result
                 elem_id="results",
                 elem_classes=["photo-grid"],
             )
@@ -150,7 +156,16 @@ class SearchTab:
         for textbox in (self.folder, self.taken_after, self.taken_before):
             for event in (textbox.submit, textbox.blur):
                 event(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+        # always_last: a slider's release while its previous one is still running (its number box left, then an
+        # arrow key on the slider: ui.assets.A11Y_JS) runs after it instead of being dropped (Gradio's "once").
         for changed in (self.formats.input, self.expand.input, self.min_score.release, self.top_k.release):
-            changed(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+            changed(
+                s.rerun,
+                stamped_rerun,
+                js=stamp_js(len(stamped_rerun)),
+                api_visibility="private",
+                trigger_mode="always_last",
+                **run,
+            )
         self.more_button.click(s.load_more, self.shown_state, api_visibility="private", **run)
         self.large_view.wire(self.results, self.shown_state, filters, run)
