@@ -143,6 +143,14 @@ def locked_server(pg_server, offline_embedder, tmp_path_factory) -> Iterator[str
         yield url
 
 
+@pytest.fixture
+def page_1280(browser, server, request, tmp_path):
+    """A fresh browser tab (1280 px wide) on the module's server; see ``tests.test_browser._finish``."""
+    context, tab = tb._tab(browser, server.url, viewport=DESKTOP)
+    yield tab.page
+    tb._finish(request, context, tab, tmp_path)
+
+
 def _login(page, url: str) -> None:
     page.goto(f"{url}/ui/")
     page.wait_for_selector("input[type=password]")
@@ -197,6 +205,8 @@ def test_axe_finds_nothing_serious_in_any_state(server, locked_server, browser, 
         page.keyboard.press("Enter")
         page.wait_for_selector("#collection-line")
         assert tb._collection(page) == "0 photos"
+        # An empty collection says to add photos first.
+        assert "add photos on the Add tab first" in tb._settled_text(page, "#search-status", "empty")
         sweep.check(page, "empty_collection")
     finally:
         tb._finish(request, context, tab, tmp_path)
@@ -320,3 +330,34 @@ def test_the_main_flow_by_keyboard_alone(server, browser, request, tmp_path):
         tb._wait_results(page, count=4)
     finally:
         tb._finish(request, context, tab, tmp_path)
+
+
+# --- what a newcomer found confusing ------------------------------------------------------------------------------
+def test_what_a_newcomer_found_confusing_is_answered_on_the_page(server, page_1280):
+    page = page_1280
+    ids = server.ids()
+    # A bad link: what could not be used stays on the status line (no toast that fades over the header); the
+    # link's filters are on, so the Filters panel is open and the status line says how many.
+    tb._open(page, server.url, f"?id={ids['pillow_hopper.png']}&formats=JPEG,HEIF&top_k=oops")
+    status = tb._settled_text(page, "#search-status", r"results")
+    assert status.startswith("⚠ Part of this link could not be used") and "top_k must be a whole number" in status
+    assert "1 filter on" in status
+    assert page.locator(tb.TOAST).count() == 0
+    page.wait_for_selector("#filter-formats", state="visible")  # the panel is open
+    # The header: plain words first, the model and the database behind "Details".
+    header = page.inner_text("#collection-line")
+    assert header.startswith("8 photos · search by photo") and "pgvector" not in header
+    page.click("#collection-details summary")
+    details = page.inner_text("#collection-line")
+    assert "pgvector" in details and "1280 dimensions" in details
+
+    # A photo that is in the collection: left out of its own results, and the page says so.
+    tb._choose(page, tb.HOPPER / "pillow_hopper.png")
+    names = tb._names(tb._wait_results(page, count=6))  # 8 photos, minus itself and the PNG (JPEG, HEIF only)
+    assert "pillow_hopper.png" not in names
+    assert "Your photo is in the collection" in tb._settled_text(page, "#search-status", r"left out")
+    # Clear: the results, the status and the link go with the photo.
+    page.click("#query-file button[aria-label='Clear']")
+    page.wait_for_function("() => document.querySelectorAll('#results .thumbnail-item').length === 0")
+    page.wait_for_function("() => !document.querySelector('#search-status').innerText.trim()")
+    assert page.locator("#load-more").is_hidden()

@@ -39,7 +39,7 @@ from ui.context import UiContext, collection_line, escape, read_stats
 from ui.duplicates_tab import DuplicatesTab
 from ui.libraries_tab import LibrariesTab
 from ui.query import from_link
-from ui.search import N_OUTPUTS, Searches, Shown
+from ui.search import EMPTY_COLLECTION, N_OUTPUTS, STATUS_OUTPUT, Searches, Shown, active_filters
 from ui.search_tab import SearchTab, text_note
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
@@ -103,6 +103,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
                 add.key,
                 duplicates.key,
                 libraries.key,
+                search.filters_box,
                 *search.outputs,
             ],
             api_visibility="private",
@@ -115,15 +116,23 @@ def _page_load(ctx: UiContext, searches: Searches) -> Callable[[gr.Request], tup
     settings, access = ctx.settings, ctx.access
 
     def on_load(request: gr.Request) -> tuple[Any, ...]:
-        """Per page: the collection line, words on or off, key boxes, filters and the search from the address."""
+        """Per page: the collection line, words on or off, key boxes, filters (opened when the address holds some)
+        and the search from the address; the status line says what the address held that could not be used, or
+        that the collection is empty."""
         service = ctx.get_service()
         stats = read_stats(service)
         text_ok = service.supports_text
         link = from_link(dict(request.query_params) if request else {}, ctx.default_k, settings.max_top_k)
         f = link.filters
-        results = searches.search(link.query, f, request) if link.query is not None else (gr.skip(),) * N_OUTPUTS
+        results = list(searches.search(link.query, f, request) if link.query is not None else (gr.skip(),) * N_OUTPUTS)
+        # Said on the status line, where it stays (a toast fades, and covered the header): what the link held that
+        # could not be used, or that the collection is empty and photos are to be added first.
+        status = results[STATUS_OUTPUT] if isinstance(results[STATUS_OUTPUT], str) else ""
         if link.problems:
-            gr.Warning(escape(" ".join(link.problems)))
+            warning = "⚠ Part of this link could not be used and was left out: " + escape(" ".join(link.problems))
+            results[STATUS_OUTPUT] = warning + (f"\n\n{status}" if status else "")
+        elif link.query is None and not isinstance(stats, str) and stats.count == 0:
+            results[STATUS_OUTPUT] = EMPTY_COLLECTION
         key_box = gr.update(visible=access.has_keys and not access.reads_need_key)
         return (
             collection_line(service, stats),
@@ -141,6 +150,7 @@ def _page_load(ctx: UiContext, searches: Searches) -> Callable[[gr.Request], tup
             key_box,
             key_box,
             key_box,
+            gr.update(open=True) if active_filters(f) or f.expand or f.top_k != ctx.default_k else gr.skip(),
             *results,
         )
 

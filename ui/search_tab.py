@@ -94,7 +94,8 @@ class SearchTab:
             self.more_button = gr.Button("Load more", visible=False, elem_id="load-more")
 
     def _filters_layout(self) -> None:
-        with gr.Accordion("Filters and options", open=False, elem_id="filters"):
+        # Opened by the load event when the page's link holds filters (they are on: the page shows them).
+        with gr.Accordion("Filters and options", open=False, elem_id="filters") as self.filters_box:
             with gr.Row():
                 self.folder = gr.Textbox(label="Folder", placeholder="trips/2024", elem_id="filter-folder")
                 self.taken_after = gr.Textbox(label="Taken from (YYYY-MM-DD)", elem_id="filter-taken-after")
@@ -149,6 +150,8 @@ class SearchTab:
         self.query_file.upload(s.search_form, form, api_name="search", **run)
         self.query_file.upload(s.preview, self.query_file, self.query_preview, api_visibility="private")
         self.query_file.clear(lambda: None, None, self.query_preview, api_visibility="private")
+        # Clearing the photo clears its results too (and the link), as if nothing had been searched yet.
+        self.query_file.clear(s.clear, None, api_visibility="private", **run)
         for submitted in (self.search_button.click, self.words.submit, self.negative.submit):
             submitted(
                 s.search_form_stamped, stamped_form, js=stamp_js(len(stamped_form)), api_visibility="private", **run
