@@ -271,6 +271,9 @@ def test_the_main_flow_by_keyboard_alone(server, browser, request, tmp_path):
     context, tab = tb._tab(browser, server.url, viewport=DESKTOP)
     page = tab.page
     keys = page.keyboard
+    # Playwright intercepts file choosers once a listener exists; subscribing only in expect_file_chooser raced
+    # with the Enter that opened it under load (the browser's own dialog opened, and no event came).
+    page.on("filechooser", lambda _chooser: None)
     try:
         tb._open(page, server.url)
         tabs = _tab_to(page, "#query-file .upload-container")

@@ -19,7 +19,7 @@ The events a script may want have an ``api_name`` and can be driven with ``gradi
     gallery, status, *_ = ui.predict(handle_file("cat.jpg"), "", "", "", [], "", "", 0, False, 20,
                                      api_name="/search")   # photo, words, but-not words, filters, top_k
     ui.predict(image_id, "", [], "", "", 0, False, 20, api_name="/similar")
-    ui.predict(api_name="/stats")                          # "273 photos · model ... · backend pgvector"
+    ui.predict(api_name="/stats")                          # "**273 photos** · search by photo <details>..."
     ui.predict(None, api_name="/libraries")                # every library as Markdown, names, poll
     ui.predict("photos", False, KEY, "", "", api_name="/scan_library")   # library, force, key boxes
 """

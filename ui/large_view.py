@@ -27,7 +27,7 @@ def view_content(service: SearchService, hit: SearchHit) -> tuple[str, str, str]
     shown = original if meta.format.upper() in BROWSER_FORMATS else thumbnail_file(service, hit.id, LARGE_SIZE)
     details = "\n".join(
         [
-            f"### {escape(meta.filename)}",
+            f"## {escape(meta.filename)}",  # h2: under the page's h1 (axe-core's heading-order)
             f"- Score: **{hit.score:.4f}**",
             f"- Format: {meta.format} · {meta.width} × {meta.height} pixels · {file_size(meta.bytes)}",
             f"- Taken: {when(meta.taken_at)}",
