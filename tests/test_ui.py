@@ -165,7 +165,7 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog,
     ]
     assert entries[1]["result"] == "The file is 3.1 MB; the limit is 1 MB (MAX_UPLOAD_MB)."  # MB of 10^6 bytes
     assert entries[4]["result"] and entries[0]["result"] == "added" and len(entries[0]["id"]) == 64
-    assert "**3 photos**" in line and summary == "3 of 5 added or already there; 2 refused."
+    assert line.startswith("3 photos · model ") and summary == "3 of 5 added or already there; 2 refused."
     # One request of the page's upload route may carry MAX_BATCH_MB (all files chosen at once), not more.
     upload = f"{live_ui}/ui/gradio_api/upload"
     two = [("files", (f"{n}.jpg", big.read_bytes())) for n in range(2)]
@@ -197,7 +197,7 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog,
     assert Path(original).read_bytes() == (HOPPER / results[0]["filename"]).read_bytes()
     with pytest.raises(Exception, match="No photo of the collection has this id"):
         ui.predict(image_id="0" * 64, api_name="/open")
-    assert "**3 photos**" in ui.predict(api_name="/stats")
+    assert ui.predict(api_name="/stats").startswith("3 photos · model efficientnet")
 
     # A client may name only files uploaded to this service: not another file of the server (a mounted Gradio app
     # skips that check unless told it has launched).
@@ -344,7 +344,7 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
         ui = Client(f"{url}/ui/", auth=("me", KEY), verbose=False)
         try:
             _, entries, line = ui.predict(photos=[handle_file(str(HOPPER / "pillow_hopper.png"))], api_name="/add")
-            assert entries[0]["ok"] and "**1 photo**" in line
+            assert entries[0]["ok"] and line.startswith("1 photo · ")
         finally:
             ui.close()  # else its heartbeat stream holds the server's shutdown until the next beat
 

@@ -60,7 +60,6 @@ class AboutTab:
 
     def wire(self, collection: gr.Markdown) -> None:
         """``collection``: the header's collection line, refreshed with the tab."""
-        self.refresh.click(self.stats, None, collection, api_name="stats")
         # Read again whenever the tab is opened: photos added or deleted since the page loaded (here, in another
         # tab or by a script) are counted.
         for shown in (self.tab.select, self.refresh.click):

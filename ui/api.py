@@ -15,7 +15,7 @@ each output after its component's label.
 ``/add``               photos, api_key → summary, files, collection
 ``/duplicates``        similarity → groups, status (the last duplicate search's groups)
 ``/find_duplicates``   similarity, api_key → groups, status (compares every photo first)
-``/stats``             → collection (kept by :mod:`ui.about_tab`)
+``/stats``             → collection (in plain text)
 =====================  ================================================================================
 
 ``/libraries`` and ``/scan_library`` are the Libraries tab's own events (:mod:`ui.libraries_tab`).
@@ -32,9 +32,9 @@ import gradio as gr
 from app.errors import ServiceError
 from app.ids import is_valid_image_id
 from app.vectordb.base import SearchHit
-from ui.context import UiContext, as_message, escape, refuse
+from ui.context import UiContext, as_message, escape, read_stats, refuse
 from ui.large_view import view_content
-from ui.query import UiFilters, UiQuery
+from ui.query import UiFilters, UiQuery, photos
 from ui.search import Searches, filters_from, results_data, run_query, status_line
 from ui.search_tab import CONCURRENCY_LIMIT
 
@@ -73,7 +73,7 @@ class ApiEndpoints:
             self.groups = gr.JSON(label="Groups")
             self.triggers = {
                 name: gr.Button(visible=False)
-                for name in ("search", "similar", "open", "add", "duplicates", "find_duplicates")
+                for name in ("search", "similar", "open", "add", "duplicates", "find_duplicates", "stats")
             }
 
     def wire(self) -> None:
@@ -96,6 +96,7 @@ class ApiEndpoints:
             concurrency_limit=1,
             concurrency_id="add",
         )
+        t["stats"].click(self.stats, None, self.collection, api_name="stats", concurrency_limit=None)
         threshold = self.duplicates_tab.threshold
         t["duplicates"].click(self.duplicates, threshold, [self.groups, self.status], api_name="duplicates")
         t["find_duplicates"].click(
@@ -185,7 +186,17 @@ class ApiEndpoints:
         """Add photos (any format) in batches; returns the summary, one entry per file (``file``, ``ok``,
         ``result``, ``id``) and the collection line. ``api_key``: where API_KEY is set (not needed after
         logging in with API_KEY_READS)."""
-        return self.add_tab.add_files(photos, [api_key or ""], request, progress)
+        summary, files, _ = self.add_tab.add_files(photos, [api_key or ""], request, progress)
+        return summary, files, self.stats()
+
+    def stats(self) -> str:
+        """The collection in one line of plain text: ``273 photos · model X (1280 dimensions) · database pgvector``,
+        or why it cannot be read now."""
+        service = self.ctx.get_service()
+        stats = read_stats(service)
+        if isinstance(stats, str):
+            return stats
+        return f"{photos(stats.count)} · model {stats.model} ({stats.dimension} dimensions) · database {stats.backend}"
 
     def duplicates(self, similarity: float | None = None) -> tuple[list[dict[str, Any]], str]:
         """The groups of near-identical photos of the last duplicate search at ``similarity`` or more (each:

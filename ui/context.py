@@ -114,9 +114,18 @@ def read_stats(service: SearchService) -> ServiceStats | str:
 
 
 def collection_line(service: SearchService, stats: ServiceStats | str | None = None) -> str:
-    """``273 photos · model X (1280 dimensions) · backend pgvector``, or why it cannot be read; ``stats``: already
-    read ones (one database count per page load)."""
+    """The header's line, plain words first: ``273 photos · search by photo`` (``by photo or words`` with a CLIP
+    model), the model, its dimensions and the database behind a "Details" disclosure; or why the collection cannot
+    be read. ``stats``: already read ones (one database count per page load)."""
     stats = read_stats(service) if stats is None else stats
     if isinstance(stats, str):
         return stats
-    return f"**{photos(stats.count)}** · model {stats.model} ({stats.dimension} dimensions) · backend {stats.backend}"
+    by = "by photo or words" if service.supports_text else "by photo"
+    technical = (
+        f"model {escape(stats.model)} ({stats.dimension} dimensions) · database {escape(stats.backend)} · "
+        "more under **About**"
+    )
+    return (
+        f"**{photos(stats.count)}** · search {by} "
+        f"<details id='collection-details'><summary>Details</summary>{technical}</details>"
+    )

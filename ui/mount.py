@@ -94,7 +94,8 @@ class LoginGate:
         if scope["type"] in ("http", "websocket"):
             path, root = scope.get("path", ""), scope.get("root_path", "")
             route = path[len(root) :] if root and path.startswith(root) else path
-            if not (route in LOGIN_PAGE_PATHS or route.startswith(LOGIN_PAGE_PREFIXES) or self._logged_in(scope)):
+            logged_in = self._logged_in(scope)
+            if not (route in LOGIN_PAGE_PATHS or route.startswith(LOGIN_PAGE_PREFIXES) or logged_in):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008, "reason": "log in first"})
                     return
@@ -102,7 +103,43 @@ class LoginGate:
 
                 await error_response(401, "Log in first: " + LOGIN_MESSAGE)(scope, receive, send)
                 return
+            if scope["type"] == "http" and route in ("", "/") and not logged_in:
+                send = _titled(send)
         await self.app(scope, receive, send)
+
+
+#: The login page's title: Gradio 6.31 serves its login page without one (its page title comes from the app's
+#: config, which a visitor who has not logged in is not sent), and a page needs one (axe-core's document-title).
+LOGIN_TITLE = b"<title>Log in - Image similarity search</title>"
+
+
+def _titled(send):  # noqa: ANN001, ANN202 - ASGI send
+    """``send`` with :data:`LOGIN_TITLE` put into the HTML page it sends (after ``<head>``; Content-Length fixed)."""
+    held: dict = {}
+    body = bytearray()
+
+    async def titled(message) -> None:  # noqa: ANN001
+        if message["type"] == "http.response.start":
+            held["start"] = message
+            return
+        if message["type"] != "http.response.body" or "start" not in held:
+            await send(message)
+            return
+        body.extend(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        start = held.pop("start")
+        headers = list(start.get("headers", []))
+        is_html = any(k.lower() == b"content-type" and v.startswith(b"text/html") for k, v in headers)
+        data = bytes(body)
+        if is_html and b"<title>" not in data:
+            data = data.replace(b"<head>", b"<head>" + LOGIN_TITLE, 1)
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(data)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    return titled
 
 
 class UiGate:
@@ -252,7 +289,7 @@ def build_and_mount(
     import gradio as gr
 
     from ui.app import build_ui
-    from ui.assets import CSS, PASTE_JS, theme
+    from ui.assets import CSS, PAGE_JS, theme
 
     blocks = build_ui(get_service, settings, access)
     login = (
@@ -271,7 +308,7 @@ def build_and_mount(
         mcp_server=False,
         theme=theme(),
         css=CSS,
-        js=PASTE_JS,
+        js=PAGE_JS,
         **login,
     )
     app.router.lifespan_context = parent_lifespan  # see gradio_lifespan

@@ -21,7 +21,7 @@ from app.errors import ServiceError
 from app.ids import image_id_for
 from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import QueryTerm
-from ui.context import UiContext, as_message, escape, read_upload
+from ui.context import UiContext, as_message, escape, read_stats, read_upload
 from ui.files import preview_file, thumbnail_file
 from ui.query import UiFilters, UiQuery, caption, to_link, with_top_k
 
@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 
 #: Outputs of every search event (see ``SearchTab.outputs`` in ui.search_tab).
 N_OUTPUTS = 8
+#: Where the status line is among them.
+STATUS_OUTPUT = 1
+
+#: What the page says while the collection is empty (at load, and for a search that finds nothing).
+EMPTY_COLLECTION = (
+    "The collection is empty: add photos on the **Add** tab first (or index a folder, **Libraries**), then search here."
+)
+#: What a search says when the photo searched with is in the collection itself.
+OWN_PHOTO = "Your photo is in the collection: it is left out of its own results."
 
 
 @dataclass(slots=True)
@@ -141,6 +150,23 @@ def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset
     return service.search_combined(positive, negative, k, options)
 
 
+def active_filters(filters: UiFilters | None) -> int:
+    """How many filters narrow a search (folder, formats, each date, minimum score): the status line says so."""
+    if filters is None:
+        return 0
+    return sum(
+        bool(x) for x in (filters.folder, filters.formats, filters.taken_after, filters.taken_before, filters.min_score)
+    )
+
+
+def _upload_is_indexed(service: SearchService, query: UiQuery) -> bool:
+    """Whether the photo searched with is stored in the collection (the service leaves it out of its own results)."""
+    if not query.upload:
+        return False
+    data = read_upload(query.upload, service.settings)
+    return bool(service.existing_ids([image_id_for(data)]))
+
+
 class SearchOrder:
     """Which of a browser tab's overlapping searches may write the results.
 
@@ -186,9 +212,10 @@ class Searches:
         self.ctx = ctx
         self.order = SearchOrder()
 
-    def show(self, shown: Shown, errors: list[str], elapsed: float) -> tuple[Any, ...]:
+    def show(self, shown: Shown, errors: list[str], elapsed: float, note: str = "") -> tuple[Any, ...]:
         """The search outputs: gallery, status, "Load more", address, state, large view hidden, and for a stored
-        image's query the emptied photo box and the image's thumbnail as the query."""
+        image's query the emptied photo box and the image's thumbnail as the query. ``note``: a sentence the status
+        line adds (:data:`OWN_PHOTO`)."""
         service = self.ctx.get_service()
         items = gallery(service, shown.hits)
         photo = preview_image = gr.skip()
@@ -198,7 +225,23 @@ class Searches:
                 preview_image = thumbnail_file(service, shown.query.image_id or "")
             except ServiceError:
                 preview_image = None
-        status = status_line(shown.query, shown.hits, errors, elapsed)
+        if errors:
+            status = "✗ " + escape(errors[0])
+        elif shown.query is None:
+            status = ""
+        elif not shown.hits:
+            stats = read_stats(service)
+            if not isinstance(stats, str) and stats.count == 0:
+                status = "No results: " + EMPTY_COLLECTION
+            else:
+                status = "No results: nothing passes the filters." if active_filters(shown.filters) else "No results."
+        else:
+            status = f"{len(shown.hits)} results · {elapsed * 1000:.0f} ms"
+        if shown.query is not None and not errors:
+            if on := active_filters(shown.filters):
+                status += f" · {on} filter{'s' if on > 1 else ''} on (**Filters and options**)"
+            if note:
+                status += " · " + note
         link = to_link(shown.query, shown.filters, self.ctx.default_k) if shown.filters and not errors else ""
         return (
             items,
@@ -222,13 +265,15 @@ class Searches:
         errors: list[str] = []
         shown = Shown(query, filters)
         start = time.perf_counter()
+        note = ""
         if query is not None:
             with as_message(errors):
                 shown.hits = run_query(service, query, filters, 0)
                 shown.more = len(shown.hits) == filters.top_k
+                note = OWN_PHOTO if _upload_is_indexed(service, query) else ""
         if self.order.superseded(request, number):
             return (gr.skip(),) * N_OUTPUTS
-        return self.show(shown, errors, time.perf_counter() - start)
+        return self.show(shown, errors, time.perf_counter() - start, note)
 
     def search_form(
         self,
@@ -275,6 +320,10 @@ class Searches:
         return self.search_form(
             shown, upload, text, negative, folder, formats, after, before, min_score, expand, top_k, request, trigger
         )
+
+    def clear(self) -> tuple[Any, ...]:
+        """The photo box was cleared: no search, no results, no link (the outputs of an empty search)."""
+        return self.show(Shown(), [], 0)
 
     def preview(self, upload: str | None) -> Any:
         """The query photo as a JPEG the server makes (HEIC and TIFF show too); nothing when it cannot decode."""
