@@ -343,7 +343,8 @@ def test_what_a_newcomer_found_confusing_is_answered_on_the_page(server, page_12
     # link's filters are on, so the Filters panel is open and the status line says how many.
     tb._open(page, server.url, f"?id={ids['pillow_hopper.png']}&formats=JPEG,HEIF&top_k=oops")
     status = tb._settled_text(page, "#search-status", r"results")
-    assert status.startswith("⚠ Part of this link could not be used") and "results per page (top_k) must be a whole number" in status
+    assert status.startswith("⚠ Part of this link could not be used")
+    assert "results per page (top_k) must be a whole number" in status
     assert "1 filter on" in status
     assert page.locator(tb.TOAST).count() == 0
     page.wait_for_selector("#filter-formats", state="visible")  # the panel is open
