@@ -7,7 +7,8 @@ Gradio UI on and off (``--ui both``, the default: both variants in one run, sinc
 1. a first start creates the embedded database and the model's ONNX export (not measured: a one-time cost);
 2. a warm start: seconds from process start to the first ``200`` of ``/health`` (``start_to_healthy_s``), and the
    server's RSS 2 s later (``rss_after_start_mb``); with the UI and ``--start-only``, also to the first ``200`` of
-   ``/ui/config`` asked right after (``start_to_ui_s``: the UI is built once the API is healthy);
+   ``/ui/config`` asked right after (``start_to_ui_s``: the UI is built once the API is healthy); with
+   ``--start-only --ui both`` the two variants' warm starts take turns (on, off, on...);
 3. indexes ``caltech101_subset`` and ``instance_small`` through the API with ``scripts/bulk_index.py``
    (``rss_after_index_mb``);
 4. a second pass of the same uploads (every file again to ``POST /index_images``, answered ``exists``, and 200
@@ -130,10 +131,13 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=1, help="warm starts to time; the median is reported")
     args = parser.parse_args()
     variants = ["on", "off"] if args.ui == "both" else [args.ui]
-    results = {}
-    for ui in variants:
-        data_dir = args.data_dir / f"ui-{ui}" if args.data_dir and len(variants) > 1 else args.data_dir
-        results[f"ui_{ui}"] = measure(args, ui == "on", data_dir)
+    data_dirs = {
+        ui: args.data_dir / f"ui-{ui}" if args.data_dir and len(variants) > 1 else args.data_dir for ui in variants
+    }
+    if args.start_only:
+        results = warm_starts(args, {f"ui_{ui}": (ui == "on", data_dirs[ui]) for ui in variants})
+    else:
+        results = {f"ui_{ui}": measure(args, ui == "on", data_dirs[ui]) for ui in variants}
     line = {"bench": "footprint", "embedder": args.embedder}
     if len(variants) == 1:
         line.update(next(iter(results.values())))
@@ -144,8 +148,8 @@ def main() -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, ui: bool, data_dir: Path | None) -> dict:
-    """One variant's figures (see the module docstring)."""
+def server_env(args: argparse.Namespace, ui: bool, data_dir: Path | None) -> dict[str, str]:
+    """The server's environment for one variant: its own data folder (a new temporary one by default)."""
     data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="footprint-"))).resolve()
     env = {
         **os.environ,
@@ -159,32 +163,54 @@ def measure(args: argparse.Namespace, ui: bool, data_dir: Path | None) -> dict:
     }
     env.pop("DATABASE_URL", None)
     env.pop("CACHE_REDIS_URL", None)
+    return env
+
+
+def warm_starts(args: argparse.Namespace, variants: dict[str, tuple[bool, Path | None]]) -> dict[str, dict]:
+    """``--start-only``: each variant's first start (not timed), then ``--starts`` warm starts of each, the variants
+    taking turns (on, off, on, off...) so that a load that changes over the minutes of a run on a shared machine
+    weighs on both alike. Per variant: the median and every figure."""
+    api = f"http://127.0.0.1:{args.port}"
+    envs = {name: server_env(args, ui, data_dir) for name, (ui, data_dir) in variants.items()}
+    for env in envs.values():
+        first, _ = start_server(env, args.port)  # creates the database and the model export
+        stop_server(first)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    ui_times: dict[str, list[float]] = {name: [] for name in variants}
+    rss: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.starts):
+        for name, (ui, _) in variants.items():
+            start = time.monotonic()
+            server, healthy_s = start_server(envs[name], args.port)
+            if ui:  # the page itself: /ui/config answers once the UI is built (a request meanwhile waits for it)
+                assert httpx.get(f"{api}/ui/config", timeout=120).status_code == 200
+                ui_times[name].append(time.monotonic() - start)
+            time.sleep(2)
+            times[name].append(healthy_s)
+            rss[name].append(rss_mb(server.pid))
+            stop_server(server)
+    results = {}
+    for name in variants:
+        figures = {
+            "start_to_healthy_s": round(sorted(times[name])[len(times[name]) // 2], 2),
+            "start_to_healthy_all_s": [round(t, 2) for t in times[name]],
+            "rss_after_start_mb": sorted(rss[name])[len(rss[name]) // 2],
+        }
+        if ui_times[name]:
+            figures["start_to_ui_s"] = round(sorted(ui_times[name])[len(ui_times[name]) // 2], 2)
+            figures["start_to_ui_all_s"] = [round(t, 2) for t in ui_times[name]]
+        results[name] = figures
+    return results
+
+
+def measure(args: argparse.Namespace, ui: bool, data_dir: Path | None) -> dict:
+    """One variant's figures with indexing (see the module docstring)."""
+    env = server_env(args, ui, data_dir)
+    data_dir = Path(env["DATA_DIR"])
     api = f"http://127.0.0.1:{args.port}"
 
     first, first_s = start_server(env, args.port)  # creates the database and the model export
     stop_server(first)
-
-    if args.start_only:
-        times, ui_times, rss = [], [], []
-        for _ in range(args.starts):
-            start = time.monotonic()
-            server, healthy_s = start_server(env, args.port)
-            if ui:  # the page itself: /ui/config answers once the UI is built (a request meanwhile waits for it)
-                assert httpx.get(f"{api}/ui/config", timeout=120).status_code == 200
-                ui_times.append(time.monotonic() - start)
-            time.sleep(2)
-            times.append(healthy_s)
-            rss.append(rss_mb(server.pid))
-            stop_server(server)
-        figures = {
-            "start_to_healthy_s": round(sorted(times)[len(times) // 2], 2),
-            "start_to_healthy_all_s": [round(t, 2) for t in times],
-            "rss_after_start_mb": sorted(rss)[len(rss) // 2],
-        }
-        if ui_times:
-            figures["start_to_ui_s"] = round(sorted(ui_times)[len(ui_times) // 2], 2)
-            figures["start_to_ui_all_s"] = [round(t, 2) for t in ui_times]
-        return figures
 
     server, healthy_s = start_server(env, args.port)
     try:
