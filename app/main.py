@@ -59,8 +59,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         ui = None
         try:
             if ui_gate is not None:
-                # Gradio is imported and the UI built once the API serves (/health answers meanwhile); requests to
-                # /ui wait for it in the gate.
+                # Gradio is imported and the UI built once the API has answered its first request (/health,
+                # typically), a request to /ui came or a second passed (ui.mount); requests to /ui wait in the gate.
                 from ui.mount import UiStarter
 
                 ui = UiStarter(app, ui_gate, settings, app.state.access, lambda: app.state.service)
@@ -89,6 +89,10 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     install_limits(app, settings)
     install_rate_limit(app, settings)  # inside the security checks: refused hosts and origins are not counted
     install_security(app, settings)  # after install_limits: its 413s get CORS and nosniff headers
+    if ui_gate is not None:
+        from ui.mount import FirstAnswer
+
+        app.add_middleware(FirstAnswer, gate=ui_gate)  # the UI is built once the API has answered (ui.mount)
     install_metrics(app, settings)  # last: outermost, so it times and counts every answer
     app.include_router(router)
     app.include_router(jobs_router)  # POST /jobs/neighbours, GET /jobs/{id}, GET /duplicates

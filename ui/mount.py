@@ -2,11 +2,13 @@
 
 Importing Gradio and building the page takes about as long as loading the model and opening the database on a
 2-core machine (2-4 s, most of it Gradio's own imports: its components, pandas), and nothing in the REST API needs
-it. So the lifespan opens the service first (``/health`` answers then), and only then imports and builds the UI on
-a worker thread (:class:`UiStarter`). Meanwhile :class:`UiGate`, mounted at ``/ui`` when the app is created, holds
-each request until the UI is built and then hands it on; it answers ``503`` with ``Retry-After`` only when the
-build takes over :data:`UI_WAIT_S` or failed. So ``/ui/`` never answers 404 or 500 while the UI is being built.
-``UI_ENABLED=false`` never imports Gradio.
+it. So the lifespan opens the service first, and only then imports and builds the UI on a worker thread
+(:class:`UiStarter`), once the API has answered its first request (``/health``, typically: :class:`FirstAnswer`),
+a request to ``/ui`` came, or :data:`UI_BUILD_AFTER_S` passed, whichever is first: an import running beside the
+first ``/health`` delayed it by about 0.1 s (the import holds the GIL; docs/benchmarks.md). Meanwhile
+:class:`UiGate`, mounted at ``/ui`` when the app is created, holds each request until the UI is built and then hands
+it on; it answers ``503`` with ``Retry-After`` only when the build takes over :data:`UI_WAIT_S` or failed. So
+``/ui/`` never answers 404 or 500 while the UI is being built. ``UI_ENABLED=false`` never imports Gradio.
 
 Each instance keeps the files Gradio handles (uploads, and the thumbnails, previews and originals of
 :mod:`ui.files`) in a folder of its own, ``<DATA_DIR>/ui-files`` (:func:`ui_files_folder`), and Gradio serves and
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.routing import Mount
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.site import UI_PATH
 
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 UI_WAIT_S = 30.0
 #: What a 503 of :class:`UiGate` asks the client to wait before trying again, seconds.
 UI_RETRY_AFTER_S = 2
+#: The latest the UI's build starts after the service is open, seconds, when neither the API's first answer nor a
+#: request to ``/ui`` started it earlier (a service nobody asks anything yet still has its page ready soon).
+UI_BUILD_AFTER_S = 1.0
 #: Files of the UI's folder older than this are deleted at start-up (Gradio's delete_cache removes only the files
 #: the running process made): an hour, as delete_cache's age in :func:`ui.app.build_ui`.
 STALE_UI_FILE_S = 3600
@@ -154,6 +159,8 @@ class UiGate:
         self.app: ASGIApp | None = None
         self.failed: str | None = None
         self._ready = threading.Event()
+        #: Set once the UI should be built now: a request came to /ui, or the API answered (:class:`FirstAnswer`).
+        self.wanted = threading.Event()
 
     def ready(self, app: ASGIApp) -> None:
         """The UI is built: every request from now on goes to ``app``."""
@@ -168,6 +175,7 @@ class UiGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             return  # a mounted app gets no lifespan of its own; UiStarter runs Gradio's
+        self.wanted.set()
         if self.app is None and self.failed is None:
             deadline = time.monotonic() + UI_WAIT_S
             while not self._ready.is_set() and time.monotonic() < deadline:
@@ -188,9 +196,36 @@ class UiGate:
         await error_response(503, detail, headers={"Retry-After": str(UI_RETRY_AFTER_S)})(scope, receive, send)
 
 
+class FirstAnswer:
+    """ASGI middleware (with the UI only): once the app has sent its first whole HTTP answer, the UI may be built
+    (:attr:`UiGate.wanted`); from then on it only hands requests on (one check of an event per request).
+
+    Args:
+        app: the application inside.
+        gate: the gate whose UI waits for the API's first answer.
+    """
+
+    def __init__(self, app: ASGIApp, gate: UiGate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.gate.wanted.is_set():
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.gate.wanted.set()
+
+        await self.app(scope, receive, sending)
+
+
 class UiStarter:
     """Imports Gradio, builds the UI and runs Gradio's start-up and shutdown, in the background of the lifespan, once
-    the service is open: :meth:`start` returns at once, :meth:`stop` ends it (waiting for a build still running)."""
+    the service is open and the gate wants it (:attr:`UiGate.wanted`, or :data:`UI_BUILD_AFTER_S` later):
+    :meth:`start` returns at once, :meth:`stop` ends it (waiting for a build still running)."""
 
     def __init__(
         self,
@@ -212,6 +247,14 @@ class UiStarter:
     async def _run(self) -> None:
         from starlette.concurrency import run_in_threadpool
 
+        # Polled, not awaited: the gate's event is set from any thread and outlives this event loop (a test's
+        # app may be served by one loop after another).
+        deadline = time.monotonic() + UI_BUILD_AFTER_S
+        while not self._gate.wanted.is_set() and time.monotonic() < deadline:
+            if self._stop.is_set():
+                self._gate.fail("the service is stopping")
+                return
+            await asyncio.sleep(0.02)
         try:
             gradio_app = await run_in_threadpool(build_and_mount, *self._args)
         except Exception as exc:  # the API goes on without its UI, which says why
