@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -445,6 +446,30 @@ def test_filters_narrow_the_results(server, page):
     page.locator("#filter-formats label", has_text="PNG").click()
     _wait_results(page, count=7)
 
+    # At least 2000 pixels wide (a number typed, then Enter): the kite (2560 x 1600) and the desk photo (3024 x
+    # 4032 upright); then added until yesterday as well: nothing, and the status line counts both filters.
+    _type_and_enter(page, "#filter-min-width", "2000")
+    assert set(_names(_wait_results(page, count=2))) == {"Kite_2560x1600.jpg", "exif-rotn-6.jpg"}
+    assert "· 1 filter on" in _settled_text(page, "#search-status", r"2 results")
+    page.wait_for_function("() => location.search.includes('min_width=2000')")
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+    _type_and_enter(page, "#filter-added-before", yesterday)
+    status = _settled_text(page, "#search-status", r"No results")
+    assert status.startswith("No results: nothing passes the filters.") and "· 2 filters on" in status, status
+    page.wait_for_function("d => location.search.includes('indexed_before=' + d)", arg=yesterday)
+    # Added from today instead (days in UTC): both again; the link opens the same search with its filters shown.
+    _type_and_enter(page, "#filter-added-before", "")
+    _type_and_enter(page, "#filter-added-after", datetime.now(UTC).date().isoformat())
+    _wait_results(page, count=2)
+    page.wait_for_function("() => location.search.includes('indexed_after=') && !location.search.includes('_before')")
+    page.reload()
+    assert set(_names(_wait_results(page, count=2))) == {"Kite_2560x1600.jpg", "exif-rotn-6.jpg"}
+    assert "· 2 filters on" in _settled_text(page, "#search-status", r"2 results")
+    assert page.input_value("#filter-min-width input") == "2000"  # the panel is open, showing the link's filters
+    for box in ("#filter-min-width", "#filter-added-after"):
+        _type_and_enter(page, box, "")
+    _wait_results(page, count=7)
+
     # Taken in 2017 (EXIF DateTimeOriginal): only the desk photo; "until" includes its whole last day.
     _type_and_enter(page, "#filter-taken-after", "2017-11-07")
     _type_and_enter(page, "#filter-taken-before", "2017-11-07")
@@ -835,8 +860,12 @@ def test_load_more_right_after_a_new_page_size(server, page):
 
 def test_a_file_over_the_limit_is_refused_alone_on_a_phone(pg_server, offline_embedder, tmp_path, browser, request):
     """MAX_UPLOAD_MB=1: in one Add, the 3.1 MB photo gets its own row with the reason, the others are added; the
-    table's reasons fit a phone's width; a search with it says why in the status line, in MB as the setting."""
-    settings = make_settings(tmp_path / "data", create_database(pg_server), ui_enabled=True, max_upload_mb=1)
+    table's reasons fit a phone's width; a search with it says why in the status line, in MB as the setting.
+    MAX_BATCH_MB=5: a choice of two such photos (6.4 MB) is stopped before it is sent, with a sentence that names the
+    limit and what to do (not Gradio's "HTTP 413: {...}" toast)."""
+    settings = make_settings(
+        tmp_path / "data", create_database(pg_server), ui_enabled=True, max_upload_mb=1, max_batch_mb=5
+    )
     with run_live_server(create_app(settings, embedder=offline_embedder), PORTS) as url:
         context, tab = _tab(browser, url, viewport={"width": 390, "height": 844}, device_scale_factor=3, is_mobile=True)
         page = tab.page
@@ -844,9 +873,23 @@ def test_a_file_over_the_limit_is_refused_alone_on_a_phone(pg_server, offline_em
             _open(page, url)
             page.get_by_role("tab", name="Add").click()
             big = DESK / "exif-rotn-8.jpg"
+            uploads = []
+            page.on("request", lambda r: uploads.append(r.url) if "/gradio_api/upload" in r.url else None)
+            too_much = [big, DESK / "exif-rotn-1.jpg"]
+            page.set_input_files("#add-files input[type=file]", [str(p) for p in too_much])
+            note = page.wait_for_selector("#add-too-large", state="visible").inner_text()
+            mb = sum(p.stat().st_size for p in too_much) / 1e6
+            assert note == (
+                f"The 2 files chosen are {mb:.1f} MB together; one Add takes at most 5 MB (MAX_BATCH_MB). "
+                "Choose fewer files, and add the others in another go."
+            ), note
+            scroll, client = page.eval_on_selector("#add-too-large", _WIDTHS_JS)
+            assert scroll <= client, (scroll, client)
+            assert not uploads and page.locator(TOAST).count() == 0  # nothing sent, no "HTTP 413" toast
             chosen = [HOPPER / "pillow_hopper.png", big, HOPPER / "pillow_hopper.webp"]
             page.set_input_files("#add-files input[type=file]", [str(p) for p in chosen])
             _wait_chosen(page, "#add-files", [p.stem for p in chosen])
+            assert page.locator("#add-too-large").count() == 0  # a choice within the limit: the sentence went
             page.click("#add-button")
             assert _settled_text(page, "#add-summary", r"refused") == "2 of 3 added or already there; 1 refused."
             table = _settled_text(page, "#add-results", r"pillow_hopper\.webp")

@@ -2,12 +2,12 @@
 keyboard alone, and what a newcomer found confusing, in Chromium (the fixtures and waits of tests/test_browser.py).
 
 axe-core is injected from the copy the PyPI package ``axe-playwright-python`` ships (``axe.min.js``; the page's
-network stays blocked for anything but the service). The test sweeps the states (cold page, results, large view,
-Add with results and refusals, Duplicates, About, the login page and the empty collection behind it) and prints one
-JSON line (``A11Y_AXE {...}``: violating nodes per impact, state and width; recorded in docs/benchmarks.md), then
-asserts no critical and no serious violation anywhere. The keyboard test drives the whole main flow with
-``page.keyboard`` only and prints the Tab presses from page load to the first result's large view
-(``A11Y_TABS {...}``).
+network stays blocked for anything but the service). The test sweeps the states (cold page, results, the Filters
+panel open with a filter on, large view, Add with results and refusals, Duplicates, About, the login page and the
+empty collection behind it) and prints one JSON line (``A11Y_AXE {...}``: violating nodes per impact, state and
+width; recorded in docs/benchmarks.md), then asserts no critical and no serious violation anywhere. The keyboard
+test drives the whole main flow with ``page.keyboard`` only and prints the Tab presses from page load to the first
+result's large view (``A11Y_TABS {...}``).
 """
 
 from __future__ import annotations
@@ -166,6 +166,13 @@ def test_axe_finds_nothing_serious_in_any_state(server, locked_server, browser, 
         tb._choose(page, tb.HOPPER / "pillow_hopper.jpg")
         tb._wait_results(page, count=8)
         sweep.check(page, "results")
+        # The Filters panel open, with a filter on (every photo is at least 100 pixels wide: the same results).
+        page.click("#filters >> text=Filters and options")
+        tb._type_and_enter(page, "#filter-min-width", "100")
+        tb._settled_text(page, "#search-status", r"1 filter on")
+        tb._wait_results(page, count=8)
+        sweep.check(page, "filters")
+        # The focus is still in the box: the click below leaves it (a rerun) and must still open the large view.
         page.locator("#results .thumbnail-item").first.click()
         tb._settled_text(page, "#view-details", tb.DETAILS)
         page.wait_for_function(

@@ -54,7 +54,10 @@ def test_libraries_tab_shows_counts_and_scans_now(pg_server, offline_embedder, t
             assert libraries.status("photos").state == "idle"
             tb._close_toasts(page)
 
-            page.locator("#key-lib").get_by_label("API key").fill(tb.KEY)
+            # The key typed into another tab's key box counts (the Add tab's).
+            page.get_by_role("tab", name="Add").click()
+            page.locator("#key-add").get_by_label("API key").fill(tb.KEY)
+            page.get_by_role("tab", name="Libraries").click()
             scan.click()
             assert tb._settled_text(page, "#library-message", r"started") == "Scan of photos started."
             assert "⏳ Scanning" in tb._settled_text(page, "#libraries-list", r"Scanning")

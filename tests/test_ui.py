@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -116,7 +117,9 @@ def live_ui(tmp_path, database_url, offline_embedder):
         max_upload_mb=1,
         max_batch_mb=5,
     )
-    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+    # A closed gradio_client's heartbeat stream stays open until its next beat (up to 15 s): the server stops
+    # without waiting for it.
+    with run_live_server(create_app(settings, embedder=offline_embedder), timeout_graceful_shutdown=2) as url:
         yield url
 
 
@@ -131,10 +134,11 @@ def _gradio_call(url: str, api_name: str, data: list) -> str:
         return "".join(stream.iter_text())
 
 
-def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog, capfd):
+def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog, capfd, request):
     from gradio_client import Client, handle_file
 
     ui = Client(f"{live_ui}/ui/", verbose=False)
+    request.addfinalizer(ui.close)  # before the server stops: its heartbeat stream held the shutdown 30 s
     names = ["pillow_hopper.png", "pillow_hopper.webp", "pillow_hopper_orientation_6.jpg"]
     files = [handle_file(str(HOPPER / n)) for n in names]
     # Adding needs the key (API_KEY is set): refused without it, nothing stored. An expected mistake (also adding
@@ -185,6 +189,26 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog,
     # A filter narrows it like the REST API's.
     webp, _ = ui.predict(photo=handle_file(str(HOPPER / "pillow_hopper.jpg")), formats=["WEBP"], api_name="/search")
     assert [r["filename"] for r in webp] == ["pillow_hopper.webp"]
+    # The minimum size and the added dates as well (the REST API's min_width/min_height, indexed_after/_before;
+    # days in UTC, "until" including its day): the three photos are 128 x 128 pixels, added today.
+    today = datetime.now(UTC).date()
+    sized, _ = ui.predict(
+        photo=handle_file(str(HOPPER / "pillow_hopper.jpg")),
+        min_width=128,
+        min_height=128,
+        added_from=today.isoformat(),
+        added_until=today.isoformat(),
+        api_name="/search",
+    )
+    with (HOPPER / "pillow_hopper.jpg").open("rb") as f:
+        since = {"min_width": 128, "min_height": 128, "indexed_after": f"{today}T00:00:00Z"}
+        rest = httpx.post(f"{live_ui}/search_image", files={"file": f}, data={"top_k": 20, **since}).json()
+    assert [r["id"] for r in sized] == [r["id"] for r in rest["results"]] and len(sized) == 3
+    for narrower in ({"min_height": 129}, {"added_until": (today - timedelta(days=1)).isoformat()}):
+        nothing, status = ui.predict(image_id=sized[0]["id"], **narrower, api_name="/similar")
+        assert nothing == [] and status.startswith("No results"), (narrower, status)
+    _, status = ui.predict(image_id=sized[0]["id"], min_width=-1, api_name="/similar")
+    assert status == "✗ Minimum width must be a whole number of pixels from 0 to 1,000,000, got -1.", status
     # A file the decoder refuses, and one over MAX_UPLOAD_MB, are reported in the status, in the setting's units.
     for photo, why in ((corrupt, "✗"), (big, "✗ The upload is 3.1 MB; the limit is 1 MB (MAX_UPLOAD_MB).")):
         nothing, status = ui.predict(photo=handle_file(str(photo)), api_name="/search")
@@ -203,7 +227,7 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog,
     # skips that check unless told it has launched).
     elsewhere = str(HOPPER / "pillow_hopper.jpg")
     named = {"path": elsewhere, "meta": {"_type": "gradio.FileData"}}
-    answer = _gradio_call(live_ui, "search", [named, "", "", "", [], "", "", 0, False, 5])
+    answer = _gradio_call(live_ui, "search", [named, "", "", "", [], "", "", "", "", None, None, 0, False, 5])
     assert "event: error" in answer and "not uploaded by a user" in answer, answer
     answer = _gradio_call(live_ui, "add", [[named], KEY])
     assert "event: error" in answer and httpx.get(f"{live_ui}/stats").json()["count"] == 3, answer
@@ -215,9 +239,19 @@ def test_the_gradio_api_examples_of_the_docs_run(live_ui, tmp_path, monkeypatch)
     text = (PROJECT_ROOT / "docs" / "web-ui.md").read_text()
     section = text.split("## Gradio API", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) >= 8, blocks
+    assert len(blocks) >= 9, blocks
     shutil.copyfile(HOPPER / "pillow_hopper.jpg", tmp_path / "cat.jpg")
     shutil.copyfile(HOPPER / "pillow_hopper.heif", tmp_path / "IMG_0001.HEIC")
+    # The library the examples scan: an empty folder, so that its scans add nothing to the other examples' photos.
+    (tmp_path / "photos").mkdir()
+    r = httpx.post(
+        f"{live_ui}/libraries", json={"name": "photos", "roots": [str(tmp_path / "photos")]}, headers={"X-API-Key": KEY}
+    )
+    assert r.status_code == 201, r.text
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{live_ui}/libraries/photos").json()["state"] != "idle":  # its first scan
+        assert time.monotonic() < deadline, "the library's first scan did not end"
+        time.sleep(0.1)
     monkeypatch.chdir(tmp_path)
     names: dict = {"URL": live_ui, "KEY": KEY}
     for block in blocks:
@@ -231,6 +265,9 @@ def test_the_gradio_api_examples_of_the_docs_run(live_ui, tmp_path, monkeypatch)
         )
         assert set(names["groups"][0]["filenames"]) == {"cat.jpg", "IMG_0001.HEIC"}
         assert "groups at similarity" in names["status"]
+        assert names["large"] == []  # no photo 1920 pixels wide
+        assert names["names"] == ["photos"] and names["scanning"] is False and "#### photos" in names["libraries"]
+        assert names["message"] == "Scan of **photos** started."
     finally:
         names["ui"].close()
 
@@ -240,17 +277,18 @@ def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offl
 
     settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY)
     app = create_app(settings, embedder=offline_embedder)
-    with run_live_server(app) as url:
+    with run_live_server(app, timeout_graceful_shutdown=2) as url:  # see live_ui
         ui = Client(f"{url}/ui/", verbose=False)
         try:
-            text, *_ = ui.predict(None, api_name="/libraries")
+            text, names, scanning = ui.predict(api_name="/libraries")
             assert "No photo library yet" in text and "image-search-library add NAME FOLDER" in text
+            assert names == [] and scanning is False
             folder = caltech_folder(tmp_path / "photos")
             libraries = app.state.service.libraries
             libraries.create("photos", [str(folder)])
             assert libraries.wait("photos", 300)
-            text, chosen, _ = ui.predict(None, api_name="/libraries")
-            assert chosen["value"] == "photos" and chosen["choices"] == [["photos", "photos"]]  # chosen for "Scan now"
+            text, names, scanning = ui.predict(api_name="/libraries")
+            assert names == ["photos"] and scanning is False
             assert "#### photos" in text and "✓ **Idle**" in text
             assert "**6 online** · **0 offline** · 0 failed · 6 distinct photos" in text
             assert "6 files found; 6 new, 6 indexed (model calls)" in text
@@ -258,20 +296,20 @@ def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offl
             (folder / "Faces.jpg").unlink()
             gate = gate_scans(monkeypatch)
             # A scan is a write: refused without the key, with a wrong one, and for a library that does not exist.
-            for key in ("", "wrong"):
+            for key in (None, "wrong"):
                 with pytest.raises(Exception, match="Scanning a library needs the service's API key"):
-                    ui.predict("photos", False, key, "", "", api_name="/scan_library")
+                    ui.predict(library="photos", api_key=key, api_name="/scan_library")
             assert libraries.status("photos").state == "idle"
             with pytest.raises(Exception, match="No library called 'nope'"):
-                ui.predict("nope", False, KEY, "", "", api_name="/scan_library")
-            # The key typed into another tab's key box counts.
-            message, text, _ = ui.predict("photos", False, "", KEY, "", api_name="/scan_library")
+                ui.predict(library="nope", api_key=KEY, api_name="/scan_library")
+            message, text = ui.predict(library="photos", api_key=KEY, api_name="/scan_library")
             assert message == "Scan of **photos** started." and "⏳ **Scanning**" in text
-            message, *_ = ui.predict("photos", False, KEY, "", "", api_name="/scan_library")
+            assert ui.predict(api_name="/libraries")[2] is True  # a scan runs
+            message, _ = ui.predict(library="photos", force=True, api_key=KEY, api_name="/scan_library")
             assert message.startswith("A scan of **photos** is already running")
             gate.set()
             assert libraries.wait("photos", 300)
-            text, *_ = ui.predict("photos", api_name="/libraries")
+            text, *_ = ui.predict(api_name="/libraries")
             assert "**5 online** · **1 offline**" in text and "5 unchanged, 1 newly offline" in text
             offline = "**1 file offline**: missing since a scan. It is hidden from search results and kept for 30 days"
             assert offline in text
@@ -281,7 +319,7 @@ def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offl
 
 def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, database_url, offline_embedder):
     settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY, api_key_reads=True)
-    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
+    with run_live_server(create_app(settings, embedder=offline_embedder), timeout_graceful_shutdown=2) as url:
         anonymous = httpx.Client(base_url=url, timeout=10)
         # The page shell and its scripts hold no data; they load, and show Gradio's login form.
         assert anonymous.get("/ui/").status_code == 200
@@ -473,7 +511,7 @@ def test_two_instances_on_one_host_keep_their_ui_files_apart(tmp_path, pg_server
             # Not through B's file route (a 403 of Gradio's own), nor named in a call to B.
             assert httpx.get(f"{b_url}/ui/gradio_api/file={path}").status_code == 403, path
         named = {"path": str(made[0]), "meta": {"_type": "gradio.FileData"}}
-        answer = _gradio_call(b_url, "search", [named, "", "", "", [], "", "", 0, False, 5])
+        answer = _gradio_call(b_url, "search", [named, "", "", "", [], "", "", "", "", None, None, 0, False, 5])
         assert "event: error" in answer and "not uploaded by a user" in answer, answer
         # And A serves its own only after the login.
         assert httpx.get(f"{a_url}/ui/gradio_api/file={made[0]}").status_code == 401

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from app.vectordb.base import ImageMetadata, SearchHit
+from app.vectordb.base import ImageMetadata, SearchFilter, SearchHit
 from ui.query import UiFilters, UiQuery, caption, file_size, from_link, photos, to_link, when
 
 ID = "a" * 64
@@ -28,11 +28,22 @@ def test_form_decides_the_kind_of_query():
 
 def test_link_round_trip():
     filters = UiFilters(
-        top_k=7, folder="trips/2024", formats=("JPEG", "PNG"), taken_after="2024-01-01", min_score=0.5, expand=True
+        top_k=7,
+        folder="trips/2024",
+        formats=("JPEG", "PNG"),
+        taken_after="2024-01-01",
+        min_score=0.5,
+        expand=True,
+        indexed_after="2026-12-01",
+        indexed_before="2026-12-07",
+        min_width=800,
+        min_height=600,
     )
     query = UiQuery("id", image_id=ID)
     link = to_link(query, filters, default_top_k=20)
     assert link.startswith(f"?id={ID}&top_k=7&folder=trips%2F2024&formats=JPEG%2CPNG")
+    # The REST API's names for the added dates and the minimum size.
+    assert "&indexed_after=2026-12-01&indexed_before=2026-12-07&min_width=800&min_height=600&" in link
     params = dict(pair.split("=", 1) for pair in link[1:].split("&"))
     from urllib.parse import unquote_plus
 
@@ -54,6 +65,10 @@ def test_a_hand_edited_link_still_opens():
     assert len(link.problems) == 3  # the id, the score and the date each say what was wrong
     assert "minimum score" in link.problems[0] and "taken until date" in link.problems[1]
     assert "results per page" in from_link({"top_k": "ten"}, 20, 100).problems[0]
+    sizes = from_link({"min_width": "wide", "min_height": "-4", "indexed_after": "monday"}, 20, 100)
+    assert sizes.filters == UiFilters(top_k=20) and len(sizes.problems) == 3
+    assert "added from date (indexed_after)" in sizes.problems[0] and "minimum width (min_width)" in sizes.problems[1]
+    assert from_link({"min_width": "0"}, 20, 100).filters.min_width is None  # 0 pixels: no minimum
     assert from_link({"text": "dog", "not": "cat"}, 20, 100).query == UiQuery("combined", text="dog", negative="cat")
 
 
@@ -70,6 +85,25 @@ def test_filters_become_the_services_options():
         UiFilters(top_k=5, taken_after="2024-08-01", taken_before="2024-07-01").options()
     with pytest.raises(ValueError, match="^Taken until must be a date"):
         UiFilters(top_k=5, taken_before="soon").options()
+
+
+def test_added_dates_and_minimum_sizes_are_the_rest_apis_filters():
+    # The same SearchFilter the REST API builds from indexed_after=2026-12-01&indexed_before=2026-12-08
+    # &min_width=800&min_height=600: "until" a day is before the next day's midnight, UTC.
+    options = UiFilters(
+        top_k=5, indexed_after="2026-12-01", indexed_before="2026-12-07", min_width=800, min_height=600
+    ).options()
+    assert options.filters == SearchFilter.create(
+        indexed_after=datetime(2026, 12, 1, tzinfo=UTC),
+        indexed_before=datetime(2026, 12, 8, tzinfo=UTC),
+        min_width=800,
+        min_height=600,
+    )
+    with pytest.raises(ValueError, match=r"^Added from \(2026-12-08\) must be on or before Added until"):
+        UiFilters(top_k=5, indexed_after="2026-12-08", indexed_before="2026-12-07").options()
+    for bad in (-1, 2.5, 1_000_001):
+        with pytest.raises(ValueError, match=r"^Minimum height must be a whole number of pixels from 0 to 1,000,000"):
+            UiFilters(top_k=5, min_height=bad).options()
 
 
 def test_words_for_people():

@@ -16,9 +16,9 @@ each output after its component's label.
 ``/duplicates``        similarity → groups, status (the last duplicate search's groups)
 ``/find_duplicates``   similarity, api_key → groups, status (compares every photo first)
 ``/stats``             → collection (in plain text)
+``/libraries``         → libraries (Markdown, as the Libraries tab shows them), names, scanning
+``/scan_library``      library, force, api_key → message, libraries
 =====================  ================================================================================
-
-``/libraries`` and ``/scan_library`` are the Libraries tab's own events (:mod:`ui.libraries_tab`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ui.search_tab import CONCURRENCY_LIMIT
 if TYPE_CHECKING:
     from ui.add_tab import AddTab
     from ui.duplicates_tab import DuplicatesTab
+    from ui.libraries_tab import LibrariesTab
     from ui.search_tab import SearchTab
 
 
@@ -49,13 +50,20 @@ class ApiEndpoints:
     threshold slider of the page serve as their inputs (an API call does not touch any browser's page)."""
 
     def __init__(
-        self, ctx: UiContext, searches: Searches, search: SearchTab, add: AddTab, duplicates: DuplicatesTab
+        self,
+        ctx: UiContext,
+        searches: Searches,
+        search: SearchTab,
+        add: AddTab,
+        duplicates: DuplicatesTab,
+        libraries: LibrariesTab,
     ) -> None:
         self.ctx = ctx
         self.searches = searches
         self.search_tab = search
         self.add_tab = add
         self.duplicates_tab = duplicates
+        self.libraries_tab = libraries
 
     def layout(self) -> None:
         """The endpoints' inputs, outputs and triggers, in a column that is never shown."""
@@ -71,10 +79,14 @@ class ApiEndpoints:
             self.files = gr.JSON(label="Files")
             self.collection = gr.Textbox(label="Collection")
             self.groups = gr.JSON(label="Groups")
-            self.triggers = {
-                name: gr.Button(visible=False)
-                for name in ("search", "similar", "open", "add", "duplicates", "find_duplicates", "stats")
-            }
+            self.library = gr.Textbox(label="Library")
+            self.force = gr.Checkbox(label="Force")
+            self.message = gr.Markdown(label="Message")
+            self.libraries = gr.Markdown(label="Libraries")
+            self.names = gr.JSON(label="Names")
+            self.scanning = gr.Checkbox(label="Scanning")
+            names = ("search", "similar", "open", "add", "duplicates", "find_duplicates", "stats", "libraries", "scan")
+            self.triggers = {name: gr.Button(visible=False) for name in names}
 
     def wire(self) -> None:
         """One event per endpoint, on its hidden trigger."""
@@ -107,6 +119,17 @@ class ApiEndpoints:
             concurrency_limit=1,
             concurrency_id="find_duplicates",
         )
+        t["libraries"].click(
+            self.list_libraries, None, [self.libraries, self.names, self.scanning], api_name="libraries"
+        )
+        t["scan"].click(
+            self.scan_library,
+            [self.library, self.force, self.api_key],
+            [self.message, self.libraries],
+            api_name="scan_library",
+            concurrency_limit=1,
+            concurrency_id="scan_library",
+        )
 
     # --- the endpoints: their parameter names are what view_api() shows -------------------------------------------
     def search(
@@ -118,13 +141,18 @@ class ApiEndpoints:
         formats: list[str] | None = None,
         taken_from: str | None = None,
         taken_until: str | None = None,
+        added_from: str | None = None,
+        added_until: str | None = None,
+        min_width: float | None = None,
+        min_height: float | None = None,
         min_score: float | None = None,
         expansion: bool | None = None,
         results_per_page: float | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
         """Search by a photo (any format), by words (CLIP models), or both, minus "but not" words; filters and page
-        size as the page's. Returns the results (``id``, ``score``, ``filename``... best first) and the status."""
-        filters = self._filters(folder, formats, taken_from, taken_until, min_score, expansion, results_per_page)
+        size as the page's (dates ``YYYY-MM-DD``, days in UTC, "until" including its day; sizes in pixels). Returns
+        the results (``id``, ``score``, ``filename``... best first) and the status."""
+        filters = self._filters(locals())
         query = UiQuery.from_form(photo, words, but_not)
         if query is None:
             return [], "✗ Give a photo or words to search for."
@@ -137,22 +165,37 @@ class ApiEndpoints:
         formats: list[str] | None = None,
         taken_from: str | None = None,
         taken_until: str | None = None,
+        added_from: str | None = None,
+        added_until: str | None = None,
+        min_width: float | None = None,
+        min_height: float | None = None,
         min_score: float | None = None,
         expansion: bool | None = None,
         results_per_page: float | None = None,
     ) -> tuple[list[dict[str, Any]], str]:
         """More like this: the neighbours of a stored photo (``image_id``, from a result), itself left out."""
-        filters = self._filters(folder, formats, taken_from, taken_until, min_score, expansion, results_per_page)
+        filters = self._filters(locals())
         image_id = (image_id or "").strip()
         if not is_valid_image_id(image_id):
             return [], "✗ The image id must be 64 hexadecimal characters, as a result's id is."
         return self._run(UiQuery("id", image_id=image_id), filters)
 
-    def _filters(self, folder, formats, taken_from, taken_until, min_score, expansion, results_per_page) -> UiFilters:
-        # A parameter left out (None) is the page's default: no filter, 20 results per page.
-        top_k = results_per_page if results_per_page is not None else self.ctx.default_k
+    def _filters(self, given: dict[str, Any]) -> UiFilters:
+        """The filters of an endpoint's parameters (its ``locals()``, by name); a parameter left out (``None``) is
+        the page's default: no filter, 20 results per page."""
+        top_k = given["results_per_page"]
         return filters_from(
-            folder or "", formats, taken_from or "", taken_until or "", min_score or 0, bool(expansion), top_k
+            given["folder"],
+            given["formats"],
+            given["taken_from"],
+            given["taken_until"],
+            given["added_from"],
+            given["added_until"],
+            given["min_width"],
+            given["min_height"],
+            given["min_score"],
+            given["expansion"],
+            top_k if top_k is not None else self.ctx.default_k,
         )
 
     def _run(self, query: UiQuery, filters: UiFilters) -> tuple[list[dict[str, Any]], str]:
@@ -215,3 +258,17 @@ class ApiEndpoints:
 
     def _similarity(self, similarity: float | None) -> float:
         return self.ctx.settings.duplicate_threshold if similarity is None else float(similarity)
+
+    def list_libraries(self) -> tuple[str, list[str], bool]:
+        """Every photo library as the Libraries tab shows it (Markdown: folders, state, counts, last scan, offline
+        photos), their names, and whether a scan runs or waits (in any process or replica)."""
+        return self.libraries_tab.listing()
+
+    def scan_library(
+        self, library: str, force: bool | None = False, api_key: str | None = None, request: gr.Request = None
+    ) -> tuple[str, str]:
+        """Start a scan of ``library`` (as ``POST /libraries/{name}/scan``; ``force``: mark missing files offline
+        even when most of the library is missing), or say that one already runs; returns that message and the
+        libraries. A write: ``api_key`` where API_KEY is set."""
+        message, libraries, _ = self.libraries_tab.scan(library, bool(force), api_key or "", "", "", request)
+        return message, libraries

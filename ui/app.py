@@ -13,15 +13,16 @@ This module only composes the page: each tab is a module of its own (:mod:`ui.se
 and the theme are in :mod:`ui.assets`.
 
 Scripts use the Gradio API of :mod:`ui.api` (``/search``, ``/similar``, ``/open``, ``/add``, ``/duplicates``,
-``/find_duplicates``, ``/stats``) with ``gradio_client``; docs/web-ui.md#gradio-api has an example per endpoint::
+``/find_duplicates``, ``/stats``, ``/libraries``, ``/scan_library``) with ``gradio_client``; docs/web-ui.md#gradio-api
+has an example per endpoint::
 
     from gradio_client import Client, handle_file
     ui = Client("http://localhost:8000/ui/")
     results, status = ui.predict(photo=handle_file("cat.jpg"), results_per_page=5, api_name="/search")
     similar, status = ui.predict(image_id=results[0]["id"], api_name="/similar")
     ui.predict(api_name="/stats")                          # the collection line
-    ui.predict(None, api_name="/libraries")                # every library as Markdown, names, poll
-    ui.predict("photos", False, KEY, "", "", api_name="/scan_library")   # library, force, key boxes
+    libraries, names, scanning = ui.predict(api_name="/libraries")
+    message, libraries = ui.predict(library="photos", api_key=KEY, api_name="/scan_library")
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         duplicates = DuplicatesTab(ctx, groups_state, pending_delete)
         libraries = LibrariesTab(ctx)
         about = AboutTab(ctx)
-        api = ApiEndpoints(ctx, searches, search, add, duplicates)
+        api = ApiEndpoints(ctx, searches, search, add, duplicates, libraries)
 
         with gr.Row(equal_height=True):
             gr.Markdown("# Image similarity search", elem_id="title")  # the page's one h1 (styled in ui.assets)
@@ -150,6 +151,10 @@ def _page_load(ctx: UiContext, searches: Searches) -> Callable[[gr.Request], tup
             list(f.formats),
             f.taken_after,
             f.taken_before,
+            f.indexed_after,
+            f.indexed_before,
+            f.min_width,
+            f.min_height,
             f.min_score or 0,
             f.expand,
             gr.update(value=f.top_k, maximum=settings.max_top_k),

@@ -1,7 +1,7 @@
 """What the web UI's page looks like and runs in the browser, apart from Gradio's own: the CSS, the JavaScript
-snippets its events run, and the theme. :mod:`ui.mount` hands ``CSS``, ``PAGE_JS`` (``PASTE_JS`` and the
-accessibility fix-ups of ``A11Y_JS``) and :func:`theme` to ``gr.mount_gradio_app``; the panels attach the other
-snippets to their events."""
+snippets its events run, and the theme. :mod:`ui.mount` hands ``CSS``, :func:`page_js` (``PASTE_JS``, the
+accessibility fix-ups of ``A11Y_JS`` and the Add tab's size check ``ADD_LIMIT_JS``) and :func:`theme` to
+``gr.mount_gradio_app``; the panels attach the other snippets to their events."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ PASTE_JS = """() => {
     });
 }"""
 
-#: Runs once when the page loads (with PASTE_JS, as PAGE_JS): what Gradio 6.31's components lack for keyboard and
+#: Runs once when the page loads (with PASTE_JS: page_js): what Gradio 6.31's components lack for keyboard and
 #: screen-reader users, worked around in the page because Gradio has no parameter for it (issue #28; axe-core's
 #: rule in brackets). Each fix-up is applied again whenever Gradio redraws (a MutationObserver, at most once a frame):
 #: - upload boxes are named "Click to upload or drop files" while they show "Drop File Here - or - Click to
@@ -124,8 +124,65 @@ A11Y_JS = """() => {
     });
 }"""
 
-#: What the page runs once when it loads (``gr.mount_gradio_app``'s ``js``): PASTE_JS and A11Y_JS.
-PAGE_JS = f"() => {{ ({PASTE_JS})(); ({A11Y_JS})(); }}"
+#: Runs once when the page loads (:func:`page_js` fills in the limit): a choice of files for the Add tab (chosen,
+#: dropped or pasted) over MAX_BATCH_MB in total is stopped before Gradio uploads it, with a sentence under the file
+#: box that names the limit and says what to do. Gradio would send it, get the upload route's 413 (one request
+#: carries the whole choice: app.api.limits) and show "HTTP 413: {...}" in a toast. The sentence goes with the next
+#: choice, a Clear or an Add. Sizes in MB of 10^6 bytes, as the settings count them.
+ADD_LIMIT_JS = """(limit, limitMb) => {
+    const box = () => document.getElementById("add-files");
+    const say = (text) => {
+        let note = document.getElementById("add-too-large");
+        if (!text) { if (note) note.remove(); return; }
+        if (!note) {
+            note = document.createElement("p");
+            note.id = "add-too-large";
+            note.setAttribute("role", "alert");
+            box().insertAdjacentElement("afterend", note);
+        }
+        note.textContent = text;
+    };
+    // Whether the files are over the limit: then the event stops here, before Gradio's own listeners.
+    const refused = (event, files) => {
+        const total = [...files].reduce((sum, f) => sum + f.size, 0);
+        if (total <= limit) { say(""); return false; }
+        event.preventDefault();
+        event.stopImmediatePropagation();
+        let mb = (total / 1e6).toFixed(1);
+        if (parseFloat(mb) <= limitMb) mb = (total / 1e6).toFixed(3);
+        const what = files.length === 1
+            ? `The file chosen is ${mb} MB`
+            : `The ${files.length} files chosen are ${mb} MB together`;
+        say(`${what}; one Add takes at most ${limitMb} MB (MAX_BATCH_MB). `
+            + "Choose fewer files, and add the others in another go.");
+        return true;
+    };
+    const inBox = (el) => { const b = box(); return b && el instanceof Node && b.contains(el); };
+    document.addEventListener("change", (e) => {
+        if (e.target instanceof HTMLInputElement && e.target.type === "file" && inBox(e.target)
+            && refused(e, e.target.files || [])) e.target.value = "";
+    }, true);
+    document.addEventListener("drop", (e) => {
+        if (inBox(e.target) && e.dataTransfer && refused(e, e.dataTransfer.files)) {
+            const zone = e.target.closest(".upload-container");  // Gradio's "dragging" look ends with its drop
+            if (zone) zone.dispatchEvent(new DragEvent("dragleave", { bubbles: true }));
+        }
+    }, true);
+    document.addEventListener("click", (e) => {
+        if (e.target instanceof Element && e.target.closest("#add-button, #add-files button[aria-label='Clear']")) {
+            say("");
+        }
+    }, true);
+}"""
+
+
+def page_js(max_batch_bytes: int, max_batch_mb: float) -> str:
+    """What the page runs once when it loads (``gr.mount_gradio_app``'s ``js``): PASTE_JS, A11Y_JS and
+    ADD_LIMIT_JS with the service's MAX_BATCH_MB (``max_batch_bytes``: the same in bytes)."""
+    return (
+        f"() => {{ ({PASTE_JS})(); ({A11Y_JS})(); ({ADD_LIMIT_JS})({int(max_batch_bytes)}, {float(max_batch_mb):g}); }}"
+    )
+
 
 #: Runs when a result's large view is opened (after its event): the keyboard focus goes into the view, on its
 #: details (the file name is read first; Download and "More like this" are the next Tabs); the result it was opened

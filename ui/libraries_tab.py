@@ -1,8 +1,9 @@
 """The Libraries tab: every photo library indexed in place with its folders, state, counts, last scan, offline
-photos, warning and error (the wording is :mod:`ui.library_text`), and "Scan now" for a chosen library (the
-``scan_library`` API name, as ``POST /libraries/{name}/scan``), which needs the key like every write.
+photos, warning and error (the wording is :mod:`ui.library_text`), and "Scan now" for a chosen library (as
+``POST /libraries/{name}/scan``), which needs the key like every write. Scripts use ``/libraries`` and
+``/scan_library`` of :mod:`ui.api`.
 
-The tab reads ``service.libraries`` when it is opened, on "Refresh" (the ``libraries`` API name), and every
+The tab reads ``service.libraries`` when it is opened, on "Refresh", and every
 :data:`POLL_S` seconds while a scan runs or waits, in any process or replica: a ``gr.Timer`` that the handlers turn
 on when they see a running scan and off when they see none, so an idle page asks nothing.
 """
@@ -70,7 +71,8 @@ class LibrariesTab:
         """``other_keys``: the Add and Duplicates tabs' key boxes (a key typed in any counts)."""
         listed = [self.overview, self.choice, self.timer, self.controls]
         self.tab.select(self._read, self.choice, listed, api_visibility="private", concurrency_limit=None)
-        self.refresh_button.click(self._read, self.choice, listed, api_name="libraries", concurrency_limit=None)
+        # Private, as the page's other events: scripts use /libraries and /scan_library of ui.api.
+        self.refresh_button.click(self._read, self.choice, listed, api_visibility="private", concurrency_limit=None)
         # Polls without Gradio's progress marks: the list is updated in place, no flicker every tick.
         self.timer.tick(
             self._poll,
@@ -84,13 +86,14 @@ class LibrariesTab:
             self.scan,
             [self.choice, self.force, self.key, *other_keys],
             [self.message, self.overview, self.timer],
-            api_name="scan_library",
+            api_visibility="private",
             concurrency_limit=1,
+            concurrency_id="scan_library",  # one scan request at a time, from the page and ui.api alike
         )
 
-    def _list(self) -> tuple[str, list[str], bool]:
+    def listing(self) -> tuple[str, list[str], bool]:
         """``(the libraries as Markdown, their names, whether a scan runs)``; a database that does not answer is
-        said in words."""
+        said in words (``/libraries`` of :mod:`ui.api` for scripts)."""
         service = self.ctx.get_service()
         try:
             statuses = service.libraries.list()
@@ -102,13 +105,13 @@ class LibrariesTab:
     def read(self, chosen: str | None) -> tuple[Any, ...]:
         """Every library, the names to choose from (keeping ``chosen``, else the first), the poll on while a scan
         runs, and "Scan now" with its choices shown once there is a library."""
-        text, names, active = self._list()
+        text, names, active = self.listing()
         value = chosen if chosen in names else (names[0] if names else None)
         return text, gr.update(choices=names, value=value), gr.Timer(active=active), gr.update(visible=bool(names))
 
     def poll(self) -> tuple[Any, ...]:
         """The timer's tick: every library again, and the poll off once no scan runs."""
-        text, _, active = self._list()
+        text, _, active = self.listing()
         return text, gr.Timer(active=active)
 
     def scan(
@@ -128,5 +131,5 @@ class LibrariesTab:
             message = f"Scan of **{shown}** started" + (" with force." if force else ".")
         else:
             message = f"A scan of **{shown}** is already running (here or in another replica): its progress is below."
-        text, _, _ = self._list()
+        text, _, _ = self.listing()
         return message, text, gr.Timer(active=True)

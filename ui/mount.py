@@ -308,6 +308,12 @@ def _sweep(folder: Path, age_s: float) -> None:
         log.info("Deleted %d files older than %.0f s from the web UI's folder %s", removed, age_s, folder)
 
 
+#: One UI built at a time in a process: Gradio keeps the Blocks being built in one process-wide context
+#: (``gradio.context.Context.root_block``), so two built at once on two threads mix their components ("Cannot call
+#: click outside of a gradio.Blocks context"). One service per process never builds two; tests serve several.
+_BUILD_LOCK = threading.Lock()
+
+
 def build_and_mount(
     app: FastAPI, settings: Settings, access: AccessPolicy, get_service: Callable[[], SearchService]
 ) -> FastAPI:
@@ -332,28 +338,29 @@ def build_and_mount(
     import gradio as gr
 
     from ui.app import build_ui
-    from ui.assets import CSS, PAGE_JS, theme
+    from ui.assets import CSS, page_js, theme
 
-    blocks = build_ui(get_service, settings, access)
     login = (
         {"auth": lambda _user, password: access.key_is_valid(password), "auth_message": LOGIN_MESSAGE}
         if access.has_keys and access.reads_need_key
         else {}
     )
     parent_lifespan = app.router.lifespan_context
-    gr.mount_gradio_app(
-        app,
-        blocks,
-        path=UI_PATH,
-        ssr_mode=False,
-        footer_links=["api"],
-        run_history=False,
-        mcp_server=False,
-        theme=theme(),
-        css=CSS,
-        js=PAGE_JS,
-        **login,
-    )
+    with _BUILD_LOCK:
+        blocks = build_ui(get_service, settings, access)
+        gr.mount_gradio_app(
+            app,
+            blocks,
+            path=UI_PATH,
+            ssr_mode=False,
+            footer_links=["api"],
+            run_history=False,
+            mcp_server=False,
+            theme=theme(),
+            css=CSS,
+            js=page_js(settings.max_batch_bytes, settings.max_batch_mb),
+            **login,
+        )
     app.router.lifespan_context = parent_lifespan  # see gradio_lifespan
     # gr.mount_gradio_app appended its own Mount after the UiGate's: requests reach Gradio through the gate.
     mount = next(r for r in reversed(app.routes) if isinstance(r, Mount) and r.path == UI_PATH)

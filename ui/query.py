@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal
 from urllib.parse import urlencode
 
+from app.api.search_params import MAX_MIN_SIZE
 from app.ids import is_valid_image_id
 from app.search.paging import SearchOptions
 from app.vectordb.base import SearchFilter, SearchHit
@@ -27,9 +28,13 @@ BROWSER_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP"})
 
 QueryKind = Literal["image", "id", "text", "combined"]
 
-#: The date filters' names as the page labels them (messages about them use the same words).
+#: The filters' names as the page labels them (messages about them use the same words).
 TAKEN_FROM = "Taken from"
 TAKEN_UNTIL = "Taken until"
+ADDED_FROM = "Added from"
+ADDED_UNTIL = "Added until"
+MIN_WIDTH = "Minimum width"
+MIN_HEIGHT = "Minimum height"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +83,12 @@ class UiQuery:
 
 @dataclass(frozen=True, slots=True)
 class UiFilters:
-    """The filter accordion: folder, formats, taken between two dates, minimum score, expansion, page size.
+    """The filter accordion: folder, formats, taken between two dates, added (indexed) between two dates, minimum
+    width and height, minimum score, expansion, page size.
 
-    Dates are ``YYYY-MM-DD`` strings as typed (``taken_before`` includes its whole day); ``formats`` are decoder
-    names; ``top_k`` results per page.
+    Dates are ``YYYY-MM-DD`` strings as typed, days in UTC (``taken_before`` and ``indexed_before`` include their
+    whole day); ``formats`` are decoder names; ``min_width``/``min_height`` pixels (``None``: any); ``top_k``
+    results per page.
     """
 
     top_k: int
@@ -91,22 +98,38 @@ class UiFilters:
     taken_before: str = ""
     min_score: float | None = None
     expand: bool = False
+    indexed_after: str = ""
+    indexed_before: str = ""
+    min_width: int | None = None
+    min_height: int | None = None
 
     def options(self, offset: int = 0) -> SearchOptions:
-        """The service's :class:`SearchOptions` for one page starting at ``offset``.
+        """The service's :class:`SearchOptions` for one page starting at ``offset``: the same
+        :class:`SearchFilter` the REST API builds from ``taken_after``... ``min_height``, a day ``D`` "until"
+        becoming ``before D+1 00:00 UTC``.
 
-        Raises ``ValueError`` for a date that is not ``YYYY-MM-DD`` or a range that ends before it starts (the
-        handler shows it as a message; :meth:`SearchFilter.create` owns the rules).
+        Raises ``ValueError``, in the page's words, for a date that is not ``YYYY-MM-DD``, a range that ends before
+        it starts, or a minimum size that is not 0 to :data:`MAX_MIN_SIZE` pixels (the handler shows it as a
+        message; :meth:`SearchFilter.create` owns the rules).
         """
-        after = _day(self.taken_after, TAKEN_FROM)
-        before = _day(self.taken_before, TAKEN_UNTIL)
-        if after is not None and before is not None and after > before:
-            raise ValueError(f"{TAKEN_FROM} ({after}) must be on or before {TAKEN_UNTIL} ({before}).")
+        dates = {}
+        for kind, (start, end) in (
+            ("taken", ((self.taken_after, TAKEN_FROM), (self.taken_before, TAKEN_UNTIL))),
+            ("indexed", ((self.indexed_after, ADDED_FROM), (self.indexed_before, ADDED_UNTIL))),
+        ):
+            after, before = _day(*start), _day(*end)
+            if after is not None and before is not None and after > before:
+                raise ValueError(f"{start[1]} ({after}) must be on or before {end[1]} ({before}).")
+            dates[f"{kind}_after"] = None if after is None else datetime.combine(after, time(), UTC)
+            dates[f"{kind}_before"] = (
+                None if before is None else datetime.combine(before + timedelta(days=1), time(), UTC)
+            )
         filters = SearchFilter.create(
             path_prefix=self.folder or None,
             formats=self.formats or None,
-            taken_after=None if after is None else datetime.combine(after, time(), UTC),
-            taken_before=None if before is None else datetime.combine(before + timedelta(days=1), time(), UTC),
+            min_width=_pixels(self.min_width, MIN_WIDTH),
+            min_height=_pixels(self.min_height, MIN_HEIGHT),
+            **dates,
         )
         return SearchOptions(
             offset=offset,
@@ -114,6 +137,16 @@ class UiFilters:
             expand=self.expand,
             filters=None if filters.empty else filters,
         ).checked()
+
+
+def _pixels(value: float | None, label: str) -> int | None:
+    """A minimum size as a whole number of pixels, ``None`` for none; raises ``ValueError`` outside 0 to
+    :data:`MAX_MIN_SIZE` or for a fraction (the REST API's bounds for ``min_width``/``min_height``)."""
+    if value is None:
+        return None
+    if value != int(value) or not 0 <= value <= MAX_MIN_SIZE:
+        raise ValueError(f"{label} must be a whole number of pixels from 0 to {MAX_MIN_SIZE:,}, got {value:g}.")
+    return int(value)
 
 
 def _day(value: str | date | None, label: str) -> date | None:
@@ -138,7 +171,8 @@ class Link:
 
 def from_link(params: Mapping[str, str], default_top_k: int, max_top_k: int) -> Link:
     """Read ``id``, ``text``, ``not``, ``top_k``, ``folder``, ``formats``, ``taken_after``, ``taken_before``,
-    ``min_score`` and ``expand`` from a page address's query parameters.
+    ``indexed_after``, ``indexed_before``, ``min_width``, ``min_height``, ``min_score`` and ``expand`` from a page
+    address's query parameters (the REST API's names).
 
     Unknown parameters are ignored; a value that does not parse is dropped with a line in ``problems`` (the page
     says so instead of failing), so a hand-edited link still opens.
@@ -157,21 +191,36 @@ def from_link(params: Mapping[str, str], default_top_k: int, max_top_k: int) -> 
         except ValueError:
             problems.append(f"The link's minimum score (min_score) must be a number, got {raw[:20]!r}.")
     formats = tuple(f for f in (params.get("formats") or "").upper().split(",") if f in FORMAT_CHOICES)
-    dates = {}
-    for name, label in (("taken_after", TAKEN_FROM), ("taken_before", TAKEN_UNTIL)):
+    values: dict = {}
+    for name, label in (
+        ("taken_after", TAKEN_FROM),
+        ("taken_before", TAKEN_UNTIL),
+        ("indexed_after", ADDED_FROM),
+        ("indexed_before", ADDED_UNTIL),
+    ):
         raw = (params.get(name) or "").strip()
         try:
-            dates[name] = "" if not raw else _day(raw, f"The link's {label.lower()} date ({name})").isoformat()
+            values[name] = "" if not raw else _day(raw, f"The link's {label.lower()} date ({name})").isoformat()
         except ValueError as exc:
             problems.append(str(exc))
-            dates[name] = ""
+            values[name] = ""
+    for name, label in (("min_width", MIN_WIDTH), ("min_height", MIN_HEIGHT)):
+        raw = (params.get(name) or "").strip()
+        try:
+            values[name] = _pixels(int(raw), label) or None if raw else None  # 0: no minimum
+        except ValueError:
+            problems.append(
+                f"The link's {label.lower()} ({name}) must be a whole number of pixels from 0 to {MAX_MIN_SIZE:,}, "
+                f"got {raw[:20]!r}."
+            )
+            values[name] = None
     filters = UiFilters(
         top_k=top_k,
         folder=(params.get("folder") or "").strip(),
         formats=formats,
         min_score=min_score,
         expand=(params.get("expand") or "").lower() in {"1", "true", "yes", "on"},
-        **dates,
+        **values,
     )
     query = None
     image_id, text, negative = params.get("id"), params.get("text"), params.get("not")
@@ -200,9 +249,12 @@ def to_link(query: UiQuery | None, filters: UiFilters, default_top_k: int) -> st
         params["folder"] = filters.folder
     if filters.formats:
         params["formats"] = ",".join(filters.formats)
-    for name in ("taken_after", "taken_before"):
+    for name in ("taken_after", "taken_before", "indexed_after", "indexed_before"):
         if value := getattr(filters, name):
             params[name] = value
+    for name in ("min_width", "min_height"):
+        if value := getattr(filters, name):
+            params[name] = str(value)
     if filters.min_score is not None:
         params["min_score"] = f"{filters.min_score:g}"
     if filters.expand:

@@ -55,15 +55,30 @@ class Shown:
 
 
 def filters_from(
-    folder: str, formats: Sequence[str] | None, after: str, before: str, min_score: float, expand: bool, top_k: Any
+    folder: str | None,
+    formats: Sequence[str] | None,
+    after: str | None,
+    before: str | None,
+    added_after: str | None,
+    added_before: str | None,
+    min_width: float | None,
+    min_height: float | None,
+    min_score: float | None,
+    expand: bool | None,
+    top_k: Any,
 ) -> UiFilters:
-    """The filters and page size the form's boxes hold."""
+    """The filters and page size the form's boxes hold, in the order of ``SearchTab.filters`` (ui.search_tab): an
+    empty box, a minimum score of 0 and a minimum size of 0 (or none) are no filter."""
     return UiFilters(
         top_k=int(top_k or 1),
         folder=(folder or "").strip(),
         formats=tuple(formats or ()),
         taken_after=(after or "").strip(),
         taken_before=(before or "").strip(),
+        indexed_after=(added_after or "").strip(),
+        indexed_before=(added_before or "").strip(),
+        min_width=min_width or None,
+        min_height=min_height or None,
         min_score=float(min_score) if min_score else None,
         expand=bool(expand),
     )
@@ -151,11 +166,23 @@ def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset
 
 
 def active_filters(filters: UiFilters | None) -> int:
-    """How many filters narrow a search (folder, formats, each date, minimum score): the status line says so."""
+    """How many filters narrow a search (folder, formats, each date, each minimum size, minimum score): the status
+    line says so."""
     if filters is None:
         return 0
     return sum(
-        bool(x) for x in (filters.folder, filters.formats, filters.taken_after, filters.taken_before, filters.min_score)
+        bool(x)
+        for x in (
+            filters.folder,
+            filters.formats,
+            filters.taken_after,
+            filters.taken_before,
+            filters.indexed_after,
+            filters.indexed_before,
+            filters.min_width,
+            filters.min_height,
+            filters.min_score,
+        )
     )
 
 
@@ -285,6 +312,10 @@ class Searches:
         formats: list[str],
         after: str,
         before: str,
+        added_after: str,
+        added_before: str,
+        min_width: float | None,
+        min_height: float | None,
         min_score: float,
         expand: bool,
         top_k: float,
@@ -292,10 +323,12 @@ class Searches:
         trigger: float | None = None,
     ):
         """Search with what the form holds: the photo (or the stored image shown as the query), the words, the
-        "but not" words; filters and page size. ``trigger``: the browser's trigger number (none through the API)."""
+        "but not" words; filters and page size (:func:`filters_from`). ``trigger``: the browser's trigger number."""
         current = shown.query.image_id if shown.query is not None else None
         query = UiQuery.from_form(upload, text, negative, current)
-        filters = filters_from(folder, formats, after, before, min_score, expand, top_k)
+        filters = filters_from(
+            folder, formats, after, before, added_after, added_before, min_width, min_height, min_score, expand, top_k
+        )
         if query is None:
             return self.show(Shown(None, filters), ["Choose, drop or paste a photo, or type words, to search."], 0)
         return self.search(query, filters, request, trigger)
@@ -310,6 +343,10 @@ class Searches:
         formats,
         after,
         before,
+        added_after,
+        added_before,
+        min_width,
+        min_height,
         min_score,
         expand,
         top_k,
@@ -318,7 +355,23 @@ class Searches:
     ):
         """:func:`search_form` from the page's button and Enter keys, with the browser's trigger number."""
         return self.search_form(
-            shown, upload, text, negative, folder, formats, after, before, min_score, expand, top_k, request, trigger
+            shown,
+            upload,
+            text,
+            negative,
+            folder,
+            formats,
+            after,
+            before,
+            added_after,
+            added_before,
+            min_width,
+            min_height,
+            min_score,
+            expand,
+            top_k,
+            request,
+            trigger,
         )
 
     def clear(self) -> tuple[Any, ...]:
@@ -335,16 +388,49 @@ class Searches:
         except ServiceError:
             return None  # the search itself says why
 
-    def similar(self, image_id, folder, formats, after, before, min_score, expand, top_k, request: gr.Request):
+    def similar(
+        self,
+        image_id,
+        folder,
+        formats,
+        after,
+        before,
+        added_after,
+        added_before,
+        min_width,
+        min_height,
+        min_score,
+        expand,
+        top_k,
+        request: gr.Request,
+    ):
         """More like this: the stored image's neighbours."""
-        filters = filters_from(folder, formats, after, before, min_score, expand, top_k)
+        filters = filters_from(
+            folder, formats, after, before, added_after, added_before, min_width, min_height, min_score, expand, top_k
+        )
         return self.search(UiQuery("id", image_id=image_id), filters, request)
 
     def rerun(
-        self, shown: Shown, folder, formats, after, before, min_score, expand, top_k, trigger, request: gr.Request
+        self,
+        shown: Shown,
+        folder,
+        formats,
+        after,
+        before,
+        added_after,
+        added_before,
+        min_width,
+        min_height,
+        min_score,
+        expand,
+        top_k,
+        trigger,
+        request: gr.Request,
     ):
         """A filter changed: run the shown query again with the new filters (nothing when they did not change)."""
-        filters = filters_from(folder, formats, after, before, min_score, expand, top_k)
+        filters = filters_from(
+            folder, formats, after, before, added_after, added_before, min_width, min_height, min_score, expand, top_k
+        )
         if shown.query is None or filters == shown.filters:
             return (gr.skip(),) * N_OUTPUTS
         return self.search(shown.query, filters, request, trigger)

@@ -11,7 +11,7 @@ import gradio as gr
 from ui.assets import SHOW_RESULTS_JS, UPDATE_ADDRESS_JS, stamp_js
 from ui.context import UiContext, escape
 from ui.large_view import LargeView
-from ui.query import FORMAT_CHOICES
+from ui.query import ADDED_FROM, ADDED_UNTIL, FORMAT_CHOICES, MIN_HEIGHT, MIN_WIDTH, TAKEN_FROM, TAKEN_UNTIL
 from ui.search import N_OUTPUTS, Searches
 
 #: How many runs of the search events may be in flight at once, all search events together. Gradio's default of 1
@@ -98,8 +98,21 @@ class SearchTab:
         with gr.Accordion("Filters and options", open=False, elem_id="filters") as self.filters_box:
             with gr.Row():
                 self.folder = gr.Textbox(label="Folder", placeholder="trips/2024", elem_id="filter-folder")
-                self.taken_after = gr.Textbox(label="Taken from (YYYY-MM-DD)", elem_id="filter-taken-after")
-                self.taken_before = gr.Textbox(label="Taken until (YYYY-MM-DD)", elem_id="filter-taken-before")
+                self.taken_after = gr.Textbox(label=f"{TAKEN_FROM} (YYYY-MM-DD)", elem_id="filter-taken-after")
+                self.taken_before = gr.Textbox(label=f"{TAKEN_UNTIL} (YYYY-MM-DD)", elem_id="filter-taken-before")
+            # When each photo was added to the collection (the REST API's indexed_after/indexed_before), and how
+            # big it is at least (min_width/min_height): empty boxes are no filter.
+            with gr.Row():
+                self.added_after = gr.Textbox(label=f"{ADDED_FROM} (YYYY-MM-DD)", elem_id="filter-added-after")
+                self.added_before = gr.Textbox(label=f"{ADDED_UNTIL} (YYYY-MM-DD)", elem_id="filter-added-before")
+                # No minimum= here: Gradio would refuse a negative number with a toast of its own; the search's
+                # status line says why instead (ui.query.UiFilters.options).
+                self.min_width = gr.Number(
+                    label=f"{MIN_WIDTH} (pixels)", precision=0, placeholder="any", elem_id="filter-min-width"
+                )
+                self.min_height = gr.Number(
+                    label=f"{MIN_HEIGHT} (pixels)", precision=0, placeholder="any", elem_id="filter-min-height"
+                )
             self.formats = gr.CheckboxGroup(list(FORMAT_CHOICES), label="Formats", elem_id="filter-formats")
             with gr.Row():
                 self.min_score = gr.Slider(0, 1, value=0, step=0.01, label="Minimum score", elem_id="filter-min-score")
@@ -115,8 +128,20 @@ class SearchTab:
 
     @property
     def filters(self) -> list[Any]:
-        """The filter and page-size components, in the order the handlers take them."""
-        return [self.folder, self.formats, self.taken_after, self.taken_before, self.min_score, self.expand, self.top_k]
+        """The filter and page-size components, in the order the handlers take them (:func:`ui.search.filters_from`)."""
+        return [
+            self.folder,
+            self.formats,
+            self.taken_after,
+            self.taken_before,
+            self.added_after,
+            self.added_before,
+            self.min_width,
+            self.min_height,
+            self.min_score,
+            self.expand,
+            self.top_k,
+        ]
 
     @property
     def outputs(self) -> list[Any]:
@@ -157,9 +182,20 @@ class SearchTab:
             submitted(
                 s.search_form_stamped, stamped_form, js=stamp_js(len(stamped_form)), api_visibility="private", **run
             )
-        for textbox in (self.folder, self.taken_after, self.taken_before):
-            for event in (textbox.submit, textbox.blur):
-                event(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+        # Text and number boxes: Enter, or leaving the box, reruns the search. Leaving it shows its progress on the
+        # status line only: a box is mostly left by clicking a result, and Gradio's progress cover over the results
+        # (there from the mouse's press, the blur) took the click, so the large view did not open.
+        boxes = (self.folder, self.taken_after, self.taken_before, self.added_after, self.added_before)
+        for box in (*boxes, self.min_width, self.min_height):
+            box.submit(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+            box.blur(
+                s.rerun,
+                stamped_rerun,
+                js=stamp_js(len(stamped_rerun)),
+                api_visibility="private",
+                show_progress_on=self.status,
+                **run,
+            )
         # always_last: a slider's release while its previous one is still running (its number box left, then an
         # arrow key on the slider: ui.assets.A11Y_JS) runs after it instead of being dropped (Gradio's "once").
         for changed in (self.formats.input, self.expand.input, self.min_score.release, self.top_k.release):

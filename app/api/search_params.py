@@ -34,6 +34,8 @@ _TAKEN_AFTER = "Only photos taken (EXIF DateTimeOriginal) at or after this time;
 _TAKEN_BEFORE = "Only photos taken (EXIF DateTimeOriginal) before this time; photos without a date are left out."
 _MIN_WIDTH = "Only images at least this many pixels wide."
 _MIN_HEIGHT = "Only images at least this many pixels high."
+#: The largest ``min_width``/``min_height`` accepted, pixels; the web UI's filters hold the same bound (ui.query).
+MAX_MIN_SIZE = 1_000_000
 _MAX_PATH = 1024  # the longest stored file name (app.imaging.prepare.MAX_FILENAME_CHARS)
 _MAX_FORMATS = 200  # characters of a format list: every format name the decoder knows fits many times over
 
@@ -103,8 +105,8 @@ class SearchOptionsBody(BaseModel):
     indexed_before: datetime | None = Field(None, description=_INDEXED_BEFORE)
     taken_after: datetime | None = Field(None, description=_TAKEN_AFTER)
     taken_before: datetime | None = Field(None, description=_TAKEN_BEFORE)
-    min_width: StrictInt | None = Field(None, ge=0, le=1_000_000, description=_MIN_WIDTH)
-    min_height: StrictInt | None = Field(None, ge=0, le=1_000_000, description=_MIN_HEIGHT)
+    min_width: StrictInt | None = Field(None, ge=0, le=MAX_MIN_SIZE, description=_MIN_WIDTH)
+    min_height: StrictInt | None = Field(None, ge=0, le=MAX_MIN_SIZE, description=_MIN_HEIGHT)
 
 
 def search_params_query(
@@ -118,8 +120,8 @@ def search_params_query(
     indexed_before: Annotated[datetime | None, Query(description=_INDEXED_BEFORE)] = None,
     taken_after: Annotated[datetime | None, Query(description=_TAKEN_AFTER)] = None,
     taken_before: Annotated[datetime | None, Query(description=_TAKEN_BEFORE)] = None,
-    min_width: Annotated[int | None, Query(ge=0, le=1_000_000, description=_MIN_WIDTH)] = None,
-    min_height: Annotated[int | None, Query(ge=0, le=1_000_000, description=_MIN_HEIGHT)] = None,
+    min_width: Annotated[int | None, Query(ge=0, le=MAX_MIN_SIZE, description=_MIN_WIDTH)] = None,
+    min_height: Annotated[int | None, Query(ge=0, le=MAX_MIN_SIZE, description=_MIN_HEIGHT)] = None,
 ) -> SearchParams:
     """FastAPI dependency: the options from the query string."""
     return SearchParams(
@@ -152,8 +154,8 @@ def search_params_form(
     indexed_before: Annotated[datetime | None, Form(alias="indexed_before", description=_INDEXED_BEFORE)] = None,
     taken_after: Annotated[datetime | None, Form(alias="taken_after", description=_TAKEN_AFTER)] = None,
     taken_before: Annotated[datetime | None, Form(alias="taken_before", description=_TAKEN_BEFORE)] = None,
-    min_width: Annotated[int | None, Form(alias="min_width", ge=0, le=1_000_000, description=_MIN_WIDTH)] = None,
-    min_height: Annotated[int | None, Form(alias="min_height", ge=0, le=1_000_000, description=_MIN_HEIGHT)] = None,
+    min_width: Annotated[int | None, Form(alias="min_width", ge=0, le=MAX_MIN_SIZE, description=_MIN_WIDTH)] = None,
+    min_height: Annotated[int | None, Form(alias="min_height", ge=0, le=MAX_MIN_SIZE, description=_MIN_HEIGHT)] = None,
 ) -> SearchParams:
     """FastAPI dependency of the multipart search endpoint: the options from the query string or the form."""
     return in_query.merged(
