@@ -113,9 +113,9 @@ def __getattr__(name: str) -> FastAPI:
     """``app.main:app``, built from the environment on first access and kept (what uvicorn and Docker import)."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    # Before the server's threads allocate: two malloc arenas instead of glibc's eight per core (issue #27: after
-    # bursts of large decodes the process kept 150-300 MB more with the default, and peaked higher; docs/benchmarks.md,
-    # "Memory from any baseline"). MALLOC_ARENA_MAX in the environment wins.
+    # Before the server's threads allocate: two malloc arenas instead of glibc's eight per core (issue #27: over
+    # bursts of large decodes the process crept about 300 MB higher with the default, and peaked higher;
+    # docs/benchmarks.md, "glibc arenas"). MALLOC_ARENA_MAX in the environment wins.
     configure_malloc(MALLOC_ARENAS)
     settings = Settings()
     configure_logging(settings)

@@ -77,9 +77,10 @@ EMBED_BYTES_FIXED = 12_000_000
 EMBED_BYTES_PER_IMAGE = 11_000_000
 #: how often a request at the head of the line looks at the process's memory again while it waits, seconds
 _POLL_S = 0.1
-#: glibc malloc arenas of the server process (:func:`configure_malloc`): bursts of 32 large decodes after indexing
-#: 2,000 photos left it 150-300 MB above its baseline with glibc's default (8 per core) and within 50 MB with 2, and
-#: peaked 5-50 % lower (bench/hostile.py, docs/benchmarks.md, "Memory from any baseline")
+#: glibc malloc arenas of the server process (:func:`configure_malloc`): over ten bursts of 32 large decodes after
+#: indexing 2,000 photos, the process crept 260-310 MB above its baseline with glibc's default (8 per core) and
+#: stayed within 45 MB with 2, each burst peaking 5-52 % lower (bench/hostile.py, docs/benchmarks.md, "glibc
+#: arenas")
 MALLOC_ARENAS = 2
 #: glibc's mallopt(3) parameter number of M_ARENA_MAX (malloc.h)
 _M_ARENA_MAX = -8

@@ -135,7 +135,9 @@ class UploadIndexer:
         Each upload is ``(bytes, filename)``. A file the decoder refuses (or over MAX_UPLOAD_MB) gets ``error`` and
         does not affect the others; the same bytes twice in one batch are stored once (the later ones ``exists``).
         Raises :class:`app.errors.DatabaseUnavailableError` (or another store/database error) for the whole batch,
-        after removing the originals it had saved: nothing is half-written.
+        after removing the originals it had saved: nothing is half-written; :class:`app.errors.ServiceBusyError`
+        (nothing written) when a decode, or the model's memory for the batch, is not admitted within
+        ``DECODE_WAIT_S`` or does not fit ``MEMORY_LIMIT_MB``.
         """
         self.store.ensure_space()
         results: list[BatchItemResult | None] = [None] * len(uploads)
