@@ -84,12 +84,15 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY --from=builder /src /app
 
+# GRADIO_TEMP_DIR: the web UI's uploads, thumbnails and cached originals stay in this container's own /tmp (one
+# service per container, so no other instance can serve them), not on the /data volume (docs/web-ui.md).
 ENV PATH="/opt/venv/bin:${PATH}" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8000 \
     DATA_DIR=/data \
+    GRADIO_TEMP_DIR=/tmp/gradio \
     MODEL_CACHE_DIR=/models \
     HF_HOME=/models/hf \
     TORCH_HOME=/models/torch

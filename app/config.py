@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     ui_enabled: bool = Field(
         True,
         description="Serve the Gradio web UI at /ui/ (true/false); false serves the API alone and never imports "
-        "Gradio. Gradio keeps uploads and the UI's thumbnails in GRADIO_TEMP_DIR (default <tmp>/gradio) and deletes "
-        "them after an hour.",
+        "Gradio. Gradio keeps uploads and the UI's thumbnails in GRADIO_TEMP_DIR (default <DATA_DIR>/ui-files: one "
+        "folder per instance) and deletes them after an hour.",
         json_schema_extra={"group": "server"},
     )
 

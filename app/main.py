@@ -8,8 +8,6 @@ stateful (model, database pool, image store) is created by the lifespan, as one
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,37 +45,34 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         embedder: an already loaded model to use instead of loading one from the settings (lets tests share one).
     """
     settings = settings or Settings()
+    ui_gate = None
     if settings.ui_enabled:
-        from ui.mount import start_import
+        from ui.mount import UiGate  # imports no Gradio
 
-        start_import()  # Gradio's import (2-4 s) runs beside the server's start and the service's opening
+        ui_gate = UiGate()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from app.service import SearchService
 
-        ui = None
-        if settings.ui_enabled:  # Gradio is imported and built on a worker thread while the service opens
-            from ui.mount import build_and_mount, gradio_lifespan
-
-            ui = asyncio.ensure_future(
-                run_in_threadpool(build_and_mount, app, settings, app.state.access, lambda: app.state.service)
-            )
-        try:
-            service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
-        except BaseException:
-            if ui is not None:
-                with contextlib.suppress(BaseException):
-                    await ui
-            raise
+        service = await run_in_threadpool(SearchService.open, settings, embedder, app.state.metrics)
         app.state.service = service
+        ui = None
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if ui is not None:
-                    await stack.enter_async_context(gradio_lifespan(await ui))
-                yield
+            if ui_gate is not None:
+                # Gradio is imported and the UI built once the API serves (/health answers meanwhile); requests to
+                # /ui wait for it in the gate.
+                from ui.mount import UiStarter
+
+                ui = UiStarter(app, ui_gate, settings, app.state.access, lambda: app.state.service)
+                ui.start()
+            yield
         finally:
-            service.close()
+            try:
+                if ui is not None:
+                    await ui.stop()
+            finally:
+                service.close()
 
     # fastapi-offline serves Swagger UI's and ReDoc's JavaScript and CSS from the installed package: /docs and
     # /redoc work on machines with no internet access (FastAPI's own pages load them from a CDN).
@@ -99,7 +94,11 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(router)
     app.include_router(jobs_router)  # POST /jobs/neighbours, GET /jobs/{id}, GET /duplicates
     app.include_router(libraries_router)  # photo libraries indexed in place: /libraries...
-    app.include_router(site_router(ui_enabled=settings.ui_enabled))  # the UI itself is mounted by the lifespan
+    app.include_router(site_router(ui_enabled=settings.ui_enabled))
+    if ui_gate is not None:
+        from app.api.site import UI_PATH
+
+        app.mount(UI_PATH, ui_gate)  # the Gradio UI, once the lifespan has built it (ui.mount)
     return app
 
 

@@ -68,6 +68,7 @@ The LAST line printed is the JSON object; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -75,7 +76,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -171,9 +172,9 @@ def server_pss_mb(pgdata: Path | None) -> float | None:
     return round(total / 1024, 1)
 
 
-def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str, folders: list[str] | None = None) -> None:
-    """Binary COPY of ``vectors`` as rows ``start..`` (ids ``f"{i:064x}"``) through the pgvector adapter; row ``i``
-    is named ``f"{folders[i - start]}/{i}"`` (``synthetic/{i}`` without ``folders``)."""
+def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str, meta: SyntheticMetadata) -> None:
+    """Binary COPY of ``vectors`` as rows ``start..`` (ids ``f"{i:064x}"``) through the pgvector adapter, with the
+    metadata of :meth:`SyntheticMetadata.row`."""
     import psycopg
     from pgvector import HalfVector
     from pgvector.psycopg import register_vector
@@ -184,7 +185,7 @@ def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str, folde
         with (
             conn.cursor() as cur,
             cur.copy(
-                "COPY images (id, embedding, filename, format, width, height, bytes, indexed_at) "
+                "COPY images (id, embedding, filename, format, width, height, bytes, indexed_at, taken_at) "
                 "FROM STDIN WITH (FORMAT BINARY)"
             ) as copy,
         ):
@@ -198,12 +199,13 @@ def copy_rows(url: str, vectors: np.ndarray, start: int, vector_type: str, folde
                     "int4",
                     "int8",
                     "timestamptz",
+                    "timestamptz",
                 ]
             )
             for i, v in enumerate(vectors, start):
                 value = HalfVector(v) if vector_type == "halfvec" else v
-                folder = "synthetic" if folders is None else folders[i - start]
-                copy.write_row((f"{i:064x}", value, f"{folder}/{i}", "SYNTHETIC", 1, 1, 0, now))
+                filename, fmt, width, height, taken_at = meta.row(i)
+                copy.write_row((f"{i:064x}", value, filename, fmt, width, height, 0, now, taken_at))
         conn.commit()
 
 
@@ -220,11 +222,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def api_p50_ms(backend_env: dict[str, str], data_dir: Path, ef: int, queries: np.ndarray) -> float:
-    """Median client-side latency (ms) of top-10 ``POST /search_vector`` on a real uvicorn server.
-
-    ``backend_env`` selects and locates the database (``VECTOR_DB`` and its connection variables).
-    """
+@contextlib.contextmanager
+def api_server(backend_env: dict[str, str], data_dir: Path, ef: int):
+    """A real uvicorn server (``python -m uvicorn app.main:app``) on a free loopback port, serving the database of
+    ``backend_env`` (``VECTOR_DB`` and its connection variables) with ``EMBEDDER=none`` and ``HNSW_EF_SEARCH=ef``;
+    yields an ``httpx.Client`` on it once ``/health`` answers 200 (at most 120 s), and stops it afterwards."""
     import httpx
 
     port = free_port()
@@ -237,25 +239,10 @@ def api_p50_ms(backend_env: dict[str, str], data_dir: Path, ef: int, queries: np
         "UI_ENABLED": "false",
         "LOG_LEVEL": "WARNING",
     }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen([*argv, "--log-level", "warning"], cwd=ROOT, env=env)
     try:
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             deadline = time.monotonic() + 120
             while True:
                 if server.poll() is not None:
@@ -268,20 +255,79 @@ def api_p50_ms(backend_env: dict[str, str], data_dir: Path, ef: int, queries: np
                 if time.monotonic() > deadline:
                     raise RuntimeError("the API server did not start in 120 s")
                 time.sleep(0.2)
-            bodies = [{"vector": q.tolist(), "top_k": TOP_K} for q in queries]
-            for body in bodies[:20]:  # warm-up: connection, thread pool, pool connections
-                client.post("/search_vector", json=body).raise_for_status()
-            ms = []
-            for body in bodies:
-                t = time.perf_counter()
-                r = client.post("/search_vector", json=body)
-                ms.append((time.perf_counter() - t) * 1000)
-                r.raise_for_status()
-                assert len(r.json()["results"]) == TOP_K
-        return percentiles(ms)[0]
+            yield client
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def api_p50_ms(backend_env: dict[str, str], data_dir: Path, ef: int, queries: np.ndarray) -> float:
+    """Median client-side latency (ms) of top-10 ``POST /search_vector`` on a real uvicorn server
+    (:func:`api_server`)."""
+    with api_server(backend_env, data_dir, ef) as client:
+        bodies = [{"vector": q.tolist(), "top_k": TOP_K} for q in queries]
+        for body in bodies[:20]:  # warm-up: connection, thread pool, pool connections
+            client.post("/search_vector", json=body).raise_for_status()
+        ms = []
+        for body in bodies:
+            t = time.perf_counter()
+            r = client.post("/search_vector", json=body)
+            ms.append((time.perf_counter() - t) * 1000)
+            r.raise_for_status()
+            assert len(r.json()["results"]) == TOP_K
+    return percentiles(ms)[0]
+
+
+def filter_body(filters) -> dict:
+    """The JSON filter fields of ``POST /search_vector`` that mean ``filters`` (a SearchFilter)."""
+    body = {}
+    for name in ("path_prefix", "min_width", "min_height"):
+        if getattr(filters, name) is not None:
+            body[name] = getattr(filters, name)
+    if filters.formats is not None:
+        body["formats"] = list(filters.formats)
+    for name in ("indexed_after", "indexed_before", "taken_after", "taken_before"):
+        if getattr(filters, name) is not None:
+            body[name] = getattr(filters, name).isoformat()
+    return body
+
+
+def api_filtered(
+    args, backend_env: dict[str, str], data_dir: Path, data: np.ndarray, queries: np.ndarray, meta, replicas: int
+) -> list[dict]:
+    """The filtered searches through ``POST /search_vector`` of ``replicas`` servers on the same database (issue
+    #29): per filter, recall@10 of the first server's answers against the exact filtered top-10, and whether every
+    replica returned the same ids in the same order (``replicas_identical``), over ``--api-filter-queries``
+    queries; ``ef_search`` is the first of ``--filter-ef``."""
+    ef = args.filter_ef[0]
+    out = []
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(api_server(backend_env, data_dir, ef)) for _ in range(replicas)]
+        for kind, s, filters, mask in meta.filters():
+            rows = np.flatnonzero(mask)
+            qs = queries[: args.api_filter_queries]
+            exact = rows[exact_top_k(data[rows], qs, TOP_K)]
+            recalls, identical = [], True
+            for qi, q in enumerate(qs):
+                body = {"vector": q.tolist(), "top_k": TOP_K, "exclude_self": False, **filter_body(filters)}
+                answers = []
+                for client in clients:
+                    r = client.post("/search_vector", json=body)
+                    r.raise_for_status()
+                    answers.append([hit["id"] for hit in r.json()["results"]])
+                identical &= all(a == answers[0] for a in answers)
+                recalls.append(len({int(i, 16) for i in answers[0]} & set(exact[qi].tolist())) / TOP_K)
+            row = {
+                "kind": kind,
+                "selectivity": s,
+                "queries": len(qs),
+                "replicas": replicas,
+                "api_recall_at_10": round(float(np.mean(recalls)), 4),
+                "replicas_identical": identical,
+            }
+            log(json.dumps(row))
+            out.append(row)
+    return out
 
 
 def measure_searches(args, open_handler, queries: np.ndarray, exact: np.ndarray, api_env, tmp: Path) -> list[dict]:
@@ -322,21 +368,104 @@ def measure_searches(args, open_handler, queries: np.ndarray, exact: np.ndarray,
     return results
 
 
-def synthetic_folders(n: int, selectivities: list[float], seed: int) -> tuple[list[str] | None, dict[float, str]]:
-    """``(folders, prefixes)``: a folder per row and, per selectivity ``s``, the ``path_prefix`` that keeps the rows
-    whose seeded uniform ``u < s`` (nested folders, see the module docstring); ``(None, {})`` without selectivities.
+FILTER_KINDS = ("folder", "format", "size", "date")
+#: format names given to the slices of --filter-selectivity (largest selectivity first); the rest of the rows: HEIF
+SYNTHETIC_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "AVIF", "BMP")
+DATE_ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
+DATE_SPAN_DAYS = 10_000.0
+DATE_WINDOW_START_DAYS = 1_000.0  # a date filter keeps a window starting here, not the newest or oldest photos
+
+
+class SyntheticMetadata:
+    """Per-row metadata drawn independently of the vectors, so that one filter per kind and per selectivity ``s``
+    keeps a random fraction ``s`` of the rows (issue #29). Each kind has its own seeded uniform ``u`` per row:
+
+    * ``folder``: nested folders ``in0.5/in0.1/in0.02/...`` for the rows with ``u < s`` at each level (``out``
+      where a level fails); the filter is ``path_prefix`` (e.g. ``in0.5/in0.1`` keeps 10 %).
+    * ``format``: disjoint slices of ``u``, one format name per selectivity (``SYNTHETIC_FORMATS``), ``HEIF`` for
+      the rest; the filter is ``formats=[name]`` (needs the selectivities to sum to at most 1).
+    * ``size``: ``width = 100 + floor(10,000 u)`` px (height 3/4 of it); the filter is ``min_width`` keeping ``s``.
+    * ``date``: ``taken_at`` uniform over 10,000 days from 2000-01-01; the filter is a ``taken_after`` /
+      ``taken_before`` window of ``10,000 s`` days starting on day 1,000.
+
+    Without selectivities every row is ``synthetic/{i}``, format ``SYNTHETIC``, 1 x 1 px, no ``taken_at``.
     """
-    if not selectivities:
-        return None, {}
-    levels = sorted(selectivities, reverse=True)
-    names = [f"in{s:g}" for s in levels]
-    u = np.random.default_rng(seed * 1_000_003 + 7).random(n)
-    depth = np.zeros(n, dtype=np.int64)  # how many levels each row is in
-    for s in levels:
-        depth += u < s
-    folders = ["/".join(names[:d] + (["out"] if d < len(levels) else [])) for d in depth.tolist()]
-    prefixes = {s: "/".join(names[: k + 1]) for k, s in enumerate(levels)}
-    return folders, prefixes
+
+    def __init__(self, n: int, selectivities: list[float], seed: int, kinds: tuple[str, ...] = ("folder",)) -> None:
+        self.n, self.kinds = n, tuple(kinds) if selectivities else ()
+        self.selectivities = sorted(selectivities, reverse=True)
+        if "format" in self.kinds and sum(self.selectivities) > 1:
+            raise SystemExit("--filter-kinds format needs --filter-selectivity values that sum to at most 1")
+        rng = np.random.default_rng(seed * 1_000_003 + 7)
+        u = rng.random((n, 4)) if selectivities else np.zeros((n, 4))
+        self.u = u
+        levels = self.selectivities
+        names = [f"in{x:g}" for x in levels]
+        depth = np.zeros(n, dtype=np.int64)
+        for x in levels:
+            depth += u[:, 0] < x
+        self.folders = (
+            ["/".join(names[:d] + (["out"] if d < len(levels) else [])) for d in depth.tolist()] if levels else None
+        )
+        self.prefixes = {x: "/".join(names[: k + 1]) for k, x in enumerate(levels)}
+        self.format_of = np.full(n, "HEIF", dtype=object)
+        self.format_names, lo = {}, 0.0
+        for k, x in enumerate(levels[: len(SYNTHETIC_FORMATS)]):
+            self.format_names[x] = SYNTHETIC_FORMATS[k]
+            self.format_of[(u[:, 1] >= lo) & (u[:, 1] < lo + x)] = SYNTHETIC_FORMATS[k]
+            lo += x
+        self.width = (100 + np.floor(u[:, 2] * 10_000)).astype(np.int64)
+        self.taken_days = u[:, 3] * DATE_SPAN_DAYS
+
+    def _mask(self, kind: str, x: float, f) -> np.ndarray:
+        """``(N,)`` bool: the rows ``f`` keeps, computed from the arrays (checked against ``f.matches`` on a sample
+        of rows, the filter's reference meaning)."""
+        if kind == "folder":
+            mask = self.u[:, 0] < x
+        elif kind == "format":
+            mask = self.format_of == self.format_names[x]
+        elif kind == "size":
+            mask = self.width >= f.min_width
+        else:
+            start = (f.taken_after - DATE_ORIGIN).total_seconds() / 86400
+            end = (f.taken_before - DATE_ORIGIN).total_seconds() / 86400
+            mask = (self.taken_days >= start) & (self.taken_days < end)
+        from app.vectordb.base import ImageMetadata
+
+        now = datetime.now(UTC)
+        for i in np.random.default_rng(0).choice(self.n, size=min(self.n, 2000), replace=False).tolist():
+            filename, fmt, width, height, taken_at = self.row(i)
+            assert f.matches(ImageMetadata(filename, fmt, width, height, 0, now, taken_at)) == mask[i], (kind, x, i)
+        return mask
+
+    def row(self, i: int) -> tuple[str, str, int, int, datetime | None]:
+        """``(filename, format, width, height, taken_at)`` of row ``i``."""
+        if self.folders is None:
+            return f"synthetic/{i}", "SYNTHETIC", 1, 1, None
+        w = int(self.width[i])
+        taken = DATE_ORIGIN + timedelta(days=float(self.taken_days[i]))
+        return f"{self.folders[i]}/{i}", str(self.format_of[i]), w, max(1, w * 3 // 4), taken
+
+    def filters(self) -> list[tuple[str, float, object, np.ndarray]]:
+        """``(kind, s, SearchFilter, mask)`` per kind and selectivity; ``mask`` (N,) bool marks the matching rows."""
+        from app.vectordb.base import SearchFilter
+
+        out = []
+        for kind in self.kinds:
+            for x in sorted(self.selectivities):
+                if kind == "folder":
+                    f = SearchFilter.create(path_prefix=self.prefixes[x])
+                elif kind == "format":
+                    if x not in self.format_names:
+                        continue
+                    f = SearchFilter.create(formats=[self.format_names[x]])
+                elif kind == "size":
+                    f = SearchFilter.create(min_width=100 + int(np.ceil(10_000 * (1 - x))))
+                else:
+                    start = DATE_ORIGIN + timedelta(days=DATE_WINDOW_START_DAYS)
+                    f = SearchFilter.create(taken_after=start, taken_before=start + timedelta(days=DATE_SPAN_DAYS * x))
+                out.append((kind, x, f, self._mask(kind, x, f)))
+        return out
 
 
 def apply_filter_plan(args) -> dict:
@@ -357,28 +486,67 @@ def apply_filter_plan(args) -> dict:
     }
 
 
-def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, folders, prefixes) -> list[dict]:
-    """Per selectivity in ``prefixes`` and per ``ef_search`` in ``args.filter_ef``: recall@10 of the filtered search
-    against exact (numpy) filtered search over the matching rows, the share of searches that returned all 10 rows,
-    and latency (ms, client side, one search at a time after a warm-up). Empty without ``--filter-selectivity``."""
-    from app.vectordb.base import SearchFilter
+def _plan_spy(handler) -> dict[str, int] | None:
+    """Counts, per search, which of :class:`PgVectorHandler`'s filtered plans answered (``exact_pass``,
+    ``iterative``, ``exact_fallback``) by wrapping the handler instance's plan methods; ``None`` for other
+    backends."""
+    if not hasattr(handler, "_bounded_exact_search"):
+        return None
+    counts = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0}
+    bounded, index, exact = handler._bounded_exact_search, handler._index_search, handler._exact_search
 
+    def bounded_spy(*a, **k):
+        rows = bounded(*a, **k)
+        counts["exact_pass"] += rows is not None
+        return rows
+
+    def index_spy(conn, v, top_k, where=None, params=(), *, ef):
+        rows = index(conn, v, top_k, where, params, ef=ef)
+        counts["iterative"] += where is not None and len(rows) == top_k
+        counts["last_ef"] = ef
+        return rows
+
+    def exact_spy(*a, **k):
+        counts["exact_fallback"] += 1
+        return exact(*a, **k)
+
+    handler._bounded_exact_search, handler._index_search, handler._exact_search = bounded_spy, index_spy, exact_spy
+    return counts
+
+
+def _planner_estimate(handler, filters) -> float | None:
+    """The PostgreSQL planner's row estimate for ``filters`` (what the pgvector handler's plan choice starts from);
+    ``None`` for other backends."""
+    if not hasattr(handler, "_estimated_rows"):
+        return None
+    from app.vectordb.pgvector import filter_sql
+
+    where, params = filter_sql(filters)
+    return handler._run(lambda conn: handler._estimated_rows(conn, where, params))
+
+
+def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, meta: SyntheticMetadata) -> list[dict]:
+    """Per filter of ``meta`` (kind x selectivity) and per ``ef_search`` in ``args.filter_ef``: recall@10 of the
+    filtered search against exact (numpy) filtered search over the matching rows, the share of searches that
+    returned all 10 rows, latency (ms, client side, one search at a time after a warm-up), and on pgvector the
+    planner's row estimate and which plan answered how many searches. Empty without ``--filter-selectivity``."""
     results = []
-    for s, prefix in sorted(prefixes.items()):
-        filters = SearchFilter.create(path_prefix=prefix)
-        rows = np.flatnonzero([f.startswith(prefix + "/") or f == prefix for f in folders])
+    for kind, s, filters, mask in meta.filters():
+        rows = np.flatnonzero(mask)
         exact = rows[exact_top_k(data[rows], queries, TOP_K)]  # (Q, 10) row indices of the matching rows
         for ef in args.filter_ef:
             h = open_handler(ef)
             try:
                 for q in queries[: min(len(queries), 20)]:  # warm-up
                     h.search(q, TOP_K, filters)
+                estimate = _planner_estimate(h, filters)
+                plans = _plan_spy(h)
                 ms, recalls, full = [], [], 0
                 for qi, q in enumerate(queries):
                     t = time.perf_counter()
                     hits = h.search(q, TOP_K, filters)
                     ms.append((time.perf_counter() - t) * 1000)
-                    assert all(hit.metadata.filename.startswith(prefix + "/") for hit in hits)
+                    assert all(filters.matches(hit.metadata) for hit in hits)
                     found = {int(hit.id, 16) for hit in hits}
                     recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
                     full += len(hits) == TOP_K
@@ -386,6 +554,7 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                 h.close()
             p50, p95, _ = percentiles(ms)
             row = {
+                "kind": kind,
                 "selectivity": s,
                 "matching": int(len(rows)),
                 "ef_search": ef,
@@ -394,6 +563,9 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                 "p50_ms": p50,
                 "p95_ms": p95,
             }
+            if estimate is not None:
+                row["planner_estimate"] = round(estimate)
+                row["plans"] = plans
             log(json.dumps(row))
             results.append(row)
     return results
@@ -422,27 +594,23 @@ def check_scan(args, open_handler, n: int, batch_size: int = 1000) -> dict | Non
     return {"rows": rows, "distinct": len(seen), "complete": complete, "seconds": round(seconds, 1)}
 
 
-def synthetic_records(vectors: np.ndarray, start: int, folders: list[str] | None = None) -> list:
+def synthetic_records(vectors: np.ndarray, start: int, meta: SyntheticMetadata) -> list:
     """Rows ``start..`` as :class:`ImageRecord` (ids ``f"{i:064x}"``, the same metadata COPY writes)."""
     from app.vectordb.base import ImageMetadata, ImageRecord
 
     now = datetime.now(UTC)
-    return [
-        ImageRecord(
-            f"{i:064x}",
-            v,
-            ImageMetadata(f"{'synthetic' if folders is None else folders[i - start]}/{i}", "SYNTHETIC", 1, 1, 0, now),
-        )
-        for i, v in enumerate(vectors, start)
-    ]
+    records = []
+    for i, v in enumerate(vectors, start):
+        filename, fmt, width, height, taken_at = meta.row(i)
+        records.append(ImageRecord(f"{i:064x}", v, ImageMetadata(filename, fmt, width, height, 0, now, taken_at)))
+    return records
 
 
-def load_through_handler(handler, data: np.ndarray, batch_size: int, folders: list[str] | None = None) -> float:
+def load_through_handler(handler, data: np.ndarray, batch_size: int, meta: SyntheticMetadata) -> float:
     """Upsert every row through the handler's own batched write path; returns the wall time in seconds."""
     t0 = time.perf_counter()
     for start in range(0, len(data), batch_size):
-        part = None if folders is None else folders[start : start + batch_size]
-        handler.upsert(synthetic_records(data[start : start + batch_size], start, part))
+        handler.upsert(synthetic_records(data[start : start + batch_size], start, meta))
         done = min(start + batch_size, len(data))
         if done % 50_000 < batch_size or done == len(data):
             log(f"loaded {done:,}/{len(data):,}")
@@ -470,10 +638,9 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             raise SystemExit("the images table is not empty; point DATABASE_URL at an empty database")
         loader.drop_index()
         t0 = time.perf_counter()
-        folders, prefixes = synthetic_folders(len(data), args.filter_selectivity, args.seed)
+        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds)
         for start in range(0, len(data), args.chunk):
-            part = None if folders is None else folders[start : start + args.chunk]
-            copy_rows(url, data[start : start + args.chunk], start, args.vector_type, part)
+            copy_rows(url, data[start : start + args.chunk], start, args.vector_type, meta)
             log(f"loaded {min(start + args.chunk, len(data)):,}/{len(data):,}")
         load_s = time.perf_counter() - t0
         with psycopg.connect(url, autocommit=True) as conn:
@@ -503,9 +670,11 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             lambda ef: PgVectorHandler(url, pool_min=1, pool_max=1, ef_search=ef, **params),
             data,
             queries,
-            folders,
-            prefixes,
+            meta,
         )
+        api_filters = []
+        if args.api and filtered and args.api_filter_queries > 0:
+            api_filters = api_filtered(args, api_env, tmp / "app-data", data, queries, meta, replicas=2)
         scan = check_scan(args, lambda: PgVectorHandler(url, pool_min=1, pool_max=1, **params), len(data))
         pss = server_pss_mb(pgdata)
     finally:
@@ -519,6 +688,7 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         "server_pss_mb": pss,
         "results": results,
         "filtered": filtered,
+        "api_filtered": api_filters,
         "scan": scan,
     }
 
@@ -538,8 +708,8 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
     loader = MilvusHandler(uri, **params)
     try:
         loader.ensure_collection(MODEL_ID, args.dim)
-        folders, prefixes = synthetic_folders(len(data), args.filter_selectivity, args.seed)
-        load_s = load_through_handler(loader, data, args.batch_size, folders)
+        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds)
+        load_s = load_through_handler(loader, data, args.batch_size, meta)
         log("waiting for Milvus to seal, compact and index every segment")
         t0 = time.perf_counter()
         loader.close()  # Lite: stopping the last client of a database waits for its background index builds
@@ -555,9 +725,7 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
         results = measure_searches(
             args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), queries, exact, api_env, tmp
         )
-        filtered = measure_filtered(
-            args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), data, queries, folders, prefixes
-        )
+        filtered = measure_filtered(args, lambda ef: MilvusHandler(uri, ef_search=ef, **params), data, queries, meta)
         scan = check_scan(args, lambda: MilvusHandler(uri, **params), len(data))
     finally:
         loader.close()
@@ -593,8 +761,8 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
     loader = ManticoreHandler(host, port, **params)
     try:
         loader.ensure_collection(MODEL_ID, args.dim)
-        folders, prefixes = synthetic_folders(len(data), args.filter_selectivity, args.seed)
-        load_s = load_through_handler(loader, data, args.batch_size, folders)
+        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds)
+        load_s = load_through_handler(loader, data, args.batch_size, meta)
         loader.close()
         t0 = time.perf_counter()
         with pymysql.connect(host=host, port=port, autocommit=True, read_timeout=3600) as conn, conn.cursor() as cur:
@@ -610,7 +778,7 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
             args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), queries, exact, None, tmp
         )
         filtered = measure_filtered(
-            args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), data, queries, folders, prefixes
+            args, lambda ef: ManticoreHandler(host, port, ef_search=ef, **params), data, queries, meta
         )
         scan = check_scan(args, lambda: ManticoreHandler(host, port, **params), len(data))
     finally:
@@ -665,6 +833,18 @@ def main() -> int:
         default=[],
         help="also search with a path_prefix filter keeping each of these fractions of the rows, e.g. 0.02,0.1,0.5",
     )
+    parser.add_argument(
+        "--filter-kinds",
+        type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+        default=("folder",),
+        help=f"which filters to measure per selectivity, of {','.join(FILTER_KINDS)} (default: folder)",
+    )
+    parser.add_argument(
+        "--api-filter-queries",
+        type=int,
+        default=50,
+        help="pgvector: queries per filter through POST /search_vector of two replica servers (0: skip)",
+    )
     parser.add_argument("--pg-exact-max-rows", type=int, default=None, help="pgvector EXACT_SEARCH_MAX_ROWS override")
     parser.add_argument(
         "--pg-iterative-scan", choices=["strict_order", "relaxed_order"], default=None, help="pgvector override"
@@ -688,6 +868,8 @@ def main() -> int:
     clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
     if any(not 0 < s < 1 for s in args.filter_selectivity):
         parser.error("--filter-selectivity takes fractions strictly between 0 and 1")
+    if any(k not in FILTER_KINDS for k in args.filter_kinds):
+        parser.error(f"--filter-kinds takes {', '.join(FILTER_KINDS)}")
     if args.filter_ef is None:
         args.filter_ef = args.ef
     filter_plan = apply_filter_plan(args)
@@ -726,6 +908,8 @@ def main() -> int:
     if out["filtered"]:
         line["filter_plan"] = filter_plan
         line["filtered"] = out["filtered"]
+    if out.get("api_filtered"):
+        line["api_filtered"] = out["api_filtered"]
     if out["scan"] is not None:
         line["scan"] = out["scan"]
     if args.compare_halfvec:

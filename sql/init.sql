@@ -42,3 +42,6 @@ CREATE INDEX IF NOT EXISTS images_filename_prefix ON images (filename text_patte
 CREATE INDEX IF NOT EXISTS images_format_upper ON images (upper(format));
 CREATE INDEX IF NOT EXISTS images_indexed_at ON images (indexed_at);
 CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);
+-- Minimum-size filters (issue #29): without these a selective min_width/min_height filter reads the whole table.
+CREATE INDEX IF NOT EXISTS images_width ON images (width);
+CREATE INDEX IF NOT EXISTS images_height ON images (height);

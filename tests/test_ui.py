@@ -6,6 +6,7 @@ browser in tests/test_browser.py; the pure query/link rules are tested in tests/
 from __future__ import annotations
 
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -105,49 +106,133 @@ def test_no_gradio_without_the_ui(client):
 
 @pytest.fixture
 def live_ui(tmp_path, database_url, offline_embedder):
-    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY, max_batch_files=2)
+    # MAX_UPLOAD_MB=1 and MAX_BATCH_MB=5: a 3 MB phone photo is over one file's limit, two of them over a request's.
+    settings = make_settings(
+        tmp_path / "data",
+        database_url,
+        ui_enabled=True,
+        api_key=KEY,
+        max_batch_files=2,
+        max_upload_mb=1,
+        max_batch_mb=5,
+    )
     with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
         yield url
 
 
-def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path):
+DESK = INSTANCE / "pdq_desk_exif"  # 12 MP phone photos, about 3.2 MB each
+
+
+def _gradio_call(url: str, api_name: str, data: list) -> str:
+    """Call a Gradio endpoint over plain HTTP (``/gradio_api/call``), as any client may: the event stream's text."""
+    r = httpx.post(f"{url}/ui/gradio_api/call/{api_name}", json={"data": data}, timeout=30)
+    assert r.status_code == 200, r.text
+    with httpx.stream("GET", f"{url}/ui/gradio_api/call/{api_name}/{r.json()['event_id']}", timeout=60) as stream:
+        return "".join(stream.iter_text())
+
+
+def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog, capfd):
     from gradio_client import Client, handle_file
 
     ui = Client(f"{live_ui}/ui/", verbose=False)
     names = ["pillow_hopper.png", "pillow_hopper.webp", "pillow_hopper_orientation_6.jpg"]
     files = [handle_file(str(HOPPER / n)) for n in names]
-    # Adding needs the key (API_KEY is set): refused without it, nothing stored.
+    # Adding needs the key (API_KEY is set): refused without it, nothing stored. An expected mistake (also adding
+    # nothing) is one log line, not a traceback.
+    caplog.set_level("INFO", logger="ui.context")
     with pytest.raises(Exception, match="API key"):
-        ui.predict(files, "", "", api_name="/add")
+        ui.predict(photos=files, api_name="/add")
+    with pytest.raises(Exception, match="Choose, drop or paste photos"):
+        ui.predict(photos=[], api_key=KEY, api_name="/add")
     assert httpx.get(f"{live_ui}/stats").json()["count"] == 0
+    refused = [r for r in caplog.records if r.name == "ui.context"]
+    assert [r.levelname for r in refused] == ["WARNING", "INFO"] and not any(r.exc_info for r in refused)
+    assert "Traceback" not in capfd.readouterr().err
+
+    # Each file judged on its own, as POST /index_images does: a corrupt one and one over MAX_UPLOAD_MB are refused
+    # in their own entries, in the order given; the others are added (in batches of MAX_BATCH_FILES=2).
     corrupt = tmp_path / "broken.jpg"
     corrupt.write_bytes((HOPPER / "pillow_hopper.jpg").read_bytes()[:500])
-    summary, table, line, _ = ui.predict([*files, handle_file(str(corrupt))], KEY, "", api_name="/add")
-    rows = table["data"]
-    assert [r[0] for r in rows] == ["✓", "✓", "✓", "✗"] and rows[3][1] == "broken.jpg" and rows[3][2]
-    assert "**3 photos**" in line and "3 of 4" in summary
+    big = DESK / "exif-rotn-1.jpg"
+    chosen = [files[0], handle_file(str(big)), *files[1:], handle_file(str(corrupt))]
+    summary, entries, line = ui.predict(photos=chosen, api_key=KEY, api_name="/add")
+    assert [(e["file"], e["ok"]) for e in entries] == [
+        ("pillow_hopper.png", True),
+        ("exif-rotn-1.jpg", False),
+        ("pillow_hopper.webp", True),
+        ("pillow_hopper_orientation_6.jpg", True),
+        ("broken.jpg", False),
+    ]
+    assert entries[1]["result"] == "The file is 3.1 MB; the limit is 1 MB (MAX_UPLOAD_MB)."  # MB of 10^6 bytes
+    assert entries[4]["result"] and entries[0]["result"] == "added" and len(entries[0]["id"]) == 64
+    assert line.startswith("3 photos · model ") and summary == "3 of 5 added or already there; 2 refused."
+    # One request of the page's upload route may carry MAX_BATCH_MB (all files chosen at once), not more.
+    upload = f"{live_ui}/ui/gradio_api/upload"
+    two = [("files", (f"{n}.jpg", big.read_bytes())) for n in range(2)]
+    r = httpx.post(upload, files=two, timeout=60)
+    assert r.status_code == 413 and "5 MB (MAX_BATCH_MB)" in r.json()["detail"], r.text
+    assert httpx.post(upload, files=two[:1], timeout=60).status_code == 200
 
-    # The search handler, by its API name: a photo, no words, no filters, 5 results per page.
-    gallery, status, *_ = ui.predict(
-        handle_file(str(HOPPER / "pillow_hopper.jpg")), "", "", "", [], "", "", 0, False, 5, api_name="/search"
+    # Search by a photo: results as data, with their ids, ranked as the REST API ranks them.
+    results, status = ui.predict(
+        photo=handle_file(str(HOPPER / "pillow_hopper.jpg")), results_per_page=5, api_name="/search"
     )
-    assert status.startswith("3 results")
-    captions = [item["caption"] for item in gallery]
-    assert {c.split(" · ")[2] for c in captions} == set(names)
-    assert [c.split(" · ")[0] for c in captions] == ["#1", "#2", "#3"]
-    # The same search through the REST API ranks the same images in the same order.
+    assert status.startswith("3 results") and [r["rank"] for r in results] == [1, 2, 3]
+    assert {r["filename"] for r in results} == set(names)
     with (HOPPER / "pillow_hopper.jpg").open("rb") as f:
         rest = httpx.post(f"{live_ui}/search_image", files={"file": f}, data={"top_k": 5}).json()["results"]
-    assert [c.split(" · ")[2] for c in captions] == [r["filename"] for r in rest]
-    # A filter given to the handler narrows it like the REST API's.
-    gallery, status, *_ = ui.predict(
-        handle_file(str(HOPPER / "pillow_hopper.jpg")), "", "", "", ["WEBP"], "", "", 0, False, 5, api_name="/search"
-    )
-    assert [item["caption"].split(" · ")[2] for item in gallery] == ["pillow_hopper.webp"]
-    # A file the decoder refuses is reported, not a crash.
-    gallery, status, *_ = ui.predict(handle_file(str(corrupt)), "", "", "", [], "", "", 0, False, 5, api_name="/search")
-    assert gallery == [] and status.startswith("✗")
-    assert "**3 photos**" in ui.predict(api_name="/stats")
+    assert [(r["id"], r["filename"]) for r in results] == [(r["id"], r["filename"]) for r in rest]
+    # A filter narrows it like the REST API's.
+    webp, _ = ui.predict(photo=handle_file(str(HOPPER / "pillow_hopper.jpg")), formats=["WEBP"], api_name="/search")
+    assert [r["filename"] for r in webp] == ["pillow_hopper.webp"]
+    # A file the decoder refuses, and one over MAX_UPLOAD_MB, are reported in the status, in the setting's units.
+    for photo, why in ((corrupt, "✗"), (big, "✗ The upload is 3.1 MB; the limit is 1 MB (MAX_UPLOAD_MB).")):
+        nothing, status = ui.predict(photo=handle_file(str(photo)), api_name="/search")
+        assert nothing == [] and status.startswith(why), status
+    # More like this, by id; a result opened by id.
+    similar, status = ui.predict(image_id=results[0]["id"], api_name="/similar")
+    assert status.startswith("2 results") and results[0]["id"] not in {r["id"] for r in similar}
+    details, large, original = ui.predict(image_id=results[0]["id"], api_name="/open")
+    assert results[0]["filename"] in details and results[0]["id"] in details
+    assert Path(original).read_bytes() == (HOPPER / results[0]["filename"]).read_bytes()
+    with pytest.raises(Exception, match="No photo of the collection has this id"):
+        ui.predict(image_id="0" * 64, api_name="/open")
+    assert ui.predict(api_name="/stats").startswith("3 photos · model efficientnet")
+
+    # A client may name only files uploaded to this service: not another file of the server (a mounted Gradio app
+    # skips that check unless told it has launched).
+    elsewhere = str(HOPPER / "pillow_hopper.jpg")
+    named = {"path": elsewhere, "meta": {"_type": "gradio.FileData"}}
+    answer = _gradio_call(live_ui, "search", [named, "", "", "", [], "", "", 0, False, 5])
+    assert "event: error" in answer and "not uploaded by a user" in answer, answer
+    answer = _gradio_call(live_ui, "add", [[named], KEY])
+    assert "event: error" in answer and httpx.get(f"{live_ui}/stats").json()["count"] == 3, answer
+
+
+def test_the_gradio_api_examples_of_the_docs_run(live_ui, tmp_path, monkeypatch):
+    """Every ```python block of docs/web-ui.md's "Gradio API" section, in order, against a live server; the files
+    they name are the test data's (a JPEG and the same picture as a HEIC)."""
+    text = (PROJECT_ROOT / "docs" / "web-ui.md").read_text()
+    section = text.split("## Gradio API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 8, blocks
+    shutil.copyfile(HOPPER / "pillow_hopper.jpg", tmp_path / "cat.jpg")
+    shutil.copyfile(HOPPER / "pillow_hopper.heif", tmp_path / "IMG_0001.HEIC")
+    monkeypatch.chdir(tmp_path)
+    names: dict = {"URL": live_ui, "KEY": KEY}
+    for block in blocks:
+        exec(compile(block, "docs/web-ui.md", "exec"), names)  # noqa: S102 - the docs' own examples
+    try:
+        assert names["summary"].startswith("2 of 2") and names["best"]["filename"] == "IMG_0001.HEIC"
+        assert names["pngs"] == [] and names["similar"][0]["filename"] == "cat.jpg"
+        assert (
+            "IMG_0001.HEIC" in names["details"]
+            and Path(names["original"]).read_bytes() == (tmp_path / "IMG_0001.HEIC").read_bytes()
+        )
+        assert set(names["groups"][0]["filenames"]) == {"cat.jpg", "IMG_0001.HEIC"}
+        assert "groups at similarity" in names["status"]
+    finally:
+        names["ui"].close()
 
 
 def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offline_embedder, monkeypatch):
@@ -257,20 +342,11 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
         from gradio_client import Client, handle_file
 
         ui = Client(f"{url}/ui/", auth=("me", KEY), verbose=False)
-        _, table, line, _ = ui.predict([handle_file(str(HOPPER / "pillow_hopper.png"))], "", "", api_name="/add")
-        assert table["data"][0][0] == "✓" and "**1 photo**" in line
-
-
-def test_gradio_uploads_follow_max_upload_mb(tmp_path, database_url, offline_embedder):
-    # Gradio's own upload route refuses what the service would: MAX_UPLOAD_MB is its max_file_size.
-    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, max_upload_mb=0.01)  # 10 kB
-    with run_live_server(create_app(settings, embedder=offline_embedder)) as url:
-        small, large = HOPPER / "pillow_hopper.jpg", HOPPER / "pillow_hopper.png"
-        assert small.stat().st_size < 10_000 < large.stat().st_size
-        r = httpx.post(f"{url}/ui/gradio_api/upload", files={"files": (large.name, large.read_bytes())}, timeout=30)
-        assert r.status_code == 413, r.text
-        r = httpx.post(f"{url}/ui/gradio_api/upload", files={"files": (small.name, small.read_bytes())}, timeout=30)
-        assert r.status_code == 200 and r.json()[0].endswith("pillow_hopper.jpg"), r.text
+        try:
+            _, entries, line = ui.predict(photos=[handle_file(str(HOPPER / "pillow_hopper.png"))], api_name="/add")
+            assert entries[0]["ok"] and line.startswith("1 photo · ")
+        finally:
+            ui.close()  # else its heartbeat stream holds the server's shutdown until the next beat
 
 
 @pytest.mark.parametrize(
@@ -318,3 +394,106 @@ def test_preview_waits_for_decode_capacity(tmp_path, database_url, offline_embed
             assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
         assert client.post("/preview", files={"file": (path.name, path.read_bytes())}).status_code == 200
         assert gate.in_flight == 0
+
+
+def _serve_in_a_process(tmp_path: Path, name: str, database_url: str, model_cache_dir: Path, **env: str):
+    """``python -m app`` with the UI, in a process of its own (its own environment, as an instance on a host), on a
+    free port; no GRADIO_TEMP_DIR in its environment. Returns ``(process, base URL, data dir)``."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    data = tmp_path / name
+    environment = {k: v for k, v in os.environ.items() if k not in ("GRADIO_TEMP_DIR", "DATABASE_URL")}
+    environment.update(
+        DATA_DIR=str(data),
+        DATABASE_URL=database_url,
+        MODEL_CACHE_DIR=str(model_cache_dir),
+        EMBEDDER="efficientnet",
+        UI_ENABLED="true",
+        HOST="127.0.0.1",
+        PORT=str(port),
+        LOG_LEVEL="WARNING",
+        HF_HUB_OFFLINE="1",
+        **env,
+    )
+    log = (tmp_path / f"{name}.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "app"], cwd=PROJECT_ROOT, env=environment, stdout=log, stderr=log)
+    return process, f"http://127.0.0.1:{port}", data
+
+
+def _wait_healthy_then_ui(process, url: str) -> list[int]:
+    """Wait for ``/health`` to answer 200, then ask for ``/ui/`` at once: the status codes ``/ui/`` answered until
+    the page came (the UI is built after the API is healthy; meanwhile a request waits for it)."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    codes = []
+    while not codes or codes[-1] != 200:
+        codes.append(httpx.get(f"{url}/ui/", timeout=60).status_code)
+        assert len(codes) < 20 and time.monotonic() < deadline, codes
+    return codes
+
+
+def test_two_instances_on_one_host_keep_their_ui_files_apart(tmp_path, pg_server, offline_embedder, model_cache_dir):
+    """Instance A asks for a key for everything (API_KEY_READS); B, on the same host, asks for none. A's uploads,
+    thumbnails and originals are under A's DATA_DIR, and B neither serves them nor accepts them in a call."""
+    from gradio_client import Client, handle_file
+
+    from tests.helpers import create_database
+
+    a, a_url, a_data = _serve_in_a_process(
+        tmp_path, "a", create_database(pg_server), model_cache_dir, API_KEY=KEY, API_KEY_READS="true"
+    )
+    b, b_url, b_data = _serve_in_a_process(tmp_path, "b", create_database(pg_server), model_cache_dir)
+    try:
+        # /ui/ right after /health: it waits for the UI being built, never a 404 or a 500.
+        assert _wait_healthy_then_ui(a, a_url)[-1] == 200 and _wait_healthy_then_ui(b, b_url) == [200]
+        photo = HOPPER / "pillow_hopper.png"
+        r = httpx.post(
+            f"{a_url}/index_images", files=[("files", (photo.name, photo.read_bytes()))], headers={"X-API-Key": KEY}
+        )
+        assert r.status_code == 200, r.text
+        ui = Client(f"{a_url}/ui/", auth=("me", KEY), verbose=False)
+        try:
+            results, _ = ui.predict(photo=handle_file(str(HOPPER / "pillow_hopper.jpg")), api_name="/search")
+            ui.predict(image_id=results[0]["id"], api_name="/open")  # A makes its large view and original
+        finally:
+            ui.close()
+        made = [p for p in (a_data / "ui-files").rglob("*") if p.is_file()]
+        names = {p.name for p in made}
+        assert {"pillow_hopper.jpg", "pillow_hopper.png"} <= names, names  # the upload, the original
+        assert not any((b_data / "ui-files").rglob("pillow_hopper*")), "B's folder holds A's files"
+        for path in made:
+            # Not through B's file route (a 403 of Gradio's own), nor named in a call to B.
+            assert httpx.get(f"{b_url}/ui/gradio_api/file={path}").status_code == 403, path
+        named = {"path": str(made[0]), "meta": {"_type": "gradio.FileData"}}
+        answer = _gradio_call(b_url, "search", [named, "", "", "", [], "", "", 0, False, 5])
+        assert "event: error" in answer and "not uploaded by a user" in answer, answer
+        # And A serves its own only after the login.
+        assert httpx.get(f"{a_url}/ui/gradio_api/file={made[0]}").status_code == 401
+    finally:
+        for process in (a, b):
+            process.terminate()
+        for process in (a, b):
+            process.wait(timeout=60)
+
+
+def test_ui_gate_answers_503_with_retry_after_when_the_ui_cannot_start():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from ui.mount import UI_RETRY_AFTER_S, UiGate
+
+    gate = UiGate()
+    app = FastAPI()
+    app.mount("/ui", gate)
+    gate.fail("ImportError")
+    r = TestClient(app).get("/ui/")
+    assert r.status_code == 503 and r.headers["retry-after"] == str(UI_RETRY_AFTER_S)
+    assert "could not start (ImportError)" in r.json()["detail"]

@@ -52,6 +52,8 @@ def test_a_hand_edited_link_still_opens():
     assert link.query is None and link.filters.top_k == 100 and link.filters.formats == ("JPEG",)
     assert link.filters.min_score is None and link.filters.taken_before == ""
     assert len(link.problems) == 3  # the id, the score and the date each say what was wrong
+    assert "minimum score" in link.problems[0] and "taken until date" in link.problems[1]
+    assert "results per page" in from_link({"top_k": "ten"}, 20, 100).problems[0]
     assert from_link({"text": "dog", "not": "cat"}, 20, 100).query == UiQuery("combined", text="dog", negative="cat")
 
 
@@ -63,13 +65,17 @@ def test_filters_become_the_services_options():
     assert UiFilters(top_k=5).options().filters is None
     with pytest.raises(ValueError, match="2024-07-31"):
         UiFilters(top_k=5, taken_after="31/07/2024").options()
-    with pytest.raises(ValueError, match="before"):
+    # Messages name the filters as the page labels them ("Taken until", not "Taken before").
+    with pytest.raises(ValueError, match=r"^Taken from \(2024-08-01\) must be on or before Taken until"):
         UiFilters(top_k=5, taken_after="2024-08-01", taken_before="2024-07-01").options()
+    with pytest.raises(ValueError, match="^Taken until must be a date"):
+        UiFilters(top_k=5, taken_before="soon").options()
 
 
 def test_words_for_people():
     assert photos(1) == "1 photo" and photos(273) == "273 photos" and photos(12345) == "12,345 photos"
-    assert file_size(812) == "812 bytes" and file_size(3282) == "3.3 kB" and file_size(12_400_000) == "12.4 MB"
+    assert file_size(1) == "1 byte" and file_size(0) == "0 bytes" and file_size(812) == "812 bytes"
+    assert file_size(3282) == "3.3 kB" and file_size(12_400_000) == "12.4 MB"
     assert when(None) == "unknown" and when(datetime(2024, 7, 31, 14, 5, tzinfo=UTC)) == "2024-07-31 14:05 UTC"
     assert when(datetime(2024, 7, 31, 14, 5, tzinfo=timezone(timedelta(hours=2)))) == "2024-07-31 14:05 +0200"
     meta = ImageMetadata("trips/a long name.jpg", "JPEG", 10, 10, 100, datetime(2024, 1, 1, tzinfo=UTC))

@@ -54,15 +54,22 @@ class AboutTab:
 
     def layout(self) -> None:
         """The tab and its components, inside the page's ``gr.Tabs``."""
-        with gr.Tab("About", id="about", elem_id="tab-about"):
+        with gr.Tab("About", id="about", elem_id="tab-about") as self.tab:
             self.text = gr.Markdown(elem_id="about")
             self.refresh = gr.Button("Refresh", size="sm")
 
     def wire(self, collection: gr.Markdown) -> None:
         """``collection``: the header's collection line, refreshed with the tab."""
-        ctx = self.ctx
-        self.refresh.click(self.stats, None, collection, api_name="stats")
-        self.refresh.click(lambda: about_text(ctx.get_service(), ctx.access), None, self.text, api_visibility="private")
+        # Read again whenever the tab is opened: photos added or deleted since the page loaded (here, in another
+        # tab or by a script) are counted.
+        for shown in (self.tab.select, self.refresh.click):
+            shown(self.read, None, [self.text, collection], api_visibility="private", show_progress="hidden")
+
+    def read(self) -> tuple[str, str]:
+        """The tab's text and the header's collection line, from one read of the stats."""
+        service = self.ctx.get_service()
+        stats = read_stats(service)
+        return about_text(service, self.ctx.access, stats), collection_line(service, stats)
 
     def stats(self) -> str:
         """The collection line, ``273 photos · model X (D dimensions) · backend B``."""

@@ -1,5 +1,5 @@
 """The Add tab: photos chosen, dropped or pasted are indexed in batches (the ``add`` API name), one ✓/✗ row per
-file; its key box is shown when writes need the service's API key."""
+file (``/add`` of :mod:`ui.api` for scripts); its key box is shown when writes need the service's API key."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import gradio as gr
 
 from app.errors import ServiceError
 from app.imaging.prepare import check_upload_size
-from ui.context import UiContext, collection_line
+from ui.context import UiContext, collection_line, refuse
 
 
 class AddTab:
@@ -47,8 +47,9 @@ class AddTab:
             self.add,
             [self.files, self.key, other_key],
             [self.summary, self.table, collection, self.files],
-            api_name="add",
+            api_visibility="private",  # scripts: /add of ui.api
             concurrency_limit=1,
+            concurrency_id="add",
         )
 
     def add(
@@ -59,52 +60,75 @@ class AddTab:
         request: gr.Request,
         progress=gr.Progress(),
     ) -> tuple[Any, ...]:
-        """Index the chosen files in batches within MAX_BATCH_FILES and MAX_BATCH_MB; one ✓/✗ row per file."""
-        self.ctx.may_write([key, other_key], request)
+        """The page's "Add to the collection": :meth:`add_files`, shown as a summary and one ✓/✗ row per file."""
+        summary, rows, line = self.add_files(files, [key, other_key], request, progress)
+        table = [["✓" if row["ok"] else "✗", row["file"], row["result"]] for row in rows]
+        return summary, table, line, gr.update(value=None)
+
+    def add_files(
+        self, files: list[str] | None, keys: list[str], request: gr.Request | None, progress: gr.Progress
+    ) -> tuple[str, list[dict[str, Any]], str]:
+        """Index the chosen files in batches within MAX_BATCH_FILES and MAX_BATCH_MB, each judged on its own as
+        ``POST /index_images`` judges the files of a request: one over MAX_UPLOAD_MB is refused with the reason and
+        the others are added.
+
+        Returns:
+            ``(summary, rows, collection line)``; ``rows`` in the order the files were given, each
+            ``{"file": name, "ok": bool, "result": "added" | "already in the collection" | why it was refused,
+            "id": image id or None}``.
+
+        Raises:
+            gradio.Error: without the key where writes need one, or with no file (:func:`ui.context.refuse`).
+        """
+        self.ctx.may_write(keys, request)
         if not files:
-            raise gr.Error("Choose, drop or paste photos to add.")
+            refuse("Choose, drop or paste photos to add.")
         service = self.ctx.get_service()
         s = service.settings
-        rows: list[list[str]] = []
-        batch: list[tuple[bytes, str]] = []
+        rows: list[dict[str, Any] | None] = [None] * len(files)
+        batch: list[tuple[int, bytes, str]] = []  # (position in files, bytes, name)
         batch_bytes = 0
         done = 0
         progress((0, len(files)), desc="Adding", unit="photos")
+
+        def row(name: str, ok: bool, result: str, image_id: str | None = None) -> dict[str, Any]:
+            return {"file": name, "ok": ok, "result": result, "id": image_id}
 
         def flush() -> None:
             nonlocal batch, batch_bytes, done
             if not batch:
                 return
             try:
-                results = service.index_images(batch)
+                results = service.index_images([(data, name) for _, data, name in batch])
             except ServiceError as exc:  # the whole batch (database down, disk full): nothing of it is stored
-                rows.extend(["✗", name, str(exc)] for _, name in batch)
+                for n, _, name in batch:
+                    rows[n] = row(name, False, str(exc))
             else:
-                for r in results:
+                for (n, _, name), r in zip(batch, results, strict=True):
                     if r.status == "error":
-                        rows.append(["✗", r.filename, str(r.error)])
+                        rows[n] = row(name, False, str(r.error))
                     else:
-                        rows.append(
-                            ["✓", r.filename, "added" if r.status == "indexed" else "already in the collection"]
-                        )
+                        added = "added" if r.status == "indexed" else "already in the collection"
+                        rows[n] = row(name, True, added, r.id)
             done += len(batch)
             progress((done, len(files)), desc="Adding", unit="photos")
             batch, batch_bytes = [], 0
 
-        for path in files:
+        for n, path in enumerate(files):
             name = Path(path).name  # Gradio keeps the uploaded file's own name as the last path component
             size = Path(path).stat().st_size
             try:
-                check_upload_size(size, s.max_upload_bytes)
+                check_upload_size(size, s.max_upload_bytes, what="file")
             except ServiceError as exc:
-                rows.append(["✗", name, str(exc)])
+                rows[n] = row(name, False, str(exc))
                 done += 1
                 continue
             if batch and (len(batch) >= s.max_batch_files or batch_bytes + size > s.max_batch_bytes):
                 flush()
-            batch.append((Path(path).read_bytes(), name))
+            batch.append((n, Path(path).read_bytes(), name))
             batch_bytes += size
         flush()
-        added = sum(1 for r in rows if r[0] == "✓")
-        summary = f"{added} of {len(rows)} added or already there; {len(rows) - added} refused."
-        return summary, rows, collection_line(service), gr.update(value=None)
+        judged = [r for r in rows if r is not None]
+        added = sum(1 for r in judged if r["ok"])
+        summary = f"{added} of {len(judged)} added or already there; {len(judged) - added} refused."
+        return summary, judged, collection_line(service)

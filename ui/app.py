@@ -12,14 +12,14 @@ This module only composes the page: each tab is a module of its own (:mod:`ui.se
 :mod:`ui.libraries_tab`, :mod:`ui.about_tab`), sharing a :class:`ui.context.UiContext`; the CSS, the JavaScript
 and the theme are in :mod:`ui.assets`.
 
-The events a script may want have an ``api_name`` and can be driven with ``gradio_client``::
+Scripts use the Gradio API of :mod:`ui.api` (``/search``, ``/similar``, ``/open``, ``/add``, ``/duplicates``,
+``/find_duplicates``, ``/stats``) with ``gradio_client``; docs/web-ui.md#gradio-api has an example per endpoint::
 
     from gradio_client import Client, handle_file
     ui = Client("http://localhost:8000/ui/")
-    gallery, status, *_ = ui.predict(handle_file("cat.jpg"), "", "", "", [], "", "", 0, False, 20,
-                                     api_name="/search")   # photo, words, but-not words, filters, top_k
-    ui.predict(image_id, "", [], "", "", 0, False, 20, api_name="/similar")
-    ui.predict(api_name="/stats")                          # "273 photos · model ... · backend pgvector"
+    results, status = ui.predict(photo=handle_file("cat.jpg"), results_per_page=5, api_name="/search")
+    similar, status = ui.predict(image_id=results[0]["id"], api_name="/similar")
+    ui.predict(api_name="/stats")                          # the collection line
     ui.predict(None, api_name="/libraries")                # every library as Markdown, names, poll
     ui.predict("photos", False, KEY, "", "", api_name="/scan_library")   # library, force, key boxes
 """
@@ -35,11 +35,12 @@ from app.api.security import AccessPolicy
 from app.config import Settings
 from ui.about_tab import AboutTab, about_text
 from ui.add_tab import AddTab
+from ui.api import ApiEndpoints
 from ui.context import UiContext, collection_line, escape, read_stats
 from ui.duplicates_tab import DuplicatesTab
 from ui.libraries_tab import LibrariesTab
 from ui.query import from_link
-from ui.search import N_OUTPUTS, Searches, Shown
+from ui.search import EMPTY_COLLECTION, N_OUTPUTS, STATUS_OUTPUT, Searches, Shown, active_filters
 from ui.search_tab import SearchTab, text_note
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
@@ -72,10 +73,11 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
         duplicates = DuplicatesTab(ctx, groups_state, pending_delete)
         libraries = LibrariesTab(ctx)
         about = AboutTab(ctx)
+        api = ApiEndpoints(ctx, searches, search, add, duplicates)
 
         with gr.Row(equal_height=True):
-            gr.Markdown("## Image similarity search", elem_id="title")
-            collection = gr.Markdown("Loading…", elem_id="collection-line")
+            gr.Markdown("# Image similarity search", elem_id="title")  # the page's one h1 (styled in ui.assets)
+            collection = gr.Markdown("Loading…", label="Collection", elem_id="collection-line")
         # Wrapped, never an overflow menu: every tab stays one tap away on a phone (390 px).
         with gr.Tabs(overflow_behavior="wrap"):
             search.layout()
@@ -83,8 +85,12 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
             duplicates.layout()
             libraries.layout()
             about.layout()
+        api.layout()
 
         # Wired once all tabs exist: the Add and Duplicates tabs each read the other's key box; Libraries reads both.
+        # The API's endpoints first: Gradio names private events after their function too, and the first event of a
+        # name gets it (/similar, /add, /find_duplicates).
+        api.wire()
         search.wire()
         add.wire(collection, other_key=duplicates.key)
         duplicates.wire(collection, other_key=add.key)
@@ -103,6 +109,7 @@ def build_ui(get_service: Callable[[], SearchService], settings: Settings, acces
                 add.key,
                 duplicates.key,
                 libraries.key,
+                search.filters_box,
                 *search.outputs,
             ],
             api_visibility="private",
@@ -115,15 +122,23 @@ def _page_load(ctx: UiContext, searches: Searches) -> Callable[[gr.Request], tup
     settings, access = ctx.settings, ctx.access
 
     def on_load(request: gr.Request) -> tuple[Any, ...]:
-        """Per page: the collection line, words on or off, key boxes, filters and the search from the address."""
+        """Per page: the collection line, words on or off, key boxes, filters (opened when the address holds some)
+        and the search from the address; the status line says what the address held that could not be used, or
+        that the collection is empty."""
         service = ctx.get_service()
         stats = read_stats(service)
         text_ok = service.supports_text
         link = from_link(dict(request.query_params) if request else {}, ctx.default_k, settings.max_top_k)
         f = link.filters
-        results = searches.search(link.query, f, request) if link.query is not None else (gr.skip(),) * N_OUTPUTS
+        results = list(searches.search(link.query, f, request) if link.query is not None else (gr.skip(),) * N_OUTPUTS)
+        # Said on the status line, where it stays (a toast fades, and covered the header): what the link held that
+        # could not be used, or that the collection is empty and photos are to be added first.
+        status = results[STATUS_OUTPUT] if isinstance(results[STATUS_OUTPUT], str) else ""
         if link.problems:
-            gr.Warning(escape(" ".join(link.problems)))
+            warning = "⚠ Part of this link could not be used and was left out: " + escape(" ".join(link.problems))
+            results[STATUS_OUTPUT] = warning + (f"\n\n{status}" if status else "")
+        elif link.query is None and not isinstance(stats, str) and stats.count == 0:
+            results[STATUS_OUTPUT] = EMPTY_COLLECTION
         key_box = gr.update(visible=access.has_keys and not access.reads_need_key)
         return (
             collection_line(service, stats),
@@ -141,6 +156,7 @@ def _page_load(ctx: UiContext, searches: Searches) -> Callable[[gr.Request], tup
             key_box,
             key_box,
             key_box,
+            gr.update(open=True) if active_filters(f) or f.expand or f.top_k != ctx.default_k else gr.skip(),
             *results,
         )
 

@@ -5,11 +5,12 @@ collection line the header shows and several panels refresh."""
 from __future__ import annotations
 
 import html
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import gradio as gr
 
@@ -22,6 +23,8 @@ from ui.query import photos
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
     from app.service import SearchService
     from app.stats import ServiceStats
+
+log = logging.getLogger(__name__)
 
 #: The refusal of a write without the key starts with this (``may_write``'s ``what``).
 WRITES = "Adding and deleting photos need"
@@ -62,9 +65,22 @@ class UiContext:
             # has shown it.
             logged_in = access.reads_need_key and request is not None and getattr(request, "username", None)
             if not (logged_in or access.key_is_valid(key)):
-                raise gr.Error(f"{what} the service's API key: type it into the key box.")
+                refuse(f"{what} the service's API key: type it into the key box.", logging.WARNING)
         elif refusal := access.write_refusal():
-            raise gr.Error(escape(refusal))
+            refuse(escape(refusal), logging.WARNING)
+
+
+def refuse(message: str, level: int = logging.INFO) -> NoReturn:
+    """Refuse what a person asked for, in ``message`` (shown as Gradio's error message; already escaped).
+
+    For expected mistakes (nothing chosen, no key, a file the service refuses): one log line at ``level`` (INFO;
+    WARNING for a refused key or a service error), not the traceback Gradio prints for any other exception.
+
+    Raises:
+        gradio.Error: always, with ``print_exception=False``.
+    """
+    log.log(level, "The web UI refused a request: %s", message)
+    raise gr.Error(message, print_exception=False)
 
 
 def escape(message: str) -> str:
@@ -98,9 +114,18 @@ def read_stats(service: SearchService) -> ServiceStats | str:
 
 
 def collection_line(service: SearchService, stats: ServiceStats | str | None = None) -> str:
-    """``273 photos · model X (1280 dimensions) · backend pgvector``, or why it cannot be read; ``stats``: already
-    read ones (one database count per page load)."""
+    """The header's line, plain words first: ``273 photos · search by photo`` (``by photo or words`` with a CLIP
+    model), the model, its dimensions and the database behind a "Details" disclosure; or why the collection cannot
+    be read. ``stats``: already read ones (one database count per page load)."""
     stats = read_stats(service) if stats is None else stats
     if isinstance(stats, str):
         return stats
-    return f"**{photos(stats.count)}** · model {stats.model} ({stats.dimension} dimensions) · backend {stats.backend}"
+    by = "by photo or words" if service.supports_text else "by photo"
+    technical = (
+        f"model {escape(stats.model)} ({stats.dimension} dimensions) · database {escape(stats.backend)} · "
+        "more under **About**"
+    )
+    return (
+        f"**{photos(stats.count)}** · search {by} "
+        f"<details id='collection-details'><summary>Details</summary>{technical}</details>"
+    )

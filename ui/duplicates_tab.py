@@ -1,16 +1,17 @@
 """The Duplicates tab: the groups of near-identical photos of the last neighbour graph at a chosen similarity,
-"Find duplicates" (builds the graph, the ``find_duplicates`` API name, as ``POST /jobs/neighbours`` does) and
-deleting chosen photos of a group after a confirmation."""
+"Find duplicates" (builds the graph, as ``POST /jobs/neighbours`` does; ``/find_duplicates`` of :mod:`ui.api` for
+scripts) and deleting chosen photos of a group after a confirmation."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import gradio as gr
 
 from app.errors import GraphNotBuiltError, ImageNotFoundError, ServiceError
-from ui.context import UiContext, collection_line, escape
+from ui.context import UiContext, collection_line, escape, refuse
 from ui.files import thumbnail_file
 from ui.query import photos, when
 
@@ -101,8 +102,9 @@ class DuplicatesTab:
             self.find_duplicates,
             [self.threshold, self.key, other_key],
             listed,
-            api_name="find_duplicates",
+            api_visibility="private",  # scripts: /find_duplicates of ui.api
             concurrency_limit=1,
+            concurrency_id="find_duplicates",
         )
         self.confirm_button.click(
             self.delete,
@@ -146,13 +148,13 @@ class DuplicatesTab:
             time.sleep(JOB_POLL_S)
             job = service.neighbours.job(job.id)
         if job.state != "completed":
-            raise gr.Error(escape(f"The duplicate search stopped ({job.state}): {job.error or 'see the log'}"))
+            refuse(escape(f"The duplicate search stopped ({job.state}): {job.error or 'see the log'}"), logging.WARNING)
         return self.groups(threshold)
 
     def ask_delete(self, chosen: list[str] | None) -> tuple[Any, ...]:
         # "Delete chosen…" of a group: ask to confirm (confirm_row) before anything is deleted.
         if not chosen:
-            raise gr.Error("Tick the photos of the group to delete first.")
+            refuse("Tick the photos of the group to delete first.")
         n = len(chosen)
         what = "the originals and their search entries" if n > 1 else "the original and its search entry"
         question = f"Delete {photos(n)}? This removes {what}, and cannot be undone."

@@ -1,15 +1,19 @@
 """The large view of the Search tab: a result chosen in the gallery, shown big with its details, its original to
-download, "More like this" (the ``similar`` API name) and "Close". It sits between the search status and the
-results, hidden until a result is chosen; every search hides it again (:meth:`ui.search.Searches.show`)."""
+download, "More like this" and "Close" (``/open`` and ``/similar`` of :mod:`ui.api` for scripts). It sits between
+the search status and the results, hidden until a result is chosen; every search hides it again
+(:meth:`ui.search.Searches.show`)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 from app.errors import ServiceError
-from ui.context import UiContext, escape
+from ui.assets import CLOSE_VIEW_JS, OPEN_VIEW_JS
+from ui.context import UiContext, escape, refuse
 from ui.files import LARGE_SIZE, original_file, thumbnail_file
 from ui.query import BROWSER_FORMATS, file_size, when
 from ui.search import Searches, Shown
@@ -26,8 +30,8 @@ def view_content(service: SearchService, hit: SearchHit) -> tuple[str, str, str]
     shown = original if meta.format.upper() in BROWSER_FORMATS else thumbnail_file(service, hit.id, LARGE_SIZE)
     details = "\n".join(
         [
-            f"### {escape(meta.filename)}",
-            f"- Score: **{hit.score:.4f}**",
+            f"## {escape(meta.filename)}",  # h2: under the page's h1 (axe-core's heading-order)
+            *([f"- Score: **{hit.score:.4f}**"] if math.isfinite(hit.score) else []),  # NaN: opened by id
             f"- Format: {meta.format} · {meta.width} × {meta.height} pixels · {file_size(meta.bytes)}",
             f"- Taken: {when(meta.taken_at)}",
             f"- Indexed: {when(meta.indexed_at)}",
@@ -49,8 +53,14 @@ class LargeView:
         """The view's components, hidden; in the Search tab's layout, where the view shows."""
         with gr.Column(visible=False, elem_id="large-view") as self.view:
             with gr.Row():
+                # alt_text: the image's wrapping button has no other name (axe-core's button-name); set per result.
                 self.image = gr.Image(
-                    label="Large view", interactive=False, scale=2, elem_id="view-image", buttons=["fullscreen"]
+                    label="Large view",
+                    interactive=False,
+                    scale=2,
+                    elem_id="view-image",
+                    buttons=["fullscreen"],
+                    alt_text="The chosen result, large",
                 )
                 with gr.Column(scale=1, min_width=240):
                     self.details = gr.Markdown(elem_id="view-details")
@@ -61,20 +71,32 @@ class LargeView:
     def wire(self, results: gr.Gallery, shown_state: gr.State, filters: list[Any], run: dict[str, Any]) -> None:
         """Choosing a result opens the view; "More like this" searches with ``filters`` as a search event (``run``:
         the search events' outputs and concurrency); "Close" hides it."""
+        # The keyboard focus goes into the view when it opens, and back to its result when it closes (ui.assets).
         results.select(
-            self.open_view, shown_state, [self.view, self.image, self.details, self.download, self.selected_id]
+            self.open_view,
+            shown_state,
+            [self.view, self.image, self.details, self.download, self.selected_id],
+            api_visibility="private",
+        ).then(None, js=OPEN_VIEW_JS, api_visibility="private", queue=False)
+        self.more_like.click(self.searches.similar, [self.selected_id, *filters], api_visibility="private", **run)
+        self.close.click(lambda: gr.update(visible=False), None, self.view, api_visibility="private").then(
+            None, js=CLOSE_VIEW_JS, api_visibility="private", queue=False
         )
-        self.more_like.click(self.searches.similar, [self.selected_id, *filters], api_name="similar", **run)
-        self.close.click(lambda: gr.update(visible=False), None, self.view, api_visibility="private")
 
     def open_view(self, shown: Shown, event: gr.SelectData) -> tuple[Any, ...]:
         """A result was chosen: its large view."""
         index = event.index if isinstance(event.index, int) else 0
         if not 0 <= index < len(shown.hits):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 5
         hit = shown.hits[index]
         try:
             image, details, original = view_content(self.ctx.get_service(), hit)
         except ServiceError as exc:
-            raise gr.Error(escape(str(exc))) from exc
-        return gr.update(visible=True), image, details, gr.update(value=original, visible=True), hit.id
+            refuse(escape(str(exc)), logging.WARNING)
+        return (
+            gr.update(visible=True),
+            gr.update(value=image, alt_text=f"{hit.metadata.filename}, large"),
+            details,
+            gr.update(value=original, visible=True),
+            hit.id,
+        )

@@ -9,12 +9,13 @@ on when they see a running scan and off when they see none, so an idle page asks
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import gradio as gr
 
 from app.errors import ServiceError
-from ui.context import UiContext, escape
+from ui.context import UiContext, escape, refuse
 from ui.library_text import any_active, libraries_markdown
 
 #: How often the tab reads the libraries again while a scan runs, seconds.
@@ -117,11 +118,11 @@ class LibrariesTab:
         say that one already runs; then poll its progress."""
         self.ctx.may_write([key, add_key, dup_key], request, what="Scanning a library needs")
         if not name:
-            raise gr.Error("Choose the library to scan.")
+            refuse("Choose the library to scan.")
         try:
             status, started = self.ctx.get_service().libraries.scan(str(name), force=bool(force))
         except ServiceError as exc:
-            raise gr.Error(escape(str(exc))) from None
+            refuse(escape(str(exc)), logging.WARNING)
         shown = escape(status.library.name)
         if started:
             message = f"Scan of **{shown}** started" + (" with force." if force else ".")

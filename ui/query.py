@@ -27,6 +27,10 @@ BROWSER_FORMATS = frozenset({"JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP"})
 
 QueryKind = Literal["image", "id", "text", "combined"]
 
+#: The date filters' names as the page labels them (messages about them use the same words).
+TAKEN_FROM = "Taken from"
+TAKEN_UNTIL = "Taken until"
+
 
 @dataclass(frozen=True, slots=True)
 class UiQuery:
@@ -94,8 +98,10 @@ class UiFilters:
         Raises ``ValueError`` for a date that is not ``YYYY-MM-DD`` or a range that ends before it starts (the
         handler shows it as a message; :meth:`SearchFilter.create` owns the rules).
         """
-        after = _day(self.taken_after, "Taken after")
-        before = _day(self.taken_before, "Taken before")
+        after = _day(self.taken_after, TAKEN_FROM)
+        before = _day(self.taken_before, TAKEN_UNTIL)
+        if after is not None and before is not None and after > before:
+            raise ValueError(f"{TAKEN_FROM} ({after}) must be on or before {TAKEN_UNTIL} ({before}).")
         filters = SearchFilter.create(
             path_prefix=self.folder or None,
             formats=self.formats or None,
@@ -143,19 +149,19 @@ def from_link(params: Mapping[str, str], default_top_k: int, max_top_k: int) -> 
         try:
             top_k = max(1, min(max_top_k, int(raw)))
         except ValueError:
-            problems.append(f"top_k must be a whole number, got {raw[:20]!r}.")
+            problems.append(f"The link's results per page (top_k) must be a whole number, got {raw[:20]!r}.")
     min_score = None
     if raw := params.get("min_score"):
         try:
             min_score = max(-1.0, min(1.0, float(raw)))
         except ValueError:
-            problems.append(f"min_score must be a number, got {raw[:20]!r}.")
+            problems.append(f"The link's minimum score (min_score) must be a number, got {raw[:20]!r}.")
     formats = tuple(f for f in (params.get("formats") or "").upper().split(",") if f in FORMAT_CHOICES)
     dates = {}
-    for name in ("taken_after", "taken_before"):
+    for name, label in (("taken_after", TAKEN_FROM), ("taken_before", TAKEN_UNTIL)):
         raw = (params.get(name) or "").strip()
         try:
-            dates[name] = "" if not raw else _day(raw, name).isoformat()
+            dates[name] = "" if not raw else _day(raw, f"The link's {label.lower()} date ({name})").isoformat()
         except ValueError as exc:
             problems.append(str(exc))
             dates[name] = ""
@@ -221,9 +227,10 @@ def caption(rank: int, hit: SearchHit) -> str:
 
 
 def file_size(size: int) -> str:
-    """Bytes in words: ``"812 bytes"``, ``"3.3 kB"``, ``"12.4 MB"`` (SI units, as the upload limits are)."""
+    """Bytes in words: ``"1 byte"``, ``"812 bytes"``, ``"3.3 kB"``, ``"12.4 MB"`` (SI units: 1 MB = 10^6 bytes,
+    as MAX_UPLOAD_MB and the other limits count)."""
     if size < 1000:
-        return f"{size} bytes"
+        return f"{size} byte" + ("" if size == 1 else "s")
     for unit in ("kB", "MB", "GB"):
         size /= 1000
         if size < 1000 or unit == "GB":

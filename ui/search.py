@@ -19,10 +19,11 @@ from cachetools import TTLCache
 
 from app.errors import ServiceError
 from app.ids import image_id_for
+from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import QueryTerm
-from ui.context import UiContext, as_message, escape, read_upload
+from ui.context import UiContext, as_message, escape, read_stats, read_upload
 from ui.files import preview_file, thumbnail_file
-from ui.query import UiFilters, UiQuery, caption, to_link
+from ui.query import UiFilters, UiQuery, caption, to_link, with_top_k
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
     from app.service import SearchService
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 
 #: Outputs of every search event (see ``SearchTab.outputs`` in ui.search_tab).
 N_OUTPUTS = 8
+#: Where the status line is among them.
+STATUS_OUTPUT = 1
+
+#: What the page says while the collection is empty (at load, and for a search that finds nothing).
+EMPTY_COLLECTION = (
+    "The collection is empty: add photos on the **Add** tab first (or index a folder, **Libraries**), then search here."
+)
+#: What a search says when the photo searched with is in the collection itself.
+OWN_PHOTO = "Your photo is in the collection: it is left out of its own results."
 
 
 @dataclass(slots=True)
@@ -76,9 +86,48 @@ def gallery(service: SearchService, hits: Sequence[SearchHit]) -> list[tuple[str
     return [item for item in items if item is not None]
 
 
+def results_data(hits: Sequence[SearchHit], first_rank: int = 1) -> list[dict[str, Any]]:
+    """Hits as plain data for the Gradio API (``gradio_client``): one dict per result, best first, with the
+    ``id`` that ``/similar`` and ``/open`` take, the cosine ``score`` and the stored metadata (sizes in pixels and
+    bytes, times in ISO 8601, ``taken_at`` ``None`` without EXIF date), as the REST API's results carry them."""
+    return [
+        {
+            "rank": rank,
+            "id": hit.id,
+            "score": hit.score,
+            "filename": hit.metadata.filename,
+            "format": hit.metadata.format,
+            "width": hit.metadata.width,
+            "height": hit.metadata.height,
+            "bytes": hit.metadata.bytes,
+            "taken_at": hit.metadata.taken_at.isoformat() if hit.metadata.taken_at else None,
+            "indexed_at": hit.metadata.indexed_at.isoformat(),
+        }
+        for rank, hit in enumerate(hits, start=first_rank)
+    ]
+
+
+def status_line(query: UiQuery | None, hits: Sequence[SearchHit], errors: Sequence[str], elapsed: float) -> str:
+    """The search status: ``8 results · 12 ms``, why there are none, or ``✗`` and what went wrong."""
+    if errors:
+        return "✗ " + escape(errors[0])
+    if query is None:
+        return ""
+    if not hits:
+        return "No results: the collection is empty, or nothing passes the filters."
+    return f"{len(hits)} results · {elapsed * 1000:.0f} ms"
+
+
 def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset: int) -> list[SearchHit]:
-    """One page of results for ``query``: the same service call the REST endpoint for that kind makes."""
+    """One page of results for ``query``: the same service call the REST endpoint for that kind makes.
+
+    A page that would reach past the one search window a page is cut from (MAX_SEARCH_WINDOW results, the query
+    image left out) is shortened to end there; past its end there are no more pages (``[]``)."""
     k = service.resolve_top_k(filters.top_k)
+    # One more slot for the query image, which the service may leave out of its own results.
+    k = min(k, MAX_SEARCH_WINDOW - 1 - offset)
+    if k <= 0:
+        return []
     options = filters.options(offset)
     if query.kind == "id":
         return service.similar(query.image_id or "", k, options)
@@ -99,6 +148,23 @@ def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset
         positive.append(QueryTerm(text=query.text))
     negative = [QueryTerm(text=query.negative)] if query.negative else []
     return service.search_combined(positive, negative, k, options)
+
+
+def active_filters(filters: UiFilters | None) -> int:
+    """How many filters narrow a search (folder, formats, each date, minimum score): the status line says so."""
+    if filters is None:
+        return 0
+    return sum(
+        bool(x) for x in (filters.folder, filters.formats, filters.taken_after, filters.taken_before, filters.min_score)
+    )
+
+
+def _upload_is_indexed(service: SearchService, query: UiQuery) -> bool:
+    """Whether the photo searched with is stored in the collection (the service leaves it out of its own results)."""
+    if not query.upload:
+        return False
+    data = read_upload(query.upload, service.settings)
+    return bool(service.existing_ids([image_id_for(data)]))
 
 
 class SearchOrder:
@@ -146,9 +212,10 @@ class Searches:
         self.ctx = ctx
         self.order = SearchOrder()
 
-    def show(self, shown: Shown, errors: list[str], elapsed: float) -> tuple[Any, ...]:
+    def show(self, shown: Shown, errors: list[str], elapsed: float, note: str = "") -> tuple[Any, ...]:
         """The search outputs: gallery, status, "Load more", address, state, large view hidden, and for a stored
-        image's query the emptied photo box and the image's thumbnail as the query."""
+        image's query the emptied photo box and the image's thumbnail as the query. ``note``: a sentence the status
+        line adds (:data:`OWN_PHOTO`)."""
         service = self.ctx.get_service()
         items = gallery(service, shown.hits)
         photo = preview_image = gr.skip()
@@ -163,9 +230,18 @@ class Searches:
         elif shown.query is None:
             status = ""
         elif not shown.hits:
-            status = "No results: the collection is empty, or nothing passes the filters."
+            stats = read_stats(service)
+            if not isinstance(stats, str) and stats.count == 0:
+                status = "No results: " + EMPTY_COLLECTION
+            else:
+                status = "No results: nothing passes the filters." if active_filters(shown.filters) else "No results."
         else:
             status = f"{len(shown.hits)} results · {elapsed * 1000:.0f} ms"
+        if shown.query is not None and not errors:
+            if on := active_filters(shown.filters):
+                status += f" · {on} filter{'s' if on > 1 else ''} on (**Filters and options**)"
+            if note:
+                status += " · " + note
         link = to_link(shown.query, shown.filters, self.ctx.default_k) if shown.filters and not errors else ""
         return (
             items,
@@ -189,13 +265,15 @@ class Searches:
         errors: list[str] = []
         shown = Shown(query, filters)
         start = time.perf_counter()
+        note = ""
         if query is not None:
             with as_message(errors):
                 shown.hits = run_query(service, query, filters, 0)
                 shown.more = len(shown.hits) == filters.top_k
+                note = OWN_PHOTO if _upload_is_indexed(service, query) else ""
         if self.order.superseded(request, number):
             return (gr.skip(),) * N_OUTPUTS
-        return self.show(shown, errors, time.perf_counter() - start)
+        return self.show(shown, errors, time.perf_counter() - start, note)
 
     def search_form(
         self,
@@ -243,6 +321,10 @@ class Searches:
             shown, upload, text, negative, folder, formats, after, before, min_score, expand, top_k, request, trigger
         )
 
+    def clear(self) -> tuple[Any, ...]:
+        """The photo box was cleared: no search, no results, no link (the outputs of an empty search)."""
+        return self.show(Shown(), [], 0)
+
     def preview(self, upload: str | None) -> Any:
         """The query photo as a JPEG the server makes (HEIC and TIFF show too); nothing when it cannot decode."""
         if not upload:
@@ -267,10 +349,13 @@ class Searches:
             return (gr.skip(),) * N_OUTPUTS
         return self.search(shown.query, filters, request, trigger)
 
-    def load_more(self, shown: Shown, request: gr.Request) -> tuple[Any, ...]:
-        """The next page, appended."""
+    def load_more(self, shown: Shown, top_k: float, request: gr.Request) -> tuple[Any, ...]:
+        """The next page, appended, of the size "Results per page" shows now (``top_k``): the search that a change
+        of it started may not have answered yet, and the shown state still holds the old size."""
         if shown.query is None or shown.filters is None:
             return (gr.skip(),) * N_OUTPUTS
+        if top_k and int(top_k) != shown.filters.top_k:
+            shown = replace(shown, filters=with_top_k(shown.filters, int(top_k)))
         number = self.order.begin(request)
         assert number is not None  # no trigger number: never dropped at the start
         service = self.ctx.get_service()

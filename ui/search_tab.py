@@ -1,6 +1,6 @@
 """The Search tab: the photo box, the words boxes, the filters, the search status, the large view
 (:mod:`ui.large_view`), the results gallery and "Load more", and the events that run :class:`ui.search.Searches`.
-The ``search`` and ``similar`` API names are these events'."""
+Scripts use the endpoints of :mod:`ui.api` instead of these events."""
 
 from __future__ import annotations
 
@@ -60,7 +60,12 @@ class SearchTab:
                         elem_id="query-file",
                     )
                     self.query_preview = gr.Image(
-                        label="Query", interactive=False, height=180, elem_id="query-preview", buttons=[]
+                        label="Query",
+                        interactive=False,
+                        height=180,
+                        elem_id="query-preview",
+                        buttons=[],
+                        alt_text="The photo searched with",  # its wrapping button's name (axe-core's button-name)
                     )
                 with gr.Column(scale=2, min_width=260):
                     self.words_note = gr.Markdown(elem_id="words-note")
@@ -82,13 +87,15 @@ class SearchTab:
                 object_fit="cover",
                 allow_preview=False,
                 interactive=False,
+                buttons=[],  # no download/share/fullscreen icons: fewer Tab stops before the first result
                 elem_id="results",
                 elem_classes=["photo-grid"],
             )
             self.more_button = gr.Button("Load more", visible=False, elem_id="load-more")
 
     def _filters_layout(self) -> None:
-        with gr.Accordion("Filters and options", open=False, elem_id="filters"):
+        # Opened by the load event when the page's link holds filters (they are on: the page shows them).
+        with gr.Accordion("Filters and options", open=False, elem_id="filters") as self.filters_box:
             with gr.Row():
                 self.folder = gr.Textbox(label="Folder", placeholder="trips/2024", elem_id="filter-folder")
                 self.taken_after = gr.Textbox(label="Taken from (YYYY-MM-DD)", elem_id="filter-taken-after")
@@ -140,9 +147,12 @@ class SearchTab:
         self.share.change(None, self.share, js=UPDATE_ADDRESS_JS, api_visibility="private", queue=False)
         self.status.change(None, js=SHOW_RESULTS_JS, api_visibility="private", queue=False)
 
-        self.query_file.upload(s.search_form, form, api_name="search", **run)
+        # The page's events are private: a script uses the endpoints of ui.api, which take what they need.
+        self.query_file.upload(s.search_form, form, api_visibility="private", **run)
         self.query_file.upload(s.preview, self.query_file, self.query_preview, api_visibility="private")
         self.query_file.clear(lambda: None, None, self.query_preview, api_visibility="private")
+        # Clearing the photo clears its results too (and the link), as if nothing had been searched yet.
+        self.query_file.clear(s.clear, None, api_visibility="private", **run)
         for submitted in (self.search_button.click, self.words.submit, self.negative.submit):
             submitted(
                 s.search_form_stamped, stamped_form, js=stamp_js(len(stamped_form)), api_visibility="private", **run
@@ -150,7 +160,16 @@ class SearchTab:
         for textbox in (self.folder, self.taken_after, self.taken_before):
             for event in (textbox.submit, textbox.blur):
                 event(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
+        # always_last: a slider's release while its previous one is still running (its number box left, then an
+        # arrow key on the slider: ui.assets.A11Y_JS) runs after it instead of being dropped (Gradio's "once").
         for changed in (self.formats.input, self.expand.input, self.min_score.release, self.top_k.release):
-            changed(s.rerun, stamped_rerun, js=stamp_js(len(stamped_rerun)), api_visibility="private", **run)
-        self.more_button.click(s.load_more, self.shown_state, api_visibility="private", **run)
+            changed(
+                s.rerun,
+                stamped_rerun,
+                js=stamp_js(len(stamped_rerun)),
+                api_visibility="private",
+                trigger_mode="always_last",
+                **run,
+            )
+        self.more_button.click(s.load_more, [self.shown_state, self.top_k], api_visibility="private", **run)
         self.large_view.wire(self.results, self.shown_state, filters, run)

@@ -1,8 +1,9 @@
 """Request body limits that hold while the body streams, also for chunked uploads without a ``Content-Length``.
 
-One owner for the upload-size rule at the HTTP layer: ``POST /index_images`` may carry ``MAX_BATCH_MB``, every
-other request ``MAX_UPLOAD_MB``, each plus :data:`MULTIPART_SLACK_BYTES` for the multipart framing. The service
-still holds each image to ``MAX_UPLOAD_MB`` on its own.
+One owner for the upload-size rule at the HTTP layer: ``POST /index_images`` and the web UI's upload route (the
+files chosen in its Add tab arrive in one request) may carry ``MAX_BATCH_MB``, every other request
+``MAX_UPLOAD_MB``, each plus :data:`MULTIPART_SLACK_BYTES` for the multipart framing. The service still holds each
+image to ``MAX_UPLOAD_MB`` on its own: a file over it is refused with the reason, the others of the batch go on.
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.api.site import UI_PATH
 from app.config import Settings
 
 #: Allowance over the image limit for multipart boundaries, part headers and form fields, in bytes.
 MULTIPART_SLACK_BYTES = 1_000_000
 
-#: The route whose whole body may be MAX_BATCH_MB instead of MAX_UPLOAD_MB.
+#: The routes whose whole body may be MAX_BATCH_MB instead of MAX_UPLOAD_MB: the REST batch, and Gradio's upload
+#: route under the UI's mount (``/ui/gradio_api/upload``), where a browser sends every file of one choice at once.
 BATCH_PATH = "/index_images"
+UI_UPLOAD_PATH = f"{UI_PATH}/gradio_api/upload"
 
 
 def body_limit(settings: Settings, path: str) -> tuple[int, str]:
     """Most body bytes a request to ``path`` may send, and how to name that limit in an error message."""
-    if path == BATCH_PATH:
+    if path in (BATCH_PATH, UI_UPLOAD_PATH):
         return settings.max_batch_bytes + MULTIPART_SLACK_BYTES, f"{settings.max_batch_mb:g} MB (MAX_BATCH_MB)"
     return settings.max_upload_bytes + MULTIPART_SLACK_BYTES, f"{settings.max_upload_mb:g} MB (MAX_UPLOAD_MB)"
 

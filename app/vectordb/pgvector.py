@@ -4,20 +4,34 @@ Follows pgvector-python's psycopg 3 examples: numpy vectors through ``register_v
 with an HNSW index on ``vector_cosine_ops`` (or ``halfvec_cosine_ops`` with ``VECTOR_TYPE=halfvec``).
 Schema: ``sql/init.sql`` (``taken_at timestamptz``, NULL when unknown, is added to older tables on start).
 
-Filtered search (issue #9; pgvector's README, "Filtering" and "Iterative Index Scans", 0.8.0+): a
-:class:`~app.vectordb.base.SearchFilter` becomes a ``WHERE`` built with :mod:`psycopg.sql` and bound parameters
-(:func:`filter_sql`). HNSW alone returns at most ``ef_search`` candidates *before* the filter, so a selective filter
-would return fewer than ``top_k`` rows; two plans avoid that:
+Filtered search (issues #9 and #29; pgvector's README, "Filtering", "Iterative Index Scans", "Binary
+Quantization", 0.8.0+): a :class:`~app.vectordb.base.SearchFilter` becomes a ``WHERE`` built with :mod:`psycopg.sql`
+and bound parameters (:func:`filter_sql`). HNSW alone returns at most ``ef_search`` candidates *before* the filter,
+and its recall falls with the filter's selectivity ``s`` (the share of rows it keeps): the filtered top-10 are the
+matching rows among roughly the ``10 / s`` nearest of all rows, which the graph ranks worse the deeper they lie
+(1M x 512-d: recall 0.82-0.84 at ``s`` = 2 %, whatever ``ef_search``). The plan therefore follows ``s``
+(measured in docs/benchmarks.md, "Filtered search at a million"):
 
-* **iterative index scan** (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``): the HNSW scan
-  keeps going until ``top_k`` rows passed the filter or ``hnsw.max_scan_tuples`` (20,000 by default) were visited;
-  its rows, slightly out of distance order, are sorted again in SQL. Used when the planner estimates that more than
-  ``EXACT_SEARCH_MAX_ROWS`` rows match.
-* **exact search** over the matching rows (index scans off for the query, so the HNSW index is not used and the
-  B-tree indexes of ``sql/init.sql`` or a sequential scan find the rows): used when the planner's estimate
-  (``EXPLAIN`` of the filter, no execution) is at most ``EXACT_SEARCH_MAX_ROWS``, and whenever the iterative scan
-  came back with fewer than ``top_k`` rows (it stopped at ``max_scan_tuples``, or the estimate was wrong), so a
-  filtered search always returns ``min(top_k, matching rows)`` rows.
+* **exact pass** when at most :func:`exact_pass_limit` rows match (the filter keeps at most
+  ``EXACT_MAX_SELECTIVITY`` = 5 % of the rows, or at most ``EXACT_ALWAYS_ROWS``): the matching rows (found through
+  the B-tree indexes of ``sql/init.sql``) are ranked by the Hamming distance of ``embedding_bq``, a stored binary
+  quantisation of the embedding (``binary_quantize``: one bit per dimension, 64 bytes at 512-d, kept in the row,
+  while the vector itself is TOASTed out of line), and the best :func:`rerank_candidates` of them are ranked again
+  by exact cosine distance. The row count is not trusted to the planner: its estimate picks the exact pass, and
+  the same statement counts the matching rows it read (at most the limit plus one), so an estimate that was too
+  low (measured: 100 for a nested folder holding 5,018 of 1M rows) falls through to the next plan after one
+  bounded read instead of ranking far more rows than intended.
+* **iterative index scan** otherwise (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``) with
+  ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``ITERATIVE_EF_PER_RESULT * top_k / s`` (at most
+  1,000, pgvector's limit), so that the first candidates already hold the filtered top-k; its rows, slightly out
+  of distance order, are collected ``ITERATIVE_FACTOR`` times over and sorted again in SQL.
+* **exact search** over every matching row, whenever the iterative scan came back with fewer than ``top_k`` rows
+  (it stopped at ``hnsw.max_scan_tuples``, or few rows match), so a filtered search always returns
+  ``min(top_k, matching rows)`` rows.
+
+Collections created before issue #29 have no ``embedding_bq`` column until it is added (see
+:meth:`PgVectorHandler.ensure_collection`); their exact pass ranks the TOASTed vectors themselves, at most
+``EXACT_ALWAYS_ROWS`` of them.
 
 Several collections per database (``scripts/reindex.py``): each collection is a PostgreSQL schema holding
 ``sql/init.sql``'s two tables; the default collection (``images``) is the ``public`` schema's, so databases from
@@ -96,16 +110,91 @@ UPSERT_ROW_ALLOWANCE_S = 0.01
 CHECK_DEADLINE_S = 1.0
 
 
-# A filtered search whose filter the planner estimates to keep at most this many rows reads those rows and ranks
-# them exactly instead of walking the HNSW graph: reading a few thousand vectors costs a few milliseconds, while an
-# iterative scan would visit about top_k / selectivity graph nodes to find top_k matches. See docs/benchmarks.md
-# ("Filtered search") for the measurements behind the figure.
-EXACT_SEARCH_MAX_ROWS = 5000
+# A filtered search ranks the matching rows exactly (by their binary quantisation, then the best rerank_candidates
+# by the full vectors) instead of walking the HNSW graph when the filter keeps at most EXACT_MAX_SELECTIVITY of the
+# rows: below that the graph's recall falls (1M x 512-d, filter keeping 2 %: 0.82-0.84 for any ef_search; 5 %:
+# 0.95 only at ef_search 1,000), above it the iterative scan is both right and cheaper than reading the rows.
+# docs/benchmarks.md, "Filtered search at a million".
+EXACT_MAX_SELECTIVITY = 0.05
+# ... but at most this many rows (the pass reads each: 5 % of a million), and always when at most EXACT_ALWAYS_ROWS
+# match (a few milliseconds, whatever the selectivity). EXACT_ALWAYS_ROWS is also the limit of collections without
+# embedding_bq (created before issue #29), whose exact pass reads the TOASTed vectors, about 5 us per row.
+EXACT_SEARCH_MAX_ROWS = 50_000
+EXACT_ALWAYS_ROWS = 5000
 # pgvector's iterative scan mode for filtered searches: relaxed_order returns rows slightly out of distance order
 # (re-sorted in SQL, see _ranked_sql) and finds more of the true nearest matching rows than strict_order, which
 # drops candidates that arrive after a farther row was already returned (pgvector's README). Measured in
 # docs/benchmarks.md ("Filtered search").
 ITERATIVE_SCAN = "relaxed_order"
+# ef_search of an iterative scan: about this many candidates per wanted result and per unit of selectivity, so that
+# the first batch of candidates already holds the filtered top-k (1M x 512-d, 10 % filter: recall 0.92 at ef 160,
+# 0.95 at 400-500, 0.97 at 1,000; docs/benchmarks.md).
+ITERATIVE_EF_PER_RESULT = 5
+# pgvector's largest hnsw.ef_search.
+MAX_EF_SEARCH = 1000
+# The iterative scan collects this many times top_k matching rows before they are re-sorted: rows that come in a
+# later batch can be nearer than rows of an earlier one (relaxed_order), so stopping at top_k loses some.
+ITERATIVE_FACTOR = 2
+
+
+def exact_pass_limit(total_rows: float, *, bq: bool = True) -> int:
+    """Most matching rows a filtered search ranks exactly (module docstring): ``EXACT_MAX_SELECTIVITY`` of
+    ``total_rows``, at least ``EXACT_ALWAYS_ROWS`` and at most ``EXACT_SEARCH_MAX_ROWS``; ``EXACT_ALWAYS_ROWS``
+    (capped the same way) without ``embedding_bq``."""
+    if not bq:
+        return min(EXACT_ALWAYS_ROWS, EXACT_SEARCH_MAX_ROWS)
+    wanted = int(np.ceil(EXACT_MAX_SELECTIVITY * max(0.0, float(total_rows))))
+    return min(EXACT_SEARCH_MAX_ROWS, max(EXACT_ALWAYS_ROWS, wanted))
+
+
+def rerank_candidates(top_k: int) -> int:
+    """How many rows of the binary-quantised ranking are ranked again by exact cosine distance: ``max(400,
+    10 * top_k)``. Measured at 1M x 512-d (docs/benchmarks.md): 200 / 400 / 800 candidates gave recall@10 0.93 /
+    0.97 / 0.99 on a 2 % filter, at a cost of one TOASTed vector read (a few microseconds) each."""
+    return max(400, 10 * int(top_k))
+
+
+def iterative_ef(top_k: int, selectivity: float, ef_search: int) -> int:
+    """``hnsw.ef_search`` of an iterative filtered scan: ``ITERATIVE_EF_PER_RESULT * top_k / selectivity``, at least
+    ``max(ef_search, top_k)`` and at most :data:`MAX_EF_SEARCH`. ``selectivity``: the estimated share of rows the
+    filter keeps, in (0, 1]."""
+    floor = max(int(ef_search), int(top_k))
+    if selectivity <= 0:
+        return max(floor, MAX_EF_SEARCH)
+    wanted = int(np.ceil(ITERATIVE_EF_PER_RESULT * top_k / selectivity))
+    return max(floor, min(wanted, MAX_EF_SEARCH))
+
+
+#: collections holding at most this many rows get ``embedding_bq`` added when they are opened without it (adding a
+#: stored generated column rewrites the table and rebuilds its indexes: seconds at this size); larger ones are
+#: left to the operator, see :meth:`PgVectorHandler.ensure_collection`.
+BQ_AUTO_ADD_MAX_ROWS = 20_000
+
+
+def _bq_column_sql(dim: int) -> sql.Composed:
+    """``ALTER TABLE`` adding ``embedding_bq``: the embedding's binary quantisation (pgvector ``binary_quantize``:
+    bit ``i`` is set when component ``i`` is positive), ``bit(dim)``, stored and kept up to date by PostgreSQL."""
+    return sql.SQL(
+        "ALTER TABLE images ADD COLUMN IF NOT EXISTS embedding_bq bit({d}) "
+        "GENERATED ALWAYS AS (binary_quantize(embedding)::bit({d})) STORED"
+    ).format(d=sql.Literal(int(dim)))
+
+
+def _has_bq_column(conn: psycopg.Connection) -> bool:
+    """Whether the collection's ``images`` table (first on the connection's ``search_path``) has ``embedding_bq``."""
+    with conn.transaction():
+        return (
+            conn.execute(
+                "SELECT 1 FROM pg_attribute WHERE attrelid = 'images'::regclass "
+                "AND attname = 'embedding_bq' AND NOT attisdropped"
+            ).fetchone()
+            is not None
+        )
+
+
+def _prefixed_meta(alias: str) -> str:
+    """:data:`_META_COLUMNS` qualified with a table alias (``i.filename, i.format, ...``)."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in _META_COLUMNS.split(","))
 
 
 def _metadata(row: Sequence) -> ImageMetadata:
@@ -263,6 +352,7 @@ class PgVectorHandler(VectorDBHandler):
         )
         info = self.collection_info()
         self._dim = info.dim if info else None
+        self._has_bq = info is not None and self._run(_has_bq_column)
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
@@ -403,6 +493,12 @@ class PgVectorHandler(VectorDBHandler):
     def ensure_collection(self, model_id: str, dim: int) -> CollectionInfo:
         """See :meth:`VectorDBHandler.ensure_collection`; also checks the stored ``vector_type``.
 
+        A new collection gets ``embedding_bq`` (the binary quantisation the filtered exact pass ranks by, module
+        docstring) with its dimension. A collection created before issue #29 gets it here when it holds at most
+        :data:`BQ_AUTO_ADD_MAX_ROWS` rows; a larger one is left as it is (the column would rewrite the table and
+        rebuild the HNSW index, minutes at a million rows, during a start) and a warning names the statement to run
+        (docs/backends.md): until then its filtered searches use the slower legacy exact pass.
+
         Raises :class:`VectorTypeMismatchError` when the collection was created with the other storage type
         (converting would rewrite the table and rebuild the index, so it is refused, not done silently).
         """
@@ -434,12 +530,30 @@ class PgVectorHandler(VectorDBHandler):
                         "INSERT INTO collection_meta (name, model_id, dim, vector_type) VALUES (%s, %s, %s, %s)",
                         (COLLECTION, model_id, dim, requested_type),
                     )
+                    conn.execute(_bq_column_sql(dim))
                 conn.execute(self._index_sql())
+            if not _has_bq_column(conn):
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+                    if rows <= BQ_AUTO_ADD_MAX_ROWS:
+                        log.info("Adding embedding_bq to a collection of %d rows (filtered search, issue #29)", rows)
+                        conn.execute(_bq_column_sql(dim))
+                    else:
+                        log.warning(
+                            "The collection (%d rows) has no embedding_bq column, so filtered searches use the slower "
+                            "exact pass of up to %d rows. Add it once, while the service is stopped (it rewrites the "
+                            "table and rebuilds the HNSW index): %s",
+                            rows,
+                            EXACT_ALWAYS_ROWS,
+                            _bq_column_sql(dim).as_string(conn),
+                        )
             return CollectionInfo(model_id, dim)
 
         info = self._run(_ensure, deadline_s=False)  # may build the HNSW index
         self._dim = info.dim
         self._vector_type = requested_type
+        self._has_bq = self._run(_has_bq_column)
         return info
 
     # --- bulk loads ---------------------------------------------------------------------------------------
@@ -547,20 +661,79 @@ class PgVectorHandler(VectorDBHandler):
                 ef = self._ef_search if ef_search is None else int(ef_search)
                 if where is None:
                     return self._index_search(conn, v, top_k, ef=ef)
-                if self._estimated_rows(conn, where, params) > EXACT_SEARCH_MAX_ROWS:
-                    # pgvector 0.8: keep scanning the graph until top_k rows pass the filter (or max_scan_tuples).
-                    conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
-                    rows = self._index_search(conn, v, top_k, where, params, ef=ef)
-                    if len(rows) == top_k:
-                        return rows
-                return self._exact_search(conn, v, top_k, where, params)
+                return self._filtered_search(conn, v, top_k, where, params, ef)
 
         return [SearchHit(r[0], float(r[1]), _metadata(r[2:])) for r in self._run(_search)]
+
+    def _filtered_search(
+        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where: sql.Composable, params: Sequence, ef: int
+    ) -> list:
+        """The plans of the module docstring, in the caller's transaction."""
+        total = self._total_rows(conn)
+        limit = exact_pass_limit(total, bq=self._has_bq)
+        estimate = self._estimated_rows(conn, where, params)
+        if estimate <= limit:
+            rows = self._bounded_exact_search(conn, v, top_k, where, params, limit)
+            if rows is not None:
+                return rows
+            estimate = max(estimate, limit + 1)  # more rows match than the planner estimated
+        selectivity = min(1.0, estimate / total) if total > 0 else 1.0
+        # pgvector 0.8: keep scanning the graph until enough rows pass the filter (or max_scan_tuples).
+        conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
+        rows = self._index_search(conn, v, top_k, where, params, ef=iterative_ef(top_k, selectivity, ef))
+        if len(rows) == top_k:
+            return rows
+        return self._exact_search(conn, v, top_k, where, params)
+
+    def _bounded_exact_search(
+        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where, params: Sequence, limit: int
+    ) -> list | None:
+        """The exact pass of the module docstring over the rows matching ``where``, or ``None`` (nothing ranked for
+        the caller) when more than ``limit`` rows match. One statement: the matching rows are read once (at most
+        ``limit + 1``), counted, and ranked."""
+        self._exact_settings(conn)
+        # The materialized rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
+        conn.execute("SET LOCAL work_mem = '64MB'")
+        t = sql.SQL(self._vector_type)
+        if self._has_bq:
+            query = sql.SQL(
+                "WITH matching AS MATERIALIZED (SELECT id, embedding_bq FROM images WHERE {where} LIMIT %s), "
+                "counted AS (SELECT count(*) AS n FROM matching), "
+                "candidates AS (SELECT id FROM matching "
+                "ORDER BY embedding_bq <~> binary_quantize(%s::{t})::bit({dim}), id LIMIT %s) "
+                "SELECT i.id, 1 - (i.embedding <=> %s::{t}) AS score, {meta}, (SELECT n FROM counted) "
+                "FROM images i JOIN candidates USING (id) ORDER BY i.embedding <=> %s::{t}, i.id LIMIT %s"
+            ).format(where=where, t=t, dim=sql.Literal(self._dim), meta=sql.SQL(_prefixed_meta("i")))
+            args = (*params, limit + 1, v, rerank_candidates(top_k), v, v, top_k)
+        else:
+            query = sql.SQL(
+                "WITH matching AS MATERIALIZED (SELECT id, embedding, {meta} FROM images WHERE {where} LIMIT %s), "
+                "counted AS (SELECT count(*) AS n FROM matching) "
+                "SELECT id, 1 - (embedding <=> %s::{t}) AS score, {meta}, (SELECT n FROM counted) "
+                "FROM matching ORDER BY embedding <=> %s::{t}, id LIMIT %s"
+            ).format(where=where, t=t, meta=sql.SQL(_META_COLUMNS))
+            args = (*params, limit + 1, v, v, top_k)
+        rows = conn.execute(query, args).fetchall()
+        if rows and rows[0][-1] > limit:
+            return None
+        return [r[:-1] for r in rows]
+
+    def _total_rows(self, conn: psycopg.Connection) -> float:
+        """The planner's row count of the table (``pg_class.reltuples``, kept by ANALYZE and autovacuum; -1 before
+        the first one, then the estimate of an unfiltered scan)."""
+        n = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
+        if n is None or n < 0:
+            plan = conn.execute("EXPLAIN (FORMAT JSON) SELECT 1 FROM images").fetchone()[0]
+            if isinstance(plan, str):
+                plan = json.loads(plan)
+            n = plan[0]["Plan"]["Plan Rows"]
+        return float(n)
 
     def _ranked_sql(self, where: sql.Composable | None, *, resort: bool = False) -> sql.Composed:
         """``SELECT id, score, metadata`` of the ``top_k`` rows nearest the query (params: vector, filter params,
         vector, top_k). ``resort``: the rows come from a ``relaxed_order`` iterative scan, slightly out of order, so
-        they are collected in a materialized CTE and sorted again (pgvector's README, "Iterative Index Scans")."""
+        they are collected in a materialized CTE and sorted again (pgvector's README, "Iterative Index Scans");
+        params then end with the CTE's row limit before ``top_k``."""
         # The explicit cast makes the operator (and so the index's operator class) match the column type.
         query = sql.SQL(
             "SELECT id, {score} AS {name}, {meta} FROM images {where} ORDER BY embedding <=> %s::{t} LIMIT %s"
@@ -578,7 +751,7 @@ class PgVectorHandler(VectorDBHandler):
         # "+ 0": pgvector's README, so that PostgreSQL 17+ does not take the CTE's order as already sorted.
         return sql.SQL(
             "WITH ranked AS MATERIALIZED ({query}) "
-            "SELECT id, 1 - distance AS score, {meta} FROM ranked ORDER BY distance + 0, id"
+            "SELECT id, 1 - distance AS score, {meta} FROM ranked ORDER BY distance + 0, id LIMIT %s"
         ).format(query=query, meta=sql.SQL(_META_COLUMNS))
 
     def _index_search(
@@ -600,18 +773,24 @@ class PgVectorHandler(VectorDBHandler):
         # One round trip for all of them (no parameters, so psycopg sends them as one simple query): a search is a
         # few milliseconds, and the neighbour-graph job runs one per stored image.
         conn.execute("; ".join(settings))
-        resort = where is not None and ITERATIVE_SCAN == "relaxed_order"
-        return conn.execute(self._ranked_sql(where, resort=resort), (v, *params, v, top_k)).fetchall()
+        if where is not None and ITERATIVE_SCAN == "relaxed_order":
+            args = (v, *params, v, ITERATIVE_FACTOR * top_k, top_k)
+            return conn.execute(self._ranked_sql(where, resort=True), args).fetchall()
+        return conn.execute(self._ranked_sql(where), (v, *params, v, top_k)).fetchall()
+
+    @staticmethod
+    def _exact_settings(conn: psycopg.Connection) -> None:
+        """Index scans off for the rest of the transaction: the HNSW index is only reachable through one (it has no
+        bitmap scan), while the B-tree indexes still serve the filter through bitmap scans. Settings made before
+        this in the same transaction (SET LOCAL) are undone."""
+        conn.execute(
+            "SET LOCAL enable_indexscan = off; SET LOCAL enable_seqscan = on; "
+            "SET LOCAL enable_bitmapscan = on; SET LOCAL enable_sort = on"
+        )
 
     def _exact_search(self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where, params: Sequence) -> list:
-        """Rows of an exact search over the rows matching ``where``: every one ranked, no HNSW."""
-        # Index scans off: the HNSW index is only reachable through one (it has no bitmap scan), while the B-tree
-        # indexes still serve the filter through bitmap scans. The settings before this are SET LOCAL of the same
-        # transaction: undo them.
-        conn.execute("SET LOCAL enable_indexscan = off")
-        conn.execute("SET LOCAL enable_seqscan = on")
-        conn.execute("SET LOCAL enable_bitmapscan = on")
-        conn.execute("SET LOCAL enable_sort = on")
+        """Rows of an exact search over the rows matching ``where``: every one ranked by its full vector, no HNSW."""
+        self._exact_settings(conn)
         return conn.execute(self._ranked_sql(where), (v, *params, v, top_k)).fetchall()
 
     @staticmethod

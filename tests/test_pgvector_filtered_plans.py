@@ -1,0 +1,145 @@
+"""The pgvector backend's filtered-search plans (issue #29, app/vectordb/pgvector.py) on a real PostgreSQL:
+the binary-quantised exact pass, its guard against a planner estimate that is too low, the iterative scan's
+``ef_search`` raised by selectivity, and collections created before ``embedding_bq`` existed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import psycopg
+import pytest
+
+import app.vectordb.pgvector as pgvector_module
+from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
+from app.vectordb.pgvector import PgVectorHandler, exact_pass_limit, iterative_ef, rerank_candidates
+from tests.helpers import create_database
+
+DIM = 64
+
+
+def _records(n: int, seed: int, rare_every: int = 10) -> list[ImageRecord]:
+    """``n`` unit vectors; every ``rare_every``-th is in folder ``rare/``, the rest in ``common/``."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    return [
+        ImageRecord(
+            f"{i:064x}",
+            v[i],
+            ImageMetadata(f"{'rare' if i % rare_every == 0 else 'common'}/{i}.jpg", "JPEG", 8, 8, 1, now),
+        )
+        for i in range(n)
+    ]
+
+
+def _exact(records: list[ImageRecord], query: np.ndarray, prefix: str, k: int) -> list[str]:
+    rows = [r for r in records if r.metadata.filename.startswith(prefix)]
+    scores = np.array([float(r.vector @ query) for r in rows])
+    return [rows[i].id for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.fixture
+def handler(pg_server):
+    h = PgVectorHandler(create_database(pg_server), ef_search=10)
+    yield h
+    h.close()
+
+
+def test_new_collections_rank_selective_filters_by_their_binary_quantisation(handler, monkeypatch):
+    """A new collection has embedding_bq; a filter keeping 50 of 500 rows is answered by the exact pass (the
+    candidates it re-ranks cover every matching row here, so the answer is the exact one) in one statement."""
+    handler.ensure_collection("m", DIM)
+    assert handler._has_bq
+    records = _records(500, 1)
+    handler.upsert(records)
+    iterative = []
+    monkeypatch.setattr(PgVectorHandler, "_index_search", lambda *a, **k: iterative.append(1) or [])
+    query = records[3].vector
+    hits = handler.search(query, 10, SearchFilter.create(path_prefix="rare"))
+    assert [h.id for h in hits] == _exact(records, query, "rare/", 10)
+    by_id = {r.id: r for r in records}
+    assert all(h.score == pytest.approx(float(by_id[h.id].vector @ query), abs=1e-5) for h in hits)  # cosine
+    assert not iterative
+
+
+def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handler, monkeypatch):
+    """The planner says 1 row; 450 of 500 match and the exact pass's limit is 100: the pass counts past its limit,
+    gives up, and the iterative scan answers (with ef_search raised for the real selectivity), still correct."""
+    handler.ensure_collection("m", DIM)
+    records = _records(500, 2, rare_every=1)  # every row in rare/
+    records = [replace(r, metadata=replace(r.metadata, filename=f"rare/{i}.jpg")) for i, r in enumerate(records)]
+    handler.upsert(records[:450])
+    handler.upsert(
+        [replace(r, metadata=replace(r.metadata, filename=f"other/{i}.jpg")) for i, r in enumerate(records[450:], 450)]
+    )
+    monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 100)
+    monkeypatch.setattr(PgVectorHandler, "_estimated_rows", staticmethod(lambda conn, where, params: 1.0))
+    efs = []
+    index_search = PgVectorHandler._index_search
+
+    def spy(self, conn, v, top_k, where=None, params=(), *, ef):
+        efs.append(ef)
+        return index_search(self, conn, v, top_k, where, params, ef=ef)
+
+    monkeypatch.setattr(PgVectorHandler, "_index_search", spy)
+    query = records[7].vector
+    hits = handler.search(query, 10, SearchFilter.create(path_prefix="rare"))
+    assert len(hits) == 10 and all(h.metadata.filename.startswith("rare/") for h in hits)
+    assert len({h.id for h in hits} & set(_exact(records[:450], query, "rare/", 10))) >= 9
+    assert len(efs) == 1 and efs[0] >= 10
+
+
+def test_collections_from_before_embedding_bq(pg_server, monkeypatch, caplog):
+    """A large pre-#29 collection is left as it is (a warning names the statement) and still answers filtered
+    searches exactly; a small one gets the column when it is opened."""
+    url = create_database(pg_server)
+    h = PgVectorHandler(url, ef_search=10)
+    h.ensure_collection("m", DIM)
+    records = _records(300, 3)
+    h.upsert(records)
+    h.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE images DROP COLUMN embedding_bq")
+    monkeypatch.setattr(pgvector_module, "BQ_AUTO_ADD_MAX_ROWS", 100)
+    h = PgVectorHandler(url, ef_search=10)
+    try:
+        with caplog.at_level("WARNING", logger="app.vectordb.pgvector"):
+            h.ensure_collection("m", DIM)
+        assert not h._has_bq
+        assert "embedding_bq" in caplog.text and "GENERATED ALWAYS AS" in caplog.text
+        query = records[11].vector
+        assert [x.id for x in h.search(query, 5, SearchFilter.create(path_prefix="rare"))] == _exact(
+            records, query, "rare/", 5
+        )
+    finally:
+        h.close()
+    monkeypatch.setattr(pgvector_module, "BQ_AUTO_ADD_MAX_ROWS", 1000)
+    h = PgVectorHandler(url, ef_search=10)
+    try:
+        h.ensure_collection("m", DIM)
+        assert h._has_bq
+        query = records[12].vector
+        assert [x.id for x in h.search(query, 5, SearchFilter.create(path_prefix="rare"))] == _exact(
+            records, query, "rare/", 5
+        )
+    finally:
+        h.close()
+
+
+def test_plan_parameters():
+    """ef_search grows as the filter narrows, within [max(ef_search, top_k), 1000]; re-ranked candidates."""
+    assert iterative_ef(10, 0.5, 160) == 160
+    assert iterative_ef(10, 0.1, 160) == 500
+    assert iterative_ef(10, 0.02, 160) == 1000
+    assert iterative_ef(10, 0.0, 40) == 1000
+    assert iterative_ef(100, 0.9, 40) == 556
+    assert iterative_ef(2000, 0.5, 40) == 2000  # HNSW returns at most ef_search rows
+    assert rerank_candidates(10) == 400 and rerank_candidates(100) == 1000
+    # exact pass: 5 % of the rows, at least 5,000, at most 50,000; 5,000 without embedding_bq
+    assert exact_pass_limit(20_000) == 5000 and exact_pass_limit(1_000_000) == 50_000
+    assert exact_pass_limit(400_000) == 20_000 and exact_pass_limit(10_000_000) == 50_000
+    assert exact_pass_limit(1_000_000, bq=False) == 5000
