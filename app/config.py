@@ -507,12 +507,24 @@ class Settings(BaseSettings):
         json_schema_extra={"group": "limits"},
     )
     max_decode_pixels_in_flight: int = Field(
-        100_000_000,
+        200_000_000,
         ge=1,
-        description="Decode memory held by all requests at once, in pixels of an 8-bit RGB photo (about 8 bytes each "
-        "while it decodes, measured); more wait in line (first come, first served). Each image is charged its "
-        "measured cost from its header (size, format, mode): a WebP with alpha or a float TIFF 2.1x its pixels, an "
-        "RGBA PNG 1.1x, a GIF 0.6x. 100000000: about 0.8 GB.",
+        description="Decode memory held by all requests at once, in pixels of an 8-bit RGB photo (4 bytes each while "
+        "it decodes, measured); more wait in line (first come, first served). Each image is charged its measured "
+        "cost from its header (size, format, mode): a WebP or a float TIFF about 4x its pixels, an RGBA PNG 2.2x, a "
+        "GIF 1.25x, a progressive JPEG its whole-image coefficients besides; with the model's memory for the images "
+        "a request embeds. 200000000: about 0.8 GB. MEMORY_LIMIT_MB applies as well.",
+        json_schema_extra={"group": "limits"},
+    )
+    memory_limit_mb: float = Field(
+        1500.0,
+        ge=0,
+        description="The server process's memory bound, MB (10^6 bytes): a decode starts only while the process's "
+        "resident memory now plus the estimated peak of every decode in flight (this one's included, with the "
+        "model's memory for the images it embeds) stays within it; otherwise it waits in line like "
+        "MAX_DECODE_PIXELS_IN_FLIGHT, or answers 503 at once when even alone it would not fit. Whatever the "
+        "process already holds (caches, model, heap) leaves that much less for decoding. 0: no limit (Linux only; "
+        "elsewhere only MAX_DECODE_PIXELS_IN_FLIGHT applies).",
         json_schema_extra={"group": "limits"},
     )
     decode_wait_s: float = Field(

@@ -29,6 +29,7 @@ from app.api.routes import router
 from app.api.security import install_security
 from app.api.site import site_router
 from app.config import Settings
+from app.imaging.admission import MALLOC_ARENAS, configure_malloc
 
 if TYPE_CHECKING:
     from app.embedders.base import Embedder
@@ -115,6 +116,10 @@ def __getattr__(name: str) -> FastAPI:
     """``app.main:app``, built from the environment on first access and kept (what uvicorn and Docker import)."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Before the server's threads allocate: two malloc arenas instead of glibc's eight per core (issue #27: over
+    # bursts of large decodes the process crept about 300 MB higher with the default, and peaked higher;
+    # docs/benchmarks.md, "glibc arenas"). MALLOC_ARENA_MAX in the environment wins.
+    configure_malloc(MALLOC_ARENAS)
     settings = Settings()
     configure_logging(settings)
     application = globals()["app"] = create_app(settings)

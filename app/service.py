@@ -91,8 +91,13 @@ class SearchService:
         # Query embeddings by content: memory -> Redis -> stored vector -> model (app/cache/). Keys carry the model id
         # and dimension, so a shared Redis never hands one model's vectors to another.
         self.cache = EmbeddingCache.from_settings(settings, embedder.model_id, embedder.dim, observer)
-        # Decoded pixels held by all requests together (MAX_DECODE_PIXELS_IN_FLIGHT): bounds decode memory.
-        self.admission = PixelAdmission(settings.max_decode_pixels_in_flight, settings.decode_wait_s)
+        # Decode memory of all requests together, within MEMORY_LIMIT_MB from whatever the process holds already
+        # and within MAX_DECODE_PIXELS_IN_FLIGHT (app/imaging/admission.py owns the rule).
+        self.admission = PixelAdmission(
+            settings.max_decode_pixels_in_flight,
+            settings.decode_wait_s,
+            memory_limit_bytes=int(settings.memory_limit_mb * 1_000_000),
+        )
         embed = batcher.embed if batcher is not None else embedder.embed_images
         self.indexer = UploadIndexer(settings, embedder, embed, db, store, self.admission, observer)
         # The neighbour graph, near-duplicates and DBA (app/neighbours/): its job thread is stopped by close().

@@ -15,7 +15,10 @@ Reports: ``first_503_s`` (from the stop to the first 503 answered), failed reque
 started more than 0.5 s into the hang), ``recovered_s`` (from SIGCONT to a successful search and /health), requests
 by status, ``lost`` (acknowledged ids missing afterwards), and fsck's exit code and mismatches (an original without
 a row, left by a write the deadline cut, is expected and harmless: the start-up sweep removes it).
-``--project-root`` runs the server from another checkout (a baseline). ``--backend milvus`` stops a Milvus Lite
+``--project-root`` runs the server from another checkout (a baseline). ``--baseline-photos N`` indexes N real photos
+(``POST /index_images``, 32 per request; Caltech-101's, then ``instance_small``'s) before the load starts, so the
+deadlines are measured on a server that holds data, not a fresh one (issue #27: 2,000); ``answers_within_2_5_s`` says
+whether every answer during the hang came within 2.5 s. ``--backend milvus`` stops a Milvus Lite
 server instead: Milvus Lite 3 runs inside the service's process, so the bench starts Lite's gRPC server as a process
 of its own (``milvus-lite server``, loopback) and points ``MILVUS_URI`` at it, as for a Milvus server.
 ``--backend s3`` keeps the originals in a bucket of moto's S3 server (its own process, loopback) and stops that
@@ -27,7 +30,7 @@ row every 2 s after a 1 s grace (``ORPHAN_SWEEP_INTERVAL_S``, ``ORPHAN_GRACE_S``
 ``storage_ok_while_stopped`` how often it said ``ok`` more than 2.5 s into the hang.
 
 Usage: python bench/hang.py [--backend pgvector|milvus|s3] [--hang-s 6] [--clients 2] [--images DIR]
-    [--model-cache-dir DIR] [--project-root DIR]
+    [--model-cache-dir DIR] [--project-root DIR] [--baseline-photos 2000]
 """
 
 from __future__ import annotations
@@ -47,7 +50,15 @@ from pathlib import Path
 
 import httpx
 import psutil
-from live_server import free_port, server_env, start_server, stop_server, wait_healthy  # bench/ is on sys.path
+from live_server import (  # bench/ is on sys.path
+    baseline_photos,
+    free_port,
+    index_photos,
+    server_env,
+    start_server,
+    stop_server,
+    wait_healthy,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = PROJECT_ROOT.parent / "shared" / "datasets" / "caltech101_subset" / "images"
@@ -112,8 +123,12 @@ def main() -> int:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--model-cache-dir", type=Path, default=Path(os.environ.get("MODEL_CACHE_DIR", "data/models")))
     parser.add_argument("--project-root", type=Path, default=PROJECT_ROOT, help="checkout the server runs from")
+    parser.add_argument(
+        "--baseline-photos", type=int, default=0, help="photos indexed before the load starts (not the loops' own)"
+    )
     args = parser.parse_args()
     images = sorted(args.images.rglob("*.jpg"))[:60]
+    photos = baseline_photos(args.baseline_photos, exclude=set(images)) if args.baseline_photos else []
 
     with tempfile.TemporaryDirectory(prefix="hang-") as tmp:
         port = free_port()
@@ -161,8 +176,12 @@ def main() -> int:
         storage: list[tuple[float, str]] = []  # (answered at, /health's storage) with s3
         done = threading.Event()
         processes: list[psutil.Process] = []
+        baseline = None
         try:
             wait_healthy(url, server)
+            if photos:
+                baseline = index_photos(url, photos)
+                baseline["rss_mb"] = round(psutil.Process(server.pid).memory_info().rss / 1e6)
             with httpx.Client(timeout=60) as http:
                 for path in images[:5]:
                     r = http.post(f"{url}/index_image", files={"file": (path.name, path.read_bytes())})
@@ -272,6 +291,7 @@ def main() -> int:
         "backend": args.backend,
         "hang_s": args.hang_s,
         "clients": args.clients,
+        "baseline": baseline,
         "first_503_s": round(min(r[2] for r in failed) - t_stop, 2) if failed else None,
         "failed_latency_s": {
             "p50": _pct([r[2] - r[1] for r in failed], 0.5),
@@ -297,6 +317,8 @@ def main() -> int:
         "fsck_rc": fsck.returncode,
         "fsck_mismatches": _fsck_mismatches(fsck.stdout),
     }
+    # Issue #27's target: every answer during the hang (searches, reads, writes, /health) within 2.5 s.
+    result["answers_within_2_5_s"] = result["longest_answer_s"] is not None and result["longest_answer_s"] <= 2.5
     print(json.dumps(result))
     return 0
 

@@ -74,3 +74,48 @@ def stop_server(server: subprocess.Popen, timeout_s: float = 60) -> None:
         server.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         server.kill()
+
+
+#: where the benches take real photos from (``../shared/datasets`` next to the project)
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def baseline_photos(n: int, exclude: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
+    """``n`` real photos for a baseline (issue #27: memory and deadlines must hold after indexing, not only from a
+    fresh start): the Caltech-101 subset's JPEGs (2,020), then ``instance_small``'s, sorted, without ``exclude``.
+    ``SystemExit`` when there are fewer."""
+    found = [
+        path
+        for folder in ("caltech101_subset/images", "instance_small/images")
+        for path in sorted((DATASETS / folder).rglob("*"))
+        if path.suffix.lower() in (".jpg", ".jpeg") and path not in exclude
+    ]
+    if len(found) < n:
+        raise SystemExit(f"only {len(found)} photos under {DATASETS}, {n} asked for")
+    return found[:n]
+
+
+def index_photos(url: str, photos: list[Path], batch: int = 32, retries: int = 10) -> dict:
+    """Index ``photos`` through ``POST /index_images``, ``batch`` per request (the way ``bulk_index.py`` uploads);
+    the count indexed (or already there), the 503s retried (after their ``Retry-After``, up to ``retries`` per
+    batch: a baseline is not what a bench measures) and the seconds it took. Raises ``httpx.HTTPStatusError`` on
+    another refusal, or on a 503 after the last retry."""
+    started = time.monotonic()
+    indexed = retried = 0
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for start in range(0, len(photos), batch):
+            files = [("files", (p.name, p.read_bytes())) for p in photos[start : start + batch]]
+            for attempt in range(retries + 1):
+                r = http.post("/index_images", files=files)
+                if r.status_code != 503 or attempt == retries:
+                    break
+                retried += 1
+                time.sleep(float(r.headers.get("retry-after", "1")))
+            r.raise_for_status()
+            indexed += sum(1 for item in r.json()["results"] if item["status"] in ("indexed", "exists"))
+    return {
+        "photos": len(photos),
+        "indexed": indexed,
+        "retried_503": retried,
+        "index_s": round(time.monotonic() - started, 1),
+    }

@@ -86,13 +86,16 @@ CI_STALL_DEADLINES = {"db_request_timeout_s": 5.0, "db_statement_timeout_s": 10.
 
 def make_settings(data_dir: Path, database_url: str, **overrides) -> Settings:
     """Settings for a test: its own data dir and database, the offline model, no UI unless asked, and TestClient's
-    Host (``testserver``) allowed next to the loopback names of live servers (ALLOWED_HOSTS)."""
+    Host (``testserver``) allowed next to the loopback names of live servers (ALLOWED_HOSTS). No MEMORY_LIMIT_MB:
+    an app served inside pytest shares its process with everything the session loaded, so its resident memory says
+    nothing about the app (tests/test_memory_bound.py tests the limit on a server process of its own)."""
     values = dict(
         data_dir=data_dir,
         database_url=database_url,
         embedder="efficientnet",
         ui_enabled=False,
         allowed_hosts="testserver,localhost,127.0.0.1,[::1]",
+        memory_limit_mb=0,
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)

@@ -117,3 +117,61 @@ def test_large_images_queue_then_get_503_with_retry_after(tmp_path, database_url
         assert len(codes) == 5 and set(codes) <= {201, 503} and 201 in codes, statuses
         assert all(retry is not None and int(retry) >= 1 for code, retry in statuses if code == 503)
         assert client.get("/stats").json()["count"] == codes.count(201)
+
+
+class _Memory:
+    """A stand-in for the process's resident memory that a test sets (bytes)."""
+
+    def __init__(self, resident: int) -> None:
+        self.resident = resident
+
+    def __call__(self) -> int:
+        return self.resident
+
+
+def test_the_memory_limit_counts_what_the_process_holds_and_what_is_in_flight():
+    # MEMORY_LIMIT_MB (issue #27): resident memory now + every admitted decode's estimate + this one <= the limit,
+    # whatever the baseline. Units of 1 byte here, so the arithmetic reads plainly.
+    memory = _Memory(600)
+    gate = PixelAdmission(10**9, max_wait_s=2, memory_limit_bytes=1000, resident=memory, bytes_per_unit=1)
+    gate.acquire(300)  # 600 + 300 <= 1000
+    admitted: list[int] = []
+    waiter = threading.Thread(target=lambda: (gate.acquire(200), admitted.append(200)))
+    waiter.start()
+    time.sleep(0.3)
+    assert admitted == [] and gate.waiting == 1  # 600 + 300 + 200 > 1000: waits, though the pixel cap has room
+    memory.resident = 450  # the process handed memory back: the head of the line notices without a release
+    waiter.join(timeout=2)
+    assert admitted == [200] and gate.in_flight == 500
+    gate.release(300)
+    gate.release(200)
+
+
+def test_an_image_that_does_not_fit_the_memory_limit_even_alone_gets_503_at_once():
+    gate = PixelAdmission(10**9, max_wait_s=5, memory_limit_bytes=1000, resident=_Memory(900), bytes_per_unit=1)
+    started = time.monotonic()
+    with pytest.raises(ServiceBusyError, match="MEMORY_LIMIT_MB") as refused:
+        gate.acquire(200)
+    assert time.monotonic() - started < 1 and refused.value.retry_after_s >= 1
+    assert gate.in_flight == 0 and gate.waiting == 0
+    with gate.admit(100):  # what fits still passes
+        assert gate.in_flight == 100
+
+
+def test_the_server_caps_malloc_arenas_unless_the_environment_says_otherwise():
+    # app.main caps glibc's arenas at two before the server's threads allocate (issue #27); MALLOC_ARENA_MAX wins.
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = "from app.imaging.admission import configure_malloc; print(configure_malloc(2))"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+
+    def run(env: dict[str, str]) -> str:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
+
+    assert run(env) == "True"
+    assert run({**env, "MALLOC_ARENA_MAX": "4"}) == "False"

@@ -408,3 +408,35 @@ def test_a_stopped_store_is_refused_fast_and_heals_after_sigcont(tmp_path, image
         if moto.process is not None:
             moto.process.send_signal(signal.SIGCONT)
         moto.stop()
+
+
+def test_a_slow_listing_fails_no_request(tmp_path, images):
+    """fsck's and the orphan sweep's whole-bucket walk waits S3_READ_TIMEOUT_S per page, not the request deadline,
+    and a slow page does not mark the store down: moto stopped (SIGSTOP) for 2 s during a walk, with a request
+    deadline of 0.5 s, and the walk still lists every original while the store stays up for requests (issue #27:
+    a slow listing by the periodic sweep made every request answer 503)."""
+    import signal
+
+    moto = MotoS3().start()
+    try:
+        store = _s3(tmp_path, moto.endpoint, moto.create_bucket(), request_timeout_s=0.5, read_timeout_s=20.0)
+        ids = []
+        for data in images[:3]:
+            ids.append(image_id_for(data))
+            store.put(ids[-1], data, "jpg")
+        moto.process.send_signal(signal.SIGSTOP)
+        resume = threading.Timer(2.0, lambda: moto.process.send_signal(signal.SIGCONT))
+        resume.start()
+        try:
+            start = time.monotonic()
+            found = {entry.image_id for entry in store.walk()}
+            assert time.monotonic() - start > 1.5  # it waited for the stopped store
+        finally:
+            resume.join()
+            moto.process.send_signal(signal.SIGCONT)
+        assert found == set(ids)
+        assert store.health().state == "ok"
+        assert store.get(ids[0]).read() == images[0]
+    finally:
+        store.close()
+        moto.stop()

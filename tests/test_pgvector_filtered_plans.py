@@ -143,3 +143,26 @@ def test_plan_parameters():
     assert exact_pass_limit(20_000) == 5000 and exact_pass_limit(1_000_000) == 50_000
     assert exact_pass_limit(400_000) == 20_000 and exact_pass_limit(10_000_000) == 50_000
     assert exact_pass_limit(1_000_000, bq=False) == 5000
+
+
+def test_filtered_statements_are_never_prepared(pg_server):
+    """psycopg prepares a statement run 5 times on a connection, and PostgreSQL may then plan it generically, without
+    the LIKE pattern's value, so a folder filter read the whole table; filtered statements are sent unprepared
+    (FILTERED_PREPARE), while the unfiltered search may still be prepared."""
+    h = PgVectorHandler(create_database(pg_server), ef_search=10, pool_min=1, pool_max=1)
+    try:
+        h.ensure_collection("m", DIM)
+        records = _records(300, 4)
+        h.upsert(records)
+        for i in range(8):
+            h.search(records[i].vector, 5, SearchFilter.create(path_prefix="rare"))
+            h.search(records[i].vector, 5)
+
+        def prepared(conn):
+            return [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
+
+        statements = h._run(prepared)
+        assert not [s for s in statements if "LIKE" in s or "embedding_bq" in s]
+        assert [s for s in statements if "ORDER BY embedding <=>" in s]  # the unfiltered search is prepared
+    finally:
+        h.close()

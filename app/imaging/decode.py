@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import struct
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -132,19 +133,20 @@ def _signature_matches(fmt: str, prefix: bytes) -> bool:
 
 #: Peak memory of :func:`decode_image`, bytes per decoded pixel, by format and mode; measured with
 #: ``bench/decode_cost.py`` (16 MP images, peak RSS growth of a fresh process; docs/benchmarks.md, "Decode cost"),
-#: rounded up. An 8-bit RGB photo costs about 8 bytes per pixel, not 3: the raster, a detached copy and the
-#: decoder's own buffers. WebP decodes through an RGBA buffer and converts; 32-bit modes go through float32 arrays.
-#: Measured: 1/L/P (palette GIF and PNG: 5.0), RGB (JPEG, PNG, TIFF, HEIC: 7.7-8.0), RGBA (PNG, TIFF: 9.0), I;16
-#: (7.4), F (17.0). Not measured, estimated from the conversions they go through: LA/PA (as RGBA plus one band),
-#: CMYK/RGBX (as RGBA, rounded up), YCbCr/LAB/HSV (as RGB), I (as F).
-RGB_DECODE_BYTES_PER_PIXEL = 8.0
+#: rounded up. An 8-bit RGB photo costs 4 bytes per pixel: Pillow's raster (RGB is stored as 32-bit pixels), which
+#: the decoder hands back without a copy. Other modes add the RGB image they are converted to; WebP decodes through
+#: libwebp's RGBA canvas, HEIC and AVIF through their library's own buffer; 32-bit modes go through float32 arrays.
+#: Measured (2026-12-07): RGB (JPEG, PNG, TIFF: 3.9-4.0), 1/L/P (palette GIF and PNG: 5.0), RGBA (PNG, TIFF: 9.0),
+#: I;16 (7.4), F (17.0). Not measured, estimated from the conversions they go through: LA/PA (as RGBA plus one
+#: band), CMYK/RGBX (as RGBA, rounded up), YCbCr/LAB/HSV (a 4-byte raster and its RGB conversion), I (as F).
+RGB_DECODE_BYTES_PER_PIXEL = 4.0
 DECODE_BYTES_PER_PIXEL_BY_MODE = {
     "1": 5.0,
     "L": 5.0,
     "P": 5.0,
     "PA": 10.0,
     "LA": 10.0,
-    "RGB": 8.0,
+    "RGB": 4.0,
     "YCbCr": 8.0,
     "LAB": 8.0,
     "HSV": 8.0,
@@ -159,8 +161,14 @@ DECODE_BYTES_PER_PIXEL_BY_MODE = {
     "I": 17.0,
     "F": 17.0,
 }
-#: formats whose decoder costs more than their mode says (measured the same way)
-DECODE_BYTES_PER_PIXEL_BY_FORMAT = {("WEBP", "RGB"): 16.0, ("WEBP", "RGBA"): 17.0, ("AVIF", "RGB"): 10.0}
+#: formats whose decoder costs more than their mode says (measured the same way: WebP 16.0 and 17.0, HEIC 6.9,
+#: AVIF 8.9)
+DECODE_BYTES_PER_PIXEL_BY_FORMAT = {
+    ("WEBP", "RGB"): 16.0,
+    ("WEBP", "RGBA"): 17.0,
+    ("HEIF", "RGB"): 7.0,
+    ("AVIF", "RGB"): 9.0,
+}
 #: modes not in the table: as the costliest measured one
 _UNKNOWN_MODE_BYTES_PER_PIXEL = 17.0
 
@@ -169,7 +177,9 @@ def decode_cost(data: bytes, *, max_pixels: int, draft_size: int | None = None) 
     """Peak bytes that :func:`decode_image` with the same arguments is expected to take, from the header only.
 
     :func:`header_pixels` (the drafted size for JPEG) times the measured bytes per pixel of the image's format and
-    mode (:data:`DECODE_BYTES_PER_PIXEL_BY_FORMAT`, else :data:`DECODE_BYTES_PER_PIXEL_BY_MODE`). Returns 0 where
+    mode (:data:`DECODE_BYTES_PER_PIXEL_BY_FORMAT`, else :data:`DECODE_BYTES_PER_PIXEL_BY_MODE`), plus, for a
+    progressive or multi-scan JPEG, the whole image's DCT coefficients (:func:`jpeg_coefficient_bytes`: at full
+    resolution whatever the draft scale, and as large for a truncated file as for the whole). Returns 0 where
     :func:`header_pixels` does (nothing will be decoded). Raises nothing.
     """
     pixels = header_pixels(data, max_pixels=max_pixels, draft_size=draft_size)
@@ -177,7 +187,9 @@ def decode_cost(data: bytes, *, max_pixels: int, draft_size: int | None = None) 
         return 0
     try:
         with Image.open(BytesIO(data), formats=_allowed_formats()) as im:
-            fmt, mode = im.format, im.mode
+            fmt, mode, size = im.format, im.mode, im.size
+            layers = list(getattr(im, "layer", None) or [])
+            progressive = bool(im.info.get("progressive"))
     except Exception:  # noqa: BLE001 - header_pixels read it a moment ago; charge the worst case if not now
         return int(pixels * _UNKNOWN_MODE_BYTES_PER_PIXEL)
     if draft_size and fmt in ("JPEG", "MPO") and mode in ("CMYK", "YCCK"):
@@ -185,7 +197,70 @@ def decode_cost(data: bytes, *, max_pixels: int, draft_size: int | None = None) 
     per_pixel = DECODE_BYTES_PER_PIXEL_BY_FORMAT.get(
         (fmt, mode), DECODE_BYTES_PER_PIXEL_BY_MODE.get(mode, _UNKNOWN_MODE_BYTES_PER_PIXEL)
     )
-    return int(pixels * per_pixel)
+    cost = int(pixels * per_pixel)
+    if fmt in ("JPEG", "MPO") and layers and _jpeg_needs_whole_image_buffer(data, progressive, len(layers)):
+        cost += jpeg_coefficient_bytes(size, layers)
+    return cost
+
+
+def jpeg_coefficient_bytes(size: tuple[int, int], layers: list[tuple[int, int, int, int]]) -> int:
+    """Bytes of the DCT coefficients libjpeg keeps for a whole progressive or multi-scan JPEG while it decodes it.
+
+    Such a file refines every 8x8 block of the whole picture scan after scan, so libjpeg holds all of them at once
+    (``jdcoefct.c``, the "full-image coefficient buffer": 64 coefficients of 2 bytes per block of each component,
+    at the component's own sampling), whatever the draft scale: a 100 MP 4:4:4 file needs 600 MB even when it is
+    decoded to 1/8 of its size, a truncated file just as much as the whole. ``size``: (width, height) from the
+    header; ``layers``: Pillow's ``JpegImageFile.layer``, ``(id, h, v, table)`` per component (the sampling
+    factors; 1 to 4 each). Raises nothing.
+    """
+    width, height = size
+    factors = [(max(1, h), max(1, v)) for _, h, v, _ in layers]
+    h_max = max(h for h, _ in factors)
+    v_max = max(v for _, v in factors)
+    blocks = 0
+    for h, v in factors:
+        # The component's 8x8 blocks across and down, rounded up to whole MCUs as jdcoefct.c allocates them.
+        across = _round_up(_ceil_div(_ceil_div(width * h, h_max), 8), h)
+        down = _round_up(_ceil_div(_ceil_div(height * v, v_max), 8), v)
+        blocks += across * down
+    return blocks * 64 * 2
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _ceil_div(a, b) * b
+
+
+def _jpeg_needs_whole_image_buffer(data: bytes, progressive: bool, components: int) -> bool:
+    # libjpeg buffers the whole image's coefficients for progressive files and for sequential ones whose first scan
+    # does not carry every component (jdapimin.c, has_multiple_scans); a file whose scans cannot be found is charged
+    # as such too (it may be truncated right after its header).
+    if progressive:
+        return True
+    scan = _jpeg_first_scan_components(data)
+    return scan is None or scan < components
+
+
+def _jpeg_first_scan_components(data: bytes) -> int | None:
+    # Walk the marker segments from SOI to the first SOS (start of scan) and read its component count.
+    i = 2
+    while i + 4 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xDA:
+            return data[i + 4]
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def header_pixels(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> int:
@@ -254,31 +329,36 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
         _check_ico_frames(data, max_pixels)
 
     fmt: str | None = None
+    im: Image.Image | None = None
     try:
-        with Image.open(BytesIO(data), formats=_allowed_formats()) as im:
-            fmt = im.format or "image"
-            if isinstance(im, ImageFile.StubImageFile):
-                raise UnsupportedFormatError(f"{fmt} files are not supported: they are not raster photos")
-            _check_pixels(im.size, max_pixels)
+        im = Image.open(BytesIO(data), formats=_allowed_formats())
+        fmt = im.format or "image"
+        if isinstance(im, ImageFile.StubImageFile):
+            raise UnsupportedFormatError(f"{fmt} files are not supported: they are not raster photos")
+        _check_pixels(im.size, max_pixels)
+        original_size = im.size
+        drafted = draft_size is not None and fmt in ("JPEG", "MPO")
+        if drafted:
+            # DCT-domain downscaling inside libjpeg; it also shrinks im.size, hence original_size above.
+            im.draft("RGB", (draft_size, draft_size))
+        im.load()
+        # Some containers only learn the real size while loading; keep the promise made to callers anyway.
+        _check_pixels(im.size, max_pixels)
+        if not drafted:
             original_size = im.size
-            drafted = draft_size is not None and fmt in ("JPEG", "MPO")
-            if drafted:
-                # DCT-domain downscaling inside libjpeg; it also shrinks im.size, hence original_size above.
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-            # Some containers only learn the real size while loading; keep the promise made to callers anyway.
-            _check_pixels(im.size, max_pixels)
-            if not drafted:
-                original_size = im.size
-            transpose = _orientation_transpose(im)
-            taken_at = taken_at_of(im)
-            rgb = _to_rgb(im, fmt)
-            if transpose is not None:
-                rgb = rgb.transpose(transpose)
-            if rgb is im:
-                # Detach from the file object (and from any later frames) so the result stands alone.
-                rgb = im.copy()
+        transpose = _orientation_transpose(im)
+        taken_at = taken_at_of(im)
+        rgb = _to_rgb(im, fmt)
+        if transpose is not None:
+            rgb = rgb.transpose(transpose)
+        if rgb is im:
+            # Detach from the file object (and from any later frames) so the result stands alone: a new Image
+            # around the same decoded raster, not a copy of it (the copy was half of an RGB decode's peak memory,
+            # 4 of 8 bytes per pixel: docs/benchmarks.md, "Decode cost"). Closing the file image below drops
+            # only its own reference to the raster (Pillow's Image.close).
+            rgb = im._new(im.im)
     except Image.DecompressionBombError as exc:
+        _drop_raster(exc, im)
         # Pillow's message quotes its own guard, not the limit the user configured.
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"declares {int(declared.group(1)):,} pixels" if declared else "is too large to decode safely"
@@ -287,14 +367,29 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     except UnidentifiedImageError:
         raise _unidentified_error(data) from None
     except _DECODE_ERRORS as exc:
+        _drop_raster(exc, im)
         name = fmt or sniff_format(data) or "image"
         raise CorruptImageError(f"The {name} data is corrupt or truncated: {exc}") from exc
+    finally:
+        if im is not None:
+            im.close()  # `with` would not: ImageFile.__exit__ only lets go of the file, the raster stays
 
     extension, mime_type = _storage_type(fmt, data)
     width, height = original_size
     if transpose in _SWAPS_AXES:
         width, height = height, width
     return DecodedImage(rgb, fmt, mime_type, extension, width, height, taken_at)
+
+
+def _drop_raster(exc: BaseException, im: Image.Image | None) -> None:
+    # A decode that fails part-way (a truncated or partial file) has allocated the whole raster for what the header
+    # claims, and the exception would keep it alive through its traceback (the decoder and the image file are locals
+    # of Pillow's frames in it) until the error is garbage-collected: after the request's decode admission has
+    # ended, and past the heap trim that follows it (issue #27: a burst of truncated 100 MP PNGs left 400 MB
+    # resident). Let go of it before the error leaves the decoder.
+    if im is not None:
+        im.close()
+    traceback.clear_frames(exc.__traceback__)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

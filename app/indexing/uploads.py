@@ -22,7 +22,7 @@ from app.config import Settings
 from app.embedders.base import Embedder
 from app.errors import ImageDecodeError
 from app.ids import image_id_for
-from app.imaging.admission import PixelAdmission, decode_charge
+from app.imaging.admission import PixelAdmission, decode_charge, embed_bytes, to_units
 from app.imaging.decode import decode_image
 from app.imaging.prepare import PreparedImage, check_upload_size, clean_filename, prepare_bytes
 from app.indexing.write import write_batch
@@ -87,15 +87,17 @@ class UploadIndexer:
         self.admission = admission
         self.observer = observer
 
-    def pixels(self, data: bytes, draft_size: int | None = None) -> int:
+    def pixels(self, data: bytes, draft_size: int | None = None, *, embeds: bool = False) -> int:
         """What decoding ``data`` costs the admission (:func:`app.imaging.admission.decode_charge`), JPEGs at
-        ``draft_size`` or else the embedder's draft size. Raises :class:`app.errors.ImageTooLargeError` over
+        ``draft_size`` or else the embedder's draft size; ``embeds``: the model runs on the image inside the
+        admission, so its memory is charged too. Raises :class:`app.errors.ImageTooLargeError` over
         ``MAX_DECODE_MB``."""
         return decode_charge(
             data,
             max_pixels=self.settings.max_image_pixels,
             draft_size=draft_size or self.embedder.draft_size,
             max_decode_mb=self.settings.max_decode_mb,
+            embeds=embeds,
         )
 
     def indexed(self, ids: set[str]) -> set[str]:
@@ -116,7 +118,7 @@ class UploadIndexer:
         image_id = image_id_for(data)
         if self.indexed({image_id}):
             return IndexResult(image_id, "exists")
-        with self.admission.admit(self.pixels(data)):
+        with self.admission.admit(self.pixels(data, embeds=True)):
             written = self._write_one(data, filename, image_id)  # the decoded image dies inside, before admission ends
         # Not written: a simultaneous upload of the same bytes stored it while this one decoded (write_batch).
         return IndexResult(image_id, "indexed" if written else "exists")
@@ -133,7 +135,9 @@ class UploadIndexer:
         Each upload is ``(bytes, filename)``. A file the decoder refuses (or over MAX_UPLOAD_MB) gets ``error`` and
         does not affect the others; the same bytes twice in one batch are stored once (the later ones ``exists``).
         Raises :class:`app.errors.DatabaseUnavailableError` (or another store/database error) for the whole batch,
-        after removing the originals it had saved: nothing is half-written.
+        after removing the originals it had saved: nothing is half-written; :class:`app.errors.ServiceBusyError`
+        (nothing written) when a decode, or the model's memory for the batch, is not admitted within
+        ``DECODE_WAIT_S`` or does not fit ``MEMORY_LIMIT_MB``.
         """
         self.store.ensure_space()
         results: list[BatchItemResult | None] = [None] * len(uploads)
@@ -156,7 +160,11 @@ class UploadIndexer:
             first_in_batch.add(image_id)
             todo.append((i, prepared))
         if todo:
-            vectors = self.embed([p.image for _, p in todo])
+            # The model's memory for the batch (its images are fitted already, their decodes done) is admitted like
+            # a decode; ONNX Runtime runs EMBED_BATCH_SIZE images at a time, so that many are charged at most.
+            batch = min(len(todo), self.settings.embed_batch_size)
+            with self.admission.admit(to_units(embed_bytes(batch))):
+                vectors = self.embed([p.image for _, p in todo])
             written = write_batch(self.db, self.store, [p for _, p in todo], vectors)
             for i, prepared in todo:
                 status = "indexed" if prepared.image_id in written else "exists"  # else stored meanwhile by another
@@ -166,7 +174,7 @@ class UploadIndexer:
     def embed_upload(self, data: bytes) -> np.ndarray:
         """The ``(D,)`` float32, L2-normalised embedding of uploaded bytes, decoded under the admission; nothing is
         stored. Raises the decoding errors and :class:`app.errors.ServiceBusyError`."""
-        with self.admission.admit(self.pixels(data)):
+        with self.admission.admit(self.pixels(data, embeds=True)):
             return self._embed_decoded(data)  # the decoded image dies inside, before the admission ends
 
     def _embed_decoded(self, data: bytes) -> np.ndarray:

@@ -134,6 +134,7 @@ class S3ImageStore(ImageStore):
         self._watching = False  # the background probe runs (while the store is down)
         self._closed = threading.Event()
         self.request_timeout_s = float(request_timeout_s)
+        self.read_timeout_s = float(read_timeout_s)
         self._pool = ThreadPoolExecutor(16, thread_name_prefix="s3-batch")
         # Where every call to the store runs, so that a request can stop waiting for it (see the module's docstring).
         # Sized for the 16 of a batch plus the requests of the API's threads; calls a hung store holds end within
@@ -263,24 +264,35 @@ class S3ImageStore(ImageStore):
         if reason is not None:
             raise StorageUnavailableError(reason)
 
-    def _call(self, what: str, fn: Callable, *args, until: float | None = None, gate: bool = True, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def _call(  # noqa: ANN202
+        self,
+        what: str,
+        fn: Callable,
+        *args,  # noqa: ANN002
+        until: float | None = None,
+        gate: bool = True,
+        mark_down: bool = True,
+        **kwargs,  # noqa: ANN003
+    ):
         """``fn(*args, **kwargs)`` on an I/O thread, waited for until ``until`` (monotonic; default
         ``S3_REQUEST_TIMEOUT_S`` from now). Refused at once while the store is down (unless ``gate`` is false: the
-        next chunk of a stream that flows); past the deadline, marks it down and raises
+        next chunk of a stream that flows); past the deadline, marks it down (unless ``mark_down`` is false: a
+        maintenance call with a long deadline, whose slowness says nothing about requests) and raises
         :class:`app.errors.StorageUnavailableError` (the call itself is left to end on its own). The call's own
         exceptions are raised as they are."""
         if gate:
             self._raise_if_down()
+        started = time.monotonic()
         if until is None:
-            until = time.monotonic() + self.request_timeout_s
+            until = started + self.request_timeout_s
         future = self._io.submit(fn, *args, **kwargs)
         try:
             return future.result(timeout=max(0.0, until - time.monotonic()))
         except FutureTimeout:
             future.add_done_callback(functools.partial(_late, self.url, what))
-            raise self._down(
-                f"The object store {self.url} did not answer within {self.request_timeout_s:g} s ({what}); retry later."
-            ) from None
+            waited = round(max(0.0, until - started), 1)
+            message = f"The object store {self.url} did not answer within {waited:g} s ({what}); retry later."
+            raise (self._down(message) if mark_down else StorageUnavailableError(message)) from None
 
     def ensure_space(self) -> None:
         """Refuse a write at once (:class:`app.errors.StorageUnavailableError`) while the store is down; object
@@ -304,14 +316,30 @@ class S3ImageStore(ImageStore):
     def _location(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.prefix + '/' if self.prefix else ''}{key}"
 
-    def _list(self, prefix: str | None, until: float | None = None) -> Iterator[dict]:
+    def _list(self, prefix: str | None, until: float | None = None, *, maintenance: bool = False) -> Iterator[dict]:
         """The listing under ``prefix``, a page (1000 keys) a request; every page by ``until`` if given, else each
-        within ``S3_REQUEST_TIMEOUT_S``."""
+        within ``S3_REQUEST_TIMEOUT_S``. ``maintenance`` (the whole-bucket walk of fsck and the orphan sweep): each
+        page within ``S3_READ_TIMEOUT_S``, and a slow page fails the walk without marking the store down (a page of
+        1,000 keys took over 1.5 s on a loaded machine, and the sweep then made every request answer 503)."""
         import obstore
 
+        def deadline() -> float | None:
+            return time.monotonic() + self.read_timeout_s if maintenance else until
+
+        slow_is_down = not maintenance
         try:
-            pages = self._call("list objects", obstore.list, self._store, prefix=prefix, chunk_size=1000, until=until)
-            while (batch := self._call("list objects", next, pages, None, until=until)) is not None:
+            pages = self._call(
+                "list objects",
+                obstore.list,
+                self._store,
+                prefix=prefix,
+                chunk_size=1000,
+                until=deadline(),
+                mark_down=slow_is_down,
+            )
+            while (
+                batch := self._call("list objects", next, pages, None, until=deadline(), mark_down=slow_is_down)
+            ) is not None:
                 yield from batch
         except Exception as exc:  # noqa: BLE001 - translated
             raise self._failed("list objects", exc) from None
@@ -505,7 +533,7 @@ class S3ImageStore(ImageStore):
     # --- fsck -----------------------------------------------------------------------------------------------
     def walk(self) -> Iterator[StoreEntry]:
         """Every original under the prefix (``LIST``, 1000 keys a request); S3 writes leave no temporary objects."""
-        for meta in self._list(None):
+        for meta in self._list(None, maintenance=True):
             parts = meta["path"].split("/")
             if len(parts) != 3:
                 continue
