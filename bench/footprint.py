@@ -7,8 +7,9 @@ Gradio UI on and off (``--ui both``, the default: both variants in one run, sinc
 1. a first start creates the embedded database and the model's ONNX export (not measured: a one-time cost);
 2. a warm start: seconds from process start to the first ``200`` of ``/health`` (``start_to_healthy_s``), and the
    server's RSS 2 s later (``rss_after_start_mb``); with the UI and ``--start-only``, also to the first ``200`` of
-   ``/ui/config`` asked right after (``start_to_ui_s``: the UI is built once the API is healthy); with
-   ``--start-only --ui both`` the two variants' warm starts take turns (on, off, on...);
+   ``/ui/config`` asked right after (``start_to_ui_s``: the UI is built once the API is healthy), and how long
+   the first answered ``/health`` request itself took (``first_health_request_ms``); with ``--start-only --ui
+   both`` the two variants' warm starts take turns (on, off, on...);
 3. indexes ``caltech101_subset`` and ``instance_small`` through the API with ``scripts/bulk_index.py``
    (``rss_after_index_mb``);
 4. a second pass of the same uploads (every file again to ``POST /index_images``, answered ``exists``, and 200
@@ -80,17 +81,22 @@ def libtorch_mapped(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def start_server(env: dict[str, str], port: int) -> tuple[subprocess.Popen, float]:
-    """Start ``python -m app``; return it and the seconds until ``/health`` first answered 200."""
+def start_server(env: dict[str, str], port: int) -> tuple[subprocess.Popen, float, float]:
+    """Start ``python -m app``; return it, the seconds until ``/health`` first answered 200, and how long that
+    first answered request took, seconds (the server listens only once its lifespan has started the service, so
+    this is the first request's own time: what anything the process does beside it, such as importing Gradio,
+    adds to it)."""
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     deadline = start + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with status {proc.returncode}")
+        sent = time.monotonic()
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, time.monotonic() - start
+                now = time.monotonic()
+                return proc, now - start, now - sent
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
@@ -173,15 +179,17 @@ def warm_starts(args: argparse.Namespace, variants: dict[str, tuple[bool, Path |
     api = f"http://127.0.0.1:{args.port}"
     envs = {name: server_env(args, ui, data_dir) for name, (ui, data_dir) in variants.items()}
     for env in envs.values():
-        first, _ = start_server(env, args.port)  # creates the database and the model export
+        first, _, _ = start_server(env, args.port)  # creates the database and the model export
         stop_server(first)
     times: dict[str, list[float]] = {name: [] for name in variants}
     ui_times: dict[str, list[float]] = {name: [] for name in variants}
+    request_times: dict[str, list[float]] = {name: [] for name in variants}
     rss: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.starts):
         for name, (ui, _) in variants.items():
             start = time.monotonic()
-            server, healthy_s = start_server(envs[name], args.port)
+            server, healthy_s, request_s = start_server(envs[name], args.port)
+            request_times[name].append(request_s)
             if ui:  # the page itself: /ui/config answers once the UI is built (a request meanwhile waits for it)
                 assert httpx.get(f"{api}/ui/config", timeout=120).status_code == 200
                 ui_times[name].append(time.monotonic() - start)
@@ -194,6 +202,8 @@ def warm_starts(args: argparse.Namespace, variants: dict[str, tuple[bool, Path |
         figures = {
             "start_to_healthy_s": round(sorted(times[name])[len(times[name]) // 2], 2),
             "start_to_healthy_all_s": [round(t, 2) for t in times[name]],
+            "first_health_request_ms": round(1000 * sorted(request_times[name])[len(request_times[name]) // 2]),
+            "first_health_request_all_ms": [round(1000 * t) for t in request_times[name]],
             "rss_after_start_mb": sorted(rss[name])[len(rss[name]) // 2],
         }
         if ui_times[name]:
@@ -209,10 +219,10 @@ def measure(args: argparse.Namespace, ui: bool, data_dir: Path | None) -> dict:
     data_dir = Path(env["DATA_DIR"])
     api = f"http://127.0.0.1:{args.port}"
 
-    first, first_s = start_server(env, args.port)  # creates the database and the model export
+    first, first_s, _ = start_server(env, args.port)  # creates the database and the model export
     stop_server(first)
 
-    server, healthy_s = start_server(env, args.port)
+    server, healthy_s, _ = start_server(env, args.port)
     try:
         time.sleep(2)
         after_start = rss_mb(server.pid)

@@ -144,7 +144,7 @@ def _pixels(value: float | None, label: str) -> int | None:
     :data:`MAX_MIN_SIZE` or for a fraction (the REST API's bounds for ``min_width``/``min_height``)."""
     if value is None:
         return None
-    if value != int(value) or not 0 <= value <= MAX_MIN_SIZE:
+    if not 0 <= value <= MAX_MIN_SIZE or value != int(value):  # the range first: int() refuses inf
         raise ValueError(f"{label} must be a whole number of pixels from 0 to {MAX_MIN_SIZE:,}, got {value:g}.")
     return int(value)
 
