@@ -851,11 +851,20 @@ def test_load_more_right_after_a_new_page_size(server, page):
         page.click("#filters >> text=Filters and options")
     page.fill("#top-k input[type=number]", "2")
     page.click("#load-more")  # leaving the box reruns the search with 2 per page; Load more races it
-    page.wait_for_timeout(500)
-    settled = _settled_text(page, "#search-status", SEARCH_STATUS)
-    # Either the rerun (2 results) or the next page of the new size after the 3 shown (5); never 3 + 3.
-    assert settled.split(" ")[0] in ("2", "5"), settled
-    assert len(_wait_results(page)) in (2, 5)
+    # Both events run, in either order: the rerun alone (2), the rerun then a page of 2 more (4), or a page of 2
+    # after the 3 shown and then the rerun's 2, or the reverse (5 or 2). Never a page of the old size (3 + 3).
+    # Wait until the status and the thumbnails agree and stay so for 1.5 s: both events are done then.
+    deadline, last, stable_since = time.monotonic() + TIMEOUT_MS / 1000, None, time.monotonic()
+    while True:
+        status = _settled_text(page, "#search-status", SEARCH_STATUS)
+        now = (status.split(" ")[0], len(page.query_selector_all("#results .thumbnail-item")))
+        if now != last:
+            last, stable_since = now, time.monotonic()
+        elif now[0] == str(now[1]) and time.monotonic() - stable_since >= 1.5:
+            break
+        assert time.monotonic() < deadline, f"the results did not settle: {last}"
+        page.wait_for_timeout(200)
+    assert last[1] in (2, 4, 5), last
 
 
 def test_a_file_over_the_limit_is_refused_alone_on_a_phone(pg_server, offline_embedder, tmp_path, browser, request):

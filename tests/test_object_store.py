@@ -388,7 +388,7 @@ HEAL_S = 10.0
 @pytest.mark.slow
 def test_a_hung_object_store_answers_every_request_fast_and_heals(tmp_path, database_url, offline_embedder):
     """moto's server stopped with SIGSTOP (its sockets stay open, nothing answers) under readers, an uploader and a
-    /health watcher: every answer within 2.5 s (not S3_READ_TIMEOUT_S), reads 200 again after SIGCONT. Then an
+    /health watcher: no request waits on it over 2.5 s (not S3_READ_TIMEOUT_S), reads 200 again after SIGCONT. Then an
     upload given up on while the store is stopped, which the store completes once resumed: the periodic sweep
     removes that original without a row while the service runs."""
     import signal
@@ -476,7 +476,10 @@ def test_a_hung_object_store_answers_every_request_fast_and_heals(tmp_path, data
                     t.join(timeout=60)
             assert bad == []
             during = [(s, took, kind, status) for s, took, kind, status in answers if 0 < s + took and s < resumed]
-            slow = [a for a in during if a[1] > HUNG_ANSWER_S]
+            # What a request waited on the hung store: from the stop (or its own start, if later) to its answer. A
+            # request already running at the stop counts only from the stop: a fresh-clone CI run on an overloaded
+            # machine failed on reads that started 1.36 s before SIGSTOP and answered 503 1.55 s after it.
+            slow = [a for a in during if a[1] + min(a[0], 0.0) > HUNG_ANSWER_S]
             by_kind = {k: [a for a in during if a[2] == k] for k in ("read", "upload", "health")}
             took = sorted(a[1] for a in during)
             print(

@@ -61,6 +61,10 @@ def test_search_scale_reports_filtered_recall(backend):
     line = _run(backend, 3000, "--no-api", "--filter-selectivity", "0.1,0.5", "--filter-ef", "40")
     assert [(r["selectivity"], r["ef_search"]) for r in line["filtered"]] == [(0.1, 40), (0.5, 40)]
     for r in line["filtered"]:
-        assert set(r) == {"selectivity", "matching", "ef_search", "recall_at_10", "full", "p50_ms", "p95_ms"}
+        keys = {"kind", "selectivity", "matching", "ef_search", "recall_at_10", "full", "p50_ms", "p95_ms"}
+        if backend == "pgvector":  # the planner's estimate and which plan answered (issue #29)
+            keys |= {"planner_estimate", "plans"}
+            assert sum(v for k, v in r["plans"].items() if k != "last_ef") == 30  # every search counted once
+        assert set(r) == keys and r["kind"] == "folder"
         assert abs(r["matching"] / 3000 - r["selectivity"]) < 0.05
         assert r["full"] == 1.0 and r["recall_at_10"] >= 0.9
