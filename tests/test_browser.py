@@ -471,7 +471,11 @@ def test_filters_narrow_the_results(server, page):
     _wait_results(page, count=7)
 
     # Taken in 2017 (EXIF DateTimeOriginal): only the desk photo; "until" includes its whole last day.
+    # One box at a time, each search read before the next box, as a person does: a fresh-clone CI run that filled
+    # the second box while the first box's search (and its blur rerun) still ran on a busy machine searched with
+    # the second box empty (Gradio had not taken the filled value when Enter came).
     _type_and_enter(page, "#filter-taken-after", "2017-11-07")
+    _settled_text(page, "#search-status", r"· 1 filter on")
     _type_and_enter(page, "#filter-taken-before", "2017-11-07")
     assert _names(_wait_results(page, count=1)) == ["exif-rotn-6.jpg"]
     page.wait_for_function("() => location.search.includes('taken_before=2017-11-07')")
