@@ -16,7 +16,8 @@ too, so its recall includes the float16 rounding).
 
 Steps (pgvector): a fresh embedded PostgreSQL in a temporary directory (or ``DATABASE_URL``, whose ``images``
 table must be empty); ``ensure_collection`` creates the ``vector(D)``/``halfvec(D)`` table, the index is dropped,
-rows are loaded with binary ``COPY`` (psycopg's copy with the pgvector adapter, in chunks), then the HNSW index is
+rows are loaded with binary ``COPY`` (psycopg's copy with the pgvector adapter, in chunks; after the first chunk
+``embedding_bq`` is calibrated, as the service does at its 1,000th row, unless ``--bq sign``), then the HNSW index is
 built once with ``maintenance_work_mem`` = ``--maintenance-work-mem`` and ``max_parallel_maintenance_workers`` =
 ``--workers`` (pgvector's advice for fast builds). For each ``ef_search``: ``--queries`` top-10 searches, one at a
 time, through :meth:`PgVectorHandler.search` (after a warm-up pass), and, unless ``--no-api``, through
@@ -676,6 +677,10 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         for start in range(0, len(data), args.chunk):
             copy_rows(url, data[start : start + args.chunk], start, args.vector_type, meta)
             log(f"loaded {min(start + args.chunk, len(data)):,}/{len(data):,}")
+            if start == 0 and args.bq == "calibrated":
+                # What the service does at its 1,000th row (COPY bypasses upsert): median thresholds, one rewrite.
+                loader.calibrate_bq()
+                log("embedding_bq calibrated")
         load_s = time.perf_counter() - t0
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE images")
@@ -856,6 +861,13 @@ def main() -> int:
     parser.add_argument("--maintenance-work-mem", default="8GB", help="pgvector index build only")
     parser.add_argument("--workers", type=int, default=2, help="max_parallel_maintenance_workers (pgvector build)")
     parser.add_argument("--chunk", type=int, default=50_000, help="rows per COPY (pgvector) and per generated block")
+    parser.add_argument(
+        "--bq",
+        choices=("calibrated", "sign"),
+        default="calibrated",
+        help="pgvector: calibrate embedding_bq after the first chunk, as the service does at 1,000 rows "
+        "(default), or keep plain sign bits (collections from before the calibration)",
+    )
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per upsert (milvus, manticore)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-api", dest="api", action="store_false", help="skip the POST /search_vector pass")
@@ -948,6 +960,7 @@ def main() -> int:
         "ef_construction": args.ef_construction,
         "workers": args.workers,
         "pg_shared_buffers": args.pg_shared_buffers if args.backend == "pgvector" else None,
+        "bq": args.bq if args.backend == "pgvector" else None,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         **{k: out[k] for k in ("load_s", "build_s", "index_mb", "table_mb", "server_pss_mb")},
         "results": out["results"],

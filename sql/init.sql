@@ -18,6 +18,10 @@ CREATE TABLE IF NOT EXISTS collection_meta (
 -- release, hence ALTER ... IF NOT EXISTS; collections created before it hold vector.
 ALTER TABLE collection_meta ADD COLUMN IF NOT EXISTS vector_type text NOT NULL DEFAULT 'vector'
     CHECK (vector_type IN ('vector', 'halfvec'));
+-- Per-dimension thresholds of images.embedding_bq, the binary quantisation filtered searches rank by (issue #29):
+-- bit i is set when component i exceeds bq_threshold[i], the collection's median. NULL until the collection holds
+-- enough rows to calibrate it (app/vectordb/pgvector.py, bq_thresholds); its bits are then plain signs.
+ALTER TABLE collection_meta ADD COLUMN IF NOT EXISTS bq_threshold vector;
 
 CREATE TABLE IF NOT EXISTS images (
     id          char(64)    PRIMARY KEY CHECK (id ~ '^[0-9a-f]{64}$'),  -- SHA-256 of the file bytes

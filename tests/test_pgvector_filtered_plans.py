@@ -12,7 +12,7 @@ import pytest
 
 import app.vectordb.pgvector as pgvector_module
 from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
-from app.vectordb.pgvector import PgVectorHandler, exact_pass_limit, iterative_ef, rerank_candidates
+from app.vectordb.pgvector import PgVectorHandler, bq_thresholds, exact_pass_limit, iterative_ef, rerank_candidates
 from tests.helpers import create_database
 
 DIM = 64
@@ -110,7 +110,7 @@ def test_collections_from_before_embedding_bq(pg_server, monkeypatch, caplog):
         with caplog.at_level("WARNING", logger="app.vectordb.pgvector"):
             h.ensure_collection("m", DIM)
         assert not h._has_bq
-        assert "embedding_bq" in caplog.text and "GENERATED ALWAYS AS" in caplog.text
+        assert "embedding_bq" in caplog.text and "image-search-fsck --calibrate" in caplog.text
         query = records[11].vector
         assert [x.id for x in h.search(query, 5, SearchFilter.create(path_prefix="rare"))] == _exact(
             records, query, "rare/", 5
@@ -166,3 +166,107 @@ def test_filtered_statements_are_never_prepared(pg_server):
         assert [s for s in statements if "ORDER BY embedding <=>" in s]  # the unfiltered search is prepared
     finally:
         h.close()
+
+
+def _offset_records(n: int, seed: int) -> list[ImageRecord]:
+    """``n`` non-negative unit vectors in 40 clusters, like EfficientNet-Lite2's pooled ReLU6 features (every
+    component >= 0, so every sign bit is 1); every row in folder ``all/``."""
+    from datetime import UTC, datetime
+
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(2.0, 1.0, size=(40, DIM))
+    v = np.abs(centres[rng.integers(0, 40, size=n)] + 0.4 * rng.normal(size=(n, DIM))).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    now = datetime.now(UTC)
+    return [ImageRecord(f"{i:064x}", v[i], ImageMetadata(f"all/{i}.jpg", "JPEG", 8, 8, 1, now)) for i in range(n)]
+
+
+def _recall(handler, records, queries, k=10) -> float:
+    hits = [{h.id for h in handler.search(q, k, SearchFilter.create(path_prefix="all"))} for q in queries]
+    return float(np.mean([len(h & set(_exact(records, q, "all/", k))) / k for h, q in zip(hits, queries, strict=True)]))
+
+
+def test_calibrated_thresholds_restore_the_exact_pass_on_non_negative_embeddings(pg_server, monkeypatch):
+    """Sign bits of non-negative embeddings are all 1, so the exact pass re-ranks an arbitrary 400 of 2,000 rows
+    (recall about 0.2); the write that brings the collection to BQ_CALIBRATION_ROWS sets median thresholds in
+    collection_meta and the column at once, and the same searches come back exact. A second handler (a replica)
+    opened before the calibration quantises its queries the new way without being told."""
+    url = create_database(pg_server)
+    monkeypatch.setattr(pgvector_module, "BQ_CALIBRATION_ROWS", 2000)
+    a, b = PgVectorHandler(url, ef_search=10), PgVectorHandler(url, ef_search=10)
+    try:
+        a.ensure_collection("m", DIM)
+        b.ensure_collection("m", DIM)
+        records = _offset_records(2000, 7)
+        a.upsert(records[:1999])
+        assert not a._bq_calibrated
+        queries = [r.vector for r in records[::97]]
+        before = _recall(b, records[:1999], queries)
+        assert before < 0.5
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT bit_count(embedding_bq) FROM images LIMIT 1").fetchone()[0] == DIM
+        a.upsert(records[1999:])
+        assert a._bq_calibrated and not b._bq_calibrated
+        with psycopg.connect(url) as conn:
+            stored = np.array(
+                conn.execute("SELECT bq_threshold::real[] FROM collection_meta").fetchone()[0], dtype=np.float32
+            )
+            np.testing.assert_array_equal(stored, bq_thresholds(np.stack([r.vector for r in records])))
+            bits = conn.execute("SELECT id, embedding_bq::text FROM images ORDER BY id LIMIT 3").fetchall()
+        by_id = {r.id: r.vector for r in records}
+        for image_id, code in bits:  # PostgreSQL computes each row's code from the stored thresholds
+            assert code == "".join("1" if x > t else "0" for x, t in zip(by_id[image_id.strip()], stored, strict=True))
+        assert _recall(b, records, queries) >= 0.95  # the replica, never told
+        assert _recall(a, records, queries) >= 0.95
+        b.upsert(records[:1])  # its own check finds the collection calibrated: no second rewrite
+        assert b._bq_calibrated
+        assert not a.calibrate_bq()  # already calibrated
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bq_thresholds_are_per_dimension_medians():
+    x = np.array([[0.0, 1.0], [0.2, 3.0], [0.4, 2.0]], dtype=np.float32)
+    np.testing.assert_array_equal(bq_thresholds(x), np.array([0.2, 2.0], dtype=np.float32))
+    with pytest.raises(ValueError):
+        bq_thresholds(np.zeros((0, 4), dtype=np.float32))
+
+
+def test_halfvec_collections_calibrate_too(pg_server, monkeypatch):
+    """``VECTOR_TYPE=halfvec``: the thresholds are cast to halfvec in the column and in the query."""
+    monkeypatch.setattr(pgvector_module, "BQ_CALIBRATION_ROWS", 100)
+    h = PgVectorHandler(create_database(pg_server), ef_search=10, vector_type="halfvec")
+    try:
+        h.ensure_collection("m", DIM)
+        records = _offset_records(300, 8)
+        h.upsert(records)
+        assert h._bq_calibrated
+        queries = [r.vector for r in records[::31]]
+        assert _recall(h, records, queries) >= 0.95
+    finally:
+        h.close()
+
+
+def test_fsck_calibrate_sets_the_thresholds_of_a_collection_that_has_none(pg_server, tmp_path):
+    """``image-search-fsck --calibrate``, the command the start-up warning names for large collections: in its own
+    process, with the service's settings; a second run finds nothing to do."""
+    import os
+
+    from tests.helpers import run_fsck
+
+    url = create_database(pg_server)
+    h = PgVectorHandler(url, ef_search=10)
+    try:
+        h.ensure_collection("m", DIM)
+        h.upsert(_offset_records(300, 9))  # under BQ_CALIBRATION_ROWS: plain sign bits
+        assert not h._bq_calibrated
+    finally:
+        h.close()
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": url, "EMBEDDER": "none"}
+    proc, report = run_fsck(env, "--calibrate")
+    assert proc.returncode in (0, 1), proc.stderr  # 1: the rows have no originals in this empty store
+    assert report["calibrated"] is True
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT bq_threshold IS NOT NULL FROM collection_meta").fetchone()[0]
+    assert run_fsck(env, "--calibrate")[1]["calibrated"] is False

@@ -1,14 +1,18 @@
 """Check that the image store (IMAGE_DIR, or IMAGE_STORE_URL's bucket) and the vector database agree; with --repair,
 make them agree.
 
-Usage: ``image-search-fsck [--repair] [--json]`` (or ``python scripts/fsck.py`` from a checkout), with the
-service's own settings (environment and ``.env``:
+Usage: ``image-search-fsck [--repair] [--backfill] [--calibrate] [--json]`` (or ``python scripts/fsck.py`` from a
+checkout), with the service's own settings (environment and ``.env``:
 ``DATABASE_URL`` or ``DATA_DIR``'s embedded PostgreSQL, ``VECTOR_DB``, ``IMAGE_DIR``, ``EMBEDDER``...).
 
 Reports, one line each: rows whose original is gone, originals without a row, temporary upload files. With
 ``--repair``: rows without an original are deleted (and listed), originals without a row are indexed again (the
 model is loaded only then), temporary files are removed. Safe next to a running server or ``bulk_index.py
 --direct`` (each fix is re-checked under the id's lock; app/indexing/fsck.py).
+
+With ``--calibrate`` (pgvector): a collection too large to be calibrated at start (over 20,000 rows without
+binary quantisation thresholds; the service logs a warning) gets them; it rewrites the table, so stop the service
+first (docs/backends.md).
 
 With ``--backfill``: rows indexed before ``taken_at`` was stored get it from their original's EXIF
 ``DateTimeOriginal`` (vectors unchanged, no model loaded), so the ``taken_after``/``taken_before`` filters see them.
@@ -30,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repair", action="store_true", help="fix what is found (see the module docstring)")
     parser.add_argument(
         "--backfill", action="store_true", help="fill taken_at (EXIF date) into rows indexed before it was stored"
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="pgvector: set the binary quantisation thresholds of a collection that has none (rewrites the table: "
+        "about 10 minutes at a million rows; stop the service first)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     return parser.parse_args(argv)
@@ -95,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             actions = repair(db, store, report, _reindexer(settings, db, store))
             remaining = check(db, store, held).lines()
         backfilled = backfill_taken_at(db, store) if args.backfill else None
+        # Only PostgreSQL ranks filtered searches by a stored binary quantisation (app/vectordb/pgvector.py).
+        calibrate = getattr(db, "calibrate_bq", None)
+        calibrated = calibrate() if args.calibrate and calibrate is not None else None
     except DatabaseUnavailableError as exc:
         print(f"error: the database is unavailable: {exc}", file=sys.stderr)
         return 2
@@ -120,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     "repaired": actions,
                     "remaining": remaining,
                     **({} if backfilled is None else {"backfill": vars(backfilled)}),
+                    **({} if calibrated is None else {"calibrated": calibrated}),
                 }
             )
         )
@@ -128,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         for line in actions:
             print(f"repaired: {line}")
+        if calibrated is not None:
+            print("calibrated embedding_bq" if calibrated else "embedding_bq: already calibrated (or no rows)")
         summary = f"checked {report.rows} rows and {report.originals} originals: {len(found)} mismatches"
         if why := report.count_difference():
             summary += f" ({why})"

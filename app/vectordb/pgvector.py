@@ -16,11 +16,12 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
   ``EXACT_MAX_SELECTIVITY`` = 5 % of the rows, or at most ``EXACT_ALWAYS_ROWS``): the matching rows (found through
   the B-tree indexes of ``sql/init.sql``) are ranked by the Hamming distance of ``embedding_bq``, a stored binary
   quantisation of the embedding (``binary_quantize``: one bit per dimension, 64 bytes at 512-d, kept in the row,
-  while the vector itself is TOASTed out of line), and the best :func:`rerank_candidates` of them are ranked again
-  by exact cosine distance. The row count is not trusted to the planner: its estimate picks the exact pass, and
-  the same statement counts the matching rows it read (at most the limit plus one), so an estimate that was too
-  low (measured: 100 for a nested folder holding 5,018 of 1M rows) falls through to the next plan after one
-  bounded read instead of ranking far more rows than intended.
+  while the vector itself is TOASTed out of line; a bit is set when its component exceeds the collection's median,
+  :func:`bq_thresholds`, from the collection's :data:`BQ_CALIBRATION_ROWS`-th row on), and the best
+  :func:`rerank_candidates` of them are ranked again by exact cosine distance. The row count is not trusted to
+  the planner: its estimate picks the exact pass, and the same statement counts the matching rows it read (at most
+  the limit plus one), so an estimate that was too low (measured: 100 for a nested folder holding 5,018 of 1M
+  rows) falls through to the next plan after one bounded read instead of ranking far more rows than intended.
 * **iterative index scan** otherwise (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``) with
   ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``ITERATIVE_EF_PER_RESULT * top_k / s`` (at most
   1,000, pgvector's limit), so that the first candidates already hold the filtered top-k; its rows, slightly out
@@ -170,31 +171,85 @@ def iterative_ef(top_k: int, selectivity: float, ef_search: int) -> int:
     return max(floor, min(wanted, MAX_EF_SEARCH))
 
 
-#: collections holding at most this many rows get ``embedding_bq`` added when they are opened without it (adding a
-#: stored generated column rewrites the table and rebuilds its indexes: seconds at this size); larger ones are
-#: left to the operator, see :meth:`PgVectorHandler.ensure_collection`.
+#: collections holding at most this many rows get ``embedding_bq`` added, or calibrated, when they are opened without
+#: it (a stored generated column rewrites the table and rebuilds its indexes: seconds at this size); larger ones are
+#: left to the operator (``image-search-fsck --calibrate``), see :meth:`PgVectorHandler.ensure_collection`.
 BQ_AUTO_ADD_MAX_ROWS = 20_000
+#: a collection's binary quantisation is calibrated (:func:`bq_thresholds`) once it holds this many rows: a median
+#: from 200 real embeddings already gave the recall of one from 2,020 (docs/benchmarks.md, "Binary quantisation
+#: thresholds"), and the table rewrite it costs is about a second at this size.
+BQ_CALIBRATION_ROWS = 1000
+#: rows the calibration reads: the first ones by id, a uniform sample since ids are SHA-256 digests.
+BQ_CALIBRATION_SAMPLE = 5000
 
 
-def _bq_column_sql(dim: int) -> sql.Composed:
-    """``ALTER TABLE`` adding ``embedding_bq``: the embedding's binary quantisation (pgvector ``binary_quantize``:
-    bit ``i`` is set when component ``i`` is positive), ``bit(dim)``, stored and kept up to date by PostgreSQL."""
+def bq_thresholds(sample: np.ndarray) -> np.ndarray:
+    """Per-dimension thresholds of a collection's binary quantisation: the median of each component.
+
+    ``binary_quantize`` alone sets bit ``i`` when component ``i`` is positive, which splits each dimension in two
+    only for embeddings centred on zero. Real ones are not: EfficientNet-Lite2's features are pooled ReLU6
+    activations (non-negative; 36 % exactly zero on Caltech-101), CLIP's share a mean direction. Thresholding at the
+    median makes every bit split the collection in half, the most information a bit can carry. Measured on 2,020
+    real EfficientNet-Lite2 embeddings, re-ranking the best 2 % by Hamming distance: recall@10 0.836 with sign bits,
+    0.971 with median thresholds (bench/bq_quality.py, docs/benchmarks.md).
+
+    Args:
+        sample: ``(N, D)`` float32 embeddings of the collection, ``N >= 1``.
+
+    Returns:
+        ``(D,)`` float32 thresholds.
+
+    Raises:
+        ValueError: ``sample`` is not a non-empty 2-d array.
+    """
+    sample = np.asarray(sample, dtype=np.float32)
+    if sample.ndim != 2 or sample.shape[0] == 0:
+        raise ValueError(f"need a non-empty (N, D) sample, got shape {sample.shape}")
+    return np.median(sample, axis=0).astype(np.float32)
+
+
+def _vector_literal(values: np.ndarray) -> str:
+    """pgvector's text form of ``values`` (``'[v1,v2,...]'``), each float32 written exactly."""
+    return "[" + ",".join(repr(float(x)) for x in np.asarray(values, dtype=np.float32)) + "]"
+
+
+def _bq_column_sql(dim: int, vector_type: str = "vector", thresholds: np.ndarray | None = None) -> sql.Composed:
+    """``ALTER TABLE`` adding ``embedding_bq``: the embedding's binary quantisation, ``bit(dim)``, stored and kept up
+    to date by PostgreSQL. Bit ``i`` is set when component ``i`` exceeds ``thresholds[i]`` (pgvector's
+    ``binary_quantize`` of the difference; :func:`bq_thresholds`), or is positive when ``thresholds`` is ``None``
+    (a collection not calibrated yet)."""
+    d = sql.Literal(int(dim))
+    if thresholds is None:
+        source = sql.SQL("embedding")
+    else:
+        source = sql.SQL("embedding - {}::{}({})").format(
+            sql.Literal(_vector_literal(thresholds)), sql.SQL(vector_type), d
+        )
     return sql.SQL(
         "ALTER TABLE images ADD COLUMN IF NOT EXISTS embedding_bq bit({d}) "
-        "GENERATED ALWAYS AS (binary_quantize(embedding)::bit({d})) STORED"
-    ).format(d=sql.Literal(int(dim)))
+        "GENERATED ALWAYS AS (binary_quantize({source})::bit({d})) STORED"
+    ).format(d=d, source=source)
 
 
-def _has_bq_column(conn: psycopg.Connection) -> bool:
-    """Whether the collection's ``images`` table (first on the connection's ``search_path``) has ``embedding_bq``."""
+def _bq_state(conn: psycopg.Connection) -> tuple[bool, bool]:
+    """``(has embedding_bq, calibrated)`` of the collection first on the connection's ``search_path``: whether
+    ``images`` has the column, and whether ``collection_meta`` holds its thresholds."""
     with conn.transaction():
-        return (
+        has = (
             conn.execute(
                 "SELECT 1 FROM pg_attribute WHERE attrelid = 'images'::regclass "
                 "AND attname = 'embedding_bq' AND NOT attisdropped"
             ).fetchone()
             is not None
         )
+        row = conn.execute("SELECT bq_threshold IS NOT NULL FROM collection_meta WHERE name = %s", (COLLECTION,))
+        calibrated = bool((row.fetchone() or (False,))[0])
+    return has, has and calibrated
+
+
+def _has_bq_column(conn: psycopg.Connection) -> bool:
+    """Whether the collection's ``images`` table (first on the connection's ``search_path``) has ``embedding_bq``."""
+    return _bq_state(conn)[0]
 
 
 def _prefixed_meta(alias: str) -> str:
@@ -357,7 +412,8 @@ class PgVectorHandler(VectorDBHandler):
         )
         info = self.collection_info()
         self._dim = info.dim if info else None
-        self._has_bq = info is not None and self._run(_has_bq_column)
+        self._has_bq, self._bq_calibrated = self._run(_bq_state) if info is not None else (False, False)
+        self._bq_too_large = False  # set once a warning said the collection is too large to calibrate here
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
@@ -499,10 +555,11 @@ class PgVectorHandler(VectorDBHandler):
         """See :meth:`VectorDBHandler.ensure_collection`; also checks the stored ``vector_type``.
 
         A new collection gets ``embedding_bq`` (the binary quantisation the filtered exact pass ranks by, module
-        docstring) with its dimension. A collection created before issue #29 gets it here when it holds at most
-        :data:`BQ_AUTO_ADD_MAX_ROWS` rows; a larger one is left as it is (the column would rewrite the table and
-        rebuild the HNSW index, minutes at a million rows, during a start) and a warning names the statement to run
-        (docs/backends.md): until then its filtered searches use the slower legacy exact pass.
+        docstring) with its dimension, with plain sign bits until it holds :data:`BQ_CALIBRATION_ROWS` rows; then
+        the write that reaches that count calibrates it (:meth:`calibrate_bq`). A collection opened without the
+        column or its thresholds (created before issue #29, or loaded by ``COPY``) gets them here when it holds at
+        most :data:`BQ_AUTO_ADD_MAX_ROWS` rows; a larger one is left as it is (the rewrite would take minutes at a
+        million rows, during a start) and a warning names ``image-search-fsck --calibrate`` (docs/backends.md).
 
         Raises :class:`VectorTypeMismatchError` when the collection was created with the other storage type
         (converting would rewrite the table and rebuild the index, so it is refused, not done silently).
@@ -535,31 +592,98 @@ class PgVectorHandler(VectorDBHandler):
                         "INSERT INTO collection_meta (name, model_id, dim, vector_type) VALUES (%s, %s, %s, %s)",
                         (COLLECTION, model_id, dim, requested_type),
                     )
-                    conn.execute(_bq_column_sql(dim))
+                    conn.execute(_bq_column_sql(dim, requested_type))
                 conn.execute(self._index_sql())
-            if not _has_bq_column(conn):
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-                    if rows <= BQ_AUTO_ADD_MAX_ROWS:
-                        log.info("Adding embedding_bq to a collection of %d rows (filtered search, issue #29)", rows)
-                        conn.execute(_bq_column_sql(dim))
-                    else:
-                        log.warning(
-                            "The collection (%d rows) has no embedding_bq column, so filtered searches use the slower "
-                            "exact pass of up to %d rows. Add it once, while the service is stopped (it rewrites the "
-                            "table and rebuilds the HNSW index): %s",
-                            rows,
-                            EXACT_ALWAYS_ROWS,
-                            _bq_column_sql(dim).as_string(conn),
-                        )
             return CollectionInfo(model_id, dim)
 
         info = self._run(_ensure, deadline_s=False)  # may build the HNSW index
         self._dim = info.dim
         self._vector_type = requested_type
-        self._has_bq = self._run(_has_bq_column)
+        self._has_bq, self._bq_calibrated = self._run(_bq_state)
+        if not self._bq_calibrated:
+            self._maybe_calibrate(opening=True)
         return info
+
+    # --- binary quantisation ------------------------------------------------------------------------------
+    def _maybe_calibrate(self, *, opening: bool = False) -> None:
+        """Calibrate (or add) ``embedding_bq`` once the collection holds :data:`BQ_CALIBRATION_ROWS` rows, while it
+        holds at most :data:`BQ_AUTO_ADD_MAX_ROWS` (the table rewrite takes seconds there). A larger collection
+        without the column or its thresholds is left as it is, with one warning naming ``image-search-fsck
+        --calibrate``; a smaller one without the column gets it uncalibrated (plain signs) when ``opening``."""
+        if self._bq_too_large:
+            return
+        rows = self.count()
+        if rows > BQ_AUTO_ADD_MAX_ROWS:
+            self._bq_too_large = True
+            log.warning(
+                "The collection (%d rows) has %s, so its filtered searches %s. Calibrate it once with "
+                "`image-search-fsck --calibrate` while the service is stopped (it rewrites the table and rebuilds "
+                "the HNSW index: about 10 minutes at a million rows; docs/backends.md).",
+                rows,
+                "binary quantisation thresholds of zero" if self._has_bq else "no embedding_bq column",
+                "rank candidates less well"
+                if self._has_bq
+                else f"use the slower exact pass of up to {EXACT_ALWAYS_ROWS} rows",
+            )
+            return
+        if rows >= BQ_CALIBRATION_ROWS:
+            self.calibrate_bq()
+        elif opening and not self._has_bq:
+
+            def _add(conn: psycopg.Connection) -> None:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                    conn.execute(_bq_column_sql(self._dim, self._vector_type))
+
+            log.info("Adding embedding_bq to a collection of %d rows (filtered search, issue #29)", rows)
+            self._run(_add, deadline_s=False)
+            self._has_bq = True
+
+    def calibrate_bq(self, *, force: bool = False) -> bool:
+        """Set the collection's binary quantisation thresholds (:func:`bq_thresholds` of up to
+        :data:`BQ_CALIBRATION_SAMPLE` stored embeddings) and rebuild ``embedding_bq`` with them, in one
+        transaction: the column and ``collection_meta.bq_threshold`` change together, so a search (on any replica)
+        quantises its query as the rows were. Rewrites the table and rebuilds its indexes (about a second at 1,000
+        rows, minutes at a million); searches and writes wait meanwhile.
+
+        Args:
+            force: calibrate again even when thresholds are set (e.g. after the collection's content changed).
+
+        Returns:
+            Whether thresholds were set now (``False``: already calibrated, or the collection is empty).
+
+        Raises:
+            DatabaseUnavailableError: PostgreSQL cannot be reached.
+        """
+        if self._dim is None:
+            return False
+
+        def _calibrate(conn: psycopg.Connection) -> bool:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                done = conn.execute(
+                    "SELECT bq_threshold IS NOT NULL FROM collection_meta WHERE name = %s", (COLLECTION,)
+                ).fetchone()
+                if done and done[0] and not force and _has_bq_column(conn):
+                    return False  # another replica calibrated it first
+                rows = conn.execute(
+                    "SELECT embedding FROM images ORDER BY id LIMIT %s", (BQ_CALIBRATION_SAMPLE,)
+                ).fetchall()
+                if not rows:
+                    return False
+                thresholds = bq_thresholds(np.stack([_to_numpy(r[0]) for r in rows]))
+                log.info("Calibrating embedding_bq from %d embeddings (filtered search, issue #29)", len(rows))
+                conn.execute("ALTER TABLE images DROP COLUMN IF EXISTS embedding_bq")
+                conn.execute(_bq_column_sql(self._dim, self._vector_type, thresholds))
+                conn.execute(
+                    "UPDATE collection_meta SET bq_threshold = %s::vector WHERE name = %s",
+                    (_vector_literal(thresholds), COLLECTION),
+                )
+                return True
+
+        done = self._run(_calibrate, deadline_s=False)
+        self._has_bq, self._bq_calibrated = self._run(_bq_state)
+        return done
 
     # --- bulk loads ---------------------------------------------------------------------------------------
     def drop_index(self) -> None:
@@ -639,6 +763,11 @@ class PgVectorHandler(VectorDBHandler):
                 )
 
         self._run(_write, deadline_s=self._deadline_s + extra_s if self._deadline_s else True)
+        if not self._bq_calibrated and not self._bq_too_large:
+            try:
+                self._maybe_calibrate()
+            except Exception:  # the rows are committed; calibration is retried with the next write
+                log.warning("Calibrating embedding_bq failed; retried with the next write", exc_info=True)
 
     def delete(self, image_id: str) -> bool:
         if not is_valid_image_id(image_id):
@@ -708,11 +837,11 @@ class PgVectorHandler(VectorDBHandler):
                 "WITH matching AS MATERIALIZED (SELECT id, embedding_bq FROM images WHERE {where} LIMIT %s), "
                 "counted AS (SELECT count(*) AS n FROM matching), "
                 "candidates AS (SELECT id FROM matching "
-                "ORDER BY embedding_bq <~> binary_quantize(%s::{t})::bit({dim}), id LIMIT %s) "
+                "ORDER BY embedding_bq <~> ({query_bits}), id LIMIT %s) "
                 "SELECT i.id, 1 - (i.embedding <=> %s::{t}) AS score, {meta}, (SELECT n FROM counted) "
                 "FROM images i JOIN candidates USING (id) ORDER BY (i.embedding <=> %s::{t}) + 0, i.id LIMIT %s"
-            ).format(where=where, t=t, dim=sql.Literal(self._dim), meta=sql.SQL(_prefixed_meta("i")))
-            args = (*params, limit + 1, v, rerank_candidates(top_k), v, v, top_k)
+            ).format(where=where, t=t, query_bits=self._query_bits_sql(), meta=sql.SQL(_prefixed_meta("i")))
+            args = (*params, limit + 1, v, COLLECTION, v, rerank_candidates(top_k), v, v, top_k)
         else:
             self._exact_settings(conn)
             query = sql.SQL(
@@ -726,6 +855,18 @@ class PgVectorHandler(VectorDBHandler):
         if rows and rows[0][-1] > limit:
             return None
         return [r[:-1] for r in rows]
+
+    def _query_bits_sql(self) -> sql.Composed:
+        """The query's binary quantisation as ``embedding_bq`` holds the rows' (params: vector, collection name,
+        vector): thresholds read from ``collection_meta`` in the same statement, so a replica whose collection was
+        calibrated by another one quantises its query the new way at once; plain signs while uncalibrated."""
+        t = sql.SQL(self._vector_type)
+        # A scalar subquery, so PostgreSQL computes it once per statement (an InitPlan): written as an expression
+        # it is not a constant (it reads a table) and was computed again for every matching row, 2-3 us each.
+        return sql.SQL(
+            "SELECT binary_quantize(coalesce(%s::{t} - (SELECT bq_threshold FROM collection_meta WHERE name = %s)::{t},"
+            " %s::{t}))::bit({dim})"
+        ).format(t=t, dim=sql.Literal(self._dim))
 
     def _total_rows(self, conn: psycopg.Connection) -> float:
         """The planner's row count of the table (``pg_class.reltuples``, kept by ANALYZE and autovacuum; -1 before
