@@ -139,6 +139,7 @@ def test_plan_parameters():
     assert iterative_ef(100, 0.9, 40) == 556
     assert iterative_ef(2000, 0.5, 40) == 2000  # HNSW returns at most ef_search rows
     assert rerank_candidates(10) == 400 and rerank_candidates(100) == 1000
+    assert rerank_candidates(10, 20_000) == 400 and rerank_candidates(10, 50_000) == 1000  # 2 % of the matching
     # exact pass: 5 % of the rows, at least 5,000, at most 50,000; 5,000 without embedding_bq
     assert exact_pass_limit(20_000) == 5000 and exact_pass_limit(1_000_000) == 50_000
     assert exact_pass_limit(400_000) == 20_000 and exact_pass_limit(10_000_000) == 50_000

@@ -153,11 +153,19 @@ def exact_pass_limit(total_rows: float, *, bq: bool = True) -> int:
     return min(EXACT_SEARCH_MAX_ROWS, max(EXACT_ALWAYS_ROWS, wanted))
 
 
-def rerank_candidates(top_k: int) -> int:
+#: ... and at least this share of the matching rows: on real embeddings (2,020 EfficientNet-Lite2 embeddings of
+#: Caltech-101, median thresholds; bench/bq_quality.py) re-ranking the best 2 % by Hamming distance found 0.958 of
+#: the top-10, the best 1 % only 0.899, so a filter matching 50,000 rows re-ranks 1,000, not 400 (0.8 %).
+RERANK_SHARE = 0.02
+
+
+def rerank_candidates(top_k: int, matching: int = 0) -> int:
     """How many rows of the binary-quantised ranking are ranked again by exact cosine distance: ``max(400,
-    10 * top_k)``. Measured at 1M x 512-d (docs/benchmarks.md): 200 / 400 / 800 candidates gave recall@10 0.93 /
-    0.97 / 0.99 on a 2 % filter, at a cost of one TOASTed vector read (a few microseconds) each."""
-    return max(400, 10 * int(top_k))
+    10 * top_k, ceil(RERANK_SHARE * matching))``, ``matching`` being the number of rows the filter keeps (the exact
+    pass computes the same in SQL from the rows it counted). Measured at 1M x 512-d (docs/benchmarks.md): 200 /
+    400 / 800 candidates gave recall@10 0.93 / 0.97 / 0.99 on a 2 % filter of synthetic vectors, at a cost of one
+    TOASTed vector read (10-20 us) each; :data:`RERANK_SHARE` for real embeddings."""
+    return max(400, 10 * int(top_k), int(np.ceil(RERANK_SHARE * max(0, int(matching)))))
 
 
 def iterative_ef(top_k: int, selectivity: float, ef_search: int) -> int:
@@ -807,7 +815,7 @@ class PgVectorHandler(VectorDBHandler):
         limit = exact_pass_limit(total, bq=self._has_bq)
         estimate = self._estimated_rows(conn, where, params)
         if estimate <= limit:
-            rows = self._bounded_exact_search(conn, v, top_k, where, params, limit)
+            rows = self._bounded_exact_search(conn, v, top_k, where, params, limit, estimate)
             if rows is not None:
                 return rows
             estimate = max(estimate, limit + 1)  # more rows match than the planner estimated
@@ -820,10 +828,18 @@ class PgVectorHandler(VectorDBHandler):
         return self._exact_search(conn, v, top_k, where, params)
 
     def _bounded_exact_search(
-        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where, params: Sequence, limit: int
+        self,
+        conn: psycopg.Connection,
+        v: np.ndarray,
+        top_k: int,
+        where,
+        params: Sequence,
+        limit: int,
+        estimate: float,
     ) -> list | None:
         """The exact pass of the module docstring over the rows matching ``where``, or ``None`` (nothing ranked for
-        the caller) when more than ``limit`` rows match. One statement: the matching rows are read once (at most
+        the caller) when more than ``limit`` rows match; ``estimate``, the planner's row count, sizes the re-ranked
+        candidates (:func:`rerank_candidates`). One statement: the matching rows are read once (at most
         ``limit + 1``), counted, and ranked."""
         # The materialized rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
         conn.execute("SET LOCAL work_mem = '64MB'")
@@ -841,7 +857,10 @@ class PgVectorHandler(VectorDBHandler):
                 "SELECT i.id, 1 - (i.embedding <=> %s::{t}) AS score, {meta}, (SELECT n FROM counted) "
                 "FROM images i JOIN candidates USING (id) ORDER BY (i.embedding <=> %s::{t}) + 0, i.id LIMIT %s"
             ).format(where=where, t=t, query_bits=self._query_bits_sql(), meta=sql.SQL(_prefixed_meta("i")))
-            args = (*params, limit + 1, v, COLLECTION, v, rerank_candidates(top_k), v, v, top_k)
+            # A constant LIMIT (from the planner's estimate, not the count in SQL): with a LIMIT it cannot see, the
+            # planner guesses the candidates' number and may fetch them by a sequential scan of the whole table.
+            rerank = rerank_candidates(top_k, int(estimate))
+            args = (*params, limit + 1, v, COLLECTION, v, rerank, v, v, top_k)
         else:
             self._exact_settings(conn)
             query = sql.SQL(
