@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,6 +179,9 @@ def iterative_ef(top_k: int, selectivity: float, ef_search: int) -> int:
     wanted = int(np.ceil(ITERATIVE_EF_PER_RESULT * top_k / selectivity))
     return max(floor, min(wanted, MAX_EF_SEARCH))
 
+
+#: seconds a handler reuses the table's row count (``pg_class.reltuples``) in its filtered-search plan
+TOTAL_ROWS_TTL_S = 10.0
 
 #: collections holding at most this many rows get ``embedding_bq`` added, or calibrated, when they are opened without
 #: it (a stored generated column rewrites the table and rebuilds its indexes: seconds at this size); larger ones are
@@ -422,6 +426,7 @@ class PgVectorHandler(VectorDBHandler):
         self._dim = info.dim if info else None
         self._has_bq, self._bq_calibrated = self._run(_bq_state) if info is not None else (False, False)
         self._bq_too_large = False  # set once a warning said the collection is too large to calibrate here
+        self._total_rows_cache: tuple[float, float] = (-float("inf"), 0.0)  # (time.monotonic(), rows)
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
@@ -889,13 +894,19 @@ class PgVectorHandler(VectorDBHandler):
 
     def _total_rows(self, conn: psycopg.Connection) -> float:
         """The planner's row count of the table (``pg_class.reltuples``, kept by ANALYZE and autovacuum; -1 before
-        the first one, then the estimate of an unfiltered scan)."""
+        the first one, then the estimate of an unfiltered scan), read at most every :data:`TOTAL_ROWS_TTL_S`: it
+        only scales the filter's selectivity, and it saves a filtered search one of its round trips."""
+        cached_at, cached = self._total_rows_cache
+        now = time.monotonic()
+        if now - cached_at < TOTAL_ROWS_TTL_S:
+            return cached
         n = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
         if n is None or n < 0:
             plan = conn.execute("EXPLAIN (FORMAT JSON) SELECT 1 FROM images").fetchone()[0]
             if isinstance(plan, str):
                 plan = json.loads(plan)
             n = plan[0]["Plan"]["Plan Rows"]
+        self._total_rows_cache = (now, float(n))  # one tuple: threads racing here store equally good values
         return float(n)
 
     def _ranked_sql(self, where: sql.Composable | None, *, resort: bool = False) -> sql.Composed:
