@@ -521,32 +521,15 @@ def apply_filter_plan(args) -> dict:
     }
 
 
-def _plan_spy(handler) -> dict[str, int] | None:
-    """Counts, per search, which of :class:`PgVectorHandler`'s filtered plans answered (``exact_pass``,
-    ``iterative``, ``exact_fallback``) by wrapping the handler instance's plan methods; ``None`` for other
-    backends."""
-    if not hasattr(handler, "_bounded_exact_search"):
+def _plan_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    """Which of :class:`PgVectorHandler`'s filtered plans answered the searches between two
+    :meth:`PgVectorHandler.plan_counts` (``last_ef`` as it is after them); ``None`` for other backends."""
+    if before is None or after is None:
         return None
-    counts = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0}
-    bounded, index, exact = handler._bounded_exact_search, handler._index_search, handler._exact_search
-
-    def bounded_spy(*a, **k):
-        rows = bounded(*a, **k)
-        counts["exact_pass"] += rows is not None
-        return rows
-
-    def index_spy(conn, v, top_k, where=None, params=(), *, ef):
-        rows = index(conn, v, top_k, where, params, ef=ef)
-        counts["iterative"] += where is not None and len(rows) == top_k
-        counts["last_ef"] = ef
-        return rows
-
-    def exact_spy(*a, **k):
-        counts["exact_fallback"] += 1
-        return exact(*a, **k)
-
-    handler._bounded_exact_search, handler._index_search, handler._exact_search = bounded_spy, index_spy, exact_spy
-    return counts
+    out = {k: after[k] - before.get(k, 0) for k in ("exact_pass", "iterative", "exact_fallback")}
+    if "last_ef" in after:
+        out["last_ef"] = after["last_ef"]
+    return out
 
 
 def _planner_estimate(handler, filters) -> float | None:
@@ -575,7 +558,8 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                 for q in queries[: min(len(queries), 20)]:  # warm-up
                     h.search(q, TOP_K, filters)
                 estimate = _planner_estimate(h, filters)
-                plans = _plan_spy(h)
+                counts = getattr(h, "plan_counts", None)
+                plans_before = counts() if counts else None
                 ms, recalls, full = [], [], 0
                 for qi, q in enumerate(queries):
                     t = time.perf_counter()
@@ -585,6 +569,7 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                     found = {int(hit.id, 16) for hit in hits}
                     recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
                     full += len(hits) == TOP_K
+                plans = _plan_delta(plans_before, counts() if counts else None)
             finally:
                 h.close()
             p50, p95, _ = percentiles(ms)

@@ -64,6 +64,7 @@ def test_new_collections_rank_selective_filters_by_their_binary_quantisation(han
     by_id = {r.id: r for r in records}
     assert all(h.score == pytest.approx(float(by_id[h.id].vector @ query), abs=1e-5) for h in hits)  # cosine
     assert not iterative
+    assert handler.plan_counts() == {"exact_pass": 1, "iterative": 0, "exact_fallback": 0}
 
 
 def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handler, monkeypatch):
@@ -91,6 +92,7 @@ def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handle
     assert len(hits) == 10 and all(h.metadata.filename.startswith("rare/") for h in hits)
     assert len({h.id for h in hits} & set(_exact(records[:450], query, "rare/", 10))) >= 9
     assert len(efs) == 1 and efs[0] >= 10
+    assert handler.plan_counts() == {"exact_pass": 0, "iterative": 1, "exact_fallback": 0, "last_ef": efs[0]}
 
 
 def test_collections_from_before_embedding_bq(pg_server, monkeypatch, caplog):

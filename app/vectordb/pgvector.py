@@ -427,6 +427,8 @@ class PgVectorHandler(VectorDBHandler):
         self._has_bq, self._bq_calibrated = self._run(_bq_state) if info is not None else (False, False)
         self._bq_too_large = False  # set once a warning said the collection is too large to calibrate here
         self._total_rows_cache: tuple[float, float] = (-float("inf"), 0.0)  # (time.monotonic(), rows)
+        self._plans_lock = threading.Lock()
+        self._plans: dict[str, int] = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0}
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
@@ -822,15 +824,33 @@ class PgVectorHandler(VectorDBHandler):
         if estimate <= limit:
             rows = self._bounded_exact_search(conn, v, top_k, where, params, limit, estimate)
             if rows is not None:
+                self._count_plan("exact_pass")
                 return rows
             estimate = max(estimate, limit + 1)  # more rows match than the planner estimated
         selectivity = min(1.0, estimate / total) if total > 0 else 1.0
         # pgvector 0.8: keep scanning the graph until enough rows pass the filter (or max_scan_tuples).
         conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
-        rows = self._index_search(conn, v, top_k, where, params, ef=iterative_ef(top_k, selectivity, ef))
+        beam = iterative_ef(top_k, selectivity, ef)
+        rows = self._index_search(conn, v, top_k, where, params, ef=beam)
         if len(rows) == top_k:
+            self._count_plan("iterative", beam)
             return rows
+        self._count_plan("exact_fallback")
         return self._exact_search(conn, v, top_k, where, params)
+
+    def _count_plan(self, plan: str, ef: int | None = None) -> None:
+        with self._plans_lock:
+            self._plans[plan] += 1
+            if ef is not None:
+                self._plans["last_ef"] = ef
+
+    def plan_counts(self) -> dict[str, int]:
+        """How many filtered searches of this handler each plan of the module docstring answered (``exact_pass``,
+        ``iterative``, ``exact_fallback``; a search whose exact pass gave up counts under the plan that answered),
+        and ``last_ef``, the ``hnsw.ef_search`` of the latest iterative scan: a copy, for benchmarks and
+        diagnostics."""
+        with self._plans_lock:
+            return dict(self._plans)
 
     def _bounded_exact_search(
         self,
