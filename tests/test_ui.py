@@ -216,6 +216,8 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog,
     # More like this, by id; a result opened by id.
     similar, status = ui.predict(image_id=results[0]["id"], api_name="/similar")
     assert status.startswith("2 results") and results[0]["id"] not in {r["id"] for r in similar}
+    _, status = ui.predict(image_id=results[0]["id"], results_per_page=1, api_name="/similar")
+    assert status.startswith("1 result · "), status  # one result is not "1 results"
     details, large, original = ui.predict(image_id=results[0]["id"], api_name="/open")
     assert results[0]["filename"] in details and results[0]["id"] in details
     assert Path(original).read_bytes() == (HOPPER / results[0]["filename"]).read_bytes()

@@ -23,7 +23,7 @@ from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import QueryTerm
 from ui.context import UiContext, as_message, escape, read_stats, read_upload
 from ui.files import preview_file, thumbnail_file
-from ui.query import UiFilters, UiQuery, caption, to_link, with_top_k
+from ui.query import UiFilters, UiQuery, caption, results_found, to_link, with_top_k
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
     from app.service import SearchService
@@ -130,7 +130,7 @@ def status_line(query: UiQuery | None, hits: Sequence[SearchHit], errors: Sequen
         return ""
     if not hits:
         return "No results: the collection is empty, or nothing passes the filters."
-    return f"{len(hits)} results · {elapsed * 1000:.0f} ms"
+    return results_found(len(hits), elapsed)
 
 
 def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset: int) -> list[SearchHit]:
@@ -263,7 +263,7 @@ class Searches:
             else:
                 status = "No results: nothing passes the filters." if active_filters(shown.filters) else "No results."
         else:
-            status = f"{len(shown.hits)} results · {elapsed * 1000:.0f} ms"
+            status = results_found(len(shown.hits), elapsed)
         if shown.query is not None and not errors:
             if on := active_filters(shown.filters):
                 status += f" · {on} filter{'s' if on > 1 else ''} on (**Filters and options**)"
