@@ -61,11 +61,15 @@ def gate_scans(monkeypatch) -> threading.Event:
     return gate
 
 
-@pytest.fixture
-def ui_client(tmp_path, database_url, offline_embedder):
+@pytest.fixture(scope="module")
+def ui_client(tmp_path_factory, pg_server, offline_embedder):
+    """One app with the UI for the module's read-only tests (the page, its config, POST /preview, which stores
+    nothing): building the UI and opening the service for each of them took 1-3 s a test."""
     from fastapi.testclient import TestClient
 
-    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True)
+    from tests.helpers import create_database
+
+    settings = make_settings(tmp_path_factory.mktemp("ui-client") / "data", create_database(pg_server), ui_enabled=True)
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         yield client
 
