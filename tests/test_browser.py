@@ -225,7 +225,7 @@ def _settled_text(page, selector: str, pattern: str) -> str:
 #: The collection line's text once its event wrote it: ``8 photos · model ... · backend ...``.
 COLLECTION = r"\bphotos? ·"
 #: The search status line once a search wrote it: ``8 results · 12 ms``, ``No results: ...`` or ``✗ why``.
-SEARCH_STATUS = r"\d+ results|No results|✗"
+SEARCH_STATUS = r"\d+ results?|No results|✗"
 #: The large view's details once a result's were written (their last lines: ``Indexed: ...``, ``Id: ...``).
 DETAILS = r"Indexed"
 

@@ -61,11 +61,15 @@ def gate_scans(monkeypatch) -> threading.Event:
     return gate
 
 
-@pytest.fixture
-def ui_client(tmp_path, database_url, offline_embedder):
+@pytest.fixture(scope="module")
+def ui_client(tmp_path_factory, pg_server, offline_embedder):
+    """One app with the UI for the module's read-only tests (the page, its config, POST /preview, which stores
+    nothing): building the UI and opening the service for each of them took 1-3 s a test."""
     from fastapi.testclient import TestClient
 
-    settings = make_settings(tmp_path / "data", database_url, ui_enabled=True)
+    from tests.helpers import create_database
+
+    settings = make_settings(tmp_path_factory.mktemp("ui-client") / "data", create_database(pg_server), ui_enabled=True)
     with TestClient(create_app(settings, embedder=offline_embedder)) as client:
         yield client
 
@@ -216,6 +220,8 @@ def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog,
     # More like this, by id; a result opened by id.
     similar, status = ui.predict(image_id=results[0]["id"], api_name="/similar")
     assert status.startswith("2 results") and results[0]["id"] not in {r["id"] for r in similar}
+    _, status = ui.predict(image_id=results[0]["id"], results_per_page=1, api_name="/similar")
+    assert status.startswith("1 result · "), status  # one result is not "1 results"
     details, large, original = ui.predict(image_id=results[0]["id"], api_name="/open")
     assert results[0]["filename"] in details and results[0]["id"] in details
     assert Path(original).read_bytes() == (HOPPER / results[0]["filename"]).read_bytes()

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from app.vectordb.base import ImageMetadata, SearchFilter, SearchHit
-from ui.query import UiFilters, UiQuery, caption, file_size, from_link, photos, to_link, when
+from ui.query import UiFilters, UiQuery, caption, file_size, from_link, photos, results_found, to_link, when
 
 ID = "a" * 64
 
@@ -108,6 +108,7 @@ def test_added_dates_and_minimum_sizes_are_the_rest_apis_filters():
 
 def test_words_for_people():
     assert photos(1) == "1 photo" and photos(273) == "273 photos" and photos(12345) == "12,345 photos"
+    assert results_found(1, 0.0091) == "1 result · 9 ms" and results_found(8, 0.012) == "8 results · 12 ms"
     assert file_size(1) == "1 byte" and file_size(0) == "0 bytes" and file_size(812) == "812 bytes"
     assert file_size(3282) == "3.3 kB" and file_size(12_400_000) == "12.4 MB"
     assert when(None) == "unknown" and when(datetime(2024, 7, 31, 14, 5, tzinfo=UTC)) == "2024-07-31 14:05 UTC"

@@ -131,11 +131,15 @@ def test_startup_sweep_removes_old_leftovers_only(settings, offline_embedder, sm
     for path in (store.find(id_old), old_temp):
         os.utime(path, (an_hour_ago, an_hour_ago))
 
+    # ORPHAN_SWEEP_INTERVAL_S=0: the start-up sweep only, so its thread ends when that sweep is done (with the
+    # default interval it goes on sweeping hourly and the join below waited out its whole timeout, 60 s a run).
     service = SearchService.open(
-        make_settings(settings.data_dir, database_url, orphan_grace_s=600), embedder=offline_embedder
+        make_settings(settings.data_dir, database_url, orphan_grace_s=600, orphan_sweep_interval_s=0),
+        embedder=offline_embedder,
     )
     try:
         service.sweep_thread.join(timeout=60)
+        assert not service.sweep_thread.is_alive(), "the start-up sweep did not finish within 60 s"
         assert store.find(id_old) is None and not old_temp.exists()  # older than ORPHAN_GRACE_S: removed
         assert store.find(id_new) is not None and new_temp.exists()  # a write that may still be running: kept
     finally:

@@ -23,9 +23,12 @@ each output after its component's label.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import gradio as gr
 
@@ -43,6 +46,51 @@ if TYPE_CHECKING:
     from ui.duplicates_tab import DuplicatesTab
     from ui.libraries_tab import LibrariesTab
     from ui.search_tab import SearchTab
+
+
+#: The filter and page-size parameters that ``/search`` and ``/similar`` take after their own, in the order
+#: :func:`ui.search.filters_from` takes them (``SearchTab.filters``): the names view_api() shows and scripts pass.
+#: Each defaults to ``None``: no filter, the page's page size.
+FILTER_PARAMETERS = tuple(
+    inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation)
+    for name, annotation in (
+        ("folder", "str | None"),
+        ("formats", "list[str] | None"),
+        ("taken_from", "str | None"),
+        ("taken_until", "str | None"),
+        ("added_from", "str | None"),
+        ("added_until", "str | None"),
+        ("min_width", "float | None"),
+        ("min_height", "float | None"),
+        ("min_score", "float | None"),
+        ("expansion", "bool | None"),
+        ("results_per_page", "float | None"),
+    )
+)
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def _with_filters(endpoint: Endpoint) -> Endpoint:
+    """An endpoint method ``(self, <own parameters>, *, filters: UiFilters)`` as Gradio and scripts see it: its own
+    parameters, then :data:`FILTER_PARAMETERS` (Gradio passes them by position, a script by name); the call gets
+    their :class:`~ui.query.UiFilters` as ``filters``. Raises ``TypeError`` for arguments the signature does not
+    take, as any Python call would."""
+    own = [p for p in inspect.signature(endpoint).parameters.values() if p.name != "filters"]
+    signature = inspect.signature(endpoint).replace(parameters=[*own, *FILTER_PARAMETERS])
+
+    @functools.wraps(endpoint)
+    def wrapper(self: ApiEndpoints, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = [bound.arguments.pop(p.name) for p in FILTER_PARAMETERS]
+        return endpoint(*bound.arguments.values(), filters=self._filters(values))
+
+    # What inspect.signature (Gradio's parameter names, view_api) and typing.get_type_hints read.
+    wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values() if p.name != "self"}
+    wrapper.__annotations__["return"] = signature.return_annotation
+    return wrapper  # type: ignore[return-value]
 
 
 class ApiEndpoints:
@@ -132,71 +180,31 @@ class ApiEndpoints:
         )
 
     # --- the endpoints: their parameter names are what view_api() shows -------------------------------------------
+    @_with_filters
     def search(
-        self,
-        photo: str | None = None,
-        words: str | None = None,
-        but_not: str | None = None,
-        folder: str | None = None,
-        formats: list[str] | None = None,
-        taken_from: str | None = None,
-        taken_until: str | None = None,
-        added_from: str | None = None,
-        added_until: str | None = None,
-        min_width: float | None = None,
-        min_height: float | None = None,
-        min_score: float | None = None,
-        expansion: bool | None = None,
-        results_per_page: float | None = None,
+        self, photo: str | None = None, words: str | None = None, but_not: str | None = None, *, filters: UiFilters
     ) -> tuple[list[dict[str, Any]], str]:
         """Search by a photo (any format), by words (CLIP models), or both, minus "but not" words; filters and page
         size as the page's (dates ``YYYY-MM-DD``, days in UTC, "until" including its day; sizes in pixels). Returns
         the results (``id``, ``score``, ``filename``... best first) and the status."""
-        filters = self._filters(locals())
         query = UiQuery.from_form(photo, words, but_not)
         if query is None:
             return [], "✗ Give a photo or words to search for."
         return self._run(query, filters)
 
-    def similar(
-        self,
-        image_id: str,
-        folder: str | None = None,
-        formats: list[str] | None = None,
-        taken_from: str | None = None,
-        taken_until: str | None = None,
-        added_from: str | None = None,
-        added_until: str | None = None,
-        min_width: float | None = None,
-        min_height: float | None = None,
-        min_score: float | None = None,
-        expansion: bool | None = None,
-        results_per_page: float | None = None,
-    ) -> tuple[list[dict[str, Any]], str]:
+    @_with_filters
+    def similar(self, image_id: str, *, filters: UiFilters) -> tuple[list[dict[str, Any]], str]:
         """More like this: the neighbours of a stored photo (``image_id``, from a result), itself left out."""
-        filters = self._filters(locals())
         image_id = (image_id or "").strip()
         if not is_valid_image_id(image_id):
             return [], "✗ The image id must be 64 hexadecimal characters, as a result's id is."
         return self._run(UiQuery("id", image_id=image_id), filters)
 
-    def _filters(self, given: dict[str, Any]) -> UiFilters:
-        """The filters of an endpoint's parameters (its ``locals()``, by name); a parameter left out (``None``) is
-        the page's default: no filter, 20 results per page."""
-        top_k = given["results_per_page"]
-        return filters_from(
-            given["folder"],
-            given["formats"],
-            given["taken_from"],
-            given["taken_until"],
-            given["added_from"],
-            given["added_until"],
-            given["min_width"],
-            given["min_height"],
-            given["min_score"],
-            given["expansion"],
-            top_k if top_k is not None else self.ctx.default_k,
-        )
+    def _filters(self, values: Sequence[Any]) -> UiFilters:
+        """The filters of the :data:`FILTER_PARAMETERS` values, in their order; one left out (``None``) is the
+        page's default: no filter, 20 results per page."""
+        *given, top_k = values
+        return filters_from(*given, top_k if top_k is not None else self.ctx.default_k)
 
     def _run(self, query: UiQuery, filters: UiFilters) -> tuple[list[dict[str, Any]], str]:
         service = self.ctx.get_service()

@@ -16,13 +16,14 @@ UPDATE_ADDRESS_JS = """(query) => {
 
 
 def stamp_js(n_inputs: int) -> str:
-    """Frontend code run when a search is triggered, before it is sent: the last of its ``n_inputs`` inputs (a
-    hidden number) becomes this tab's next trigger number. The server runs searches on several threads, which may
-    start in another order than the browser triggered them (a filter's blur and the next filter's Enter within a few
-    ms); the number lets the server drop one that an already started, later-triggered search supersedes."""
+    """Frontend code run when a search is triggered, before it is sent: the first of its ``n_inputs`` inputs (a
+    hidden number; first, so that the handlers can take the filters as ``*filter_values`` after it) becomes this
+    tab's next trigger number. The server runs searches on several threads, which may start in another order than
+    the browser triggered them (a filter's blur and the next filter's Enter within a few ms); the number lets the
+    server drop one that an already started, later-triggered search supersedes."""
     return (
         f"(...args) => {{ const a = args.slice(0, {n_inputs}); "
-        f"a[{n_inputs - 1}] = (window.__imageSearchSeq = (window.__imageSearchSeq || 0) + 1); return a; }}"
+        "a[0] = (window.__imageSearchSeq = (window.__imageSearchSeq || 0) + 1); return a; }"
     )
 
 

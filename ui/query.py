@@ -273,6 +273,13 @@ def photos(count: int) -> str:
     return f"{count:,} photo" + ("" if count == 1 else "s")
 
 
+def results_found(count: int, elapsed: float) -> str:
+    """The search status line's count and time, ``count`` hits (one or more) in ``elapsed`` seconds:
+    ``"1 result · 9 ms"``, ``"8 results · 12 ms"`` (the page's and the API's status alike; no thousands separator:
+    scripts read the count as digits)."""
+    return f"{count} result" + ("" if count == 1 else "s") + f" · {elapsed * 1000:.0f} ms"
+
+
 def caption(rank: int, hit: SearchHit) -> str:
     """A result's caption: rank, cosine score with 3 decimals, and the full stored file name."""
     return f"#{rank} · {hit.score:.3f} · {hit.metadata.filename}"

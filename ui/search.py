@@ -23,7 +23,7 @@ from app.search.paging import MAX_SEARCH_WINDOW
 from app.search.query import QueryTerm
 from ui.context import UiContext, as_message, escape, read_stats, read_upload
 from ui.files import preview_file, thumbnail_file
-from ui.query import UiFilters, UiQuery, caption, to_link, with_top_k
+from ui.query import UiFilters, UiQuery, caption, results_found, to_link, with_top_k
 
 if TYPE_CHECKING:  # for annotations only: importing app.service pulls in the decoders and the model code
     from app.service import SearchService
@@ -130,7 +130,7 @@ def status_line(query: UiQuery | None, hits: Sequence[SearchHit], errors: Sequen
         return ""
     if not hits:
         return "No results: the collection is empty, or nothing passes the filters."
-    return f"{len(hits)} results · {elapsed * 1000:.0f} ms"
+    return results_found(len(hits), elapsed)
 
 
 def run_query(service: SearchService, query: UiQuery, filters: UiFilters, offset: int) -> list[SearchHit]:
@@ -232,8 +232,8 @@ class SearchOrder:
 
 
 class Searches:
-    """The search handlers of one built UI. Their names and parameters are what ``gradio_client`` sees: ``search``
-    (:meth:`search_form`) and ``similar`` are API names, the rest are private."""
+    """The search handlers of one built UI, which the page's events call (private events: scripts call the endpoints
+    of :mod:`ui.api`, which call :meth:`search` too)."""
 
     def __init__(self, ctx: UiContext) -> None:
         self.ctx = ctx
@@ -263,7 +263,7 @@ class Searches:
             else:
                 status = "No results: nothing passes the filters." if active_filters(shown.filters) else "No results."
         else:
-            status = f"{len(shown.hits)} results · {elapsed * 1000:.0f} ms"
+            status = results_found(len(shown.hits), elapsed)
         if shown.query is not None and not errors:
             if on := active_filters(shown.filters):
                 status += f" · {on} filter{'s' if on > 1 else ''} on (**Filters and options**)"
@@ -304,75 +304,31 @@ class Searches:
 
     def search_form(
         self,
+        request: gr.Request,
         shown: Shown,
         upload: str | None,
         text: str,
         negative: str,
-        folder: str,
-        formats: list[str],
-        after: str,
-        before: str,
-        added_after: str,
-        added_before: str,
-        min_width: float | None,
-        min_height: float | None,
-        min_score: float,
-        expand: bool,
-        top_k: float,
-        request: gr.Request,
+        *filter_values: Any,
         trigger: float | None = None,
     ):
         """Search with what the form holds: the photo (or the stored image shown as the query), the words, the
-        "but not" words; filters and page size (:func:`filters_from`). ``trigger``: the browser's trigger number."""
+        "but not" words; ``filter_values``: the filters and page size as :func:`filters_from` takes them (the
+        components of ``SearchTab.filters``, which Gradio passes by position). ``trigger``: the browser's trigger
+        number. ``request`` comes first: Gradio hands it only to a parameter before ``*filter_values``."""
         current = shown.query.image_id if shown.query is not None else None
         query = UiQuery.from_form(upload, text, negative, current)
-        filters = filters_from(
-            folder, formats, after, before, added_after, added_before, min_width, min_height, min_score, expand, top_k
-        )
+        filters = filters_from(*filter_values)
         if query is None:
             return self.show(Shown(None, filters), ["Choose, drop or paste a photo, or type words, to search."], 0)
         return self.search(query, filters, request, trigger)
 
     def search_form_stamped(
-        self,
-        shown,
-        upload,
-        text,
-        negative,
-        folder,
-        formats,
-        after,
-        before,
-        added_after,
-        added_before,
-        min_width,
-        min_height,
-        min_score,
-        expand,
-        top_k,
-        trigger,
-        request: gr.Request,
+        self, request: gr.Request, trigger: float | None, shown: Shown, upload, text, negative, *filter_values: Any
     ):
-        """:func:`search_form` from the page's button and Enter keys, with the browser's trigger number."""
-        return self.search_form(
-            shown,
-            upload,
-            text,
-            negative,
-            folder,
-            formats,
-            after,
-            before,
-            added_after,
-            added_before,
-            min_width,
-            min_height,
-            min_score,
-            expand,
-            top_k,
-            request,
-            trigger,
-        )
+        """:meth:`search_form` from the page's button and Enter keys, with the browser's trigger number (the first
+        input: ``ui.assets.stamp_js``)."""
+        return self.search_form(request, shown, upload, text, negative, *filter_values, trigger=trigger)
 
     def clear(self) -> tuple[Any, ...]:
         """The photo box was cleared: no search, no results, no link (the outputs of an empty search)."""
@@ -388,49 +344,16 @@ class Searches:
         except ServiceError:
             return None  # the search itself says why
 
-    def similar(
-        self,
-        image_id,
-        folder,
-        formats,
-        after,
-        before,
-        added_after,
-        added_before,
-        min_width,
-        min_height,
-        min_score,
-        expand,
-        top_k,
-        request: gr.Request,
-    ):
-        """More like this: the stored image's neighbours."""
-        filters = filters_from(
-            folder, formats, after, before, added_after, added_before, min_width, min_height, min_score, expand, top_k
-        )
-        return self.search(UiQuery("id", image_id=image_id), filters, request)
+    def similar(self, request: gr.Request, image_id: str, *filter_values: Any):
+        """More like this: the stored image's neighbours, with the filters of ``filter_values`` (as
+        :meth:`search_form` takes them)."""
+        return self.search(UiQuery("id", image_id=image_id), filters_from(*filter_values), request)
 
-    def rerun(
-        self,
-        shown: Shown,
-        folder,
-        formats,
-        after,
-        before,
-        added_after,
-        added_before,
-        min_width,
-        min_height,
-        min_score,
-        expand,
-        top_k,
-        trigger,
-        request: gr.Request,
-    ):
-        """A filter changed: run the shown query again with the new filters (nothing when they did not change)."""
-        filters = filters_from(
-            folder, formats, after, before, added_after, added_before, min_width, min_height, min_score, expand, top_k
-        )
+    def rerun(self, request: gr.Request, trigger: float | None, shown: Shown, *filter_values: Any):
+        """A filter changed: run the shown query again with the new filters (``filter_values``, as
+        :meth:`search_form` takes them; nothing when they did not change). ``trigger``: the browser's trigger
+        number (the first input: ``ui.assets.stamp_js``)."""
+        filters = filters_from(*filter_values)
         if shown.query is None or filters == shown.filters:
             return (gr.skip(),) * N_OUTPUTS
         return self.search(shown.query, filters, request, trigger)

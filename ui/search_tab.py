@@ -166,8 +166,8 @@ class SearchTab:
         form = [self.shown_state, self.query_file, self.words, self.negative, *filters]
         # The browser's trigger number of each search of the form (stamp_js; the "search" API has none).
         trigger = gr.Number(value=0, precision=0, visible=False)
-        stamped_form = [*form, trigger]
-        stamped_rerun = [self.shown_state, *filters, trigger]
+        stamped_form = [trigger, *form]
+        stamped_rerun = [trigger, self.shown_state, *filters]
 
         self.share.change(None, self.share, js=UPDATE_ADDRESS_JS, api_visibility="private", queue=False)
         self.status.change(None, js=SHOW_RESULTS_JS, api_visibility="private", queue=False)
