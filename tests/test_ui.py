@@ -31,6 +31,8 @@ pillow_heif.register_heif_opener()  # to read the HEIC test file's size here
 
 HOPPER = INSTANCE / "grace_hopper"
 KEY = "ui-test-key-81c2"
+# gradio_client's httpx default of 5 s timed out fetching the page config while the 2-core box ran at load 5-10
+SLOW_BOX = {"timeout": 60}
 CALTECH = DATASETS / "caltech101_subset" / "images"
 
 
@@ -141,7 +143,7 @@ def _gradio_call(url: str, api_name: str, data: list) -> str:
 def test_gradio_client_calls_the_handlers_by_api_name(live_ui, tmp_path, caplog, capfd, request):
     from gradio_client import Client, handle_file
 
-    ui = Client(f"{live_ui}/ui/", verbose=False)
+    ui = Client(f"{live_ui}/ui/", verbose=False, httpx_kwargs=SLOW_BOX)
     request.addfinalizer(ui.close)  # before the server stops: its heartbeat stream held the shutdown 30 s
     names = ["pillow_hopper.png", "pillow_hopper.webp", "pillow_hopper_orientation_6.jpg"]
     files = [handle_file(str(HOPPER / n)) for n in names]
@@ -284,7 +286,7 @@ def test_libraries_tab_lists_and_scans_with_the_key(tmp_path, database_url, offl
     settings = make_settings(tmp_path / "data", database_url, ui_enabled=True, api_key=KEY)
     app = create_app(settings, embedder=offline_embedder)
     with run_live_server(app, timeout_graceful_shutdown=2) as url:  # see live_ui
-        ui = Client(f"{url}/ui/", verbose=False)
+        ui = Client(f"{url}/ui/", verbose=False, httpx_kwargs=SLOW_BOX)
         try:
             text, names, scanning = ui.predict(api_name="/libraries")
             assert "No photo library yet" in text and "image-search-library add NAME FOLDER" in text
@@ -385,7 +387,7 @@ def test_api_key_reads_puts_every_gradio_route_behind_the_login(tmp_path, databa
         # gradio_client logs in the same way, and a logged-in user may write: the login was the key.
         from gradio_client import Client, handle_file
 
-        ui = Client(f"{url}/ui/", auth=("me", KEY), verbose=False)
+        ui = Client(f"{url}/ui/", auth=("me", KEY), verbose=False, httpx_kwargs=SLOW_BOX)
         try:
             _, entries, line = ui.predict(photos=[handle_file(str(HOPPER / "pillow_hopper.png"))], api_name="/add")
             assert entries[0]["ok"] and line.startswith("1 photo · ")
@@ -503,7 +505,7 @@ def test_two_instances_on_one_host_keep_their_ui_files_apart(tmp_path, pg_server
             f"{a_url}/index_images", files=[("files", (photo.name, photo.read_bytes()))], headers={"X-API-Key": KEY}
         )
         assert r.status_code == 200, r.text
-        ui = Client(f"{a_url}/ui/", auth=("me", KEY), verbose=False)
+        ui = Client(f"{a_url}/ui/", auth=("me", KEY), verbose=False, httpx_kwargs=SLOW_BOX)
         try:
             results, _ = ui.predict(photo=handle_file(str(HOPPER / "pillow_hopper.jpg")), api_name="/search")
             ui.predict(image_id=results[0]["id"], api_name="/open")  # A makes its large view and original
