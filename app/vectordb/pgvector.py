@@ -163,9 +163,10 @@ RERANK_SHARE = 0.02
 def rerank_candidates(top_k: int, matching: int = 0) -> int:
     """How many rows of the binary-quantised ranking are ranked again by exact cosine distance: ``max(400,
     10 * top_k, ceil(RERANK_SHARE * matching))``, ``matching`` being the number of rows the filter keeps (the exact
-    pass computes the same in SQL from the rows it counted). Measured at 1M x 512-d (docs/benchmarks.md): 200 /
-    400 / 800 candidates gave recall@10 0.93 / 0.97 / 0.99 on a 2 % filter of synthetic vectors, at a cost of one
-    TOASTed vector read (10-20 us) each; :data:`RERANK_SHARE` for real embeddings."""
+    pass passes the planner's estimate, so that its LIMIT stays a constant the planner can see). Measured at 1M x
+    512-d (docs/benchmarks.md): 200 / 400 / 800 candidates gave recall@10 0.93 / 0.97 / 0.99 on a 2 % filter of
+    synthetic vectors, at a cost of one TOASTed vector read (10-20 us) each; :data:`RERANK_SHARE` for real
+    embeddings."""
     return max(400, 10 * int(top_k), int(np.ceil(RERANK_SHARE * max(0, int(matching)))))
 
 
@@ -203,7 +204,7 @@ def bq_thresholds(sample: np.ndarray) -> np.ndarray:
     activations (non-negative; 36 % exactly zero on Caltech-101), CLIP's share a mean direction. Thresholding at the
     median makes every bit split the collection in half, the most information a bit can carry. Measured on 2,020
     real EfficientNet-Lite2 embeddings, re-ranking the best 2 % by Hamming distance: recall@10 0.836 with sign bits,
-    0.971 with median thresholds (bench/bq_quality.py, docs/benchmarks.md).
+    0.958 with median thresholds (bench/bq_quality.py, docs/benchmarks.md).
 
     Args:
         sample: ``(N, D)`` float32 embeddings of the collection, ``N >= 1``.
@@ -866,15 +867,16 @@ class PgVectorHandler(VectorDBHandler):
         the caller) when more than ``limit`` rows match; ``estimate``, the planner's row count, sizes the re-ranked
         candidates (:func:`rerank_candidates`). One statement: the matching rows are read once (at most
         ``limit + 1``), counted, and ranked."""
-        # The materialized rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
+        # The materialized rows (ctid and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
         conn.execute("SET LOCAL work_mem = '64MB'")
         t = sql.SQL(self._vector_type)
         if self._has_bq:
             # The matching rows are kept as (ctid, bits), 6 + 64-160 bytes, and the re-ranked candidates fetched by
-            # ctid (a TID scan: no primary-key descent): 10-20 % faster than keeping ids and joining on the
-            # primary key at 1M (docs/benchmarks.md), and safe within one statement, whose snapshot sees the same
-            # row versions in both scans. The distance is computed once per candidate (each computation reads
-            # the TOASTed vector again); OFFSET 0 keeps the subquery from being merged into the outer query.
+            # ctid (a TID scan: no primary-key descent): 20-35 % faster than keeping ids and joining on the
+            # primary key at 200,000 rows, within the noise at 1M (docs/benchmarks.md), and safe within one
+            # statement, whose snapshot sees the same row versions in both scans. The distance is computed once per
+            # candidate (each computation reads the TOASTed vector again); OFFSET 0 keeps the subquery from being
+            # merged into the outer query.
             query = sql.SQL(
                 "WITH matching AS MATERIALIZED (SELECT ctid AS t, embedding_bq AS b FROM images WHERE {where} "
                 "LIMIT %s), "
