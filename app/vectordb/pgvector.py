@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psycopg
 import psycopg_pool
+from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
@@ -221,11 +222,6 @@ def bq_thresholds(sample: np.ndarray) -> np.ndarray:
     return np.median(sample, axis=0).astype(np.float32)
 
 
-def _vector_literal(values: np.ndarray) -> str:
-    """pgvector's text form of ``values`` (``'[v1,v2,...]'``), each float32 written exactly."""
-    return "[" + ",".join(repr(float(x)) for x in np.asarray(values, dtype=np.float32)) + "]"
-
-
 def _bq_column_sql(dim: int, vector_type: str = "vector", thresholds: np.ndarray | None = None) -> sql.Composed:
     """``ALTER TABLE`` adding ``embedding_bq``: the embedding's binary quantisation, ``bit(dim)``, stored and kept up
     to date by PostgreSQL. Bit ``i`` is set when component ``i`` exceeds ``thresholds[i]`` (pgvector's
@@ -236,7 +232,7 @@ def _bq_column_sql(dim: int, vector_type: str = "vector", thresholds: np.ndarray
         source = sql.SQL("embedding")
     else:
         source = sql.SQL("embedding - {}::{}({})").format(
-            sql.Literal(_vector_literal(thresholds)), sql.SQL(vector_type), d
+            sql.Literal(Vector(thresholds).to_text()), sql.SQL(vector_type), d
         )
     return sql.SQL(
         "ALTER TABLE images ADD COLUMN IF NOT EXISTS embedding_bq bit({d}) "
@@ -258,11 +254,6 @@ def _bq_state(conn: psycopg.Connection) -> tuple[bool, bool]:
         row = conn.execute("SELECT bq_threshold IS NOT NULL FROM collection_meta WHERE name = %s", (COLLECTION,))
         calibrated = bool((row.fetchone() or (False,))[0])
     return has, has and calibrated
-
-
-def _has_bq_column(conn: psycopg.Connection) -> bool:
-    """Whether the collection's ``images`` table (first on the connection's ``search_path``) has ``embedding_bq``."""
-    return _bq_state(conn)[0]
 
 
 def _prefixed_meta(alias: str) -> str:
@@ -677,10 +668,7 @@ class PgVectorHandler(VectorDBHandler):
         def _calibrate(conn: psycopg.Connection) -> bool:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                done = conn.execute(
-                    "SELECT bq_threshold IS NOT NULL FROM collection_meta WHERE name = %s", (COLLECTION,)
-                ).fetchone()
-                if done and done[0] and not force and _has_bq_column(conn):
+                if not force and _bq_state(conn)[1]:
                     return False  # another replica calibrated it first
                 rows = conn.execute(
                     "SELECT embedding FROM images ORDER BY id LIMIT %s", (BQ_CALIBRATION_SAMPLE,)
@@ -692,8 +680,7 @@ class PgVectorHandler(VectorDBHandler):
                 conn.execute("ALTER TABLE images DROP COLUMN IF EXISTS embedding_bq")
                 conn.execute(_bq_column_sql(self._dim, self._vector_type, thresholds))
                 conn.execute(
-                    "UPDATE collection_meta SET bq_threshold = %s::vector WHERE name = %s",
-                    (_vector_literal(thresholds), COLLECTION),
+                    "UPDATE collection_meta SET bq_threshold = %s::vector WHERE name = %s", (thresholds, COLLECTION)
                 )
                 return True
 
