@@ -273,3 +273,43 @@ def test_fsck_calibrate_sets_the_thresholds_of_a_collection_that_has_none(pg_ser
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT bq_threshold IS NOT NULL FROM collection_meta").fetchone()[0]
     assert run_fsck(env, "--calibrate")[1]["calibrated"] is False
+
+
+def test_a_database_hung_mid_calibration_does_not_hold_the_write(tmp_path, monkeypatch, caplog):
+    """The write that reaches BQ_CALIBRATION_ROWS calibrates; if PostgreSQL stops (SIGSTOP) during that rewrite,
+    the write still returns within its own bound grown per row (the rows are committed; the calibration is
+    retried with the next write and succeeds once the server is back)."""
+    import time
+
+    from app.vectordb.embedded_pg import start_embedded_postgres
+    from tests.helpers import PostgresFreeze
+
+    server = start_embedded_postgres(tmp_path / "pg")
+    freeze = PostgresFreeze(tmp_path / "pg")
+    monkeypatch.setattr(pgvector_module, "BQ_CALIBRATION_ROWS", 50)
+    real_thresholds = pgvector_module.bq_thresholds
+
+    def stop_then_compute(sample):  # between reading the sample and rewriting the table
+        freeze.suspend()
+        return real_thresholds(sample)
+
+    h = PgVectorHandler(server.url, ef_search=10, statement_timeout_s=1.0)
+    try:
+        h.ensure_collection("m", DIM)
+        records = _offset_records(60, 10)
+        monkeypatch.setattr(pgvector_module, "bq_thresholds", stop_then_compute)
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="app.vectordb.pgvector"):
+            h.upsert(records[:55])
+        took = time.monotonic() - started
+        freeze.resume()
+        # statement_timeout 1 s + grace 0.5 s + 0.01 s per row for 55 rows = 2.05 s, plus the write itself
+        assert took < 5.0, took
+        assert not h._bq_calibrated and "Calibrating embedding_bq failed" in caplog.text
+        monkeypatch.setattr(pgvector_module, "bq_thresholds", real_thresholds)
+        h.upsert(records[55:])
+        assert h._bq_calibrated and h.count() == 60
+    finally:
+        freeze.resume()
+        h.close()
+        server.stop()

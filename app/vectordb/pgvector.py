@@ -634,7 +634,9 @@ class PgVectorHandler(VectorDBHandler):
             )
             return
         if rows >= BQ_CALIBRATION_ROWS:
-            self.calibrate_bq()
+            # A write's caller is waiting: the rewrite gets the write's own bound, grown per row as an upsert's is,
+            # so a database that hangs mid-calibration cannot hold the request forever.
+            self.calibrate_bq(allowance_s=None if opening else UPSERT_ROW_ALLOWANCE_S * rows)
         elif opening and not self._has_bq:
 
             def _add(conn: psycopg.Connection) -> None:
@@ -646,7 +648,7 @@ class PgVectorHandler(VectorDBHandler):
             self._run(_add, deadline_s=False)
             self._has_bq = True
 
-    def calibrate_bq(self, *, force: bool = False) -> bool:
+    def calibrate_bq(self, *, force: bool = False, allowance_s: float | None = None) -> bool:
         """Set the collection's binary quantisation thresholds (:func:`bq_thresholds` of up to
         :data:`BQ_CALIBRATION_SAMPLE` stored embeddings) and rebuild ``embedding_bq`` with them, in one
         transaction: the column and ``collection_meta.bq_threshold`` change together, so a search (on any replica)
@@ -655,18 +657,25 @@ class PgVectorHandler(VectorDBHandler):
 
         Args:
             force: calibrate again even when thresholds are set (e.g. after the collection's content changed).
+            allowance_s: ``None``: no deadline and no ``statement_timeout`` (start-up, ``image-search-fsck``,
+                benches); seconds: the handler's ``statement_timeout`` and deadline grown by this much, as
+                :meth:`upsert` grows them (the write path, which a hung database must not hold).
 
         Returns:
             Whether thresholds were set now (``False``: already calibrated, or the collection is empty).
 
         Raises:
-            DatabaseUnavailableError: PostgreSQL cannot be reached.
+            DatabaseUnavailableError: PostgreSQL cannot be reached (or cancelled the rewrite at its timeout).
+            DatabaseTimeoutError: the deadline passed (nothing changed: the rewrite is one transaction).
         """
         if self._dim is None:
             return False
 
         def _calibrate(conn: psycopg.Connection) -> bool:
             with conn.transaction():
+                if allowance_s is not None and self._statement_timeout_ms:
+                    timeout_ms = self._statement_timeout_ms + int(allowance_s * 1000)
+                    conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                 if not force and _bq_state(conn)[1]:
                     return False  # another replica calibrated it first
@@ -684,7 +693,11 @@ class PgVectorHandler(VectorDBHandler):
                 )
                 return True
 
-        done = self._run(_calibrate, deadline_s=False)
+        if allowance_s is None:
+            deadline: float | bool = False
+        else:
+            deadline = self._deadline_s + allowance_s if self._deadline_s else True
+        done = self._run(_calibrate, deadline_s=deadline)
         self._has_bq, self._bq_calibrated = self._run(_bq_state)
         return done
 
