@@ -424,15 +424,30 @@ class SyntheticMetadata:
       ``taken_before`` window of ``10,000 s`` days starting on day 1,000.
 
     Without selectivities every row is ``synthetic/{i}``, format ``SYNTHETIC``, 1 x 1 px, no ``taken_at``.
+
+    ``order="clustered"`` sorts the folder's and the date's ``u`` along the row number, so a folder (and a date
+    window) is a run of consecutive rows, as in a photo library scanned folder by folder whose folders are dated
+    events (``image-search-library``, ``scripts/bulk_index.py`` walk in path order); the rows are stored in row
+    order, so a folder's rows then share heap pages. Format and size stay random in both orders.
     """
 
-    def __init__(self, n: int, selectivities: list[float], seed: int, kinds: tuple[str, ...] = ("folder",)) -> None:
+    def __init__(
+        self,
+        n: int,
+        selectivities: list[float],
+        seed: int,
+        kinds: tuple[str, ...] = ("folder",),
+        order: str = "random",
+    ) -> None:
         self.n, self.kinds = n, tuple(kinds) if selectivities else ()
         self.selectivities = sorted(selectivities, reverse=True)
         if "format" in self.kinds and sum(self.selectivities) > 1:
             raise SystemExit("--filter-kinds format needs --filter-selectivity values that sum to at most 1")
         rng = np.random.default_rng(seed * 1_000_003 + 7)
         u = rng.random((n, 4)) if selectivities else np.zeros((n, 4))
+        if order == "clustered":
+            u[:, 0].sort()
+            u[:, 3].sort()
         self.u = u
         levels = self.selectivities
         names = [f"in{x:g}" for x in levels]
@@ -658,7 +673,7 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
             raise SystemExit("the images table is not empty; point DATABASE_URL at an empty database")
         loader.drop_index()
         t0 = time.perf_counter()
-        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds)
+        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds, args.metadata_order)
         for start in range(0, len(data), args.chunk):
             copy_rows(url, data[start : start + args.chunk], start, args.vector_type, meta)
             log(f"loaded {min(start + args.chunk, len(data)):,}/{len(data):,}")
@@ -737,7 +752,7 @@ def run_milvus(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray, t
     loader = MilvusHandler(uri, **params)
     try:
         loader.ensure_collection(MODEL_ID, args.dim)
-        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds)
+        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds, args.metadata_order)
         load_s = load_through_handler(loader, data, args.batch_size, meta)
         log("waiting for Milvus to seal, compact and index every segment")
         t0 = time.perf_counter()
@@ -790,7 +805,7 @@ def run_manticore(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray
     loader = ManticoreHandler(host, port, **params)
     try:
         loader.ensure_collection(MODEL_ID, args.dim)
-        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds)
+        meta = SyntheticMetadata(len(data), args.filter_selectivity, args.seed, args.filter_kinds, args.metadata_order)
         load_s = load_through_handler(loader, data, args.batch_size, meta)
         loader.close()
         t0 = time.perf_counter()
@@ -876,6 +891,13 @@ def main() -> int:
         help=f"which filters to measure per selectivity, of {','.join(FILTER_KINDS)} (default: folder)",
     )
     parser.add_argument(
+        "--metadata-order",
+        choices=("random", "clustered"),
+        default="random",
+        help="where a folder's and a date window's rows lie: scattered at random (default), or runs of consecutive "
+        "rows as in a library indexed folder by folder (format and size stay random)",
+    )
+    parser.add_argument(
         "--api-filter-queries",
         type=int,
         default=50,
@@ -946,6 +968,7 @@ def main() -> int:
         "workers": args.workers,
         "pg_shared_buffers": args.pg_shared_buffers if args.backend == "pgvector" else None,
         "bq": args.bq if args.backend == "pgvector" else None,
+        "metadata_order": args.metadata_order if args.filter_selectivity else None,
         "load_average": [round(x, 2) for x in os.getloadavg()],
         **{k: out[k] for k in ("load_s", "build_s", "index_mb", "table_mb", "server_pss_mb")},
         "results": out["results"],

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.helpers import PROJECT_ROOT
@@ -68,3 +69,19 @@ def test_search_scale_reports_filtered_recall(backend):
         assert set(r) == keys and r["kind"] == "folder"
         assert abs(r["matching"] / 3000 - r["selectivity"]) < 0.05
         assert r["full"] == 1.0 and r["recall_at_10"] >= 0.9
+
+
+@pytest.mark.parametrize("order", ["random", "clustered"])
+def test_synthetic_metadata_order_places_folders_and_dates(order):
+    """``--metadata-order clustered``: a folder and a date window are runs of consecutive rows (a library indexed
+    folder by folder); ``random`` scatters them. Either way each filter keeps about its share, and format and size
+    stay scattered."""
+    sys.path.insert(0, str(PROJECT_ROOT / "bench"))
+    from search_scale import SyntheticMetadata
+
+    meta = SyntheticMetadata(20_000, [0.02, 0.1], seed=3, kinds=("folder", "format", "size", "date"), order=order)
+    for kind, share, _filter, mask in meta.filters():
+        rows = np.flatnonzero(mask)  # _mask checked these against SearchFilter.matches on a sample of rows
+        assert abs(len(rows) / 20_000 - share) < 0.01, (kind, share)
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        assert contiguous == (order == "clustered" and kind in ("folder", "date")), (kind, share)
