@@ -277,8 +277,9 @@ def test_fsck_calibrate_sets_the_thresholds_of_a_collection_that_has_none(pg_ser
 
 def test_a_database_hung_mid_calibration_does_not_hold_the_write(tmp_path, monkeypatch, caplog):
     """The write that reaches BQ_CALIBRATION_ROWS calibrates; if PostgreSQL stops (SIGSTOP) during that rewrite,
-    the write still returns within its own bound grown per row (the rows are committed; the calibration is
-    retried with the next write and succeeds once the server is back)."""
+    the write still returns within its own bound grown per row (the rows are committed). Writes within
+    BQ_RETRY_S of the failure do not try again (each would wait out the same bound); the first write after it
+    calibrates, once the server is back."""
     import time
 
     from app.vectordb.embedded_pg import start_embedded_postgres
@@ -306,9 +307,13 @@ def test_a_database_hung_mid_calibration_does_not_hold_the_write(tmp_path, monke
         # statement_timeout 1 s + grace 0.5 s + 0.01 s per row for 55 rows = 2.05 s, plus the write itself
         assert took < 5.0, took
         assert not h._bq_calibrated and "Calibrating embedding_bq failed" in caplog.text
-        monkeypatch.setattr(pgvector_module, "bq_thresholds", real_thresholds)
-        h.upsert(records[55:])
-        assert h._bq_calibrated and h.count() == 60
+        calls = []
+        monkeypatch.setattr(pgvector_module, "bq_thresholds", lambda sample: calls.append(1) or real_thresholds(sample))
+        h.upsert(records[55:57])  # within BQ_RETRY_S (60 s) of the failure: no second attempt
+        assert not h._bq_calibrated and not calls
+        h._bq_retry_at = 0.0  # the minute has passed
+        h.upsert(records[57:])
+        assert h._bq_calibrated and calls == [1] and h.count() == 60
     finally:
         freeze.resume()
         h.close()

@@ -195,6 +195,9 @@ BQ_AUTO_ADD_MAX_ROWS = 20_000
 BQ_CALIBRATION_ROWS = 1000
 #: rows the calibration reads: the first ones by id, a uniform sample since ids are SHA-256 digests.
 BQ_CALIBRATION_SAMPLE = 5000
+#: seconds a write waits, after a calibration it started failed, before a later write tries again: a database that
+#: times the rewrite out would otherwise make every write wait for it (each bounded, but each seconds long).
+BQ_RETRY_S = 60.0
 
 
 def bq_thresholds(sample: np.ndarray) -> np.ndarray:
@@ -418,6 +421,7 @@ class PgVectorHandler(VectorDBHandler):
         self._dim = info.dim if info else None
         self._has_bq, self._bq_calibrated = self._run(_bq_state) if info is not None else (False, False)
         self._bq_too_large = False  # set once a warning said the collection is too large to calibrate here
+        self._bq_retry_at = 0.0  # time.monotonic() before which a write does not retry a failed calibration
         self._total_rows_cache: tuple[float, float] = (-float("inf"), 0.0)  # (time.monotonic(), rows)
         self._plans_lock = threading.Lock()
         self._plans: dict[str, int] = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0}
@@ -779,11 +783,16 @@ class PgVectorHandler(VectorDBHandler):
                 )
 
         self._run(_write, deadline_s=self._deadline_s + extra_s if self._deadline_s else True)
-        if not self._bq_calibrated and not self._bq_too_large:
+        if not self._bq_calibrated and not self._bq_too_large and time.monotonic() >= self._bq_retry_at:
             try:
                 self._maybe_calibrate()
-            except Exception:  # the rows are committed; calibration is retried with the next write
-                log.warning("Calibrating embedding_bq failed; retried with the next write", exc_info=True)
+            except Exception:  # the rows are committed; calibration is retried by a later write
+                self._bq_retry_at = time.monotonic() + BQ_RETRY_S
+                log.warning(
+                    "Calibrating embedding_bq failed; retried by the first write after %.0f s",
+                    BQ_RETRY_S,
+                    exc_info=True,
+                )
 
     def delete(self, image_id: str) -> bool:
         if not is_valid_image_id(image_id):
