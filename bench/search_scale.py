@@ -52,9 +52,10 @@ of the vectors: a seeded uniform ``u`` per row, and nested folders ``in0.5/in0.1
 selectivity and per ``--filter-ef`` (default: ``--ef``), the same queries are searched through the handler with
 that filter, and ``"filtered"`` reports ``matching`` (rows the filter keeps), ``recall_at_10`` against the exact
 filtered top-10 (numpy over the same vectors, restricted to the matching rows), ``full`` (share of searches that
-returned all 10) and ``p50_ms``/``p95_ms``. To compare the handlers' filtered-search plans, ``--pg-exact-max-rows``
-and ``--pg-iterative-scan`` override ``EXACT_SEARCH_MAX_ROWS`` and ``ITERATIVE_SCAN`` of
-:mod:`app.vectordb.pgvector` (``0`` sends every filtered search through the iterative scan), and
+returned all 10) and ``p50_ms``/``p95_ms``. To compare the handlers' filtered-search plans, ``--pg-exact-max-rows``,
+``--pg-iterative-scan`` and ``--pg-iterative-ef-per-result`` override ``EXACT_SEARCH_MAX_ROWS``, ``ITERATIVE_SCAN``
+and ``ITERATIVE_EF_PER_RESULT`` of :mod:`app.vectordb.pgvector` (``0`` sends every filtered search through the
+iterative scan; ``0`` makes ``--filter-ef`` the iterative scan's ``hnsw.ef_search``, for a sweep), and
 ``--lite-filter-ef-factor`` overrides ``LITE_FILTER_EF_FACTOR`` of :mod:`app.vectordb.milvus`; the values in
 effect are reported under ``"filter_plan"``.
 
@@ -527,11 +528,14 @@ def apply_filter_plan(args) -> dict:
         pgvector_module.EXACT_SEARCH_MAX_ROWS = args.pg_exact_max_rows
     if args.pg_iterative_scan is not None:
         pgvector_module.ITERATIVE_SCAN = args.pg_iterative_scan
+    if args.pg_iterative_ef_per_result is not None:
+        pgvector_module.ITERATIVE_EF_PER_RESULT = args.pg_iterative_ef_per_result
     if args.lite_filter_ef_factor is not None:
         milvus_module.LITE_FILTER_EF_FACTOR = args.lite_filter_ef_factor
     return {
         "pg_exact_max_rows": pgvector_module.EXACT_SEARCH_MAX_ROWS,
         "pg_iterative_scan": pgvector_module.ITERATIVE_SCAN,
+        "pg_iterative_ef_per_result": pgvector_module.ITERATIVE_EF_PER_RESULT,
         "lite_filter_ef_factor": milvus_module.LITE_FILTER_EF_FACTOR,
     }
 
@@ -912,6 +916,12 @@ def main() -> int:
     parser.add_argument("--pg-exact-max-rows", type=int, default=None, help="pgvector EXACT_SEARCH_MAX_ROWS override")
     parser.add_argument(
         "--pg-iterative-scan", choices=["strict_order", "relaxed_order"], default=None, help="pgvector override"
+    )
+    parser.add_argument(
+        "--pg-iterative-ef-per-result",
+        type=float,
+        default=None,
+        help="pgvector ITERATIVE_EF_PER_RESULT override (0: an iterative scan's hnsw.ef_search is --filter-ef itself)",
     )
     parser.add_argument("--lite-filter-ef-factor", type=int, default=None, help="Milvus Lite LITE_FILTER_EF_FACTOR")
     parser.add_argument(
