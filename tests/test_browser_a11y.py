@@ -167,12 +167,8 @@ def test_axe_finds_nothing_serious_in_any_state(server, locked_server, browser, 
         tb._wait_results(page, count=8)
         sweep.check(page, "results")
         # The Filters panel open, with a filter on (every photo is at least 100 pixels wide: the same results).
-        page.click("#filters >> text=Filters and options")
-        # Typed only once the panel has finished opening: in fresh-clone CI run 38 the Enter typed as the panel
-        # opened was lost (no rerun: the status kept "8 results" with no filter), while test_filters, which types
-        # into the same box after the panel has been open a while, never failed so.
-        page.wait_for_selector("#filter-min-width input", state="visible")
-        page.wait_for_timeout(500)
+        # Typed once Gradio has drawn the panel (see tb._open_filters: typed earlier, the value is wiped).
+        tb._open_filters(page)
         tb._type_and_enter(page, "#filter-min-width", "100")
         tb._settled_text(page, "#search-status", r"1 filter on")
         tb._wait_results(page, count=8)
