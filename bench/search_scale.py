@@ -530,12 +530,16 @@ def apply_filter_plan(args) -> dict:
         pgvector_module.ITERATIVE_SCAN = args.pg_iterative_scan
     if args.pg_iterative_ef_per_result is not None:
         pgvector_module.ITERATIVE_EF_PER_RESULT = args.pg_iterative_ef_per_result
+        pgvector_module.ITERATIVE_EF_PER_RESULT_STRONG = args.pg_iterative_ef_per_result
     if args.lite_filter_ef_factor is not None:
         milvus_module.LITE_FILTER_EF_FACTOR = args.lite_filter_ef_factor
     return {
         "pg_exact_max_rows": pgvector_module.EXACT_SEARCH_MAX_ROWS,
         "pg_iterative_scan": pgvector_module.ITERATIVE_SCAN,
-        "pg_iterative_ef_per_result": pgvector_module.ITERATIVE_EF_PER_RESULT,
+        "pg_iterative_ef_per_result": [
+            pgvector_module.ITERATIVE_EF_PER_RESULT,
+            pgvector_module.ITERATIVE_EF_PER_RESULT_STRONG,
+        ],
         "lite_filter_ef_factor": milvus_module.LITE_FILTER_EF_FACTOR,
     }
 
@@ -860,8 +864,11 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=300, help="held-out queries, same mixture")
     parser.add_argument("--ef", type=lambda s: [int(x) for x in s.split(",")], default=[20, 40, 80, 160])
     parser.add_argument("--clusters", type=int, default=None, help="mixture centres (default: N/250, 50..5000)")
-    parser.add_argument("--m", type=int, default=16)
-    parser.add_argument("--ef-construction", type=int, default=64)
+    from app.config import Settings
+
+    defaults = Settings.model_fields  # the service's own build parameters, HNSW_M and HNSW_EF_CONSTRUCTION
+    parser.add_argument("--m", type=int, default=defaults["hnsw_m"].default)
+    parser.add_argument("--ef-construction", type=int, default=defaults["hnsw_ef_construction"].default)
     parser.add_argument("--maintenance-work-mem", default="8GB", help="pgvector index build only")
     parser.add_argument("--workers", type=int, default=2, help="max_parallel_maintenance_workers (pgvector build)")
     parser.add_argument("--chunk", type=int, default=50_000, help="rows per COPY (pgvector) and per generated block")
@@ -921,7 +928,8 @@ def main() -> int:
         "--pg-iterative-ef-per-result",
         type=float,
         default=None,
-        help="pgvector ITERATIVE_EF_PER_RESULT override (0: an iterative scan's hnsw.ef_search is --filter-ef itself)",
+        help="pgvector ITERATIVE_EF_PER_RESULT(_STRONG) override (0: an iterative scan's hnsw.ef_search is --filter-ef "
+        "itself)",
     )
     parser.add_argument("--lite-filter-ef-factor", type=int, default=None, help="Milvus Lite LITE_FILTER_EF_FACTOR")
     parser.add_argument(

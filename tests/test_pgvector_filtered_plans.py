@@ -12,7 +12,14 @@ import pytest
 
 import app.vectordb.pgvector as pgvector_module
 from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
-from app.vectordb.pgvector import PgVectorHandler, bq_thresholds, exact_pass_limit, iterative_ef, rerank_candidates
+from app.vectordb.pgvector import (
+    PgVectorHandler,
+    bq_thresholds,
+    ef_per_result,
+    exact_pass_limit,
+    iterative_ef,
+    rerank_candidates,
+)
 from tests.helpers import create_database
 
 DIM = 64
@@ -140,6 +147,9 @@ def test_plan_parameters():
     assert iterative_ef(10, 0.0, 40) == 1000
     assert iterative_ef(100, 0.9, 40) == 556
     assert iterative_ef(2000, 0.5, 40) == 2000  # HNSW returns at most ef_search rows
+    # a graph built with ef_construction >= 128 finds the filtered top-10 with fewer candidates
+    assert ef_per_result(None) == ef_per_result(64) == 5 and ef_per_result(128) == ef_per_result(200) == 3
+    assert iterative_ef(10, 0.1, 160, ef_per_result(128)) == 300
     assert rerank_candidates(10) == 400 and rerank_candidates(100) == 1000
     assert rerank_candidates(10, 20_000) == 400 and rerank_candidates(10, 50_000) == 1000  # 2 % of the matching
     # exact pass: 5 % of the rows, at least 5,000, at most 50,000; 5,000 without embedding_bq
@@ -318,3 +328,25 @@ def test_a_database_hung_mid_calibration_does_not_hold_the_write(tmp_path, monke
         freeze.resume()
         h.close()
         server.stop()
+
+
+@pytest.mark.parametrize(("ef_construction", "beam"), [(64, 500), (128, 300)])
+def test_the_iterative_scan_sizes_its_beam_by_how_the_index_was_built(pg_server, monkeypatch, ef_construction, beam):
+    """The iterative scan's ef_search for a filter keeping 10 % is 5 * top_k / 0.1 on a graph built with
+    pgvector's default ef_construction and 3 * top_k / 0.1 on one built with 128 or more, read from the index's
+    own reloptions (a collection keeps the index it was built with when the setting changes)."""
+    monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 0)  # every filtered search walks the graph
+    h = PgVectorHandler(create_database(pg_server), ef_search=10, hnsw_ef_construction=ef_construction)
+    try:
+        h.ensure_collection("m", DIM)
+        records = _records(1000, 5)
+        h.upsert(records)
+        with psycopg.connect(h._url, autocommit=True) as conn:
+            conn.execute("ANALYZE images")
+        hits = h.search(records[3].vector, 10, SearchFilter.create(path_prefix="rare"))
+        assert len(hits) == 10 and all(hit.metadata.filename.startswith("rare/") for hit in hits)
+        assert h._run(h._table_stats)[1] == ef_construction
+        # the planner's estimate of the 100 matching rows sets the selectivity: near 0.1, not exactly
+        assert h.plan_counts()["iterative"] == 1 and h.plan_counts()["last_ef"] == pytest.approx(beam, rel=0.15)
+    finally:
+        h.close()

@@ -474,6 +474,7 @@ def test_pgvector_iterative_scan_that_stops_early_falls_back_to_an_exact_search(
     monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 0)
     # ef_search stays the handler's 10 (not raised for the filter's selectivity), so the first batch is 10 rows.
     monkeypatch.setattr(pgvector_module, "ITERATIVE_EF_PER_RESULT", 0)
+    monkeypatch.setattr(pgvector_module, "ITERATIVE_EF_PER_RESULT_STRONG", 0)
     exact_searches = []
     exact_search = pgvector_module.PgVectorHandler._exact_search
 

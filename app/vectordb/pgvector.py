@@ -23,8 +23,9 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
   the limit plus one), so an estimate that was too low (measured: 100 for a nested folder holding 5,018 of 1M
   rows) falls through to the next plan after one bounded read instead of ranking far more rows than intended.
 * **iterative index scan** otherwise (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``) with
-  ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``ITERATIVE_EF_PER_RESULT * top_k / s`` (at most
-  1,000, pgvector's limit), so that the first candidates already hold the filtered top-k; its rows, slightly out
+  ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``per_result * top_k / s`` (at most 1,000, pgvector's
+  limit; ``per_result`` from :func:`ef_per_result`, by how well the index was built), so that the first candidates
+  already hold the filtered top-k; its rows, slightly out
   of distance order, are collected ``ITERATIVE_FACTOR`` times over and sorted again in SQL.
 * **exact search** over every matching row, whenever the iterative scan came back with fewer than ``top_k`` rows
   (it stopped at ``hnsw.max_scan_tuples``, or few rows match), so a filtered search always returns
@@ -130,9 +131,16 @@ EXACT_ALWAYS_ROWS = 5000
 # docs/benchmarks.md ("Filtered search").
 ITERATIVE_SCAN = "relaxed_order"
 # ef_search of an iterative scan: about this many candidates per wanted result and per unit of selectivity, so that
-# the first batch of candidates already holds the filtered top-k (1M x 512-d, 10 % filter: recall 0.92 at ef 160,
-# 0.95 at 400-500, 0.97 at 1,000; docs/benchmarks.md).
+# the first batch of candidates already holds the filtered top-k. It depends on how well the graph was built
+# (1M x 512-d, 10 % filter, docs/benchmarks.md "The graph's build beam"): with ef_construction 64, recall@10 0.945
+# at ef 160-250, 0.952 at 350, 0.965 at 500; with ef_construction 128 (the default since then), 0.96-0.97 from ef
+# 160 on. Latency was flat up to ef 350 and grew beyond (p50 +40 % at 500).
 ITERATIVE_EF_PER_RESULT = 5
+#: ... for an index built with ef_construction >= STRONG_GRAPH_EF_CONSTRUCTION
+ITERATIVE_EF_PER_RESULT_STRONG = 3
+STRONG_GRAPH_EF_CONSTRUCTION = 128
+#: what pgvector builds with when the index names no ef_construction
+PGVECTOR_DEFAULT_EF_CONSTRUCTION = 64
 # Filtered statements are never prepared (psycopg prepares a statement run 5 times on a connection, and PostgreSQL
 # then may switch it to a generic plan, planned without the parameters' values): a generic plan cannot turn
 # "filename LIKE $1" into a range of the prefix index, nor estimate the filter's rows, so the exact pass read every
@@ -171,14 +179,26 @@ def rerank_candidates(top_k: int, matching: int = 0) -> int:
     return max(400, 10 * int(top_k), int(np.ceil(RERANK_SHARE * max(0, int(matching)))))
 
 
-def iterative_ef(top_k: int, selectivity: float, ef_search: int) -> int:
-    """``hnsw.ef_search`` of an iterative filtered scan: ``ITERATIVE_EF_PER_RESULT * top_k / selectivity``, at least
+def ef_per_result(ef_construction: int | None) -> float:
+    """Candidates per wanted result and unit of selectivity of an iterative filtered scan on an HNSW index built
+    with ``ef_construction`` (``None``: unknown, taken as pgvector's default 64): :data:`ITERATIVE_EF_PER_RESULT_STRONG`
+    from :data:`STRONG_GRAPH_EF_CONSTRUCTION` on, else :data:`ITERATIVE_EF_PER_RESULT` (measured at 1M x 512-d,
+    docs/benchmarks.md)."""
+    if ef_construction is not None and ef_construction >= STRONG_GRAPH_EF_CONSTRUCTION:
+        return ITERATIVE_EF_PER_RESULT_STRONG
+    return ITERATIVE_EF_PER_RESULT
+
+
+def iterative_ef(top_k: int, selectivity: float, ef_search: int, per_result: float | None = None) -> int:
+    """``hnsw.ef_search`` of an iterative filtered scan: ``per_result * top_k / selectivity``, at least
     ``max(ef_search, top_k)`` and at most :data:`MAX_EF_SEARCH`. ``selectivity``: the estimated share of rows the
-    filter keeps, in (0, 1]."""
+    filter keeps, in (0, 1]; ``per_result``: :func:`ef_per_result` of the index (default
+    :data:`ITERATIVE_EF_PER_RESULT`, a graph built with pgvector's default ef_construction)."""
     floor = max(int(ef_search), int(top_k))
     if selectivity <= 0:
         return max(floor, MAX_EF_SEARCH)
-    wanted = int(np.ceil(ITERATIVE_EF_PER_RESULT * top_k / selectivity))
+    per_result = ITERATIVE_EF_PER_RESULT if per_result is None else per_result
+    wanted = int(np.ceil(per_result * top_k / selectivity))
     return max(floor, min(wanted, MAX_EF_SEARCH))
 
 
@@ -422,7 +442,8 @@ class PgVectorHandler(VectorDBHandler):
         self._has_bq, self._bq_calibrated = self._run(_bq_state) if info is not None else (False, False)
         self._bq_too_large = False  # set once a warning said the collection is too large to calibrate here
         self._bq_retry_at = 0.0  # time.monotonic() before which a write does not retry a failed calibration
-        self._total_rows_cache: tuple[float, float] = (-float("inf"), 0.0)  # (time.monotonic(), rows)
+        # (time.monotonic(), rows, the HNSW index's ef_construction), see _table_stats
+        self._table_stats_cache: tuple[float, float, int | None] = (-float("inf"), 0.0, None)
         self._plans_lock = threading.Lock()
         self._plans: dict[str, int] = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0}
         if info is not None:
@@ -828,7 +849,7 @@ class PgVectorHandler(VectorDBHandler):
         self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where: sql.Composable, params: Sequence, ef: int
     ) -> list:
         """The plans of the module docstring, in the caller's transaction."""
-        total = self._total_rows(conn)
+        total, ef_construction = self._table_stats(conn)
         limit = exact_pass_limit(total, bq=self._has_bq)
         estimate = self._estimated_rows(conn, where, params)
         if estimate <= limit:
@@ -840,7 +861,7 @@ class PgVectorHandler(VectorDBHandler):
         selectivity = min(1.0, estimate / total) if total > 0 else 1.0
         # pgvector 0.8: keep scanning the graph until enough rows pass the filter (or max_scan_tuples).
         conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
-        beam = iterative_ef(top_k, selectivity, ef)
+        beam = iterative_ef(top_k, selectivity, ef, ef_per_result(ef_construction))
         rows = self._index_search(conn, v, top_k, where, params, ef=beam)
         if len(rows) == top_k:
             self._count_plan("iterative", beam)
@@ -932,22 +953,37 @@ class PgVectorHandler(VectorDBHandler):
             " %s::{t}))::bit({dim})"
         ).format(t=t, dim=sql.Literal(self._dim))
 
-    def _total_rows(self, conn: psycopg.Connection) -> float:
+    def _table_stats(self, conn: psycopg.Connection) -> tuple[float, int | None]:
         """The planner's row count of the table (``pg_class.reltuples``, kept by ANALYZE and autovacuum; -1 before
-        the first one, then the estimate of an unfiltered scan), read at most every :data:`TOTAL_ROWS_TTL_S`: it
-        only scales the filter's selectivity, and it saves a filtered search one of its round trips."""
-        cached_at, cached = self._total_rows_cache
+        the first one, then the estimate of an unfiltered scan) and the ``ef_construction`` the HNSW index was
+        built with (its ``reloptions``; pgvector's default 64 when the build named none; ``None`` without an
+        index), read at most every :data:`TOTAL_ROWS_TTL_S`: the count only scales the filter's selectivity, the
+        index may be rebuilt by another process (``image-search-reindex``), and caching saves a filtered search one
+        of its round trips."""
+        cached_at, rows, ef_construction = self._table_stats_cache
         now = time.monotonic()
         if now - cached_at < TOTAL_ROWS_TTL_S:
-            return cached
-        n = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
+            return rows, ef_construction
+        n, options, has_index = conn.execute(
+            "SELECT t.reltuples, i.reloptions, i.oid IS NOT NULL FROM pg_class t "
+            "LEFT JOIN pg_class i ON i.oid = to_regclass(%s) WHERE t.oid = 'images'::regclass",
+            (INDEX_NAME,),
+        ).fetchone()
         if n is None or n < 0:
             plan = conn.execute("EXPLAIN (FORMAT JSON) SELECT 1 FROM images").fetchone()[0]
             if isinstance(plan, str):
                 plan = json.loads(plan)
             n = plan[0]["Plan"]["Plan Rows"]
-        self._total_rows_cache = (now, float(n))  # one tuple: threads racing here store equally good values
-        return float(n)
+        ef_construction = None
+        if has_index:
+            ef_construction = PGVECTOR_DEFAULT_EF_CONSTRUCTION
+            for option in options or ():
+                name, _, value = option.partition("=")
+                if name == "ef_construction":
+                    ef_construction = int(value)
+        # one tuple: threads racing here store equally good values
+        self._table_stats_cache = (now, float(n), ef_construction)
+        return float(n), ef_construction
 
     def _ranked_sql(self, where: sql.Composable | None, *, resort: bool = False) -> sql.Composed:
         """``SELECT id, score, metadata`` of the ``top_k`` rows nearest the query (params: vector, filter params,
