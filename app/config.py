@@ -339,7 +339,7 @@ class Settings(BaseSettings):
         le=1000,
         description="HNSW build beam width, ef_construction (pgvector's default is 64; 128 builds about twice as long "
         "and finds filtered neighbours with 40 % fewer candidates). Applies to indexes built after a change "
-        "(image-search-reindex rebuilds one).",
+        "(docs/backends.md says how to rebuild an existing one).",
         json_schema_extra={"group": "vector database"},
     )
     hnsw_ef_search: int = Field(
