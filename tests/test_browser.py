@@ -1033,6 +1033,12 @@ def test_a_file_over_the_limit_is_refused_alone_on_a_phone(pg_server, offline_em
             _choose(page, HOPPER / "pillow_hopper.jpg")
             _wait_results(page, count=2)
             page.click("#query-file button[aria-label='Clear']")
+            # Chosen once the Clear's event has emptied the page, as a person sees it: its outputs (no results, an
+            # empty status line) could otherwise land after the new search's (they run side by side, the "search"
+            # group takes 4 at a time, and a Clear is no search that the newer one overtakes): a run on the busy
+            # 2-core box read an empty status line here.
+            page.wait_for_function("() => document.querySelectorAll('#results .thumbnail-item').length === 0")
+            page.wait_for_function("() => !document.querySelector('#search-status').innerText.trim()")
             _choose(page, big)  # the status line says why, instead of keeping the last search's
             status = _settled_text(page, "#search-status", r"✗")
             assert status == "✗ The upload is 3.2 MB; the limit is 1 MB (MAX_UPLOAD_MB).", status
