@@ -597,7 +597,9 @@ def test_text_typed_before_a_new_panel_is_drawn_is_lost(server, page):
     page.click(FILTERS_TOGGLE)
     page.wait_for_function("() => window.__typedEarly")
     page.wait_for_function("() => document.querySelector('#filter-min-width input').value === ''", timeout=10_000)
-    # Typed once the panel is drawn, as a person types, the value stays and its Enter filters.
+    # Typed once the panel is drawn, as a person types, the value stays and its Enter filters. (The box emptied is
+    # not yet "drawn": with every frame 300 ms late, typing right after that was wiped again.)
+    _wait_drawn(page, FILTERS_LAST)
     _type_and_enter(page, "#filter-min-width", "100")
     assert "1 filter on" in _settled_text(page, "#search-status", r"7 results .*1 filter on")
 
