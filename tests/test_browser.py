@@ -10,6 +10,9 @@ anything outside it.
 One test also times what a user waits for, from choosing the file to the first result thumbnail on screen, for a
 12 MP JPEG and the same photo as a 12 MP HEIC, and prints one JSON line (``BROWSER_TIMING {...}``); the figures are
 recorded in docs/benchmarks.md. They are not asserted.
+
+``BROWSER_FRAME_DELAY_MS=300`` draws every frame of the pages 300 ms late, as a busy machine may: a test that acts
+on a page before Gradio has finished drawing it then fails (see ``_open_panel``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,29 @@ OTHERS = [
     DESK / "exif-rotn-6.jpg",
 ]
 KEY = "browser-test-key-3d9a"
+#: Draws every animation frame of each page this many ms late (0: as the browser draws them), as a busy machine
+#: may: to check that the tests wait for what they need (see _open_panel), e.g. BROWSER_FRAME_DELAY_MS=300.
+FRAME_DELAY_MS = int(os.environ.get("BROWSER_FRAME_DELAY_MS", "0"))
+#: In the page, before its own scripts: requestAnimationFrame runs its callback in the first frame drawn ``delay`` ms
+#: after the call (cancelAnimationFrame still cancels it). Playwright's own checks (a click's "stable") run in an
+#: isolated JavaScript world and keep their pace; what a test evaluates in the page (_FRAMES_JS) is slowed too.
+_LATE_FRAMES_JS = """delay => {
+    const request = window.requestAnimationFrame.bind(window), cancel = window.cancelAnimationFrame.bind(window);
+    const pending = new Map();  // id -> {timer} until the delay is over, then {frame}
+    let last = 0;
+    window.requestAnimationFrame = callback => {
+        const id = ++last;
+        const frame = () => pending.set(id, {frame: request(time => { pending.delete(id); callback(time); })});
+        pending.set(id, {timer: setTimeout(frame, delay)});
+        return id;
+    };
+    window.cancelAnimationFrame = id => {
+        const p = pending.get(id);
+        if (p && p.frame !== undefined) cancel(p.frame);
+        if (p && p.timer !== undefined) clearTimeout(p.timer);
+        pending.delete(id);
+    };
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +165,8 @@ def _tab(browser, base_url: str, **context_args) -> tuple[object, Tab]:
     page.set_default_timeout(TIMEOUT_MS)
     tab = Tab(page, [], [])
     page.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    if FRAME_DELAY_MS:
+        page.add_init_script(f"({_LATE_FRAMES_JS})({FRAME_DELAY_MS})")
 
     def only_the_service(route) -> None:
         url = route.request.url
@@ -261,27 +289,53 @@ _FRAMES_JS = """n => new Promise(done => {
     const next = k => (k ? requestAnimationFrame(() => next(k - 1)) : done());
     next(n);
 })"""
-#: The Filters panel's last component: once it is on the page, all of them are (Gradio mounts them together).
+#: The Filters panel's title (a click opens or closes it) and its last component: once that is on the page, all of
+#: them are (Gradio mounts a panel's components together).
+FILTERS_TOGGLE = "#filters >> text=Filters and options"
 FILTERS_LAST = "#filter-expand input"
 
 
-def _open_filters(page) -> None:
-    """Open the closed "Filters and options" panel and wait until Gradio has finished rendering it, as a person sees
-    it open: its last component visible, then 3 animation frames drawn.
+def _wait_drawn(page, last: str) -> None:
+    """Wait until a panel or tab just opened for the first time is drawn as a person sees it: its last component
+    (``last``, a selector) visible, then 3 animation frames of the page drawn. Why: :func:`_open_panel`."""
+    page.wait_for_selector(last, state="visible")
+    page.evaluate(_FRAMES_JS, 3)
 
-    Why: Gradio 6.31 mounts the components of a closed gr.Accordion only when it is first opened, and then, in the
-    1st or 2nd animation frame after they are in the page, writes each one's initial value back into it
-    (``AppTree.render_previously_invisible_children``: tick, settled, requestAnimationFrame, then every new
-    component's set_data with the layout's props). Whatever was typed into a box before that is gone: the box is
-    empty and its Enter searches without it. A person cannot type that early, the box is first drawn in the frame
-    of that write or in the one before; Playwright can, fill() acts once the box has a layout box. Fresh-clone CI
-    run 38 (2 busy cores) most likely lost the a11y test's width filter so: "8 results", no "1 filter on".
+
+def _open_panel(page, target, last: str) -> None:
+    """Click ``target`` (a selector or a Locator: a closed gr.Accordion's title, a gr.Tab's button) to open its
+    panel for the first time, then wait until Gradio has finished rendering it (:func:`_wait_drawn`, ``last``: its
+    last component).
+
+    Why: Gradio 6.31 mounts the components of a closed gr.Accordion, or of a gr.Tab not shown yet, only when it is
+    first opened, and then, in the 1st or 2nd animation frame after they are in the page, writes each one's initial
+    props back into it (``AppTree.render_previously_invisible_children``: tick, settled, requestAnimationFrame, then
+    every new component's set_data with the layout's props). Whatever was typed into a box before that is gone: the
+    box is empty and its Enter searches without it. A person cannot type that early, the box is first drawn in the
+    frame of that write or in the one before; Playwright can, fill() acts once the box has a layout box. Fresh-clone
+    CI run 38 (2 busy cores) most likely lost the a11y test's width filter so: "8 results", no "1 filter on".
     With every frame of the page drawn 100 ms late, typing right after the click lost it 3 times in 5 (300 ms late:
     3 in 3), typing after this wait 0 in 20 (300 ms late: 0 in 5). test_text_typed_before_a_new_panel_is_drawn_is_lost
-    pins the cause."""
-    page.click("#filters >> text=Filters and options")
-    page.wait_for_selector(FILTERS_LAST, state="visible")
-    page.evaluate(_FRAMES_JS, 3)
+    pins the cause.
+
+    What is lost and what is not, tried right after the first open with every frame of the page drawn 300 ms late
+    (``BROWSER_FRAME_DELAY_MS``; some at 200 and 1000 ms too): lost, typed by fill() or by keys, a Filters box
+    (width, folder, the page size's number box: 0 kept in 28 after a click on the title, 0 in 6 after Enter on
+    it) and the Duplicates tab's similarity box; reached by Tab presses, the folder box (the panel's first) lost it
+    1 time in 2, the page size box (37 presses later) 0 times in 2: the presses merely outlast the write-back. Kept, so
+    the tests open the tabs with a plain click: files chosen in the Add tab (set_input_files: 7 in 7, and the
+    too-large note 7 in 7), a click (Find duplicates: 7 in 7; the write-back rewrites props, not an event already
+    sent), and a key typed into the Add tab's key box (7 in 7: the page's load event sets the key boxes'
+    visibility, and an update of ``visible`` takes a component off Gradio's list of those to write back). A panel
+    opened by the page itself (a link with filters) is drawn long before its results show (a box filled then: 3
+    kept in 3)."""
+    (page.locator(target) if isinstance(target, str) else target).click()
+    _wait_drawn(page, last)
+
+
+def _open_filters(page) -> None:
+    """Open the closed "Filters and options" panel, first time, and wait until it is drawn (:func:`_open_panel`)."""
+    _open_panel(page, FILTERS_TOGGLE, FILTERS_LAST)
 
 
 def _wait_results(page, count: int | None = None, at_least: int = 1) -> list[dict]:
@@ -540,10 +594,12 @@ def test_text_typed_before_a_new_panel_is_drawn_is_lost(server, page):
     _open(page, server.url, f"?id={query}")
     _wait_results(page, count=7)
     page.evaluate(_TYPE_ON_MOUNT_JS)
-    page.click("#filters >> text=Filters and options")
+    page.click(FILTERS_TOGGLE)
     page.wait_for_function("() => window.__typedEarly")
     page.wait_for_function("() => document.querySelector('#filter-min-width input').value === ''", timeout=10_000)
-    # Typed once the panel is drawn, as a person types, the value stays and its Enter filters.
+    # Typed once the panel is drawn, as a person types, the value stays and its Enter filters. (The box emptied is
+    # not yet "drawn": with every frame 300 ms late, typing right after that was wiped again.)
+    _wait_drawn(page, FILTERS_LAST)
     _type_and_enter(page, "#filter-min-width", "100")
     assert "1 filter on" in _settled_text(page, "#search-status", r"7 results .*1 filter on")
 
@@ -553,7 +609,7 @@ def test_a_link_with_filters_opens_its_search(server, page):
     _open(page, server.url, f"?id={query}&top_k=2&formats=JPEG,HEIF&min_score=0.5")
     results = _wait_results(page, count=2)
     assert set(_names(results)) == {"pillow_hopper_orientation_6.jpg", "pillow_hopper.heif"}
-    page.click("#filters >> text=Filters and options")
+    page.click(FILTERS_TOGGLE)
     # The filters show what the link asked for.
     page.wait_for_function(
         "() => [...document.querySelectorAll('#filter-formats input:checked')].map(x => x.name).sort().join()"
@@ -695,6 +751,8 @@ def test_add_reports_a_corrupt_file(server, page, tmp_path):
     new = HOPPER / "pillow_hopper_gray.jpg"
     _open(page, server.url)
     page.get_by_role("tab", name="Add").click()
+    # Chosen at once, not after _wait_drawn: Gradio's write-back to a new tab's components keeps a File box's
+    # files (see _open_panel).
     page.set_input_files("#add-files input[type=file]", [str(new), str(corrupt), str(HOPPER / "pillow_hopper.png")])
     _wait_chosen(page, "#add-files", ["pillow_hopper_gray", "broken", "pillow_hopper"])
     page.click("#add-button")
@@ -912,7 +970,7 @@ def test_load_more_right_after_a_new_page_size(server, page):
     _open(page, server.url, f"?id={query}&top_k=3")
     _wait_results(page, count=3)
     if not page.is_visible("#top-k input[type=number]"):  # a link with options opens the panel itself
-        page.click("#filters >> text=Filters and options")
+        _open_filters(page)  # opened here, the page size typed at once would be wiped (see _open_panel)
     page.fill("#top-k input[type=number]", "2")
     page.click("#load-more")  # leaving the box reruns the search with 2 per page; Load more races it
     # Both events run, in either order: the rerun alone (2), the rerun then a page of 2 more (4), or a page of 2
@@ -977,6 +1035,12 @@ def test_a_file_over_the_limit_is_refused_alone_on_a_phone(pg_server, offline_em
             _choose(page, HOPPER / "pillow_hopper.jpg")
             _wait_results(page, count=2)
             page.click("#query-file button[aria-label='Clear']")
+            # Chosen once the Clear's event has emptied the page, as a person sees it: its outputs (no results, an
+            # empty status line) could otherwise land after the new search's (they run side by side, the "search"
+            # group takes 4 at a time, and a Clear is no search that the newer one overtakes): a run on the busy
+            # 2-core box read an empty status line here.
+            page.wait_for_function("() => document.querySelectorAll('#results .thumbnail-item').length === 0")
+            page.wait_for_function("() => !document.querySelector('#search-status').innerText.trim()")
             _choose(page, big)  # the status line says why, instead of keeping the last search's
             status = _settled_text(page, "#search-status", r"✗")
             assert status == "✗ The upload is 3.2 MB; the limit is 1 MB (MAX_UPLOAD_MB).", status

@@ -56,6 +56,8 @@ def test_libraries_tab_shows_counts_and_scans_now(pg_server, offline_embedder, t
 
             # The key typed into another tab's key box counts (the Add tab's).
             page.get_by_role("tab", name="Add").click()
+            # Typed at once: Gradio's write-back to the tab's new components passes over the key boxes, which the
+            # load event already showed (see tb._open_panel).
             page.locator("#key-add").get_by_label("API key").fill(tb.KEY)
             page.get_by_role("tab", name="Libraries").click()
             scan.click()
