@@ -324,8 +324,8 @@ class Settings(BaseSettings):
     # 160), at a p50 under 10 ms on 2 cores; smaller collections reach it with less and pay little for 160.
     # ef_construction 128 (issue #29, "The graph's build beam"): recall@10 0.984 at ef_search 160, and a filter
     # keeping 10 % reaches 0.96-0.97 from ef_search 160 (0.945 with 64, which needed 500), so the filtered graph walk
-    # needs 40 % fewer candidates; the 1M build took 2-2.8x as long (18 min instead of 7 on 2 busy cores), the index
-    # is the same size (m sets it).
+    # needs 40 % fewer candidates; the 1M build took 2.1-2.8x as long (16-18 min instead of 7 on 2 busy cores), the
+    # index is the same size (m sets it).
     hnsw_m: int = Field(
         16,
         ge=2,

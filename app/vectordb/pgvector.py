@@ -958,8 +958,8 @@ class PgVectorHandler(VectorDBHandler):
         the first one, then the estimate of an unfiltered scan) and the ``ef_construction`` the HNSW index was
         built with (its ``reloptions``; pgvector's default 64 when the build named none; ``None`` without an
         index), read at most every :data:`TOTAL_ROWS_TTL_S`: the count only scales the filter's selectivity, the
-        index may be rebuilt by another process (``image-search-reindex``), and caching saves a filtered search one
-        of its round trips."""
+        index may be rebuilt meanwhile (``REINDEX``, docs/backends.md), and caching saves a filtered search one of
+        its round trips."""
         cached_at, rows, ef_construction = self._table_stats_cache
         now = time.monotonic()
         if now - cached_at < TOTAL_ROWS_TTL_S:
