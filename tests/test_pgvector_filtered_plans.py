@@ -149,7 +149,7 @@ def test_plan_parameters():
     assert iterative_ef(2000, 0.5, 40) == 2000  # HNSW returns at most ef_search rows
     # a graph built with ef_construction >= 128 finds the filtered top-10 with fewer candidates
     assert ef_per_result(None) == ef_per_result(64) == 5 and ef_per_result(128) == ef_per_result(200) == 3
-    assert iterative_ef(10, 0.1, 160, ef_per_result(128)) == 300
+    assert iterative_ef(10, 0.1, 160, ef_construction=128) == 300
     assert rerank_candidates(10) == 400 and rerank_candidates(100) == 1000
     assert rerank_candidates(10, 20_000) == 400 and rerank_candidates(10, 50_000) == 1000  # 2 % of the matching
     # exact pass: 5 % of the rows, at least 5,000, at most 50,000; 5,000 without embedding_bq

@@ -139,7 +139,8 @@ ITERATIVE_EF_PER_RESULT = 5
 #: ... for an index built with ef_construction >= STRONG_GRAPH_EF_CONSTRUCTION
 ITERATIVE_EF_PER_RESULT_STRONG = 3
 STRONG_GRAPH_EF_CONSTRUCTION = 128
-#: what pgvector builds with when the index names no ef_construction
+#: what pgvector builds with when the index names none (and this handler's defaults)
+PGVECTOR_DEFAULT_M = 16
 PGVECTOR_DEFAULT_EF_CONSTRUCTION = 64
 # Filtered statements are never prepared (psycopg prepares a statement run 5 times on a connection, and PostgreSQL
 # then may switch it to a generic plan, planned without the parameters' values): a generic plan cannot turn
@@ -189,16 +190,15 @@ def ef_per_result(ef_construction: int | None) -> float:
     return ITERATIVE_EF_PER_RESULT
 
 
-def iterative_ef(top_k: int, selectivity: float, ef_search: int, per_result: float | None = None) -> int:
-    """``hnsw.ef_search`` of an iterative filtered scan: ``per_result * top_k / selectivity``, at least
-    ``max(ef_search, top_k)`` and at most :data:`MAX_EF_SEARCH`. ``selectivity``: the estimated share of rows the
-    filter keeps, in (0, 1]; ``per_result``: :func:`ef_per_result` of the index (default
-    :data:`ITERATIVE_EF_PER_RESULT`, a graph built with pgvector's default ef_construction)."""
+def iterative_ef(top_k: int, selectivity: float, ef_search: int, ef_construction: int | None = None) -> int:
+    """``hnsw.ef_search`` of an iterative filtered scan: ``ef_per_result(ef_construction) * top_k / selectivity``,
+    at least ``max(ef_search, top_k)`` and at most :data:`MAX_EF_SEARCH`. ``selectivity``: the estimated share of
+    rows the filter keeps, in (0, 1]; ``ef_construction``: what the HNSW index was built with (``None``: unknown,
+    see :func:`ef_per_result`)."""
     floor = max(int(ef_search), int(top_k))
     if selectivity <= 0:
         return max(floor, MAX_EF_SEARCH)
-    per_result = ITERATIVE_EF_PER_RESULT if per_result is None else per_result
-    wanted = int(np.ceil(per_result * top_k / selectivity))
+    wanted = int(np.ceil(ef_per_result(ef_construction) * top_k / selectivity))
     return max(floor, min(wanted, MAX_EF_SEARCH))
 
 
@@ -345,7 +345,8 @@ class PgVectorHandler(VectorDBHandler):
         url: libpq connection URL.
         pool_min, pool_max: connection pool bounds.
         timeout_s: seconds to wait for a pooled connection before :class:`DatabaseUnavailableError`.
-        hnsw_m, hnsw_ef_construction: HNSW build parameters (pgvector defaults 16 and 64).
+        hnsw_m, hnsw_ef_construction: HNSW build parameters (default: pgvector's, 16 and 64; the service's settings
+            default to 16 and 128).
         vector_type: column storage, ``vector`` (float32, 4 bytes per dimension) or ``halfvec`` (float16, 2 bytes
             per dimension, half the table and index; vectors are rounded to float16 on write, queries are cast to
             halfvec so the index is used). Recorded with the collection; a mismatch raises
@@ -375,8 +376,8 @@ class PgVectorHandler(VectorDBHandler):
         pool_min: int = 1,
         pool_max: int = 10,
         timeout_s: float = 10.0,
-        hnsw_m: int = 16,
-        hnsw_ef_construction: int = 64,
+        hnsw_m: int = PGVECTOR_DEFAULT_M,
+        hnsw_ef_construction: int = PGVECTOR_DEFAULT_EF_CONSTRUCTION,
         ef_search: int = 40,
         vector_type: str = "vector",
         on_close=None,
@@ -861,7 +862,7 @@ class PgVectorHandler(VectorDBHandler):
         selectivity = min(1.0, estimate / total) if total > 0 else 1.0
         # pgvector 0.8: keep scanning the graph until enough rows pass the filter (or max_scan_tuples).
         conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
-        beam = iterative_ef(top_k, selectivity, ef, ef_per_result(ef_construction))
+        beam = iterative_ef(top_k, selectivity, ef, ef_construction)
         rows = self._index_search(conn, v, top_k, where, params, ef=beam)
         if len(rows) == top_k:
             self._count_plan("iterative", beam)
