@@ -267,8 +267,9 @@ class Settings(BaseSettings):
         0.5,
         gt=0,
         le=30,
-        description="Seconds a request waits for a pooled PostgreSQL connection before it answers 503 (fail fast "
-        "while the database is down; start-up waits DB_CONNECT_TIMEOUT_S).",
+        description="Seconds a request waits for a pooled connection to the vector database before it answers 503 "
+        "(fail fast while the database is down; start-up waits DB_CONNECT_TIMEOUT_S). The libraries' and the "
+        "neighbour graph's tables, whose pools open connections when asked, wait DB_STATEMENT_TIMEOUT_S + 0.5 s.",
         json_schema_extra={"group": "vector database"},
     )
     db_statement_timeout_s: float = Field(
@@ -840,6 +841,21 @@ class Settings(BaseSettings):
         ``allkeys-lfu``; a bucket cannot answer "edges with score >= t"). The Compose stack runs ``db`` in every
         profile, so there it costs nothing."""
         return self.database_url
+
+    @property
+    def shared_state_wait_s(self) -> float:
+        """Seconds a request waits for a connection to :attr:`shared_state_url`'s tables (the libraries, the
+        neighbour graph) before it answers 503: as long as one of its calls may take, ``DB_STATEMENT_TIMEOUT_S`` +
+        0.5 s, the same "a server that does not answer gives 503 within about 2 s"; ``DB_CONNECT_TIMEOUT_S`` while
+        that deadline is off; never less than ``DB_REQUEST_TIMEOUT_S``.
+
+        Why not ``DB_REQUEST_TIMEOUT_S`` itself (0.5 s, floored at 1 s before): these pools open connections when
+        they are asked for them, and a new backend on a loaded 2-core machine took over 1 s (CI stop 34: a library
+        request answered 503 ``PoolTimeout`` while a scan held the pool's connection); the vector database's pool
+        keeps ``DB_POOL_MIN`` connections open instead."""
+        if not self.db_statement_timeout_s:
+            return max(self.db_request_timeout_s, self.db_connect_timeout_s)
+        return max(self.db_request_timeout_s, self.db_statement_timeout_s + 0.5)
 
     @cached_property
     def resolved_milvus_uri(self) -> str:

@@ -334,6 +334,74 @@ class PostgresFreeze:
                 pass
 
 
+class PostgresProxy:
+    """A TCP proxy in front of PostgreSQL that forwards everything, with two delays a loaded database shows:
+
+    - ``connect_delay_s``: every new connection reaches the server that late (its start-up message waits): a new
+      backend on a machine whose CPUs are taken;
+    - ``marker`` / ``stall_s``: the first client message holding ``marker`` (a query's text) is held ``stall_s``
+      seconds before it goes on: a database that answers one query slowly, as one under write load can.
+
+    Real sockets, real server; ``url`` is ``database_url`` through it. :meth:`close` stops taking connections."""
+
+    def __init__(
+        self, database_url: str, *, marker: bytes | None = None, stall_s: float = 0.0, connect_delay_s: float = 0.0
+    ) -> None:
+        from urllib.parse import parse_qs, urlsplit
+
+        self.marker, self.stall_s, self.stalled = marker, stall_s, threading.Event()
+        self.connect_delay_s = connect_delay_s
+        self.connections = 0  # taken so far
+        parts = urlsplit(database_url)
+        socket_dir = parse_qs(parts.query).get("host", [""])[0]
+        if socket_dir.startswith("/"):  # the session's embedded server listens on a Unix socket
+            self.target = str(next(Path(socket_dir).glob(".s.PGSQL.*")))
+        else:
+            self.target = (parts.hostname, parts.port or 5432)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        user = parts.netloc.rpartition("@")[0]
+        self.url = f"postgresql://{user}@127.0.0.1:{self.listener.getsockname()[1]}{parts.path}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        time.sleep(self.connect_delay_s)
+        if isinstance(self.target, str):
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.target)
+        else:
+            server = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self.marker and self.marker in data and not self.stalled.is_set():
+                    self.stalled.set()
+                    time.sleep(self.stall_s)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 @contextmanager
 def milvus_lite_server(data_dir: Path) -> Iterator[tuple[str, object]]:
     """Milvus Lite's own gRPC server (``python -m milvus_lite server``) as a process of its own on a free loopback

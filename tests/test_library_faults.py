@@ -587,6 +587,49 @@ def test_a_shared_database_hung_mid_scan_answers_503_and_the_scan_finishes(tmp_p
         server.stop()
 
 
+def test_new_connections_a_loaded_machine_makes_slow_do_not_fail_library_requests(tmp_path, database_url):
+    """CI stop 34: POST /libraries answered 503 ``PoolTimeout`` on a loaded 2-core machine: the libraries' pool
+    opened connections only when asked (``min_size=0``) and a request waited at most 1 s for one, while a new
+    backend there took longer. Through a proxy that makes every new connection 1.3 s slow: opening the state and a
+    request made while a scan holds a connection both succeed (the pool keeps one open; a request waits as long as
+    one of its calls may take, 2 s), and the neighbour graph's store opens the same way."""
+    from app.library.state import LibraryState
+    from app.neighbours.pgstore import PgGraphStore
+    from tests.helpers import PostgresProxy
+
+    proxy = PostgresProxy(database_url, connect_delay_s=1.3)
+    settings = make_settings(tmp_path / "data", proxy.url)
+    assert settings.shared_state_wait_s == settings.db_statement_timeout_s + 0.5 == 2.0
+    state = LibraryState.open(settings)
+    try:
+        assert state.create_library(Library.create("photos", [str(tmp_path)], ()))
+        held, release = threading.Semaphore(0), threading.Event()
+
+        def scan() -> None:  # holds a pooled connection as a scan's write does
+            with state._tx() as conn:
+                conn.execute("SELECT 1")
+                held.release()
+                release.wait(10)
+
+        scanners = [threading.Thread(target=scan) for _ in range(2)]  # every connection the pool had open
+        for t in scanners:
+            t.start()
+        try:
+            assert all(held.acquire(timeout=10) for _ in scanners)
+            before = proxy.connections
+            assert [row.name for row in state.libraries()] == ["photos"]
+            assert proxy.connections > before  # the request waited for a new, 1.3 s connection
+        finally:
+            release.set()
+            for t in scanners:
+                t.join(10)
+        graph = PgGraphStore(proxy.url, "images", wait_s=settings.shared_state_wait_s)
+        graph.close()
+    finally:
+        state.close()
+        proxy.close()
+
+
 # --- one scan per library, across threads and replicas ------------------------------------------------------------
 @pytest.mark.slow
 def test_one_scan_at_a_time_across_requests_and_replicas(tmp_path, database_url, offline_embedder):

@@ -18,7 +18,14 @@ from app.indexing.fsck import check, sweep
 from app.indexing.store import ImageStore
 from app.search.paging import SearchOptions
 from app.service import SearchService
-from tests.helpers import PROJECT_ROOT, WriterProcess, make_settings, race_index_and_delete, run_fsck
+from tests.helpers import (
+    PROJECT_ROOT,
+    PostgresProxy,
+    WriterProcess,
+    make_settings,
+    race_index_and_delete,
+    run_fsck,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -208,65 +215,6 @@ def test_bulk_index_direct_next_to_a_running_server_racing_deletes(
     assert deleted > 0  # the deletes really raced the bulk writes
 
 
-class _StallingProxy:
-    """A TCP proxy in front of PostgreSQL that forwards everything, except that the first client message holding
-    ``marker`` (a query's text) is held ``stall_s`` seconds before it goes on: a database that answers one query
-    slowly, as one under write load can. Real sockets, real server; ``url`` is ``database_url`` through it."""
-
-    def __init__(self, database_url: str, marker: bytes, stall_s: float) -> None:
-        import socket
-        import threading
-        from urllib.parse import parse_qs, urlsplit
-
-        self.marker, self.stall_s, self.stalled = marker, stall_s, threading.Event()
-        parts = urlsplit(database_url)
-        socket_dir = parse_qs(parts.query).get("host", [""])[0]
-        if socket_dir.startswith("/"):  # the session's embedded server listens on a Unix socket
-            self.target = str(next(Path(socket_dir).glob(".s.PGSQL.*")))
-        else:
-            self.target = (parts.hostname, parts.port or 5432)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        user = parts.netloc.rpartition("@")[0]
-        self.url = f"postgresql://{user}@127.0.0.1:{self.listener.getsockname()[1]}{parts.path}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if isinstance(self.target, str):
-                server = socket.socket(socket.AF_UNIX)
-                server.connect(self.target)
-            else:
-                server = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src, dst, from_client: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if from_client and self.marker in data and not self.stalled.is_set():
-                    self.stalled.set()
-                    time.sleep(self.stall_s)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_fsck_beside_a_live_service_under_write_load_waits_out_a_slow_database(
     settings, offline_embedder, datasets, model_cache_dir
 ):
@@ -286,7 +234,7 @@ def test_fsck_beside_a_live_service_under_write_load_waits_out_a_slow_database(
     env = _env(settings, model_cache_dir)
 
     def fsck_while_locked(stall_s: float, **extra: str) -> tuple[subprocess.CompletedProcess, dict, float]:
-        proxy = _StallingProxy(settings.database_url, b"SELECT id, embedding", stall_s)
+        proxy = PostgresProxy(settings.database_url, marker=b"SELECT id, embedding", stall_s=stall_s)
         try:
             started = time.monotonic()
             proc, result = run_fsck({**env, "DATABASE_URL": proxy.url, **extra}, timeout_s=120)

@@ -239,8 +239,10 @@ class LibraryState:
             from app.vectordb.deadline import Deadlines
 
             self._deadlines = Deadlines("library-db-deadlines")  # its thread starts with the first bounded call
+            # One connection kept open (and replaced in the background when it breaks), so that a request rarely
+            # waits for a new one: see Settings.shared_state_wait_s.
             self._pool = ConnectionPool(
-                database_url, min_size=0, max_size=8, kwargs={"autocommit": True}, open=False, name="libraries"
+                database_url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=False, name="libraries"
             )
             self._pool.open(wait=False)
             schema = _SCHEMA.format(s="public.", blob="BYTEA")
@@ -266,7 +268,7 @@ class LibraryState:
         return cls(
             database_url=settings.shared_state_url,
             data_dir=settings.data_dir.resolve(),
-            wait_s=max(settings.db_request_timeout_s, 1.0),
+            wait_s=settings.shared_state_wait_s,
             call_s=settings.db_statement_timeout_s + 0.5 if settings.db_statement_timeout_s else None,
         )
 

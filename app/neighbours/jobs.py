@@ -96,8 +96,8 @@ class NeighbourJobs:
                     from app.neighbours.pgstore import PgGraphStore
 
                     assert self.settings.shared_state_url is not None
-                    # Bounded like the other requests' database waits: a database that is down answers 503 fast.
-                    wait_s = max(self.settings.db_request_timeout_s, 1.0)
+                    # Bounded like a request's database calls: a database that is down answers 503 within ~2 s.
+                    wait_s = self.settings.shared_state_wait_s
                     self._store = PgGraphStore(self.settings.shared_state_url, self.collection, wait_s=wait_s)
                 elif create or self.path.exists():
                     self._store = GraphStore(self.path)

@@ -103,8 +103,9 @@ class PgGraphStore:
 
         self.database_url, self.collection, self.wait_s = database_url, collection, wait_s
         self.lease_key = zlib.crc32(collection.encode()) - 2**31
+        # One connection kept open, so that a request rarely waits for a new one (Settings.shared_state_wait_s).
         self._pool = ConnectionPool(
-            database_url, min_size=0, max_size=8, kwargs={"autocommit": True}, open=False, name="neighbours"
+            database_url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=False, name="neighbours"
         )
         self._pool.open(wait=False)
         try:
