@@ -405,8 +405,13 @@ def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan
         h.ensure_collection("m", DIM)
         assert set(_filter_indexes(url).values()) == {True}  # a new collection: covering from the start
         records = _records(4000, 9)
-        records = [
-            replace(r, metadata=replace(r.metadata, format="PNG" if i % 20 == 0 else "JPEG"))
+        records = [  # 200 PNG (i % 20 == 0); 200 of width 100 (i % 40 in (0, 1)), 100 of them PNG
+            replace(
+                r,
+                metadata=replace(
+                    r.metadata, format="PNG" if i % 20 == 0 else "JPEG", width=100 if i % 40 in (0, 1) else 8
+                ),
+            )
             for i, r in enumerate(records)
         ]
         h.upsert(records[:400])
@@ -421,21 +426,32 @@ def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE images")
         plans: list[list[str]] = []
-        exact = PgVectorHandler._bounded_exact_search
+        bounded = PgVectorHandler._bounded_exact_search
         monkeypatch.setattr(
             PgVectorHandler,
             "_bounded_exact_search",
-            lambda self, conn, *a: exact(self, _ExplainingConnection(conn, plans), *a),
+            lambda self, conn, *a: bounded(self, _ExplainingConnection(conn, plans), *a),
         )
         query = records[5].vector
+
+        def exact(keep) -> list[str]:
+            rows = [r for r in records if keep(r.metadata)]
+            scores = np.array([float(r.vector @ query) for r in rows])
+            return [rows[i].id for i in np.argsort(-scores, kind="stable")[:10]]
+
         hits = h.search(query, 10, SearchFilter.create(formats=["png"]))
-        png = [r for r in records if r.metadata.format == "PNG"]
-        scores = np.array([float(r.vector @ query) for r in png])
-        assert [x.id for x in hits] == [png[i].id for i in np.argsort(-scores, kind="stable")[:10]]
+        assert [x.id for x in hits] == exact(lambda m: m.format == "PNG")
         assert len(plans) == 1, plans
         assert "Index Only Scan images_format_upper" in plans[0], plans
         assert "Index Scan images_pkey" in plans[0], plans  # the candidates, by primary key
-        assert h.plan_counts()["exact_pass"] == 1
+        hits = h.search(query, 10, SearchFilter.create(min_width=50))
+        assert [x.id for x in hits] == exact(lambda m: m.width >= 50)
+        assert "Index Only Scan images_width" in plans[1], plans
+        # two filter columns: no one index covers both, the planner picks (a bitmap or plain index scan); same answer
+        hits = h.search(query, 10, SearchFilter.create(formats=["png"], min_width=50))
+        assert [x.id for x in hits] == exact(lambda m: m.format == "PNG" and m.width >= 50)
+        print("two-column filter's plan:", plans[2])
+        assert h.plan_counts()["exact_pass"] == 3
     finally:
         h.close()
 

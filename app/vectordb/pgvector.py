@@ -323,21 +323,10 @@ def _sync_filter_indexes(conn: psycopg.Connection) -> list[str]:
     The plain index must go, not stay beside the covering one: with both, the planner preferred the plain one.
     Dropping ``embedding_bq`` drops the covering indexes with it, so whatever re-adds the column calls this again.
     """
-    has_bq, _ = _bq_state(conn)
-    existing = {
-        name: covering
-        for name, covering in conn.execute(
-            "SELECT c.relname, i.indnatts > i.indnkeyatts FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE i.indrelid = 'images'::regclass"
-        )
-    }
-    built, replaced = [], []
+    has_bq, missing, replaced = _filter_index_changes(conn)
     for name, key, columns in FILTER_INDEXES:
-        if name not in existing:
+        if name in missing:
             conn.execute(_filter_index_sql(name, key, columns, covering=has_bq))
-            built.append(name)
-        elif has_bq and not existing[name]:
-            replaced.append(name)
     if replaced:
         rows = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
         log.info(
@@ -355,7 +344,23 @@ def _sync_filter_indexes(conn: psycopg.Connection) -> list[str]:
             conn.execute(
                 sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(f"{name}_covering"), sql.Identifier(name))
             )
-    return built + replaced
+    return missing + replaced
+
+
+def _filter_index_changes(conn: psycopg.Connection) -> tuple[bool, list[str], list[str]]:
+    """``(has embedding_bq, missing, plain ones to make covering)``: what :func:`_sync_filter_indexes` would do on
+    the collection first on the connection's ``search_path`` (names of :data:`FILTER_INDEXES`)."""
+    has_bq, _ = _bq_state(conn)
+    existing = {
+        name: covering
+        for name, covering in conn.execute(
+            "SELECT c.relname, i.indnatts > i.indnkeyatts FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = 'images'::regclass"
+        )
+    }
+    missing = [name for name, _, _ in FILTER_INDEXES if name not in existing]
+    replaced = [name for name, _, _ in FILTER_INDEXES if has_bq and existing.get(name) is False]
+    return has_bq, missing, replaced
 
 
 def _prefixed_meta(alias: str) -> str:
@@ -1356,7 +1361,13 @@ def _sync_filter_indexes_in(conn: psycopg.Connection, schema: str) -> None:
     transaction (``conn`` is in autocommit mode): creates the filter indexes of a new collection, and converts a
     calibrated collection's plain ones to covering ones the first time the new code opens it (seconds per index at a
     million rows, once)."""
+    search_path = sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema))
+    with conn.transaction():  # the usual case, nothing to change, without waiting on the lock
+        conn.execute(search_path)
+        _, missing, replaced = _filter_index_changes(conn)
+    if not missing and not replaced:
+        return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-        conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))
+        conn.execute(search_path)
         _sync_filter_indexes(conn)
