@@ -37,15 +37,7 @@ CREATE TABLE IF NOT EXISTS images (
 -- ALTER ... IF NOT EXISTS: tables created before it get the column (NULL for every existing row) on the next start.
 ALTER TABLE images ADD COLUMN IF NOT EXISTS taken_at timestamptz;
 
--- B-tree indexes on the search filter columns (issue #9). They give the planner statistics (upper(format) only has
--- them through its expression index) and, for a selective filter, a cheap way to read the few matching rows, which
--- the service then searches exactly instead of walking the HNSW graph (app/vectordb/pgvector.py, search).
--- text_pattern_ops: a path prefix is a LIKE 'folder/%' pattern, which a B-tree can serve only with this operator
--- class (or the C collation).
-CREATE INDEX IF NOT EXISTS images_filename_prefix ON images (filename text_pattern_ops);
-CREATE INDEX IF NOT EXISTS images_format_upper ON images (upper(format));
-CREATE INDEX IF NOT EXISTS images_indexed_at ON images (indexed_at);
-CREATE INDEX IF NOT EXISTS images_taken_at ON images (taken_at);
--- Minimum-size filters (issue #29): without these a selective min_width/min_height filter reads the whole table.
-CREATE INDEX IF NOT EXISTS images_width ON images (width);
-CREATE INDEX IF NOT EXISTS images_height ON images (height);
+-- The B-tree indexes on the search filter columns (issues #9 and #29) are created by the service, not here: their
+-- one owner is FILTER_INDEXES in app/vectordb/pgvector.py, which builds them plain on a table without embedding_bq
+-- and covering (INCLUDE (id, embedding_bq)) on one with it, so that the filtered exact pass reads the matching rows'
+-- bits by an index-only scan. The service creates them on every start that finds them missing.

@@ -120,6 +120,8 @@ def test_collections_from_before_embedding_bq(pg_server, monkeypatch, caplog):
             h.ensure_collection("m", DIM)
         assert not h._has_bq
         assert "embedding_bq" in caplog.text and "image-search-fsck --calibrate" in caplog.text
+        # dropping the column dropped the covering filter indexes; opening rebuilt them plain
+        assert set(_filter_indexes(url).values()) == {False} and len(_filter_indexes(url)) == 6
         query = records[11].vector
         assert [x.id for x in h.search(query, 5, SearchFilter.create(path_prefix="rare"))] == _exact(
             records, query, "rare/", 5
@@ -131,6 +133,7 @@ def test_collections_from_before_embedding_bq(pg_server, monkeypatch, caplog):
     try:
         h.ensure_collection("m", DIM)
         assert h._has_bq
+        assert set(_filter_indexes(url).values()) == {True} and len(_filter_indexes(url)) == 6
         query = records[12].vector
         assert [x.id for x in h.search(query, 5, SearchFilter.create(path_prefix="rare"))] == _exact(
             records, query, "rare/", 5
@@ -348,5 +351,142 @@ def test_the_iterative_scan_sizes_its_beam_by_how_the_index_was_built(pg_server,
         assert h._run(h._table_stats)[1] == ef_construction
         # the planner's estimate of the 100 matching rows sets the selectivity: near 0.1, not exactly
         assert h.plan_counts()["iterative"] == 1 and h.plan_counts()["last_ef"] == pytest.approx(beam, rel=0.15)
+    finally:
+        h.close()
+
+
+def _filter_indexes(url: str, schema: str = "public") -> dict[str, bool]:
+    """``{name: covering}`` of the filter indexes on ``schema.images`` (covering: it has INCLUDE columns)."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, i.indnatts > i.indnkeyatts FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = to_regclass(%s)",
+            (f"{schema}.images",),
+        ).fetchall()
+    names = {name for name, _, _ in pgvector_module.FILTER_INDEXES}
+    return {name: covering for name, covering in rows if name in names}
+
+
+def _plan_nodes(plan: dict) -> list[str]:
+    """The node types of an ``EXPLAIN (FORMAT JSON)`` plan, depth first, each with its index's name."""
+    out = [plan["Node Type"] + (f" {plan['Index Name']}" if plan.get("Index Name") else "")]
+    for child in plan.get("Plans", []):
+        out += _plan_nodes(child)
+    return out
+
+
+class _ExplainingConnection:
+    """A connection that, before running the exact pass's statement, EXPLAINs it in the same transaction (so with
+    the same SET LOCALs), and keeps the plan's nodes."""
+
+    def __init__(self, conn: psycopg.Connection, plans: list[list[str]]):
+        self._conn, self._plans = conn, plans
+
+    def execute(self, query, params=None, **kwargs):
+        if isinstance(query, pgvector_module.sql.Composable) and "WITH matching" in query.as_string(self._conn):
+            explain = pgvector_module.sql.SQL("EXPLAIN (FORMAT JSON) ") + query
+            plan = self._conn.execute(explain, params, prepare=False).fetchone()[0]
+            self._plans.append(_plan_nodes(plan[0]["Plan"]))
+        return self._conn.execute(query, params, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan(pg_server, monkeypatch):
+    """A calibrated collection's filter indexes are covering (INCLUDE id and embedding_bq), calibration rebuilds
+    them with the column it re-adds, and the exact pass of a one-column filter reads its matching rows by an Index
+    Only Scan of that index (once the table is vacuumed: the visibility map), re-ranking the candidates by primary
+    key; the answer is the exact one."""
+    url = create_database(pg_server)
+    monkeypatch.setattr(pgvector_module, "BQ_CALIBRATION_ROWS", 500)
+    h = PgVectorHandler(url, ef_search=10)
+    try:
+        h.ensure_collection("m", DIM)
+        assert set(_filter_indexes(url).values()) == {True}  # a new collection: covering from the start
+        records = _records(4000, 9)
+        records = [  # 200 PNG (i % 20 == 0); 200 of width 100 (i % 40 in (0, 1)), 100 of them PNG
+            replace(
+                r,
+                metadata=replace(
+                    r.metadata, format="PNG" if i % 20 == 0 else "JPEG", width=100 if i % 40 in (0, 1) else 8
+                ),
+            )
+            for i, r in enumerate(records)
+        ]
+        h.upsert(records[:400])
+        h.upsert(records[400:])  # the 500th row calibrates: DROP and ADD embedding_bq, indexes rebuilt with it
+        assert h._bq_calibrated
+        indexes = _filter_indexes(url)
+        assert sorted(indexes) == sorted(name for name, _, _ in pgvector_module.FILTER_INDEXES)
+        assert set(indexes.values()) == {True}
+        with psycopg.connect(url) as conn:
+            definition = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'images_format_upper'")
+            assert "INCLUDE (format, id, embedding_bq)" in definition.fetchone()[0]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE images")
+        plans: list[list[str]] = []
+        bounded = PgVectorHandler._bounded_exact_search
+        monkeypatch.setattr(
+            PgVectorHandler,
+            "_bounded_exact_search",
+            lambda self, conn, *a: bounded(self, _ExplainingConnection(conn, plans), *a),
+        )
+        query = records[5].vector
+
+        def exact(keep) -> list[str]:
+            rows = [r for r in records if keep(r.metadata)]
+            scores = np.array([float(r.vector @ query) for r in rows])
+            return [rows[i].id for i in np.argsort(-scores, kind="stable")[:10]]
+
+        hits = h.search(query, 10, SearchFilter.create(formats=["png"]))
+        assert [x.id for x in hits] == exact(lambda m: m.format == "PNG")
+        assert len(plans) == 1, plans
+        assert "Index Only Scan images_format_upper" in plans[0], plans
+        assert "Index Scan images_pkey" in plans[0], plans  # the candidates, by primary key
+        hits = h.search(query, 10, SearchFilter.create(min_width=50))
+        assert [x.id for x in hits] == exact(lambda m: m.width >= 50)
+        assert "Index Only Scan images_width" in plans[1], plans
+        # two filter columns: no one index covers both, the planner picks (a bitmap or plain index scan); same answer
+        hits = h.search(query, 10, SearchFilter.create(formats=["png"], min_width=50))
+        assert [x.id for x in hits] == exact(lambda m: m.format == "PNG" and m.width >= 50)
+        print("two-column filter's plan:", plans[2])
+        assert h.plan_counts()["exact_pass"] == 3
+    finally:
+        h.close()
+
+
+def test_a_collection_calibrated_before_covering_indexes_gets_them_when_opened(pg_server, caplog):
+    """A collection calibrated by the earlier code has plain filter indexes beside embedding_bq: opening it
+    replaces them by covering ones (a one-time migration, logged), and the answers stay the same. Another
+    collection (its own schema) gets covering indexes too."""
+    url = create_database(pg_server)
+    h = PgVectorHandler(url, ef_search=10)
+    h.ensure_collection("m", DIM)
+    records = _records(600, 10)
+    h.upsert(records)
+    query = records[21].vector
+    before = [(x.id, round(x.score, 5)) for x in h.search(query, 10, SearchFilter.create(path_prefix="rare"))]
+    h.close()
+    with psycopg.connect(url, autocommit=True) as conn:  # the earlier code's plain indexes
+        for name, key, _ in pgvector_module.FILTER_INDEXES:
+            conn.execute(f"DROP INDEX {name}")
+            conn.execute(f"CREATE INDEX {name} ON images ({key})")
+    assert set(_filter_indexes(url).values()) == {False}
+    with caplog.at_level("INFO", logger="app.vectordb.pgvector"):
+        h = PgVectorHandler(url, ef_search=10)
+    try:
+        assert "Rebuilding 6 filter indexes as covering indexes" in caplog.text
+        assert set(_filter_indexes(url).values()) == {True} and len(_filter_indexes(url)) == 6
+        h.ensure_collection("m", DIM)
+        after = [(x.id, round(x.score, 5)) for x in h.search(query, 10, SearchFilter.create(path_prefix="rare"))]
+        assert after == before == [(i, pytest.approx(s, abs=1e-5)) for i, s in before]
+        other = h.open_collection("second")
+        try:
+            other.ensure_collection("m", DIM)
+            assert set(_filter_indexes(url, "second").values()) == {True}
+            assert len(_filter_indexes(url, "second")) == 6
+        finally:
+            other.close()
     finally:
         h.close()

@@ -14,14 +14,15 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
 
 * **exact pass** when at most :func:`exact_pass_limit` rows match (the filter keeps at most
   ``EXACT_MAX_SELECTIVITY`` = 5 % of the rows, or at most ``EXACT_ALWAYS_ROWS``): the matching rows (found through
-  the B-tree indexes of ``sql/init.sql``) are ranked by the Hamming distance of ``embedding_bq``, a stored binary
-  quantisation of the embedding (``binary_quantize``: one bit per dimension, 64 bytes at 512-d, kept in the row,
-  while the vector itself is TOASTed out of line; a bit is set when its component exceeds the collection's median,
-  :func:`bq_thresholds`, from the collection's :data:`BQ_CALIBRATION_ROWS`-th row on), and the best
-  :func:`rerank_candidates` of them are ranked again by exact cosine distance. The row count is not trusted to
-  the planner: its estimate picks the exact pass, and the same statement counts the matching rows it read (at most
-  the limit plus one), so an estimate that was too low (measured: 100 for a nested folder holding 5,018 of 1M
-  rows) falls through to the next plan after one bounded read instead of ranking far more rows than intended.
+  the B-tree indexes of :data:`FILTER_INDEXES`, covering ones that hold the bits) are ranked by the Hamming distance
+  of ``embedding_bq``, a stored binary quantisation of the embedding (``binary_quantize``: one bit per dimension, 64
+  bytes at 512-d, kept in the row, while the vector itself is TOASTed out of line; a bit is set when its component
+  exceeds the collection's median, :func:`bq_thresholds`, from the collection's :data:`BQ_CALIBRATION_ROWS`-th row
+  on), and the best :func:`rerank_candidates` of them are ranked again by exact cosine distance. The row count is
+  not trusted to the planner: its estimate picks the exact pass, and the same statement counts the matching rows it
+  read (at most the limit plus one), so an estimate that was too low (measured: 100 for a nested folder holding
+  5,018 of 1M rows) falls through to the next plan after one bounded read instead of ranking far more rows than
+  intended.
 * **iterative index scan** otherwise (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``) with
   ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``per_result * top_k / s`` (at most 1,000, pgvector's
   limit; ``per_result`` from :func:`ef_per_result`, by how well the index was built), so that the first candidates
@@ -279,6 +280,89 @@ def _bq_state(conn: psycopg.Connection) -> tuple[bool, bool]:
     return has, has and calibrated
 
 
+#: The B-tree indexes on the search filter columns (issues #9 and #29), their one owner: ``(name, key, columns)``.
+#: They give the planner statistics (``upper(format)`` only has them through its expression index) and, for a
+#: selective filter, a cheap way to read the few matching rows for the exact pass (module docstring).
+#: ``text_pattern_ops``: a path prefix is a ``LIKE 'folder/%'`` pattern, which a B-tree serves only with this
+#: operator class (or the C collation). On a table with ``embedding_bq`` each index is *covering*:
+#: ``INCLUDE (columns..., id, embedding_bq)``, so that a one-column filter's exact pass reads the matching rows'
+#: ids and bits by an index-only scan instead of visiting one heap page per scattered row (1M x 512-d, 2 GB
+#: shared_buffers: 5,000 matching rows 9.4 -> 7.3 ms, 20,000 rows 25.3 -> 11.7 ms, 50,000 rows 51 -> 25 ms, for
+#: about 150 MB per index; bench/exact_pass_layout.py, 2026-12-07). ``columns``: the base column of an expression
+#: key, which PostgreSQL needs in the index before it considers an index-only scan on the expression.
+FILTER_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("images_filename_prefix", "filename text_pattern_ops", ()),
+    ("images_format_upper", "upper(format)", ("format",)),
+    ("images_indexed_at", "indexed_at", ()),
+    ("images_taken_at", "taken_at", ()),
+    # Minimum-size filters (issue #29): without these a selective min_width/min_height filter reads the whole table.
+    ("images_width", "width", ()),
+    ("images_height", "height", ()),
+)
+
+
+def _filter_index_sql(name: str, key: str, columns: Sequence[str], *, covering: bool) -> sql.Composed:
+    """``CREATE INDEX name ON images (key)``, with ``INCLUDE (columns..., id, embedding_bq)`` when ``covering``."""
+    include = sql.SQL("")
+    if covering:
+        include = sql.SQL(" INCLUDE ({})").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in (*columns, "id", "embedding_bq"))
+        )
+    return sql.SQL("CREATE INDEX {} ON images ({}){}").format(sql.Identifier(name), sql.SQL(key), include)
+
+
+def _sync_filter_indexes(conn: psycopg.Connection) -> list[str]:
+    """Make the :data:`FILTER_INDEXES` of the collection first on the connection's ``search_path`` what its table
+    needs, in the caller's transaction (which should hold the schema lock): missing ones are created, covering when
+    ``images`` has ``embedding_bq``, plain otherwise; plain ones on a table with ``embedding_bq`` (a collection
+    calibrated before the indexes were covering) are replaced by covering ones. Returns the names (re)built.
+
+    The replacement is a one-time migration costing one index build per index, about 15 s each at 1M rows (2
+    cores): the covering indexes are built under temporary names first, while reads go on (``CREATE INDEX`` blocks
+    writes only), then the plain ones dropped and the new ones renamed, so searches wait only for that last step.
+    The plain index must go, not stay beside the covering one: with both, the planner preferred the plain one.
+    Dropping ``embedding_bq`` drops the covering indexes with it, so whatever re-adds the column calls this again.
+    """
+    has_bq, missing, replaced = _filter_index_changes(conn)
+    for name, key, columns in FILTER_INDEXES:
+        if name in missing:
+            conn.execute(_filter_index_sql(name, key, columns, covering=has_bq))
+    if replaced:
+        rows = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
+        log.info(
+            "Rebuilding %d filter indexes as covering indexes (issue #29, once; about 15 s per index at a million "
+            "rows, the table holds about %d): %s",
+            len(replaced),
+            max(0, int(rows)),
+            ", ".join(replaced),
+        )
+        for name, key, columns in FILTER_INDEXES:
+            if name in replaced:
+                conn.execute(_filter_index_sql(f"{name}_covering", key, columns, covering=True))
+        for name in replaced:
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(f"{name}_covering"), sql.Identifier(name))
+            )
+    return missing + replaced
+
+
+def _filter_index_changes(conn: psycopg.Connection) -> tuple[bool, list[str], list[str]]:
+    """``(has embedding_bq, missing, plain ones to make covering)``: what :func:`_sync_filter_indexes` would do on
+    the collection first on the connection's ``search_path`` (names of :data:`FILTER_INDEXES`)."""
+    has_bq, _ = _bq_state(conn)
+    existing = {
+        name: covering
+        for name, covering in conn.execute(
+            "SELECT c.relname, i.indnatts > i.indnkeyatts FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = 'images'::regclass"
+        )
+    }
+    missing = [name for name, _, _ in FILTER_INDEXES if name not in existing]
+    replaced = [name for name, _, _ in FILTER_INDEXES if has_bq and existing.get(name) is False]
+    return has_bq, missing, replaced
+
+
 def _prefixed_meta(alias: str) -> str:
     """:data:`_META_COLUMNS` qualified with a table alias (``i.filename, i.format, ...``)."""
     return ", ".join(f"{alias}.{c.strip()}" for c in _META_COLUMNS.split(","))
@@ -425,6 +509,7 @@ class PgVectorHandler(VectorDBHandler):
                 self._schema = _schema_of(self.collection_name)
                 if self._schema != "public":
                     _apply_schema_in(conn, self._schema)
+                _sync_filter_indexes_in(conn, self._schema)
         except psycopg.Error as exc:
             raise DatabaseUnavailableError(f"Cannot reach PostgreSQL to apply {SCHEMA_FILE.name}: {exc}") from exc
         self._pool = psycopg_pool.ConnectionPool(
@@ -626,6 +711,7 @@ class PgVectorHandler(VectorDBHandler):
                         (COLLECTION, model_id, dim, requested_type),
                     )
                     conn.execute(_bq_column_sql(dim, requested_type))
+                    _sync_filter_indexes(conn)  # covering now that the table has embedding_bq
                 conn.execute(self._index_sql())
             return CollectionInfo(model_id, dim)
 
@@ -669,6 +755,7 @@ class PgVectorHandler(VectorDBHandler):
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                     conn.execute(_bq_column_sql(self._dim, self._vector_type))
+                    _sync_filter_indexes(conn)  # the plain filter indexes become covering ones
 
             log.info("Adding embedding_bq to a collection of %d rows (filtered search, issue #29)", rows)
             self._run(_add, deadline_s=False)
@@ -712,8 +799,11 @@ class PgVectorHandler(VectorDBHandler):
                     return False
                 thresholds = bq_thresholds(np.stack([_to_numpy(r[0]) for r in rows]))
                 log.info("Calibrating embedding_bq from %d embeddings (filtered search, issue #29)", len(rows))
+                # Dropping the column drops the covering filter indexes (they include it): rebuilt in the same
+                # transaction, so no search ever sees the calibrated table without them.
                 conn.execute("ALTER TABLE images DROP COLUMN IF EXISTS embedding_bq")
                 conn.execute(_bq_column_sql(self._dim, self._vector_type, thresholds))
+                _sync_filter_indexes(conn)
                 conn.execute(
                     "UPDATE collection_meta SET bq_threshold = %s::vector WHERE name = %s", (thresholds, COLLECTION)
                 )
@@ -898,24 +988,27 @@ class PgVectorHandler(VectorDBHandler):
         the caller) when more than ``limit`` rows match; ``estimate``, the planner's row count, sizes the re-ranked
         candidates (:func:`rerank_candidates`). One statement: the matching rows are read once (at most
         ``limit + 1``), counted, and ranked."""
-        # The materialized rows (ctid and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
+        # The materialized rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
         conn.execute("SET LOCAL work_mem = '64MB'")
         t = sql.SQL(self._vector_type)
         if self._has_bq:
-            # The matching rows are kept as (ctid, bits), 6 + 64-160 bytes, and the re-ranked candidates fetched by
-            # ctid (a TID scan: no primary-key descent): 20-35 % faster than keeping ids and joining on the
-            # primary key at 200,000 rows, within the noise at 1M (docs/benchmarks.md), and safe within one
-            # statement, whose snapshot sees the same row versions in both scans. The distance is computed once per
-            # candidate (each computation reads the TOASTed vector again); OFFSET 0 keeps the subquery from being
-            # merged into the outer query.
+            # The matching rows are kept as (id, bits), 68 + 64-160 bytes, and the re-ranked candidates fetched by
+            # primary key. Not ctid (a TID scan, which had been 20-35 % faster at 200,000 rows read from the heap,
+            # docs/benchmarks.md): an index-only scan cannot return ctid, and with id and bits in the covering
+            # filter indexes (FILTER_INDEXES) a one-column filter reads its matching rows by an Index Only Scan
+            # instead of one heap page per scattered row: 1M x 512-d, 20,000 matching rows 25.3 -> 11.7 ms,
+            # 50,000 rows 51 -> 25 ms (bench/exact_pass_layout.py, 2026-12-07). The planner chooses the scan:
+            # several filter columns may still combine their indexes in a bitmap heap scan. The distance is
+            # computed once per candidate (each computation reads the TOASTed vector again); OFFSET 0 keeps the
+            # subquery from being merged into the outer query.
             query = sql.SQL(
-                "WITH matching AS MATERIALIZED (SELECT ctid AS t, embedding_bq AS b FROM images WHERE {where} "
+                "WITH matching AS MATERIALIZED (SELECT id AS t, embedding_bq AS b FROM images WHERE {where} "
                 "LIMIT %s), "
                 "counted AS (SELECT count(*) AS n FROM matching), "
                 "candidates AS (SELECT t FROM matching ORDER BY b <~> ({query_bits}), t LIMIT %s) "
                 "SELECT id, 1 - d AS score, {meta}, (SELECT n FROM counted) FROM ("
                 "SELECT i.id, i.embedding <=> %s::{t} AS d, {meta_i} FROM images i "
-                "WHERE i.ctid = ANY(ARRAY(SELECT t FROM candidates)) OFFSET 0) r "
+                "WHERE i.id = ANY(ARRAY(SELECT t FROM candidates)) OFFSET 0) r "
                 "ORDER BY d, id LIMIT %s"
             ).format(
                 where=where,
@@ -1215,6 +1308,7 @@ class PgVectorHandler(VectorDBHandler):
                     conn.execute("DROP TABLE IF EXISTS public.images")
                     conn.execute("DELETE FROM public.collection_meta")
                     conn.execute(SCHEMA_FILE.read_text())
+                    _sync_filter_indexes(conn)
                 else:
                     exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
                     if exists:
@@ -1260,3 +1354,20 @@ def _apply_schema_in(conn: psycopg.Connection, schema: str) -> None:
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))
         conn.execute(SCHEMA_FILE.read_text())
+
+
+def _sync_filter_indexes_in(conn: psycopg.Connection, schema: str) -> None:
+    """:func:`_sync_filter_indexes` on ``schema``'s collection, serialised with every other schema change, in its own
+    transaction (``conn`` is in autocommit mode): creates the filter indexes of a new collection, and converts a
+    calibrated collection's plain ones to covering ones the first time the new code opens it (seconds per index at a
+    million rows, once)."""
+    search_path = sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema))
+    with conn.transaction():  # the usual case, nothing to change, without waiting on the lock
+        conn.execute(search_path)
+        _, missing, replaced = _filter_index_changes(conn)
+    if not missing and not replaced:
+        return
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        conn.execute(search_path)
+        _sync_filter_indexes(conn)
