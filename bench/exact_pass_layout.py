@@ -265,7 +265,8 @@ def main() -> None:
 
     matching = [int(m) for m in args.matching.split(",") if m.strip()]
     formats, centres, rng = make_rows(args.n, args.dim, matching, args.seed)
-    base = args.pgdata or Path(tempfile.mkdtemp(prefix="exact-pass-")) / "pgdata"
+    scratch = None if args.pgdata else Path(tempfile.mkdtemp(prefix="exact-pass-"))
+    base = args.pgdata or scratch / "pgdata"
     server = start_embedded_postgres(base)
     try:
         t0 = time.perf_counter()
@@ -277,7 +278,7 @@ def main() -> None:
         rows = measure(server.url, args.dim, kept, queries, args.rerank)
     finally:
         server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(scratch or base, ignore_errors=True)
     print(
         json.dumps(
             {
