@@ -15,6 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.store_url import parse_store_url
 
+#: seconds a database call may run past ``DB_STATEMENT_TIMEOUT_S`` before the client gives up on the server (shuts its
+#: socket down, app/vectordb/deadline.py): a live server cancels a slow statement itself within this grace, so only a
+#: server that does not answer at all (stopped, unreachable) loses its connection. See Settings.db_call_deadline_s.
+DB_DEADLINE_GRACE_S = 0.5
+
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -843,19 +848,24 @@ class Settings(BaseSettings):
         return self.database_url
 
     @property
+    def db_call_deadline_s(self) -> float | None:
+        """Client deadline of one database call of a request, seconds: ``DB_STATEMENT_TIMEOUT_S`` +
+        :data:`DB_DEADLINE_GRACE_S`; ``None`` while ``DB_STATEMENT_TIMEOUT_S`` is 0 (no deadline)."""
+        return self.db_statement_timeout_s + DB_DEADLINE_GRACE_S if self.db_statement_timeout_s else None
+
+    @property
     def shared_state_wait_s(self) -> float:
         """Seconds a request waits for a connection to :attr:`shared_state_url`'s tables (the libraries, the
-        neighbour graph) before it answers 503: as long as one of its calls may take, ``DB_STATEMENT_TIMEOUT_S`` +
-        0.5 s, the same "a server that does not answer gives 503 within about 2 s"; ``DB_CONNECT_TIMEOUT_S`` while
-        that deadline is off; never less than ``DB_REQUEST_TIMEOUT_S``.
+        neighbour graph) before it answers 503: as long as one of its calls may take, :attr:`db_call_deadline_s`,
+        the same "a server that does not answer gives 503 within about 2 s"; ``DB_CONNECT_TIMEOUT_S`` while that
+        deadline is off; never less than ``DB_REQUEST_TIMEOUT_S``.
 
         Why not ``DB_REQUEST_TIMEOUT_S`` itself (0.5 s, floored at 1 s before): these pools open connections when
         they are asked for them, and a new backend on a loaded 2-core machine took over 1 s (CI stop 34: a library
         request answered 503 ``PoolTimeout`` while a scan held the pool's connection); the vector database's pool
         keeps ``DB_POOL_MIN`` connections open instead."""
-        if not self.db_statement_timeout_s:
-            return max(self.db_request_timeout_s, self.db_connect_timeout_s)
-        return max(self.db_request_timeout_s, self.db_statement_timeout_s + 0.5)
+        deadline = self.db_call_deadline_s
+        return max(self.db_request_timeout_s, self.db_connect_timeout_s if deadline is None else deadline)
 
     @cached_property
     def resolved_milvus_uri(self) -> str:

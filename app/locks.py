@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from app.config import DB_DEADLINE_GRACE_S
 from app.ids import is_valid_image_id
 
 __all__ = ["LOCK_DIR_NAME", "SWEEP_NAMESPACE", "IdLocks", "PgAdvisoryLocks", "pg_try_lease"]
@@ -152,7 +153,7 @@ class PgAdvisoryLocks:
         """The client deadline of one call on ``conn``: its socket is shut down ``call_s`` + 0.5 s after the start."""
         from app.vectordb.deadline import shutdown_socket
 
-        seconds = self.call_s + 0.5 if self.call_s else None
+        seconds = self.call_s + DB_DEADLINE_GRACE_S if self.call_s else None
         return self._deadlines.bound(lambda: shutdown_socket(conn.pgconn.socket), seconds)
 
     def _lock(self, conn, key: int) -> None:  # noqa: ANN001 - psycopg.Connection

@@ -269,7 +269,7 @@ class LibraryState:
             database_url=settings.shared_state_url,
             data_dir=settings.data_dir.resolve(),
             wait_s=settings.shared_state_wait_s,
-            call_s=settings.db_statement_timeout_s + 0.5 if settings.db_statement_timeout_s else None,
+            call_s=settings.db_call_deadline_s,
         )
 
     @staticmethod

@@ -61,6 +61,7 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
+from app.config import DB_DEADLINE_GRACE_S
 from app.errors import (
     CollectionMismatchError,
     DatabaseTimeoutError,
@@ -102,10 +103,8 @@ VECTOR_TYPES = {"vector": (16000, "vector_cosine_ops"), "halfvec": (16000, "half
 _HNSW_MAX_DIM = {"vector": 2000, "halfvec": 4000}
 
 
-#: seconds a call may run past ``statement_timeout`` before the client gives up on the server (shuts the socket down,
-#: app/vectordb/deadline.py): a live server cancels a slow statement itself within this grace, so only a server that
-#: does not answer at all (stopped, unreachable) loses its connection.
-DEADLINE_GRACE_S = 0.5
+#: seconds a call may run past ``statement_timeout`` before the client gives up on the server (the settings' rule)
+DEADLINE_GRACE_S = DB_DEADLINE_GRACE_S
 #: extra statement time an upsert gets per row, seconds: HNSW inserts ran at 836 rows/s (1.2 ms each) into a small
 #: collection on machine A (docs/benchmarks.md, "Backends on the same vectors"); eight times that leaves room for
 #: large graphs and a loaded machine, so batch writes (migrate.py's 1,000 rows) are not cut by DB_STATEMENT_TIMEOUT_S.
