@@ -225,7 +225,16 @@ def restart_with_shared_buffers(embedded, pgdata: Path, shared_buffers: str):
         conn.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
     embedded.stop()
     embedded = start_embedded_postgres(pgdata)
-    with psycopg.connect(embedded.url, autocommit=True) as conn:
+    prewarm(embedded.url)
+    return embedded
+
+
+def prewarm(url: str) -> None:
+    """Load the ``images`` table, its TOAST table and every index of it into the server's ``shared_buffers``
+    (``pg_prewarm``), logging the setting and the pages read."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
         relations = [
             r[0]
@@ -242,7 +251,6 @@ def restart_with_shared_buffers(embedded, pgdata: Path, shared_buffers: str):
             f"shared_buffers = {conn.execute('SHOW shared_buffers').fetchone()[0]}; prewarmed {pages:,} pages "
             f"of {len(relations)} relations in {time.perf_counter() - t0:.1f} s"
         )
-    return embedded
 
 
 def percentiles(ms: list[float]) -> tuple[float, float, float]:
@@ -699,10 +707,11 @@ def run_pgvector(args, data: np.ndarray, queries: np.ndarray, exact: np.ndarray,
         log(f"built in {build_s:.1f} s")
         loader.close()
         if args.pg_shared_buffers:
-            if embedded is None:
-                raise SystemExit("--pg-shared-buffers applies to the embedded server only (DATABASE_URL is set)")
-            embedded = restart_with_shared_buffers(embedded, pgdata, args.pg_shared_buffers)
-            url = embedded.url
+            if embedded is None:  # the server at DATABASE_URL keeps its own shared_buffers (logged): only prewarm
+                prewarm(url)
+            else:
+                embedded = restart_with_shared_buffers(embedded, pgdata, args.pg_shared_buffers)
+                url = embedded.url
         with psycopg.connect(url) as conn:
             index_b, table_b = conn.execute(
                 "SELECT pg_relation_size('images_embedding_hnsw'), pg_table_size('images')"
@@ -918,7 +927,8 @@ def main() -> int:
         "--pg-shared-buffers",
         default=None,
         help="pgvector, embedded server: shared_buffers for the searches (e.g. 4GB; the server is restarted after "
-        "the build and the table and indexes prewarmed); default: the server's own (128MB)",
+        "the build and the table and indexes prewarmed); default: the server's own (128MB). With DATABASE_URL the "
+        "server keeps its own setting (logged) and the table and indexes are prewarmed",
     )
     parser.add_argument("--pg-exact-max-rows", type=int, default=None, help="pgvector EXACT_SEARCH_MAX_ROWS override")
     parser.add_argument(

@@ -85,3 +85,44 @@ def test_synthetic_metadata_order_places_folders_and_dates(order):
         assert abs(len(rows) / 20_000 - share) < 0.01, (kind, share)
         contiguous = rows[-1] - rows[0] + 1 == len(rows)
         assert contiguous == (order == "clustered" and kind in ("folder", "date")), (kind, share)
+
+
+def test_filtered_ab_compares_two_databases_holding_the_same_rows(pg_server):
+    """bench/filtered_ab.py on the rows search_scale.py left in a database (``DATABASE_URL``) and on a copy of them
+    (``CREATE DATABASE ... TEMPLATE``) whose table keeps its vectors in TOAST: both answer every filter with the
+    same recall, and every search is counted."""
+    import psycopg
+
+    from tests.helpers import create_database
+
+    url_a = create_database(pg_server)
+    load = [sys.executable, "bench/search_scale.py", "--n", "3000", "--dim", "32", "--queries", "10", "--ef", "40"]
+    load += ["--no-api", "--filter-selectivity", "0.02,0.1", "--filter-kinds", "folder,size"]
+    out = subprocess.run(
+        load, cwd=PROJECT_ROOT, env={**os.environ, "DATABASE_URL": url_a}, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    with psycopg.connect(url_a) as conn:
+        name_a, name_b = conn.execute("SELECT current_database()").fetchone()[0], "ab_copy_" + os.urandom(4).hex()
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name_b}" TEMPLATE "{name_a}"')
+    url_b = pg_server.get_uri(name_b)
+    with psycopg.connect(url_b, autocommit=True) as conn:
+        conn.execute("ALTER TABLE images RESET (toast_tuple_target)")
+        conn.execute("VACUUM FULL images")
+    cmd = [sys.executable, "bench/filtered_ab.py", url_a, url_b, "--n", "3000", "--dim", "32", "--queries", "12"]
+    cmd += ["--ef", "40", "--filter-selectivity", "0.02,0.1", "--filter-kinds", "folder,size"]
+    out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (line["bench"], line["n"], line["queries"]) == ("filtered_ab", 3000, 12)
+    assert [(r["kind"], r["selectivity"]) for r in line["rows"]] == [
+        ("folder", 0.02),
+        ("folder", 0.1),
+        ("size", 0.02),
+        ("size", 0.1),
+    ]
+    for r in line["rows"]:
+        assert r["a"]["recall_at_10"] >= 0.9 and r["b"]["recall_at_10"] >= 0.9
+        assert sum(r["a"]["plans"].values()) == sum(r["b"]["plans"].values()) == 12
+        assert 0 < r["a"]["p50_ms"] <= r["a"]["p95_ms"]

@@ -16,13 +16,13 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
   ``EXACT_MAX_SELECTIVITY`` = 5 % of the rows, or at most ``EXACT_ALWAYS_ROWS``): the matching rows (found through
   the B-tree indexes of :data:`FILTER_INDEXES`, covering ones that hold the bits) are ranked by the Hamming distance
   of ``embedding_bq``, a stored binary quantisation of the embedding (``binary_quantize``: one bit per dimension, 64
-  bytes at 512-d, kept in the row, while the vector itself is TOASTed out of line; a bit is set when its component
-  exceeds the collection's median, :func:`bq_thresholds`, from the collection's :data:`BQ_CALIBRATION_ROWS`-th row
-  on), and the best :func:`rerank_candidates` of them are ranked again by exact cosine distance. The row count is
-  not trusted to the planner: its estimate picks the exact pass, and the same statement counts the matching rows it
-  read (at most the limit plus one), so an estimate that was too low (measured: 100 for a nested folder holding
-  5,018 of 1M rows) falls through to the next plan after one bounded read instead of ranking far more rows than
-  intended.
+  bytes at 512-d, kept in the row, as is the vector itself since ``sql/init.sql`` sets ``toast_tuple_target``; a
+  bit is set when its component exceeds the collection's median, :func:`bq_thresholds`, from the collection's
+  :data:`BQ_CALIBRATION_ROWS`-th row on), and the best :func:`rerank_candidates` of them are ranked again by exact
+  cosine distance. The row count is not trusted to the planner: its estimate picks the exact pass, and the same
+  statement counts the matching rows it read (at most the limit plus one), so an estimate that was too low
+  (measured: 100 for a nested folder holding 5,018 of 1M rows) falls through to the next plan after one bounded
+  read instead of ranking far more rows than intended.
 * **iterative index scan** otherwise (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``) with
   ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``per_result * top_k / s`` (at most 1,000, pgvector's
   limit; ``per_result`` from :func:`ef_per_result`, by how well the index was built), so that the first candidates
@@ -33,7 +33,7 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
   ``min(top_k, matching rows)`` rows.
 
 Collections created before issue #29 have no ``embedding_bq`` column until it is added (see
-:meth:`PgVectorHandler.ensure_collection`); their exact pass ranks the TOASTed vectors themselves, at most
+:meth:`PgVectorHandler.ensure_collection`); their exact pass ranks the vectors themselves, at most
 ``EXACT_ALWAYS_ROWS`` of them.
 
 Several collections per database (``scripts/reindex.py``): each collection is a PostgreSQL schema holding
@@ -122,7 +122,7 @@ CHECK_DEADLINE_S = 1.0
 EXACT_MAX_SELECTIVITY = 0.05
 # ... but at most this many rows (the pass reads each: 5 % of a million), and always when at most EXACT_ALWAYS_ROWS
 # match (a few milliseconds, whatever the selectivity). EXACT_ALWAYS_ROWS is also the limit of collections without
-# embedding_bq (created before issue #29), whose exact pass reads the TOASTed vectors, about 5 us per row.
+# embedding_bq (created before issue #29), whose exact pass reads the vectors, about 5 us per row.
 EXACT_SEARCH_MAX_ROWS = 50_000
 EXACT_ALWAYS_ROWS = 5000
 # pgvector's iterative scan mode for filtered searches: relaxed_order returns rows slightly out of distance order
@@ -175,8 +175,8 @@ def rerank_candidates(top_k: int, matching: int = 0) -> int:
     10 * top_k, ceil(RERANK_SHARE * matching))``, ``matching`` being the number of rows the filter keeps (the exact
     pass passes the planner's estimate, so that its LIMIT stays a constant the planner can see). Measured at 1M x
     512-d (docs/benchmarks.md): 200 / 400 / 800 candidates gave recall@10 0.93 / 0.97 / 0.99 on a 2 % filter of
-    synthetic vectors, at a cost of one TOASTed vector read (10-20 us) each; :data:`RERANK_SHARE` for real
-    embeddings."""
+    synthetic vectors, at a cost of a primary-key lookup and a heap page each (about 8 us; 10-25 us while vectors
+    were stored out of line, in TOAST); :data:`RERANK_SHARE` for real embeddings."""
     return max(400, 10 * int(top_k), int(np.ceil(RERANK_SHARE * max(0, int(matching)))))
 
 
@@ -1001,13 +1001,16 @@ class PgVectorHandler(VectorDBHandler):
             # instead of one heap page per scattered row: 1M x 512-d, 20,000 matching rows 25.3 -> 11.7 ms,
             # 50,000 rows 51 -> 25 ms (bench/exact_pass_layout.py, 2026-12-07). The planner chooses the scan:
             # several filter columns may still combine their indexes in a bitmap heap scan. The distance is
-            # computed once per candidate (each computation reads the TOASTed vector again); OFFSET 0 keeps the
-            # subquery from being merged into the outer query.
+            # computed once per candidate (each computation reads the vector again); OFFSET 0 keeps the
+            # subquery from being merged into the outer query. Hamming distances are small integers, so thousands of
+            # matching rows tie and the top-N sort compares their ids: byte-wise (COLLATE "C") instead of under the
+            # database's collation (C.UTF-8 here, compared through strcoll), 2 ms of 17 at 20,000 matching rows
+            # (1M x 512-d, 2026-12-07). Any fixed order would do: it only has to be the same on every replica.
             query = sql.SQL(
                 "WITH matching AS MATERIALIZED (SELECT id AS t, embedding_bq AS b FROM images WHERE {where} "
                 "LIMIT %s), "
                 "counted AS (SELECT count(*) AS n FROM matching), "
-                "candidates AS (SELECT t FROM matching ORDER BY b <~> ({query_bits}), t LIMIT %s) "
+                'candidates AS (SELECT t FROM matching ORDER BY b <~> ({query_bits}), t COLLATE "C" LIMIT %s) '
                 "SELECT id, 1 - d AS score, {meta}, (SELECT n FROM counted) FROM ("
                 "SELECT i.id, i.embedding <=> %s::{t} AS d, {meta_i} FROM images i "
                 "WHERE i.id = ANY(ARRAY(SELECT t FROM candidates)) OFFSET 0) r "
