@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Filtered search on two PostgreSQL databases holding the same rows, alternated query by query (issue #29).
+"""Filtered search on two PostgreSQL databases holding the same rows (or one database under two plan settings),
+alternated query by query (issue #29).
 
     DATABASE_URL=postgresql://.../a python bench/search_scale.py --n 1000000 --filter-selectivity 0.005,0.02 \\
         --filter-kinds folder,format,size,date --no-api ...        # loads the rows, and leaves them there
@@ -7,8 +8,13 @@
     python bench/filtered_ab.py postgresql://.../a postgresql://.../b --n 1000000 \\
         --filter-selectivity 0.005,0.02 --filter-kinds folder,format,size,date
 
+    python bench/filtered_ab.py URL URL --b-set ITERATIVE_EF_PER_RESULT_STRONG=2 ...   # one database, two plans
+
 Two layouts of one table measured one after the other meet different loads on a shared machine; this bench puts
-them side by side instead. ``--n``, ``--dim``, ``--seed``, ``--clusters``, ``--filter-selectivity``,
+them side by side instead. ``--b-set NAME=VALUE`` (repeatable) sets a constant of :mod:`app.vectordb.pgvector`
+(one :func:`search_scale.apply_filter_plan` overrides, e.g. ``ITERATIVE_EF_PER_RESULT_STRONG``,
+``EXACT_SEARCH_MAX_ROWS``, ``RERANK_SHARE``) for ``b``'s searches only: it is set before each of them and put
+back after. ``--n``, ``--dim``, ``--seed``, ``--clusters``, ``--filter-selectivity``,
 ``--filter-kinds`` and ``--metadata-order`` must be those ``bench/search_scale.py`` loaded the databases with: the
 rows, the queries, the filters and their exact filtered top-10 are generated again from them
 (:class:`search_scale.Mixture`, :class:`search_scale.SyntheticMetadata`). Per filter, each database's
@@ -54,9 +60,44 @@ def main() -> int:
     parser.add_argument("--filter-selectivity", type=lambda s: [float(x) for x in s.split(",")], required=True)
     parser.add_argument("--filter-kinds", type=lambda s: tuple(x for x in s.split(",") if x), default=("folder",))
     parser.add_argument("--metadata-order", choices=("random", "clustered"), default="random")
+    parser.add_argument(
+        "--measure",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="measure only the filters of these selectivities (default: all of --filter-selectivity, which must "
+        "still list every one the rows were loaded with)",
+    )
+    parser.add_argument(
+        "--b-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a constant of app.vectordb.pgvector for b's searches only (a number)",
+    )
     args = parser.parse_args()
 
+    import app.vectordb.pgvector as pgvector_module
     from app.vectordb.pgvector import PgVectorHandler
+
+    overrides = {}
+    for item in args.b_set:
+        name, _, value = item.partition("=")
+        if not hasattr(pgvector_module, name) or not value:
+            parser.error(f"--b-set {item!r}: not NAME=VALUE for a constant of app.vectordb.pgvector")
+        number = float(value)
+        overrides[name] = int(number) if number.is_integer() else number
+    defaults = {name: getattr(pgvector_module, name) for name in overrides}
+
+    def search(name: str, q: np.ndarray, filters):
+        """One search of handler ``name``, with ``--b-set`` in effect for ``b``."""
+        if name == "b":
+            for key, value in overrides.items():
+                setattr(pgvector_module, key, value)
+        try:
+            return handlers[name].search(q, search_scale.TOP_K, filters)
+        finally:
+            for key, value in defaults.items():
+                setattr(pgvector_module, key, value)
 
     clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
     mix = search_scale.Mixture(args.dim, clusters, args.seed)
@@ -77,18 +118,20 @@ def main() -> int:
     rows_out = []
     try:
         for kind, s, filters, mask in meta.filters():
+            if args.measure is not None and s not in args.measure:
+                continue
             rows = np.flatnonzero(mask)
             exact = rows[search_scale.exact_top_k(data[rows], queries, search_scale.TOP_K)]
-            for h in handlers.values():
+            for name in handlers:
                 for q in queries[: min(len(queries), 20)]:
-                    h.search(q, search_scale.TOP_K, filters)
+                    search(name, q, filters)
             before = {name: h.plan_counts() for name, h in handlers.items()}
             ms = {name: [] for name in handlers}
             recall = {name: [] for name in handlers}
             for qi, q in enumerate(queries):
                 for name in ("a", "b") if qi % 2 == 0 else ("b", "a"):
                     t = time.perf_counter()
-                    hits = handlers[name].search(q, search_scale.TOP_K, filters)
+                    hits = search(name, q, filters)
                     ms[name].append((time.perf_counter() - t) * 1000)
                     assert all(filters.matches(hit.metadata) for hit in hits)
                     found = {int(hit.id, 16) for hit in hits}
@@ -102,13 +145,15 @@ def main() -> int:
                     "p50_ms": p50,
                     "p95_ms": p95,
                     "plans": {p: after[p] - before[name][p] for p in PLANS},
+                    "last_ef": after.get("last_ef"),  # the latest iterative scan's hnsw.ef_search
                 }
             search_scale.log(json.dumps(row))
             rows_out.append(row)
     finally:
         for h in handlers.values():
             h.close()
-    print(json.dumps({"bench": "filtered_ab", "n": args.n, "dim": args.dim, "queries": args.queries, "rows": rows_out}))
+    line = {"bench": "filtered_ab", "n": args.n, "dim": args.dim, "queries": args.queries, "b_set": overrides}
+    print(json.dumps({**line, "rows": rows_out}))
     return 0
 
 

@@ -126,3 +126,12 @@ def test_filtered_ab_compares_two_databases_holding_the_same_rows(pg_server):
         assert r["a"]["recall_at_10"] >= 0.9 and r["b"]["recall_at_10"] >= 0.9
         assert sum(r["a"]["plans"].values()) == sum(r["b"]["plans"].values()) == 12
         assert 0 < r["a"]["p50_ms"] <= r["a"]["p95_ms"]
+    # one database, two plans: b's exact pass is switched off (EXACT_SEARCH_MAX_ROWS 0), a's is not
+    cmd = [*cmd[:2], url_a, url_a, *cmd[4:], "--b-set", "EXACT_SEARCH_MAX_ROWS=0", "--b-set", "EXACT_ALWAYS_ROWS=0"]
+    out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["b_set"] == {"EXACT_SEARCH_MAX_ROWS": 0, "EXACT_ALWAYS_ROWS": 0}
+    folder_2 = line["rows"][0]  # 60 of 3,000 rows: the exact pass, unless it is switched off
+    assert folder_2["a"]["plans"]["exact_pass"] == 12 and folder_2["b"]["plans"]["exact_pass"] == 0
+    assert folder_2["b"]["last_ef"] is not None
