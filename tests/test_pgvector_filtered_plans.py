@@ -151,8 +151,8 @@ def test_plan_parameters():
     assert iterative_ef(100, 0.9, 40) == 556
     assert iterative_ef(2000, 0.5, 40) == 2000  # HNSW returns at most ef_search rows
     # a graph built with ef_construction >= 128 finds the filtered top-10 with fewer candidates
-    assert ef_per_result(None) == ef_per_result(64) == 5 and ef_per_result(128) == ef_per_result(200) == 3
-    assert iterative_ef(10, 0.1, 160, ef_construction=128) == 300
+    assert ef_per_result(None) == ef_per_result(64) == 5 and ef_per_result(128) == ef_per_result(200) == 2.5
+    assert iterative_ef(10, 0.1, 160, ef_construction=128) == 250
     assert rerank_candidates(10) == 400 and rerank_candidates(100) == 1000
     assert rerank_candidates(10, 20_000) == 400 and rerank_candidates(10, 50_000) == 1000  # 2 % of the matching
     # exact pass: 5 % of the rows, at least 5,000, at most 50,000; 5,000 without embedding_bq
@@ -333,10 +333,10 @@ def test_a_database_hung_mid_calibration_does_not_hold_the_write(tmp_path, monke
         server.stop()
 
 
-@pytest.mark.parametrize(("ef_construction", "beam"), [(64, 500), (128, 300)])
+@pytest.mark.parametrize(("ef_construction", "beam"), [(64, 500), (128, 250)])
 def test_the_iterative_scan_sizes_its_beam_by_how_the_index_was_built(pg_server, monkeypatch, ef_construction, beam):
     """The iterative scan's ef_search for a filter keeping 10 % is 5 * top_k / 0.1 on a graph built with
-    pgvector's default ef_construction and 3 * top_k / 0.1 on one built with 128 or more, read from the index's
+    pgvector's default ef_construction and 2.5 * top_k / 0.1 on one built with 128 or more, read from the index's
     own reloptions (a collection keeps the index it was built with when the setting changes)."""
     monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 0)  # every filtered search walks the graph
     h = PgVectorHandler(create_database(pg_server), ef_search=10, hnsw_ef_construction=ef_construction)
