@@ -330,8 +330,8 @@ class Settings(BaseSettings):
     # 160), at a p50 under 10 ms on 2 cores; smaller collections reach it with less and pay little for 160.
     # ef_construction 128 (issue #29, "The graph's build beam"): recall@10 0.984 at ef_search 160, and a filter
     # keeping 10 % reaches 0.96-0.97 from ef_search 160 (0.945 with 64, which needed 500), so the filtered graph walk
-    # needs 40 % fewer candidates; the 1M build took 2.1-2.8x as long (16-18 min instead of 7 on 2 busy cores), the
-    # index is the same size (m sets it).
+    # needs half the candidates (2.5 per result instead of 5, "The iterative scan's first batch"); the 1M build took
+    # 2.1-2.8x as long (16-18 min instead of 7 on 2 busy cores), the index is the same size (m sets it).
     hnsw_m: int = Field(
         16,
         ge=2,
@@ -344,7 +344,7 @@ class Settings(BaseSettings):
         ge=4,
         le=1000,
         description="HNSW build beam width, ef_construction (pgvector's default is 64; 128 builds about twice as long "
-        "and finds filtered neighbours with 40 % fewer candidates). Applies to indexes built after a change "
+        "and finds filtered neighbours with half the candidates). Applies to indexes built after a change "
         "(docs/backends.md says how to rebuild an existing one).",
         json_schema_extra={"group": "vector database"},
     )
