@@ -103,8 +103,6 @@ VECTOR_TYPES = {"vector": (16000, "vector_cosine_ops"), "halfvec": (16000, "half
 _HNSW_MAX_DIM = {"vector": 2000, "halfvec": 4000}
 
 
-#: seconds a call may run past ``statement_timeout`` before the client gives up on the server (the settings' rule)
-DEADLINE_GRACE_S = DB_DEADLINE_GRACE_S
 #: extra statement time an upsert gets per row, seconds: HNSW inserts ran at 836 rows/s (1.2 ms each) into a small
 #: collection on machine A (docs/benchmarks.md, "Backends on the same vectors"); eight times that leaves room for
 #: large graphs and a loaded machine, so batch writes (migrate.py's 1,000 rows) are not cut by DB_STATEMENT_TIMEOUT_S.
@@ -337,8 +335,8 @@ def _sync_filter_indexes(conn: psycopg.Connection) -> list[str]:
     if replaced:
         # A new collection passes here too (its plain indexes came before its embedding_bq): only a table holding
         # rows is a migration worth telling the operator about.
-        rows = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
         if conn.execute("SELECT EXISTS (SELECT 1 FROM images)").fetchone()[0]:
+            rows = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'images'::regclass").fetchone()[0]
             log.info(
                 "Rebuilding %d filter indexes as covering indexes (issue #29, once; about 15 s per index at a "
                 "million rows, the table holds about %d): %s",
@@ -453,7 +451,7 @@ class PgVectorHandler(VectorDBHandler):
         collection: the collection (schema) to open; ``None``: the database's active one, read once, here.
         statement_timeout_s: PostgreSQL ``statement_timeout`` of the pooled connections, seconds (``None`` or 0:
             none). Every call but the maintenance ones (index builds, collection switches) also gets a client-side
-            deadline of ``statement_timeout_s + DEADLINE_GRACE_S``: past it the connection's socket is shut down
+            deadline of ``statement_timeout_s + DB_DEADLINE_GRACE_S``: past it the connection's socket is shut down
             (app/vectordb/deadline.py) and the call raises :class:`DatabaseUnavailableError`, so a server that hangs
             (SIGSTOP, a network dropping packets) costs a request that long, not as long as it hangs. Connecting
             waits at most ``timeout_s`` (libpq ``connect_timeout``).
@@ -507,7 +505,7 @@ class PgVectorHandler(VectorDBHandler):
             statement_timeout_s=statement_timeout_s,
         )
         self._statement_timeout_ms = int(round((statement_timeout_s or 0) * 1000))
-        self._deadline_s = (statement_timeout_s + DEADLINE_GRACE_S) if statement_timeout_s else None
+        self._deadline_s = (statement_timeout_s + DB_DEADLINE_GRACE_S) if statement_timeout_s else None
         self._deadlines = Deadlines("pgvector-deadlines")
         # libpq counts connect_timeout in whole seconds, at least 2 (values 1 are raised to 2).
         connect_timeout = max(2, int(round(timeout_s)))
@@ -622,7 +620,7 @@ class PgVectorHandler(VectorDBHandler):
     def _run(self, fn, *, deadline_s: float | None | bool = True):
         """Run ``fn(conn)`` on a pooled connection, mapping connection failures to 503s.
 
-        ``deadline_s``: ``True``: the handler's deadline (``statement_timeout_s + DEADLINE_GRACE_S``); a number:
+        ``deadline_s``: ``True``: the handler's deadline (``statement_timeout_s + DB_DEADLINE_GRACE_S``); a number:
         that many seconds; ``False``: none, and ``statement_timeout`` is lifted for the call (index builds and
         other maintenance that may take minutes, or wait on a lock).
 
