@@ -17,7 +17,7 @@ them side by side instead. ``--b-set NAME=VALUE`` (repeatable) sets a constant o
 back after. ``--n``, ``--dim``, ``--seed``, ``--clusters``, ``--filter-selectivity``,
 ``--filter-kinds`` and ``--metadata-order`` must be those ``bench/search_scale.py`` loaded the databases with: the
 rows, the queries, the filters and their exact filtered top-10 are generated again from them
-(:class:`search_scale.Mixture`, :class:`search_scale.SyntheticMetadata`). Per filter, each database's
+(:func:`search_scale.synthetic_data`, :class:`search_scale.SyntheticMetadata`). Per filter, each database's
 :class:`~app.vectordb.pgvector.PgVectorHandler` is warmed with 20 searches, then the ``--queries`` searches run
 alternately (``a, b`` for even queries, ``b, a`` for odd ones), one at a time.
 
@@ -99,15 +99,7 @@ def main() -> int:
             for key, value in defaults.items():
                 setattr(pgvector_module, key, value)
 
-    clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
-    mix = search_scale.Mixture(args.dim, clusters, args.seed)
-    data = np.concatenate(
-        [
-            mix.sample(min(args.chunk, args.n - s), seed=args.seed * 1_000_003 + 1 + s // args.chunk)
-            for s in range(0, args.n, args.chunk)
-        ]
-    )
-    queries = mix.sample(args.queries, seed=args.seed * 1_000_003 + 999_999)
+    data, queries = search_scale.synthetic_data(args.n, args.dim, args.seed, args.chunk, args.queries, args.clusters)
     meta = search_scale.SyntheticMetadata(
         args.n, args.filter_selectivity, args.seed, args.filter_kinds, args.metadata_order
     )

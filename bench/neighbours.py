@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.search_scale import MODEL_ID, Mixture, copy_rows, log  # noqa: E402
+from bench.search_scale import MODEL_ID, copy_rows, log, synthetic_data  # noqa: E402
 
 
 def cpu_seconds(pgdata: Path | None) -> float:
@@ -72,14 +72,7 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=50_000)
     args = parser.parse_args()
 
-    clusters = int(np.clip(args.n // 250, 50, 5000))
-    mix = Mixture(args.dim, clusters, args.seed)
-    data = np.concatenate(
-        [
-            mix.sample(min(args.chunk, args.n - s), seed=args.seed * 1_000_003 + 1 + s // args.chunk)
-            for s in range(0, args.n, args.chunk)
-        ]
-    )
+    data, _ = synthetic_data(args.n, args.dim, args.seed, args.chunk)
     with tempfile.TemporaryDirectory(prefix="bench-neighbours-") as tmp:
         tmp = Path(tmp)
         embedded, pgdata = None, None

@@ -136,6 +136,25 @@ class Mixture:
         return x.astype(np.float32)
 
 
+def default_clusters(n: int) -> int:
+    """Mixture centres for ``n`` rows when ``--clusters`` is not given: ``n / 250``, at least 50, at most 5,000."""
+    return int(np.clip(n // 250, 50, 5000))
+
+
+def synthetic_data(
+    n: int, dim: int, seed: int, chunk: int, queries: int = 0, clusters: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, queries)``: ``(n, dim)`` and ``(queries, dim)`` float32 unit vectors of one :class:`Mixture`
+    (``clusters`` centres, default :func:`default_clusters`). The rows are drawn in blocks of ``chunk``, block ``b``
+    seeded ``seed * 1_000_003 + 1 + b``, the queries with ``seed * 1_000_003 + 999_999``: the one definition every
+    bench that reopens rows this script loaded (``filtered_ab.py``) or loads the same ones (``neighbours.py``) uses."""
+    mix = Mixture(dim, clusters or default_clusters(n), seed)
+    rows = np.concatenate(
+        [mix.sample(min(chunk, n - s), seed=seed * 1_000_003 + 1 + s // chunk) for s in range(0, n, chunk)]
+    )
+    return rows, mix.sample(queries, seed=seed * 1_000_003 + 999_999)
+
+
 def exact_top_k(data: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000) -> np.ndarray:
     """Row indices of the exact top-``k`` cosine neighbours (unit vectors: dot product), ``(Q, k)`` int64."""
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
@@ -957,7 +976,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.compare_halfvec and (args.vector_type != "vector" or args.backend != "pgvector"):
         parser.error("--compare-halfvec compares against --backend pgvector --vector-type vector")
-    clusters = args.clusters or int(np.clip(args.n // 250, 50, 5000))
+    clusters = args.clusters or default_clusters(args.n)
     if any(not 0 < s < 1 for s in args.filter_selectivity):
         parser.error("--filter-selectivity takes fractions strictly between 0 and 1")
     if any(k not in FILTER_KINDS for k in args.filter_kinds):
@@ -967,14 +986,7 @@ def main() -> int:
     filter_plan = apply_filter_plan(args)
 
     t0 = time.perf_counter()
-    mix = Mixture(args.dim, clusters, args.seed)
-    data = np.concatenate(
-        [
-            mix.sample(min(args.chunk, args.n - s), seed=args.seed * 1_000_003 + 1 + s // args.chunk)
-            for s in range(0, args.n, args.chunk)
-        ]
-    )
-    queries = mix.sample(args.queries, seed=args.seed * 1_000_003 + 999_999)
+    data, queries = synthetic_data(args.n, args.dim, args.seed, args.chunk, args.queries, clusters)
     exact = exact_top_k(data, queries, TOP_K)
     log(
         f"generated {args.n:,} x {args.dim} ({clusters} clusters) + exact top-{TOP_K} "
