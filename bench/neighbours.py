@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.search_scale import MODEL_ID, copy_rows, log, synthetic_data  # noqa: E402
+from bench.search_scale import MODEL_ID, SyntheticMetadata, copy_rows, log, synthetic_data  # noqa: E402
 
 
 def cpu_seconds(pgdata: Path | None) -> float:
@@ -101,8 +101,9 @@ def main() -> int:
                 raise SystemExit("the images table is not empty; point DATABASE_URL at an empty database")
             loader.drop_index()
             t0 = time.perf_counter()
+            meta = SyntheticMetadata(len(data), [], args.seed)  # no filters: every row synthetic/<i>, as before
             for start in range(0, len(data), args.chunk):
-                copy_rows(url, data[start : start + args.chunk], start, "vector")
+                copy_rows(url, data[start : start + args.chunk], start, "vector", meta)
             load_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             loader.create_index(maintenance_work_mem="2GB", parallel_workers=2)
