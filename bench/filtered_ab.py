@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import search_scale  # noqa: E402  (bench/ is not a package)
 
-PLANS = ("exact_pass", "iterative", "exact_fallback")
+PLANS = ("exact_pass", "iterative", "exact_fallback", "row_counts")
 
 
 def main() -> int:

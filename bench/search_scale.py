@@ -576,7 +576,7 @@ def _plan_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> 
     :meth:`PgVectorHandler.plan_counts` (``last_ef`` as it is after them); ``None`` for other backends."""
     if before is None or after is None:
         return None
-    out = {k: after[k] - before.get(k, 0) for k in ("exact_pass", "iterative", "exact_fallback")}
+    out = {k: after[k] - before.get(k, 0) for k in ("exact_pass", "iterative", "exact_fallback", "row_counts")}
     if "last_ef" in after:
         out["last_ef"] = after["last_ef"]
     return out
@@ -593,11 +593,29 @@ def _planner_estimate(handler, filters) -> float | None:
     return handler._run(lambda conn: handler._estimated_rows(conn, where, params))
 
 
+def _first_searches_ms(handler, queries: np.ndarray, filters, n: int = 100) -> list[float]:
+    """pgvector: latency (ms) of ``n`` searches that each find ``filters`` new to the handler (what it knew of the
+    filter's rows forgotten first, so each one estimates and counts them again, as the first search of a filter
+    does); the other searches of :func:`measure_filtered` reuse the count for its TTL. Empty for other backends."""
+    known = getattr(handler, "_filter_rows", None)
+    if known is None:
+        return []
+    ms = []
+    for q in queries[:n]:
+        known.clear()
+        t = time.perf_counter()
+        handler.search(q, TOP_K, filters)
+        ms.append((time.perf_counter() - t) * 1000)
+    return ms
+
+
 def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, meta: SyntheticMetadata) -> list[dict]:
     """Per filter of ``meta`` (kind x selectivity) and per ``ef_search`` in ``args.filter_ef``: recall@10 of the
     filtered search against exact (numpy) filtered search over the matching rows, the share of searches that
     returned all 10 rows, latency (ms, client side, one search at a time after a warm-up), and on pgvector the
-    planner's row estimate and which plan answered how many searches. Empty without ``--filter-selectivity``."""
+    planner's row estimate, which plan answered how many searches (and how many counted the filter's rows) and the
+    latency of a filter's first search (``p50_first_ms``, :func:`_first_searches_ms`). Empty without
+    ``--filter-selectivity``."""
     results = []
     for kind, s, filters, mask in meta.filters():
         rows = np.flatnonzero(mask)
@@ -620,6 +638,7 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                     recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
                     full += len(hits) == TOP_K
                 plans = _plan_delta(plans_before, counts() if counts else None)
+                first_ms = _first_searches_ms(h, queries, filters)
             finally:
                 h.close()
             p50, p95, _ = percentiles(ms)
@@ -633,6 +652,8 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                 "p50_ms": p50,
                 "p95_ms": p95,
             }
+            if first_ms:
+                row["p50_first_ms"], row["p95_first_ms"], _ = percentiles(first_ms)
             if estimate is not None:
                 row["planner_estimate"] = round(estimate)
                 row["plans"] = plans

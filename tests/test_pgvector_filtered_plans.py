@@ -71,12 +71,12 @@ def test_new_collections_rank_selective_filters_by_their_binary_quantisation(han
     by_id = {r.id: r for r in records}
     assert all(h.score == pytest.approx(float(by_id[h.id].vector @ query), abs=1e-5) for h in hits)  # cosine
     assert not iterative
-    assert handler.plan_counts() == {"exact_pass": 1, "iterative": 0, "exact_fallback": 0}
+    assert handler.plan_counts() == {"exact_pass": 1, "iterative": 0, "exact_fallback": 0, "row_counts": 1}
 
 
 def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handler, monkeypatch):
-    """The planner says 1 row; 450 of 500 match and the exact pass's limit is 100: the pass counts past its limit,
-    gives up, and the iterative scan answers (with ef_search raised for the real selectivity), still correct."""
+    """The planner says 1 row; 450 of 500 match and the exact pass's limit is 100: the count stops past the limit,
+    and the iterative scan answers (with ef_search raised for the real selectivity), still correct."""
     handler.ensure_collection("m", DIM)
     records = _records(500, 2, rare_every=1)  # every row in rare/
     records = [replace(r, metadata=replace(r.metadata, filename=f"rare/{i}.jpg")) for i, r in enumerate(records)]
@@ -99,7 +99,13 @@ def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handle
     assert len(hits) == 10 and all(h.metadata.filename.startswith("rare/") for h in hits)
     assert len({h.id for h in hits} & set(_exact(records[:450], query, "rare/", 10))) >= 9
     assert len(efs) == 1 and efs[0] >= 10
-    assert handler.plan_counts() == {"exact_pass": 0, "iterative": 1, "exact_fallback": 0, "last_ef": efs[0]}
+    assert handler.plan_counts() == {
+        "exact_pass": 0,
+        "iterative": 1,
+        "exact_fallback": 0,
+        "row_counts": 1,
+        "last_ef": efs[0],
+    }
 
 
 def test_collections_from_before_embedding_bq(pg_server, monkeypatch, caplog):
@@ -383,7 +389,7 @@ class _ExplainingConnection:
         self._conn, self._plans = conn, plans
 
     def execute(self, query, params=None, **kwargs):
-        if isinstance(query, pgvector_module.sql.Composable) and "WITH matching" in query.as_string(self._conn):
+        if isinstance(query, pgvector_module.sql.Composable) and "candidates AS" in query.as_string(self._conn):
             explain = pgvector_module.sql.SQL("EXPLAIN (FORMAT JSON) ") + query
             plan = self._conn.execute(explain, params, prepare=False).fetchone()[0]
             self._plans.append(_plan_nodes(plan[0]["Plan"]))
@@ -428,24 +434,32 @@ def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE images")
         plans: list[list[str]] = []
-        bounded = PgVectorHandler._bounded_exact_search
+        exact_pass = PgVectorHandler._exact_pass
         monkeypatch.setattr(
             PgVectorHandler,
-            "_bounded_exact_search",
-            lambda self, conn, *a: bounded(self, _ExplainingConnection(conn, plans), *a),
+            "_exact_pass",
+            lambda self, conn, *a, **k: exact_pass(self, _ExplainingConnection(conn, plans), *a, **k),
         )
         query = records[5].vector
 
-        def exact(keep) -> list[str]:
+        def exact_for(q, keep) -> list[str]:
             rows = [r for r in records if keep(r.metadata)]
-            scores = np.array([float(r.vector @ query) for r in rows])
+            scores = np.array([float(r.vector @ q) for r in rows])
             return [rows[i].id for i in np.argsort(-scores, kind="stable")[:10]]
+
+        def exact(keep) -> list[str]:
+            return exact_for(query, keep)
 
         hits = h.search(query, 10, SearchFilter.create(formats=["png"]))
         assert [x.id for x in hits] == exact(lambda m: m.format == "PNG")
         assert len(plans) == 1, plans
         assert "Index Only Scan images_format_upper" in plans[0], plans
         assert "Index Scan images_pkey" in plans[0], plans  # the candidates, by primary key
+        # the same filter again: counted before, its rows go straight into the top-N sort, by the same scan
+        again = h.search(records[6].vector, 10, SearchFilter.create(formats=["png"]))
+        assert [x.id for x in again] == exact_for(records[6].vector, lambda m: m.format == "PNG")
+        assert "Index Only Scan images_format_upper" in plans[1] and "CTE Scan" not in plans[1], plans
+        plans.pop(1)
         hits = h.search(query, 10, SearchFilter.create(min_width=50))
         assert [x.id for x in hits] == exact(lambda m: m.width >= 50)
         assert "Index Only Scan images_width" in plans[1], plans
@@ -453,7 +467,7 @@ def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan
         hits = h.search(query, 10, SearchFilter.create(formats=["png"], min_width=50))
         assert [x.id for x in hits] == exact(lambda m: m.format == "PNG" and m.width >= 50)
         print("two-column filter's plan:", plans[2])
-        assert h.plan_counts()["exact_pass"] == 3
+        assert h.plan_counts()["exact_pass"] == 4 and h.plan_counts()["row_counts"] == 3
     finally:
         h.close()
 

@@ -19,10 +19,13 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
   bytes at 512-d, kept in the row, as is the vector itself since ``sql/init.sql`` sets ``toast_tuple_target``; a
   bit is set when its component exceeds the collection's median, :func:`bq_thresholds`, from the collection's
   :data:`BQ_CALIBRATION_ROWS`-th row on), and the best :func:`rerank_candidates` of them are ranked again by exact
-  cosine distance. The row count is not trusted to the planner: its estimate picks the exact pass, and the same
-  statement counts the matching rows it read (at most the limit plus one), so an estimate that was too low
-  (measured: 100 for a nested folder holding 5,018 of 1M rows) falls through to the next plan after one bounded
-  read instead of ranking far more rows than intended.
+  cosine distance. The row count is not trusted to the planner: when its estimate is within the limit, the
+  matching rows are counted first (at most the limit plus one, one index-only scan), so an estimate that was too
+  low (measured: 100 for a nested folder holding 5,067 of 1M rows) sends the search to the next plan after one
+  bounded read instead of ranking far more rows than intended. What a filter matched is kept for
+  :data:`~app.vectordb.filter_rows.FILTER_ROWS_TTL_S` (:mod:`app.vectordb.filter_rows`): the same filter searched
+  again goes straight to its plan, without estimate or count. The exact pass itself has no row limit, so rows added
+  since the count are ranked too: a stale count makes it slower, never wrong.
 * **iterative index scan** otherwise (``SET LOCAL hnsw.iterative_scan = relaxed_order``, ``ITERATIVE_SCAN``) with
   ``hnsw.ef_search`` raised by :func:`iterative_ef` to about ``per_result * top_k / s`` (at most 1,000, pgvector's
   limit; ``per_result`` from :func:`ef_per_result`, by how well the index was built), so that the first candidates
@@ -82,6 +85,7 @@ from app.vectordb.base import (
     validate_collection_name,
 )
 from app.vectordb.deadline import Deadlines, shutdown_socket
+from app.vectordb.filter_rows import FilterRows, FilterRowsCache
 
 if TYPE_CHECKING:
     from app.config import Settings
@@ -539,7 +543,8 @@ class PgVectorHandler(VectorDBHandler):
         # (time.monotonic(), rows, the HNSW index's ef_construction), see _table_stats
         self._table_stats_cache: tuple[float, float, int | None] = (-float("inf"), 0.0, None)
         self._plans_lock = threading.Lock()
-        self._plans: dict[str, int] = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0}
+        self._plans: dict[str, int] = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0, "row_counts": 0}
+        self._filter_rows = FilterRowsCache()  # what recent filters matched (app/vectordb/filter_rows.py)
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
             self._vector_type = self._stored_vector_type() or "vector"
@@ -940,24 +945,39 @@ class PgVectorHandler(VectorDBHandler):
                 ef = self._ef_search if ef_search is None else int(ef_search)
                 if where is None:
                     return self._index_search(conn, v, top_k, ef=ef)
-                return self._filtered_search(conn, v, top_k, where, params, ef)
+                return self._filtered_search(conn, v, top_k, filters, where, params, ef)
 
         return [SearchHit(r[0], float(r[1]), _metadata(r[2:])) for r in self._run(_search)]
 
     def _filtered_search(
-        self, conn: psycopg.Connection, v: np.ndarray, top_k: int, where: sql.Composable, params: Sequence, ef: int
+        self,
+        conn: psycopg.Connection,
+        v: np.ndarray,
+        top_k: int,
+        filters: SearchFilter,
+        where: sql.Composable,
+        params: Sequence,
+        ef: int,
     ) -> list:
         """The plans of the module docstring, in the caller's transaction."""
         total, ef_construction = self._table_stats(conn)
         limit = exact_pass_limit(total, bq=self._has_bq)
-        estimate = self._estimated_rows(conn, where, params)
-        if estimate <= limit:
-            rows = self._bounded_exact_search(conn, v, top_k, where, params, limit, estimate)
-            if rows is not None:
+        known = self._filter_rows.get(filters)
+        if known is None:
+            estimate = self._estimated_rows(conn, where, params)
+            matching = None
+            if estimate <= limit:
+                rows, matching = self._exact_pass(conn, v, top_k, where, params, estimate, count_up_to=limit)
+            # Only a new value is stored: storing it again on every search would keep a busy filter's count forever.
+            known = FilterRows(estimate, matching)
+            self._filter_rows.put(filters, known)
+            if matching is not None and matching <= limit:
                 self._count_plan("exact_pass")
                 return rows
-            estimate = max(estimate, limit + 1)  # more rows match than the planner estimated
-        selectivity = min(1.0, estimate / total) if total > 0 else 1.0
+        elif known.matching is not None and known.matching <= limit:
+            self._count_plan("exact_pass")
+            return self._exact_pass(conn, v, top_k, where, params, known.estimate)[0]
+        selectivity = min(1.0, known.rows / total) if total > 0 else 1.0
         # pgvector 0.8: keep scanning the graph until enough rows pass the filter (or max_scan_tuples).
         conn.execute(sql.SQL("SET LOCAL hnsw.iterative_scan = {}").format(sql.SQL(ITERATIVE_SCAN)))
         beam = iterative_ef(top_k, selectivity, ef, ef_construction)
@@ -976,75 +996,93 @@ class PgVectorHandler(VectorDBHandler):
 
     def plan_counts(self) -> dict[str, int]:
         """How many filtered searches of this handler each plan of the module docstring answered (``exact_pass``,
-        ``iterative``, ``exact_fallback``; a search whose exact pass gave up counts under the plan that answered),
-        and ``last_ef``, the ``hnsw.ef_search`` of the latest iterative scan: a copy, for benchmarks and
-        diagnostics."""
+        ``iterative``, ``exact_fallback``), how many of them counted their filter's rows first (``row_counts``; a
+        filter searched again within :data:`~app.vectordb.filter_rows.FILTER_ROWS_TTL_S` is not counted again), and
+        ``last_ef``, the ``hnsw.ef_search`` of the latest iterative scan: a copy, for benchmarks and diagnostics."""
         with self._plans_lock:
             return dict(self._plans)
 
-    def _bounded_exact_search(
+    def _exact_pass(
         self,
         conn: psycopg.Connection,
         v: np.ndarray,
         top_k: int,
         where,
         params: Sequence,
-        limit: int,
         estimate: float,
-    ) -> list | None:
-        """The exact pass of the module docstring over the rows matching ``where``, or ``None`` (nothing ranked for
-        the caller) when more than ``limit`` rows match; ``estimate``, the planner's row count, sizes the re-ranked
-        candidates (:func:`rerank_candidates`). One statement: the matching rows are read once (at most
-        ``limit + 1``), counted, and ranked."""
-        # The materialized rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
-        conn.execute("SET LOCAL work_mem = '64MB'")
+        *,
+        count_up_to: int | None = None,
+    ) -> tuple[list, int | None]:
+        """The exact pass of the module docstring over the rows matching ``where``: ``(rows, matching)``.
+
+        ``count_up_to``: the rows are also counted, in the same statement, which then reads at most
+        ``count_up_to + 1`` of them: ``matching`` is their number, and when it is past ``count_up_to`` the rows
+        ranked were only some of those matching (the caller discards them). ``None``: the filter was counted
+        before (:class:`~app.vectordb.filter_rows.FilterRows`), every matching row is ranked, ``matching`` is
+        ``None``. ``estimate``, the planner's row count, sizes the re-ranked candidates (:func:`rerank_candidates`):
+        the same input on every replica, counted or not, so they all return the same rows."""
         t = sql.SQL(self._vector_type)
-        if self._has_bq:
-            # The matching rows are kept as (id, bits), 68 + 64-160 bytes, and the re-ranked candidates fetched by
-            # primary key. Not ctid (a TID scan, which had been 20-35 % faster at 200,000 rows read from the heap,
-            # docs/benchmarks.md): an index-only scan cannot return ctid, and with id and bits in the covering
-            # filter indexes (FILTER_INDEXES) a one-column filter reads its matching rows by an Index Only Scan
-            # instead of one heap page per scattered row: 1M x 512-d, 20,000 matching rows 25.3 -> 11.7 ms,
-            # 50,000 rows 51 -> 25 ms (bench/exact_pass_layout.py, 2026-12-07). The planner chooses the scan:
-            # several filter columns may still combine their indexes in a bitmap heap scan. The distance is
-            # computed once per candidate (each computation reads the vector again); OFFSET 0 keeps the
-            # subquery from being merged into the outer query. Hamming distances are small integers, so thousands of
-            # matching rows tie and the top-N sort compares their ids: byte-wise (COLLATE "C") instead of under the
-            # database's collation (C.UTF-8 here, compared through strcoll), 2 ms of 17 at 20,000 matching rows
-            # (1M x 512-d, 2026-12-07). Any fixed order would do: it only has to be the same on every replica.
-            query = sql.SQL(
-                "WITH matching AS MATERIALIZED (SELECT id AS t, embedding_bq AS b FROM images WHERE {where} "
-                "LIMIT %s), "
-                "counted AS (SELECT count(*) AS n FROM matching), "
-                'candidates AS (SELECT t FROM matching ORDER BY b <~> ({query_bits}), t COLLATE "C" LIMIT %s) '
-                "SELECT id, 1 - d AS score, {meta}, (SELECT n FROM counted) FROM ("
-                "SELECT i.id, i.embedding <=> %s::{t} AS d, {meta_i} FROM images i "
-                "WHERE i.id = ANY(ARRAY(SELECT t FROM candidates)) OFFSET 0) r "
-                "ORDER BY d, id LIMIT %s"
-            ).format(
-                where=where,
-                t=t,
-                query_bits=self._query_bits_sql(),
-                meta=sql.SQL(_META_COLUMNS),
-                meta_i=sql.SQL(_prefixed_meta("i")),
-            )
-            # A constant LIMIT (from the planner's estimate, not the count in SQL): with a LIMIT it cannot see, the
-            # planner guesses the candidates' number and may fetch them by a sequential scan of the whole table.
-            rerank = rerank_candidates(top_k, int(estimate))
-            args = (*params, limit + 1, v, COLLECTION, v, rerank, v, top_k)
-        else:
+        if count_up_to is None and not self._has_bq:
+            return self._exact_search(conn, v, top_k, where, params), None
+        if count_up_to is not None:
+            self._count_plan("row_counts")
+            # The counted rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
+            conn.execute("SET LOCAL work_mem = '64MB'")
+        if not self._has_bq:  # a collection from before issue #29 ranks its vectors (at most EXACT_ALWAYS_ROWS)
             self._exact_settings(conn)
             query = sql.SQL(
-                "WITH matching AS MATERIALIZED (SELECT id, embedding, {meta} FROM images WHERE {where} LIMIT %s), "
-                "counted AS (SELECT count(*) AS n FROM matching) "
-                "SELECT id, 1 - (embedding <=> %s::{t}) AS score, {meta}, (SELECT n FROM counted) "
+                "WITH matching AS MATERIALIZED (SELECT id, embedding, {meta} FROM images WHERE {where} LIMIT %s) "
+                "SELECT id, 1 - (embedding <=> %s::{t}) AS score, {meta}, (SELECT count(*) FROM matching) "
                 "FROM matching ORDER BY embedding <=> %s::{t}, id LIMIT %s"
             ).format(where=where, t=t, meta=sql.SQL(_META_COLUMNS))
-            args = (*params, limit + 1, v, v, top_k)
+            rows = conn.execute(query, (*params, count_up_to + 1, v, v, top_k), prepare=FILTERED_PREPARE).fetchall()
+            return [r[:-1] for r in rows], int(rows[0][-1]) if rows else 0
+        # The matching rows are read as (id, bits), by an Index Only Scan where one filter column's covering index
+        # (FILTER_INDEXES) serves the filter: 1M x 512-d, 20,000 matching rows 25.3 -> 11.7 ms against one heap page
+        # per scattered row (bench/exact_pass_layout.py, 2026-12-07); several filter columns may still combine their
+        # indexes in a bitmap heap scan, the planner chooses. Not ctid, which an index-only scan cannot return: the
+        # candidates are fetched again by primary key. Hamming distances are small integers, so thousands of
+        # matching rows tie and the top-N sort compares their ids: byte-wise (COLLATE "C") instead of under the
+        # database's collation (C.UTF-8 here, compared through strcoll), 2 ms of 17 at 20,000 matching rows (1M x
+        # 512-d, 2026-12-07). Any fixed order would do: it only has to be the same on every replica.
+        if count_up_to is not None:
+            # Counting keeps the rows read in a materialized CTE, read twice. Not a count of its own before the
+            # pass: that reads the rows a second time, and where two filter columns meet in a bitmap heap scan it
+            # cost as much as the pass (docs/benchmarks.md, "A filter's rows counted once").
+            candidates = (
+                "WITH matching AS MATERIALIZED (SELECT id AS t, embedding_bq AS b FROM images WHERE {where} LIMIT %s), "
+                'candidates AS (SELECT t FROM matching ORDER BY b <~> ({query_bits}), t COLLATE "C" LIMIT %s) '
+            )
+            count = "(SELECT count(*) FROM matching)"
+        else:
+            # Counted before: the rows go straight into the top-N sort, 2 % of 1M x 512-d rows 20.7 -> 11.4 ms.
+            candidates = (
+                "WITH candidates AS (SELECT id AS t FROM images WHERE {where} "
+                'ORDER BY embedding_bq <~> ({query_bits}), id COLLATE "C" LIMIT %s) '
+            )
+            count = "NULL"
+        # The distance is computed once per candidate (each computation reads the vector again); OFFSET 0 keeps the
+        # subquery from being merged into the outer query.
+        query = sql.SQL(
+            candidates + "SELECT id, 1 - d AS score, {meta}, " + count + " FROM ("
+            "SELECT i.id, i.embedding <=> %s::{t} AS d, {meta_i} FROM images i "
+            "WHERE i.id = ANY(ARRAY(SELECT t FROM candidates)) OFFSET 0) r "
+            "ORDER BY d, id LIMIT %s"
+        ).format(
+            where=where,
+            t=t,
+            query_bits=self._query_bits_sql(),
+            meta=sql.SQL(_META_COLUMNS),
+            meta_i=sql.SQL(_prefixed_meta("i")),
+        )
+        # A constant LIMIT (from the planner's estimate, not the count in SQL): with a LIMIT it cannot see, the
+        # planner guesses the candidates' number and may fetch them by a sequential scan of the whole table.
+        ranked = (v, COLLECTION, v, rerank_candidates(top_k, int(estimate)), v, top_k)
+        args = (*params, *ranked) if count_up_to is None else (*params, count_up_to + 1, *ranked)
         rows = conn.execute(query, args, prepare=FILTERED_PREPARE).fetchall()
-        if rows and rows[0][-1] > limit:
-            return None
-        return [r[:-1] for r in rows]
+        if count_up_to is None:
+            return [r[:-1] for r in rows], None
+        return [r[:-1] for r in rows], int(rows[0][-1]) if rows else 0
 
     def _query_bits_sql(self) -> sql.Composed:
         """The query's binary quantisation as ``embedding_bq`` holds the rows' (params: vector, collection name,

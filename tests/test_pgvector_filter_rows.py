@@ -1,0 +1,168 @@
+"""What a filter matched, kept per handler (app/vectordb/filter_rows.py, issue #29), on a real PostgreSQL: a filter
+searched again is neither estimated nor counted again, a stale count never loses a row, a filter that matched past
+the exact pass's limit goes straight to the iterative scan, and entries expire."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+import app.vectordb.pgvector as pgvector_module
+from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
+from app.vectordb.filter_rows import FilterRows, FilterRowsCache
+from app.vectordb.pgvector import PgVectorHandler
+from tests.helpers import create_database
+
+DIM = 32
+
+
+def _records(n: int, seed: int, folder_every: int = 5) -> list[ImageRecord]:
+    """``n`` unit vectors; every ``folder_every``-th in ``trip/``, the rest in ``home/``."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    now = datetime.now(UTC)
+    folder = ["trip" if i % folder_every == 0 else "home" for i in range(n)]
+    return [
+        ImageRecord(f"{i:064x}", v[i], ImageMetadata(f"{folder[i]}/{i}.jpg", "JPEG", 8, 8, 1, now)) for i in range(n)
+    ]
+
+
+def _exact(records: list[ImageRecord], query: np.ndarray, prefix: str, k: int) -> list[str]:
+    rows = [r for r in records if r.metadata.filename.startswith(prefix)]
+    scores = np.array([float(r.vector @ query) for r in rows])
+    return [rows[i].id for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.fixture
+def handler(pg_server):
+    h = PgVectorHandler(create_database(pg_server), ef_search=10)
+    h.ensure_collection("m", DIM)
+    yield h
+    h.close()
+
+
+def _spy_estimates(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    estimate = PgVectorHandler._estimated_rows
+    monkeypatch.setattr(PgVectorHandler, "_estimated_rows", staticmethod(lambda *a: calls.append(1) or estimate(*a)))
+    return calls
+
+
+def test_a_filter_searched_again_is_neither_estimated_nor_counted_again(handler, monkeypatch):
+    records = _records(400, 1)
+    handler.upsert(records)
+    estimates = _spy_estimates(monkeypatch)
+    trip = SearchFilter.create(path_prefix="trip")
+    for q in (records[3].vector, records[4].vector, records[3].vector):
+        assert [h.id for h in handler.search(q, 10, trip)] == _exact(records, q, "trip/", 10)
+    plans = handler.plan_counts()
+    assert plans["exact_pass"] == 3 and plans["row_counts"] == 1 and len(estimates) == 1
+    # another filter is counted on its own; an equal filter built again is the same key
+    handler.search(records[3].vector, 10, SearchFilter.create(path_prefix="home"))
+    handler.search(records[3].vector, 10, SearchFilter.create(path_prefix="trip/"))
+    assert handler.plan_counts()["row_counts"] == 2 and len(estimates) == 2
+
+
+def test_rows_written_after_the_count_are_still_found(handler):
+    """The count is only a plan: the exact pass ranks every row matching when it runs, so a row added to the
+    folder since (the query itself, the nearest possible) is the first answer, and a deleted one is gone."""
+    records = _records(400, 2)
+    handler.upsert(records)
+    trip = SearchFilter.create(path_prefix="trip")
+    query = records[7].vector  # in home/
+    assert records[7].id not in {h.id for h in handler.search(query, 10, trip)}
+    moved = replace(records[7], metadata=replace(records[7].metadata, filename="trip/moved.jpg"))
+    handler.upsert([moved])
+    hits = handler.search(query, 10, trip)
+    assert hits[0].id == records[7].id and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert handler.delete(hits[1].id)
+    after = handler.search(query, 10, trip)
+    assert hits[1].id not in {h.id for h in after} and len(after) == 10
+    assert handler.plan_counts()["row_counts"] == 1
+
+
+def test_a_filter_counted_past_the_limit_goes_straight_to_the_iterative_scan(handler, monkeypatch):
+    """The planner says 1 row, 200 of 400 match and the exact pass's limit is 100: the first search counts (stopping
+    at 101) and scans the graph; the next one scans the graph without estimate or count, sized the same way."""
+    records = _records(400, 3, folder_every=2)
+    handler.upsert(records)
+    monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 100)
+    monkeypatch.setattr(PgVectorHandler, "_estimated_rows", staticmethod(lambda conn, where, params: 1.0))
+    trip = SearchFilter.create(path_prefix="trip")
+    first = handler.search(records[2].vector, 10, trip)
+    plans = handler.plan_counts()
+    assert plans["iterative"] == 1 and plans["row_counts"] == 1
+    assert handler._filter_rows.get(trip) == FilterRows(1.0, 101)
+    second = handler.search(records[2].vector, 10, trip)
+    plans2 = handler.plan_counts()
+    assert plans2["iterative"] == 2 and plans2["row_counts"] == 1 and plans2["last_ef"] == plans["last_ef"]
+    assert [h.id for h in second] == [h.id for h in first]
+    assert len(set(h.id for h in second) & set(_exact(records, records[2].vector, "trip/", 10))) >= 9
+
+
+def test_entries_expire_and_the_least_recently_used_go_first():
+    now = [0.0]
+    cache = FilterRowsCache(maxsize=2, ttl_s=30.0, timer=lambda: now[0])
+    a, b, c = (SearchFilter.create(min_width=w) for w in (1, 2, 3))
+    cache.put(a, FilterRows(5.0, 5))
+    now[0] = 29.9
+    assert cache.get(a) == FilterRows(5.0, 5)
+    now[0] = 30.0
+    assert cache.get(a) is None  # counted 30 s ago: counted again
+    cache.put(a, FilterRows(1.0, 1))
+    cache.put(b, FilterRows(200_000.0))
+    cache.get(a)
+    cache.put(c, FilterRows(3.0, 3))
+    assert cache.get(b) is None and cache.get(a) is not None and cache.get(c) is not None
+    cache.clear()
+    assert cache.get(a) is None
+
+
+def test_a_filter_past_the_limit_by_its_estimate_is_not_estimated_again(handler, monkeypatch):
+    """A filter the planner puts past the exact pass's limit is scanned in the graph at once, uncounted, and its
+    estimate is kept for the next search."""
+    records = _records(400, 4, folder_every=2)
+    handler.upsert(records)
+    handler._run(lambda conn: conn.execute("ANALYZE images"))  # the planner then puts home/ at about 200 rows
+    monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 100)
+    estimates = _spy_estimates(monkeypatch)
+    home = SearchFilter.create(path_prefix="home")
+    for q in (records[1].vector, records[3].vector):
+        assert len(handler.search(q, 10, home)) == 10
+    plans = handler.plan_counts()
+    assert plans["iterative"] == 2 and plans["row_counts"] == 0 and len(estimates) == 1
+    known = handler._filter_rows.get(home)
+    assert known.matching is None and known.rows == known.estimate > 100
+
+
+def test_replicas_that_did_and_did_not_count_return_the_same_rows(pg_server):
+    """Two handlers on one database (two API replicas): one counts each filter afresh, the other reuses its count.
+    With more matching rows than the exact pass re-ranks (600 > 400), the binary ranking chooses the candidates,
+    and both choose the same ones: the re-ranked number comes from the planner's estimate in both."""
+    url = create_database(pg_server)
+    a = PgVectorHandler(url, ef_search=10)
+    b = PgVectorHandler(url, ef_search=10)
+    try:
+        a.ensure_collection("m", DIM)
+        b.ensure_collection("m", DIM)
+        records = _records(1200, 5, folder_every=2)
+        a.upsert(records)
+        trip = SearchFilter.create(path_prefix="trip")
+        for r in records[:12]:
+            a._filter_rows.clear()
+            assert [h.id for h in a.search(r.vector, 10, trip)] == [h.id for h in b.search(r.vector, 10, trip)]
+        assert a.plan_counts()["row_counts"] == 12 and b.plan_counts()["row_counts"] == 1
+        assert a.plan_counts()["exact_pass"] == b.plan_counts()["exact_pass"] == 12
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_rows_to_plan_with():
+    assert FilterRows(100.0).rows == 100.0
+    assert FilterRows(100.0, 5067).rows == 5067.0  # counted past a low estimate
+    assert FilterRows(22_566.0, 19_979).rows == 22_566.0
