@@ -506,3 +506,52 @@ def test_a_collection_calibrated_before_covering_indexes_gets_them_when_opened(p
             other.close()
     finally:
         h.close()
+
+
+def test_prefix_range_holds_exactly_the_strings_that_start_with_the_prefix():
+    """``low <= s < high`` (code point order, PostgreSQL's byte-wise ``~>=~``/``~<~`` on UTF-8) iff ``s`` starts with
+    the prefix, over strings drawn from characters at the edges: ``/`` and ``0`` (neighbours), multi-byte ones, the
+    last code point before the surrogates and the first after them."""
+    alphabet = ["/", "0", ".", "a", "ñ", "ß", "😀", "\ud7ff", "\ue000", "\U0010fffe"]
+    rng = np.random.default_rng(7)
+
+    def draw(n: int) -> str:
+        return "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=n))
+
+    for _ in range(3000):
+        prefix = draw(int(rng.integers(1, 4)))
+        low, high = pgvector_module.prefix_range(prefix)
+        for s in (draw(int(rng.integers(0, 6))), prefix + draw(int(rng.integers(0, 3))), prefix[:-1]):
+            assert (low <= s < high) == s.startswith(prefix), (prefix, s, high)
+    assert pgvector_module.prefix_range("trips/") == ("trips/", "trips0")
+    assert pgvector_module.prefix_range("a\ud7ff") == ("a\ud7ff", "a\ue000")  # the surrogates skipped
+    assert pgvector_module.prefix_range("") is None and pgvector_module.prefix_range("a\U0010ffff") is None
+
+
+def test_folder_filters_with_multibyte_names_match_exactly(handler):
+    """The range of file names a folder filter reads, on a real PostgreSQL, against ``SearchFilter.matches``:
+    folders whose names share a prefix with the one searched or sort right after it, in several scripts, and one
+    ending in the last code point (a normalised folder ends in ``/``, so it still has a range)."""
+    folders = [
+        "año/",
+        "año0/",
+        "añob/",
+        "año/ß/",
+        "añ/",
+        "写真/",
+        "写真0/",
+        "写真/😀/",
+        "x\U0010ffff/",
+        "x\U0010ffff0/",
+    ]
+    handler.ensure_collection("m", DIM)
+    records = _records(len(folders) * 20, 11)
+    records = [
+        replace(r, metadata=replace(r.metadata, filename=f"{folders[i % len(folders)]}{i}.jpg"))
+        for i, r in enumerate(records)
+    ]
+    handler.upsert(records)
+    for folder in ("año", "año/ß", "añ", "写真", "写真/😀", "x\U0010ffff"):
+        f = SearchFilter.create(path_prefix=folder)
+        hits = handler.search(records[0].vector, 500, f)
+        assert sorted(h.id for h in hits) == sorted(r.id for r in records if f.matches(r.metadata)), folder
