@@ -5,36 +5,15 @@ the exact pass's limit goes straight to the iterative scan, and entries expire."
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
 
-import numpy as np
 import pytest
 
 import app.vectordb.pgvector as pgvector_module
-from app.vectordb.base import ImageMetadata, ImageRecord, SearchFilter
+from app.vectordb.base import SearchFilter
 from app.vectordb.filter_rows import FilterRows, FilterRowsCache
 from app.vectordb.pgvector import PgVectorHandler
 from tests.helpers import create_database
-
-DIM = 32
-
-
-def _records(n: int, seed: int, folder_every: int = 5) -> list[ImageRecord]:
-    """``n`` unit vectors; every ``folder_every``-th in ``trip/``, the rest in ``home/``."""
-    rng = np.random.default_rng(seed)
-    v = rng.normal(size=(n, DIM)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    now = datetime.now(UTC)
-    folder = ["trip" if i % folder_every == 0 else "home" for i in range(n)]
-    return [
-        ImageRecord(f"{i:064x}", v[i], ImageMetadata(f"{folder[i]}/{i}.jpg", "JPEG", 8, 8, 1, now)) for i in range(n)
-    ]
-
-
-def _exact(records: list[ImageRecord], query: np.ndarray, prefix: str, k: int) -> list[str]:
-    rows = [r for r in records if r.metadata.filename.startswith(prefix)]
-    scores = np.array([float(r.vector @ query) for r in rows])
-    return [rows[i].id for i in np.argsort(-scores, kind="stable")[:k]]
+from tests.test_pgvector_filtered_plans import DIM, _exact, _records
 
 
 @pytest.fixture
@@ -56,14 +35,14 @@ def test_a_filter_searched_again_is_neither_estimated_nor_counted_again(handler,
     records = _records(400, 1)
     handler.upsert(records)
     estimates = _spy_estimates(monkeypatch)
-    trip = SearchFilter.create(path_prefix="trip")
+    rare = SearchFilter.create(path_prefix="rare")
     for q in (records[3].vector, records[4].vector, records[3].vector):
-        assert [h.id for h in handler.search(q, 10, trip)] == _exact(records, q, "trip/", 10)
+        assert [h.id for h in handler.search(q, 10, rare)] == _exact(records, q, "rare/", 10)
     plans = handler.plan_counts()
     assert plans["exact_pass"] == 3 and plans["row_counts"] == 1 and len(estimates) == 1
     # another filter is counted on its own; an equal filter built again is the same key
-    handler.search(records[3].vector, 10, SearchFilter.create(path_prefix="home"))
-    handler.search(records[3].vector, 10, SearchFilter.create(path_prefix="trip/"))
+    handler.search(records[3].vector, 10, SearchFilter.create(path_prefix="common"))
+    handler.search(records[3].vector, 10, SearchFilter.create(path_prefix="rare/"))
     assert handler.plan_counts()["row_counts"] == 2 and len(estimates) == 2
 
 
@@ -72,15 +51,15 @@ def test_rows_written_after_the_count_are_still_found(handler):
     folder since (the query itself, the nearest possible) is the first answer, and a deleted one is gone."""
     records = _records(400, 2)
     handler.upsert(records)
-    trip = SearchFilter.create(path_prefix="trip")
-    query = records[7].vector  # in home/
-    assert records[7].id not in {h.id for h in handler.search(query, 10, trip)}
-    moved = replace(records[7], metadata=replace(records[7].metadata, filename="trip/moved.jpg"))
+    rare = SearchFilter.create(path_prefix="rare")
+    query = records[7].vector  # in common/
+    assert records[7].id not in {h.id for h in handler.search(query, 10, rare)}
+    moved = replace(records[7], metadata=replace(records[7].metadata, filename="rare/moved.jpg"))
     handler.upsert([moved])
-    hits = handler.search(query, 10, trip)
+    hits = handler.search(query, 10, rare)
     assert hits[0].id == records[7].id and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert handler.delete(hits[1].id)
-    after = handler.search(query, 10, trip)
+    after = handler.search(query, 10, rare)
     assert hits[1].id not in {h.id for h in after} and len(after) == 10
     assert handler.plan_counts()["row_counts"] == 1
 
@@ -88,20 +67,20 @@ def test_rows_written_after_the_count_are_still_found(handler):
 def test_a_filter_counted_past_the_limit_goes_straight_to_the_iterative_scan(handler, monkeypatch):
     """The planner says 1 row, 200 of 400 match and the exact pass's limit is 100: the first search counts (stopping
     at 101) and scans the graph; the next one scans the graph without estimate or count, sized the same way."""
-    records = _records(400, 3, folder_every=2)
+    records = _records(400, 3, rare_every=2)
     handler.upsert(records)
     monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 100)
     monkeypatch.setattr(PgVectorHandler, "_estimated_rows", staticmethod(lambda conn, where, params: 1.0))
-    trip = SearchFilter.create(path_prefix="trip")
-    first = handler.search(records[2].vector, 10, trip)
+    rare = SearchFilter.create(path_prefix="rare")
+    first = handler.search(records[2].vector, 10, rare)
     plans = handler.plan_counts()
     assert plans["iterative"] == 1 and plans["row_counts"] == 1
-    assert handler._filter_rows.get(trip) == FilterRows(1.0, 101)
-    second = handler.search(records[2].vector, 10, trip)
+    assert handler._filter_rows.get(rare) == FilterRows(1.0, 101)
+    second = handler.search(records[2].vector, 10, rare)
     plans2 = handler.plan_counts()
     assert plans2["iterative"] == 2 and plans2["row_counts"] == 1 and plans2["last_ef"] == plans["last_ef"]
     assert [h.id for h in second] == [h.id for h in first]
-    assert len(set(h.id for h in second) & set(_exact(records, records[2].vector, "trip/", 10))) >= 9
+    assert len(set(h.id for h in second) & set(_exact(records, records[2].vector, "rare/", 10))) >= 9
 
 
 def test_entries_expire_and_the_least_recently_used_go_first():
@@ -125,17 +104,17 @@ def test_entries_expire_and_the_least_recently_used_go_first():
 def test_a_filter_past_the_limit_by_its_estimate_is_not_estimated_again(handler, monkeypatch):
     """A filter the planner puts past the exact pass's limit is scanned in the graph at once, uncounted, and its
     estimate is kept for the next search."""
-    records = _records(400, 4, folder_every=2)
+    records = _records(400, 4, rare_every=2)
     handler.upsert(records)
-    handler._run(lambda conn: conn.execute("ANALYZE images"))  # the planner then puts home/ at about 200 rows
+    handler._run(lambda conn: conn.execute("ANALYZE images"))  # the planner then puts common/ at about 200 rows
     monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 100)
     estimates = _spy_estimates(monkeypatch)
-    home = SearchFilter.create(path_prefix="home")
+    common = SearchFilter.create(path_prefix="common")
     for q in (records[1].vector, records[3].vector):
-        assert len(handler.search(q, 10, home)) == 10
+        assert len(handler.search(q, 10, common)) == 10
     plans = handler.plan_counts()
     assert plans["iterative"] == 2 and plans["row_counts"] == 0 and len(estimates) == 1
-    known = handler._filter_rows.get(home)
+    known = handler._filter_rows.get(common)
     assert known.matching is None and known.rows == known.estimate > 100
 
 
@@ -149,12 +128,12 @@ def test_replicas_that_did_and_did_not_count_return_the_same_rows(pg_server):
     try:
         a.ensure_collection("m", DIM)
         b.ensure_collection("m", DIM)
-        records = _records(1200, 5, folder_every=2)
+        records = _records(1200, 5, rare_every=2)
         a.upsert(records)
-        trip = SearchFilter.create(path_prefix="trip")
+        rare = SearchFilter.create(path_prefix="rare")
         for r in records[:12]:
             a._filter_rows.clear()
-            assert [h.id for h in a.search(r.vector, 10, trip)] == [h.id for h in b.search(r.vector, 10, trip)]
+            assert [h.id for h in a.search(r.vector, 10, rare)] == [h.id for h in b.search(r.vector, 10, rare)]
         assert a.plan_counts()["row_counts"] == 12 and b.plan_counts()["row_counts"] == 1
         assert a.plan_counts()["exact_pass"] == b.plan_counts()["exact_pass"] == 12
     finally:
