@@ -402,10 +402,11 @@ def prefix_range(prefix: str) -> tuple[str, str] | None:
     empty prefix or one ending in U+10FFFF, the last code point.
 
     Why a range and not ``LIKE 'prefix%'``: PostgreSQL reads the same index range for both, but keeps the ``LIKE``
-    as a filter it evaluates again on every row read, and estimates a prefix's rows far worse than a range's (1M
-    rows: 100 for a folder holding 5,067, 10,101 for one holding 19,922; as a range 9,801 and 19,702). A folder
-    keeping 2 % of 1M x 512-d rows: the exact pass 12.96 -> 11.58 ms (docs/benchmarks.md, "A filter's rows
-    counted once").
+    as a filter it evaluates again on every row read, and estimates a deep prefix's rows far worse than a range's
+    (1M rows: 100 for a folder holding 5,067 as ``LIKE``, 9,801 as a range). 1M x 512-d, side by side: folders
+    keeping 0.5 % and 10 %, 4.85 -> 4.54 and 5.56 -> 5.09 ms; at 2 % the range's larger estimate re-ranks more
+    candidates, recall@10 0.969 -> 0.9855 for 10.63 -> 11.2 ms (docs/benchmarks.md, "A filter's rows counted
+    once").
     """
     if not prefix:
         return None
@@ -1052,10 +1053,16 @@ class PgVectorHandler(VectorDBHandler):
         t = sql.SQL(self._vector_type)
         if count_up_to is None and not self._has_bq:
             return self._exact_search(conn, v, top_k, where, params), None
+        # One process: with enough rows estimated PostgreSQL splits the scan and the top-N sort across parallel
+        # workers (a Gather Merge), whose start costs more than they save on a pass this short and takes cores from
+        # concurrent searches: a folder keeping 2 % of 1M x 512-d rows, 20.4 -> 12.7 ms (docs/benchmarks.md, "A
+        # filter's rows counted once").
+        settings = "SET LOCAL max_parallel_workers_per_gather = 0"
         if count_up_to is not None:
             self._count_plan("row_counts")
             # The counted rows (id and 64-160 bytes of bits, or the vector on a legacy table) stay in memory.
-            conn.execute("SET LOCAL work_mem = '64MB'")
+            settings += "; SET LOCAL work_mem = '64MB'"
+        conn.execute(settings)
         if not self._has_bq:  # a collection from before issue #29 ranks its vectors (at most EXACT_ALWAYS_ROWS)
             self._exact_settings(conn)
             query = sql.SQL(
