@@ -399,6 +399,21 @@ class _ExplainingConnection:
         return getattr(self._conn, name)
 
 
+def _explain_exact_passes(url: str, monkeypatch) -> list[list[str]]:
+    """Vacuum and analyse ``url``'s table (an index-only scan needs the visibility map), then have every exact
+    pass of :class:`PgVectorHandler` EXPLAIN its statement first: the list its plans' nodes are appended to."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE images")
+    plans: list[list[str]] = []
+    exact_pass = PgVectorHandler._exact_pass
+    monkeypatch.setattr(
+        PgVectorHandler,
+        "_exact_pass",
+        lambda self, conn, *a, **k: exact_pass(self, _ExplainingConnection(conn, plans), *a, **k),
+    )
+    return plans
+
+
 def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan(pg_server, monkeypatch, caplog):
     """A calibrated collection's filter indexes are covering (INCLUDE id and embedding_bq), calibration rebuilds
     them with the column it re-adds, and the exact pass of a one-column filter reads its matching rows by an Index
@@ -431,15 +446,7 @@ def test_a_calibrated_collection_reads_a_one_column_filter_by_an_index_only_scan
         with psycopg.connect(url) as conn:
             definition = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'images_format_upper'")
             assert "INCLUDE (format, id, embedding_bq)" in definition.fetchone()[0]
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("VACUUM ANALYZE images")
-        plans: list[list[str]] = []
-        exact_pass = PgVectorHandler._exact_pass
-        monkeypatch.setattr(
-            PgVectorHandler,
-            "_exact_pass",
-            lambda self, conn, *a, **k: exact_pass(self, _ExplainingConnection(conn, plans), *a, **k),
-        )
+        plans = _explain_exact_passes(url, monkeypatch)
         query = records[5].vector
 
         def exact_for(q, keep) -> list[str]:
@@ -577,15 +584,7 @@ def test_the_exact_pass_is_planned_without_parallel_workers(pg_server, monkeypat
         h.ensure_collection("m", DIM)
         records = _records(4000, 12)  # 400 in rare/: all re-ranked, so exact
         h.upsert(records)
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("VACUUM ANALYZE images")
-        plans: list[list[str]] = []
-        exact_pass = PgVectorHandler._exact_pass
-        monkeypatch.setattr(
-            PgVectorHandler,
-            "_exact_pass",
-            lambda self, conn, *a, **k: exact_pass(self, _ExplainingConnection(conn, plans), *a, **k),
-        )
+        plans = _explain_exact_passes(url, monkeypatch)
         rare = SearchFilter.create(path_prefix="rare")
         for q in (records[3].vector, records[7].vector):  # counted, then counted before
             assert [x.id for x in h.search(q, 10, rare)] == _exact(records, q, "rare/", 10)
