@@ -19,7 +19,10 @@ back after. ``--n``, ``--dim``, ``--seed``, ``--clusters``, ``--filter-selectivi
 rows, the queries, the filters and their exact filtered top-10 are generated again from them
 (:func:`search_scale.synthetic_data`, :class:`search_scale.SyntheticMetadata`). Per filter, each database's
 :class:`~app.vectordb.pgvector.PgVectorHandler` is warmed with 20 searches, then the ``--queries`` searches run
-alternately (``a, b`` for even queries, ``b, a`` for odd ones), one at a time.
+alternately (``a, b`` for even queries, ``b, a`` for odd ones), one at a time. Within 30 s a handler remembers what a
+filter matched (app/vectordb/filter_rows.py), so these are searches of a filter searched again; ``--first`` makes
+each handler forget it before every search, so each is a filter's first search (estimated, and counted unless
+its estimate holds).
 
 Prints one JSON line per filter while it runs (stderr) and one JSON object at the end (the LAST line, stdout):
 per filter ``kind``, ``selectivity``, ``matching`` rows, ``load`` (1-minute load average after it), and for ``a`` and
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import search_scale  # noqa: E402  (bench/ is not a package)
 
-PLANS = ("exact_pass", "iterative", "exact_fallback", "row_counts")
+PLANS = search_scale.PLAN_COUNTS
 
 
 def main() -> int:
@@ -66,6 +69,11 @@ def main() -> int:
         default=None,
         help="measure only the filters of these selectivities (default: all of --filter-selectivity, which must "
         "still list every one the rows were loaded with)",
+    )
+    parser.add_argument(
+        "--first",
+        action="store_true",
+        help="measure first searches: each handler forgets what it knew of the filter's rows before every search",
     )
     parser.add_argument(
         "--b-set",
@@ -94,6 +102,8 @@ def main() -> int:
             for key, value in overrides.items():
                 setattr(pgvector_module, key, value)
         try:
+            if args.first:
+                handlers[name]._filter_rows.clear()
             return handlers[name].search(q, search_scale.TOP_K, filters)
         finally:
             for key, value in defaults.items():

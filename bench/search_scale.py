@@ -571,12 +571,17 @@ def apply_filter_plan(args) -> dict:
     }
 
 
+#: The counters of :meth:`PgVectorHandler.plan_counts` a bench reports: the plans, and how a first search learnt
+#: its filter's rows (counted, or an estimate that held).
+PLAN_COUNTS = ("exact_pass", "iterative", "exact_fallback", "row_counts", "estimates_held")
+
+
 def _plan_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
     """Which of :class:`PgVectorHandler`'s filtered plans answered the searches between two
     :meth:`PgVectorHandler.plan_counts` (``last_ef`` as it is after them); ``None`` for other backends."""
     if before is None or after is None:
         return None
-    out = {k: after[k] - before.get(k, 0) for k in ("exact_pass", "iterative", "exact_fallback", "row_counts")}
+    out = {k: after[k] - before.get(k, 0) for k in PLAN_COUNTS}
     if "last_ef" in after:
         out["last_ef"] = after["last_ef"]
     return out
@@ -638,7 +643,9 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
                     recalls.append(len(found & set(exact[qi].tolist())) / TOP_K)
                     full += len(hits) == TOP_K
                 plans = _plan_delta(plans_before, counts() if counts else None)
+                first_before = counts() if counts else None
                 first_ms = _first_searches_ms(h, queries, filters)
+                first_plans = _plan_delta(first_before, counts() if counts else None)
             finally:
                 h.close()
             p50, p95, _ = percentiles(ms)
@@ -654,6 +661,7 @@ def measure_filtered(args, open_handler, data: np.ndarray, queries: np.ndarray, 
             }
             if first_ms:
                 row["p50_first_ms"], row["p95_first_ms"], _ = percentiles(first_ms)
+                row["first_plans"] = first_plans
             if estimate is not None:
                 row["planner_estimate"] = round(estimate)
                 row["plans"] = plans

@@ -49,6 +49,15 @@ def _exact(records: list[ImageRecord], query: np.ndarray, prefix: str, k: int) -
     return [rows[i].id for i in np.argsort(-scores, kind="stable")[:k]]
 
 
+@pytest.fixture(autouse=True)
+def _estimates_never_hold(monkeypatch):
+    """Every first search of these tests counts its filter's rows: autovacuum may analyse a test's table at any
+    moment, after which a one-column filter's estimate could hold (``PgVectorHandler._estimate_holds``) and skip the
+    count, and the plans asserted here must not depend on when. The tests of estimates that hold put the margin
+    back."""
+    monkeypatch.setattr(pgvector_module, "ESTIMATE_ERROR_BUCKETS", float("inf"))
+
+
 @pytest.fixture
 def handler(pg_server):
     h = PgVectorHandler(create_database(pg_server), ef_search=10)
@@ -71,7 +80,13 @@ def test_new_collections_rank_selective_filters_by_their_binary_quantisation(han
     by_id = {r.id: r for r in records}
     assert all(h.score == pytest.approx(float(by_id[h.id].vector @ query), abs=1e-5) for h in hits)  # cosine
     assert not iterative
-    assert handler.plan_counts() == {"exact_pass": 1, "iterative": 0, "exact_fallback": 0, "row_counts": 1}
+    assert handler.plan_counts() == {
+        "exact_pass": 1,
+        "iterative": 0,
+        "exact_fallback": 0,
+        "row_counts": 1,
+        "estimates_held": 0,
+    }
 
 
 def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handler, monkeypatch):
@@ -104,6 +119,7 @@ def test_a_low_estimate_cannot_send_a_large_filter_through_the_exact_pass(handle
         "iterative": 1,
         "exact_fallback": 0,
         "row_counts": 1,
+        "estimates_held": 0,
         "last_ef": efs[0],
     }
 

@@ -64,11 +64,13 @@ def test_search_scale_reports_filtered_recall(backend):
     for r in line["filtered"]:
         keys = {"kind", "selectivity", "matching", "ef_search", "recall_at_10", "full", "p50_ms", "p95_ms"}
         if backend == "pgvector":  # the planner's estimate, which plan answered, a filter's first search (#29)
-            keys |= {"planner_estimate", "plans", "p50_first_ms", "p95_first_ms"}
+            keys |= {"planner_estimate", "plans", "p50_first_ms", "p95_first_ms", "first_plans"}
             plans = r["plans"]
             assert plans["exact_pass"] + plans["iterative"] + plans["exact_fallback"] == 30  # each search once
             assert plans["row_counts"] <= 1  # the warm-up's searches counted the filter's rows; kept for 30 s
             assert 0 < r["p50_first_ms"] <= r["p95_first_ms"]
+            first = r["first_plans"]  # each first search's exact pass counted its rows or trusted its estimate
+            assert first["exact_pass"] > 0 and first["row_counts"] + first["estimates_held"] == first["exact_pass"]
         assert set(r) == keys and r["kind"] == "folder"
         assert abs(r["matching"] / 3000 - r["selectivity"]) < 0.05
         assert r["full"] == 1.0 and r["recall_at_10"] >= 0.9

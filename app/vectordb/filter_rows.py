@@ -31,16 +31,26 @@ FILTER_ROWS_MAX = 1024
 @dataclass(frozen=True, slots=True)
 class FilterRows:
     """What is known of the rows a filter matches: the planner's ``estimate`` (it sizes the exact pass's re-ranked
-    candidates the same way on every replica) and, when the exact pass counted them, ``matching``: their number, up
-    to the pass's limit plus one (a larger number stops the count), else ``None``."""
+    candidates the same way on every replica); when the exact pass counted them, ``matching``: their number, up to
+    the pass's limit plus one (a larger number stops the count), else ``None``; ``estimate_holds``: the estimate
+    could not be far enough off to pass the limit, so the rows were not counted (the pgvector handler's
+    ``_estimate_holds``)."""
 
     estimate: float
     matching: int | None = None
+    estimate_holds: bool = False
 
     @property
     def rows(self) -> float:
         """The best row count to plan with: ``matching`` where that is past the estimate, else the estimate."""
         return self.estimate if self.matching is None else max(self.estimate, float(self.matching))
+
+    def within(self, limit: int) -> bool:
+        """Whether the filter's rows are known to be at most ``limit``: counted so, or estimated so with
+        ``estimate_holds``."""
+        if self.matching is not None:
+            return self.matching <= limit
+        return self.estimate_holds and self.estimate <= limit
 
 
 class FilterRowsCache:

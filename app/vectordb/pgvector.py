@@ -22,7 +22,9 @@ matching rows among roughly the ``10 / s`` nearest of all rows, which the graph 
   cosine distance. The row count is not trusted to the planner: when its estimate is within the limit, the
   matching rows are counted first (at most the limit plus one, one index-only scan), so an estimate that was too
   low (measured: 100 for a nested folder holding 5,067 of 1M rows) sends the search to the next plan after one
-  bounded read instead of ranking far more rows than intended. What a filter matched is kept for
+  bounded read instead of ranking far more rows than intended; only a filter on one column whose estimate cannot
+  be that far off (:meth:`PgVectorHandler._estimate_holds`: its histogram's error and the rows written since the
+  last ANALYZE included) skips the count. What a filter matched is kept for
   :data:`~app.vectordb.filter_rows.FILTER_ROWS_TTL_S` (:mod:`app.vectordb.filter_rows`): the same filter searched
   again goes straight to its plan, without estimate or count. The exact pass itself has no row limit, so rows added
   since the count are ranked too: a stale count makes it slower, never wrong.
@@ -418,6 +420,33 @@ def prefix_range(prefix: str) -> tuple[str, str] | None:
     return prefix, prefix[:-1] + chr(nxt)
 
 
+#: Where PostgreSQL keeps the statistics it estimates each :class:`~app.vectordb.base.SearchFilter` field with:
+#: ``(relation, column)`` as ``pg_stats`` names them; ``upper(format)`` has its own, those of its expression index.
+FILTER_STATS_COLUMNS = {
+    "path_prefix": ("images", "filename"),
+    "formats": ("images_format_upper", "upper"),
+    "indexed_after": ("images", "indexed_at"),
+    "indexed_before": ("images", "indexed_at"),
+    "taken_after": ("images", "taken_at"),
+    "taken_before": ("images", "taken_at"),
+    "min_width": ("images", "width"),
+    "min_height": ("images", "height"),
+}
+
+#: Histogram buckets by which the estimate of a filter on one column may be off: a range's two ends each fall
+#: inside a bucket, whose share is interpolated; the buckets between are counted whole (PostgreSQL's documentation,
+#: "Row Estimation Examples"). Measured at 1M rows: every filter of bench/search_scale.py within one bucket, the
+#: largest miss a folder's range (29,603 estimated for 19,922; docs/benchmarks.md).
+ESTIMATE_ERROR_BUCKETS = 2
+
+
+def filter_stats_column(filters: SearchFilter) -> tuple[str, str] | None:
+    """The one ``(relation, column)`` of :data:`FILTER_STATS_COLUMNS` whose statistics estimate ``filters``, or
+    ``None`` when it reads several columns (or none)."""
+    columns = {column for name, column in FILTER_STATS_COLUMNS.items() if getattr(filters, name) is not None}
+    return columns.pop() if len(columns) == 1 else None
+
+
 def filter_sql(filters: SearchFilter) -> tuple[sql.Composable, list]:
     """``(condition, params)``: the ``WHERE`` condition of ``filters`` (``TRUE`` for an empty filter) and its bound
     parameters, in order. Values never enter the SQL text; the condition means :meth:`SearchFilter.matches`:
@@ -572,7 +601,13 @@ class PgVectorHandler(VectorDBHandler):
         # (time.monotonic(), rows, the HNSW index's ef_construction), see _table_stats
         self._table_stats_cache: tuple[float, float, int | None] = (-float("inf"), 0.0, None)
         self._plans_lock = threading.Lock()
-        self._plans: dict[str, int] = {"exact_pass": 0, "iterative": 0, "exact_fallback": 0, "row_counts": 0}
+        self._plans: dict[str, int] = {
+            "exact_pass": 0,
+            "iterative": 0,
+            "exact_fallback": 0,
+            "row_counts": 0,
+            "estimates_held": 0,
+        }
         self._filter_rows = FilterRowsCache()  # what recent filters matched (app/vectordb/filter_rows.py)
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
@@ -994,16 +1029,21 @@ class PgVectorHandler(VectorDBHandler):
         known = self._filter_rows.get(filters)
         if known is None:
             estimate = self._estimated_rows(conn, where, params)
-            matching = None
+            rows, matching, holds = [], None, False
             if estimate <= limit:
-                rows, matching = self._exact_pass(conn, v, top_k, where, params, estimate, count_up_to=limit)
+                holds = self._estimate_holds(conn, filters, estimate, total, limit)
+                if holds:
+                    self._count_plan("estimates_held")
+                    rows = self._exact_pass(conn, v, top_k, where, params, estimate)[0]
+                else:
+                    rows, matching = self._exact_pass(conn, v, top_k, where, params, estimate, count_up_to=limit)
             # Only a new value is stored: storing it again on every search would keep a busy filter's count forever.
-            known = FilterRows(estimate, matching)
+            known = FilterRows(estimate, matching, holds)
             self._filter_rows.put(filters, known)
-            if matching is not None and matching <= limit:
+            if known.within(limit):
                 self._count_plan("exact_pass")
                 return rows
-        elif known.matching is not None and known.matching <= limit:
+        elif known.within(limit):
             self._count_plan("exact_pass")
             return self._exact_pass(conn, v, top_k, where, params, known.estimate)[0]
         selectivity = min(1.0, known.rows / total) if total > 0 else 1.0
@@ -1016,6 +1056,35 @@ class PgVectorHandler(VectorDBHandler):
             return rows
         self._count_plan("exact_fallback")
         return self._exact_search(conn, v, top_k, where, params)
+
+    def _estimate_holds(
+        self, conn: psycopg.Connection, filters: SearchFilter, estimate: float, total: float, limit: int
+    ) -> bool:
+        """Whether the planner's ``estimate`` of the rows ``filters`` matches (at most ``limit``) cannot be so far
+        below the truth that more than ``limit`` rows match, so that the exact pass may skip its count.
+
+        True only for a filter on one column (:func:`filter_stats_column`) that has statistics, when ``estimate``
+        plus :data:`ESTIMATE_ERROR_BUCKETS` histogram buckets (each ``1 / default_statistics_target`` of the
+        ``total`` rows) plus the rows written since the table's last ANALYZE (``pg_stat_get_mod_since_analyze``;
+        each could have joined the filter) is at most ``limit``. PostgreSQL estimates a range on one column from its
+        histogram, exact to the bucket but for the buckets the range's two ends fall in, and an equality from its
+        most-common-value frequencies (PostgreSQL's documentation, "Row Estimation Examples"); several columns are
+        combined as if independent, and correlated ones (a folder and a date) can be estimated 10x and more too low,
+        so they are always counted. A wrong answer here only costs time: the pass without its count ranks every
+        matching row. (Which is what a bulk import seconds old may cost: sessions report their writes to the
+        statistics at most once a second, and a busy one up to a minute later.)"""
+        column = filter_stats_column(filters)
+        if column is None or total <= 0:
+            return False
+        written, target, has_stats = conn.execute(
+            "SELECT pg_stat_get_mod_since_analyze('images'::regclass), "
+            "current_setting('default_statistics_target')::int, "
+            "EXISTS (SELECT 1 FROM pg_stats WHERE schemaname = current_schema() AND tablename = %s AND attname = %s)",
+            column,
+        ).fetchone()
+        if not has_stats or target <= 0:
+            return False
+        return estimate + ESTIMATE_ERROR_BUCKETS * total / target + float(written) <= limit
 
     def _count_plan(self, plan: str, ef: int | None = None) -> None:
         with self._plans_lock:
