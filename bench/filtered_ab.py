@@ -46,8 +46,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import search_scale  # noqa: E402  (bench/ is not a package)
 
-PLANS = search_scale.PLAN_COUNTS
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,7 +144,7 @@ def main() -> int:
                     "recall_at_10": round(float(np.mean(recall[name])), 4),
                     "p50_ms": p50,
                     "p95_ms": p95,
-                    "plans": {p: after[p] - before[name][p] for p in PLANS},
+                    "plans": {p: after[p] - before[name][p] for p in pgvector_module.PLAN_COUNTERS},
                     "last_ef": after.get("last_ef"),  # the latest iterative scan's hnsw.ef_search
                 }
             search_scale.log(json.dumps(row))

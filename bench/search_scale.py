@@ -571,17 +571,14 @@ def apply_filter_plan(args) -> dict:
     }
 
 
-#: The counters of :meth:`PgVectorHandler.plan_counts` a bench reports: the plans, and how a first search learnt
-#: its filter's rows (counted, or an estimate that held).
-PLAN_COUNTS = ("exact_pass", "iterative", "exact_fallback", "row_counts", "estimates_held")
-
-
 def _plan_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
     """Which of :class:`PgVectorHandler`'s filtered plans answered the searches between two
     :meth:`PgVectorHandler.plan_counts` (``last_ef`` as it is after them); ``None`` for other backends."""
     if before is None or after is None:
         return None
-    out = {k: after[k] - before.get(k, 0) for k in PLAN_COUNTS}
+    from app.vectordb.pgvector import PLAN_COUNTERS
+
+    out = {k: after[k] - before.get(k, 0) for k in PLAN_COUNTERS}
     if "last_ef" in after:
         out["last_ef"] = after["last_ef"]
     return out

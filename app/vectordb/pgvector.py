@@ -420,6 +420,10 @@ def prefix_range(prefix: str) -> tuple[str, str] | None:
     return prefix, prefix[:-1] + chr(nxt)
 
 
+#: The counters of :meth:`PgVectorHandler.plan_counts` (besides ``last_ef``), their one owner: the plans that
+#: answered, and how a first search learnt its filter's rows (counted, or an estimate that held).
+PLAN_COUNTERS = ("exact_pass", "iterative", "exact_fallback", "row_counts", "estimates_held")
+
 #: Where PostgreSQL keeps the statistics it estimates each :class:`~app.vectordb.base.SearchFilter` field with:
 #: ``(relation, column)`` as ``pg_stats`` names them; ``upper(format)`` has its own, those of its expression index.
 FILTER_STATS_COLUMNS = {
@@ -601,13 +605,7 @@ class PgVectorHandler(VectorDBHandler):
         # (time.monotonic(), rows, the HNSW index's ef_construction), see _table_stats
         self._table_stats_cache: tuple[float, float, int | None] = (-float("inf"), 0.0, None)
         self._plans_lock = threading.Lock()
-        self._plans: dict[str, int] = {
-            "exact_pass": 0,
-            "iterative": 0,
-            "exact_fallback": 0,
-            "row_counts": 0,
-            "estimates_held": 0,
-        }
+        self._plans: dict[str, int] = dict.fromkeys(PLAN_COUNTERS, 0)
         self._filter_rows = FilterRowsCache()  # what recent filters matched (app/vectordb/filter_rows.py)
         if info is not None:
             # Until ensure_collection refuses a mismatch, reads must still cast queries to the column's real type.
