@@ -187,8 +187,7 @@ def test_a_one_column_filter_whose_estimate_holds_is_not_counted(handler, monkey
 
 def test_rows_written_since_the_analyze_make_the_estimate_count_again(handler, monkeypatch):
     """The limit is 1,000: 400 estimated + 80 holds, but once 3,600 rows were written since the last ANALYZE (any
-    of them could have moved into the folder) it does not, and the filter is counted. So is a filter on a table
-    never analysed (no statistics)."""
+    of them could have moved into the folder) it does not, and the filter is counted."""
     monkeypatch.setattr(pgvector_module, "ESTIMATE_ERROR_BUCKETS", 2)
     monkeypatch.setattr(pgvector_module, "EXACT_SEARCH_MAX_ROWS", 1000)
     records = _records(4000, 7)
@@ -210,6 +209,20 @@ def test_rows_written_since_the_analyze_make_the_estimate_count_again(handler, m
     hits = handler.search(records[3].vector, 10, rare)
     assert [h.id for h in hits] == _exact(records, records[3].vector, "rare/", 10)
     assert handler.plan_counts()["estimates_held"] == 1 and handler.plan_counts()["row_counts"] == 1
+
+
+def test_a_table_never_analysed_is_counted(handler, monkeypatch):
+    """Without statistics (no ANALYZE yet, autovacuum off) the planner's estimate is a default guess, so even a
+    one-column filter far under the limit is counted."""
+    monkeypatch.setattr(pgvector_module, "ESTIMATE_ERROR_BUCKETS", 2)
+    handler._run(lambda conn: conn.execute("ALTER TABLE images SET (autovacuum_enabled = false)"))
+    records = _records(4000, 9)
+    handler.upsert(records)
+    rare = SearchFilter.create(path_prefix="rare")
+    assert [h.id for h in handler.search(records[3].vector, 10, rare)] == _exact(
+        records, records[3].vector, "rare/", 10
+    )
+    assert handler.plan_counts()["row_counts"] == 1 and handler.plan_counts()["estimates_held"] == 0
 
 
 def test_replicas_whose_estimate_held_or_not_return_the_same_rows(replicas, monkeypatch):
